@@ -1,0 +1,47 @@
+"""Config loading and validation shared by every command.
+
+Configs are `ml_collections` files with `get_config(arg)`; they return locked ConfigDicts so a misspelled override
+(`--config.train.batch_sise=8`) fails at the flag parser. `check_keys` catches the same mistake in configs built or
+edited in code (notebooks, tests) by comparing against the file's own defaults, before anything is compiled.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run; the message names the offending key."""
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  items = d.items() if isinstance(d, (Mapping, ml_collections.ConfigDict)) else []
+  for k, v in items:
+    key = f"{prefix}{k}"
+    if isinstance(v, (Mapping, ml_collections.ConfigDict)):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming every key of `config` that `reference` does not have (and vice versa)."""
+  got, want = set(_flatten(config)), set(_flatten(reference))
+  unknown, missing = sorted(got - want), sorted(want - got)
+  if unknown or missing:
+    parts = []
+    if unknown:
+      parts.append(f"unknown config keys: {', '.join(unknown)}")
+    if missing:
+      parts.append(f"missing config keys: {', '.join(missing)}")
+    raise ConfigError("; ".join(parts))
+
+
+def require(condition: bool, message: str) -> None:
+  """Raises ConfigError(message) unless condition holds."""
+  if not condition:
+    raise ConfigError(message)
