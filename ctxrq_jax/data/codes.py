@@ -1,0 +1,407 @@
+"""Code datasets: the RQ-VAE codes of a data set, written once by `encode`, read by stage-2 training and evaluation.
+
+A code dataset is a directory:
+
+  metadata.json   written last, atomically (temp file + rename): its presence marks a complete data set.
+                  {"format": "ctxrq_codes", "version": 1, "code_shape": [h, w, D], "codebook_size": K,
+                   "embed_dim": n_z, "code_dtype": "int16" | "int32", "num_classes": C, "source": ...,
+                   "record_layout": ..., "splits": {split: {"num_examples": M, "shards": [file names]}}}
+  codebook.npy    float32 [K, n_z], the RQ-VAE codebook the codes index.
+  {split}-{s:05d}-of-{n:05d}.array_record
+                  n ArrayRecord shards per split. Example i (in write order) is record i // n of shard i % n, so
+                  reading is in write order whatever the number of shards.
+
+Record layout (fixed, little-endian, no padding): bytes 0..3 the label as int32; then the h*w*D codes in C order
+([h, w, D], depth fastest) as int16 when K <= 32767, else int32. So a record is 4 + h*w*D*itemsize bytes; any other
+length is reported as corrupt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from typing import Any, Mapping
+
+import grain
+import numpy as np
+
+from ctxrq_jax.data import pipeline
+
+FORMAT = "ctxrq_codes"
+VERSION = 1
+METADATA_FILE = "metadata.json"
+CODEBOOK_FILE = "codebook.npy"
+RECORD_LAYOUT = ("little-endian int32 label, then h*w*D codes in C order ([h, w, D], depth fastest) as "
+                 "little-endian code_dtype")
+_INT16_MAX_K = 32767
+_LABEL_BYTES = 4
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def code_dtype(codebook_size: int) -> np.dtype:
+  """The on-disk code dtype: little-endian int16 when K <= 32767, else int32."""
+  return np.dtype("<i2") if codebook_size <= _INT16_MAX_K else np.dtype("<i4")
+
+
+def shard_name(split: str, shard: int, num_shards: int) -> str:
+  return f"{split}-{shard:05d}-of-{num_shards:05d}.array_record"
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeMetadata:
+  """Parsed `metadata.json`; `splits` maps a split name to (num_examples, shard file names)."""
+  code_shape: tuple[int, int, int]
+  codebook_size: int
+  embed_dim: int
+  num_classes: int
+  source: Any
+  splits: Mapping[str, tuple[int, tuple[str, ...]]]
+
+  @property
+  def code_dtype(self) -> np.dtype:
+    return code_dtype(self.codebook_size)
+
+  @property
+  def record_bytes(self) -> int:
+    return _LABEL_BYTES + int(np.prod(self.code_shape)) * self.code_dtype.itemsize
+
+  def num_examples(self, split: str) -> int:
+    return self._split(split)[0]
+
+  def shard_files(self, split: str) -> tuple[str, ...]:
+    return self._split(split)[1]
+
+  def _split(self, split: str) -> tuple[int, tuple[str, ...]]:
+    if split not in self.splits:
+      raise ValueError(f"code dataset has no split {split!r}; it has {sorted(self.splits)}")
+    return self.splits[split]
+
+  def to_json(self) -> dict[str, Any]:
+    return {
+        "format": FORMAT, "version": VERSION, "code_shape": list(self.code_shape),
+        "codebook_size": self.codebook_size, "embed_dim": self.embed_dim, "code_dtype": self.code_dtype.name,
+        "num_classes": self.num_classes, "source": self.source, "record_layout": RECORD_LAYOUT,
+        "splits": {k: {"num_examples": n, "shards": list(files)} for k, (n, files) in sorted(self.splits.items())},
+    }
+
+
+def _check_code_shape(code_shape: Any) -> tuple[int, int, int]:
+  shape = tuple(code_shape) if isinstance(code_shape, (list, tuple)) else ()
+  if len(shape) != 3 or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0
+                                for d in shape):
+    raise ValueError(f"code_shape must be three positive integers [h, w, D], got {code_shape!r}")
+  return tuple(int(d) for d in shape)
+
+
+def _atomic_write(path: str, write_fn: Any, mode: str) -> None:
+  directory = os.path.dirname(path)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, mode) as f:
+      write_fn(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+class CodeDatasetWriter:
+  """Writes a code dataset; `.write()` batches in order, then `.close()` (or leave a `with` block).
+
+  Leaving a `with` block through an exception closes the shard files without writing metadata.json, so a
+  half-written data set is never mistaken for a complete one.
+  """
+
+  def __init__(self, out_dir: str, *, code_shape: Any, codebook: np.ndarray, num_classes: int, source: Any,
+               num_shards: int = 1, overwrite: bool = False):
+    """Validates the description and prepares `out_dir`; shard files are opened on a split's first write.
+
+    Args:
+      out_dir: directory to create (or reuse when empty / `overwrite`).
+      code_shape: [h, w, D].
+      codebook: float [K, n_z]; K is the codebook size the codes must index.
+      num_classes: labels must lie in [0, num_classes).
+      source: JSON-serialisable description (data set, split names, stage-1 artifact path, ...).
+      num_shards: ArrayRecord files per split.
+      overwrite: replace an existing code dataset in `out_dir`.
+    """
+    self._code_shape = _check_code_shape(code_shape)
+    codebook = np.asarray(codebook)
+    if codebook.ndim != 2 or codebook.shape[0] < 1 or codebook.shape[1] < 1:
+      raise ValueError(f"codebook must be a non-empty [K, n_z] array, got shape {codebook.shape}")
+    if not np.issubdtype(codebook.dtype, np.floating) or not np.all(np.isfinite(codebook)):
+      raise ValueError(f"codebook must hold finite floats, got dtype {codebook.dtype}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+      raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if isinstance(num_shards, bool) or not isinstance(num_shards, (int, np.integer)) or num_shards < 1:
+      raise ValueError(f"num_shards must be a positive integer, got {num_shards!r}")
+    try:
+      json.dumps(source)
+    except TypeError as e:
+      raise ValueError(f"source must be JSON-serialisable: {e}") from e
+    self._dir = os.fspath(out_dir)
+    self._codebook = codebook.astype(np.float32)
+    self._num_classes = int(num_classes)
+    self._source = source
+    self._num_shards = int(num_shards)
+    self._dtype = code_dtype(len(codebook))
+    self._writers: dict[str, list[Any]] = {}
+    self._counts: dict[str, int] = {}
+    self._closed = False
+    meta_path = os.path.join(self._dir, METADATA_FILE)
+    if os.path.exists(meta_path):
+      if not overwrite:
+        raise ValueError(f"{self._dir} already holds a code dataset; pass overwrite=True to replace it")
+      os.remove(meta_path)  # First, so a crash below cannot leave old metadata describing new shards.
+    os.makedirs(self._dir, exist_ok=True)
+
+  @property
+  def num_written(self) -> dict[str, int]:
+    return dict(self._counts)
+
+  def write(self, split: str, codes: np.ndarray, labels: np.ndarray) -> None:
+    """Appends examples to `split`: codes int [B, h, w, D] in [0, K), labels int [B] in [0, num_classes)."""
+    if self._closed:
+      raise ValueError("CodeDatasetWriter is closed")
+    if not isinstance(split, str) or not _SPLIT_NAME.match(split):
+      raise ValueError(f"split name must match [A-Za-z0-9_]+, got {split!r}")
+    codes, labels = np.asarray(codes), np.asarray(labels)
+    if codes.ndim != 4 or codes.shape[1:] != self._code_shape:
+      raise ValueError(f"codes must have shape [B, {', '.join(map(str, self._code_shape))}], got {codes.shape}")
+    if labels.shape != codes.shape[:1]:
+      raise ValueError(f"labels must have shape [{codes.shape[0]}] to match codes, got {labels.shape}")
+    for name, a in (("codes", codes), ("labels", labels)):
+      if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{name} must be integers, got dtype {a.dtype}")
+    k = len(self._codebook)
+    if codes.size and (codes.min() < 0 or codes.max() >= k):
+      bad = int(np.argmax(np.any((codes < 0) | (codes >= k), axis=(1, 2, 3))))
+      raise ValueError(f"codes outside [0, codebook_size={k}) in batch row {bad} "
+                       f"(min {codes.min()}, max {codes.max()})")
+    if labels.size and (labels.min() < 0 or labels.max() >= self._num_classes):
+      bad = int(np.argmax((labels < 0) | (labels >= self._num_classes)))
+      raise ValueError(f"label {labels[bad]} in batch row {bad} outside [0, num_classes={self._num_classes})")
+    writers = self._open(split)
+    count = self._counts[split]
+    codes = codes.astype(self._dtype)
+    for code, label in zip(codes, labels):
+      writers[count % self._num_shards].write(np.int32(label).astype("<i4").tobytes() + code.tobytes(order="C"))
+      count += 1
+    self._counts[split] = count
+
+  def _open(self, split: str) -> list[Any]:
+    if split not in self._writers:
+      from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+      # group_size:1 makes every record its own chunk: cheap random access for shuffled reads.
+      self._writers[split] = [
+          array_record_module.ArrayRecordWriter(
+              os.path.join(self._dir, shard_name(split, s, self._num_shards)), "group_size:1")
+          for s in range(self._num_shards)]
+      self._counts[split] = 0
+    return self._writers[split]
+
+  def _close_files(self) -> None:
+    for writers in self._writers.values():
+      for w in writers:
+        if w.is_open():
+          w.close()
+
+  def close(self) -> CodeMetadata:
+    """Finishes the shards, then writes codebook.npy and metadata.json atomically; returns the metadata."""
+    if self._closed:
+      raise ValueError("CodeDatasetWriter is already closed")
+    self._closed = True
+    self._close_files()
+    if not self._counts:
+      raise ValueError(f"no examples were written to {self._dir}")
+    meta = CodeMetadata(
+        code_shape=self._code_shape, codebook_size=len(self._codebook), embed_dim=self._codebook.shape[1],
+        num_classes=self._num_classes, source=self._source,
+        splits={split: (n, tuple(shard_name(split, s, self._num_shards) for s in range(self._num_shards)))
+                for split, n in self._counts.items()})
+    _atomic_write(os.path.join(self._dir, CODEBOOK_FILE), lambda f: np.save(f, self._codebook), "wb")
+    _atomic_write(os.path.join(self._dir, METADATA_FILE),
+                  lambda f: f.write(json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n"), "w")
+    return meta
+
+  def __enter__(self) -> CodeDatasetWriter:
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.close()
+    else:
+      self._closed = True
+      self._close_files()
+
+
+def read_metadata(codes_dir: str) -> CodeMetadata:
+  """Reads and validates `codes_dir/metadata.json`; raises ValueError naming what is missing or wrong."""
+  path = os.path.join(os.fspath(codes_dir), METADATA_FILE)
+  if not os.path.isfile(path):
+    raise ValueError(f"{path} not found: not a code dataset, or its writing never finished")
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is corrupt: {e}") from e
+  if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+    raise ValueError(f"{path} is not a {FORMAT} metadata file")
+  if raw.get("version") != VERSION:
+    raise ValueError(f"{path} has format version {raw.get('version')!r}; this reader understands {VERSION}")
+  missing = [k for k in ("code_shape", "codebook_size", "embed_dim", "num_classes", "source", "splits")
+             if k not in raw]
+  if missing:
+    raise ValueError(f"{path} is missing {', '.join(missing)}")
+  try:
+    code_shape = _check_code_shape(raw["code_shape"])
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from e
+  for key in ("codebook_size", "embed_dim", "num_classes"):
+    if isinstance(raw[key], bool) or not isinstance(raw[key], int) or raw[key] < 1:
+      raise ValueError(f"{path}: {key} must be a positive integer, got {raw[key]!r}")
+  if raw.get("code_dtype", code_dtype(raw["codebook_size"]).name) != code_dtype(raw["codebook_size"]).name:
+    raise ValueError(f"{path}: code_dtype {raw['code_dtype']!r} does not match codebook_size {raw['codebook_size']}")
+  if not isinstance(raw["splits"], dict) or not raw["splits"]:
+    raise ValueError(f"{path}: splits must be a non-empty mapping")
+  splits = {}
+  for split, info in raw["splits"].items():
+    ok = (isinstance(info, dict) and isinstance(info.get("num_examples"), int) and info["num_examples"] >= 0
+          and isinstance(info.get("shards"), list) and info["shards"]
+          and all(isinstance(s, str) and os.path.basename(s) == s for s in info["shards"]))
+    if not ok:
+      raise ValueError(f"{path}: split {split!r} needs num_examples >= 0 and a list of shard file names, "
+                       f"got {info!r}")
+    splits[split] = (info["num_examples"], tuple(info["shards"]))
+  return CodeMetadata(code_shape=code_shape, codebook_size=raw["codebook_size"], embed_dim=raw["embed_dim"],
+                      num_classes=raw["num_classes"], source=raw["source"], splits=splits)
+
+
+def load_codebook(codes_dir: str, metadata: CodeMetadata | None = None) -> np.ndarray:
+  """Returns the codebook float32 [K, n_z], checked against the metadata."""
+  meta = metadata or read_metadata(codes_dir)
+  path = os.path.join(os.fspath(codes_dir), CODEBOOK_FILE)
+  try:
+    codebook = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot read codebook {path}: {e}") from e
+  if codebook.shape != (meta.codebook_size, meta.embed_dim) or codebook.dtype != np.float32:
+    raise ValueError(f"{path} holds {codebook.dtype} {codebook.shape}; metadata says float32 "
+                     f"[{meta.codebook_size}, {meta.embed_dim}]")
+  return codebook
+
+
+class CodeSource(grain.sources.RandomAccessDataSource):
+  """Raw records (bytes) of one split in write order, over its round-robin shards."""
+
+  def __init__(self, codes_dir: str, split: str, metadata: CodeMetadata | None = None):
+    self.metadata = meta = metadata or read_metadata(codes_dir)
+    self._num_examples = meta.num_examples(split)
+    files = meta.shard_files(split)
+    self._num_shards = len(files)
+    self._shards = []
+    for s, name in enumerate(files):
+      path = os.path.join(os.fspath(codes_dir), name)
+      if not os.path.isfile(path):
+        raise ValueError(f"code dataset shard {path} is missing")
+      try:
+        shard = grain.sources.ArrayRecordDataSource([path])
+        length = len(shard)
+      except RuntimeError as e:
+        raise ValueError(f"code dataset shard {path} is corrupt: {e}") from e
+      expected = len(range(s, self._num_examples, self._num_shards))
+      if length != expected:
+        raise ValueError(f"code dataset shard {path} holds {length} records; metadata implies {expected}")
+      self._shards.append(shard)
+
+  def __len__(self) -> int:
+    return self._num_examples
+
+  def __getitem__(self, index: int) -> bytes:
+    if not 0 <= index < self._num_examples:
+      raise IndexError(f"record {index} out of range [0, {self._num_examples})")
+    return self._shards[index % self._num_shards][index // self._num_shards]
+
+  def read_all(self) -> list[bytes]:
+    """All records in write order, read shard by shard."""
+    out: list[bytes] = [b""] * self._num_examples
+    for s, shard in enumerate(self._shards):
+      if len(shard):
+        out[s::self._num_shards] = shard.__getitems__(list(range(len(shard))))
+    return out
+
+  def __repr__(self) -> str:
+    return f"CodeSource(num_examples={self._num_examples}, num_shards={self._num_shards})"
+
+
+def decode_record(record: bytes, index: int, metadata: CodeMetadata, where: str = "") -> tuple[np.ndarray, int]:
+  """Parses one record into (codes int32 [h, w, D], label); raises ValueError naming `index` if it is invalid."""
+  if len(record) != metadata.record_bytes:
+    raise ValueError(f"record {index}{where} is corrupt: {len(record)} bytes, expected {metadata.record_bytes} "
+                     f"for codes {list(metadata.code_shape)} of {metadata.code_dtype.name}")
+  label = int(np.frombuffer(record, "<i4", count=1)[0])
+  codes = np.frombuffer(record, metadata.code_dtype, offset=_LABEL_BYTES).reshape(metadata.code_shape)
+  if not 0 <= label < metadata.num_classes:
+    raise ValueError(f"record {index}{where}: label {label} outside [0, num_classes={metadata.num_classes})")
+  if codes.min() < 0 or codes.max() >= metadata.codebook_size:
+    raise ValueError(f"record {index}{where}: codes outside [0, codebook_size={metadata.codebook_size}) "
+                     f"(min {codes.min()}, max {codes.max()})")
+  return codes.astype(np.int32), label
+
+
+def make_code_iterator(
+    codes_dir: str,
+    *,
+    split: str,
+    batch_size: int,
+    seed: int,
+    train: bool,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_epochs: int | None = None,
+    drop_remainder: bool | None = None,
+    worker_count: int = 0,
+    num_threads: int = 2,
+) -> grain.DatasetIterator:
+  """Iterator of `{'codes': int32 [B, h, w, D], 'label': int32 [B]}` with get_state()/set_state().
+
+  With `train=False` examples come in write order (of this host's strided shard), one pass by default; with
+  `train=True` they are shuffled by `seed` (differently each epoch), repeated forever unless `num_epochs`, and the
+  last partial batch is dropped. Other arguments as in `pipeline.build_iterator`.
+  """
+  source = CodeSource(codes_dir, split)
+  meta = source.metadata
+  where = f" of code split {split!r} in {codes_dir}"
+
+  def decode(index: int, record: bytes) -> tuple[np.ndarray, int]:
+    return decode_record(record, index, meta, where)
+
+  def transform(example: tuple[np.ndarray, int], rng: None) -> dict[str, np.ndarray]:
+    del rng  # Codes are not augmented.
+    codes, label = example
+    return {"codes": codes, "label": np.int32(label)}
+
+  return pipeline.build_iterator(
+      source, decode=decode, transform=transform, random_transform=False, batch_size=batch_size, seed=seed,
+      train=train, shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs,
+      drop_remainder=drop_remainder, worker_count=worker_count, num_threads=num_threads,
+      description=f"code split {split!r} in {codes_dir}")
+
+
+def load_codes(codes_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """Returns a whole split in write order: (codes int32 [M, h, w, D], labels int32 [M])."""
+  source = CodeSource(codes_dir, split)
+  meta = source.metadata
+  m = len(source)
+  codes = np.empty((m, *meta.code_shape), np.int32)
+  labels = np.empty((m,), np.int32)
+  where = f" of code split {split!r} in {codes_dir}"
+  for i, record in enumerate(source.read_all()):
+    codes[i], labels[i] = decode_record(record, i, meta, where)
+  return codes, labels

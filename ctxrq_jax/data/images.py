@@ -1,0 +1,246 @@
+"""Image batches for stage 1 (RQ-VAE) and encoding: one grain code path for the embedded MNIST set and any
+tensorflow-datasets image data set.
+
+Data config fields (a ConfigDict or a mapping):
+  name (required): 'embedded_mnist', or a tfds name such as 'imagenet2012' or 'mnist'.
+  image_size (required): output height = width.
+  channels (required): 1 or 3; grayscale sources are repeated to RGB, RGB sources reduced by ITU-R 601 luma.
+  num_classes (required): labels must lie in [0, num_classes); a label outside raises naming the example.
+  resize: 'pad' (centre a square image no larger than image_size on a black canvas: MNIST 28 → 32) or 'crop'
+    (bicubic-resize the shorter side to image_size, then centre-crop, or random-crop when training: ImageNet).
+    Default 'pad' for embedded_mnist, 'crop' otherwise.
+  random_flip: random horizontal flips when training (default False).
+  data_dir, manual_dir: tfds data directory and manual download directory (imagenet2012's tar files).
+  download: let tfds download and prepare a missing data set (default: only when manual_dir is set, so that
+    imagenet2012 can be prepared from its local tar files; nothing else is fetched unless asked).
+  image_key, label_key: feature names in tfds records (default 'image', 'label').
+Other fields (split_train, split_eval, ...) are ignored here; callers pass the split explicitly.
+
+tfds sources are read with `tfds.data_source(..., builder_kwargs={'file_format': 'array_record'})`, the
+random-access reader grain needs; a data set prepared earlier as TFRecord must be re-prepared as ArrayRecord.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from ctxrq_jax.configlib import ConfigError
+from ctxrq_jax.data import mnist
+from ctxrq_jax.data import pipeline
+
+EMBEDDED_MNIST = "embedded_mnist"
+RESIZE_MODES = ("pad", "crop")
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+_MISSING = object()
+
+
+def _field(cfg: Any, key: str, default: Any = _MISSING) -> Any:
+  value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+  if value is _MISSING:
+    raise ConfigError(f"data config is missing '{key}'")
+  return value
+
+
+def _positive_int(cfg: Any, key: str) -> int:
+  value = _field(cfg, key)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ConfigError(f"data.{key} must be a positive integer, got {value!r}")
+  return int(value)
+
+
+def _options(data_cfg: Any) -> dict[str, Any]:
+  """Reads and validates the config fields this module uses."""
+  name = _field(data_cfg, "name")
+  if not isinstance(name, str) or not name:
+    raise ConfigError(f"data.name must be a non-empty string, got {name!r}")
+  channels = _positive_int(data_cfg, "channels")
+  if channels not in (1, 3):
+    raise ConfigError(f"data.channels must be 1 or 3, got {channels}")
+  resize = _field(data_cfg, "resize", None) or ("pad" if name == EMBEDDED_MNIST else "crop")
+  if resize not in RESIZE_MODES:
+    raise ConfigError(f"data.resize must be one of {RESIZE_MODES}, got {resize!r}")
+  return dict(
+      name=name, image_size=_positive_int(data_cfg, "image_size"), channels=channels,
+      num_classes=_positive_int(data_cfg, "num_classes"), resize=resize,
+      random_flip=bool(_field(data_cfg, "random_flip", False)),
+      data_dir=_field(data_cfg, "data_dir", None) or None, manual_dir=_field(data_cfg, "manual_dir", None) or None,
+      download=_field(data_cfg, "download", None),
+      image_key=_field(data_cfg, "image_key", "image"), label_key=_field(data_cfg, "label_key", "label"))
+
+
+class ArraySource(grain.sources.RandomAccessDataSource):
+  """Random-access source over in-memory arrays; records are `{'image': [H,W,C] uint8, 'label': int}`."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    if len(images) != len(labels):
+      raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    self._images, self._labels = images, labels
+
+  def __len__(self) -> int:
+    return len(self._images)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return {"image": self._images[index], "label": self._labels[index]}
+
+  def __repr__(self) -> str:
+    return f"ArraySource(images={self._images.shape}, labels={self._labels.shape})"
+
+
+def _tfds_source(opts: dict[str, Any], split: str) -> Any:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy; only tfds data sets need it)
+  download = opts["download"] if opts["download"] is not None else opts["manual_dir"] is not None
+  prepare_kwargs = None
+  if opts["manual_dir"] is not None:
+    prepare_kwargs = {"download_config": tfds.download.DownloadConfig(manual_dir=opts["manual_dir"])}
+  try:
+    return tfds.data_source(
+        opts["name"], split=split, data_dir=opts["data_dir"], download=bool(download),
+        builder_kwargs={"file_format": "array_record"}, download_and_prepare_kwargs=prepare_kwargs)
+  except Exception as e:  # tfds raises many types (DatasetNotFoundError, AssertionError, ...): add context.
+    raise ValueError(f"cannot open tfds data set {opts['name']!r} split {split!r} as ArrayRecord "
+                     f"(data_dir={opts['data_dir']!r}, manual_dir={opts['manual_dir']!r}): {e}") from e
+
+
+def _source(opts: dict[str, Any], split: str) -> Any:
+  if opts["name"] == EMBEDDED_MNIST:
+    return ArraySource(*mnist.load(split))
+  return _tfds_source(opts, split)
+
+
+def dataset_info(data_cfg: Any, split: str) -> tuple[int, int]:
+  """Returns (num_examples in `split`, num_classes from the config) without reading any example."""
+  opts = _options(data_cfg)
+  if opts["name"] == EMBEDDED_MNIST:
+    return mnist.num_examples(split), opts["num_classes"]
+  return len(_tfds_source(opts, split)), opts["num_classes"]
+
+
+def validate_example(record: Any, index: int, *, image_key: str = "image", label_key: str = "label",
+                     num_classes: int, image_size: int, resize: str, where: str = "") -> tuple[np.ndarray, int]:
+  """Checks one source record; returns (image uint8 [H, W, C], label).
+
+  Raises ValueError naming `index` (the position in the source) and the problem.
+  """
+  prefix = f"example {index}{where}"
+  try:
+    image, label = record[image_key], record[label_key]
+  except (KeyError, TypeError, IndexError) as e:
+    raise ValueError(f"{prefix}: record has no '{image_key}'/'{label_key}' fields: {e!r}") from e
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3):
+    raise ValueError(f"{prefix}: expected an image [H, W, 1 or 3], got shape {image.shape}")
+  if image.dtype != np.uint8:
+    raise ValueError(f"{prefix}: expected uint8 pixels, got {image.dtype}")
+  h, w, _ = image.shape
+  if resize == "pad" and (h != w or h > image_size):
+    raise ValueError(f"{prefix}: resize='pad' needs a square image no larger than {image_size}, got {h}x{w}")
+  if h < 1 or w < 1:
+    raise ValueError(f"{prefix}: empty image of shape {image.shape}")
+  label = np.asarray(label)
+  if label.shape != () or not np.issubdtype(label.dtype, np.integer):
+    raise ValueError(f"{prefix}: expected an integer scalar label, got {label.dtype} {label.shape}")
+  if not 0 <= int(label) < num_classes:
+    raise ValueError(f"{prefix}: label {int(label)} outside [0, num_classes={num_classes})")
+  return image, int(label)
+
+
+def preprocess_image(image: np.ndarray, *, image_size: int, channels: int, resize: str,
+                     rng: np.random.Generator | None = None, random_crop: bool = False,
+                     random_flip: bool = False) -> np.ndarray:
+  """Maps a uint8 image [H, W, C] to float32 [image_size, image_size, channels] in [-1, 1].
+
+  'pad' centres the image on a zero (black → -1) canvas; 'crop' resizes the shorter side to image_size (bicubic,
+  antialiased) and crops a square at the centre, or at a uniformly random offset when `random_crop`.
+  `random_flip` mirrors the image horizontally with probability 1/2. Both random options draw from `rng`.
+  """
+  if (random_crop or random_flip) and rng is None:
+    raise ValueError("random_crop / random_flip need an rng")
+  h, w, c = image.shape
+  if resize == "pad":
+    if h != w or h > image_size:
+      raise ValueError(f"resize='pad' needs a square image no larger than {image_size}, got {h}x{w}")
+    top = (image_size - h) // 2
+    canvas = np.zeros((image_size, image_size, c), np.uint8)
+    canvas[top:top + h, top:top + w] = image
+    image = canvas
+  elif resize == "crop":
+    scale = image_size / min(h, w)
+    new_h, new_w = max(image_size, round(h * scale)), max(image_size, round(w * scale))
+    if (new_h, new_w) != (h, w):
+      pil = Image.fromarray(image[..., 0] if c == 1 else image)
+      image = np.asarray(pil.resize((new_w, new_h), Image.Resampling.BICUBIC)).reshape(new_h, new_w, c)
+    if not random_crop:
+      top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
+    else:
+      top, left = int(rng.integers(0, new_h - image_size + 1)), int(rng.integers(0, new_w - image_size + 1))
+    image = image[top:top + image_size, left:left + image_size]
+  else:
+    raise ValueError(f"unknown resize mode {resize!r}; expected one of {RESIZE_MODES}")
+  if random_flip and rng.random() < 0.5:
+    image = image[:, ::-1]
+  x = image.astype(np.float32)
+  if c == 1 and channels == 3:
+    x = np.repeat(x, 3, axis=-1)
+  elif c == 3 and channels == 1:
+    x = x @ _LUMA[:, None]
+  return x / 127.5 - 1.0
+
+
+def make_image_iterator(
+    data_cfg: Any,
+    *,
+    split: str,
+    batch_size: int,
+    seed: int,
+    train: bool,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_epochs: int | None = None,
+    drop_remainder: bool | None = None,
+    worker_count: int = 0,
+    num_threads: int = 2,
+) -> grain.DatasetIterator:
+  """Iterator of `{'image': float32 [B, S, S, C] in [-1, 1], 'label': int32 [B]}` with get_state()/set_state().
+
+  Args:
+    data_cfg: the data config (fields in the module docstring).
+    split: 'train'/'test' for embedded_mnist; any tfds split string ('train', 'validation[:1000]', ...) otherwise.
+    batch_size: per-host batch size.
+    seed: shuffle / augmentation seed.
+    train: shuffle, random crops/flips, repeat forever (unless num_epochs), drop the last partial batch.
+    shard_index, shard_count: per-host shard, e.g. `jax.process_index(), jax.process_count()`.
+    num_epochs: None means forever when training, one pass otherwise.
+    drop_remainder: None means `train`.
+    worker_count: grain worker processes (0: read in this process).
+    num_threads: reader threads in this process.
+  """
+  opts = _options(data_cfg)
+  pipeline.check_iterator_args(batch_size=batch_size, seed=seed, shard_index=shard_index, shard_count=shard_count,
+                               num_epochs=num_epochs, worker_count=worker_count, num_threads=num_threads)
+  where = f" of {opts['name']} split {split!r}"
+
+  def decode(index: int, record: Any) -> tuple[np.ndarray, int]:
+    return validate_example(record, index, image_key=opts["image_key"], label_key=opts["label_key"],
+                            num_classes=opts["num_classes"], image_size=opts["image_size"],
+                            resize=opts["resize"], where=where)
+
+  random_crop = train and opts["resize"] == "crop"
+  random_flip = train and opts["random_flip"]
+
+  def transform(example: tuple[np.ndarray, int], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    image, label = example
+    x = preprocess_image(image, image_size=opts["image_size"], channels=opts["channels"], resize=opts["resize"],
+                         rng=rng, random_crop=random_crop, random_flip=random_flip)
+    return {"image": x, "label": np.int32(label)}
+
+  return pipeline.build_iterator(
+      _source(opts, split), decode=decode, transform=transform, random_transform=random_crop or random_flip,
+      batch_size=batch_size, seed=seed, train=train, shard_index=shard_index, shard_count=shard_count,
+      num_epochs=num_epochs, drop_remainder=drop_remainder, worker_count=worker_count, num_threads=num_threads,
+      description=f"{opts['name']} split {split!r}")

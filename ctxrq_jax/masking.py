@@ -1,0 +1,131 @@
+"""Training masks and the masked code-stack objective of Contextual RQ-Transformer (§3.2.3, eq. 10-11).
+
+A mask m ~ q(m) draws r ~ U[0, 1), sets |m| = ceil(gamma(r) * N) (clipped to [1, N]) and chooses which positions
+uniformly among all masks with that count (eq. 10). Positions are chosen as the |m| smallest of N i.i.d. uniforms
+(ranks from an argsort), which makes the count exact: no thresholding, so ties cannot add or drop a position.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Schedule = Callable[[Array], Array]
+
+
+def cosine_schedule(r: Array) -> Array:
+  """gamma(r) = cos(pi r / 2): decreasing, gamma(0) = 1, gamma(1) = 0 (the paper's quarter-period cosine)."""
+  return jnp.cos(0.5 * jnp.pi * r)
+
+
+def sample_mask_counts(rng: Array, batch: int, num_positions: int,
+                       schedule: Schedule = cosine_schedule) -> Array:
+  """Number of masked positions per example: ceil(gamma(r) N), r ~ U[0, 1), clipped to [1, N] -> int32 [B]."""
+  if batch < 1 or num_positions < 1:
+    raise ValueError(f'batch and num_positions must be positive, got {batch} and {num_positions}')
+  r = jax.random.uniform(rng, (batch,), jnp.float32)
+  k = jnp.ceil(schedule(r) * num_positions).astype(jnp.int32)
+  # gamma(r) * N can round to 0 near r = 1 (cos(pi/2) is -4e-8 in float32); the paper's portion lies in (0, 1].
+  return jnp.clip(k, 1, num_positions)
+
+
+def mask_with_counts(rng: Array, counts: Array, num_positions: int) -> Array:
+  """Uniformly random masks with exactly counts[b] True entries: int [B] -> bool [B, N]."""
+  chex.assert_rank(counts, 1)
+  noise = jax.random.uniform(rng, (counts.shape[0], num_positions))
+  ranks = jnp.argsort(jnp.argsort(noise, axis=-1), axis=-1)  # a permutation of 0..N-1 per row
+  return ranks < counts[:, None]
+
+
+def sample_mask(rng: Array, batch: int, num_positions: int, schedule: Schedule = cosine_schedule) -> Array:
+  """Draws m ~ q(m) of eq. 10 for every example -> bool [B, N] (True = masked).
+
+  The key is split into (counts, positions) keys, in that order; `sample_mask_counts` and `mask_with_counts`
+  expose the two halves.
+  """
+  rng_count, rng_pos = jax.random.split(rng)
+  counts = sample_mask_counts(rng_count, batch, num_positions, schedule)
+  return mask_with_counts(rng_pos, counts, num_positions)
+
+
+def masked_nll(logits: Array, codes: Array, mask: Array,
+               label_smoothing: float = 0.0) -> tuple[Array, dict[str, Array]]:
+  """Eq. 11: negative log-likelihood of all D codes at the masked positions only.
+
+  Normalisation: the loss is the mean per masked code over the whole batch,
+    loss = sum_{b, n: m_bn = 1} sum_d CE(b, n, d) / (sum_{b, n} m_bn * D),
+  i.e. eq. 11's sum divided by the number of masked codes, so examples with many masked positions weigh more, as
+  they do in eq. 11's expectation. Unmasked targets are never read (their terms are multiplied by zero). With
+  label_smoothing > 0 the target is (1 - eps) one-hot + eps / K uniform; the metrics are always the plain NLL.
+
+  Args:
+    logits: float [B, N, D, K].
+    codes: int [B, N, D] targets.
+    mask: bool [B, N].
+    label_smoothing: eps in [0, 1).
+
+  Returns:
+    (loss, metrics): float32 scalar loss and float32 scalars 'loss', 'nll', 'accuracy', 'mask_fraction',
+    'num_masked_codes' (the denominator, for weighting across micro-batches), and per depth d = 1..D
+    'nll_depth{d}' and 'accuracy_depth{d}'.
+  """
+  b, n, d, k = logits.shape
+  chex.assert_shape(codes, (b, n, d))
+  chex.assert_shape(mask, (b, n))
+  if not 0.0 <= label_smoothing < 1.0:
+    raise ValueError(f'label_smoothing must be in [0, 1), got {label_smoothing}')
+  logits = logits.astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  # Unmasked targets are replaced before the gather so they cannot matter even through NaN * 0.
+  targets = jnp.where(mask[..., None], codes, 0)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, N, D]
+  if label_smoothing > 0.0:
+    ce = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(axis=-1)
+  else:
+    ce = nll
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+
+  w = mask.astype(jnp.float32)[..., None]  # [B, N, 1]
+  num_pos = jnp.sum(w)
+  denom_depth = jnp.maximum(num_pos, 1.0)  # a batch always has >= 1 masked position from sample_mask
+  per_depth = lambda x: jnp.sum(x * w, axis=(0, 1)) / denom_depth  # noqa: E731  [D]
+  loss = jnp.sum(ce * w) / (denom_depth * d)
+  nll_d, acc_d = per_depth(nll), per_depth(correct)
+  metrics = {
+      'loss': loss,
+      'nll': nll_d.mean(),
+      'accuracy': acc_d.mean(),
+      'mask_fraction': num_pos / (b * n),
+      'num_masked_codes': num_pos * d,
+  }
+  for i in range(d):
+    metrics[f'nll_depth{i + 1}'] = nll_d[i]
+    metrics[f'accuracy_depth{i + 1}'] = acc_d[i]
+  return loss, metrics
+
+
+def drop_condition(rng: Array, cond: Array, rate: float, null_id: int) -> Array:
+  """Replaces the whole condition of each example by `null_id` with probability `rate` (classifier-free guidance).
+
+  Args:
+    rng: PRNG key.
+    cond: int [B, L] condition tokens.
+    rate: drop probability in [0, 1].
+    null_id: the "no condition" id (num_classes for class conditioning).
+
+  Returns:
+    int [B, L], rows either unchanged or all `null_id`.
+  """
+  chex.assert_rank(cond, 2)
+  if not 0.0 <= rate <= 1.0:
+    raise ValueError(f'condition drop rate must be in [0, 1], got {rate}')
+  drop = jax.random.bernoulli(rng, rate, (cond.shape[0], 1))
+  return jnp.where(drop, jnp.asarray(null_id, cond.dtype), cond)
+
+
+__all__ = ['cosine_schedule', 'drop_condition', 'mask_with_counts', 'masked_nll', 'sample_mask',
+           'sample_mask_counts']

@@ -1,0 +1,515 @@
+"""Stage-1 RQ-VAE (encoder, residual quantizer, decoder) in Flax linen, with the reference architecture.
+
+The convolutional encoder/decoder follow the taming-transformers layout used by the released PyTorch RQ-VAE.
+
+Naming rule (so a converter maps PyTorch keys mechanically): take the PyTorch key, replace every
+`<list>.<index>` by `<list>_<index>` for the lists `down`, `up`, `block`, `attn`, and `.` by `/`; the leaf
+`weight` becomes `kernel` for convolutions (OIHW -> HWIO, 1x1 convs included) and `scale` for GroupNorms, `bias`
+stays `bias`. Examples:
+
+  encoder.down.0.block.1.conv1.weight  <->  params/encoder/down_0/block_1/conv1/kernel
+  encoder.down.5.attn.0.q.bias         <->  params/encoder/down_5/attn_0/q/bias
+  encoder.mid.attn_1.norm.weight       <->  params/encoder/mid/attn_1/norm/scale
+  decoder.up.3.upsample.conv.weight    <->  params/decoder/up_3/upsample/conv/kernel
+  quant_conv.weight                    <->  params/quant_conv/kernel
+
+As in PyTorch, the decoder's `up_{i}` is indexed by resolution level (up_0 works at the highest resolution) even
+though the decoder runs them from the last level down. The quantizer lives in the variable collection `quantizer`
+(not `params`): `codebook` [K, n_z] (the reference's `quantizer.codebooks.0.weight` without its padding row; the
+codebook is shared, so codebooks 1..3 repeat it), `cluster_size_ema` [K] and `embed_ema` [K, n_z].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ctxrq_jax import configlib
+from ctxrq_jax import rq
+
+Dtype = Any
+
+ARTIFACT_FORMAT = "ctxrq_jax.rqvae/1"
+_CONFIG_FILE = "model_config.json"
+_VARIABLES_DIR = "variables"
+_QUANTIZER_KEYS = ("codebook", "cluster_size_ema", "embed_ema")
+
+
+def _conv(
+    features: int, kernel: int, dtype: Dtype, name: str | None = None, stride: int = 1, padding: Any = "SAME"
+) -> nn.Conv:
+  return nn.Conv(
+      features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype, param_dtype=jnp.float32,
+      name=name,
+  )
+
+
+def _norm(groups: int, dtype: Dtype, name: str) -> nn.GroupNorm:
+  return nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class ResnetBlock(nn.Module):
+  """Pre-activation residual block: (GroupNorm, SiLU, 3x3 conv) x2 with dropout; 1x1 `nin_shortcut` if needed.
+
+  [B, H, W, C_in] -> [B, H, W, out_channels].
+  """
+
+  out_channels: int
+  dropout: float = 0.0
+  norm_groups: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    h = nn.silu(_norm(self.norm_groups, self.dtype, "norm1")(x))
+    h = _conv(self.out_channels, 3, self.dtype, "conv1")(h)
+    h = nn.silu(_norm(self.norm_groups, self.dtype, "norm2")(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = _conv(self.out_channels, 3, self.dtype, "conv2")(h)
+    if x.shape[-1] != self.out_channels:
+      x = _conv(self.out_channels, 1, self.dtype, "nin_shortcut")(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Single-head spatial self-attention with 1x1-conv q/k/v/proj_out and a residual. [B, H, W, C] -> same."""
+
+  norm_groups: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, hh, ww, c = x.shape
+    h = _norm(self.norm_groups, self.dtype, "norm")(x)
+    q = _conv(c, 1, self.dtype, "q")(h).reshape(b, hh * ww, c)
+    k = _conv(c, 1, self.dtype, "k")(h).reshape(b, hh * ww, c)
+    v = _conv(c, 1, self.dtype, "v")(h).reshape(b, hh * ww, c)
+    logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) * (c**-0.5)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # softmax in fp32 for low-precision dtypes
+    h = jnp.einsum("bqk,bkc->bqc", weights, v).reshape(b, hh, ww, c)
+    return x + _conv(c, 1, self.dtype, "proj_out")(h)
+
+
+class Downsample(nn.Module):
+  """Pad bottom/right by one, then 3x3 stride-2 VALID conv (the reference's asymmetric padding). Halves H, W."""
+
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    return _conv(x.shape[-1], 3, self.dtype, "conv", stride=2, padding="VALID")(x)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour x2, then 3x3 conv. Doubles H, W."""
+
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return _conv(x.shape[-1], 3, self.dtype, "conv")(x)
+
+
+class _Level(nn.Module):
+  """One resolution level: `num_blocks` ResnetBlocks (`block_{j}`), each followed by `attn_{j}` if `use_attn`,
+  then `downsample`/`upsample` if `resample` is set. Named `down_{i}` / `up_{i}` by its parent."""
+
+  out_channels: int
+  num_blocks: int
+  use_attn: bool
+  resample: str | None  # None, "down" or "up"
+  dropout: float
+  norm_groups: int
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    for j in range(self.num_blocks):
+      x = ResnetBlock(self.out_channels, self.dropout, self.norm_groups, self.dtype, name=f"block_{j}")(x, train)
+      if self.use_attn:
+        x = AttnBlock(self.norm_groups, self.dtype, name=f"attn_{j}")(x)
+    if self.resample == "down":
+      x = Downsample(self.dtype, name="downsample")(x)
+    elif self.resample == "up":
+      x = Upsample(self.dtype, name="upsample")(x)
+    return x
+
+
+class _Mid(nn.Module):
+  """block_1 -> attn_1 -> block_2 at constant width."""
+
+  dropout: float
+  norm_groups: int
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    c = x.shape[-1]
+    x = ResnetBlock(c, self.dropout, self.norm_groups, self.dtype, name="block_1")(x, train)
+    x = AttnBlock(self.norm_groups, self.dtype, name="attn_1")(x)
+    return ResnetBlock(c, self.dropout, self.norm_groups, self.dtype, name="block_2")(x, train)
+
+
+class Encoder(nn.Module):
+  """[B, R, R, C_in] -> [B, R / 2^(L-1), R / 2^(L-1), z_channels], L = len(ch_mult)."""
+
+  ch: int
+  ch_mult: Sequence[int]
+  num_res_blocks: int
+  attn_resolutions: Sequence[int]
+  resolution: int
+  z_channels: int
+  dropout: float = 0.0
+  norm_groups: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    levels = len(self.ch_mult)
+    h = _conv(self.ch, 3, self.dtype, "conv_in")(x)
+    res = self.resolution
+    for i, mult in enumerate(self.ch_mult):
+      h = _Level(
+          self.ch * mult, self.num_res_blocks, res in self.attn_resolutions, "down" if i != levels - 1 else None,
+          self.dropout, self.norm_groups, self.dtype, name=f"down_{i}",
+      )(h, train)
+      if i != levels - 1:
+        res //= 2
+    h = _Mid(self.dropout, self.norm_groups, self.dtype, name="mid")(h, train)
+    h = nn.silu(_norm(self.norm_groups, self.dtype, "norm_out")(h))
+    return _conv(self.z_channels, 3, self.dtype, "conv_out")(h)
+
+
+class Decoder(nn.Module):
+  """[B, r, r, z_channels] -> [B, r 2^(L-1), r 2^(L-1), out_channels]; level i has num_res_blocks + 1 blocks."""
+
+  ch: int
+  ch_mult: Sequence[int]
+  num_res_blocks: int
+  attn_resolutions: Sequence[int]
+  resolution: int
+  out_channels: int
+  dropout: float = 0.0
+  norm_groups: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
+    levels = len(self.ch_mult)
+    h = _conv(self.ch * self.ch_mult[-1], 3, self.dtype, "conv_in")(z)
+    h = _Mid(self.dropout, self.norm_groups, self.dtype, name="mid")(h, train)
+    res = self.resolution // 2 ** (levels - 1)
+    for i in reversed(range(levels)):
+      h = _Level(
+          self.ch * self.ch_mult[i], self.num_res_blocks + 1, res in self.attn_resolutions,
+          "up" if i != 0 else None, self.dropout, self.norm_groups, self.dtype, name=f"up_{i}",
+      )(h, train)
+      if i != 0:
+        res *= 2
+    h = nn.silu(_norm(self.norm_groups, self.dtype, "norm_out")(h))
+    return _conv(self.out_channels, 3, self.dtype, "conv_out")(h)
+
+
+def _dtype_from_name(name: str) -> Dtype:
+  if name not in ("float32", "bfloat16", "float16"):
+    raise configlib.ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {name!r}")
+  return jnp.dtype(name)
+
+
+class RQVAE(nn.Module):
+  """Residual-quantized VAE. Images [B, R, R, C] float in [-1, 1]; latents [B, h, w, n_z]; codes int32 [B, h, w, D].
+
+  Use `RQVAE.from_config(cfg.model)`. Convolutions run in `dtype`; quantization always in float32.
+  """
+
+  resolution: int
+  in_channels: int
+  out_channels: int
+  ch: int
+  ch_mult: Sequence[int]
+  num_res_blocks: int
+  attn_resolutions: Sequence[int]
+  z_channels: int
+  embed_dim: int
+  codebook_size: int
+  code_depth: int
+  dropout: float = 0.0
+  norm_groups: int = 32
+  dtype: Dtype = jnp.float32
+  quant_chunk_size: int = rq.DEFAULT_CHUNK_SIZE
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> "RQVAE":
+    """Builds the model from the `model` section of an RQ-VAE config (validated; ConfigError names the key)."""
+    g = lambda key: cfg[key]
+    try:
+      kwargs = dict(
+          resolution=int(g("resolution")), in_channels=int(g("in_channels")), out_channels=int(g("out_channels")),
+          ch=int(g("ch")), ch_mult=tuple(int(m) for m in g("ch_mult")), num_res_blocks=int(g("num_res_blocks")),
+          attn_resolutions=tuple(int(r) for r in g("attn_resolutions")), z_channels=int(g("z_channels")),
+          embed_dim=int(g("embed_dim")), codebook_size=int(g("codebook_size")), code_depth=int(g("code_depth")),
+          dropout=float(g("dropout")), norm_groups=int(g("norm_groups")), dtype=_dtype_from_name(str(g("dtype"))),
+          quant_chunk_size=int(g("quant_chunk_size")),
+      )
+    except (KeyError, AttributeError) as e:
+      raise configlib.ConfigError(f"model config is missing key {e}") from e
+    req = configlib.require
+    req(len(kwargs["ch_mult"]) >= 1, "model.ch_mult must not be empty")
+    req(all(m > 0 for m in kwargs["ch_mult"]), "model.ch_mult entries must be positive")
+    down = 2 ** (len(kwargs["ch_mult"]) - 1)
+    req(kwargs["resolution"] % down == 0,
+        f"model.resolution {kwargs['resolution']} is not divisible by 2^(len(ch_mult)-1) = {down}")
+    widths = [kwargs["ch"] * m for m in kwargs["ch_mult"]]
+    req(all(w % kwargs["norm_groups"] == 0 for w in widths),
+        f"model.norm_groups {kwargs['norm_groups']} must divide every level width {widths}")
+    req(kwargs["num_res_blocks"] >= 1, "model.num_res_blocks must be >= 1")
+    req(kwargs["codebook_size"] >= 2, "model.codebook_size must be >= 2")
+    req(kwargs["code_depth"] >= 1, "model.code_depth must be >= 1")
+    req(0.0 <= kwargs["dropout"] < 1.0, "model.dropout must be in [0, 1)")
+    req(kwargs["quant_chunk_size"] >= 1, "model.quant_chunk_size must be >= 1")
+    for key in ("in_channels", "out_channels", "ch", "z_channels", "embed_dim"):
+      req(kwargs[key] >= 1, f"model.{key} must be >= 1")
+    return cls(**kwargs)
+
+  @property
+  def latent_size(self) -> int:
+    """h = w = resolution / 2^(len(ch_mult) - 1)."""
+    return self.resolution // 2 ** (len(self.ch_mult) - 1)
+
+  @property
+  def code_shape(self) -> tuple[int, int, int]:
+    """(h, w, D)."""
+    return (self.latent_size, self.latent_size, self.code_depth)
+
+  def setup(self):
+    common = dict(
+        ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
+        attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution, dropout=self.dropout,
+        norm_groups=self.norm_groups, dtype=self.dtype,
+    )
+    self.encoder = Encoder(z_channels=self.z_channels, **common)
+    self.decoder = Decoder(out_channels=self.out_channels, **common)
+    # setup() names submodules after their attributes: quant_conv, post_quant_conv, encoder, decoder.
+    self.quant_conv = _conv(self.embed_dim, 1, self.dtype)
+    self.post_quant_conv = _conv(self.z_channels, 1, self.dtype)
+    shape = (self.codebook_size, self.embed_dim)
+    # N(0, 1) like the reference's nn.Embedding; EMA counts 1 and sums = codebook, so smoothing is a no-op at init.
+    self.codebook = self.variable(
+        "quantizer", "codebook", lambda: jax.random.normal(self.make_rng("params"), shape, jnp.float32))
+    self.cluster_size_ema = self.variable(
+        "quantizer", "cluster_size_ema", lambda: jnp.ones((self.codebook_size,), jnp.float32))
+    self.embed_ema = self.variable("quantizer", "embed_ema", lambda: self.codebook.value)
+
+  def _check_images(self, x: jax.Array) -> None:
+    want = (self.resolution, self.resolution, self.in_channels)
+    if x.ndim != 4 or tuple(x.shape[1:]) != want:
+      raise ValueError(
+          f"RQVAE expects images [B, {want[0]}, {want[1]}, {want[2]}] (resolution {self.resolution}, "
+          f"in_channels {self.in_channels}), got shape {tuple(x.shape)}")
+
+  def encode(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """x [B, R, R, C_in] -> z [B, h, w, n_z] (after quant_conv)."""
+    self._check_images(x)
+    return self.quant_conv(self.encoder(x.astype(self.dtype), train))
+
+  def quantize(self, z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Residual-quantizes z [B, h, w, n_z] with the `quantizer` codebook.
+
+    Returns:
+      z_q_st: [B, h, w, n_z] straight-through quantized latents (value = last partial sum, gradient to z).
+      codes: int32 [B, h, w, D].
+      commitment_loss: scalar (mean over depths, unweighted).
+      partial_sums: [B, h, w, D, n_z] float32.
+    """
+    if z.ndim != 4 or z.shape[-1] != self.embed_dim:
+      raise ValueError(f"quantize expects latents [B, h, w, {self.embed_dim}], got shape {tuple(z.shape)}")
+    z32 = z.astype(jnp.float32)
+    codes, partial_sums = rq.rq_quantize(z32, self.codebook.value, self.code_depth, self.quant_chunk_size)
+    loss = rq.commitment_loss(z32, partial_sums)
+    z_q = rq.straight_through(z32, partial_sums[..., -1, :])
+    return z_q, codes, loss, partial_sums
+
+  def decode(self, z_q: jax.Array, train: bool = False) -> jax.Array:
+    """z_q [B, h, w, n_z] -> reconstruction [B, R, R, C_out] (float32)."""
+    h = self.latent_size
+    if z_q.ndim != 4 or tuple(z_q.shape[1:]) != (h, h, self.embed_dim):
+      raise ValueError(f"decode expects latents [B, {h}, {h}, {self.embed_dim}], got shape {tuple(z_q.shape)}")
+    x = self.decoder(self.post_quant_conv(z_q.astype(self.dtype)), train)
+    return x.astype(jnp.float32)
+
+  def decode_codes(self, codes: jax.Array) -> jax.Array:
+    """codes int [B, h, w, D] -> images [B, R, R, C_out]."""
+    if codes.ndim != 4 or tuple(codes.shape[1:]) != self.code_shape:
+      raise ValueError(f"decode_codes expects codes [B, {', '.join(map(str, self.code_shape))}], "
+                       f"got shape {tuple(codes.shape)}")
+    if not jnp.issubdtype(codes.dtype, jnp.integer):
+      raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
+    return self.decode(rq.embed_codes(codes, self.codebook.value))
+
+  def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    """Full pass. The codebook is NOT updated here: the trainer applies `rq.ema_update` to the returned
+    `residuals`/`codes` (pure, outside the gradient).
+
+    Returns a dict:
+      recon [B, R, R, C_out] float32; codes int32 [B, h, w, D]; z [B, h, w, n_z] float32 (pre-quantization);
+      residuals [B, h, w, D, n_z] (the vector each depth quantized, for the EMA update);
+      commitment_loss scalar (unweighted); mse scalar (mean squared reconstruction error).
+    """
+    z = self.encode(x, train)
+    z_q, codes, loss, partial_sums = self.quantize(z)
+    recon = self.decode(z_q, train)
+    return {
+        "recon": recon,
+        "codes": codes,
+        "z": z.astype(jnp.float32),
+        "residuals": rq.residuals(z, partial_sums),
+        "commitment_loss": loss,
+        "mse": jnp.mean((recon - x.astype(jnp.float32)) ** 2),
+    }
+
+
+def reconstruction_loss(x: jax.Array, recon: jax.Array, kind: str) -> jax.Array:
+  """Mean 'mse' or 'l1' reconstruction loss between images [B, H, W, C]. Scalar float32."""
+  chex.assert_equal_shape([x, recon])
+  diff = recon.astype(jnp.float32) - x.astype(jnp.float32)
+  if kind == "mse":
+    return jnp.mean(diff**2)
+  if kind == "l1":
+    return jnp.mean(jnp.abs(diff))
+  raise ValueError(f"unknown reconstruction loss {kind!r}; expected 'mse' or 'l1'")
+
+
+def codebook_state(variables: Mapping[str, Any]) -> rq.CodebookState:
+  """The `quantizer` collection of RQVAE variables as an `rq.CodebookState`."""
+  if "quantizer" not in variables:
+    raise ValueError(f"variables have no 'quantizer' collection (have {sorted(variables)})")
+  q = variables["quantizer"]
+  return rq.CodebookState(codebook=q["codebook"], cluster_size_ema=q["cluster_size_ema"], embed_ema=q["embed_ema"])
+
+
+def with_codebook_state(variables: Mapping[str, Any], state: rq.CodebookState) -> dict[str, Any]:
+  """A copy of `variables` whose `quantizer` collection holds `state`."""
+  out = dict(variables)
+  out["quantizer"] = {
+      "codebook": state.codebook, "cluster_size_ema": state.cluster_size_ema, "embed_ema": state.embed_ema}
+  return out
+
+
+def count_params(variables: Mapping[str, Any], collections: Sequence[str] = ("params",)) -> int:
+  """Number of scalars in the given collections of `variables` (arrays or ShapeDtypeStructs)."""
+  missing = [c for c in collections if c not in variables]
+  if missing:
+    raise ValueError(f"variables have no collection(s) {missing} (have {sorted(variables)})")
+  return int(sum(int(np.prod(leaf.shape)) for c in collections for leaf in jax.tree_util.tree_leaves(variables[c])))
+
+
+def init_variables(model: RQVAE, rng: jax.Array, batch_size: int = 1) -> dict[str, Any]:
+  """Initial {'params', 'quantizer'} of `model` from one dummy batch."""
+  x = jnp.zeros((batch_size, model.resolution, model.resolution, model.in_channels), jnp.float32)
+  variables = model.init({"params": rng}, x)
+  return {"params": variables["params"], "quantizer": variables["quantizer"]}
+
+
+def _config_to_dict(model_config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
+  if isinstance(model_config, ml_collections.ConfigDict):
+    d = model_config.to_dict()
+  else:
+    d = dict(model_config)
+  # Round-trip through JSON now so an unserializable value fails at save time, naming nothing half-written.
+  return json.loads(json.dumps(d))
+
+
+def save_artifact(
+    directory: str | os.PathLike, model_config: ml_collections.ConfigDict | Mapping[str, Any],
+    variables: Mapping[str, Any], *, overwrite: bool = False,
+) -> None:
+  """Writes a stage-1 artifact: `directory/model_config.json` and an orbax checkpoint `directory/variables`.
+
+  Args:
+    directory: target directory (created).
+    model_config: the `model` section of the RQ-VAE config (must build a model whose variables match `variables`).
+    variables: {'params', 'quantizer'} (other collections are dropped).
+    overwrite: replace an existing artifact instead of raising.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  cfg = _config_to_dict(model_config)
+  model = RQVAE.from_config(cfg)
+  for c in ("params", "quantizer"):
+    if c not in variables:
+      raise ValueError(f"save_artifact: variables have no {c!r} collection (have {sorted(variables)})")
+  state = {"params": variables["params"], "quantizer": variables["quantizer"]}
+  expected = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+  _check_tree_matches(state, expected, f"save_artifact({directory})")
+  ckpt_dir = os.path.join(directory, _VARIABLES_DIR)
+  if os.path.exists(ckpt_dir) and not overwrite:
+    raise FileExistsError(f"stage-1 artifact already exists at {directory} (pass overwrite=True to replace it)")
+  os.makedirs(directory, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(ckpt_dir, state, force=overwrite)
+    ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    tmp = os.path.join(directory, _CONFIG_FILE + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump({"format": ARTIFACT_FORMAT, "model": cfg}, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(directory, _CONFIG_FILE))
+
+
+def _check_tree_matches(tree: Any, expected: Any, where: str) -> None:
+  got = {jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+  want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(expected)}
+  problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
+  problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
+  problems += [f"{k}: shape {got[k]} != {want[k]}" for k in sorted(set(got) & set(want)) if got[k] != want[k]]
+  if problems:
+    shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)" if len(problems) > 8 else "")
+    raise ValueError(f"{where}: variables do not match the model config: {shown}")
+
+
+def load_artifact(directory: str | os.PathLike) -> tuple[RQVAE, dict[str, Any]]:
+  """Reads a stage-1 artifact written by `save_artifact`.
+
+  Returns:
+    (model, variables) with variables = {'params', 'quantizer'} as jax arrays.
+
+  Raises:
+    FileNotFoundError / ValueError naming the path and what is missing or wrong.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"stage-1 artifact directory {directory} does not exist")
+  cfg_path = os.path.join(directory, _CONFIG_FILE)
+  if not os.path.isfile(cfg_path):
+    raise FileNotFoundError(f"stage-1 artifact {directory} has no {_CONFIG_FILE}")
+  try:
+    with open(cfg_path) as f:
+      meta = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"stage-1 artifact config {cfg_path} is unreadable: {e}") from e
+  if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT or not isinstance(meta.get("model"), dict):
+    raise ValueError(f"stage-1 artifact config {cfg_path} is not a {ARTIFACT_FORMAT} file")
+  try:
+    model = RQVAE.from_config(meta["model"])
+  except configlib.ConfigError as e:
+    raise ValueError(f"stage-1 artifact config {cfg_path} is invalid: {e}") from e
+  ckpt_dir = os.path.join(directory, _VARIABLES_DIR)
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"stage-1 artifact {directory} has no checkpoint directory {_VARIABLES_DIR}/")
+  abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      variables = ckptr.restore(ckpt_dir, abstract)
+  except Exception as e:  # orbax raises assorted types for truncated/corrupt files
+    raise ValueError(f"stage-1 artifact checkpoint {ckpt_dir} could not be restored: {type(e).__name__}: {e}") from e
+  _check_tree_matches(variables, abstract, f"load_artifact({directory})")
+  return model, {"params": variables["params"], "quantizer": variables["quantizer"]}

@@ -1,0 +1,360 @@
+#!/usr/bin/env bash
+# Launch ctxrq_jax training on a Cloud TPU VM slice (single- or multi-host).
+#
+# Every worker of the slice runs the same command (gcloud ... ssh --worker=all);
+# jax.distributed.initialize() inside the program auto-detects the TPU pod, so
+# nothing else has to be exported.  Run with -h for usage.
+set -euo pipefail
+
+PROG=$(basename "$0")
+SCRIPT_DIR=$(cd "$(dirname "$0")" && pwd)
+DEFAULT_REPO=$(cd "$SCRIPT_DIR/.." && pwd)
+
+usage() {
+  cat <<EOF
+Usage: $PROG [options] SUBCOMMAND [options] [-- TRAINING ARGS...]
+
+Subcommands
+  create   create the TPU VM slice (or a queued resource with --queued)
+  setup    copy/clone the project to every worker and pip install -e '.[tpu]'
+  train    run the training module on all workers (--worker=all), streaming logs
+  logs     show/follow the training log of one worker (or --worker=all)
+  delete   delete the slice; needs --yes, or a "y" at an interactive prompt
+  all      create + setup + train
+
+Options (environment variable in brackets)
+  -n, --name NAME          TPU (and queued-resource) name        [TPU_NAME]  required
+  -z, --zone ZONE          zone, e.g. us-central2-b              [TPU_ZONE]  required
+  -p, --project PROJECT    GCP project (default: gcloud config)  [TPU_PROJECT]
+  -t, --accelerator-type T slice type, e.g. v4-8, v4-32, v5p-64  [TPU_TYPE]    (v4-32)
+  -v, --version V          TPU runtime/software version          [TPU_VERSION]
+                           (default by type: v4 tpu-ubuntu2204-base, v5e v2-alpha-tpuv5-lite,
+                            v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e)
+      --spot               create Spot VMs                       [TPU_SPOT=1]
+      --preemptible        create preemptible VMs                [TPU_PREEMPTIBLE=1]
+      --queued             create/delete through 'queued-resources' and, for 'all',
+                           wait until the request is ACTIVE      [TPU_QUEUED=1]
+  -r, --repo SRC           project source: a local directory (packed with tar and
+                           scp'd) or a git URL (cloned on each worker)
+                                                                 [CTXRQ_REPO]  (this checkout)
+      --ref REF            git branch/tag/commit for a git --repo [CTXRQ_REF]  (HEAD)
+      --remote-dir DIR     project directory on the workers      [CTXRQ_REMOTE_DIR] (~/ctxrq_jax)
+      --venv DIR           virtualenv on the workers             [CTXRQ_VENV] (~/ctxrq_venv)
+      --python PY          interpreter that creates the venv (>=3.11; installed with
+                           apt-get when missing)                 [CTXRQ_PYTHON] (python3.11)
+  -m, --module MOD         training module                      [CTXRQ_MODULE] (ctxrq_jax.train;
+                           stage 1 is ctxrq_jax.train_rqvae)
+  -e, --env KEY=VALUE      extra environment for training (repeatable), e.g.
+                           TFDS_DATA_DIR=gs://bucket/tfds
+      --log FILE           log file on each worker               [CTXRQ_LOG] (~/ctxrq_train.log)
+      --detach             train: start in the background (nohup) and return; follow
+                           the run with '$PROG logs'
+  -w, --worker W           logs: worker index or 'all'           (0)
+      --lines N            logs: lines of history before following (100)
+  -y, --yes                do not ask before deleting
+      --dry-run            print every command (prefixed '+ ') instead of running it
+  -h, --help               show this help
+
+Training arguments: everything after '--' goes to the training module verbatim;
+--config=..., --config.KEY=..., and --workdir=... are also passed through
+without the '--'.  The workdir should be a gs:// path so that every host
+writes checkpoints to the same place.
+
+Examples
+  $PROG all --name ctxrq --zone us-central2-b -t v4-32 --spot \\
+      --config=configs/imagenet.py:821m --workdir=gs://BUCKET/ctxrq/821m
+  $PROG train -n ctxrq -z us-central2-b -m ctxrq_jax.train_rqvae --detach \\
+      -- --config=configs/rqvae_imagenet.py --workdir=gs://BUCKET/rqvae
+  $PROG logs -n ctxrq -z us-central2-b
+  $PROG delete -n ctxrq -z us-central2-b --yes
+EOF
+}
+
+die() {
+  echo "$PROG: error: $*" >&2
+  echo "Try '$PROG -h' for usage." >&2
+  exit 2
+}
+
+# Quote one word for a POSIX shell; plain words stay unquoted.
+shquote() {
+  local s=$1
+  if [[ -n $s && $s =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+    printf '%s' "$s"
+  else
+    printf "'%s'" "${s//\'/\'\\\'\'}"
+  fi
+}
+
+# Quote all arguments, separated by spaces.
+shjoin() {
+  local out="" a
+  for a in "$@"; do
+    out+="${out:+ }$(shquote "$a")"
+  done
+  printf '%s' "$out"
+}
+
+# Run a command, or only print it with --dry-run.
+run() {
+  if [[ $DRY_RUN == 1 ]]; then
+    printf '+ %s\n' "$(shjoin "$@")"
+  else
+    printf '+ %s\n' "$(shjoin "$@")" >&2
+    "$@"
+  fi
+}
+
+# Remote paths are spliced into remote shell commands unquoted (so that ~ expands).
+check_remote_path() {
+  [[ $2 =~ ^[A-Za-z0-9_./~+-]+$ ]] || die "$1 must be a plain path (letters, digits, _ . / ~ + -), got '$2'"
+}
+
+# ---------------------------------------------------------------- options
+NAME=${TPU_NAME:-}
+ZONE=${TPU_ZONE:-}
+PROJECT=${TPU_PROJECT:-}
+ACCEL=${TPU_TYPE:-v4-32}
+VERSION=${TPU_VERSION:-}
+SPOT=${TPU_SPOT:-0}
+PREEMPTIBLE=${TPU_PREEMPTIBLE:-0}
+QUEUED=${TPU_QUEUED:-0}
+REPO=${CTXRQ_REPO:-$DEFAULT_REPO}
+REF=${CTXRQ_REF:-HEAD}
+# '~' stays literal here: it is expanded by the shell on the workers.
+# shellcheck disable=SC2088
+REMOTE_DIR=${CTXRQ_REMOTE_DIR:-'~/ctxrq_jax'}
+# shellcheck disable=SC2088
+VENV=${CTXRQ_VENV:-'~/ctxrq_venv'}
+PYTHON=${CTXRQ_PYTHON:-python3.11}
+MODULE=${CTXRQ_MODULE:-ctxrq_jax.train}
+# shellcheck disable=SC2088
+LOG=${CTXRQ_LOG:-'~/ctxrq_train.log'}
+DETACH=0
+WORKER=0
+LINES=100
+YES=0
+DRY_RUN=0
+CMD=""
+ENVS=()
+TRAIN_ARGS=()
+
+need_value() {  # need_value OPTION NUM_REMAINING NEXT
+  if [[ $2 -lt 2 || -z $3 || $3 == --* ]]; then
+    die "option $1 requires a value"
+  fi
+}
+
+while [[ $# -gt 0 ]]; do
+  arg=$1
+  # Split --opt=value (but not pass-through flags, handled below).
+  if [[ $arg == --*=* && $arg != --config* && $arg != --workdir* ]]; then
+    opt=${arg%%=*}
+    val=${arg#*=}
+    [[ -n $val ]] || die "option $opt requires a value"
+    shift
+    set -- "$opt" "$val" "$@"
+    arg=$opt
+  fi
+  case $arg in
+    -h|--help) usage; exit 0 ;;
+    -n|--name) need_value "$arg" $# "${2:-}"; NAME=$2; shift 2 ;;
+    -z|--zone) need_value "$arg" $# "${2:-}"; ZONE=$2; shift 2 ;;
+    -p|--project) need_value "$arg" $# "${2:-}"; PROJECT=$2; shift 2 ;;
+    -t|--accelerator-type|--type) need_value "$arg" $# "${2:-}"; ACCEL=$2; shift 2 ;;
+    -v|--version|--runtime-version) need_value "$arg" $# "${2:-}"; VERSION=$2; shift 2 ;;
+    --spot) SPOT=1; shift ;;
+    --preemptible) PREEMPTIBLE=1; shift ;;
+    --queued) QUEUED=1; shift ;;
+    -r|--repo) need_value "$arg" $# "${2:-}"; REPO=$2; shift 2 ;;
+    --ref) need_value "$arg" $# "${2:-}"; REF=$2; shift 2 ;;
+    --remote-dir) need_value "$arg" $# "${2:-}"; REMOTE_DIR=$2; shift 2 ;;
+    --venv) need_value "$arg" $# "${2:-}"; VENV=$2; shift 2 ;;
+    --python) need_value "$arg" $# "${2:-}"; PYTHON=$2; shift 2 ;;
+    -m|--module) need_value "$arg" $# "${2:-}"; MODULE=$2; shift 2 ;;
+    -e|--env) need_value "$arg" $# "${2:-}"; ENVS+=("$2"); shift 2 ;;
+    --log) need_value "$arg" $# "${2:-}"; LOG=$2; shift 2 ;;
+    --detach) DETACH=1; shift ;;
+    -w|--worker) need_value "$arg" $# "${2:-}"; WORKER=$2; shift 2 ;;
+    --lines) need_value "$arg" $# "${2:-}"; LINES=$2; shift 2 ;;
+    -y|--yes) YES=1; shift ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    --config=*|--config.*|--workdir=*) TRAIN_ARGS+=("$arg"); shift ;;
+    --config|--workdir) need_value "$arg" $# "${2:-}"; TRAIN_ARGS+=("$arg" "$2"); shift 2 ;;
+    --) shift; TRAIN_ARGS+=("$@"); break ;;
+    -*) die "unknown option '$arg'" ;;
+    *)
+      [[ -z $CMD ]] || die "unexpected argument '$arg' (subcommand is already '$CMD')"
+      CMD=$arg; shift ;;
+  esac
+done
+
+[[ -n $CMD ]] || { usage >&2; die "missing subcommand"; }
+case $CMD in
+  create|setup|train|logs|delete|all) ;;
+  *) die "unknown subcommand '$CMD'" ;;
+esac
+[[ -n $NAME ]] || die "missing TPU name (--name or TPU_NAME)"
+[[ -n $ZONE ]] || die "missing zone (--zone or TPU_ZONE)"
+[[ $SPOT == 1 && $PREEMPTIBLE == 1 ]] && die "--spot and --preemptible are mutually exclusive"
+[[ $WORKER == all || $WORKER =~ ^[0-9]+$ ]] || die "--worker must be a number or 'all', got '$WORKER'"
+[[ $LINES =~ ^[0-9]+$ ]] || die "--lines must be a number, got '$LINES'"
+[[ $MODULE =~ ^[A-Za-z_][A-Za-z0-9_.]*$ ]] || die "--module must be a Python module name, got '$MODULE'"
+for kv in "${ENVS[@]+"${ENVS[@]}"}"; do
+  [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env expects KEY=VALUE, got '$kv'"
+done
+check_remote_path --remote-dir "$REMOTE_DIR"
+check_remote_path --venv "$VENV"
+check_remote_path --log "$LOG"
+check_remote_path --python "$PYTHON"
+
+if [[ -z $VERSION ]]; then
+  case $ACCEL in
+    v5litepod-*|v5e-*) VERSION=v2-alpha-tpuv5-lite ;;
+    v5p-*) VERSION=v2-alpha-tpuv5 ;;
+    v6e-*) VERSION=v2-alpha-tpuv6e ;;
+    *) VERSION=tpu-ubuntu2204-base ;;
+  esac
+fi
+
+# Flags shared by every gcloud call.
+GFLAGS=("--zone=$ZONE")
+[[ -n $PROJECT ]] && GFLAGS+=("--project=$PROJECT")
+
+is_git_url() {
+  [[ $1 == *://* || $1 == git@* || $1 == *.git ]]
+}
+
+# Run REMOTE_COMMAND on the given worker(s) of the slice.
+tpu_ssh() {  # tpu_ssh WORKER REMOTE_COMMAND
+  run gcloud compute tpus tpu-vm ssh "$NAME" "${GFLAGS[@]}" "--worker=$1" "--command=$2"
+}
+
+# ---------------------------------------------------------------- subcommands
+do_create() {
+  local extra=()
+  [[ $SPOT == 1 ]] && extra+=(--spot)
+  [[ $PREEMPTIBLE == 1 ]] && extra+=(--preemptible)
+  if [[ $QUEUED == 1 ]]; then
+    [[ $PREEMPTIBLE == 1 ]] && die "--preemptible is not available with --queued (use --spot)"
+    run gcloud compute tpus queued-resources create "$NAME" "--node-id=$NAME" "${GFLAGS[@]}" \
+      "--accelerator-type=$ACCEL" "--runtime-version=$VERSION" "${extra[@]+"${extra[@]}"}"
+  else
+    run gcloud compute tpus tpu-vm create "$NAME" "${GFLAGS[@]}" \
+      "--accelerator-type=$ACCEL" "--version=$VERSION" "${extra[@]+"${extra[@]}"}"
+  fi
+}
+
+# A queued resource is only usable once it is ACTIVE.
+wait_active() {
+  local describe=(gcloud compute tpus queued-resources describe "$NAME" "${GFLAGS[@]}" "--format=value(state.state)")
+  if [[ $DRY_RUN == 1 ]]; then
+    run "${describe[@]}"
+    return
+  fi
+  local state
+  while true; do
+    state=$("${describe[@]}")
+    echo "$PROG: queued resource $NAME is ${state:-UNKNOWN}" >&2
+    case $state in
+      ACTIVE) return ;;
+      FAILED|SUSPENDED|SUSPENDING) die "queued resource $NAME is $state" ;;
+    esac
+    sleep 30
+  done
+}
+
+do_setup() {
+  # The remote script is a ';'-separated sequence run under 'set -eu', so the
+  # first failing step stops it on that worker.
+  local steps=("set -eu")
+  if is_git_url "$REPO"; then
+    steps+=("[ -d $REMOTE_DIR/.git ] || git clone --depth 1 $(shquote "$REPO") $REMOTE_DIR")
+    steps+=("git -C $REMOTE_DIR fetch --depth 1 origin $(shquote "$REF")")
+    steps+=("git -C $REMOTE_DIR checkout --force FETCH_HEAD")
+  else
+    [[ -d $REPO ]] || die "--repo '$REPO' is neither a directory nor a git URL"
+    [[ -f $REPO/pyproject.toml ]] || die "--repo '$REPO' has no pyproject.toml"
+    local tarball
+    if [[ $DRY_RUN == 1 ]]; then
+      tarball=${TMPDIR:-/tmp}/ctxrq_jax_src.tar.gz
+    else
+      tarball=$(mktemp "${TMPDIR:-/tmp}/ctxrq_jax_src.XXXXXX")
+      # shellcheck disable=SC2064  # expand now: the path is fixed
+      trap "rm -f '$tarball'" EXIT
+    fi
+    run tar -czf "$tarball" -C "$REPO" --exclude=.git --exclude=__pycache__ --exclude='*.egg-info' \
+      --exclude=.venv --exclude=venv --exclude=.pytest_cache --exclude=.mypy_cache .
+    run gcloud compute tpus tpu-vm scp "$tarball" "$NAME:ctxrq_jax_src.tar.gz" "${GFLAGS[@]}" --worker=all
+    steps+=("mkdir -p $REMOTE_DIR")
+    steps+=("tar -xzf ~/ctxrq_jax_src.tar.gz -C $REMOTE_DIR")
+    steps+=("rm -f ~/ctxrq_jax_src.tar.gz")
+  fi
+  local apt="sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600"
+  steps+=("command -v $PYTHON >/dev/null || { $apt update -q && $apt install -y -q $PYTHON $PYTHON-venv; }")
+  steps+=("[ -x $VENV/bin/python ] || $PYTHON -m venv $VENV")
+  steps+=("$VENV/bin/pip install -q -U pip")
+  steps+=("cd $REMOTE_DIR")
+  steps+=("$VENV/bin/pip install -e '.[tpu]'")
+  local script
+  script=$(printf '%s; ' "${steps[@]}")
+  tpu_ssh all "${script%; }"
+}
+
+train_command() {
+  local envs="" args
+  if [[ ${#ENVS[@]} -gt 0 ]]; then
+    envs="env $(shjoin "${ENVS[@]}") "
+  fi
+  args=$(shjoin "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}")
+  local full="cd $REMOTE_DIR && $envs$VENV/bin/python -m $MODULE${args:+ $args}"
+  if [[ $DETACH == 1 ]]; then
+    # Ignored SIGHUP survives exec, so the run outlives the ssh session.
+    printf '%s' "(trap '' HUP; $full) >> $LOG 2>&1 < /dev/null & echo \"started on \$(hostname), log: $LOG\""
+  else
+    printf '%s' "set -o pipefail; $full 2>&1 | tee -a $LOG"
+  fi
+}
+
+do_train() {
+  if [[ ${#TRAIN_ARGS[@]} -eq 0 ]]; then
+    echo "$PROG: warning: no training arguments (e.g. --config=configs/imagenet.py:821m --workdir=gs://...)" >&2
+  fi
+  tpu_ssh all "$(train_command)"
+}
+
+do_logs() {
+  tpu_ssh "$WORKER" "tail -n $LINES -F $LOG"
+}
+
+do_delete() {
+  if [[ $YES != 1 ]]; then
+    if [[ -t 0 ]]; then
+      local answer
+      read -r -p "Delete TPU '$NAME' in zone '$ZONE'? [y/N] " answer
+      [[ $answer == y || $answer == Y || $answer == yes ]] || { echo "$PROG: not deleting." >&2; exit 1; }
+    else
+      echo "$PROG: error: refusing to delete '$NAME' without --yes (stdin is not a terminal)" >&2
+      exit 1
+    fi
+  fi
+  if [[ $QUEUED == 1 ]]; then
+    run gcloud compute tpus queued-resources delete "$NAME" "${GFLAGS[@]}" --force --quiet
+  else
+    run gcloud compute tpus tpu-vm delete "$NAME" "${GFLAGS[@]}" --quiet
+  fi
+}
+
+case $CMD in
+  create) do_create ;;
+  setup) do_setup ;;
+  train) do_train ;;
+  logs) do_logs ;;
+  delete) do_delete ;;
+  all)
+    do_create
+    [[ $QUEUED == 1 ]] && wait_active
+    do_setup
+    do_train
+    ;;
+esac
