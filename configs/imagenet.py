@@ -23,37 +23,37 @@ from ctxrq_jax.configlib import ConfigError
 
 # (width, num_heads, spatial_layers, depth_layers) per model-size argument.
 SIZES = {
-    '333m': (1024, 16, 21, 4),
-    '821m': (1536, 24, 24, 4),
-    '1.4b': (1536, 24, 42, 6),
-    'tiny': (32, 4, 2, 2),
+    "333m": (1024, 16, 21, 4),
+    "821m": (1536, 24, 24, 4),
+    "1.4b": (1536, 24, 42, 6),
+    "tiny": (32, 4, 2, 2),
 }
 # Paper / reference parameter counts the sizes are checked against in tests (tolerance 1%, 333m: 2%).
-PAPER_PARAMS = {'333m': 333e6, '821m': 821e6, '1.4b': 1.4e9}
+PAPER_PARAMS = {"333m": 333e6, "821m": 821e6, "1.4b": 1.4e9}
 
 # Logical axis -> mesh axes, in priority order (see ctxrq_jax/transformer.py for the axis names). Flax gives each
 # mesh axis to at most one dimension of an array, so activations ('batch', ..., 'embed') take fsdp for the batch and
 # leave the width replicated, while parameters ('embed', 'mlp') are sharded over fsdp and tensor.
 SHARDING_RULES = [
-    ('batch', ('data', 'fsdp')),
-    ('embed', 'fsdp'),
-    ('mlp', 'tensor'),
-    ('heads', 'tensor'),
-    ('vocab', 'tensor'),
-    ('kv', None),
-    ('code', None),
-    ('length', None),
-    ('depth', None),
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("code", None),
+    ("length", None),
+    ("depth", None),
 ]
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the locked config for model size `arg` (default '821m')."""
-  size = '821m' if arg is None else arg
+  size = "821m" if arg is None else arg
   if size not in SIZES:
-    raise ConfigError(f'unknown model size {arg!r} for configs/imagenet.py; expected one of {sorted(SIZES)}')
+    raise ConfigError(f"unknown model size {arg!r} for configs/imagenet.py; expected one of {sorted(SIZES)}")
   width, heads, spatial_layers, depth_layers = SIZES[size]
-  tiny = size == 'tiny'
+  tiny = size == "tiny"
 
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -68,16 +68,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.num_classes = 10 if tiny else 1000
   c.model.cond_length = 1  # one class token; CC-3M would use 32 BPE tokens
   c.model.cond_vocab_size = config_dict.placeholder(int)  # None -> num_classes + 1 (the last id is "no class")
-  c.model.dtype = 'float32' if tiny else 'bfloat16'  # compute dtype; parameters stay float32
-  c.model.param_dtype = 'float32'
+  c.model.dtype = "float32" if tiny else "bfloat16"  # compute dtype; parameters stay float32
+  c.model.param_dtype = "float32"
   c.model.remat = not tiny
 
   # Facts of the stage-1 code dataset the model is built for; the trainer checks them against metadata.json.
   c.data = ml_collections.ConfigDict()
-  c.data.codes_dir = ''  # written by `python -m ctxrq_jax.encode`
-  c.data.stage1_dir = ''  # stage-1 artifact (RQ-VAE) used to decode samples
-  c.data.train_split = 'train'
-  c.data.eval_split = 'validation'
+  c.data.codes_dir = ""  # written by `python -m ctxrq_jax.encode`
+  c.data.stage1_dir = ""  # stage-1 artifact (RQ-VAE) used to decode samples
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
   c.data.code_shape = (4, 4, 4) if tiny else (8, 8, 4)  # (h, w, D): N = h * w = 64 positions, depth 4
   c.data.vocab_size = 64 if tiny else 16384  # K, one codebook shared across depths
   c.data.embed_dim = 16 if tiny else 256  # n_z of the RQ-VAE codebook
@@ -94,7 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.ckpt_every = 2 if tiny else 2500
   c.train.keep_checkpoints = 3
   c.train.ema_decay = 0.0  # 0 = no EMA of parameters
-  c.train.nonfinite = 'stop'  # 'stop' | 'skip': what to do with a non-finite loss or gradient
+  c.train.nonfinite = "stop"  # 'stop' | 'skip': what to do with a non-finite loss or gradient
 
   # AdamW as the reference RQ-Transformer: lr 5e-4, betas (0.9, 0.95), weight decay 1e-4, cosine decay, clip 1.0.
   c.optim = ml_collections.ConfigDict()
@@ -104,7 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.weight_decay = 1e-4
   c.optim.warmup_steps = 1 if tiny else 5000
-  c.optim.schedule = 'cosine'
+  c.optim.schedule = "cosine"
   c.optim.end_lr_ratio = 0.0  # final lr / peak lr of the cosine decay
   c.optim.grad_clip = 1.0
 

@@ -25,9 +25,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.manual_dir = config_dict.placeholder(str)  # where the ImageNet tars live for the tfds build
   c.data.image_size = 256
   c.data.channels = 3
-  # 'resize_random_crop': shorter side -> image_size, random crop (train) / centre crop (eval).
-  # Other modes: 'resize_center_crop', 'pad' (zero-pad to image_size, for small datasets).
-  c.data.preprocess = "resize_random_crop"
+  # 'crop': shorter side -> image_size, random crop (train) / centre crop (eval); 'pad': centre on a black canvas.
+  c.data.resize = "crop"
   c.data.random_flip = False
   c.data.num_classes = 1000
   c.data.eval_examples = 50_000

@@ -7,6 +7,8 @@ edited in code (notebooks, tests) by comparing against the file's own defaults, 
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Any, Mapping
 
 import ml_collections
@@ -45,3 +47,23 @@ def require(condition: bool, message: str) -> None:
   """Raises ConfigError(message) unless condition holds."""
   if not condition:
     raise ConfigError(message)
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Loads `get_config(arg)` from a config file; a bare name ('demo') means configs/demo.py of this checkout.
+
+  The same as `--config=path:arg` on the command line, for notebooks and tests.
+  """
+  if os.sep not in path and not path.endswith(".py"):
+    path = os.path.join(CONFIG_DIR, path + ".py")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path} does not exist")
+  spec = importlib.util.spec_from_file_location(f"_ctxrq_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path} has no get_config()")
+  return module.get_config(arg) if arg is not None else module.get_config()

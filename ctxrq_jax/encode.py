@@ -82,7 +82,8 @@ def encode_dataset(artifact_dir: str, data_cfg: ml_collections.ConfigDict, out_d
       logging.info("Encoded %d examples of split %r in %.1fs", count, split, time.time() - start)
       if count == 0:
         raise ValueError(f"split {split!r} of {data_cfg.name} has no examples to encode")
-    return writer.close()
+  # Leaving the `with` block wrote metadata.json last (atomically); a failure above leaves no metadata.
+  return code_data.read_metadata(out_dir)
 
 
 def decode_codes(artifact_dir: str, codes: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -104,17 +105,21 @@ def decode_codes(artifact_dir: str, codes: np.ndarray, batch_size: int = 256) ->
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Stage-1 config whose `data` section describes the images.",
-                                lock_config=True)
-flags.DEFINE_string("artifact", None, "Stage-1 artifact directory (train_rqvae's workdir/rqvae, or convert's --out).")
-flags.DEFINE_string("out", None, "encode: code dataset directory; decode: PNG path.")
-flags.DEFINE_list("splits", ["train", "test"], "encode: dataset splits to encode.")
-flags.DEFINE_integer("batch_size", 256, "Images per jitted call.")
-flags.DEFINE_integer("num_shards", 1, "encode: ArrayRecord shards per split.")
-flags.DEFINE_bool("overwrite", False, "encode: replace an existing code dataset.")
-flags.DEFINE_string("codes_dir", None, "decode: code dataset to read.")
-flags.DEFINE_string("split", "test", "decode: split to read.")
-flags.DEFINE_integer("num", 64, "decode: how many stacks maps to decode into the grid.")
+
+
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program (so modules import together)."""
+  config_flags.DEFINE_config_file("config", None, "Stage-1 config whose `data` section describes the images.",
+                                  lock_config=True)
+  flags.DEFINE_string("artifact", None, "Stage-1 artifact directory (train_rqvae's workdir/rqvae, or convert's --out).")
+  flags.DEFINE_string("out", None, "encode: code dataset directory; decode: PNG path.")
+  flags.DEFINE_list("splits", ["train", "test"], "encode: dataset splits to encode.")
+  flags.DEFINE_integer("batch_size", 256, "Images per jitted call.")
+  flags.DEFINE_integer("num_shards", 1, "encode: ArrayRecord shards per split.")
+  flags.DEFINE_bool("overwrite", False, "encode: replace an existing code dataset.")
+  flags.DEFINE_string("codes_dir", None, "decode: code dataset to read.")
+  flags.DEFINE_string("split", "test", "decode: split to read.")
+  flags.DEFINE_integer("num", 64, "decode: how many stacks maps to decode into the grid.")
 
 
 def main(argv: Any) -> None:
@@ -138,4 +143,5 @@ def main(argv: Any) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -26,7 +26,7 @@ def sample_mask_counts(rng: Array, batch: int, num_positions: int,
                        schedule: Schedule = cosine_schedule) -> Array:
   """Number of masked positions per example: ceil(gamma(r) N), r ~ U[0, 1), clipped to [1, N] -> int32 [B]."""
   if batch < 1 or num_positions < 1:
-    raise ValueError(f'batch and num_positions must be positive, got {batch} and {num_positions}')
+    raise ValueError(f"batch and num_positions must be positive, got {batch} and {num_positions}")
   r = jax.random.uniform(rng, (batch,), jnp.float32)
   k = jnp.ceil(schedule(r) * num_positions).astype(jnp.int32)
   # gamma(r) * N can round to 0 near r = 1 (cos(pi/2) is -4e-8 in float32); the paper's portion lies in (0, 1].
@@ -59,7 +59,7 @@ def masked_nll(logits: Array, codes: Array, mask: Array,
   Normalisation: the loss is the mean per masked code over the whole batch,
     loss = sum_{b, n: m_bn = 1} sum_d CE(b, n, d) / (sum_{b, n} m_bn * D),
   i.e. eq. 11's sum divided by the number of masked codes, so examples with many masked positions weigh more, as
-  they do in eq. 11's expectation. Unmasked targets are never read (their terms are multiplied by zero). With
+  they do in eq. 11's expectation. Unmasked targets are never read (their terms are selected away, not multiplied by zero). With
   label_smoothing > 0 the target is (1 - eps) one-hot + eps / K uniform; the metrics are always the plain NLL.
 
   Args:
@@ -77,7 +77,7 @@ def masked_nll(logits: Array, codes: Array, mask: Array,
   chex.assert_shape(codes, (b, n, d))
   chex.assert_shape(mask, (b, n))
   if not 0.0 <= label_smoothing < 1.0:
-    raise ValueError(f'label_smoothing must be in [0, 1), got {label_smoothing}')
+    raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
   logits = logits.astype(jnp.float32)
   logp = jax.nn.log_softmax(logits, axis=-1)
   # Unmasked targets are replaced before the gather so they cannot matter even through NaN * 0.
@@ -89,22 +89,22 @@ def masked_nll(logits: Array, codes: Array, mask: Array,
     ce = nll
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
 
-  w = mask.astype(jnp.float32)[..., None]  # [B, N, 1]
-  num_pos = jnp.sum(w)
+  m = mask[..., None]  # [B, N, 1]
+  num_pos = jnp.sum(mask.astype(jnp.float32))
   denom_depth = jnp.maximum(num_pos, 1.0)  # a batch always has >= 1 masked position from sample_mask
-  per_depth = lambda x: jnp.sum(x * w, axis=(0, 1)) / denom_depth  # noqa: E731  [D]
-  loss = jnp.sum(ce * w) / (denom_depth * d)
+  per_depth = lambda x: jnp.sum(jnp.where(m, x, 0.0), axis=(0, 1)) / denom_depth  # noqa: E731  [D]
+  loss = jnp.sum(jnp.where(m, ce, 0.0)) / (denom_depth * d)
   nll_d, acc_d = per_depth(nll), per_depth(correct)
   metrics = {
-      'loss': loss,
-      'nll': nll_d.mean(),
-      'accuracy': acc_d.mean(),
-      'mask_fraction': num_pos / (b * n),
-      'num_masked_codes': num_pos * d,
+      "loss": loss,
+      "nll": nll_d.mean(),
+      "accuracy": acc_d.mean(),
+      "mask_fraction": num_pos / (b * n),
+      "num_masked_codes": num_pos * d,
   }
   for i in range(d):
-    metrics[f'nll_depth{i + 1}'] = nll_d[i]
-    metrics[f'accuracy_depth{i + 1}'] = acc_d[i]
+    metrics[f"nll_depth{i + 1}"] = nll_d[i]
+    metrics[f"accuracy_depth{i + 1}"] = acc_d[i]
   return loss, metrics
 
 
@@ -122,10 +122,10 @@ def drop_condition(rng: Array, cond: Array, rate: float, null_id: int) -> Array:
   """
   chex.assert_rank(cond, 2)
   if not 0.0 <= rate <= 1.0:
-    raise ValueError(f'condition drop rate must be in [0, 1], got {rate}')
+    raise ValueError(f"condition drop rate must be in [0, 1], got {rate}")
   drop = jax.random.bernoulli(rng, rate, (cond.shape[0], 1))
   return jnp.where(drop, jnp.asarray(null_id, cond.dtype), cond)
 
 
-__all__ = ['cosine_schedule', 'drop_condition', 'mask_with_counts', 'masked_nll', 'sample_mask',
-           'sample_mask_counts']
+__all__ = ["cosine_schedule", "drop_condition", "mask_with_counts", "masked_nll", "sample_mask",
+           "sample_mask_counts"]

@@ -32,7 +32,7 @@ def nearest_code(z: jax.Array, codebook: jax.Array, chunk_size: int = DEFAULT_CH
   """Index of the nearest code embedding (eq. 1), ties broken towards the lowest index.
 
   The vectors are flattened and processed `chunk_size` at a time with `lax.map`, so the distance matrix held at
-  once is at most [chunk_size, K] (64 MiB for K = 16384, chunk 1024) however large the batch.
+  once is at most [chunk_size, K] float32 (128 MiB for K = 16384 at the default 2048) however large the batch.
 
   Args:
     z: [..., n_z] vectors.

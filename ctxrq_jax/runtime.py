@@ -13,11 +13,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from ctxrq_jax import sharding
 
 
 def setup_host() -> None:
   """Joins the multi-host job when the environment describes one (see `sharding.maybe_initialize_distributed`)."""
+  from ctxrq_jax import sharding  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed()
 
 

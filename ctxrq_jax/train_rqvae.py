@@ -58,7 +58,7 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, num_steps: int, lr: flo
   warmup = min(int(optim_cfg.warmup_steps), max(num_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=max(num_steps, warmup + 1),
-      end_value=lr * float(optim_cfg.end_lr_factor))
+      end_value=lr * float(optim_cfg.get("end_lr_factor", 0.0)))
   return optax.chain(
       optax.clip_by_global_norm(float(optim_cfg.clip_norm)),
       optax.adamw(schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2), weight_decay=float(optim_cfg.weight_decay)),
@@ -213,8 +213,13 @@ def _artifact_variables(state: Stage1State) -> dict[str, Any]:
   return rqvae.with_codebook_state({"params": jax.device_get(state.params)}, jax.device_get(state.quantizer))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) stage 1 in `workdir`; exports the artifact; returns the final eval metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_after: int | None = None) -> dict[str, Any]:
+  """Trains (or resumes) stage 1 in `workdir`; exports the artifact; returns the final eval metrics.
+
+  `stop_after` ends this invocation after that global step as a preemption would (checkpoint saved, returns
+  {'stopped_at': step}); running again continues the same schedule.
+  """
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   runtime.save_config(config, workdir)
@@ -261,10 +266,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step % int(config.train.image_every) == 0 or step == num_steps:
         _write_reconstructions(workdir, step, recon_fn, state, eval_batch, writer)
       is_last = step == num_steps
-      if guard.should_stop:
+      if guard.stop_requested(step) or (stop_after is not None and step >= stop_after and not is_last):
         ckpt.save(step, state, data_iterator=train_iter, force=True)
         ckpt.close()
-        logging.warning("Stopped by signal at step %d; checkpoint saved. Re-run the same command to resume.", step)
+        logging.warning("Stopped at step %d; checkpoint saved. Re-run the same command to resume.", step)
         writer.flush()
         return {"stopped_at": step}
       ckpt.save(step, state, data_iterator=train_iter, force=is_last)
@@ -292,9 +297,13 @@ def _write_reconstructions(workdir, step, recon_fn, state, batch, writer) -> Non
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Stage-1 config file, e.g. configs/rqvae_mnist.py.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, images and the exported artifact.")
+
+
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program (so modules import together)."""
+  config_flags.DEFINE_config_file("config", None, "Stage-1 config file, e.g. configs/rqvae_mnist.py.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, images and the exported artifact.")
 
 
 def main(argv):
@@ -305,5 +314,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

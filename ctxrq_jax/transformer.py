@@ -73,8 +73,8 @@ def _ones(names: tuple[Optional[str], ...]) -> Callable[..., Any]:
 
 
 def _layer_norm(dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=_LN_EPS, dtype=dtype, param_dtype=param_dtype, scale_init=_ones(('embed',)),
-                      bias_init=_zeros(('embed',)), name=name)
+  return nn.LayerNorm(epsilon=_LN_EPS, dtype=dtype, param_dtype=param_dtype, scale_init=_ones(("embed",)),
+                      bias_init=_zeros(("embed",)), name=name)
 
 
 class Attention(nn.Module):
@@ -98,15 +98,15 @@ class Attention(nn.Module):
     head_dim = width // self.num_heads
     qkv = nn.DenseGeneral(
         features=(3, self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=_normal(('embed', None, 'heads', 'kv')), bias_init=_zeros((None, 'heads', 'kv')),
-        name='qkv')(x)  # [B, T, 3, H, Dh]
-    names = ('batch', self.length_axis, 'heads', 'kv')
+        kernel_init=_normal(("embed", None, "heads", "kv")), bias_init=_zeros((None, "heads", "kv")),
+        name="qkv")(x)  # [B, T, 3, H, Dh]
+    names = ("batch", self.length_axis, "heads", "kv")
     q, k, v = (nn.with_logical_constraint(qkv[:, :, i], names) for i in range(3))
     y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)  # [B, T, H, Dh]
     y = nn.with_logical_constraint(y, names)
     return nn.DenseGeneral(
         features=width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=_normal(('heads', 'kv', 'embed')), bias_init=_zeros(('embed',)), name='out')(y)
+        kernel_init=_normal(("heads", "kv", "embed")), bias_init=_zeros(("embed",)), name="out")(y)
 
 
 class Block(nn.Module):
@@ -123,17 +123,17 @@ class Block(nn.Module):
   def __call__(self, x: Array, train: bool) -> Array:
     """[B, T, W] -> [B, T, W]; `train` enables dropout (needs the 'dropout' rng)."""
     width = x.shape[-1]
-    act = ('batch', self.length_axis, 'embed')
+    act = ("batch", self.length_axis, "embed")
     x = nn.with_logical_constraint(x, act)
-    y = _layer_norm(self.dtype, self.param_dtype, 'ln_attn')(x)
-    y = Attention(self.num_heads, self.causal, self.length_axis, self.dtype, self.param_dtype, name='attn')(y)
+    y = _layer_norm(self.dtype, self.param_dtype, "ln_attn")(x)
+    y = Attention(self.num_heads, self.causal, self.length_axis, self.dtype, self.param_dtype, name="attn")(y)
     x = x + nn.Dropout(self.dropout)(y, deterministic=not train)
-    y = _layer_norm(self.dtype, self.param_dtype, 'ln_mlp')(x)
+    y = _layer_norm(self.dtype, self.param_dtype, "ln_mlp")(x)
     y = nn.Dense(self.mlp_ratio * width, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=_normal(('embed', 'mlp')), bias_init=_zeros(('mlp',)), name='fc_in')(y)
-    y = nn.with_logical_constraint(nn.gelu(y, approximate=False), ('batch', self.length_axis, 'mlp'))
+                 kernel_init=_normal(("embed", "mlp")), bias_init=_zeros(("mlp",)), name="fc_in")(y)
+    y = nn.with_logical_constraint(nn.gelu(y, approximate=False), ("batch", self.length_axis, "mlp"))
     y = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=_normal(('mlp', 'embed')), bias_init=_zeros(('embed',)), name='fc_out')(y)
+                 kernel_init=_normal(("mlp", "embed")), bias_init=_zeros(("embed",)), name="fc_out")(y)
     x = x + nn.Dropout(self.dropout)(y, deterministic=not train)
     return nn.with_logical_constraint(x, act)
 
@@ -195,31 +195,31 @@ class ContextualRQTransformer(nn.Module):
         bias_init=_zeros((names[-1],)), name=name)
 
     # Spatial transformer (eq. 6-7).
-    self.input_mlp = dense(self.width, ('code', 'embed'), 'input_mlp')
-    self.mask_embed = self.param('mask_embed', _normal(('code',)), (self.embed_dim,), pdt)
+    self.input_mlp = dense(self.width, ("code", "embed"), "input_mlp")
+    self.mask_embed = self.param("mask_embed", _normal(("code",)), (self.embed_dim,), pdt)
     self.cond_embed = nn.Embed(self.cond_vocab, self.width, dtype=dt, param_dtype=pdt,
-                               embedding_init=_normal(('vocab', 'embed')), name='cond_embed')
-    self.cond_pos = self.param('cond_pos', _normal((None, 'embed')), (self.cond_length, self.width), pdt)
-    self.spatial_pos = self.param('spatial_pos', _normal((None, 'embed')), (self.num_positions, self.width), pdt)
+                               embedding_init=_normal(("vocab", "embed")), name="cond_embed")
+    self.cond_pos = self.param("cond_pos", _normal((None, "embed")), (self.cond_length, self.width), pdt)
+    self.spatial_pos = self.param("spatial_pos", _normal((None, "embed")), (self.num_positions, self.width), pdt)
     self.spatial_drop = nn.Dropout(self.dropout)
     self.spatial_blocks = [
-        block_cls(self.num_heads, self.mlp_ratio, self.dropout, False, 'length', dt, pdt, name=f'spatial_{i}')
+        block_cls(self.num_heads, self.mlp_ratio, self.dropout, False, "length", dt, pdt, name=f"spatial_{i}")
         for i in range(self.spatial_layers)]
-    self.spatial_ln = _layer_norm(dt, pdt, 'spatial_ln')
+    self.spatial_ln = _layer_norm(dt, pdt, "spatial_ln")
 
     # Depth transformer (eq. 8-9).
-    self.head_mlp = dense(self.width, ('code', 'embed'), 'head_mlp')
-    self.depth_pos = self.param('depth_pos', _normal((None, 'embed')), (self.code_depth, self.width), pdt)
+    self.head_mlp = dense(self.width, ("code", "embed"), "head_mlp")
+    self.depth_pos = self.param("depth_pos", _normal((None, "embed")), (self.code_depth, self.width), pdt)
     self.depth_drop = nn.Dropout(self.dropout)
     self.depth_blocks = [
-        block_cls(self.num_heads, self.mlp_ratio, self.dropout, True, 'depth', dt, pdt, name=f'depth_{i}')
+        block_cls(self.num_heads, self.mlp_ratio, self.dropout, True, "depth", dt, pdt, name=f"depth_{i}")
         for i in range(self.depth_layers)]
-    self.depth_ln = _layer_norm(dt, pdt, 'depth_ln')
-    self.head = dense(self.vocab_size, ('embed', 'vocab'), 'head', bias=False)
+    self.depth_ln = _layer_norm(dt, pdt, "depth_ln")
+    self.head = dense(self.vocab_size, ("embed", "vocab"), "head", bias=False)
 
   def _check_codebook(self, codebook: Array) -> Array:
     if codebook.shape != (self.vocab_size, self.embed_dim):
-      raise ValueError(f'codebook must be [K={self.vocab_size}, n_z={self.embed_dim}], got {codebook.shape}')
+      raise ValueError(f"codebook must be [K={self.vocab_size}, n_z={self.embed_dim}], got {codebook.shape}")
     # The codebook is a frozen input of stage 2: no gradient flows into it.
     return jax.lax.stop_gradient(codebook)
 
@@ -252,12 +252,12 @@ class ContextualRQTransformer(nn.Module):
     x_img = x_img + self.spatial_pos.astype(self.dtype)
     x_cond = self.cond_embed(cond) + self.cond_pos.astype(self.dtype)  # [B, L, W]
     x = jnp.concatenate([x_cond.astype(self.dtype), x_img.astype(self.dtype)], axis=1)
-    x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     x = self.spatial_drop(x, deterministic=not train)
     for block in self.spatial_blocks:
       x = block(x, train)
     h = self.spatial_ln(x)[:, self.cond_length:]
-    return nn.with_logical_constraint(h, ('batch', 'length', 'embed'))
+    return nn.with_logical_constraint(h, ("batch", "length", "embed"))
 
   def depth(self, h: Array, codes: Array, codebook: Array, *, train: bool = False) -> Array:
     """Causal depth transformer (eq. 8-9), teacher-forced on `codes`.
@@ -284,13 +284,13 @@ class ContextualRQTransformer(nn.Module):
     v = jnp.concatenate([h[:, :, None, :].astype(self.dtype), partial.astype(self.dtype)], axis=2)
     v = v + self.depth_pos.astype(self.dtype)
     v = v.reshape(b * m, dd, self.width)
-    v = nn.with_logical_constraint(v, ('batch', 'depth', 'embed'))
+    v = nn.with_logical_constraint(v, ("batch", "depth", "embed"))
     v = self.depth_drop(v, deterministic=not train)
     for block in self.depth_blocks:
       v = block(v, train)
     logits = self.head(self.depth_ln(v)).astype(jnp.float32)
     logits = logits.reshape(b, m, dd, self.vocab_size)
-    return nn.with_logical_constraint(logits, ('batch', 'length', 'depth', 'vocab'))
+    return nn.with_logical_constraint(logits, ("batch", "length", "depth", "vocab"))
 
   def __call__(self, codes: Array, mask: Array, cond: Array, codebook: Array, *, train: bool = False) -> Array:
     """Logits of every code stack given the masked map: [B, N, D] codes -> float32 [B, N, D, K].
@@ -303,19 +303,19 @@ class ContextualRQTransformer(nn.Module):
 
 
 def _check_fields(model: ContextualRQTransformer) -> None:
-  positive = ('vocab_size', 'code_depth', 'num_positions', 'embed_dim', 'width', 'num_heads', 'spatial_layers',
-              'depth_layers', 'mlp_ratio', 'num_classes', 'cond_length')
+  positive = ("vocab_size", "code_depth", "num_positions", "embed_dim", "width", "num_heads", "spatial_layers",
+              "depth_layers", "mlp_ratio", "num_classes", "cond_length")
   for name in positive:
     value = getattr(model, name)
     if not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(f'ContextualRQTransformer.{name} must be a positive integer, got {value!r}')
+      raise ValueError(f"ContextualRQTransformer.{name} must be a positive integer, got {value!r}")
   if model.width % model.num_heads:
-    raise ValueError(f'width {model.width} is not divisible by num_heads {model.num_heads}')
+    raise ValueError(f"width {model.width} is not divisible by num_heads {model.num_heads}")
   if not 0.0 <= model.dropout < 1.0:
-    raise ValueError(f'dropout must be in [0, 1), got {model.dropout}')
+    raise ValueError(f"dropout must be in [0, 1), got {model.dropout}")
   if model.cond_vocab <= model.null_cond_id:
-    raise ValueError(f'cond_vocab_size {model.cond_vocab} leaves no room for the null condition id '
-                     f'{model.null_cond_id} (= num_classes)')
+    raise ValueError(f"cond_vocab_size {model.cond_vocab} leaves no room for the null condition id "
+                     f"{model.null_cond_id} (= num_classes)")
 
 
 def check_inputs(model: ContextualRQTransformer, *, codes: Any = None, mask: Any = None, cond: Any = None,
@@ -337,40 +337,40 @@ def check_inputs(model: ContextualRQTransformer, *, codes: Any = None, mask: Any
     codes = np.asarray(codes)
     want = (model.num_positions, model.code_depth)
     if codes.ndim != 3 or codes.shape[1:] != want:
-      raise ValueError(f'codes must be [B, N={want[0]}, D={want[1]}], got shape {codes.shape}')
+      raise ValueError(f"codes must be [B, N={want[0]}, D={want[1]}], got shape {codes.shape}")
     if not np.issubdtype(codes.dtype, np.integer):
-      raise ValueError(f'codes must be integers, got dtype {codes.dtype}')
+      raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
     if codes.size and (codes.min() < 0 or codes.max() >= model.vocab_size):
-      raise ValueError(f'codes must lie in [0, {model.vocab_size}), got range [{codes.min()}, {codes.max()}]')
-    batch['codes'] = codes.shape[0]
+      raise ValueError(f"codes must lie in [0, {model.vocab_size}), got range [{codes.min()}, {codes.max()}]")
+    batch["codes"] = codes.shape[0]
   if mask is not None:
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.shape[1] != model.num_positions:
-      raise ValueError(f'mask must be [B, N={model.num_positions}], got shape {mask.shape}')
+      raise ValueError(f"mask must be [B, N={model.num_positions}], got shape {mask.shape}")
     if mask.dtype != np.bool_:
-      raise ValueError(f'mask must be boolean, got dtype {mask.dtype}')
-    batch['mask'] = mask.shape[0]
+      raise ValueError(f"mask must be boolean, got dtype {mask.dtype}")
+    batch["mask"] = mask.shape[0]
   if cond is not None:
     cond = np.asarray(cond)
     if cond.ndim != 2 or cond.shape[1] != model.cond_length:
-      raise ValueError(f'cond must be [B, L={model.cond_length}], got shape {cond.shape}')
+      raise ValueError(f"cond must be [B, L={model.cond_length}], got shape {cond.shape}")
     if not np.issubdtype(cond.dtype, np.integer):
-      raise ValueError(f'cond must be integers, got dtype {cond.dtype}')
+      raise ValueError(f"cond must be integers, got dtype {cond.dtype}")
     if cond.size and (cond.min() < 0 or cond.max() >= model.cond_vocab):
       bad = cond[(cond < 0) | (cond >= model.cond_vocab)]
-      raise ValueError(f'condition ids must lie in [0, {model.cond_vocab}) ({model.num_classes} classes + null id '
-                       f'{model.null_cond_id}); got out-of-range ids {np.unique(bad)[:8].tolist()}')
-    batch['cond'] = cond.shape[0]
+      raise ValueError(f"condition ids must lie in [0, {model.cond_vocab}) ({model.num_classes} classes + null id "
+                       f"{model.null_cond_id}); got out-of-range ids {np.unique(bad)[:8].tolist()}")
+    batch["cond"] = cond.shape[0]
   if codebook is not None:
     codebook = np.asarray(codebook)
     if codebook.shape != (model.vocab_size, model.embed_dim):
-      raise ValueError(f'codebook must be [K={model.vocab_size}, n_z={model.embed_dim}], got {codebook.shape}')
+      raise ValueError(f"codebook must be [K={model.vocab_size}, n_z={model.embed_dim}], got {codebook.shape}")
     if not np.issubdtype(codebook.dtype, np.floating):
-      raise ValueError(f'codebook must be floating point, got dtype {codebook.dtype}')
+      raise ValueError(f"codebook must be floating point, got dtype {codebook.dtype}")
     if not np.all(np.isfinite(codebook)):
-      raise ValueError('codebook contains non-finite values')
+      raise ValueError("codebook contains non-finite values")
   if len(set(batch.values())) > 1:
-    raise ValueError(f'inconsistent batch sizes: {batch}')
+    raise ValueError(f"inconsistent batch sizes: {batch}")
 
 
 def count_params(params: Any) -> int:
@@ -379,16 +379,16 @@ def count_params(params: Any) -> int:
   return int(sum(math.prod(x.shape) for x in leaves))
 
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-MODEL_CONFIG_KEYS = ('width', 'num_heads', 'spatial_layers', 'depth_layers', 'mlp_ratio', 'dropout', 'num_classes',
-                     'cond_length', 'cond_vocab_size', 'dtype', 'param_dtype', 'remat')
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+MODEL_CONFIG_KEYS = ("width", "num_heads", "spatial_layers", "depth_layers", "mlp_ratio", "dropout", "num_classes",
+                     "cond_length", "cond_vocab_size", "dtype", "param_dtype", "remat")
 
 
 def parse_dtype(name: Any) -> Dtype:
   """'bfloat16' / 'float32' / 'float16' (or a dtype) -> jnp dtype; raises ConfigError otherwise."""
   if isinstance(name, str):
     if name not in _DTYPES:
-      raise ConfigError(f'unknown dtype {name!r}; expected one of {sorted(_DTYPES)}')
+      raise ConfigError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
     return _DTYPES[name]
   return jnp.dtype(name).type
 
@@ -402,18 +402,18 @@ def model_from_config(model_cfg: Mapping[str, Any], *, vocab_size: int, code_dep
   keys = set(model_cfg.keys())
   unknown, missing = sorted(keys - set(MODEL_CONFIG_KEYS)), sorted(set(MODEL_CONFIG_KEYS) - keys)
   if unknown or missing:
-    raise ConfigError('; '.join(
+    raise ConfigError("; ".join(
         ([f"unknown config.model keys: {', '.join(unknown)}"] if unknown else [])
         + ([f"missing config.model keys: {', '.join(missing)}"] if missing else [])))
   kwargs = {k: model_cfg[k] for k in MODEL_CONFIG_KEYS}
-  kwargs['dtype'] = parse_dtype(kwargs['dtype'])
-  kwargs['param_dtype'] = parse_dtype(kwargs['param_dtype'])
+  kwargs["dtype"] = parse_dtype(kwargs["dtype"])
+  kwargs["param_dtype"] = parse_dtype(kwargs["param_dtype"])
   model = ContextualRQTransformer(vocab_size=vocab_size, code_depth=code_depth, num_positions=num_positions,
                                   embed_dim=embed_dim, **kwargs)
   try:
     _check_fields(model)
   except ValueError as err:
-    raise ConfigError(f'config.model: {err}') from None
+    raise ConfigError(f"config.model: {err}") from None
   return model
 
 
@@ -434,5 +434,5 @@ def init_inputs(model: ContextualRQTransformer, batch_size: int = 1) -> tuple[Ar
           jnp.zeros((model.vocab_size, model.embed_dim), jnp.float32))
 
 
-__all__ = ['Attention', 'Block', 'ContextualRQTransformer', 'MODEL_CONFIG_KEYS', 'abstract_variables', 'check_inputs',
-           'count_params', 'init_inputs', 'model_from_config', 'parse_dtype']
+__all__ = ["Attention", "Block", "ContextualRQTransformer", "MODEL_CONFIG_KEYS", "abstract_variables", "check_inputs",
+           "count_params", "init_inputs", "model_from_config", "parse_dtype"]

@@ -241,6 +241,8 @@ export JAX_COORDINATOR_ADDRESS="\$head_node:$port_expr"
 export JAX_NUM_PROCESSES=$NODES
 export JAX_LOCAL_DEVICE_IDS=$device_ids
 echo "coordinator \$JAX_COORDINATOR_ADDRESS, \$JAX_NUM_PROCESSES process(es) x $GPUS_PER_NODE GPU(s)"
+# Each task sets its own JAX_PROCESS_ID from SLURM_PROCID (single quotes on purpose).
+# shellcheck disable=SC2016
 srun --nodes=$NODES --ntasks-per-node=1 --gpus-per-node=$GPUS_PER_NODE --cpus-per-task=$CPUS_PER_TASK --kill-on-bad-exit=1 \\
   bash -c 'export JAX_PROCESS_ID=\$SLURM_PROCID; exec "\$@"' ctxrq-task \\
   $train

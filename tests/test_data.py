@@ -12,6 +12,7 @@ from ctxrq_jax.configlib import ConfigError
 from ctxrq_jax.data import codes as codes_lib
 from ctxrq_jax.data import images
 from ctxrq_jax.data import mnist
+from ctxrq_jax.data import pipeline
 
 MNIST_CFG = dict(name="embedded_mnist", image_size=32, channels=1, num_classes=10)
 
@@ -146,6 +147,14 @@ def test_image_iterator_bad_config_and_args():
                                shard_count=2)
   with pytest.raises(ValueError, match="fewer examples than one batch"):
     images.make_image_iterator(MNIST_CFG, split="test", batch_size=501, seed=0, train=True, num_epochs=1)
+  with pytest.raises(ValueError, match="seed must be"):
+    images.make_image_iterator(MNIST_CFG, split="test", batch_size=2, seed=-1, train=True)
+
+
+def test_worker_processes_need_parsed_flags(monkeypatch):
+  monkeypatch.setattr(pipeline, "_flags_parsed", lambda: False)
+  with pytest.raises(ValueError, match="worker_count > 0 needs parsed absl flags"):
+    images.make_image_iterator(MNIST_CFG, split="test", batch_size=2, seed=0, train=True, worker_count=1)
 
 
 def test_image_iterator_bad_examples_name_index():

@@ -138,10 +138,10 @@ def validate_example(record: Any, index: int, *, image_key: str = "image", label
   if image.dtype != np.uint8:
     raise ValueError(f"{prefix}: expected uint8 pixels, got {image.dtype}")
   h, w, _ = image.shape
-  if resize == "pad" and (h != w or h > image_size):
-    raise ValueError(f"{prefix}: resize='pad' needs a square image no larger than {image_size}, got {h}x{w}")
   if h < 1 or w < 1:
     raise ValueError(f"{prefix}: empty image of shape {image.shape}")
+  if resize == "pad" and (h != w or h > image_size):
+    raise ValueError(f"{prefix}: resize='pad' needs a square image no larger than {image_size}, got {h}x{w}")
   label = np.asarray(label)
   if label.shape != () or not np.issubdtype(label.dtype, np.integer):
     raise ValueError(f"{prefix}: expected an integer scalar label, got {label.dtype} {label.shape}")

@@ -2,7 +2,7 @@
 per-example transform.
 
     source ─► map_with_index(decode + validate) ─► shard slice ─► seed ─► shuffle (train) ─► repeat
-           ─► map / random_map(transform) ─► batch ─► to_iter_dataset(threads) ─► [mp_prefetch(workers)] ─► iterator
+           ─► map / random_map(transform) ─► batch ─► to_iter_dataset(threads) ─► [mp_prefetch(workers)]
 
 Decoding and validation run against the index in the source, so an error names the record that is wrong whatever
 the shuffle. Shards are strided slices taken before the shuffle, so hosts see disjoint examples. Randomness comes
@@ -18,6 +18,11 @@ import grain
 import numpy as np
 
 _MAX_SEED = 2**32 - 1
+
+
+def _flags_parsed() -> bool:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  return flags.FLAGS.is_parsed()
 
 
 def check_iterator_args(*, batch_size: int, seed: int, shard_index: int, shard_count: int,
@@ -107,5 +112,9 @@ def build_iterator(
   iter_ds = ds.to_iter_dataset(
       grain.ReadOptions(num_threads=int(num_threads), prefetch_buffer_size=int(prefetch_buffer_size)))
   if worker_count > 0:
+    if not _flags_parsed():
+      # grain's worker processes read absl flags; unparsed flags fail deep inside a worker thread otherwise.
+      raise ValueError("worker_count > 0 needs parsed absl flags: run under absl.app.run, or call "
+                       "absl.flags.FLAGS.mark_as_parsed() first (or use worker_count=0)")
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(worker_count)))
   return iter(iter_ds)

@@ -1,0 +1,99 @@
+"""Demo stage 2 on the embedded MNIST digits: a small Contextual RQ-Transformer on 8x8x4 codes of the MNIST RQ-VAE.
+
+Same sections and keys as configs/imagenet.py (the trainer treats them alike). Sized to train in about 8 minutes on
+two CPU cores: width 128 with 4 spatial / 2 depth layers is 1.2M parameters and took ~0.7 s per step at batch 32
+(float32, with 6 other processes sharing the cores), so 600 steps. Provisional; meant to be tuned.
+
+Usage: --config=configs/demo.py
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+SHARDING_RULES = [
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("code", None),
+    ("length", None),
+    ("depth", None),
+]
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the locked config. `arg` is unused (kept for the ml_collections `file.py:arg` syntax)."""
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.width = 128
+  c.model.num_heads = 4
+  c.model.spatial_layers = 4
+  c.model.depth_layers = 2
+  c.model.mlp_ratio = 4
+  c.model.dropout = 0.0  # too few steps to overfit
+  c.model.num_classes = 10
+  c.model.cond_length = 1
+  c.model.cond_vocab_size = config_dict.placeholder(int)  # None -> 11: ten digits + "no class"
+  c.model.dtype = "float32"  # bfloat16 is slower than float32 on CPU
+  c.model.param_dtype = "float32"
+  c.model.remat = False
+
+  # Must match configs/rqvae_mnist.py (codes 8x8x4, K 256, n_z 32); the trainer checks against metadata.json.
+  c.data = ml_collections.ConfigDict()
+  c.data.codes_dir = ""
+  c.data.stage1_dir = ""
+  c.data.train_split = "train"
+  c.data.eval_split = "test"
+  c.data.code_shape = (8, 8, 4)
+  c.data.vocab_size = 256
+  c.data.embed_dim = 32
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 32
+  c.train.num_steps = 600
+  c.train.grad_accum_steps = 1
+  c.train.cond_drop_rate = 0.1
+  c.train.label_smoothing = 0.0
+  c.train.log_every = 25
+  c.train.eval_every = 200
+  c.train.ckpt_every = 200
+  c.train.keep_checkpoints = 2
+  c.train.ema_decay = 0.0
+  c.train.nonfinite = "stop"
+
+  # Reference AdamW settings, with a higher peak lr and a short warmup for the small model and short run.
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-3
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 1e-4
+  c.optim.warmup_steps = 50
+  c.optim.schedule = "cosine"
+  c.optim.end_lr_ratio = 0.0
+  c.optim.grad_clip = 1.0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.sharding_rules = list(SHARDING_RULES)
+
+  # Paper's Table 3 phases with fewer draft steps: 64 positions in 16 draft steps keeps CPU sampling quick.
+  c.sample = ml_collections.ConfigDict()
+  c.sample.T_draft = 16
+  c.sample.T_revise = 2
+  c.sample.M = 2
+  c.sample.batch_size = 16
+  c.sample.draft = ml_collections.ConfigDict(dict(temperature=1.0, guidance=0.0, top_k=0, top_p=1.0))
+  c.sample.revise = ml_collections.ConfigDict(dict(temperature=0.8, guidance=1.8, top_k=0, top_p=1.0))
+
+  c.lock()
+  return c

@@ -1,0 +1,403 @@
+"""Atomic, resumable training checkpoints (orbax CheckpointManager) and a SIGTERM/SIGINT guard.
+
+Layout of `directory` (one sub-directory per step, written by orbax to `<step>.orbax-checkpoint-tmp-*` first and
+renamed when complete, so a step directory that exists was finished):
+
+  <step>/state/     the train-state pytree (params, optimizer state, EMA, step, RNG key data), sharded arrays
+  <step>/data/      the grain data-iterator position, one JSON file per process (grain's orbax handler)
+  <step>/metadata/  optional JSON written by process 0 only (orbax's JSON handler)
+
+Typed PRNG keys (`jax.random.key`) are stored as their raw uint32 key data and re-wrapped with the target's key
+implementation on restore, so both typed keys and raw uint32 keys round-trip bit for bit.
+
+Integrity: orbax's array files carry no checksums (garbage bytes in a data file restore silently as garbage
+values), so once a save has completed process 0 records the size and CRC-32 of every file of the step in
+`_checksums/<step>.json` (outside the step directory, which orbax finalised atomically). `restore` verifies them
+first; a step saved without a manifest (killed between finalising and checksumming) is restored unverified.
+
+Corruption: `restore` walks the steps newest first. A step that fails to restore (missing or garbage files) is
+reported with `logging.warning` naming its directory, and the previous step is tried. Once an older step restores,
+the failed newer ones are renamed to `<step>.corrupt-<time>` (never deleted) so they neither shadow the restored
+step when training saves that step number again nor count towards `max_to_keep`. If *no* step restores, nothing is
+renamed and the first error is raised: then the checkpoints are probably fine and the target (model config) wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import zlib
+from typing import Any, Mapping, Optional
+
+import grain
+import grain.checkpoint as grain_checkpoint
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_policy
+
+_STATE = "state"
+_DATA = "data"
+_METADATA = "metadata"
+_CHECKSUMS = "_checksums"
+
+
+def _is_typed_key(x: Any) -> bool:
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree: Any) -> Any:
+  """Typed PRNG key leaves -> their uint32 key data (orbax stores plain arrays)."""
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
+
+
+def _abstract_leaf(x: Any) -> Any:
+  """A restore target leaf: ShapeDtypeStruct (with sharding) for arrays, typed keys as their key data."""
+  if _is_typed_key(x):
+    data = jax.eval_shape(jax.random.key_data, x)
+    # Key data has a trailing dimension; a shorter NamedSharding spec leaves it replicated.
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(x, "sharding", None))
+  if isinstance(x, jax.Array):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return x
+  if isinstance(x, (np.ndarray, np.generic, int, float, bool)):
+    return np.asarray(x)
+  raise TypeError(f"cannot restore into a leaf of type {type(x).__name__}; expected arrays or ShapeDtypeStructs")
+
+
+def _data_to_keys(target: Any, restored: Any) -> Any:
+  """Re-wraps uint32 key data as typed keys wherever the target holds a typed key."""
+
+  def wrap(t, r):
+    if _is_typed_key(t):
+      impl = jax.random.key_impl(t) if isinstance(t, jax.Array) else None
+      if impl is None:
+        raise TypeError("an abstract typed-key target leaf needs a concrete key to know its implementation; "
+                        "pass the key itself (e.g. jax.random.key(0)) in the target")
+      return jax.random.wrap_key_data(r, impl=impl)
+    return r
+
+  return jax.tree.map(wrap, target, restored)
+
+
+def _is_grain_iterator(it: Any) -> bool:
+  types = [grain.DatasetIterator]
+  loader_it = getattr(getattr(grain, "python", None), "DataLoaderIterator", None)
+  if loader_it is not None:
+    types.append(loader_it)
+  return isinstance(it, tuple(types))
+
+
+def _check_iterator(it: Any) -> None:
+  if it is not None and not _is_grain_iterator(it):
+    raise TypeError(f"data_iterator must be a grain DatasetIterator/DataLoaderIterator (with get_state/set_state),"
+                    f" got {type(it).__name__}")
+
+
+class Checkpointer:
+  """Saves and restores (train state, data-iterator position, metadata) by step, keeping the newest N.
+
+  Args:
+    directory: where step directories live (created if missing).
+    max_to_keep: number of newest checkpoints kept (older ones are deleted after a new one is complete).
+    save_interval_steps: `save` writes only when `step % save_interval_steps == 0` unless forced.
+    async_save: write in a background thread (arrays are copied to host before `save` returns, so the caller may
+      donate or overwrite the state immediately).
+  """
+
+  def __init__(self, directory: str, *, max_to_keep: int, save_interval_steps: int, async_save: bool = True):
+    if int(max_to_keep) < 1:
+      raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+    if int(save_interval_steps) < 1:
+      raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+    self.directory = os.path.abspath(os.fspath(directory))
+    self._options = ocp.CheckpointManagerOptions(
+        max_to_keep=int(max_to_keep),
+        save_interval_steps=int(save_interval_steps),
+        # Interval (+ orbax's multi-host preemption sync point) only: no extra save at the first step of a run.
+        save_decision_policy=save_policy.AnySavePolicy([
+            save_policy.FixedIntervalPolicy(int(save_interval_steps)),
+            save_policy.PreemptionCheckpointingPolicy(),
+        ]),
+        create=True,
+        # Leftover `*.orbax-checkpoint-tmp-*` dirs are unfinished writes of a killed run, never good checkpoints.
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save,
+    )
+    self._pending: list[int] = []  # Saved steps whose checksums are not written yet.
+    self._manager = self._new_manager()
+
+  def _new_manager(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(self.directory, options=self._options,
+                                 item_names=(_STATE, _DATA, _METADATA))
+
+  # ------------------------------------------------------------------ save
+  def should_save(self, step: int) -> bool:
+    return self._manager.should_save(int(step))
+
+  def save(self, step: int, state: Any, data_iterator: Any = None, *, force: bool = False,
+           metadata: Optional[Mapping[str, Any]] = None) -> bool:
+    """Saves `state` (and the iterator position / JSON metadata) at `step`; returns whether it saved.
+
+    Without `force` a step is saved only on the save interval. Saving a step that already exists on disk is a
+    no-op returning False (it would otherwise raise inside orbax), so a forced final save after a periodic one
+    at the same step is harmless.
+    """
+    step = int(step)
+    _check_iterator(data_iterator)
+    self._finish_pending()
+    if step in self._manager.all_steps():
+      return False
+    items = {_STATE: ocp.args.StandardSave(_keys_to_data(state))}
+    if data_iterator is not None:
+      items[_DATA] = grain_checkpoint.CheckpointSave(data_iterator)
+    if metadata is not None:
+      items[_METADATA] = ocp.args.JsonSave(dict(metadata))
+    saved = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+    if saved:
+      self._pending.append(step)
+    return saved
+
+  # ------------------------------------------------------------------ integrity
+  def _checksum_path(self, step: int) -> str:
+    return os.path.join(self.directory, _CHECKSUMS, f"{step}.json")
+
+  def _step_files(self, step: int) -> dict[str, list[int]]:
+    root = os.path.join(self.directory, str(step))
+    out = {}
+    for dirpath, _, files in os.walk(root):
+      for name in files:
+        path = os.path.join(dirpath, name)
+        crc = 0
+        with open(path, "rb") as f:
+          while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+        out[os.path.relpath(path, root)] = [os.path.getsize(path), crc]
+    return out
+
+  def _finish_pending(self) -> None:
+    """Waits for background saves, then (process 0) writes checksum manifests and drops stale ones."""
+    if not self._pending:
+      return
+    self._manager.wait_until_finished()
+    pending, self._pending = self._pending, []
+    if jax.process_index() != 0:
+      return
+    os.makedirs(os.path.join(self.directory, _CHECKSUMS), exist_ok=True)
+    present = set(self._manager.all_steps())
+    for step in pending:
+      if step in present:
+        path = self._checksum_path(step)
+        with open(path + ".tmp", "w") as f:
+          json.dump(self._step_files(step), f)
+        os.replace(path + ".tmp", path)
+    for name in os.listdir(os.path.join(self.directory, _CHECKSUMS)):
+      stem = name.split(".")[0]
+      if stem.isdigit() and int(stem) not in present:  # The step was garbage-collected by max_to_keep.
+        os.remove(os.path.join(self.directory, _CHECKSUMS, name))
+
+  def _verify(self, step: int) -> None:
+    """Raises IOError if a file of `step` is missing or differs from its manifest (process 0 checks)."""
+    problem = ""
+    if jax.process_index() == 0 and os.path.isfile(self._checksum_path(step)):
+      with open(self._checksum_path(step)) as f:
+        want = json.load(f)
+      root = os.path.join(self.directory, str(step))
+      for rel, (size, crc) in want.items():
+        path = os.path.join(root, rel)
+        if not os.path.isfile(path):
+          problem = f"missing file {rel}"
+          break
+        if os.path.getsize(path) != size:
+          problem = f"file {rel} has {os.path.getsize(path)} bytes, expected {size}"
+          break
+      if not problem:
+        got = self._step_files(step)
+        bad = sorted(rel for rel, v in want.items() if got.get(rel, [None, None])[1] != v[1])
+        if bad:
+          problem = f"checksum mismatch in {', '.join(bad)}"
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      problem = bytes(multihost_utils.broadcast_one_to_all(
+          np.frombuffer(problem.encode().ljust(512)[:512], np.uint8))).decode().strip()
+    if problem:
+      raise IOError(problem)
+
+  # ------------------------------------------------------------------ restore
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def _restore_step(self, step: int, abstract: Any, data_iterator: Any) -> Any:
+    self._verify(step)
+    items = {_STATE: ocp.args.StandardRestore(abstract)}
+    step_dir = os.path.join(self.directory, str(step))
+    has_data = os.path.isdir(os.path.join(step_dir, _DATA))
+    if data_iterator is not None and has_data:
+      items[_DATA] = grain_checkpoint.CheckpointRestore(data_iterator)
+    out = self._manager.restore(step, args=ocp.args.Composite(**items))
+    if data_iterator is not None and not has_data:
+      logging.warning("Checkpoint %s has no data-iterator state; the iterator starts from its beginning.", step_dir)
+    return out[_STATE]
+
+  def restore(self, target: Any, data_iterator: Any = None) -> tuple[Any, Optional[int]]:
+    """Restores the newest good checkpoint into `target`'s structure, dtypes and shardings.
+
+    Args:
+      target: a pytree of concrete arrays or `jax.ShapeDtypeStruct`s (with `sharding`); arrays are restored
+        directly into those shardings (each host reads only its shards).
+      data_iterator: a grain iterator whose position is restored in place (if the checkpoint has one).
+
+    Returns:
+      (state, step), or (None, None) when the directory holds no checkpoint.
+
+    Raises:
+      The first restore error when checkpoints exist but none of them restores (wrong target, not corruption).
+    """
+    _check_iterator(data_iterator)
+    self._finish_pending()
+    self._manager.reload()
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      return None, None
+    abstract = jax.tree.map(_abstract_leaf, target)
+    failed: list[int] = []
+    first_error: Optional[BaseException] = None
+    for step in steps:
+      step_dir = os.path.join(self.directory, str(step))
+      try:
+        restored = self._restore_step(step, abstract, data_iterator)
+      except Exception as e:  # noqa: BLE001 - any read/decode failure means this step is unusable.
+        logging.warning("Checkpoint %s could not be restored (%s: %s)%s", step_dir, type(e).__name__,
+                        str(e).splitlines()[0] if str(e) else "",
+                        "; trying the previous one." if step != steps[-1] else ".")
+        failed.append(step)
+        first_error = first_error or e
+        continue
+      if failed:
+        self._quarantine(failed)
+      logging.info("Restored checkpoint %s", step_dir)
+      return _data_to_keys(target, restored), step
+    raise RuntimeError(f"none of the checkpoints {sorted(steps)} in {self.directory} could be restored into the "
+                       f"given target; the first error was {type(first_error).__name__}: {first_error}"
+                       ) from first_error
+
+  def _quarantine(self, steps: list[int]) -> None:
+    """Renames unreadable step directories aside (never deletes) so they stop shadowing good ones."""
+    self._manager.wait_until_finished()
+    if jax.process_index() == 0:
+      stamp = time.strftime("%Y%m%d-%H%M%S")
+      for step in steps:
+        src = os.path.join(self.directory, str(step))
+        dst = f"{src}.corrupt-{stamp}"
+        if os.path.isdir(src):
+          os.rename(src, dst)
+          logging.warning("Moved unreadable checkpoint %s to %s", src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("ctxrq_checkpoint_quarantine")
+    self._manager.close()
+    self._manager = self._new_manager()
+
+  def read_metadata(self, step: Optional[int] = None) -> Optional[dict[str, Any]]:
+    """The JSON metadata saved with `step` (default: latest), or None if there is none."""
+    step = self.latest_step() if step is None else int(step)
+    if step is None or not os.path.isdir(os.path.join(self.directory, str(step), _METADATA)):
+      return None
+    return self._manager.restore(step, args=ocp.args.Composite(**{_METADATA: ocp.args.JsonRestore()}))[_METADATA]
+
+  # ------------------------------------------------------------------ lifecycle
+  def wait(self) -> None:
+    """Blocks until a background save has finished (and raises its error, if any)."""
+    self._manager.wait_until_finished()
+    self._finish_pending()
+
+  def close(self) -> None:
+    self.wait()
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class PreemptionGuard:
+  """Context manager turning SIGTERM/SIGINT into a flag the training loop polls at step boundaries.
+
+  The first signal sets `should_stop` (the loop then saves and returns); a second SIGINT falls through to the
+  previous handler (Ctrl-C twice still interrupts a stuck run). Old handlers are restored on exit. Outside the
+  main thread signal handlers cannot be installed; the guard then only logs that and never fires.
+
+  Multi-host: a scheduler signals every host, but not at the same step. `stop_requested(step)` agrees across
+  processes (any host's flag stops all) with a tiny all-gather every `sync_every` steps, so all hosts save the
+  same step and nobody waits in a collective alone.
+  """
+
+  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), sync_every: int = 1):
+    self._signals = tuple(signals)
+    self._old: dict[int, Any] = {}
+    self._flag = threading.Event()
+    self._received: Optional[int] = None
+    self.sync_every = max(1, int(sync_every))
+
+  @property
+  def should_stop(self) -> bool:
+    return self._flag.is_set()
+
+  @property
+  def received_signal(self) -> Optional[int]:
+    return self._received
+
+  def request_stop(self) -> None:
+    """Sets the flag as a signal would (tests, or a loop that decides to stop early)."""
+    self._flag.set()
+
+  def _handler(self, signum, frame) -> None:
+    if self._flag.is_set() and signum == signal.SIGINT:
+      old = self._old.get(signum)
+      if callable(old):
+        old(signum, frame)
+        return
+      raise KeyboardInterrupt
+    self._received = signum
+    self._flag.set()
+    logging.warning("Received %s: will save a checkpoint and stop at the end of this step.",
+                    signal.Signals(signum).name)
+
+  def stop_requested(self, step: int) -> bool:
+    """`should_stop`, agreed across processes (see class doc); cheap single-process."""
+    if jax.process_count() == 1:
+      return self.should_stop
+    if int(step) % self.sync_every:
+      return False
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.asarray(self.should_stop, np.int32))
+    return bool(np.any(flags))
+
+  def __enter__(self) -> "PreemptionGuard":
+    if threading.current_thread() is not threading.main_thread():
+      logging.warning("PreemptionGuard outside the main thread: signal handlers not installed.")
+      return self
+    for s in self._signals:
+      self._old[s] = signal.getsignal(s)
+      signal.signal(s, self._handler)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for s, old in self._old.items():
+      signal.signal(s, old if old is not None else signal.SIG_DFL)
+    self._old.clear()
+
+
+__all__ = ["Checkpointer", "PreemptionGuard"]

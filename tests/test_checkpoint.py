@@ -1,0 +1,189 @@
+"""Checkpointer: bit-exact round trips (state + iterator), keep-N, corruption fallback; PreemptionGuard."""
+
+import logging
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ctxrq_jax import checkpoint
+from ctxrq_jax.data import codes as codes_lib
+
+
+def _state(seed: int = 0):
+  k = jax.random.key(seed)
+  k1, k2 = jax.random.split(k)
+  params = {"dense": {"kernel": jax.random.normal(k1, (8, 16)), "bias": jnp.zeros((16,), jnp.bfloat16)}}
+  return {
+      "step": jnp.asarray(seed, jnp.int32),
+      "params": params,
+      "opt": (jax.random.uniform(k2, (8, 16)), jnp.asarray(seed, jnp.int32)),
+      "ema": jax.tree.map(lambda x: x * 0.5, params),
+      "rng": jax.random.fold_in(k, 7),  # typed key
+      "raw_rng": jax.random.key_data(jax.random.key(seed + 1)),  # raw uint32 key data
+  }
+
+
+def _assert_equal(a, b):
+  a = jax.tree.map(lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, a)
+  b = jax.tree.map(lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _code_iterator(tmp_path):
+  d = tmp_path / "codes"
+  rng = np.random.default_rng(0)
+  with codes_lib.CodeDatasetWriter(d, code_shape=(2, 2, 2), codebook=np.ones((8, 3), np.float32), num_classes=3,
+                                   source="test") as w:
+    w.write("train", rng.integers(0, 8, (24, 2, 2, 2)), rng.integers(0, 3, (24,)))
+  return lambda: codes_lib.make_code_iterator(str(d), split="train", batch_size=4, seed=1, train=True,
+                                              num_threads=0)
+
+
+def _steps(directory):
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def test_round_trip_bit_exact_with_iterator(tmp_path):
+  make_it = _code_iterator(tmp_path)
+  it = make_it()
+  for _ in range(3):
+    next(it)
+  state = _state(3)
+  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", max_to_keep=2, save_interval_steps=1)
+  assert ckpt.save(3, state, data_iterator=it, metadata={"note": "hi"})
+  expected_next = [next(it) for _ in range(4)]  # What training would have read after the save.
+  ckpt.close()
+
+  fresh_it = make_it()
+  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", max_to_keep=2, save_interval_steps=1)
+  assert ckpt.latest_step() == 3
+  restored, step = ckpt.restore(_state(0), data_iterator=fresh_it)
+  assert step == 3
+  _assert_equal(restored, state)
+  assert jnp.issubdtype(restored["rng"].dtype, jax.dtypes.prng_key)
+  for want in expected_next:
+    got = next(fresh_it)
+    np.testing.assert_array_equal(got["codes"], want["codes"])
+    np.testing.assert_array_equal(got["label"], want["label"])
+  assert ckpt.read_metadata() == {"note": "hi"}
+  ckpt.close()
+
+
+def test_restore_into_abstract_target_with_sharding(tmp_path):
+  state = _state(5)
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=1, save_interval_steps=1) as ckpt:
+    ckpt.save(5, state)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(
+      lambda x: x if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+      else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), _state(0))
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=1, save_interval_steps=1) as ckpt:
+    restored, step = ckpt.restore(abstract)
+  assert step == 5
+  _assert_equal(restored, state)
+  assert restored["params"]["dense"]["kernel"].sharding == sharding
+
+
+def test_no_checkpoint_returns_none(tmp_path):
+  with checkpoint.Checkpointer(tmp_path / "empty", max_to_keep=1, save_interval_steps=1) as ckpt:
+    assert ckpt.restore(_state()) == (None, None)
+    assert ckpt.latest_step() is None
+
+
+def test_interval_force_and_keep_n(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=2, save_interval_steps=2)
+  saved = [s for s in range(1, 8) if ckpt.save(s, _state(s), force=(s == 7))]
+  ckpt.wait()
+  assert saved == [2, 4, 6, 7]
+  assert _steps(tmp_path) == [6, 7]
+  assert not ckpt.save(7, _state(7), force=True)  # Already on disk: no-op, no error.
+  ckpt.close()
+
+
+def _corrupt_garbage(step_dir):
+  # The largest array-data file of the state item gets garbage bytes.
+  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state")) for f in fs]
+  data_files = [f for f in files if f"{os.sep}d{os.sep}" in f]
+  target = max(data_files, key=os.path.getsize)
+  with open(target, "r+b") as f:
+    n = os.path.getsize(target)
+    f.write(np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8).tobytes())
+
+
+def _corrupt_truncate(step_dir):
+  for name in ("manifest.ocdbt", "_METADATA"):
+    with open(os.path.join(step_dir, "state", name), "r+b") as f:
+      f.truncate(5)
+
+
+def _corrupt_missing(step_dir):
+  os.remove(os.path.join(step_dir, "state", "_METADATA"))
+  os.remove(os.path.join(step_dir, "state", "manifest.ocdbt"))
+
+
+@pytest.mark.parametrize("corrupt", [_corrupt_garbage, _corrupt_truncate, _corrupt_missing])
+def test_corrupt_latest_falls_back(tmp_path, caplog, corrupt):
+  ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=3, save_interval_steps=1)
+  for s in (1, 2):
+    ckpt.save(s, _state(s))
+  ckpt.close()
+  corrupt(str(tmp_path / "2"))
+  # A leftover unfinished write of a later step (a killed run) must be ignored too.
+  tmp_dir = tmp_path / "3.orbax-checkpoint-tmp-123"
+  tmp_dir.mkdir()
+  (tmp_dir / "junk").write_bytes(b"\x00garbage")
+
+  ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=3, save_interval_steps=1)
+  with caplog.at_level(logging.WARNING):
+    restored, step = ckpt.restore(_state(0))
+  assert step == 1
+  _assert_equal(restored, _state(1))
+  assert any(str(tmp_path / "2") in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+  # The good checkpoint is untouched; the bad one moved aside, not deleted.
+  assert _steps(tmp_path) == [1]
+  assert any(n.startswith("2.corrupt-") for n in os.listdir(tmp_path))
+  # Training resumes and can save step 2 again; the good step 1 is still restorable.
+  assert ckpt.save(2, _state(22))
+  ckpt.close()
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=3, save_interval_steps=1) as ckpt:
+    restored, step = ckpt.restore(_state(0))
+  assert step == 2
+  _assert_equal(restored, _state(22))
+  assert _steps(tmp_path) == [1, 2]
+
+
+def test_wrong_target_raises_and_keeps_checkpoints(tmp_path):
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=3, save_interval_steps=1) as ckpt:
+    ckpt.save(1, _state(1))
+    ckpt.save(2, _state(2))
+  bad_target = _state(0)
+  bad_target["params"]["dense"]["kernel"] = jnp.zeros((4, 4))
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=3, save_interval_steps=1) as ckpt:
+    with pytest.raises(RuntimeError, match="none of the checkpoints"):
+      ckpt.restore(bad_target)
+  assert _steps(tmp_path) == [1, 2]
+
+
+def test_preemption_guard_sets_flag_and_restores_handlers():
+  before = signal.getsignal(signal.SIGTERM)
+  with checkpoint.PreemptionGuard() as guard:
+    assert not guard.should_stop
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert guard.should_stop and guard.stop_requested(0)
+    assert guard.received_signal == signal.SIGTERM
+  assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_bad_arguments(tmp_path):
+  with pytest.raises(ValueError, match="max_to_keep"):
+    checkpoint.Checkpointer(tmp_path, max_to_keep=0, save_interval_steps=1)
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=1, save_interval_steps=1) as ckpt:
+    with pytest.raises(TypeError, match="data_iterator"):
+      ckpt.save(1, _state(), data_iterator=iter([1, 2]))

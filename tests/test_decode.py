@@ -1,0 +1,258 @@
+"""Tests for Draft-and-Revise decoding on a tiny Contextual RQ-Transformer (N=16, D=2, K=8, width 32)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ctxrq_jax import decode
+from ctxrq_jax import transformer
+
+N, D, K, NZ, CLASSES, B = 16, 2, 8, 4, 3, 3
+PS = decode.PhaseSettings
+
+
+@pytest.fixture(scope='module')
+def setup():
+  model = transformer.ContextualRQTransformer(
+      vocab_size=K, code_depth=D, num_positions=N, embed_dim=NZ, width=32, num_heads=2, spatial_layers=1,
+      depth_layers=1, num_classes=CLASSES)
+  codebook = jax.random.normal(jax.random.key(1), (K, NZ))
+  params = model.init(jax.random.key(0), *transformer.init_inputs(model, 1)[:3], codebook)['params']
+  # Sharper logits than the N(0, 0.02) init so that guidance / conditions visibly change samples.
+  params = jax.tree_util.tree_map(lambda x: x * 8.0, params)
+  cond = jnp.array([[0], [1], [2]], jnp.int32)
+  return model, params, codebook, cond
+
+
+def _run(setup, rng=0, cond=None, fn=decode.draft_and_revise, **kw):
+  model, params, codebook, cond0 = setup
+  kw = {'t_draft': 4, 't_revise': 2, 'num_revisions': 2, 'draft': PS(), 'revise': PS(), **kw}
+  return fn(model, params, codebook, cond0 if cond is None else cond, jax.random.key(rng), **kw)
+
+
+# Partitions (eq. 12).
+
+
+@pytest.mark.parametrize('t', [1, 3, 5, 16])
+def test_random_partitions_balanced(t):
+  part = np.asarray(decode.random_partitions(jax.random.key(3), 4, N, t))
+  assert part.shape == (4, N) and part.dtype == np.int32
+  for row in part:
+    counts = np.bincount(row, minlength=t)
+    assert len(counts) == t and counts.min() >= N // t and counts.max() <= -(-N // t)
+  if t > 1:
+    assert len({tuple(r) for r in part}) > 1  # per-sample partitions differ
+
+
+def test_region_partitions_cover_region_only():
+  region = np.zeros((2, N), bool)
+  region[0, [1, 4, 5, 9, 15]] = True
+  region[1, :11] = True
+  part = np.asarray(decode.region_partitions(jax.random.key(2), jnp.asarray(region), 3))
+  assert (part[~region] == -1).all()
+  for b in range(2):
+    counts = np.bincount(part[b][region[b]], minlength=3)
+    assert len(counts) == 3 and counts.max() - counts.min() <= 1 and counts.min() >= 1
+  with pytest.raises(ValueError, match='smallest region'):
+    decode.region_partitions(jax.random.key(2), jnp.asarray(region), 6)
+
+
+@pytest.mark.parametrize('t', [0, N + 1])
+def test_random_partitions_bad_steps(t):
+  with pytest.raises(ValueError, match='num_steps|T=17 exceeds'):
+    decode.random_partitions(jax.random.key(0), 2, N, t)
+
+
+# Sampling helpers.
+
+
+def test_sampling_helpers():
+  logits = jax.random.normal(jax.random.key(4), (5, K)) * 3
+  noise = jax.random.gumbel(jax.random.key(5), (5, K))
+  argmax = jnp.argmax(logits, -1)
+  greedy, lp = decode.sample_logits(logits, noise, PS(temperature=0.0).sampler())
+  np.testing.assert_array_equal(greedy, argmax)
+  np.testing.assert_allclose(lp, jnp.max(jax.nn.log_softmax(logits), -1), rtol=1e-6)
+  np.testing.assert_array_equal(decode.sample_logits(logits, noise, PS(temperature=1e-6).sampler())[0], argmax)
+  np.testing.assert_array_equal(decode.sample_logits(logits, noise, PS(top_k=1).sampler())[0], argmax)
+  np.testing.assert_array_equal(decode.sample_logits(logits, noise, PS(top_p=1e-6).sampler())[0], argmax)
+  sampled = decode.sample_logits(logits, noise, PS().sampler())[0]
+  np.testing.assert_array_equal(sampled, jnp.argmax(logits + noise, -1))
+  assert (decode.filter_top_k(logits, 3) > -jnp.inf).sum(-1).tolist() == [3] * 5
+  kept = decode.filter_top_p(logits, jnp.float32(0.9)) > -jnp.inf
+  probs = jax.nn.softmax(logits)
+  assert (jnp.where(kept, probs, 0).sum(-1) >= 0.9 - 1e-6).all()
+  cond, uncond = logits[:2], logits[2:4]
+  np.testing.assert_array_equal(decode.guide_logits(cond, uncond, 0.0), cond)
+  np.testing.assert_allclose(decode.guide_logits(cond, uncond, 1.5), 2.5 * cond - 1.5 * uncond, rtol=1e-5, atol=1e-5)
+
+
+def test_gumbel_noise_depends_on_position_not_slot():
+  key = jax.random.key(6)
+  full = decode.gumbel_noise(key, jnp.broadcast_to(jnp.arange(N), (2, N)), 1, K)
+  pos = jnp.array([[7, 2], [0, 15]])
+  np.testing.assert_array_equal(decode.gumbel_noise(key, pos, 1, K), jnp.take_along_axis(full, pos[..., None], 1))
+
+
+# UPDATE (Algorithm 1).
+
+
+def test_update_pass_updates_every_position_once(setup):
+  model, params, codebook, cond = setup
+  state = decode.init_state(jnp.zeros((B, N, D), jnp.int32), jnp.ones((B, N), bool))
+  sampler = PS().sampler()
+  part = decode.random_partitions(jax.random.key(7), B, N, 5)  # 5 does not divide 16: steps of 3 or 4
+  # Step by step: exactly the positions of step t are written, and only they.
+  s = state
+  for t in range(5):
+    s = decode.update_step(model, params, codebook, s, cond, part, jnp.int32(t), jax.random.key(t), sampler,
+                           max_updates=4)
+    np.testing.assert_array_equal(s.updates, (part <= t).astype(np.int32))
+    np.testing.assert_array_equal(s.known, part <= t)
+  drafted = decode.update_pass(model, params, codebook, state, cond, part, jax.random.key(8), sampler,
+                               num_steps=5, max_updates=4)
+  assert bool(drafted.known.all())  # no [MASK] remains after the draft
+  np.testing.assert_array_equal(drafted.updates, np.ones((B, N)))
+  assert int(drafted.codes.min()) >= 0 and int(drafted.codes.max()) < K
+  revised = decode.update_pass(model, params, codebook, drafted, cond, decode.random_partitions(
+      jax.random.key(9), B, N, 2), jax.random.key(10), sampler, num_steps=2, max_updates=8)
+  np.testing.assert_array_equal(revised.updates, 2 * np.ones((B, N)))
+  assert not np.array_equal(revised.codes, drafted.codes)
+
+
+# Draft-and-Revise (Algorithm 2).
+
+
+def test_fori_loop_sampler_equals_reference(setup):
+  kw = {'draft': PS(temperature=1.0, top_k=5), 'revise': PS(temperature=0.8, top_p=0.9, guidance_scale=1.5),
+        'return_history': True}
+  codes, hist = _run(setup, rng=11, **kw)
+  ref, ref_hist = _run(setup, rng=11, fn=decode.reference_draft_and_revise, **kw)
+  np.testing.assert_array_equal(codes, ref)
+  np.testing.assert_array_equal(hist, ref_hist)
+  assert hist.shape == (3, B, N, D) and codes.dtype == jnp.int32
+  np.testing.assert_array_equal(hist[-1], codes)
+  assert not np.array_equal(hist[0], hist[1])  # revisions do change the draft
+
+
+def test_history_draft_equals_no_revision_result(setup):
+  codes, hist = _run(setup, rng=12, return_history=True)
+  draft_only = _run(setup, rng=12, num_revisions=0)
+  np.testing.assert_array_equal(hist[0], draft_only)
+  assert hist.shape[0] == 3
+
+
+def test_seeds(setup):
+  a, b, c = _run(setup, rng=13), _run(setup, rng=13), _run(setup, rng=14)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+
+
+def test_guidance(setup):
+  model, _, _, cond = setup
+  base = _run(setup, rng=15)
+  # Scale 0 (uncond pass skipped) equals the batched cond+uncond pass with a negligible scale.
+  np.testing.assert_array_equal(base, _run(setup, rng=15, revise=PS(guidance_scale=1e-30)))
+  assert not np.array_equal(base, _run(setup, rng=15, revise=PS(guidance_scale=4.0)))
+  # cond == uncond (the null id everywhere): guidance is a no-op.
+  null = jnp.full_like(cond, model.num_classes)
+  np.testing.assert_array_equal(_run(setup, rng=15, cond=null),
+                                _run(setup, rng=15, cond=null, draft=PS(guidance_scale=3.0),
+                                     revise=PS(guidance_scale=3.0)))
+
+
+def test_temperature_zero_is_argmax(setup):
+  greedy = PS(temperature=0.0)
+  a = _run(setup, rng=16, draft=greedy, revise=greedy)
+  np.testing.assert_array_equal(a, _run(setup, rng=16, draft=PS(temperature=1e-6), revise=PS(temperature=1e-6)))
+  assert not np.array_equal(a, _run(setup, rng=16))
+
+
+def test_no_recompilation(setup):
+  _run(setup, rng=17, revise=PS(temperature=0.5, guidance_scale=1.0))
+  before = decode._decode._cache_size()
+  for seed, temp, scale in ((18, 0.7, 2.0), (19, 1.3, 0.5)):
+    cond = jax.random.randint(jax.random.key(seed), (B, 1), 0, CLASSES + 1)
+    _run(setup, rng=seed, cond=cond, draft=PS(temperature=temp), revise=PS(temperature=temp, guidance_scale=scale))
+  assert decode._decode._cache_size() == before
+
+
+def test_inpaint_keeps_context_and_equals_reference(setup):
+  model, params, codebook, cond = setup
+  codes = jax.random.randint(jax.random.key(20), (B, N, D), 0, K)
+  region = np.zeros((B, N), bool)
+  region[0, 3:9] = True
+  region[1, [0, 5, 10, 15]] = True
+  region[2, 8:] = True
+  kw = {'t_draft': 3, 't_revise': 2, 'num_revisions': 2, 'draft': PS(), 'revise': PS(guidance_scale=1.0)}
+  out = decode.inpaint(model, params, codebook, codes, region, cond, jax.random.key(21), **kw)
+  ref = decode.reference_draft_and_revise(model, params, codebook, cond, jax.random.key(21), codes=codes,
+                                          region=region, **kw)
+  np.testing.assert_array_equal(np.asarray(out)[~region], np.asarray(codes)[~region])  # bit-identical context
+  np.testing.assert_array_equal(out, ref)
+  assert not np.array_equal(np.asarray(out)[region], np.asarray(codes)[region])
+  # Per-step instrumentation: a pass over region partitions writes each region stack once and nothing else.
+  state = decode.init_state(codes, jnp.asarray(region))
+  part = decode.region_partitions(jax.random.key(22), jnp.asarray(region), 3)
+  state = decode.update_pass(model, params, codebook, state, cond, part, jax.random.key(23), PS().sampler(),
+                             num_steps=3, max_updates=3)
+  np.testing.assert_array_equal(state.updates, region.astype(np.int32))
+  assert bool(state.known.all())
+
+
+def test_confidence_draft(setup):
+  model, params, codebook, cond = setup
+  greedy = PS(temperature=0.0)
+  a = decode.confidence_draft(model, params, codebook, cond, jax.random.key(24), t_draft=4, settings=greedy)
+  b = decode.confidence_draft(model, params, codebook, cond, jax.random.key(25), t_draft=4, settings=greedy)
+  np.testing.assert_array_equal(a, b)  # greedy and noise-free: nothing random is left
+  assert int(a.min()) >= 0 and int(a.max()) < K
+  # Exact cosine schedule of known stacks per step; confident positions first.
+  variables = {'params': params}
+  state = decode.init_state(jnp.zeros((B, N, D), jnp.int32), jnp.ones((B, N), bool))
+  step = jax.jit(decode._confidence_step, static_argnums=(0, 7, 11))
+  known = []
+  for t in range(4):
+    state = step(model, variables, codebook, state, cond, jnp.ones((B, N), bool), jnp.int32(t), 4,
+                 jax.random.key(t), jax.random.key(99), PS().sampler(), 1.0)
+    known.append(np.asarray(state.known.sum(1)))
+  want = [N - int(np.floor(N * np.cos(np.pi / 2 * (t + 1) / 4))) for t in range(3)] + [N]
+  np.testing.assert_array_equal(np.stack(known), np.repeat(np.array(want)[:, None], B, 1))
+  np.testing.assert_array_equal(state.updates, np.ones((B, N)))
+  # Also usable as the draft of Draft-and-Revise and of inpainting.
+  out = _run(setup, rng=26, draft_mode='confidence', confidence_noise=2.0)
+  assert out.shape == (B, N, D)
+
+
+def test_bad_inputs(setup):
+  model, params, codebook, cond = setup
+  with pytest.raises(ValueError, match='condition ids'):
+    _run(setup, cond=jnp.array([[0], [1], [CLASSES + 1]]))
+  with pytest.raises(ValueError, match='t_draft=17 exceeds N=16'):
+    _run(setup, t_draft=N + 1)
+  with pytest.raises(ValueError, match='t_revise'):
+    _run(setup, t_revise=0)
+  with pytest.raises(ValueError, match='draft_mode'):
+    _run(setup, draft_mode='greedy')
+  with pytest.raises(ValueError, match='temperature'):
+    PS(temperature=-1.0)
+  with pytest.raises(ValueError, match='top_p'):
+    PS(top_p=0.0)
+  with pytest.raises(ValueError, match='PhaseSettings'):
+    _run(setup, draft={'temperature': 1.0})
+  with pytest.raises(ValueError, match="'params' collection"):
+    decode.draft_and_revise(model, {'params': params}, codebook, cond, jax.random.key(0), t_draft=4, t_revise=2,
+                            num_revisions=1, draft=PS(), revise=PS())
+  codes = jnp.zeros((B, N, D), jnp.int32)
+  kw = {'t_draft': 2, 't_revise': 2, 'num_revisions': 1, 'draft': PS(), 'revise': PS()}
+  with pytest.raises(ValueError, match='region must be bool'):
+    decode.inpaint(model, params, codebook, codes, np.ones((B, N + 1), bool), cond, jax.random.key(0), **kw)
+  with pytest.raises(ValueError, match='region is empty'):
+    decode.inpaint(model, params, codebook, codes, np.zeros((B, N), bool), cond, jax.random.key(0), **kw)
+  small = np.zeros((B, N), bool)
+  small[:, :3] = True
+  with pytest.raises(ValueError, match='smallest region size'):
+    decode.inpaint(model, params, codebook, codes, small, cond, jax.random.key(0), **{**kw, 't_draft': 4})

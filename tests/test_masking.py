@@ -1,0 +1,139 @@
+"""Tests of the training mask distribution q(m) (eq. 10), the masked NLL (eq. 11) and condition dropout."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ctxrq_jax import masking
+
+
+def test_cosine_schedule_endpoints_and_monotone():
+  r = jnp.linspace(0.0, 1.0, 101)
+  g = masking.cosine_schedule(r)
+  assert float(g[0]) == 1.0 and abs(float(g[-1])) < 1e-6
+  assert np.all(np.diff(np.asarray(g)) < 0)
+
+
+def test_mask_counts_are_exact_for_every_n():
+  @functools.partial(jax.jit, static_argnums=(1, 2))
+  def draw(rng, batch, n):
+    return masking.sample_mask(rng, batch, n), masking.sample_mask_counts(jax.random.split(rng)[0], batch, n)
+
+  for n in [1, 2, 3, 5, 8, 64, 65, 256]:
+    for seed in range(3):
+      mask, counts = (np.asarray(x) for x in draw(jax.random.key(seed), 300, n))
+      assert mask.shape == (300, n) and mask.dtype == np.bool_
+      np.testing.assert_array_equal(mask.sum(-1), counts)
+      assert counts.min() >= 1 and counts.max() <= n
+
+
+def test_mask_with_counts_exact_including_ties():
+  counts = jnp.arange(0, 9)
+  mask = masking.mask_with_counts(jax.random.key(0), counts, 8)
+  np.testing.assert_array_equal(np.asarray(mask).sum(-1), np.arange(0, 9))
+
+
+def _exact_count_cdf(n: int) -> np.ndarray:
+  """P(|m| <= j) for j = 0..N under r ~ U[0,1), |m| = ceil(cos(pi r / 2) N) clipped to [1, N]."""
+  j = np.arange(n + 1)
+  cdf = 1.0 - (2.0 / np.pi) * np.arccos(np.clip(j / n, 0.0, 1.0))  # P(cos(pi r/2) <= j/N)
+  cdf[0] = 0.0  # count 0 is clipped up to 1 (a measure-zero event anyway)
+  return cdf
+
+
+def test_mask_fraction_follows_the_cosine_schedule():
+  n, draws = 64, 4000
+  counts = np.asarray(masking.sample_mask(jax.random.key(42), draws, n).sum(-1))
+  cdf = _exact_count_cdf(n)
+  expected_mean = float(np.sum(np.arange(1, n + 1) * np.diff(cdf))) / n  # E[ceil(cos(pi r/2) N) / N]
+  # Continuous limit: E[cos(pi r / 2)] = 2 / pi, plus < 1/N from the ceiling.
+  assert 2 / np.pi < expected_mean < 2 / np.pi + 1 / n
+  se = np.std(counts / n) / math.sqrt(draws)
+  assert abs(np.mean(counts / n) - expected_mean) < 4 * se
+  # Kolmogorov-Smirnov distance of the count distribution (critical value at alpha = 0.001 is 1.95 / sqrt(n)).
+  empirical = np.searchsorted(np.sort(counts), np.arange(n + 1), side="right") / draws
+  assert np.max(np.abs(empirical - cdf)) < 1.95 / math.sqrt(draws)
+  # Quartiles: the mask ratio's quantile q is cos(pi (1 - q) / 2).
+  for q in (0.25, 0.5, 0.75):
+    assert abs(np.quantile(counts / n, q) - math.cos(math.pi * (1 - q) / 2)) < 0.04
+  # A fully masked map (the draft phase's start) is part of the training distribution.
+  assert np.any(counts == n)
+
+
+def test_mask_positions_are_uniform():
+  n, k, draws = 8, 3, 8000
+  mask = np.asarray(masking.mask_with_counts(jax.random.key(7), jnp.full((draws,), k), n))
+  freq = mask.mean(0)
+  se = math.sqrt(k / n * (1 - k / n) / draws)
+  assert np.all(np.abs(freq - k / n) < 5 * se)
+
+
+def _random_batch(b=3, n=5, d=2, k=7, seed=0):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  logits = jax.random.normal(k1, (b, n, d, k)) * 2.0
+  codes = jax.random.randint(k2, (b, n, d), 0, k)
+  mask = jnp.array([[1, 0, 0, 1, 0], [0, 0, 0, 0, 1], [1, 1, 1, 1, 1]], bool)[:b]
+  return logits, codes, mask
+
+
+def test_masked_nll_matches_eq11_normalised_per_masked_code():
+  logits, codes, mask = _random_batch()
+  loss, metrics = masking.masked_nll(logits, codes, mask)
+  logp = np.asarray(jax.nn.log_softmax(logits, -1))
+  b, n, d, _ = logits.shape
+  terms = [-logp[i, j, t, int(codes[i, j, t])] for i in range(b) for j in range(n) for t in range(d) if mask[i, j]]
+  np.testing.assert_allclose(loss, np.sum(terms) / (int(mask.sum()) * d), rtol=1e-5)
+  np.testing.assert_allclose(metrics["nll"], loss, rtol=1e-6)
+  assert float(metrics["num_masked_codes"]) == int(mask.sum()) * d
+  np.testing.assert_allclose(metrics["mask_fraction"], mask.mean())
+  for t in range(d):
+    depth_terms = [-logp[i, j, t, int(codes[i, j, t])] for i in range(b) for j in range(n) if mask[i, j]]
+    np.testing.assert_allclose(metrics[f"nll_depth{t + 1}"], np.mean(depth_terms), rtol=1e-5)
+    hits = [np.argmax(logp[i, j, t]) == int(codes[i, j, t]) for i in range(b) for j in range(n) if mask[i, j]]
+    np.testing.assert_allclose(metrics[f"accuracy_depth{t + 1}"], np.mean(hits), rtol=1e-6)
+
+
+def test_masked_nll_ignores_unmasked_targets_and_logits():
+  logits, codes, mask = _random_batch()
+  loss, _ = masking.masked_nll(logits, codes, mask)
+  other_codes = jnp.where(mask[..., None], codes, (codes + 3) % 7)
+  other_logits = jnp.where(mask[..., None, None], logits, -logits + 1.0)
+  np.testing.assert_array_equal(loss, masking.masked_nll(logits, other_codes, mask)[0])
+  np.testing.assert_array_equal(loss, masking.masked_nll(other_logits, codes, mask)[0])
+  grads = jax.grad(lambda x: masking.masked_nll(x, codes, mask)[0])(logits)
+  assert np.all(np.asarray(grads)[~np.asarray(mask)] == 0)
+  # Changing a masked target does change the loss.
+  assert masking.masked_nll(logits, codes.at[0, 0, 0].add(1) % 7, mask)[0] != loss
+
+
+def test_label_smoothing():
+  logits, codes, mask = _random_batch()
+  eps = 0.1
+  loss, metrics = masking.masked_nll(logits, codes, mask, label_smoothing=eps)
+  logp = jax.nn.log_softmax(logits, -1)
+  target = (1 - eps) * jax.nn.one_hot(codes, 7) + eps / 7
+  ce = -(target * logp).sum(-1)
+  np.testing.assert_allclose(loss, (ce * mask[..., None]).sum() / (mask.sum() * 2), rtol=1e-5)
+  np.testing.assert_allclose(metrics["nll"], masking.masked_nll(logits, codes, mask)[0], rtol=1e-6)
+  with pytest.raises(ValueError, match="label_smoothing"):
+    masking.masked_nll(logits, codes, mask, label_smoothing=1.0)
+
+
+def test_drop_condition():
+  cond = jnp.tile(jnp.arange(4, dtype=jnp.int32)[None], (1000, 1))  # [B, L = 4]
+  np.testing.assert_array_equal(masking.drop_condition(jax.random.key(0), cond, 0.0, 10), cond)
+  assert np.all(np.asarray(masking.drop_condition(jax.random.key(0), cond, 1.0, 10)) == 10)
+  out = np.asarray(masking.drop_condition(jax.random.key(1), cond, 0.1, 10))
+  dropped = np.all(out == 10, axis=1)
+  kept = np.all(out == np.arange(4), axis=1)
+  assert np.all(dropped | kept)  # whole condition rows, never single tokens
+  assert abs(dropped.mean() - 0.1) < 0.04
+  assert out.dtype == np.int32
+  with pytest.raises(ValueError, match="drop rate"):
+    masking.drop_condition(jax.random.key(0), cond, 1.5, 10)

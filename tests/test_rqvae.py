@@ -1,0 +1,217 @@
+"""Tests for the stage-1 RQ-VAE (ctxrq_jax.rqvae), its artifact, the PatchGAN losses and the stage-1 configs."""
+
+import importlib.util
+import json
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ctxrq_jax import configlib
+from ctxrq_jax import patchgan
+from ctxrq_jax import rq
+from ctxrq_jax import rqvae
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REFERENCE_TSV = ROOT.parent / "shared" / "reference" / "rqvae-imagenet256-8x8x4-state-dict.tsv"
+
+# Threefry init graphs take ~30 s to compile on a loaded CPU; the RBG generator compiles in a few.
+def _key(seed: int = 0) -> jax.Array:
+  return jax.random.key(seed, impl="rbg")
+
+
+TINY = dict(
+    resolution=16, in_channels=1, out_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+    dropout=0.0, norm_groups=4, z_channels=8, embed_dim=4, codebook_size=16, code_depth=3, dtype="float32",
+    quant_chunk_size=32,
+)
+
+
+def _load_config(name: str):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = rqvae.RQVAE.from_config(TINY)
+  variables = jax.jit(rqvae.init_variables, static_argnums=0)(model, _key())
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, size=(2, 16, 16, 1)).astype(np.float32))
+  return model, variables, x
+
+
+def test_imagenet_param_count_matches_reference():
+  cfg = _load_config("rqvae_imagenet")
+  model = rqvae.RQVAE.from_config(cfg.model)
+  shapes = jax.eval_shape(lambda: rqvae.init_variables(model, jax.random.key(0)))
+  k, n_z = cfg.model.codebook_size, cfg.model.embed_dim
+  # The reference counts its shared codebook once, with one extra padding row.
+  assert rqvae.count_params(shapes) == 104_402_051 - k * n_z - n_z
+  assert shapes["quantizer"]["codebook"].shape == (k, n_z)
+  assert model.code_shape == (8, 8, 4)
+
+
+@pytest.mark.skipif(not REFERENCE_TSV.exists(), reason="reference key list not available")
+def test_imagenet_names_and_shapes_map_mechanically_to_reference_keys():
+  model = rqvae.RQVAE.from_config(_load_config("rqvae_imagenet").model)
+  shapes = jax.eval_shape(lambda: rqvae.init_variables(model, jax.random.key(0)))["params"]
+  ours = {"/".join(p.key for p in path): tuple(v.shape) for path, v in jax.tree_util.tree_leaves_with_path(shapes)}
+  mapped = {}
+  for line in REFERENCE_TSV.read_text().splitlines():
+    if line.startswith("#") or line.startswith("quantizer."):
+      continue
+    key, shape = line.split("\t")[:2]
+    shape = tuple(json.loads(shape.replace("(", "[").replace(")", "]").replace(",]", "]")))
+    parts, out = key.split("."), []
+    while parts:
+      head = parts.pop(0)
+      if head in ("down", "up", "block", "attn") and parts and parts[0].isdigit():
+        out.append(f"{head}_{parts.pop(0)}")
+      else:
+        out.append(head)
+    if out[-1] == "weight":
+      out[-1] = "kernel" if len(shape) == 4 else "scale"
+      shape = (shape[2], shape[3], shape[1], shape[0]) if len(shape) == 4 else shape  # OIHW -> HWIO
+    mapped["/".join(out)] = shape
+  assert ours == mapped
+
+
+def test_tiny_forward_shapes_and_consistency(tiny):
+  model, variables, x = tiny
+  assert sorted(variables) == ["params", "quantizer"]
+  assert sorted(variables["quantizer"]) == ["cluster_size_ema", "codebook", "embed_ema"]
+
+  @jax.jit
+  def run(variables, x):
+    out = model.apply(variables, x)
+    # Decoding the codes reproduces the reconstruction (z_q's value is the last partial sum).
+    recon = model.apply(variables, out["codes"], method=rqvae.RQVAE.decode_codes)
+    z = model.apply(variables, x, method=rqvae.RQVAE.encode)
+    _, codes, _, _ = model.apply(variables, out["z"], method=rqvae.RQVAE.quantize)
+    return out, recon, z, codes
+
+  out, recon, z, codes = run(variables, x)
+  assert out["recon"].shape == (2, 16, 16, 1) and out["recon"].dtype == jnp.float32
+  assert out["codes"].shape == (2, 8, 8, 3) and out["codes"].dtype == jnp.int32
+  assert out["z"].shape == (2, 8, 8, 4)
+  assert out["residuals"].shape == (2, 8, 8, 3, 4)
+  assert out["commitment_loss"].shape == () and out["mse"].shape == ()
+  np.testing.assert_allclose(np.asarray(recon), np.asarray(out["recon"]), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(z), np.asarray(out["z"]), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(codes), np.asarray(out["codes"]))
+
+
+def test_gradients_reach_encoder_and_ema_step_runs(tiny):
+  model, variables, x = tiny
+
+  def loss_fn(params, quantizer):
+    out = model.apply({"params": params, "quantizer": quantizer}, x)
+    return out["mse"] + 0.25 * out["commitment_loss"], out
+
+  @jax.jit
+  def step(variables):
+    grads, out = jax.grad(loss_fn, has_aux=True)(variables["params"], variables["quantizer"])
+    vecs = out["residuals"].reshape(-1, model.embed_dim)
+    new = rq.ema_update(rqvae.codebook_state(variables), vecs, out["codes"].reshape(-1), 0.99, 1e-5)
+    new = rq.restart_dead_codes(new, vecs, _key(1))
+    return grads, rqvae.with_codebook_state(variables, new)
+
+  grads, updated = step(variables)
+  assert float(jnp.abs(grads["encoder"]["conv_in"]["kernel"]).sum()) > 0
+  assert updated["quantizer"]["codebook"].shape == (16, 4)
+  assert not np.allclose(np.asarray(updated["quantizer"]["codebook"]), np.asarray(variables["quantizer"]["codebook"]))
+
+
+def test_wrong_image_size_or_channels_raise(tiny):
+  model, variables, _ = tiny
+  with pytest.raises(ValueError, match=r"resolution 16"):
+    model.apply(variables, jnp.zeros((1, 32, 32, 1)))
+  with pytest.raises(ValueError, match=r"in_channels 1"):
+    model.apply(variables, jnp.zeros((1, 16, 16, 3)))
+  with pytest.raises(ValueError, match="decode_codes expects codes"):
+    model.apply(variables, jnp.zeros((1, 8, 8, 2), jnp.int32), method=rqvae.RQVAE.decode_codes)
+
+
+def test_bad_model_config_raises_config_error():
+  with pytest.raises(configlib.ConfigError, match="norm_groups"):
+    rqvae.RQVAE.from_config({**TINY, "norm_groups": 3})
+  with pytest.raises(configlib.ConfigError, match="resolution"):
+    rqvae.RQVAE.from_config({**TINY, "resolution": 15})
+  with pytest.raises(configlib.ConfigError, match="missing key"):
+    rqvae.RQVAE.from_config({k: v for k, v in TINY.items() if k != "ch"})
+  with pytest.raises(configlib.ConfigError, match="dtype"):
+    rqvae.RQVAE.from_config({**TINY, "dtype": "int8"})
+
+
+def test_artifact_round_trip(tiny, tmp_path):
+  model, variables, x = tiny
+  rqvae.save_artifact(tmp_path / "art", TINY, variables)
+  loaded_model, loaded = rqvae.load_artifact(tmp_path / "art")
+  assert loaded_model == model
+  for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(loaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(FileExistsError, match="already exists"):
+    rqvae.save_artifact(tmp_path / "art", TINY, variables)
+  rqvae.save_artifact(tmp_path / "art", TINY, variables, overwrite=True)
+
+
+def test_artifact_errors_name_the_problem(tiny, tmp_path):
+  _, variables, _ = tiny
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    rqvae.load_artifact(tmp_path / "nowhere")
+  with pytest.raises(ValueError, match="do not match the model config"):
+    rqvae.save_artifact(tmp_path / "bad", {**TINY, "codebook_size": 32}, variables)
+  art = tmp_path / "art"
+  rqvae.save_artifact(art, TINY, variables)
+  # Corrupt config.
+  (art / "model_config.json").write_text("{not json")
+  with pytest.raises(ValueError, match="model_config.json is unreadable"):
+    rqvae.load_artifact(art)
+  # Config of a different model than the stored variables.
+  (art / "model_config.json").write_text(json.dumps({"format": rqvae.ARTIFACT_FORMAT, "model": {**TINY, "ch": 16}}))
+  with pytest.raises(ValueError, match="could not be restored|do not match"):
+    rqvae.load_artifact(art)
+  # Missing checkpoint.
+  (art / "model_config.json").write_text(json.dumps({"format": rqvae.ARTIFACT_FORMAT, "model": TINY}))
+  for root, _, files in os.walk(art / "variables"):
+    for name in files:
+      os.remove(os.path.join(root, name))
+  with pytest.raises(ValueError, match="could not be restored"):
+    rqvae.load_artifact(art)
+
+
+def test_patchgan_shapes_and_losses():
+  disc = patchgan.PatchGANDiscriminator(ndf=8, n_layers=3, norm="group", norm_groups=4)
+  x = jnp.zeros((2, 32, 32, 3))
+  params = jax.jit(disc.init)(_key(), x)
+  assert jax.jit(disc.apply)(params, x).shape == (2, 2, 2, 1)  # 32 -> 16 -> 8 -> 4 -> 3 -> 2
+  assert "bias" not in params["params"]["conv_1"]  # the norm carries the bias
+  real, fake = jnp.array([2.0, 0.5, -1.0]), jnp.array([-2.0, 0.0, 1.0])
+  # 0.5 * (mean(0, 0.5, 2) + mean(0, 1, 2))
+  assert float(patchgan.hinge_d_loss(real, fake)) == pytest.approx(0.5 * (2.5 / 3 + 3.0 / 3))
+  assert float(patchgan.generator_loss(fake)) == pytest.approx(1.0 / 3)
+  w = patchgan.adaptive_weight(jnp.array([3.0, 4.0]), jnp.array([0.0, 2.0]))
+  assert float(w) == pytest.approx(5.0 / (2.0 + 1e-4))
+  assert float(patchgan.adaptive_weight(jnp.ones(2), jnp.zeros(2), max_weight=100.0)) == 100.0
+  g = jax.grad(lambda a: patchgan.adaptive_weight(a, jnp.ones(2)))(jnp.ones(2))
+  assert float(jnp.abs(g).sum()) == 0.0
+  assert float(patchgan.disc_factor(9, 10)) == 0.0 and float(patchgan.disc_factor(10, 10)) == 1.0
+  with pytest.raises(ValueError, match="norm"):
+    jax.eval_shape(patchgan.PatchGANDiscriminator(norm="batch").init, _key(), x)
+
+
+@pytest.mark.parametrize("name", ["rqvae_imagenet", "rqvae_mnist"])
+def test_configs_are_locked_and_build(name):
+  cfg = _load_config(name)
+  with pytest.raises(AttributeError):
+    cfg.train.batch_sise = 8
+  model = rqvae.RQVAE.from_config(cfg.model)
+  assert model.resolution == cfg.data.image_size and model.in_channels == cfg.data.channels
+  assert cfg.loss.recon in ("mse", "l1")
+  if name == "rqvae_mnist":
+    assert model.code_shape == (8, 8, 4)

@@ -1,0 +1,299 @@
+"""Tests of the Contextual RQ-Transformer: eq. 6-9 dependency structure, dtypes, configs and parameter counts."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from ctxrq_jax import configlib
+from ctxrq_jax import masking
+from ctxrq_jax import transformer as tr
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+K, D, N, NZ, W, CLASSES = 16, 3, 6, 8, 32, 5
+
+
+def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(_ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tiny_model(**overrides) -> tr.ContextualRQTransformer:
+  fields = dict(vocab_size=K, code_depth=D, num_positions=N, embed_dim=NZ, width=W, num_heads=4, spatial_layers=2,
+                depth_layers=2, num_classes=CLASSES)
+  fields.update(overrides)
+  return tr.ContextualRQTransformer(**fields)
+
+
+def random_inputs(model: tr.ContextualRQTransformer, batch: int = 2, seed: int = 0):
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
+  codes = jax.random.randint(k1, (batch, model.num_positions, model.code_depth), 0, model.vocab_size)
+  mask = jax.random.bernoulli(k2, 0.5, (batch, model.num_positions))
+  cond = jax.random.randint(k3, (batch, model.cond_length), 0, model.num_classes)
+  codebook = jax.random.normal(k4, (model.vocab_size, model.embed_dim))
+  return codes, mask, cond, codebook
+
+
+class Jitted:
+  """A tiny model, its params and jitted forward / spatial / depth functions, compiled once per module."""
+
+  def __init__(self, model: tr.ContextualRQTransformer):
+    self.model = model
+    self.params = jax.jit(model.init)(jax.random.key(0), *random_inputs(model))
+    self.forward = jax.jit(model.apply)
+    self.spatial = jax.jit(functools.partial(model.apply, method=model.spatial))
+    self.depth = jax.jit(functools.partial(model.apply, method=model.depth))
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Jitted:
+  return Jitted(tiny_model())
+
+
+def test_output_shape_dtype_and_param_names(tiny):
+  logits = tiny.forward(tiny.params, *random_inputs(tiny.model))
+  assert logits.shape == (2, N, D, K) and logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits))
+  # Every parameter carries logical axis names, one per dimension, so a trainer can shard all of them.
+  leaves = jax.tree_util.tree_leaves(tiny.params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+  assert all(len(x.names) == x.value.ndim for x in leaves)
+  assert tr.count_params(tiny.params) == sum(x.value.size for x in leaves)
+  # The codebook is an input, not a parameter.
+  assert not any(x.value.shape == (K, NZ) for x in leaves)
+
+
+def test_sharding_rules_resolve_for_every_param(tiny):
+  rules = [tuple(r) for r in load_config("imagenet", "tiny").sharding_rules]
+  specs = nn.get_partition_spec(tiny.params)
+  mesh_specs = jax.tree_util.tree_map(lambda s: nn.logical_to_mesh_axes(s, rules), specs,
+                                      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  assert tuple(mesh_specs["params"]["spatial_0"]["fc_in"]["kernel"]) == ("fsdp", "tensor")
+  assert tuple(mesh_specs["params"]["spatial_0"]["attn"]["qkv"]["kernel"]) == ("fsdp", None, "tensor", None)
+  assert tuple(mesh_specs["params"]["head"]["kernel"]) == ("fsdp", "tensor")
+
+
+def test_masked_logits_read_later_positions(tiny):
+  """Bidirectional spatial attention: position 0's logits depend on the code at the last (unmasked) position."""
+  codes, _, cond, codebook = random_inputs(tiny.model)
+  mask = jnp.zeros((2, N), bool).at[:, 0].set(True)
+  base = tiny.forward(tiny.params, codes, mask, cond, codebook)
+  changed = tiny.forward(tiny.params, codes.at[:, -1, :].set((codes[:, -1, :] + 1) % K), mask, cond, codebook)
+  assert np.max(np.abs(base[:, 0] - changed[:, 0])) > 1e-4
+
+
+def test_masked_positions_ignore_their_codes(tiny):
+  codes, mask, cond, codebook = random_inputs(tiny.model)
+  h = tiny.spatial(tiny.params, codes, mask, cond, codebook)
+  # Masked positions may even hold out-of-range placeholders (e.g. -1 from a sampler).
+  other = jnp.where(mask[..., None], -1, codes)
+  h2 = tiny.spatial(tiny.params, other, mask, cond, codebook)
+  np.testing.assert_array_equal(h, h2)
+  assert h.shape == (2, N, W)
+
+
+def test_condition_changes_the_context(tiny):
+  codes, mask, cond, codebook = random_inputs(tiny.model)
+  h = tiny.spatial(tiny.params, codes, mask, cond, codebook)
+  h_null = tiny.spatial(tiny.params, codes, mask, jnp.full_like(cond, tiny.model.null_cond_id), codebook)
+  assert np.max(np.abs(h - h_null)) > 1e-4
+
+
+def test_depth_is_causal(tiny):
+  """Logits at depth d (0-based) depend on codes at depths < d only, and do depend on them."""
+  codes, mask, cond, codebook = random_inputs(tiny.model)
+  h = tiny.spatial(tiny.params, codes, mask, cond, codebook)
+  base = tiny.depth(tiny.params, h, codes, codebook)
+  for d in range(D):
+    perturbed = codes.at[..., d:].set((codes[..., d:] + 3) % K)
+    out = tiny.depth(tiny.params, h, perturbed, codebook)
+    np.testing.assert_allclose(out[..., :d + 1, :], base[..., :d + 1, :], atol=1e-6)
+    if d + 1 < D:
+      assert np.max(np.abs(out[..., d + 1, :] - base[..., d + 1, :])) > 1e-4
+
+
+def test_depth_is_position_wise(tiny):
+  """Each position's depth logits read only its own context vector h_n."""
+  codes, _, _, codebook = random_inputs(tiny.model)
+  h = jax.random.normal(jax.random.key(5), (2, N, W))
+  base = tiny.depth(tiny.params, h, codes, codebook)
+  # (A constant shift would be invisible: every LayerNorm removes it. Perturb with noise.)
+  noise = jax.random.normal(jax.random.key(6), (2, N - 1, W))
+  out = tiny.depth(tiny.params, h.at[:, 1:].add(noise), codes, codebook)
+  np.testing.assert_allclose(out[:, 0], base[:, 0], atol=1e-6)
+  assert np.max(np.abs(out[:, 1:] - base[:, 1:])) > 1e-4
+  # The depth stack also runs on any number M of positions (e.g. only the masked ones).
+  sub = tiny.model.apply(tiny.params, h[:, :2], codes[:, :2], codebook, method=tiny.model.depth)
+  np.testing.assert_allclose(sub, base[:, :2], atol=1e-5)
+
+
+def test_depth_one_is_a_bidirectional_transformer():
+  """D = 1: the depth stack is a per-position MLP with LayerNorm and never reads the codes."""
+  one = Jitted(tiny_model(code_depth=1))
+  codes, _, cond, codebook = random_inputs(one.model)
+  h = jax.random.normal(jax.random.key(2), (2, N, W))
+  base = one.depth(one.params, h, codes, codebook)
+  # Other positions' context vectors do not matter.
+  out = one.depth(one.params, h.at[:, 1:].multiply(-2.0), codes, codebook)
+  np.testing.assert_allclose(out[:, 0], base[:, 0], atol=1e-6)
+  assert np.max(np.abs(out[:, 1:] - base[:, 1:])) > 1e-4
+  # Codes do not matter either (no shallower depth to teacher-force).
+  np.testing.assert_array_equal(one.depth(one.params, h, (codes + 1) % K, codebook), base)
+  # Whole model: masked positions read the unmasked one (bidirectional), logits [B, N, 1, K].
+  mask = jnp.ones((2, N), bool).at[:, -1].set(False)
+  full = one.forward(one.params, codes, mask, cond, codebook)
+  full2 = one.forward(one.params, codes.at[:, -1].set((codes[:, -1] + 1) % K), mask, cond, codebook)
+  assert full.shape == (2, N, 1, K)
+  assert np.max(np.abs(full[:, 0] - full2[:, 0])) > 1e-4
+
+
+def test_loss_ignores_unmasked_targets_and_gradients(tiny):
+  model, params = tiny.model, tiny.params
+  codes, mask, cond, codebook = random_inputs(model)
+
+  def loss_fn(p, targets, cb, remat=False):
+    m = dataclasses.replace(model, remat=remat)
+    return masking.masked_nll(m.apply(p, codes, mask, cond, cb), targets, mask)[0]
+
+  loss_and_grads = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 2)), static_argnames="remat")
+  loss, (grads, codebook_grad) = loss_and_grads(params, codes, codebook)
+  other_targets = jnp.where(mask[..., None], codes, (codes + 7) % K)
+  np.testing.assert_array_equal(loss, loss_and_grads(params, other_targets, codebook)[0])
+  norms = [float(jnp.linalg.norm(g)) for g in jax.tree_util.tree_leaves(nn.meta.unbox(grads))]
+  assert np.all(np.isfinite(norms)) and sum(norms) > 0
+  # The codebook is a frozen input: no gradient reaches it.
+  assert np.all(codebook_grad == 0)
+  # Rematerialisation changes memory, not values.
+  remat_loss, (remat_grads, _) = loss_and_grads(params, codes, codebook, remat=True)
+  np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, remat_grads)
+
+
+def test_bf16_compute_keeps_fp32_params(tiny):
+  model = dataclasses.replace(tiny.model, dtype=jnp.bfloat16)
+  inputs = random_inputs(model)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), *inputs)
+  assert {x.dtype for x in jax.tree_util.tree_leaves(nn.meta.unbox(abstract))} == {jnp.dtype(jnp.float32)}
+  logits = jax.jit(model.apply)(tiny.params, *inputs)
+  assert logits.dtype == jnp.float32
+  ref = tiny.forward(tiny.params, *inputs)
+  assert np.max(np.abs(logits - ref)) < 0.1 * np.max(np.abs(ref)) + 0.05
+
+
+def test_dropout_only_in_training(tiny):
+  inputs = random_inputs(tiny.model)
+  dropped = dataclasses.replace(tiny.model, dropout=0.5)
+  eval_out = tiny.forward(tiny.params, *inputs)
+  train_apply = jax.jit(functools.partial(dropped.apply, train=True))
+  out1 = train_apply(tiny.params, *inputs, rngs={"dropout": jax.random.key(3)})
+  out2 = train_apply(tiny.params, *inputs, rngs={"dropout": jax.random.key(4)})
+  assert np.max(np.abs(out1 - eval_out)) > 1e-3 and np.max(np.abs(out1 - out2)) > 1e-3
+  with pytest.raises(Exception, match="dropout"):  # training without a dropout rng is an error, not a silent no-op
+    train_apply(tiny.params, *inputs)
+
+
+def test_static_shape_errors(tiny):
+  model, params = tiny.model, tiny.params
+  codes, mask, cond, codebook = random_inputs(model)
+  with pytest.raises(AssertionError):
+    model.apply(params, codes[..., :2], mask, cond, codebook)
+  with pytest.raises(ValueError, match="codebook"):
+    model.apply(params, codes, mask, cond, codebook[:, :4])
+  with pytest.raises(ValueError, match="divisible"):
+    tiny_model(num_heads=5).init(jax.random.key(0), codes, mask, cond, codebook)
+
+
+def test_check_inputs():
+  model = tiny_model()
+  codes, mask, cond, codebook = (np.asarray(x) for x in random_inputs(model))
+  tr.check_inputs(model, codes=codes, mask=mask, cond=cond, codebook=codebook)
+  tr.check_inputs(model, cond=np.full((2, 1), model.null_cond_id))  # the null id is a valid condition
+  with pytest.raises(ValueError, match=r"condition ids must lie in \[0, 6\).*\[7\]"):
+    tr.check_inputs(model, cond=np.array([[1], [7]]))
+  with pytest.raises(ValueError, match="condition ids"):
+    tr.check_inputs(model, cond=np.array([[-1], [0]]))
+  with pytest.raises(ValueError, match=r"codes must lie in \[0, 16\)"):
+    tr.check_inputs(model, codes=codes.copy().clip(max=K - 1) + (np.arange(D) == 0) * K)
+  with pytest.raises(ValueError, match="codes must be"):
+    tr.check_inputs(model, codes=codes[:, :, :2])
+  with pytest.raises(ValueError, match="mask must be boolean"):
+    tr.check_inputs(model, mask=mask.astype(np.int32))
+  with pytest.raises(ValueError, match="cond must be"):
+    tr.check_inputs(model, cond=np.zeros((2, 3), np.int32))
+  with pytest.raises(ValueError, match="inconsistent batch"):
+    tr.check_inputs(model, codes=codes, cond=cond[:1])
+  with pytest.raises(ValueError, match="codebook"):
+    tr.check_inputs(model, codebook=codebook.T)
+
+
+def test_text_like_condition_sequence():
+  model = tiny_model(cond_length=3, cond_vocab_size=50)
+  codes, mask, _, codebook = random_inputs(model)
+  cond = jnp.array([[1, 2, 49], [5, 5, 5]], jnp.int32)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), codes, mask, cond, codebook)
+  assert abstract["params"]["cond_embed"]["embedding"].value.shape == (50, W)
+  assert abstract["params"]["cond_pos"].value.shape == (3, W)
+  logits = jax.eval_shape(model.apply, abstract, codes, mask, cond, codebook)
+  assert logits.shape == (2, N, D, K)
+  with pytest.raises(ValueError, match=r"\[0, 50\)"):
+    tr.check_inputs(model, cond=np.array([[1, 2, 50], [0, 0, 0]]))
+
+
+@pytest.mark.parametrize("size,target,tol", [("333m", 333e6, 0.02), ("821m", 821e6, 0.01), ("1.4b", 1.4e9, 0.01)])
+def test_param_counts(size, target, tol):
+  cfg = load_config("imagenet", size)
+  h, w, d = cfg.data.code_shape
+  model = tr.model_from_config(cfg.model, vocab_size=cfg.data.vocab_size, code_depth=d, num_positions=h * w,
+                               embed_dim=cfg.data.embed_dim)
+  count = tr.count_params(tr.abstract_variables(model))  # eval_shape: nothing is allocated
+  print(f"{size}: {count:,} parameters ({count / target - 1:+.2%} vs paper {target:,.0f})")
+  assert abs(count / target - 1) < tol
+  assert model.dtype == jnp.bfloat16 and model.param_dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name,arg", [("imagenet", "tiny"), ("imagenet", None), ("demo", None)])
+def test_configs_build_models(name, arg):
+  cfg = load_config(name, arg)
+  assert cfg.is_locked
+  configlib.check_keys(cfg, load_config("imagenet", "tiny"))  # every config has the same keys
+  h, w, d = cfg.data.code_shape
+  model = tr.model_from_config(cfg.model, vocab_size=cfg.data.vocab_size, code_depth=d, num_positions=h * w,
+                               embed_dim=cfg.data.embed_dim)
+  assert model.cond_vocab == cfg.model.num_classes + 1
+  assert cfg.train.nonfinite in ("stop", "skip")
+  if name == "demo":  # must match the MNIST RQ-VAE the codes come from
+    stage1 = load_config("rqvae_mnist")
+    assert cfg.data.embed_dim == stage1.model.embed_dim
+    assert cfg.data.vocab_size == stage1.model.codebook_size and d == stage1.model.code_depth
+
+
+def test_unknown_config_keys_raise():
+  cfg = load_config("imagenet", "tiny")
+  with pytest.raises(AttributeError):
+    cfg.model.widht = 64  # locked: a typo cannot silently add a key
+  model_cfg = cfg.model.to_dict()
+  model_cfg["widht"] = 64
+  with pytest.raises(configlib.ConfigError, match="unknown config.model keys: widht"):
+    tr.model_from_config(model_cfg, vocab_size=K, code_depth=D, num_positions=N, embed_dim=NZ)
+  del model_cfg["widht"], model_cfg["width"]
+  with pytest.raises(configlib.ConfigError, match="missing config.model keys: width"):
+    tr.model_from_config(model_cfg, vocab_size=K, code_depth=D, num_positions=N, embed_dim=NZ)
+  bad = cfg.model.to_dict() | {"dtype": "bf16"}
+  with pytest.raises(configlib.ConfigError, match="unknown dtype 'bf16'"):
+    tr.model_from_config(bad, vocab_size=K, code_depth=D, num_positions=N, embed_dim=NZ)
+  bad = cfg.model.to_dict() | {"num_heads": 5}
+  with pytest.raises(configlib.ConfigError, match="divisible"):
+    tr.model_from_config(bad, vocab_size=K, code_depth=D, num_positions=N, embed_dim=NZ)
+  with pytest.raises(configlib.ConfigError, match="unknown model size"):
+    load_config("imagenet", "2b")
