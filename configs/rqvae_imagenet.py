@@ -72,6 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.b2 = 0.9
   c.optim.weight_decay = 0.0
   c.optim.warmup_steps = 5_000
+  c.optim.end_lr_factor = 0.1  # cosine decay ends at this fraction of lr
   c.optim.clip_norm = 0.0  # 0 = no gradient clipping (the reference does not clip)
 
   c.train = ml_collections.ConfigDict()
@@ -81,7 +82,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.ckpt_every = 5_000
   c.train.keep_checkpoints = 3
   c.train.image_every = 5_000
-  c.train.eval_every = 10_000
 
   c.lock()
   return c

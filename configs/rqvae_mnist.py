@@ -71,6 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.b2 = 0.99
   c.optim.weight_decay = 0.0
   c.optim.warmup_steps = 100
+  c.optim.end_lr_factor = 0.1  # cosine decay ends at this fraction of lr
   c.optim.clip_norm = 1.0
 
   c.train = ml_collections.ConfigDict()
@@ -80,7 +81,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.ckpt_every = 250
   c.train.keep_checkpoints = 2
   c.train.image_every = 250
-  c.train.eval_every = 250
 
   c.lock()
   return c

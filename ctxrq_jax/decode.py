@@ -16,7 +16,8 @@ top-p values, guidance scales, conditions and keys are traced.
 
 Randomness. `rng` is split into (partition, sampling, confidence) keys. Phase p (0 = draft, m = revision m) draws its
 partition from fold_in(partition_key, p); the sampling noise of sample b, position n and depth d at step t of phase p
-is Gumbel noise of shape [K] from the key fold_in^5(sampling_key, p, t, b, n, d). Noise therefore depends on which
+is Gumbel noise of shape [K] from the key fold_in^5(sampling_key, p, t, b, n, d). All keys are threefry keys
+derived from `rng` (whatever its implementation), since threefry draws are invariant to vmap batching. Noise therefore depends on which
 position is sampled, not on where it sits in the gathered list, so the plain reference
 (`reference_draft_and_revise`: Python loop over steps, spatial + depth pass over all N positions, then select) draws
 exactly the same numbers and returns exactly the same codes.
@@ -199,8 +200,9 @@ def sample_logits(logits: Array, noise: Array, sampler: Sampler) -> tuple[Array,
 def gumbel_noise(step_key: Array, positions: Array, depth: int, num_codes: int) -> Array:
   """Gumbel noise of sample b, position positions[b, u], depth d: float32 [B, U, K].
 
-  The noise depends only on (step_key, b, position, depth), never on the slot u, so a sampler that gathers a subset
-  of positions and one that samples all N positions draw identical numbers.
+  The noise depends only on (step_key, b, position, depth), never on the slot u, so for a threefry `step_key` (the
+  samplers derive one) a sampler that gathers a subset of positions and one that samples all N positions draw
+  identical numbers.
   """
   chex.assert_rank(positions, 2)
 
@@ -350,8 +352,13 @@ class _Plan(NamedTuple):
 
 
 def _split_rng(rng: Array) -> tuple[Array, Array, Array]:
-  """(partition, sampling, confidence-noise) keys."""
-  k_part, k_samp, k_conf = jax.random.split(rng, 3)
+  """(partition, sampling, confidence-noise) threefry keys derived from `rng` (a key of any PRNG implementation).
+
+  Threefry draws do not depend on how keys are batched under vmap (the 'rbg' implementation's do), which the exact
+  equality of the gathered sampler and the all-positions reference relies on.
+  """
+  key = jax.random.wrap_key_data(jax.random.bits(rng, (2,), jnp.uint32), impl='threefry2x32')
+  k_part, k_samp, k_conf = jax.random.split(key, 3)
   return k_part, k_samp, k_conf
 
 

@@ -31,6 +31,51 @@ from ctxrq_jax import sample
 from ctxrq_jax import train
 from ctxrq_jax import train_rqvae
 
+
+def run(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collections.ConfigDict, workdir: str,
+        samples_per_class: int) -> dict[str, Any]:
+  """Runs the four steps in `workdir`; returns a summary dict (metrics and output paths)."""
+  timings = {}
+  t0 = time.time()
+  stage1_dir = os.path.join(workdir, "stage1")
+  rq_results = train_rqvae.train_and_evaluate(stage1_config, stage1_dir)
+  if "stopped_at" in rq_results:
+    return rq_results
+  artifact = os.path.join(stage1_dir, train_rqvae.ARTIFACT_DIR)
+  timings["stage1_s"] = time.time() - t0
+
+  t0 = time.time()
+  codes_dir = os.path.join(workdir, "codes")
+  encode.encode_dataset(artifact, stage1_config.data, codes_dir,
+                        [stage1_config.data.split_train, stage1_config.data.split_eval], overwrite=True)
+  timings["encode_s"] = time.time() - t0
+
+  t0 = time.time()
+  stage2_config = stage2_config.copy_and_resolve_references()
+  with stage2_config.unlocked():
+    stage2_config.data.codes_dir = codes_dir
+    stage2_config.data.stage1_dir = artifact
+    stage2_config.data.train_split = stage1_config.data.split_train
+    stage2_config.data.eval_split = stage1_config.data.split_eval
+  stage2_dir = os.path.join(workdir, "stage2")
+  tr_results = train.train_and_evaluate(stage2_config, stage2_dir)
+  if tr_results["stopped"]:
+    return {"stopped_at": tr_results["step"]}
+  timings["stage2_s"] = time.time() - t0
+
+  t0 = time.time()
+  outputs = sample.sample_all_classes(stage2_dir, os.path.join(workdir, "samples"),
+                                      samples_per_class=samples_per_class)
+  timings["sample_s"] = time.time() - t0
+  summary = {"stage1": rq_results, "timings": timings, "outputs": outputs}
+  print("\n== ctxrq_jax demo ==")
+  print("stage 1 (held-out):\n" + evaluate.format_rqvae_results(rq_results))
+  print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+  for name, path in outputs.items():
+    print(f"{name}: {path}")
+  return summary
+
+
 FLAGS = flags.FLAGS
 
 
@@ -42,50 +87,6 @@ def define_flags() -> None:
                                   "Stage-2 (Contextual RQ-Transformer) config.", lock_config=True)
   flags.DEFINE_string("workdir", "runs/demo", "Where every stage writes its outputs.")
   flags.DEFINE_integer("samples_per_class", 10, "Samples drawn for each class in the final grids.")
-
-
-  def run(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collections.ConfigDict, workdir: str,
-          samples_per_class: int) -> dict[str, Any]:
-    """Runs the four steps in `workdir`; returns a summary dict (metrics and output paths)."""
-    timings = {}
-    t0 = time.time()
-    stage1_dir = os.path.join(workdir, "stage1")
-    rq_results = train_rqvae.train_and_evaluate(stage1_config, stage1_dir)
-    if "stopped_at" in rq_results:
-      return rq_results
-    artifact = os.path.join(stage1_dir, train_rqvae.ARTIFACT_DIR)
-    timings["stage1_s"] = time.time() - t0
-
-    t0 = time.time()
-    codes_dir = os.path.join(workdir, "codes")
-    encode.encode_dataset(artifact, stage1_config.data, codes_dir,
-                          [stage1_config.data.split_train, stage1_config.data.split_eval], overwrite=True)
-    timings["encode_s"] = time.time() - t0
-
-    t0 = time.time()
-    stage2_config = stage2_config.copy_and_resolve_references()
-    with stage2_config.unlocked():
-      stage2_config.data.codes_dir = codes_dir
-      stage2_config.data.stage1_dir = artifact
-      stage2_config.data.train_split = stage1_config.data.split_train
-      stage2_config.data.eval_split = stage1_config.data.split_eval
-    stage2_dir = os.path.join(workdir, "stage2")
-    tr_results = train.train_and_evaluate(stage2_config, stage2_dir)
-    if isinstance(tr_results, dict) and "stopped_at" in tr_results:
-      return tr_results
-    timings["stage2_s"] = time.time() - t0
-
-    t0 = time.time()
-    outputs = sample.sample_all_classes(stage2_dir, os.path.join(workdir, "samples"),
-                                        samples_per_class=samples_per_class)
-    timings["sample_s"] = time.time() - t0
-    summary = {"stage1": rq_results, "timings": timings, "outputs": outputs}
-    print("\n== ctxrq_jax demo ==")
-    print("stage 1 (held-out):\n" + evaluate.format_rqvae_results(rq_results))
-    print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
-    for name, path in outputs.items():
-      print(f"{name}: {path}")
-    return summary
 
 
 def main(argv):

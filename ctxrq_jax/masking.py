@@ -59,8 +59,9 @@ def masked_nll(logits: Array, codes: Array, mask: Array,
   Normalisation: the loss is the mean per masked code over the whole batch,
     loss = sum_{b, n: m_bn = 1} sum_d CE(b, n, d) / (sum_{b, n} m_bn * D),
   i.e. eq. 11's sum divided by the number of masked codes, so examples with many masked positions weigh more, as
-  they do in eq. 11's expectation. Unmasked targets are never read (their terms are selected away, not multiplied by zero). With
-  label_smoothing > 0 the target is (1 - eps) one-hot + eps / K uniform; the metrics are always the plain NLL.
+  they do in eq. 11's expectation. Unmasked targets and logits are never read (selected away, not multiplied by
+  zero). With label_smoothing > 0 the target is (1 - eps) one-hot + eps / K uniform; the metrics are always the plain
+  NLL. For gradient accumulation, weight each micro-batch's loss by its 'num_masked_codes'.
 
   Args:
     logits: float [B, N, D, K].

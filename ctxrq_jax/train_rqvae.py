@@ -58,7 +58,7 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, num_steps: int, lr: flo
   warmup = min(int(optim_cfg.warmup_steps), max(num_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=max(num_steps, warmup + 1),
-      end_value=lr * float(optim_cfg.get("end_lr_factor", 0.0)))
+      end_value=lr * float(optim_cfg.end_lr_factor))
   return optax.chain(
       optax.clip_by_global_norm(float(optim_cfg.clip_norm)),
       optax.adamw(schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2), weight_decay=float(optim_cfg.weight_decay)),
@@ -100,7 +100,8 @@ class Stage1Trainer:
     self.model = rqvae.RQVAE.from_config(config.model)
     self.use_gan = bool(config.loss.gan)
     self.disc = patchgan.PatchGANDiscriminator(
-        ndf=int(config.loss.disc_ndf), n_layers=int(config.loss.disc_layers)) if self.use_gan else None
+        ndf=int(config.loss.disc_ndf), n_layers=int(config.loss.disc_layers), norm=str(config.loss.disc_norm),
+        norm_groups=int(config.loss.disc_norm_groups)) if self.use_gan else None
     num_steps = int(config.train.num_steps)
     self.tx = make_optimizer(config.optim, num_steps, float(config.optim.lr))
     self.disc_tx = make_optimizer(config.optim, num_steps, float(config.loss.disc_lr)) if self.use_gan else None
@@ -186,7 +187,8 @@ class Stage1Trainer:
     nll_grad = jax.grad(lambda k: rqvae.reconstruction_loss(x, decode_with(k), cfg.loss.recon))(kernel)
     g_grad = jax.grad(lambda k: patchgan.generator_loss(
         self.disc.apply({"params": state.disc_params}, decode_with(k))))(kernel)
-    weight = patchgan.adaptive_weight(nll_grad, g_grad) * float(cfg.loss.disc_weight) * step_factor
+    weight = patchgan.adaptive_weight(nll_grad, g_grad, float(cfg.loss.adaptive_max_weight))
+    weight = weight * float(cfg.loss.disc_weight) * step_factor
     return weight, g_loss
 
   def _disc_update(self, state, x, recon):
@@ -213,12 +215,12 @@ def _artifact_variables(state: Stage1State) -> dict[str, Any]:
   return rqvae.with_codebook_state({"params": jax.device_get(state.params)}, jax.device_get(state.quantizer))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       stop_after: int | None = None) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_after_steps: int | None = None) -> dict[str, Any]:
   """Trains (or resumes) stage 1 in `workdir`; exports the artifact; returns the final eval metrics.
 
-  `stop_after` ends this invocation after that global step as a preemption would (checkpoint saved, returns
-  {'stopped_at': step}); running again continues the same schedule.
+  `stop_after_steps` ends this call after that many steps as a preemption would (checkpoint saved, returns
+  {'stopped_at': step}); running again continues the same schedule. For time-boxed jobs and tests.
   """
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
@@ -266,7 +268,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if step % int(config.train.image_every) == 0 or step == num_steps:
         _write_reconstructions(workdir, step, recon_fn, state, eval_batch, writer)
       is_last = step == num_steps
-      if guard.stop_requested(step) or (stop_after is not None and step >= stop_after and not is_last):
+      if guard.stop_requested(step) or (
+          stop_after_steps is not None and step - start_step >= stop_after_steps and not is_last):
         ckpt.save(step, state, data_iterator=train_iter, force=True)
         ckpt.close()
         logging.warning("Stopped at step %d; checkpoint saved. Re-run the same command to resume.", step)
@@ -289,6 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def _write_reconstructions(workdir, step, recon_fn, state, batch, writer) -> None:
   x = batch["image"][:16]
   recon, _ = recon_fn(state.params, state.quantizer, x)
+  writer.write_scalars(step, {"eval_batch/psnr": float(np.mean(evaluate.psnr(x, recon)))})
   both = np.concatenate([np.asarray(x), np.asarray(recon)], axis=0)
   if jax.process_index() == 0:
     path = grids.save_grid(os.path.join(workdir, "images", f"recon_{step:07d}.png"), both, ncols=16, scale=2)

@@ -42,6 +42,7 @@ whose batch already uses `fsdp` simply leaves the width replicated.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Mapping, Optional
 
@@ -96,17 +97,23 @@ class Attention(nn.Module):
     """[B, T, W] -> [B, T, W]."""
     width = x.shape[-1]
     head_dim = width // self.num_heads
-    qkv = nn.DenseGeneral(
-        features=(3, self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=_normal(("embed", None, "heads", "kv")), bias_init=_zeros((None, "heads", "kv")),
-        name="qkv")(x)  # [B, T, 3, H, Dh]
+    # Explicit einsum kernels rather than nn.DenseGeneral: its initialiser sees a flattened 2-D shape, which breaks
+    # logical partitioning of the 4-D kernel under a mesh.
+    qkv_kernel = self.param("qkv_kernel", _normal(("embed", None, "heads", "kv")),
+                            (width, 3, self.num_heads, head_dim), self.param_dtype)
+    qkv_bias = self.param("qkv_bias", _zeros((None, "heads", "kv")), (3, self.num_heads, head_dim), self.param_dtype)
+    out_kernel = self.param("out_kernel", _normal(("heads", "kv", "embed")), (self.num_heads, head_dim, width),
+                            self.param_dtype)
+    out_bias = self.param("out_bias", _zeros(("embed",)), (width,), self.param_dtype)
+    x, qkv_kernel, qkv_bias, out_kernel, out_bias = nn.dtypes.promote_dtype(
+        x, qkv_kernel, qkv_bias, out_kernel, out_bias, dtype=self.dtype)
+
+    qkv = jnp.einsum("btw,wihd->btihd", x, qkv_kernel) + qkv_bias  # [B, T, 3, H, Dh]
     names = ("batch", self.length_axis, "heads", "kv")
     q, k, v = (nn.with_logical_constraint(qkv[:, :, i], names) for i in range(3))
     y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)  # [B, T, H, Dh]
     y = nn.with_logical_constraint(y, names)
-    return nn.DenseGeneral(
-        features=width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=_normal(("heads", "kv", "embed")), bias_init=_zeros(("embed",)), name="out")(y)
+    return jnp.einsum("bthd,hdw->btw", y, out_kernel) + out_bias
 
 
 class Block(nn.Module):
@@ -215,7 +222,10 @@ class ContextualRQTransformer(nn.Module):
         block_cls(self.num_heads, self.mlp_ratio, self.dropout, True, "depth", dt, pdt, name=f"depth_{i}")
         for i in range(self.depth_layers)]
     self.depth_ln = _layer_norm(dt, pdt, "depth_ln")
-    self.head = dense(self.vocab_size, ("embed", "vocab"), "head", bias=False)
+    # Logits accumulate and come out in float32 even under bfloat16 compute (softmax over K = 16384 codes).
+    self.head = nn.Dense(self.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt,
+                         kernel_init=_normal(("embed", "vocab")), name="head",
+                         dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32))
 
   def _check_codebook(self, codebook: Array) -> Array:
     if codebook.shape != (self.vocab_size, self.embed_dim):
@@ -264,7 +274,8 @@ class ContextualRQTransformer(nn.Module):
 
     Args:
       h: [B, M, W] context vectors (M positions, any subset of the N, e.g. only the masked ones).
-      codes: int32 [B, M, D]; the logits at depth d read only codes[..., :d-1] (the last depth is never read).
+      codes: int32 [B, M, D]; the logits at (1-based) depth d read only the codes at depths < d, codes[..., :d-1]
+        (the last depth is never read), so codes not sampled yet may hold any placeholder (e.g. -1).
       codebook: float [K, n_z], the frozen RQ-VAE codebook.
       train: enables dropout.
 
@@ -278,8 +289,11 @@ class ContextualRQTransformer(nn.Module):
     chex.assert_type(codes, int)
     codebook = self._check_codebook(codebook)
 
-    # Depth d > 1 gets the partial RQ sum of the shallower codes, the last code is dropped before the gather.
-    e = jnp.take(codebook, codes[..., :dd - 1], axis=0)  # [B, M, D-1, n_z]
+    # Depth d > 1 gets the partial RQ sum of the shallower codes; the last code is dropped before the gather.
+    # Clipping keeps placeholders at not-yet-sampled depths finite: a NaN there would leak into shallower depths
+    # through the zero-weighted (causally masked) attention values.
+    shallow = jnp.clip(codes[..., :dd - 1], 0, self.vocab_size - 1)
+    e = jnp.take(codebook, shallow, axis=0)  # [B, M, D-1, n_z]
     partial = self.head_mlp(jnp.cumsum(e, axis=2))  # [B, M, D-1, W]
     v = jnp.concatenate([h[:, :, None, :].astype(self.dtype), partial.astype(self.dtype)], axis=2)
     v = v + self.depth_pos.astype(self.dtype)

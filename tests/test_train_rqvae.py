@@ -71,7 +71,7 @@ def test_training_updates_codebook_and_resume_is_bit_exact(tmp_path):
   assert not np.allclose(np.asarray(state1.quantizer.codebook), np.asarray(state0.quantizer.codebook))
 
   full = train_rqvae.train_and_evaluate(config, str(tmp_path / "full"))
-  assert train_rqvae.train_and_evaluate(config, str(tmp_path / "split"), stop_after=1) == {"stopped_at": 1}
+  assert train_rqvae.train_and_evaluate(config, str(tmp_path / "split"), stop_after_steps=1) == {"stopped_at": 1}
   resumed = train_rqvae.train_and_evaluate(config, str(tmp_path / "split"))
   assert full["psnr"] == resumed["psnr"]
   _, v_full = rqvae.load_artifact(str(tmp_path / "full" / train_rqvae.ARTIFACT_DIR))

@@ -80,7 +80,7 @@ def test_sharding_rules_resolve_for_every_param(tiny):
   mesh_specs = jax.tree_util.tree_map(lambda s: nn.logical_to_mesh_axes(s, rules), specs,
                                       is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   assert tuple(mesh_specs["params"]["spatial_0"]["fc_in"]["kernel"]) == ("fsdp", "tensor")
-  assert tuple(mesh_specs["params"]["spatial_0"]["attn"]["qkv"]["kernel"]) == ("fsdp", None, "tensor", None)
+  assert tuple(mesh_specs["params"]["spatial_0"]["attn"]["qkv_kernel"]) == ("fsdp", None, "tensor", None)
   assert tuple(mesh_specs["params"]["head"]["kernel"]) == ("fsdp", "tensor")
 
 
@@ -121,6 +121,9 @@ def test_depth_is_causal(tiny):
     np.testing.assert_allclose(out[..., :d + 1, :], base[..., :d + 1, :], atol=1e-6)
     if d + 1 < D:
       assert np.max(np.abs(out[..., d + 1, :] - base[..., d + 1, :])) > 1e-4
+    # Not-yet-sampled depths may hold placeholders (as a sampler fills a stack depth by depth).
+    placeholder = tiny.depth(tiny.params, h, codes.at[..., d:].set(-1), codebook)
+    np.testing.assert_allclose(placeholder[..., :d + 1, :], base[..., :d + 1, :], atol=1e-6)
 
 
 def test_depth_is_position_wise(tiny):
@@ -134,7 +137,7 @@ def test_depth_is_position_wise(tiny):
   np.testing.assert_allclose(out[:, 0], base[:, 0], atol=1e-6)
   assert np.max(np.abs(out[:, 1:] - base[:, 1:])) > 1e-4
   # The depth stack also runs on any number M of positions (e.g. only the masked ones).
-  sub = tiny.model.apply(tiny.params, h[:, :2], codes[:, :2], codebook, method=tiny.model.depth)
+  sub = tiny.depth(tiny.params, h[:, :2], codes[:, :2], codebook)
   np.testing.assert_allclose(sub, base[:, :2], atol=1e-5)
 
 
