@@ -421,7 +421,7 @@ def _prepare(model: Any, codebook: Any, cond: Any, codes: Any, region: Any, *, t
              num_revisions: int, draft: Any, revise: Any, draft_mode: str, confidence_noise: float,
              return_history: bool) -> tuple[Array, Array, Array, Array, Sampler, Sampler, _Plan]:
   """Validates concrete inputs before anything is compiled; returns device arrays, samplers and the static plan."""
-  cond = np.asarray(cond)
+  cond_arg, cond = cond, np.asarray(cond)
   transformer_lib.check_inputs(model, cond=cond, codebook=codebook)
   batch, n, depth = cond.shape[0], model.num_positions, model.code_depth
   if batch < 1:
@@ -460,7 +460,9 @@ def _prepare(model: Any, codebook: Any, cond: Any, codes: Any, region: Any, *, t
   plan = _Plan(t_draft=int(t_draft), t_revise=int(t_revise), num_revisions=int(num_revisions),
                draft_updates=-(-largest // int(t_draft)), revise_updates=-(-largest // int(t_revise)),
                draft_mode=draft_mode, confidence_noise=float(confidence_noise), history=bool(return_history))
-  return (jnp.asarray(codebook, jnp.float32), jnp.asarray(cond, jnp.int32), jnp.asarray(codes, jnp.int32),
+  # A device array keeps its sharding (e.g. batch-sharded over a mesh); the host copy above was only for checks.
+  cond_in = cond_arg.astype(jnp.int32) if isinstance(cond_arg, jax.Array) else jnp.asarray(cond, jnp.int32)
+  return (jnp.asarray(codebook, jnp.float32), cond_in, jnp.asarray(codes, jnp.int32),
           jnp.asarray(region), _check_settings('draft', draft), _check_settings('revise', revise), plan)
 
 

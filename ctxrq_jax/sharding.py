@@ -126,7 +126,9 @@ def logical_rules(cfg: Any) -> Rules:
 def mesh_context(mesh: Mesh, rules: Rules) -> Iterator[None]:
   """Activates the mesh and the logical rules so `nn.with_logical_constraint` in the model takes effect.
 
-  Use around tracing/compiling (jit calls) of functions that apply the model.
+  Caveat (flax 0.12): under an ambient mesh, `nn.DenseGeneral` with a logically partitioned kernel init fails in
+  `apply` (flax's parameter shape check re-runs the init and constrains the flat kernel with the full-rank spec),
+  so ctxrq_jax.train only enters `nn.logical_axis_rules` and lets XLA propagate activation shardings.
   """
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield

@@ -37,7 +37,9 @@ Logical axis names (for `nn.logical_to_mesh_sharding` with the rules in `config.
     'depth'  code depth D
     'embed', 'mlp', 'heads', 'kv', 'vocab' as above
 Flax gives a mesh axis to at most one dimension per array, taking rules in order, so `embed -> fsdp` on an activation
-whose batch already uses `fsdp` simply leaves the width replicated.
+whose batch already uses `fsdp` simply leaves the width replicated. No module uses `nn.DenseGeneral` (its initialiser
+sees a flattened kernel, which breaks logical partitioning under an ambient mesh), so the model traces and compiles
+inside `jax.set_mesh(mesh)` + `nn.logical_axis_rules(rules)` with an `AxisType.Auto` mesh (tested on one device).
 """
 
 from __future__ import annotations

@@ -84,6 +84,20 @@ def test_sharding_rules_resolve_for_every_param(tiny):
   assert tuple(mesh_specs["params"]["head"]["kernel"]) == ("fsdp", "tensor")
 
 
+def test_traces_under_a_mesh_with_logical_rules():
+  """Parameter and activation annotations resolve on a (1-device) data/fsdp/tensor mesh; nothing is compiled."""
+  model = tiny_model()
+  inputs = random_inputs(model)
+  rules = [tuple(r) for r in load_config("imagenet", "tiny").sharding_rules]
+  mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract = jax.eval_shape(model.init, jax.random.key(0), *inputs)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+    lowered = jax.jit(model.apply).lower(abstract, *inputs).as_text()
+  assert shardings["params"]["head"]["kernel"].spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert "sharding" in lowered
+
+
 def test_masked_logits_read_later_positions(tiny):
   """Bidirectional spatial attention: position 0's logits depend on the code at the last (unmasked) position."""
   codes, _, cond, codebook = random_inputs(tiny.model)
