@@ -104,7 +104,8 @@ def bench_sample(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: 
       rows.append(row)
       continue
     kw = dict(t_draft=t_draft, t_revise=t_revise, num_revisions=num_revisions, draft=draft, revise=revise)
-    fast = lambda i: decode.draft_and_revise(model, params, codebook, cond, jax.random.fold_in(key, 10 + i), **kw)  # noqa: E731
+    fast = lambda i: decode.draft_and_revise(  # noqa: E731
+        model, params, codebook, cond, jax.random.fold_in(key, 10 + i), **kw)
     row['fast_s'] = _time(fast, repeats) / batch
     row['fast_flops'] = decode_flops(model, variables, codebook, batch=batch, reference=False, **kw)
     if reference:

@@ -16,9 +16,9 @@ top-p values, guidance scales, conditions and keys are traced.
 
 Randomness. `rng` is split into (partition, sampling, confidence) keys. Phase p (0 = draft, m = revision m) draws its
 partition from fold_in(partition_key, p); the sampling noise of sample b, position n and depth d at step t of phase p
-is Gumbel noise of shape [K] from the key fold_in^5(sampling_key, p, t, b, n, d). All keys are threefry keys
-derived from `rng` (whatever its implementation), since threefry draws are invariant to vmap batching. Noise therefore depends on which
-position is sampled, not on where it sits in the gathered list, so the plain reference
+is Gumbel noise of shape [K] from the key fold_in^5(sampling_key, p, t, b, n, d). All keys are threefry keys derived
+from `rng` (whatever its implementation), since threefry draws are invariant to vmap batching. Noise therefore depends
+on which position is sampled, not on where it sits in the gathered list, so the plain reference
 (`reference_draft_and_revise`: Python loop over steps, spatial + depth pass over all N positions, then select) draws
 exactly the same numbers and returns exactly the same codes.
 

@@ -168,8 +168,9 @@ def test_guidance(setup):
   assert not np.array_equal(base, _run(setup, rng=15, revise=dataclasses.replace(REVISE, guidance_scale=4.0))[0])
   # cond == uncond (the null id everywhere): guidance is a no-op.
   null = jnp.full_like(cond, model.num_classes)
+  guided = dataclasses.replace(REVISE, guidance_scale=3.0)
   np.testing.assert_array_equal(_run(setup, rng=15, cond=null, revise=unguided)[0],
-                                _run(setup, rng=15, cond=null, revise=dataclasses.replace(REVISE, guidance_scale=3.0))[0])
+                                _run(setup, rng=15, cond=null, revise=guided)[0])
 
 
 def test_temperature_zero_is_argmax(setup):
