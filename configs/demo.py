@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.code_shape = (8, 8, 4)
-  c.data.vocab_size = 256
+  c.data.vocab_size = 64
   c.data.embed_dim = 32
 
   c.train = ml_collections.ConfigDict()

@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.norm_groups = 8
   c.model.z_channels = 32
   c.model.embed_dim = 32  # n_z
-  c.model.codebook_size = 256  # K
+  c.model.codebook_size = 64  # K
   c.model.code_depth = 4  # D
   c.model.dtype = "float32"
   c.model.quant_chunk_size = 2048
@@ -70,17 +70,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.99
   c.optim.weight_decay = 0.0
-  c.optim.warmup_steps = 100
+  c.optim.warmup_steps = 50
   c.optim.end_lr_factor = 0.1  # cosine decay ends at this fraction of lr
   c.optim.clip_norm = 1.0
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32
-  c.train.num_steps = 1_000
+  c.train.num_steps = 400
   c.train.log_every = 50
-  c.train.ckpt_every = 250
+  c.train.ckpt_every = 200
   c.train.keep_checkpoints = 2
-  c.train.image_every = 250
+  c.train.image_every = 200
 
   c.lock()
   return c

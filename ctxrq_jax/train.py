@@ -461,9 +461,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 # ------------------------------------------------------------------------------------------- main
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Stage-2 config file, e.g. configs/imagenet.py:821m.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and config.json.")
+
+
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program (so modules import together)."""
+  config_flags.DEFINE_config_file("config", None, "Stage-2 config file, e.g. configs/imagenet.py:821m.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and config.json.")
 
 
 def main(argv: list[str]) -> None:
@@ -478,5 +482,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

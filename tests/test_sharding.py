@@ -1,6 +1,6 @@
 """Mesh / rules validation, and on 8 fake CPU devices (in a subprocess, so XLA_FLAGS takes effect before jax starts):
-one train step under data=8, fsdp=8 and data=2 x fsdp=2 x tensor=2 equals the single-device step, and fsdp=8 leaves
-at most 2% of the parameters replicated."""
+one train step under data=8, fsdp=8 and data=2 x fsdp=2 x tensor=2 equals the single-device step, fsdp=8 leaves
+at most 2% of the parameters replicated, and the sampler with its batch sharded equals the unsharded sampler."""
 
 import os
 import subprocess
@@ -113,6 +113,22 @@ _MULTI_DEVICE = textwrap.dedent("""
       assert "data x fsdp = 1 x 8 = 8" in str(e), e
     else:
       raise AssertionError("batch 12 on fsdp=8 must fail")
+
+    # The sampler with the batch split over 8 devices equals the single-device sampler.
+    from ctxrq_jax import decode
+    mesh8 = sharding.make_mesh(config(8, 1, 1).mesh)
+    cond = (np.arange(8, dtype=np.int32) % 10)[:, None]
+    kw = dict(t_draft=4, t_revise=2, num_revisions=1, draft=decode.PhaseSettings(),
+              revise=decode.PhaseSettings(temperature=0.8, guidance_scale=1.0))
+    dev0 = jax.devices()[0]
+    single = decode.draft_and_revise(model, jax.device_put(host_state.params, dev0), jax.device_put(codebook, dev0),
+                                     jax.device_put(cond, dev0), jax.random.key(0), **kw)
+    rep8 = sharding.replicated(mesh8)
+    sharded = decode.draft_and_revise(model, jax.device_put(host_state.params, rep8), jax.device_put(codebook, rep8),
+                                      jax.device_put(cond, sharding.batch_sharding(mesh8)), jax.random.key(0), **kw)
+    assert len(sharded.sharding.device_set) == 8, sharded.sharding
+    np.testing.assert_array_equal(np.asarray(single), np.asarray(sharded))
+    print("ok sampler sharded")
     print("ALL OK")
 """)
 
