@@ -57,13 +57,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32
-  c.train.num_steps = 600
+  c.train.num_steps = 560
   c.train.grad_accum_steps = 1
   c.train.cond_drop_rate = 0.1
   c.train.label_smoothing = 0.0
   c.train.log_every = 25
-  c.train.eval_every = 200
-  c.train.ckpt_every = 200
+  c.train.eval_every = 280
+  c.train.ckpt_every = 280
   c.train.keep_checkpoints = 2
   c.train.ema_decay = 0.0
   c.train.nonfinite = "stop"
@@ -91,7 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sample.T_draft = 16
   c.sample.T_revise = 2
   c.sample.M = 2
-  c.sample.batch_size = 16
+  c.sample.batch_size = 50
   c.sample.draft = ml_collections.ConfigDict(dict(temperature=1.0, guidance=0.0, top_k=0, top_p=1.0))
   c.sample.revise = ml_collections.ConfigDict(dict(temperature=0.8, guidance=1.8, top_k=0, top_p=1.0))
 
