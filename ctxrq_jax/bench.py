@@ -133,9 +133,38 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
+def param_table() -> str:
+  """Parameter counts of the paper's model sizes (configs/imagenet.py) and the ImageNet RQ-VAE, via eval_shape."""
+  from ctxrq_jax import configlib  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax import rqvae  # pylint: disable=g-import-not-at-top
+
+  paper = {'333m': 333e6, '821m': 821e6, '1.4b': 1.4e9}  # Table 1 / the reference RQ-Transformer
+  lines = [f"{'model':>14}  {'width':>5}  {'heads':>5}  {'layers':>7}  {'parameters':>15}  {'paper':>7}  {'diff':>6}",
+           '-' * 72]
+  for size in paper:
+    c = configlib.load_config_file('imagenet', size)
+    h, w, d = c.data.code_shape
+    model = transformer.model_from_config(c.model, vocab_size=c.data.vocab_size, code_depth=d, num_positions=h * w,
+                                          embed_dim=c.data.embed_dim)
+    n = transformer.count_params(transformer.abstract_variables(model)['params'])
+    lines.append(f"{'ctx-rq ' + size:>14}  {c.model.width:>5}  {c.model.num_heads:>5}  "
+                 f"{c.model.spatial_layers:>3}/{c.model.depth_layers:<3}  {n:>15,}  {paper[size] / 1e6:>6.0f}M  "
+                 f"{100 * (n / paper[size] - 1):>+5.2f}%")
+  c = configlib.load_config_file('rqvae_imagenet')
+  model = rqvae.RQVAE.from_config(c.model)
+  v = jax.eval_shape(lambda: rqvae.init_variables(model, jax.random.key(0)))
+  n = rqvae.count_params(v) + model.codebook_size * model.embed_dim + model.embed_dim  # + the padding row
+  lines.append(f"{'rq-vae 8x8x4':>14}  {'':>5}  {'':>5}  {'':>7}  {n:>15,}  {'104.4':>6}M  "
+               f"{100 * (n / 104_402_051 - 1):>+5.2f}%")
+  return '\n'.join(lines)
+
+
 def main(argv: Sequence[str]) -> None:
+  if len(argv) == 2 and argv[1] == 'params':
+    print(param_table())
+    return
   if len(argv) != 2 or argv[1] != 'sample':
-    raise app.UsageError('usage: python -m ctxrq_jax.bench sample --config=configs/imagenet.py:tiny [flags]')
+    raise app.UsageError('usage: python -m ctxrq_jax.bench {sample --config=configs/imagenet.py:tiny [flags]|params}')
   if _CONFIG.value is None:
     raise app.UsageError('--config is required (e.g. --config=configs/imagenet.py:tiny)')
   try:

@@ -23,7 +23,8 @@ from ctxrq_jax import rqvae
 from tests import torch_rqvae_reference as ref
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TSV = os.path.join(os.path.dirname(REPO), "shared", "reference", "rqvae-imagenet256-8x8x4-state-dict.tsv")
+# A copy of shared/reference's key list, kept with the tests so a clean clone can run them.
+TSV = os.path.join(REPO, "tests", "data", "rqvae-imagenet256-8x8x4-state-dict.tsv")
 
 # The released ImageNet 8x8x4 config (arch section of in256-rqvae-8x8x4.yaml).
 IMAGENET_ARCH = {

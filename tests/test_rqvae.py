@@ -16,7 +16,7 @@ from ctxrq_jax import rq
 from ctxrq_jax import rqvae
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-REFERENCE_TSV = ROOT.parent / "shared" / "reference" / "rqvae-imagenet256-8x8x4-state-dict.tsv"
+REFERENCE_TSV = ROOT / "tests" / "data" / "rqvae-imagenet256-8x8x4-state-dict.tsv"
 
 # Threefry init graphs take ~30 s to compile on a loaded CPU; the RBG generator compiles in a few.
 def _key(seed: int = 0) -> jax.Array:
@@ -56,7 +56,6 @@ def test_imagenet_param_count_matches_reference():
   assert model.code_shape == (8, 8, 4)
 
 
-@pytest.mark.skipif(not REFERENCE_TSV.exists(), reason="reference key list not available")
 def test_imagenet_names_and_shapes_map_mechanically_to_reference_keys():
   model = rqvae.RQVAE.from_config(_load_config("rqvae_imagenet").model)
   shapes = jax.eval_shape(lambda: rqvae.init_variables(model, jax.random.key(0)))["params"]

@@ -122,7 +122,9 @@ def test_sigterm_saves_and_exits_zero_then_resume_matches(codes_dir, tmp_path, c
          f"--workdir={workdir}", f"--config.data.codes_dir={codes_dir}", f"--config.train.num_steps={num_steps}",
          "--config.train.ckpt_every=5", "--config.train.log_every=50", "--config.train.eval_every=1000",
          "--config.optim.learning_rate=0.01"]
+  # The subprocess must use the PRNG implementation tests/conftest.py selects in this process.
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
+             JAX_DEFAULT_PRNG_IMPL=jax.config.jax_default_prng_impl,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONPATH=REPO)
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   first_ckpt = os.path.join(workdir, "checkpoints", "5")
