@@ -35,6 +35,8 @@ from ctxrq_jax import train_rqvae
 def run(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collections.ConfigDict, workdir: str,
         samples_per_class: int) -> dict[str, Any]:
   """Runs the four steps in `workdir`; returns a summary dict (metrics and output paths)."""
+  # Absolute paths: the stage-2 config records codes_dir / stage1_dir for sampling from any working directory.
+  workdir = os.path.abspath(workdir)
   timings = {}
   t0 = time.time()
   stage1_dir = os.path.join(workdir, "stage1")
