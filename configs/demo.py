@@ -12,17 +12,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-SHARDING_RULES = [
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("vocab", "tensor"),
-    ("kv", None),
-    ("code", None),
-    ("length", None),
-    ("depth", None),
-]
+from ctxrq_jax import sharding
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -45,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.remat = False
 
-  # Must match configs/rqvae_mnist.py (codes 8x8x4, K 256, n_z 32); the trainer checks against metadata.json.
+  # Must match configs/rqvae_mnist.py (codes 8x8x4, K 64, n_z 32); the trainer checks against metadata.json.
   c.data = ml_collections.ConfigDict()
   c.data.codes_dir = ""
   c.data.stage1_dir = ""
@@ -68,9 +58,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.ema_decay = 0.0
   c.train.nonfinite = "stop"
 
-  # Reference AdamW settings, with a higher peak lr and a short warmup for the small model and short run.
+  # Reference AdamW settings, with a higher peak lr and a short warmup for the small model and short run. Peak lr
+  # measured on this 560-step run (held-out NLL, nats/code): 1e-3 1.850, 2e-3 1.811, 3e-3 1.801.
   c.optim = ml_collections.ConfigDict()
-  c.optim.learning_rate = 1e-3
+  c.optim.learning_rate = 3e-3
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
   c.optim.eps = 1e-8
@@ -84,7 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
-  c.sharding_rules = list(SHARDING_RULES)
+  c.sharding_rules = list(sharding.DEFAULT_RULES)
 
   # Paper's Table 3 phases with fewer draft steps: 64 positions in 16 draft steps keeps CPU sampling quick.
   c.sample = ml_collections.ConfigDict()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from ctxrq_jax import sharding
 from ctxrq_jax.configlib import ConfigError
 
 # (width, num_heads, spatial_layers, depth_layers) per model-size argument.
@@ -30,21 +31,6 @@ SIZES = {
 }
 # Paper / reference parameter counts the sizes are checked against in tests (tolerance 1%, 333m: 2%).
 PAPER_PARAMS = {"333m": 333e6, "821m": 821e6, "1.4b": 1.4e9}
-
-# Logical axis -> mesh axes, in priority order (see ctxrq_jax/transformer.py for the axis names). Flax gives each
-# mesh axis to at most one dimension of an array, so activations ('batch', ..., 'embed') take fsdp for the batch and
-# leave the width replicated, while parameters ('embed', 'mlp') are sharded over fsdp and tensor.
-SHARDING_RULES = [
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("vocab", "tensor"),
-    ("kv", None),
-    ("code", None),
-    ("length", None),
-    ("depth", None),
-]
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -112,10 +98,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1: all remaining devices
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
-  c.sharding_rules = list(SHARDING_RULES)  # pairs (logical axis, mesh axes)
+  c.sharding_rules = list(sharding.DEFAULT_RULES)  # pairs (logical axis, mesh axes)
 
   # Draft-and-Revise (§4.1, Table 3): T_draft 64, T_revise 2, M 2; temperature and classifier-free guidance only in
-  # the revise phase (temperature 0.8, guidance scale 1.8). Guidance 0 means "no guidance" (decode.py defines it).
+  # the revise phase (temperature 0.8, guidance scale 1.8). Guidance s follows Ho & Salimans [20]:
+  # logits = cond + s (cond - uncond), so s = 0 is the conditional model alone and 1.8 equals 2.8 in the other common
+  # form uncond + w (cond - uncond). The paper does not say which form its 1.8 uses; this one matches its reference [20].
   c.sample = ml_collections.ConfigDict()
   c.sample.T_draft = 8 if tiny else 64
   c.sample.T_revise = 2

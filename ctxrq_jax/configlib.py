@@ -43,6 +43,14 @@ def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.Conf
     raise ConfigError("; ".join(parts))
 
 
+def changed_keys(old: Any, new: Any, prefixes: tuple[str, ...]) -> list[str]:
+  """'key: old -> new' for every key under `prefixes` whose value differs between two configs (or dicts)."""
+  a, b = _flatten(old), _flatten(new)
+  norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731  (JSON turns tuples into lists)
+  keys = sorted(k for k in set(a) | set(b) if k.startswith(prefixes))
+  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if norm(a.get(k)) != norm(b.get(k))]
+
+
 def require(condition: bool, message: str) -> None:
   """Raises ConfigError(message) unless condition holds."""
   if not condition:

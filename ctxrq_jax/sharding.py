@@ -29,6 +29,22 @@ from ctxrq_jax.configlib import ConfigError
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # Mesh axes the batch dimension is split over.
 
+# Logical axis -> mesh axes, in priority order (the axis names are listed in ctxrq_jax/transformer.py); the stage-2
+# configs start from these. Flax gives each mesh axis to at most one dimension of an array, so activations
+# ('batch', ..., 'embed') take fsdp for the batch and leave the width replicated, while parameters ('embed', 'mlp')
+# are sharded over fsdp and tensor.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("code", None),
+    ("length", None),
+    ("depth", None),
+)
+
 Rules = tuple[tuple[str, Optional[tuple[str, ...]]], ...]
 
 

@@ -31,8 +31,10 @@ and returns cleanly (exit status 0); running the same command again continues.
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
+import itertools
 import logging as py_logging
 import os
 import time
@@ -116,6 +118,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   req(float(o.grad_clip) >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {o.grad_clip}")
   req(int(config.model.cond_length) == 1,
       f"model.cond_length must be 1 for class-conditional code datasets, got {config.model.cond_length}")
+  req(bool(config.data.codes_dir), "config.data.codes_dir is empty: pass --config.data.codes_dir=DIR, a code dataset "
+      "written by `python -m ctxrq_jax.encode encode`")
   code_shape = tuple(config.data.code_shape)
   req(len(code_shape) == 3 and all(int(v) >= 1 for v in code_shape),
       f"data.code_shape must be (h, w, D), got {code_shape}")
@@ -143,6 +147,33 @@ def check_dataset(config: ml_collections.ConfigDict, meta: codes_lib.CodeMetadat
       raise ConfigError(f"{where} has no split {split!r} (config.data); it has {sorted(meta.splits)}")
 
 
+# Keys that fix the shapes of the saved state: a resumed run must keep them.
+_SHAPE_KEYS = tuple(f"model.{k}" for k in ("width", "num_heads", "spatial_layers", "depth_layers", "mlp_ratio",
+                                           "num_classes", "cond_length", "cond_vocab_size")) + tuple(
+                                               f"data.{k}" for k in ("code_shape", "vocab_size", "embed_dim"))
+
+
+def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ConfigError when `workdir`'s saved config.json describes a different model or code shape."""
+  if not os.path.isfile(os.path.join(workdir, "config.json")):
+    return
+  saved = runtime.load_config(workdir)
+  diffs = [d for d in configlib.changed_keys(saved, config, ("model.", "data.")) if d.split(":")[0] in _SHAPE_KEYS]
+  if diffs:
+    raise ConfigError(f"{workdir} holds a stage-2 run of another shape ({'; '.join(diffs)}); resume it with its own "
+                      f"config ({os.path.join(workdir, 'config.json')}) or train in a new --workdir")
+
+
+def _absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy whose data directories are absolute, so the saved config works from any directory."""
+  config = copy.deepcopy(config)
+  for key in ("codes_dir", "stage1_dir"):
+    path = config.data[key]
+    if path and "://" not in path:
+      config.data[key] = os.path.abspath(path)
+  return config
+
+
 # ------------------------------------------------------------------------------------------- building blocks
 def build_model(config: ml_collections.ConfigDict) -> transformer.ContextualRQTransformer:
   h, w, depth = (int(v) for v in config.data.code_shape)
@@ -163,8 +194,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 def _decay_mask(params: Any) -> Any:
   """True for parameters that get weight decay: kernels, not biases, LayerNorms, embeddings or positions."""
   def decays(path, _):
-    names = [getattr(k, "key", getattr(k, "name", "")) for k in path]
-    return not any(n in _NO_DECAY for n in names)
+    names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+    return not any(n in _NO_DECAY or n.endswith("_bias") for n in names)  # qkv_bias, out_bias are biases too
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
@@ -250,7 +281,9 @@ def make_train_step(model: transformer.ContextualRQTransformer, tx: optax.Gradie
       sums = {k: sums[k] + (v if k == "num_masked_codes" else v * w) for k, v in metrics.items()}
       return (grads_acc, sums), None
 
-    split = lambda x: x.reshape(accum, b // accum, *x.shape[1:])  # noqa: E731
+    # Strided micro-batches (rows i, i + A, ...): each one keeps rows from every device's block of the batch, so
+    # the scan needs no resharding.
+    split = lambda x: x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
     zeros_g = jax.tree.map(jnp.zeros_like, state.params)
     zeros_m = jax.eval_shape(lambda: masking.masked_nll(
         jnp.zeros((1, n, codes.shape[-1], model.vocab_size)), codes[:1], mask[:1])[1])
@@ -312,8 +345,10 @@ def evaluate(config, eval_fn, params, codebook, mesh) -> dict[str, float]:
   """Masked NLL over the eval split (whole global batches; fixed masks per batch index)."""
   batch_size = int(config.train.batch_size)
   it = _code_iterator(config, config.data.eval_split, batch_size // jax.process_count(), train=False)
+  # Every host runs the same number of (collective) eval steps, although strided host shards differ by one example.
+  num_batches = codes_lib.read_metadata(config.data.codes_dir).num_examples(config.data.eval_split) // batch_size
   totals: dict[str, float] = {}
-  for i, host_batch in enumerate(it):
+  for i, host_batch in enumerate(itertools.islice(it, num_batches)):
     batch = sharding.host_local_batch_to_global(host_batch, mesh)
     sums = jax.device_get(eval_fn(params, batch, codebook, _eval_key(int(config.seed), i)))
     for k, v in sums.items():
@@ -347,6 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   # ---- validate everything before compiling
   validate_config(config)
+  config = _absolute_paths(config)
   meta = codes_lib.read_metadata(config.data.codes_dir)
   check_dataset(config, meta)
   mesh = sharding.make_mesh(config.mesh)
@@ -361,14 +397,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   t = config.train
 
   os.makedirs(workdir, exist_ok=True)
-  runtime.save_config(config, workdir)
-  writer, progress = runtime.writer_and_progress(workdir, num_steps)
 
   codebook = jax.device_put(codes_lib.load_codebook(config.data.codes_dir, meta).astype(np.float32),
                             sharding.replicated(mesh))
   train_iter = _code_iterator(config, config.data.train_split, global_batch // jax.process_count(), train=True)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
                                  save_interval_steps=int(t.ckpt_every))
+  if ckpt.latest_step() is not None:
+    check_resume_config(config, workdir)  # Before config.json is overwritten.
+  runtime.save_config(config, workdir)
+  writer, progress = runtime.writer_and_progress(workdir, num_steps)
 
   # ---- state: restored into its shardings, or initialised sharded
   abstract, state_shardings = abstract_train_state(model, tx, config, mesh, rules)

@@ -47,3 +47,11 @@ def test_demo_pipeline_writes_samples_and_evaluates(tmp_path):
   assert np.isfinite(stage2["nll"]) and stage2["masked_codes"] > 0
   assert 0 < stage2["unigram_per_depth"] <= stage2["unigram_pooled"] + 1e-6 <= np.log(16) + 1e-6
   assert "NLL / per-depth unigram entropy" in evaluate.format_stage2_results(stage2)
+
+  fidelity = evaluate.evaluate_samples(os.path.join(workdir, "stage2"), samples_per_class=2, classifier_steps=5)
+  assert fidelity["num_samples"] == 20
+  phases = ["draft", "revision_1", "revision_2"]
+  for key in ["classifier_test_accuracy", "classifier_reconstruction_accuracy"] + [f"{p}_accuracy" for p in phases]:
+    assert 0.0 <= fidelity[key] <= 1.0, key
+  report = evaluate.format_sample_results(fidelity)
+  assert "reconstructions" in report and all(p in report for p in phases)

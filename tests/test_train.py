@@ -87,8 +87,10 @@ def test_bad_config_fails_before_compiling(codes_dir, tmp_path):
     train.train_and_evaluate(_config(codes_dir, mesh__data=3), str(tmp_path / "e"))
   with pytest.raises(ConfigError, match="train.nonfinite"):
     train.train_and_evaluate(_config(codes_dir, train__nonfinite="ignore"), str(tmp_path / "f"))
+  with pytest.raises(ConfigError, match="config.data.codes_dir is empty"):
+    train.train_and_evaluate(_config("", ), str(tmp_path / "g"))
   # Nothing was compiled or written: validation precedes the workdir.
-  assert not any((tmp_path / n).exists() for n in "abcdef")
+  assert not any((tmp_path / n).exists() for n in "abcdefg")
 
 
 def test_learns_and_resumes_bit_exact(codes_dir, tmp_path, cache_dir):
@@ -110,6 +112,26 @@ def test_learns_and_resumes_bit_exact(codes_dir, tmp_path, cache_dir):
   _assert_bit_equal(rest["state"].rng, full["state"].rng)
   # Same masks and data after the restart: the logged losses of steps 4..6 agree exactly.
   assert [l for s, l in rest["history"]] == losses[3:]
+
+  # Resuming with another model shape is refused before the run's config.json is touched.
+  saved = (tmp_path / "full" / "config.json").read_text()
+  with pytest.raises(ConfigError, match=r"another shape \(model.width: 32 -> 48\)"):
+    train.train_and_evaluate(_config(codes_dir, model__width=48), str(tmp_path / "full"))
+  assert (tmp_path / "full" / "config.json").read_text() == saved
+  assert '"codes_dir": "%s"' % os.path.abspath(codes_dir) in saved  # usable from any directory
+
+
+def test_weight_decay_only_on_kernels(codes_dir):
+  config = _config(codes_dir)
+  model = train.build_model(config)
+  params = train.nn.meta.unbox(
+      jax.eval_shape(lambda: model.init(jax.random.key(0), *train.transformer.init_inputs(model)))["params"])
+  flat = {"/".join(str(getattr(k, "key", k)) for k in path): decays
+          for path, decays in jax.tree_util.tree_leaves_with_path(train._decay_mask(params))}
+  decayed = {k for k, v in flat.items() if v}
+  assert decayed and all(k.endswith("kernel") for k in decayed), sorted(decayed)
+  assert any(k.endswith("qkv_bias") for k in flat) and not any(k.endswith("_bias") for k in decayed)
+  assert any(k.endswith("fc_in/kernel") for k in decayed) and any(k.endswith("qkv_kernel") for k in decayed)
 
 
 def test_sigterm_saves_and_exits_zero_then_resume_matches(codes_dir, tmp_path, cache_dir):
