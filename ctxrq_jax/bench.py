@@ -29,14 +29,7 @@ from ml_collections import config_flags
 from ctxrq_jax import decode
 from ctxrq_jax import transformer
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Stage-2 config file (e.g. configs/imagenet.py:tiny).')
-_BATCH = flags.DEFINE_integer('batch_size', 100, 'Samples per batch (the paper uses 100).')
-_T_DRAFT = flags.DEFINE_list('t_draft', ['8', '32', '64'], 'T_draft values to time.')
-_T_REVISE = flags.DEFINE_integer('t_revise', 2, 'T_revise.')
-_M = flags.DEFINE_integer('num_revisions', 2, 'Number of revisions M.')
-_REPEATS = flags.DEFINE_integer('repeats', 2, 'Timed calls per setting (after one warm-up call).')
-_REFERENCE = flags.DEFINE_bool('reference', True, 'Also time the plain reference implementation.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the random weights and of sampling.')
+FLAGS = flags.FLAGS
 
 
 def _flops(fn: Callable[..., Any], *args: Any) -> float:
@@ -48,13 +41,14 @@ def _flops(fn: Callable[..., Any], *args: Any) -> float:
 
 def pass_flops(model: transformer.ContextualRQTransformer, variables: Any, codebook: jax.Array, batch: int,
                positions: int) -> tuple[float, float]:
-  """(spatial pass FLOPs at batch `batch`, depth pass FLOPs on `positions` positions per example)."""
+  """(spatial pass FLOPs at batch `batch`, FLOPs of the D depth passes on `positions` positions per example)."""
   n, d, w = model.num_positions, model.code_depth, model.width
   codes = jnp.zeros((batch, n, d), jnp.int32)
   spatial = _flops(lambda v, c, m, y, e: model.apply(v, c, m, y, e, method=model.spatial), variables, codes,
                    jnp.zeros((batch, n), bool), jnp.zeros((batch, model.cond_length), jnp.int32), codebook)
-  depth = _flops(lambda v, h, c, e: model.apply(v, h, c, e, method=model.depth), variables,
-                 jnp.zeros((batch, positions, w), jnp.float32), jnp.zeros((batch, positions, d), jnp.int32), codebook)
+  depth = sum(_flops(lambda v, h, c, e, at=at: model.apply(v, h, c, e, at=at, method=model.depth), variables,
+                     jnp.zeros((batch, positions, w), jnp.float32), jnp.zeros((batch, positions, d), jnp.int32),
+                     codebook) for at in range(d))
   return spatial, depth
 
 
@@ -62,7 +56,7 @@ def decode_flops(model: transformer.ContextualRQTransformer, variables: Any, cod
                  t_draft: int, t_revise: int, num_revisions: int, draft: decode.PhaseSettings,
                  revise: decode.PhaseSettings, reference: bool) -> float:
   """Model FLOPs per sample of one Draft-and-Revise decode (fast sampler, or the reference when `reference`)."""
-  n, d = model.num_positions, model.code_depth
+  n = model.num_positions
   total = 0.0
   for steps, settings, repeats in ((t_draft, draft, 1), (t_revise, revise, num_revisions)):
     if not repeats:
@@ -70,7 +64,7 @@ def decode_flops(model: transformer.ContextualRQTransformer, variables: Any, cod
     rows = batch * (2 if settings.guidance_scale != 0 else 1)
     gathered = n if reference else -(-n // steps)
     spatial, depth = pass_flops(model, variables, codebook, rows, gathered)
-    total += repeats * steps * (spatial + d * depth)  # one spatial pass and D depth passes per step
+    total += repeats * steps * (spatial + depth)  # one spatial pass and D depth passes per step
   return total / batch
 
 
@@ -165,18 +159,32 @@ def main(argv: Sequence[str]) -> None:
     return
   if len(argv) != 2 or argv[1] != 'sample':
     raise app.UsageError('usage: python -m ctxrq_jax.bench {sample --config=configs/imagenet.py:tiny [flags]|params}')
-  if _CONFIG.value is None:
+  if FLAGS.config is None:
     raise app.UsageError('--config is required (e.g. --config=configs/imagenet.py:tiny)')
   try:
-    t_drafts = [int(t) for t in _T_DRAFT.value]
+    t_drafts = [int(t) for t in FLAGS.t_draft]
   except ValueError:
-    raise app.UsageError(f'--t_draft must be integers, got {_T_DRAFT.value}') from None
-  rows = bench_sample(_CONFIG.value, batch=_BATCH.value, t_drafts=t_drafts, t_revise=_T_REVISE.value,
-                      num_revisions=_M.value, repeats=_REPEATS.value, reference=_REFERENCE.value, seed=_SEED.value)
-  print(f'Draft-and-Revise sampling, T_revise={_T_REVISE.value}, M={_M.value}, batch {_BATCH.value}, '
+    raise app.UsageError(f'--t_draft must be integers, got {FLAGS.t_draft}') from None
+  rows = bench_sample(FLAGS.config, batch=FLAGS.batch_size, t_drafts=t_drafts, t_revise=FLAGS.t_revise,
+                      num_revisions=FLAGS.num_revisions, repeats=FLAGS.repeats, reference=FLAGS.reference,
+                      seed=FLAGS.seed)
+  print(f'Draft-and-Revise sampling, T_revise={FLAGS.t_revise}, M={FLAGS.num_revisions}, batch {FLAGS.batch_size}, '
         f'{jax.devices()[0].platform}, random weights')
   print(format_table(rows))
 
 
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program (so modules import together)."""
+  config_flags.DEFINE_config_file('config', None, 'Stage-2 config file (e.g. configs/imagenet.py:tiny).')
+  flags.DEFINE_integer('batch_size', 100, 'Samples per batch (the paper uses 100).')
+  flags.DEFINE_list('t_draft', ['8', '32', '64'], 'T_draft values to time.')
+  flags.DEFINE_integer('t_revise', 2, 'T_revise.')
+  flags.DEFINE_integer('num_revisions', 2, 'Number of revisions M.')
+  flags.DEFINE_integer('repeats', 2, 'Timed calls per setting (after one warm-up call).')
+  flags.DEFINE_bool('reference', True, 'Also time the plain reference implementation.')
+  flags.DEFINE_integer('seed', 0, 'Seed of the random weights and of sampling.')
+
+
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -267,9 +267,9 @@ def _sample_stacks(model: Any, variables: PyTree, codebook: Array, codes: Array,
   stacks = jnp.zeros(positions.shape + (depth,), jnp.int32)
   logprob = jnp.zeros(positions.shape, jnp.float32)
   num_codes = codebook.shape[0]
-  for d in range(depth):  # D is small and static; each pass recomputes the <= D-long depth sequence
+  for d in range(depth):  # D is small and static; pass d runs the causal prefix of depths 0..d
     stacks_in = jnp.concatenate([stacks, stacks]) if sampler.guided else stacks
-    logits = model.apply(variables, h, stacks_in, codebook, method=model.depth)[:, :, d]  # [B', U, K]
+    logits = model.apply(variables, h, stacks_in, codebook, at=d, method=model.depth)  # [B', U, K]
     if sampler.guided:
       logits = guide_logits(logits[:batch], logits[batch:], sampler.guidance_scale)
     code, lp = sample_logits(logits, gumbel_noise(step_key, positions, d, num_codes), sampler)
@@ -585,7 +585,7 @@ def _reference_step(model: Any, variables: PyTree, codebook: Array, codes: Array
   stacks = jnp.zeros((batch, n, depth), jnp.int32)
   for d in range(depth):
     stacks_in = jnp.concatenate([stacks, stacks]) if sampler.guided else stacks
-    logits = model.apply(variables, h, stacks_in, codebook, method=model.depth)[:, :, d]
+    logits = model.apply(variables, h, stacks_in, codebook, at=d, method=model.depth)
     if sampler.guided:
       logits = guide_logits(logits[:batch], logits[batch:], sampler.guidance_scale)
     code, _ = sample_logits(logits, gumbel_noise(step_key, positions, d, codebook.shape[0]), sampler)

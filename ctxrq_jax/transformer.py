@@ -271,7 +271,7 @@ class ContextualRQTransformer(nn.Module):
     h = self.spatial_ln(x)[:, self.cond_length:]
     return nn.with_logical_constraint(h, ("batch", "length", "embed"))
 
-  def depth(self, h: Array, codes: Array, codebook: Array, *, train: bool = False) -> Array:
+  def depth(self, h: Array, codes: Array, codebook: Array, *, train: bool = False, at: Optional[int] = None) -> Array:
     """Causal depth transformer (eq. 8-9), teacher-forced on `codes`.
 
     Args:
@@ -280,9 +280,11 @@ class ContextualRQTransformer(nn.Module):
         (the last depth is never read), so codes not sampled yet may hold any placeholder (e.g. -1).
       codebook: float [K, n_z], the frozen RQ-VAE codebook.
       train: enables dropout.
+      at: a static 0-based depth index for sampling: only the causal prefix of depths 0..at is run and only the
+        logits of depth `at` go through the output head (the same values as `depth(...)[:, :, at]`).
 
     Returns:
-      logits: float32 [B, M, D, K].
+      logits: float32 [B, M, D, K], or [B, M, K] with `at`.
     """
     b, m = h.shape[:2]
     dd = self.code_depth
@@ -290,6 +292,8 @@ class ContextualRQTransformer(nn.Module):
     chex.assert_shape(codes, (b, m, dd))
     chex.assert_type(codes, int)
     codebook = self._check_codebook(codebook)
+    if at is not None and not (isinstance(at, (int, np.integer)) and 0 <= at < dd):
+      raise ValueError(f"depth index `at` must be an int in [0, {dd}), got {at!r}")
 
     # Depth d > 1 gets the partial RQ sum of the shallower codes; the last code is dropped before the gather.
     # Clipping keeps placeholders at not-yet-sampled depths finite: a NaN there would leak into shallower depths
@@ -299,11 +303,15 @@ class ContextualRQTransformer(nn.Module):
     partial = self.head_mlp(jnp.cumsum(e, axis=2))  # [B, M, D-1, W]
     v = jnp.concatenate([h[:, :, None, :].astype(self.dtype), partial.astype(self.dtype)], axis=2)
     v = v + self.depth_pos.astype(self.dtype)
-    v = v.reshape(b * m, dd, self.width)
+    length = dd if at is None else at + 1  # causal: depths after `at` cannot change its logits
+    v = v[:, :, :length].reshape(b * m, length, self.width)
     v = nn.with_logical_constraint(v, ("batch", "depth", "embed"))
     v = self.depth_drop(v, deterministic=not train)
     for block in self.depth_blocks:
       v = block(v, train)
+    if at is not None:
+      logits = self.head(self.depth_ln(v[:, at])).astype(jnp.float32)
+      return nn.with_logical_constraint(logits.reshape(b, m, self.vocab_size), ("batch", "length", "vocab"))
     logits = self.head(self.depth_ln(v)).astype(jnp.float32)
     logits = logits.reshape(b, m, dd, self.vocab_size)
     return nn.with_logical_constraint(logits, ("batch", "length", "depth", "vocab"))

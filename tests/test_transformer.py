@@ -140,6 +140,19 @@ def test_depth_is_causal(tiny):
     np.testing.assert_allclose(placeholder[..., :d + 1, :], base[..., :d + 1, :], atol=1e-6)
 
 
+def test_depth_at_one_index_equals_the_full_pass(tiny):
+  """Sampling runs only the causal prefix and one head row per depth: the same logits as the full pass."""
+  codes, mask, cond, codebook = random_inputs(tiny.model)
+  h = tiny.spatial(tiny.params, codes, mask, cond, codebook)
+  full = tiny.depth(tiny.params, h, codes, codebook)
+  for d in range(D):
+    one = jax.jit(functools.partial(tiny.model.apply, at=d, method=tiny.model.depth))(tiny.params, h, codes, codebook)
+    assert one.shape == full.shape[:2] + full.shape[3:]
+    np.testing.assert_allclose(one, full[:, :, d], atol=1e-5)
+  with pytest.raises(ValueError, match=r"depth index `at` must be an int in \[0, %d\)" % D):
+    tiny.model.apply(tiny.params, h, codes, codebook, at=D, method=tiny.model.depth)
+
+
 def test_depth_is_position_wise(tiny):
   """Each position's depth logits read only its own context vector h_n."""
   codes, _, _, codebook = random_inputs(tiny.model)
