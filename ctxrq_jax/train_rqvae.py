@@ -54,13 +54,15 @@ class Stage1State:
 
 
 def make_optimizer(optim_cfg: ml_collections.ConfigDict, num_steps: int, lr: float) -> optax.GradientTransformation:
-  """Adam(W) with linear warmup then cosine decay to `end_lr_factor * lr`, after global-norm clipping."""
+  """Adam(W) with linear warmup then cosine decay to `end_lr_factor * lr`, after global-norm clipping (0 = off)."""
   warmup = min(int(optim_cfg.warmup_steps), max(num_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=max(num_steps, warmup + 1),
       end_value=lr * float(optim_cfg.end_lr_factor))
+  # clip_by_global_norm(0) would scale every gradient to zero, so 0 leaves the clip out.
+  clip = [optax.clip_by_global_norm(float(optim_cfg.clip_norm))] if float(optim_cfg.clip_norm) > 0 else []
   return optax.chain(
-      optax.clip_by_global_norm(float(optim_cfg.clip_norm)),
+      *clip,
       optax.adamw(schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2), weight_decay=float(optim_cfg.weight_decay)),
   )
 
@@ -72,6 +74,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   req(int(config.train.batch_size) >= 1, "train.batch_size must be >= 1")
   req(int(config.train.num_steps) >= 1, "train.num_steps must be >= 1")
   req(0.0 <= float(config.quantizer.ema_decay) < 1.0, "quantizer.ema_decay must be in [0, 1)")
+  req(float(config.optim.clip_norm) >= 0, f"optim.clip_norm must be >= 0 (0 = off), got {config.optim.clip_norm}")
   req(int(config.data.image_size) == int(config.model.resolution),
       f"data.image_size {config.data.image_size} != model.resolution {config.model.resolution}")
   req(int(config.data.channels) == int(config.model.in_channels),

@@ -134,3 +134,20 @@ def test_encode_then_decode_round_trip(tmp_path):
   np.testing.assert_allclose(images, direct, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="codes must lie in"):
     encode.decode_codes(artifact, np.full((1, 4, 4, 2), 99))
+
+
+def test_clip_norm_zero_means_no_clipping():
+  """configs/rqvae_imagenet.py sets clip_norm 0 ("no clipping"): the optimizer must still move the weights."""
+  optim = configlib.load_config_file("rqvae_imagenet").optim
+  assert float(optim.clip_norm) == 0.0
+  tx = train_rqvae.make_optimizer(optim, num_steps=10, lr=1e-3)
+  params = {"w": jax.numpy.ones((3,))}
+  state = tx.init(params)
+  for _ in range(2):  # step 0 has lr 0 in the warmup
+    updates, state = tx.update({"w": jax.numpy.ones((3,))}, state, params)
+  assert np.all(np.abs(np.asarray(updates["w"])) > 0)
+  config = tiny_config(num_steps=1)
+  config.unlock()
+  config.optim.clip_norm = -1.0
+  with pytest.raises(configlib.ConfigError, match="optim.clip_norm must be >= 0"):
+    train_rqvae.validate_config(config)
