@@ -110,14 +110,20 @@ class Checkpointer:
     save_interval_steps: `save` writes only when `step % save_interval_steps == 0` unless forced.
     async_save: write in a background thread (arrays are copied to host before `save` returns, so the caller may
       donate or overwrite the state immediately).
+    read_only: for readers of a run that may still be training (sampling, evaluation): nothing in the directory
+      is created, cleaned up, renamed or written; an unreadable newest step is skipped, not moved aside.
   """
 
-  def __init__(self, directory: str, *, max_to_keep: int, save_interval_steps: int, async_save: bool = True):
+  def __init__(self, directory: str, *, max_to_keep: int, save_interval_steps: int, async_save: bool = True,
+               read_only: bool = False):
     if int(max_to_keep) < 1:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
     if int(save_interval_steps) < 1:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
     self.directory = os.path.abspath(os.fspath(directory))
+    self.read_only = bool(read_only)
+    if self.read_only and not os.path.isdir(self.directory):
+      raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
     self._options = ocp.CheckpointManagerOptions(
         max_to_keep=int(max_to_keep),
         save_interval_steps=int(save_interval_steps),
@@ -126,10 +132,12 @@ class Checkpointer:
             save_policy.FixedIntervalPolicy(int(save_interval_steps)),
             save_policy.PreemptionCheckpointingPolicy(),
         ]),
-        create=True,
-        # Leftover `*.orbax-checkpoint-tmp-*` dirs are unfinished writes of a killed run, never good checkpoints.
-        cleanup_tmp_directories=True,
+        create=not self.read_only,
+        # Leftover `*.orbax-checkpoint-tmp-*` dirs are unfinished writes of a killed run, never good checkpoints;
+        # a reader leaves them alone (they may be a live trainer's save in progress).
+        cleanup_tmp_directories=not self.read_only,
         enable_async_checkpointing=async_save,
+        read_only=self.read_only,
     )
     self._pending: list[int] = []  # Saved steps whose checksums are not written yet.
     self._manager = self._new_manager()
@@ -151,6 +159,8 @@ class Checkpointer:
     at the same step is harmless.
     """
     step = int(step)
+    if self.read_only:
+      raise RuntimeError(f"Checkpointer({self.directory}) was opened read-only; it cannot save step {step}")
     _check_iterator(data_iterator)
     self._finish_pending()
     if step in self._manager.all_steps():
@@ -276,6 +286,8 @@ class Checkpointer:
       step_dir = os.path.join(self.directory, str(step))
       try:
         restored = self._restore_step(step, abstract, data_iterator)
+      except MemoryError:
+        raise  # the host, not the checkpoint, is the problem
       except Exception as e:  # noqa: BLE001 - any read/decode failure means this step is unusable.
         logging.warning("Checkpoint %s could not be restored (%s: %s)%s", step_dir, type(e).__name__,
                         str(e).splitlines()[0] if str(e) else "",
@@ -283,7 +295,7 @@ class Checkpointer:
         failed.append(step)
         first_error = first_error or e
         continue
-      if failed:
+      if failed and not self.read_only:
         self._quarantine(failed)
       logging.info("Restored checkpoint %s", step_dir)
       return _data_to_keys(target, restored), step

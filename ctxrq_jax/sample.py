@@ -9,8 +9,8 @@ temperature 1 in the draft, temperature 0.8 and guidance 1.8 in the revisions). 
 logits = cond + s (cond - uncond), s = 0 is the conditional model alone.
 
 Writes to --out (default WORKDIR/samples):
-  samples.png      the final samples, one row per class
-  phases.png       the draft and every revision side by side (one panel per phase, same samples)
+  samples.png      the final samples, one row per class (a preview: --preview_per_class x --preview_classes)
+  phases.png       the draft and every revision side by side (one panel per phase, the preview's samples)
   samples.npz      arr_0: uint8 [M, H, W, 3] final images (the layout FID/IS/precision-recall evaluators read),
                    labels: int32 [M], codes: int32 [M, h, w, D]
 """
@@ -52,7 +52,9 @@ class Stage2Model:
     rules = sharding.logical_rules(self.config)
     abstract, _ = train.abstract_train_state(self.model, train.make_optimizer(self.config), self.config, self.mesh,
                                              rules)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1, save_interval_steps=1)
+    # Read-only: sampling from a run that is still training must not touch its checkpoints.
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1, save_interval_steps=1,
+                                   read_only=True)
     state, step = ckpt.restore(abstract)
     ckpt.close()
     if state is None:
@@ -68,10 +70,35 @@ class Stage2Model:
     self._decode_images = jax.jit(lambda v, c: jnp.clip(
         self.rqvae.apply(v, c, method=rqvae.RQVAE.decode_codes), -1.0, 1.0))
 
-  def images(self, codes: np.ndarray) -> np.ndarray:
-    """codes int [B, N, D] -> float32 images [B, R, R, C] in [-1, 1]."""
+  def images(self, codes: np.ndarray, *, batch_size: int = 100, uint8: bool = False,
+             out: np.ndarray | None = None) -> np.ndarray:
+    """codes int [B, N, D] (or [B, h, w, D]) -> images [B, R, R, C]: float32 in [-1, 1], or uint8 with `uint8`.
+
+    Decodes `batch_size` stacks at a time (one compiled shape: the last chunk is padded), so any number of samples
+    fits in device memory; with `out` (e.g. a memmap [B, R, R, C] uint8) the images go straight there.
+    """
     codes = np.asarray(codes).reshape((-1, *self.code_shape))
-    return np.asarray(self._decode_images(self.rqvae_variables, jnp.asarray(codes, jnp.int32)))
+    k = int(self.config.data.vocab_size)
+    if codes.size and (codes.min() < 0 or codes.max() >= k):
+      raise ValueError(f"codes must lie in [0, {k}) (the codebook size K); got values in "
+                       f"[{codes.min()}, {codes.max()}]")
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    chunks = []
+    for i in range(0, len(codes), batch_size):
+      chunk = codes[i:i + batch_size]
+      padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *self.code_shape), chunk.dtype)])
+      x = np.asarray(self._decode_images(self.rqvae_variables, jnp.asarray(padded, jnp.int32)))[:len(chunk)]
+      x = grids.to_uint8(x) if (uint8 or out is not None) else x
+      if out is not None:
+        out[i:i + len(chunk)] = x if out.shape[-1] == x.shape[-1] else np.repeat(x, out.shape[-1], axis=-1)
+      else:
+        chunks.append(x)
+    if out is not None:
+      return out
+    if not chunks:
+      raise ValueError("no codes to decode")
+    return np.concatenate(chunks)
 
 
 def phase_settings(phase_cfg: ml_collections.ConfigDict) -> decode.PhaseSettings:
@@ -139,24 +166,52 @@ def sample_codes(loaded: Stage2Model, labels: Sequence[int], rng: jax.Array, *, 
   return np.concatenate(out, axis=1)
 
 
-def write_outputs(loaded: Stage2Model, history: np.ndarray, labels: np.ndarray, out_dir: str,
-                  ncols: int) -> dict[str, str]:
-  """Decodes every phase and writes samples.png, phases.png and samples.npz; returns their paths."""
+def preview_indices(labels: np.ndarray, *, per_class: int, max_classes: int) -> np.ndarray:
+  """Indices of at most `per_class` samples of each of the first `max_classes` classes (in order of appearance)."""
+  labels = np.asarray(labels)
+  classes = list(dict.fromkeys(labels.tolist()))[:max_classes]
+  return np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes]).astype(np.int64)
+
+
+def write_outputs(loaded: Stage2Model, history: np.ndarray, labels: np.ndarray, out_dir: str, ncols: int, *,
+                  batch_size: int = 100, preview_per_class: int = 10, preview_classes: int = 16) -> dict[str, str]:
+  """Writes samples.npz (every final sample) and the preview grids samples.png / phases.png; returns their paths.
+
+  Args:
+    history: int [M+1, S, N, D] codes of the draft and each revision; labels: int [S].
+    ncols: samples per row of the grids (at most `preview_per_class`).
+    batch_size: images decoded per RQ-VAE call.
+    preview_per_class / preview_classes: the grids show at most this many samples of this many classes, so that
+      50,000 samples for FID still make a PNG one can open; the npz always holds all of them.
+
+  The npz images are decoded chunk by chunk into a uint8 memory-mapped file, so host memory stays at a chunk of
+  float images plus the uint8 array's page cache, whatever the number of samples.
+  """
   os.makedirs(out_dir, exist_ok=True)
-  phases = [loaded.images(h) for h in history]  # each [M, R, R, C]
+  labels = np.asarray(labels, np.int32)
+  preview = preview_indices(labels, per_class=preview_per_class, max_classes=preview_classes)
+  phases = [loaded.images(h[preview], batch_size=batch_size, uint8=True) for h in history]  # each [P, R, R, C]
+  ncols = max(1, min(ncols, preview_per_class))
   scale = max(1, 128 // phases[0].shape[1])
   paths = {"samples_png": grids.save_grid(os.path.join(out_dir, "samples.png"), phases[-1], ncols, scale)}
   panels = [grids.make_grid(p, ncols) for p in phases]
   sep = np.full((panels[0].shape[0], 8, panels[0].shape[2]), 128, np.uint8)
   side_by_side = np.concatenate([x for p in panels for x in (p, sep)][:-1], axis=1)
   paths["phases_png"] = grids.save_grid(os.path.join(out_dir, "phases.png"), side_by_side[None], 1, scale)
-  final = grids.to_uint8(phases[-1])
-  if final.shape[-1] == 1:  # FID evaluators expect RGB
-    final = np.repeat(final, 3, axis=-1)
+
+  res, channels = phases[-1].shape[1], 3  # FID evaluators expect RGB
   npz = os.path.join(out_dir, "samples.npz")
-  np.savez(npz + ".tmp.npz", arr_0=final, labels=np.asarray(labels, np.int32),
-           codes=history[-1].reshape((-1, *loaded.code_shape)).astype(np.int32))
-  os.replace(npz + ".tmp.npz", npz)
+  scratch = os.path.join(out_dir, ".samples.uint8.npy")
+  final = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(len(labels), res, res, channels))
+  try:
+    loaded.images(history[-1], batch_size=batch_size, out=final)
+    final.flush()
+    np.savez(npz + ".tmp.npz", arr_0=final, labels=labels,
+             codes=history[-1].reshape((-1, *loaded.code_shape)).astype(np.int32))
+    os.replace(npz + ".tmp.npz", npz)  # atomic: an earlier samples.npz stays whole until the new one is
+  finally:
+    del final
+    os.remove(scratch)
   paths["samples_npz"] = npz
   return paths
 
@@ -164,6 +219,8 @@ def write_outputs(loaded: Stage2Model, history: np.ndarray, labels: np.ndarray, 
 def sample_all_classes(workdir: str, out_dir: str, *, samples_per_class: int, seed: int = 0,
                        classes: str = "all") -> dict[str, str]:
   """Samples `samples_per_class` images for each class with the run's `config.sample` settings."""
+  if samples_per_class < 1:
+    raise ValueError(f"samples_per_class must be >= 1, got {samples_per_class}")
   loaded = Stage2Model(workdir)
   s = loaded.config.sample
   ids = parse_classes(classes, int(loaded.config.model.num_classes))
@@ -171,7 +228,7 @@ def sample_all_classes(workdir: str, out_dir: str, *, samples_per_class: int, se
   history = sample_codes(loaded, labels, jax.random.key(seed), batch_size=int(s.batch_size),
                          t_draft=int(s.T_draft), t_revise=int(s.T_revise), num_revisions=int(s.M),
                          draft=phase_settings(s.draft), revise=phase_settings(s.revise))
-  return write_outputs(loaded, history, labels, out_dir, ncols=samples_per_class)
+  return write_outputs(loaded, history, labels, out_dir, ncols=samples_per_class, batch_size=int(s.batch_size))
 
 
 FLAGS = flags.FLAGS
@@ -196,6 +253,8 @@ def define_flags() -> None:
     flags.DEFINE_integer(f"{phase}_top_k", None, f"{phase} top-k (0 = off).")
     flags.DEFINE_float(f"{phase}_top_p", None, f"{phase} top-p (1 = off).")
   flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the run kept them.")
+  flags.DEFINE_integer("preview_per_class", 10, "At most this many samples per class in the PNG grids.")
+  flags.DEFINE_integer("preview_classes", 16, "At most this many classes in the PNG grids (the npz has all).")
 
 
 def _phase_from_flags(phase: str, default: ml_collections.ConfigDict) -> decode.PhaseSettings:
@@ -208,6 +267,8 @@ def _phase_from_flags(phase: str, default: ml_collections.ConfigDict) -> decode.
 def main(argv: Any) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.num_per_class < 1:
+    raise app.UsageError(f"--num_per_class must be >= 1, got {FLAGS.num_per_class}")
   runtime.setup_host()
   loaded = Stage2Model(FLAGS.workdir, use_ema=FLAGS.use_ema)
   s = loaded.config.sample
@@ -222,7 +283,8 @@ def main(argv: Any) -> None:
       num_revisions=int(pick(FLAGS.num_revisions, s.M)), draft=_phase_from_flags("draft", s.draft),
       revise=_phase_from_flags("revise", s.revise), draft_mode=FLAGS.draft_mode)
   paths = write_outputs(loaded, history, labels, FLAGS.out or os.path.join(FLAGS.workdir, "samples"),
-                        ncols=FLAGS.num_per_class)
+                        ncols=FLAGS.num_per_class, batch_size=int(pick(FLAGS.batch_size, s.batch_size)),
+                        preview_per_class=FLAGS.preview_per_class, preview_classes=FLAGS.preview_classes)
   for name, path in paths.items():
     print(f"{name}: {path}")
 

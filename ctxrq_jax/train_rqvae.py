@@ -67,14 +67,34 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, num_steps: int, lr: flo
   )
 
 
+REFERENCE_CONFIG = "rqvae_imagenet"  # configs/rqvae_imagenet.py: every stage-1 config has exactly its keys
+
+
+def reference_config() -> ml_collections.ConfigDict:
+  """The defaults every stage-1 config must match key for key (configs/rqvae_imagenet.py)."""
+  return configlib.load_config_file(os.path.join(configlib.CONFIG_DIR, REFERENCE_CONFIG + ".py"))
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks values that would otherwise fail deep inside a compiled step; ConfigError names the key."""
+  """Checks the config's keys, and values that would otherwise fail deep inside a run; ConfigError names the key."""
+  configlib.check_keys(config, reference_config())
   req = configlib.require
+  t, o = config.train, config.optim
   req(config.loss.recon in ("mse", "l1"), f"loss.recon must be 'mse' or 'l1', got {config.loss.recon!r}")
-  req(int(config.train.batch_size) >= 1, "train.batch_size must be >= 1")
-  req(int(config.train.num_steps) >= 1, "train.num_steps must be >= 1")
+  req(int(t.batch_size) >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+  req(int(t.num_steps) >= 1, f"train.num_steps must be >= 1, got {t.num_steps}")
+  # Intervals are used as `step % every` and by the checkpointer: 0 is not "off", it would fail mid-run.
+  for key in ("log_every", "image_every", "ckpt_every", "keep_checkpoints"):
+    req(int(t[key]) >= 1, f"train.{key} must be >= 1, got {t[key]}")
+  req(int(config.data.eval_examples) >= 1, f"data.eval_examples must be >= 1, got {config.data.eval_examples}")
   req(0.0 <= float(config.quantizer.ema_decay) < 1.0, "quantizer.ema_decay must be in [0, 1)")
-  req(float(config.optim.clip_norm) >= 0, f"optim.clip_norm must be >= 0 (0 = off), got {config.optim.clip_norm}")
+  req(float(o.lr) > 0, f"optim.lr must be > 0, got {o.lr}")
+  req(int(o.warmup_steps) >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+  req(0.0 <= float(o.end_lr_factor) <= 1.0, f"optim.end_lr_factor must be in [0, 1], got {o.end_lr_factor}")
+  req(float(o.clip_norm) >= 0, f"optim.clip_norm must be >= 0 (0 = off), got {o.clip_norm}")
+  if config.loss.gan:
+    req(float(config.loss.disc_lr) > 0, f"loss.disc_lr must be > 0, got {config.loss.disc_lr}")
+    req(int(config.loss.disc_start) >= 0, f"loss.disc_start must be >= 0, got {config.loss.disc_start}")
   req(int(config.data.image_size) == int(config.model.resolution),
       f"data.image_size {config.data.image_size} != model.resolution {config.model.resolution}")
   req(int(config.data.channels) == int(config.model.in_channels),

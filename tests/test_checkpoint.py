@@ -159,6 +159,29 @@ def test_corrupt_latest_falls_back(tmp_path, caplog, corrupt):
   assert _steps(tmp_path) == [1, 2]
 
 
+def test_read_only_reader_leaves_a_live_run_alone(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=3, save_interval_steps=1)
+  for s in (1, 2):
+    ckpt.save(s, _state(s))
+  ckpt.close()
+  _corrupt_truncate(str(tmp_path / "2"))
+  in_flight = tmp_path / "3.orbax-checkpoint-tmp-123"  # a trainer's save in progress
+  in_flight.mkdir()
+  (in_flight / "part").write_bytes(b"\x00")
+  before = sorted(os.listdir(tmp_path))
+
+  reader = checkpoint.Checkpointer(tmp_path, max_to_keep=1, save_interval_steps=1, read_only=True)
+  restored, step = reader.restore(_state(0))
+  assert step == 1  # the unreadable newest step is skipped...
+  _assert_equal(restored, _state(1))
+  with pytest.raises(RuntimeError, match="read-only"):
+    reader.save(5, _state(5))
+  reader.close()
+  assert sorted(os.listdir(tmp_path)) == before  # ...but nothing is renamed, cleaned up or written
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    checkpoint.Checkpointer(tmp_path / "missing", max_to_keep=1, save_interval_steps=1, read_only=True)
+
+
 def test_wrong_target_raises_and_keeps_checkpoints(tmp_path):
   with checkpoint.Checkpointer(tmp_path, max_to_keep=3, save_interval_steps=1) as ckpt:
     ckpt.save(1, _state(1))

@@ -3,11 +3,13 @@
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from ctxrq_jax import configlib
 from ctxrq_jax import demo
 from ctxrq_jax import evaluate
+from ctxrq_jax import sample
 from tests.test_train_rqvae import tiny_config
 
 
@@ -55,3 +57,25 @@ def test_demo_pipeline_writes_samples_and_evaluates(tmp_path):
     assert 0.0 <= fidelity[key] <= 1.0, key
   report = evaluate.format_sample_results(fidelity)
   assert "reconstructions" in report and all(p in report for p in phases)
+
+
+  # Decoding in chunks (padded last chunk) equals one big call; preview grids are capped, the npz is whole.
+  loaded = sample.Stage2Model(os.path.join(workdir, "stage2"))
+  flat = codes.reshape(10, -1, 2)
+  whole = loaded.images(flat, batch_size=16)
+  # (Other batch shapes compile to other convolution kernels: equal up to float rounding, uint8 up to one level.)
+  np.testing.assert_allclose(loaded.images(flat, batch_size=3), whole, atol=1e-5)
+  near = lambda a, b: np.abs(a.astype(np.int32) - b.astype(np.int32)).max() <= 1  # noqa: E731
+  assert near(loaded.images(flat, batch_size=3, uint8=True)[..., 0], images[..., 0])
+  history = np.stack([flat, flat])
+  paths = sample.write_outputs(loaded, history, labels, str(tmp_path / "capped"), ncols=5, batch_size=4,
+                               preview_per_class=1, preview_classes=3)
+  # One sample of each of 3 classes, one column: 3 tiles of 16 px + 2 px padding, enlarged 8x (128 // 16).
+  assert Image.open(paths["samples_png"]).size == (8 * (18 + 2), 8 * (3 * 18 + 2))
+  with np.load(paths["samples_npz"]) as f:
+    assert f["arr_0"].shape == images.shape and near(f["arr_0"], images)  # all 10, although the grid shows 3
+  assert not any(n.startswith(".samples") for n in os.listdir(tmp_path / "capped"))  # scratch file removed
+  with pytest.raises(ValueError, match=r"codes must lie in \[0, 16\)"):
+    loaded.images(flat + 16)
+  with pytest.raises(ValueError, match="samples_per_class must be >= 1"):
+    sample.sample_all_classes(os.path.join(workdir, "stage2"), str(tmp_path / "none"), samples_per_class=0)

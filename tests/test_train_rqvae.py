@@ -4,6 +4,7 @@ import os
 
 import jax
 import numpy as np
+import optax
 import pytest
 import tensorflow_datasets as tfds
 
@@ -136,18 +137,56 @@ def test_encode_then_decode_round_trip(tmp_path):
     encode.decode_codes(artifact, np.full((1, 4, 4, 2), 99))
 
 
-def test_clip_norm_zero_means_no_clipping():
-  """configs/rqvae_imagenet.py sets clip_norm 0 ("no clipping"): the optimizer must still move the weights."""
-  optim = configlib.load_config_file("rqvae_imagenet").optim
-  assert float(optim.clip_norm) == 0.0
-  tx = train_rqvae.make_optimizer(optim, num_steps=10, lr=1e-3)
-  params = {"w": jax.numpy.ones((3,))}
+@pytest.mark.parametrize("which", ["tx", "disc_tx"])
+def test_imagenet_optimizers_move_weights_with_clip_norm_zero(which):
+  """configs/rqvae_imagenet.py sets clip_norm 0 ("no clipping"); clip_by_global_norm(0) zeroed every update."""
+  config = configlib.load_config_file("rqvae_imagenet")
+  assert float(config.optim.clip_norm) == 0.0 and config.loss.gan
+  tx = getattr(train_rqvae.Stage1Trainer(config), which)  # the real schedule, lr and disc_lr
+  params = {"w": jax.numpy.zeros((3,))}
   state = tx.init(params)
-  for _ in range(2):  # step 0 has lr 0 in the warmup
-    updates, state = tx.update({"w": jax.numpy.ones((3,))}, state, params)
-  assert np.all(np.abs(np.asarray(updates["w"])) > 0)
-  config = tiny_config(num_steps=1)
-  config.unlock()
+  grads = {"w": jax.numpy.ones((3,))}
+  updates, state = tx.update(grads, state, params)  # step 0: the warmup starts at lr 0
+  params1 = optax.apply_updates(params, updates)
+  updates, state = tx.update(grads, state, params1)
+  params2 = optax.apply_updates(params1, updates)
+  assert np.all(np.asarray(params2["w"]) < 0)
+
+
+def test_negative_clip_norm_is_a_config_error(tmp_path):
+  config = tiny_config()
   config.optim.clip_norm = -1.0
   with pytest.raises(configlib.ConfigError, match="optim.clip_norm must be >= 0"):
-    train_rqvae.validate_config(config)
+    train_rqvae.train_and_evaluate(config, str(tmp_path / "wd"))
+  assert not os.path.exists(tmp_path / "wd")
+
+
+@pytest.mark.parametrize("name", ["rqvae_imagenet", "rqvae_mnist"])
+def test_stage1_configs_have_the_reference_keys(name):
+  configlib.check_keys(configlib.load_config_file(name), train_rqvae.reference_config())
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("unknown", "unknown config keys: train.batch_sise"),
+    ("missing", "missing config keys: train.image_every"),
+])
+def test_unknown_or_missing_key_is_a_config_error_before_anything_is_built(tmp_path, edit, message):
+  config = tiny_config()
+  with config.unlocked():
+    if edit == "unknown":
+      config.train.batch_sise = 8
+    else:
+      del config.train["image_every"]
+  with pytest.raises(configlib.ConfigError, match=message):
+    train_rqvae.train_and_evaluate(config, str(tmp_path / "wd"))
+  assert not os.path.exists(tmp_path / "wd")
+
+
+@pytest.mark.parametrize("key", ["train.log_every", "train.image_every", "train.ckpt_every",
+                                 "train.keep_checkpoints", "data.eval_examples"])
+def test_zero_interval_or_count_is_a_config_error(tmp_path, key):
+  config = tiny_config()
+  section, name = key.split(".")
+  config[section][name] = 0
+  with pytest.raises(configlib.ConfigError, match=f"{key} must be >= 1, got 0"):
+    train_rqvae.train_and_evaluate(config, str(tmp_path / "wd"))
