@@ -13,6 +13,8 @@ set -euo pipefail
 PROG=$(basename "$0")
 SCRIPT_DIR=$(cd "$(dirname "$0")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
+# shellcheck source=common.sh
+source "$SCRIPT_DIR/common.sh"
 
 usage() {
   cat <<EOF
@@ -68,30 +70,6 @@ Examples
 EOF
 }
 
-die() {
-  echo "$PROG: error: $*" >&2
-  echo "Try '$PROG -h' for usage." >&2
-  exit 2
-}
-
-# Quote one word for a POSIX shell; plain words stay unquoted.
-shquote() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-shjoin() {
-  local out="" a
-  for a in "$@"; do
-    out+="${out:+ }$(shquote "$a")"
-  done
-  printf '%s' "$out"
-}
-
 # ---------------------------------------------------------------- options
 MODULE=${CTXRQ_MODULE:-ctxrq_jax.train}
 PYTHON=${CTXRQ_PYTHON:-python}
@@ -116,63 +94,31 @@ CMD=""
 ENVS=()
 TRAIN_ARGS=()
 
-need_value() {  # need_value OPTION NUM_REMAINING NEXT
-  if [[ $2 -lt 2 || -z $3 || $3 == --* ]]; then
-    die "option $1 requires a value"
-  fi
+# This script's options; the rest are parsed by parse_args in common.sh.
+parse_option() {
+  case $1 in
+    --gpus) need_value "$1" $# "${2:-}"; GPUS=$2; OPT_SHIFT=2 ;;
+    --coordinator) need_value "$1" $# "${2:-}"; COORDINATOR=$2; OPT_SHIFT=2 ;;
+    --num-processes) need_value "$1" $# "${2:-}"; NUM_PROCESSES=$2; OPT_SHIFT=2 ;;
+    --process-id) need_value "$1" $# "${2:-}"; PROCESS_ID=$2; OPT_SHIFT=2 ;;
+    -N|--nodes) need_value "$1" $# "${2:-}"; NODES=$2; OPT_SHIFT=2 ;;
+    -G|--gpus-per-node) need_value "$1" $# "${2:-}"; GPUS_PER_NODE=$2; OPT_SHIFT=2 ;;
+    -c|--cpus-per-task) need_value "$1" $# "${2:-}"; CPUS_PER_TASK=$2; OPT_SHIFT=2 ;;
+    --time) need_value "$1" $# "${2:-}"; TIME=$2; OPT_SHIFT=2 ;;
+    --partition) need_value "$1" $# "${2:-}"; PARTITION=$2; OPT_SHIFT=2 ;;
+    --account) need_value "$1" $# "${2:-}"; ACCOUNT=$2; OPT_SHIFT=2 ;;
+    --job-name) need_value "$1" $# "${2:-}"; JOB_NAME=$2; OPT_SHIFT=2 ;;
+    --output) need_value "$1" $# "${2:-}"; OUTPUT=$2; OPT_SHIFT=2 ;;
+    --chdir) need_value "$1" $# "${2:-}"; CHDIR=$2; OPT_SHIFT=2 ;;
+    --port) need_value "$1" $# "${2:-}"; PORT=$2; OPT_SHIFT=2 ;;
+    --setup) need_value "$1" $# "${2:-}"; SETUP=$2; OPT_SHIFT=2 ;;
+    --save-script) need_value "$1" $# "${2:-}"; SAVE_SCRIPT=$2; OPT_SHIFT=2 ;;
+  esac
 }
 
-while [[ $# -gt 0 ]]; do
-  arg=$1
-  if [[ $arg == --*=* && $arg != --config* && $arg != --workdir* ]]; then
-    opt=${arg%%=*}
-    val=${arg#*=}
-    [[ -n $val ]] || die "option $opt requires a value"
-    shift
-    set -- "$opt" "$val" "$@"
-    arg=$opt
-  fi
-  case $arg in
-    -h|--help) usage; exit 0 ;;
-    -m|--module) need_value "$arg" $# "${2:-}"; MODULE=$2; shift 2 ;;
-    --python) need_value "$arg" $# "${2:-}"; PYTHON=$2; shift 2 ;;
-    -e|--env) need_value "$arg" $# "${2:-}"; ENVS+=("$2"); shift 2 ;;
-    --gpus) need_value "$arg" $# "${2:-}"; GPUS=$2; shift 2 ;;
-    --coordinator) need_value "$arg" $# "${2:-}"; COORDINATOR=$2; shift 2 ;;
-    --num-processes) need_value "$arg" $# "${2:-}"; NUM_PROCESSES=$2; shift 2 ;;
-    --process-id) need_value "$arg" $# "${2:-}"; PROCESS_ID=$2; shift 2 ;;
-    -N|--nodes) need_value "$arg" $# "${2:-}"; NODES=$2; shift 2 ;;
-    -G|--gpus-per-node) need_value "$arg" $# "${2:-}"; GPUS_PER_NODE=$2; shift 2 ;;
-    -c|--cpus-per-task) need_value "$arg" $# "${2:-}"; CPUS_PER_TASK=$2; shift 2 ;;
-    --time) need_value "$arg" $# "${2:-}"; TIME=$2; shift 2 ;;
-    --partition) need_value "$arg" $# "${2:-}"; PARTITION=$2; shift 2 ;;
-    --account) need_value "$arg" $# "${2:-}"; ACCOUNT=$2; shift 2 ;;
-    --job-name) need_value "$arg" $# "${2:-}"; JOB_NAME=$2; shift 2 ;;
-    --output) need_value "$arg" $# "${2:-}"; OUTPUT=$2; shift 2 ;;
-    --chdir) need_value "$arg" $# "${2:-}"; CHDIR=$2; shift 2 ;;
-    --port) need_value "$arg" $# "${2:-}"; PORT=$2; shift 2 ;;
-    --setup) need_value "$arg" $# "${2:-}"; SETUP=$2; shift 2 ;;
-    --save-script) need_value "$arg" $# "${2:-}"; SAVE_SCRIPT=$2; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    --config=*|--config.*|--workdir=*) TRAIN_ARGS+=("$arg"); shift ;;
-    --config|--workdir) need_value "$arg" $# "${2:-}"; TRAIN_ARGS+=("$arg" "$2"); shift 2 ;;
-    --) shift; TRAIN_ARGS+=("$@"); break ;;
-    -*) die "unknown option '$arg'" ;;
-    *)
-      [[ -z $CMD ]] || die "unexpected argument '$arg' (subcommand is already '$CMD')"
-      CMD=$arg; shift ;;
-  esac
-done
-
-[[ -n $CMD ]] || { usage >&2; die "missing subcommand"; }
-case $CMD in
-  local|slurm) ;;
-  *) die "unknown subcommand '$CMD'" ;;
-esac
-[[ $MODULE =~ ^[A-Za-z_][A-Za-z0-9_.]*$ ]] || die "--module must be a Python module name, got '$MODULE'"
-for kv in "${ENVS[@]+"${ENVS[@]}"}"; do
-  [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env expects KEY=VALUE, got '$kv'"
-done
+parse_args "$@"
+check_subcommand local slurm
+check_module_and_envs
 if [[ ${#TRAIN_ARGS[@]} -eq 0 ]]; then
   echo "$PROG: warning: no training arguments (e.g. --config=configs/imagenet.py:821m --workdir=...)" >&2
 fi

@@ -9,6 +9,8 @@ set -euo pipefail
 PROG=$(basename "$0")
 SCRIPT_DIR=$(cd "$(dirname "$0")" && pwd)
 DEFAULT_REPO=$(cd "$SCRIPT_DIR/.." && pwd)
+# shellcheck source=common.sh
+source "$SCRIPT_DIR/common.sh"
 
 usage() {
   cat <<EOF
@@ -70,31 +72,6 @@ Examples
 EOF
 }
 
-die() {
-  echo "$PROG: error: $*" >&2
-  echo "Try '$PROG -h' for usage." >&2
-  exit 2
-}
-
-# Quote one word for a POSIX shell; plain words stay unquoted.
-shquote() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-# Quote all arguments, separated by spaces.
-shjoin() {
-  local out="" a
-  for a in "$@"; do
-    out+="${out:+ }$(shquote "$a")"
-  done
-  printf '%s' "$out"
-}
-
 # Run a command, or only print it with --dry-run.
 run() {
   if [[ $DRY_RUN == 1 ]]; then
@@ -139,70 +116,37 @@ CMD=""
 ENVS=()
 TRAIN_ARGS=()
 
-need_value() {  # need_value OPTION NUM_REMAINING NEXT
-  if [[ $2 -lt 2 || -z $3 || $3 == --* ]]; then
-    die "option $1 requires a value"
-  fi
+# This script's options; the rest are parsed by parse_args in common.sh.
+parse_option() {
+  case $1 in
+    -n|--name) need_value "$1" $# "${2:-}"; NAME=$2; OPT_SHIFT=2 ;;
+    -z|--zone) need_value "$1" $# "${2:-}"; ZONE=$2; OPT_SHIFT=2 ;;
+    -p|--project) need_value "$1" $# "${2:-}"; PROJECT=$2; OPT_SHIFT=2 ;;
+    -t|--accelerator-type|--type) need_value "$1" $# "${2:-}"; ACCEL=$2; OPT_SHIFT=2 ;;
+    -v|--version|--runtime-version) need_value "$1" $# "${2:-}"; VERSION=$2; OPT_SHIFT=2 ;;
+    --spot) SPOT=1; OPT_SHIFT=1 ;;
+    --preemptible) PREEMPTIBLE=1; OPT_SHIFT=1 ;;
+    --queued) QUEUED=1; OPT_SHIFT=1 ;;
+    -r|--repo) need_value "$1" $# "${2:-}"; REPO=$2; OPT_SHIFT=2 ;;
+    --ref) need_value "$1" $# "${2:-}"; REF=$2; OPT_SHIFT=2 ;;
+    --remote-dir) need_value "$1" $# "${2:-}"; REMOTE_DIR=$2; OPT_SHIFT=2 ;;
+    --venv) need_value "$1" $# "${2:-}"; VENV=$2; OPT_SHIFT=2 ;;
+    --log) need_value "$1" $# "${2:-}"; LOG=$2; OPT_SHIFT=2 ;;
+    --detach) DETACH=1; OPT_SHIFT=1 ;;
+    -w|--worker) need_value "$1" $# "${2:-}"; WORKER=$2; OPT_SHIFT=2 ;;
+    --lines) need_value "$1" $# "${2:-}"; LINES=$2; OPT_SHIFT=2 ;;
+    -y|--yes) YES=1; OPT_SHIFT=1 ;;
+  esac
 }
 
-while [[ $# -gt 0 ]]; do
-  arg=$1
-  # Split --opt=value (but not pass-through flags, handled below).
-  if [[ $arg == --*=* && $arg != --config* && $arg != --workdir* ]]; then
-    opt=${arg%%=*}
-    val=${arg#*=}
-    [[ -n $val ]] || die "option $opt requires a value"
-    shift
-    set -- "$opt" "$val" "$@"
-    arg=$opt
-  fi
-  case $arg in
-    -h|--help) usage; exit 0 ;;
-    -n|--name) need_value "$arg" $# "${2:-}"; NAME=$2; shift 2 ;;
-    -z|--zone) need_value "$arg" $# "${2:-}"; ZONE=$2; shift 2 ;;
-    -p|--project) need_value "$arg" $# "${2:-}"; PROJECT=$2; shift 2 ;;
-    -t|--accelerator-type|--type) need_value "$arg" $# "${2:-}"; ACCEL=$2; shift 2 ;;
-    -v|--version|--runtime-version) need_value "$arg" $# "${2:-}"; VERSION=$2; shift 2 ;;
-    --spot) SPOT=1; shift ;;
-    --preemptible) PREEMPTIBLE=1; shift ;;
-    --queued) QUEUED=1; shift ;;
-    -r|--repo) need_value "$arg" $# "${2:-}"; REPO=$2; shift 2 ;;
-    --ref) need_value "$arg" $# "${2:-}"; REF=$2; shift 2 ;;
-    --remote-dir) need_value "$arg" $# "${2:-}"; REMOTE_DIR=$2; shift 2 ;;
-    --venv) need_value "$arg" $# "${2:-}"; VENV=$2; shift 2 ;;
-    --python) need_value "$arg" $# "${2:-}"; PYTHON=$2; shift 2 ;;
-    -m|--module) need_value "$arg" $# "${2:-}"; MODULE=$2; shift 2 ;;
-    -e|--env) need_value "$arg" $# "${2:-}"; ENVS+=("$2"); shift 2 ;;
-    --log) need_value "$arg" $# "${2:-}"; LOG=$2; shift 2 ;;
-    --detach) DETACH=1; shift ;;
-    -w|--worker) need_value "$arg" $# "${2:-}"; WORKER=$2; shift 2 ;;
-    --lines) need_value "$arg" $# "${2:-}"; LINES=$2; shift 2 ;;
-    -y|--yes) YES=1; shift ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    --config=*|--config.*|--workdir=*) TRAIN_ARGS+=("$arg"); shift ;;
-    --config|--workdir) need_value "$arg" $# "${2:-}"; TRAIN_ARGS+=("$arg" "$2"); shift 2 ;;
-    --) shift; TRAIN_ARGS+=("$@"); break ;;
-    -*) die "unknown option '$arg'" ;;
-    *)
-      [[ -z $CMD ]] || die "unexpected argument '$arg' (subcommand is already '$CMD')"
-      CMD=$arg; shift ;;
-  esac
-done
-
-[[ -n $CMD ]] || { usage >&2; die "missing subcommand"; }
-case $CMD in
-  create|setup|train|logs|delete|all) ;;
-  *) die "unknown subcommand '$CMD'" ;;
-esac
+parse_args "$@"
+check_subcommand create setup train logs delete all
 [[ -n $NAME ]] || die "missing TPU name (--name or TPU_NAME)"
 [[ -n $ZONE ]] || die "missing zone (--zone or TPU_ZONE)"
 [[ $SPOT == 1 && $PREEMPTIBLE == 1 ]] && die "--spot and --preemptible are mutually exclusive"
 [[ $WORKER == all || $WORKER =~ ^[0-9]+$ ]] || die "--worker must be a number or 'all', got '$WORKER'"
 [[ $LINES =~ ^[0-9]+$ ]] || die "--lines must be a number, got '$LINES'"
-[[ $MODULE =~ ^[A-Za-z_][A-Za-z0-9_.]*$ ]] || die "--module must be a Python module name, got '$MODULE'"
-for kv in "${ENVS[@]+"${ENVS[@]}"}"; do
-  [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env expects KEY=VALUE, got '$kv'"
-done
+check_module_and_envs
 check_remote_path --remote-dir "$REMOTE_DIR"
 check_remote_path --venv "$VENV"
 check_remote_path --log "$LOG"
