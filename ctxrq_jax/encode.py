@@ -92,15 +92,9 @@ def decode_codes(artifact_dir: str, codes: np.ndarray, batch_size: int = 256) ->
   codes = np.asarray(codes)
   if codes.ndim != 4 or tuple(codes.shape[1:]) != model.code_shape:
     raise ValueError(f"codes must be [M, {', '.join(map(str, model.code_shape))}], got {codes.shape}")
-  if codes.size and (codes.min() < 0 or codes.max() >= model.codebook_size):
-    raise ValueError(f"codes must lie in [0, {model.codebook_size}), got range [{codes.min()}, {codes.max()}]")
+  rqvae.check_code_range(codes, model.codebook_size)
   fn = jax.jit(lambda v, c: jnp.clip(model.apply(v, c, method=rqvae.RQVAE.decode_codes), -1.0, 1.0))
-  out = []
-  for i in range(0, codes.shape[0], batch_size):
-    chunk = codes[i:i + batch_size]
-    pad = batch_size - chunk.shape[0]
-    padded = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)]) if pad else chunk
-    out.append(np.asarray(fn(variables, jnp.asarray(padded, jnp.int32)))[:chunk.shape[0]])
+  out = [x for _, x in rqvae.decode_in_batches(fn, variables, codes, batch_size)]
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 

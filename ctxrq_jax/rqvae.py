@@ -476,6 +476,28 @@ def _check_tree_matches(tree: Any, expected: Any, where: str) -> None:
     raise ValueError(f"{where}: variables do not match the model config: {shown}")
 
 
+def check_code_range(codes: np.ndarray, codebook_size: int) -> None:
+  """Raises ValueError unless every code lies in [0, K): out-of-range ids would decode to silent garbage."""
+  if codes.size and (codes.min() < 0 or codes.max() >= codebook_size):
+    raise ValueError(f"codes must lie in [0, {codebook_size}) (the codebook size K), got range "
+                     f"[{codes.min()}, {codes.max()}]")
+
+
+def decode_in_batches(decode_fn: Any, variables: Any, codes: np.ndarray, batch_size: int):
+  """Yields (start, images [b, R, R, C]) for consecutive chunks of int codes [M, h, w, D].
+
+  `decode_fn(variables, codes)` is a jitted decoder; every call gets `batch_size` stacks (the last chunk is padded
+  with code 0 and trimmed), so it compiles once whatever M is.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  for i in range(0, codes.shape[0], batch_size):
+    chunk = codes[i:i + batch_size]
+    pad = batch_size - chunk.shape[0]
+    padded = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)]) if pad else chunk
+    yield i, np.asarray(decode_fn(variables, jnp.asarray(padded, jnp.int32)))[:chunk.shape[0]]
+
+
 def load_artifact(directory: str | os.PathLike) -> tuple[RQVAE, dict[str, Any]]:
   """Reads a stage-1 artifact written by `save_artifact`.
 

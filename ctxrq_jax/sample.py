@@ -78,20 +78,12 @@ class Stage2Model:
     fits in device memory; with `out` (e.g. a memmap [B, R, R, C] uint8) the images go straight there.
     """
     codes = np.asarray(codes).reshape((-1, *self.code_shape))
-    k = int(self.config.data.vocab_size)
-    if codes.size and (codes.min() < 0 or codes.max() >= k):
-      raise ValueError(f"codes must lie in [0, {k}) (the codebook size K); got values in "
-                       f"[{codes.min()}, {codes.max()}]")
-    if batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rqvae.check_code_range(codes, int(self.config.data.vocab_size))
     chunks = []
-    for i in range(0, len(codes), batch_size):
-      chunk = codes[i:i + batch_size]
-      padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *self.code_shape), chunk.dtype)])
-      x = np.asarray(self._decode_images(self.rqvae_variables, jnp.asarray(padded, jnp.int32)))[:len(chunk)]
+    for i, x in rqvae.decode_in_batches(self._decode_images, self.rqvae_variables, codes, batch_size):
       x = grids.to_uint8(x) if (uint8 or out is not None) else x
       if out is not None:
-        out[i:i + len(chunk)] = x if out.shape[-1] == x.shape[-1] else np.repeat(x, out.shape[-1], axis=-1)
+        out[i:i + len(x)] = x if out.shape[-1] == x.shape[-1] else np.repeat(x, out.shape[-1], axis=-1)
       else:
         chunks.append(x)
     if out is not None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import itertools
 import logging as py_logging
 import os
@@ -63,8 +62,6 @@ from ctxrq_jax.configlib import ConfigError
 from ctxrq_jax.data import codes as codes_lib
 
 Array = jax.Array
-_REFERENCE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                                 "imagenet.py")
 _NO_DECAY = ("bias", "scale", "embedding", "mask_embed", "cond_pos", "spatial_pos", "depth_pos")
 
 
@@ -87,12 +84,7 @@ class TrainState:
 # ------------------------------------------------------------------------------------------- validation
 def reference_config() -> ml_collections.ConfigDict:
   """The defaults every stage-2 config must match key for key (configs/imagenet.py)."""
-  if not os.path.isfile(_REFERENCE_CONFIG):
-    raise ConfigError(f"reference config {_REFERENCE_CONFIG} not found; run from a source checkout")
-  spec = importlib.util.spec_from_file_location("_ctxrq_reference_config", _REFERENCE_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("tiny")
+  return configlib.load_config_file("imagenet", "tiny")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -158,7 +150,7 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None
   if not os.path.isfile(os.path.join(workdir, "config.json")):
     return
   saved = runtime.load_config(workdir)
-  diffs = [d for d in configlib.changed_keys(saved, config, ("model.", "data.")) if d.split(":")[0] in _SHAPE_KEYS]
+  diffs = configlib.changed_keys(saved, config, _SHAPE_KEYS)
   if diffs:
     raise ConfigError(f"{workdir} holds a stage-2 run of another shape ({'; '.join(diffs)}); resume it with its own "
                       f"config ({os.path.join(workdir, 'config.json')}) or train in a new --workdir")
@@ -341,12 +333,12 @@ def _code_iterator(config, split: str, batch_size: int, train: bool) -> Iterator
       shard_index=jax.process_index(), shard_count=jax.process_count(), drop_remainder=True)
 
 
-def evaluate(config, eval_fn, params, codebook, mesh) -> dict[str, float]:
+def evaluate(config, eval_fn, params, codebook, mesh, meta: codes_lib.CodeMetadata) -> dict[str, float]:
   """Masked NLL over the eval split (whole global batches; fixed masks per batch index)."""
   batch_size = int(config.train.batch_size)
   it = _code_iterator(config, config.data.eval_split, batch_size // jax.process_count(), train=False)
   # Every host runs the same number of (collective) eval steps, although strided host shards differ by one example.
-  num_batches = codes_lib.read_metadata(config.data.codes_dir).num_examples(config.data.eval_split) // batch_size
+  num_batches = meta.num_examples(config.data.eval_split) // batch_size
   totals: dict[str, float] = {}
   for i, host_batch in enumerate(itertools.islice(it, num_batches)):
     batch = sharding.host_local_batch_to_global(host_batch, mesh)
@@ -470,7 +462,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if step % int(t.eval_every) == 0 or step == num_steps:
         params = state.ema_params if state.ema_params is not None else state.params
         with progress.timed("eval"):
-          result["eval"] = evaluate(config, eval_step, params, codebook, mesh)
+          result["eval"] = evaluate(config, eval_step, params, codebook, mesh, meta)
         if result["eval"]:
           writer.write_scalars(step, result["eval"])
           logging.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in result["eval"].items()))
