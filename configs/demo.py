@@ -1,90 +1,13 @@
 """Demo stage 2 on the embedded MNIST digits: a small Contextual RQ-Transformer on 8x8x4 codes of the MNIST RQ-VAE.
 
-Same sections and keys as configs/imagenet.py (the trainer treats them alike). Sized to train in under 8 minutes on
-two CPU cores: width 128 with 4 spatial / 2 depth layers is 1.2M parameters and runs ~1.1-1.3 steps/s at batch 32
-(float32, idle 2-core CPU), so 480 steps; with `pip install` on a fresh machine the whole demo stays under 15 minutes.
-
-Usage: --config=configs/demo.py
+The values live in the package (ctxrq_jax/configs/demo.py), so an installed wheel has them too; this file is the
+user-facing entry point: `--config=configs/demo.py[:ARG]`. Copy it and override fields below to make your own.
 """
 
-from __future__ import annotations
-
-import ml_collections
-from ml_collections import config_dict
-
-from ctxrq_jax import sharding
+from ctxrq_jax.configs import demo as _defaults
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Returns the locked config. `arg` is unused (kept for the ml_collections `file.py:arg` syntax)."""
-  del arg
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-
-  c.model = ml_collections.ConfigDict()
-  c.model.width = 128
-  c.model.num_heads = 4
-  c.model.spatial_layers = 4
-  c.model.depth_layers = 2
-  c.model.mlp_ratio = 4
-  c.model.dropout = 0.0  # too few steps to overfit
-  c.model.num_classes = 10
-  c.model.cond_length = 1
-  c.model.cond_vocab_size = config_dict.placeholder(int)  # None -> 11: ten digits + "no class"
-  c.model.dtype = "float32"  # bfloat16 is slower than float32 on CPU
-  c.model.param_dtype = "float32"
-  c.model.remat = False
-
-  # Must match configs/rqvae_mnist.py (codes 8x8x4, K 64, n_z 32); the trainer checks against metadata.json.
-  c.data = ml_collections.ConfigDict()
-  c.data.codes_dir = ""
-  c.data.stage1_dir = ""
-  c.data.train_split = "train"
-  c.data.eval_split = "test"
-  c.data.code_shape = (8, 8, 4)
-  c.data.vocab_size = 64
-  c.data.embed_dim = 32
-
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 32
-  c.train.num_steps = 480
-  c.train.grad_accum_steps = 1
-  c.train.cond_drop_rate = 0.1
-  c.train.label_smoothing = 0.0
-  c.train.log_every = 25
-  c.train.eval_every = 480  # once, at the end
-  c.train.ckpt_every = 240
-  c.train.keep_checkpoints = 2
-  c.train.ema_decay = 0.0
-  c.train.nonfinite = "stop"
-
-  # Reference AdamW settings, with a higher peak lr and a short warmup for the small model and short run. Peak lr
-  # measured on a 560-step run (held-out NLL, nats/code): 1e-3 1.850, 2e-3 1.811, 3e-3 1.801.
-  c.optim = ml_collections.ConfigDict()
-  c.optim.learning_rate = 3e-3
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.95
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 1e-4
-  c.optim.warmup_steps = 50
-  c.optim.schedule = "cosine"
-  c.optim.end_lr_ratio = 0.0
-  c.optim.grad_clip = 1.0
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-  c.sharding_rules = list(sharding.DEFAULT_RULES)
-
-  # Paper's Table 3 phases with fewer draft steps: 64 positions in 16 draft steps keeps CPU sampling quick.
-  c.sample = ml_collections.ConfigDict()
-  c.sample.T_draft = 16
-  c.sample.T_revise = 2
-  c.sample.M = 2
-  c.sample.batch_size = 50
-  c.sample.draft = ml_collections.ConfigDict(dict(temperature=1.0, guidance=0.0, top_k=0, top_p=1.0))
-  c.sample.revise = ml_collections.ConfigDict(dict(temperature=0.8, guidance=1.8, top_k=0, top_p=1.0))
-
-  c.lock()
-  return c
+def get_config(arg=None):
+  config = _defaults.get_config(arg)
+  # Your overrides, e.g. config.train.batch_size = 256 (the config is locked: new keys are refused).
+  return config

@@ -28,7 +28,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from ctxrq_jax.configlib import ConfigError
+from ctxrq_jax.core.config import ConfigError
 from ctxrq_jax.data import mnist
 from ctxrq_jax.data import pipeline
 

@@ -21,27 +21,19 @@ codebook is shared, so codebooks 1..3 repeat it), `cluster_size_ema` [K] and `em
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Mapping, Sequence
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
 
-from ctxrq_jax import configlib
-from ctxrq_jax import rq
+from ctxrq_jax.core import config as configlib
+from ctxrq_jax.models import common
+from ctxrq_jax.models import rq
 
 Dtype = Any
 
-ARTIFACT_FORMAT = "ctxrq_jax.rqvae/1"
-_CONFIG_FILE = "model_config.json"
-_VARIABLES_DIR = "variables"
-_QUANTIZER_KEYS = ("codebook", "cluster_size_ema", "embed_ema")
 
 
 def _conv(
@@ -221,12 +213,6 @@ class Decoder(nn.Module):
     return _conv(self.out_channels, 3, self.dtype, "conv_out")(h)
 
 
-def _dtype_from_name(name: str) -> Dtype:
-  if name not in ("float32", "bfloat16", "float16"):
-    raise configlib.ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {name!r}")
-  return jnp.dtype(name)
-
-
 class RQVAE(nn.Module):
   """Residual-quantized VAE. Images [B, R, R, C] float in [-1, 1]; latents [B, h, w, n_z]; codes int32 [B, h, w, D].
 
@@ -259,7 +245,7 @@ class RQVAE(nn.Module):
           ch=int(g("ch")), ch_mult=tuple(int(m) for m in g("ch_mult")), num_res_blocks=int(g("num_res_blocks")),
           attn_resolutions=tuple(int(r) for r in g("attn_resolutions")), z_channels=int(g("z_channels")),
           embed_dim=int(g("embed_dim")), codebook_size=int(g("codebook_size")), code_depth=int(g("code_depth")),
-          dropout=float(g("dropout")), norm_groups=int(g("norm_groups")), dtype=_dtype_from_name(str(g("dtype"))),
+          dropout=float(g("dropout")), norm_groups=int(g("norm_groups")), dtype=common.parse_dtype(str(g("dtype"))),
           quant_chunk_size=int(g("quant_chunk_size")),
       )
     except (KeyError, AttributeError) as e:
@@ -379,17 +365,6 @@ class RQVAE(nn.Module):
     }
 
 
-def reconstruction_loss(x: jax.Array, recon: jax.Array, kind: str) -> jax.Array:
-  """Mean 'mse' or 'l1' reconstruction loss between images [B, H, W, C]. Scalar float32."""
-  chex.assert_equal_shape([x, recon])
-  diff = recon.astype(jnp.float32) - x.astype(jnp.float32)
-  if kind == "mse":
-    return jnp.mean(diff**2)
-  if kind == "l1":
-    return jnp.mean(jnp.abs(diff))
-  raise ValueError(f"unknown reconstruction loss {kind!r}; expected 'mse' or 'l1'")
-
-
 def codebook_state(variables: Mapping[str, Any]) -> rq.CodebookState:
   """The `quantizer` collection of RQVAE variables as an `rq.CodebookState`."""
   if "quantizer" not in variables:
@@ -406,132 +381,8 @@ def with_codebook_state(variables: Mapping[str, Any], state: rq.CodebookState) -
   return out
 
 
-def count_params(variables: Mapping[str, Any], collections: Sequence[str] = ("params",)) -> int:
-  """Number of scalars in the given collections of `variables` (arrays or ShapeDtypeStructs)."""
-  missing = [c for c in collections if c not in variables]
-  if missing:
-    raise ValueError(f"variables have no collection(s) {missing} (have {sorted(variables)})")
-  return int(sum(int(np.prod(leaf.shape)) for c in collections for leaf in jax.tree_util.tree_leaves(variables[c])))
-
-
 def init_variables(model: RQVAE, rng: jax.Array, batch_size: int = 1) -> dict[str, Any]:
   """Initial {'params', 'quantizer'} of `model` from one dummy batch."""
   x = jnp.zeros((batch_size, model.resolution, model.resolution, model.in_channels), jnp.float32)
   variables = model.init({"params": rng}, x)
   return {"params": variables["params"], "quantizer": variables["quantizer"]}
-
-
-def _config_to_dict(model_config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
-  if isinstance(model_config, ml_collections.ConfigDict):
-    d = model_config.to_dict()
-  else:
-    d = dict(model_config)
-  # Round-trip through JSON now so an unserializable value fails at save time, naming nothing half-written.
-  return json.loads(json.dumps(d))
-
-
-def save_artifact(
-    directory: str | os.PathLike, model_config: ml_collections.ConfigDict | Mapping[str, Any],
-    variables: Mapping[str, Any], *, overwrite: bool = False,
-) -> None:
-  """Writes a stage-1 artifact: `directory/model_config.json` and an orbax checkpoint `directory/variables`.
-
-  Args:
-    directory: target directory (created).
-    model_config: the `model` section of the RQ-VAE config (must build a model whose variables match `variables`).
-    variables: {'params', 'quantizer'} (other collections are dropped).
-    overwrite: replace an existing artifact instead of raising.
-  """
-  directory = os.path.abspath(os.fspath(directory))
-  cfg = _config_to_dict(model_config)
-  model = RQVAE.from_config(cfg)
-  for c in ("params", "quantizer"):
-    if c not in variables:
-      raise ValueError(f"save_artifact: variables have no {c!r} collection (have {sorted(variables)})")
-  state = {"params": variables["params"], "quantizer": variables["quantizer"]}
-  expected = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
-  _check_tree_matches(state, expected, f"save_artifact({directory})")
-  ckpt_dir = os.path.join(directory, _VARIABLES_DIR)
-  if os.path.exists(ckpt_dir) and not overwrite:
-    raise FileExistsError(f"stage-1 artifact already exists at {directory} (pass overwrite=True to replace it)")
-  os.makedirs(directory, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(ckpt_dir, state, force=overwrite)
-    ckptr.wait_until_finished()
-  if jax.process_index() == 0:
-    tmp = os.path.join(directory, _CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump({"format": ARTIFACT_FORMAT, "model": cfg}, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(directory, _CONFIG_FILE))
-
-
-def _check_tree_matches(tree: Any, expected: Any, where: str) -> None:
-  got = {jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
-  want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(expected)}
-  problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
-  problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
-  problems += [f"{k}: shape {got[k]} != {want[k]}" for k in sorted(set(got) & set(want)) if got[k] != want[k]]
-  if problems:
-    shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)" if len(problems) > 8 else "")
-    raise ValueError(f"{where}: variables do not match the model config: {shown}")
-
-
-def check_code_range(codes: np.ndarray, codebook_size: int) -> None:
-  """Raises ValueError unless every code lies in [0, K): out-of-range ids would decode to silent garbage."""
-  if codes.size and (codes.min() < 0 or codes.max() >= codebook_size):
-    raise ValueError(f"codes must lie in [0, {codebook_size}) (the codebook size K), got range "
-                     f"[{codes.min()}, {codes.max()}]")
-
-
-def decode_in_batches(decode_fn: Any, variables: Any, codes: np.ndarray, batch_size: int):
-  """Yields (start, images [b, R, R, C]) for consecutive chunks of int codes [M, h, w, D].
-
-  `decode_fn(variables, codes)` is a jitted decoder; every call gets `batch_size` stacks (the last chunk is padded
-  with code 0 and trimmed), so it compiles once whatever M is.
-  """
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  for i in range(0, codes.shape[0], batch_size):
-    chunk = codes[i:i + batch_size]
-    pad = batch_size - chunk.shape[0]
-    padded = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)]) if pad else chunk
-    yield i, np.asarray(decode_fn(variables, jnp.asarray(padded, jnp.int32)))[:chunk.shape[0]]
-
-
-def load_artifact(directory: str | os.PathLike) -> tuple[RQVAE, dict[str, Any]]:
-  """Reads a stage-1 artifact written by `save_artifact`.
-
-  Returns:
-    (model, variables) with variables = {'params', 'quantizer'} as jax arrays.
-
-  Raises:
-    FileNotFoundError / ValueError naming the path and what is missing or wrong.
-  """
-  directory = os.path.abspath(os.fspath(directory))
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"stage-1 artifact directory {directory} does not exist")
-  cfg_path = os.path.join(directory, _CONFIG_FILE)
-  if not os.path.isfile(cfg_path):
-    raise FileNotFoundError(f"stage-1 artifact {directory} has no {_CONFIG_FILE}")
-  try:
-    with open(cfg_path) as f:
-      meta = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"stage-1 artifact config {cfg_path} is unreadable: {e}") from e
-  if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT or not isinstance(meta.get("model"), dict):
-    raise ValueError(f"stage-1 artifact config {cfg_path} is not a {ARTIFACT_FORMAT} file")
-  try:
-    model = RQVAE.from_config(meta["model"])
-  except configlib.ConfigError as e:
-    raise ValueError(f"stage-1 artifact config {cfg_path} is invalid: {e}") from e
-  ckpt_dir = os.path.join(directory, _VARIABLES_DIR)
-  if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f"stage-1 artifact {directory} has no checkpoint directory {_VARIABLES_DIR}/")
-  abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
-  try:
-    with ocp.StandardCheckpointer() as ckptr:
-      variables = ckptr.restore(ckpt_dir, abstract)
-  except Exception as e:  # orbax raises assorted types for truncated/corrupt files
-    raise ValueError(f"stage-1 artifact checkpoint {ckpt_dir} could not be restored: {type(e).__name__}: {e}") from e
-  _check_tree_matches(variables, abstract, f"load_artifact({directory})")
-  return model, {"params": variables["params"], "quantizer": variables["quantizer"]}

@@ -1,13 +1,15 @@
-"""Config loading and validation shared by every command.
+"""Config files, key checks and run snapshots (no JAX here: commands import this before anything heavy).
 
 Configs are `ml_collections` files with `get_config(arg)`; they return locked ConfigDicts so a misspelled override
 (`--config.train.batch_sise=8`) fails at the flag parser. `check_keys` catches the same mistake in configs built or
-edited in code (notebooks, tests) by comparing against the file's own defaults, before anything is compiled.
+edited in code (notebooks, tests) by comparing against the package's defaults (`ctxrq_jax/configs/`), before anything
+is compiled. A run's config is snapshotted as `config.json` in its workdir (`save_snapshot` / `load_snapshot`).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from typing import Any, Mapping
 
@@ -57,16 +59,25 @@ def require(condition: bool, message: str) -> None:
     raise ConfigError(message)
 
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+PACKAGE_CONFIGS = "ctxrq_jax.configs"
+SNAPSHOT = "config.json"
+
+
+def package_config_path(name: str) -> str:
+  """The file of a config that ships inside the package (`ctxrq_jax/configs/NAME.py`); works from a wheel."""
+  spec = importlib.util.find_spec(f"{PACKAGE_CONFIGS}.{name}")
+  if spec is None or not spec.origin:
+    raise ConfigError(f"no config named {name!r} in {PACKAGE_CONFIGS}")
+  return spec.origin
 
 
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """Loads `get_config(arg)` from a config file; a bare name ('demo') means configs/demo.py of this checkout.
+  """Loads `get_config(arg)` from a config file; a bare name ('demo') means the package's `ctxrq_jax/configs/demo.py`.
 
   The same as `--config=path:arg` on the command line, for notebooks and tests.
   """
   if os.sep not in path and not path.endswith(".py"):
-    path = os.path.join(CONFIG_DIR, path + ".py")
+    path = package_config_path(path)
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path} does not exist")
   spec = importlib.util.spec_from_file_location(f"_ctxrq_config_{abs(hash(path))}", path)
@@ -75,3 +86,40 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path} has no get_config()")
   return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def save_snapshot(config: ml_collections.ConfigDict, workdir: str, *, write: bool = True) -> str:
+  """Writes the config as JSON into `workdir/config.json` atomically (only where `write`, i.e. process 0)."""
+  path = os.path.join(workdir, SNAPSHOT)
+  if write:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(tmp, path)
+  return path
+
+
+def load_snapshot(workdir: str) -> ml_collections.ConfigDict:
+  """Reads a config written by `save_snapshot`; a clear error names a missing or unreadable file."""
+  path = os.path.join(workdir, SNAPSHOT)
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"workdir {workdir} does not exist")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of a training run?")
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"config snapshot {path} is unreadable: {e}") from e
+
+
+def absolute_paths(config: ml_collections.ConfigDict, section: str, keys: tuple[str, ...]) -> ml_collections.ConfigDict:
+  """A copy whose `section.key` directories are absolute (URLs kept), so the snapshot works from any directory."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for key in keys:
+      path = config[section][key]
+      if path and "://" not in path:
+        config[section][key] = os.path.abspath(path)
+  return config

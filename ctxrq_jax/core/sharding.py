@@ -2,12 +2,13 @@
 
 The mesh always has the three axes ('data', 'fsdp', 'tensor'), sized by `config.mesh` (-1 on one axis takes the
 remaining devices). Parameters name their dimensions with logical axes ('embed', 'mlp', ...; see
-ctxrq_jax/transformer.py); `config.sharding_rules` maps those names to mesh axes as data, so FSDP / tensor
+ctxrq_jax/models/transformer.py); `config.sharding_rules` maps those names to mesh axes as data, so FSDP / tensor
 parallelism is a config change. The batch is split over ('data', 'fsdp'): both are data-parallel axes, fsdp
 additionally shards the parameters and optimizer state.
 
-Multi-host: `maybe_initialize_distributed()` must run before anything touches a JAX backend; then every process
-feeds its slice of the global batch through `host_local_batch_to_global`.
+Both stages use this one API: stage 1 keeps its parameters replicated on the same ('data', 'fsdp', 'tensor') mesh,
+stage 2 shards them by the rules, sampling runs on a data-parallel mesh. Multi-host start-up is in `core/host.py`;
+every process feeds its slice of the global batch through `host_local_batch_to_global`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -24,26 +24,12 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
-from ctxrq_jax.configlib import ConfigError
+from ctxrq_jax.core.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # Mesh axes the batch dimension is split over.
-
-# Logical axis -> mesh axes, in priority order (the axis names are listed in ctxrq_jax/transformer.py); the stage-2
-# configs start from these. Flax gives each mesh axis to at most one dimension of an array, so activations
-# ('batch', ..., 'embed') take fsdp for the batch and leave the width replicated, while parameters ('embed', 'mlp')
-# are sharded over fsdp and tensor.
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("vocab", "tensor"),
-    ("kv", None),
-    ("code", None),
-    ("length", None),
-    ("depth", None),
-)
 
 Rules = tuple[tuple[str, Optional[tuple[str, ...]]], ...]
 
@@ -91,7 +77,7 @@ def make_mesh(mesh_cfg: Mapping[str, Any], devices: Optional[Sequence[Any]] = No
   try:
     grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
   except (ValueError, NotImplementedError, AssertionError) as e:
-    logging.info("create_device_mesh could not place %s (%s); using device order", shape, e)
+    log.info("create_device_mesh could not place %s (%s); using device order", shape, e)
     grid = np.asarray(devices, dtype=object).reshape(shape)
   return Mesh(grid, MESH_AXES)
 
@@ -234,51 +220,7 @@ def host_local_batch_to_global(batch: Any, mesh: Mesh) -> Any:
   return jax.tree.map(put, batch)
 
 
-# ----------------------------------------------------------------------------------------------- multi-host
-def _int_env(name: str) -> int:
-  try:
-    return int(os.environ.get(name, "0"))
-  except ValueError:
-    return 0
-
-
-def distributed_requested() -> bool:
-  """Whether the environment describes a multi-process job.
-
-  True when any of:
-    * `CTXRQ_DISTRIBUTED=1` (explicit; then `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` or a
-      cluster that jax auto-detects supply the details);
-    * `JAX_COORDINATOR_ADDRESS` is set (jax reads it with JAX_NUM_PROCESSES / JAX_PROCESS_ID);
-    * a SLURM job step with more than one task (`SLURM_NTASKS` > 1; jax auto-detects SLURM);
-    * Open MPI with more than one rank (`OMPI_COMM_WORLD_SIZE` > 1);
-    * a multi-host Cloud TPU slice (`TPU_WORKER_HOSTNAMES` lists more than one host).
-  `CTXRQ_DISTRIBUTED=0` forces single-process.
-  """
-  explicit = os.environ.get("CTXRQ_DISTRIBUTED")
-  if explicit is not None:
-    return explicit.strip().lower() in ("1", "true", "yes")
-  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    return True
-  if _int_env("SLURM_NTASKS") > 1 or _int_env("OMPI_COMM_WORLD_SIZE") > 1:
-    return True
-  hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-  return len(hosts) > 1
-
-
-def maybe_initialize_distributed() -> bool:
-  """Calls `jax.distributed.initialize()` once when `distributed_requested()`; returns whether it did.
-
-  Must run before any other JAX call touches a backend (jax.devices(), arrays, jit).
-  """
-  if not distributed_requested() or jax.distributed.is_initialized():
-    return False
-  jax.distributed.initialize()
-  logging.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
-               jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
-  return True
-
-
 __all__ = ["BATCH_AXES", "MESH_AXES", "batch_sharding", "check_batch_size", "data_parallel_size",
-           "distributed_requested", "fraction_replicated", "host_local_batch_to_global", "logical_rules",
-           "logical_to_shardings", "make_mesh", "maybe_initialize_distributed", "mesh_context", "mesh_shape",
+           "fraction_replicated", "host_local_batch_to_global", "logical_rules",
+           "logical_to_shardings", "make_mesh", "mesh_context", "mesh_shape",
            "replicated"]

@@ -33,6 +33,7 @@ import time
 import zlib
 from typing import Any, Mapping, Optional
 
+from etils import epath
 import grain
 import grain.checkpoint as grain_checkpoint
 import jax
@@ -40,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_policy
+
+log = logging.getLogger(__name__)
 
 _STATE = "state"
 _DATA = "data"
@@ -247,25 +250,43 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
-  def _restore_step(self, step: int, abstract: Any, data_iterator: Any) -> Any:
+  def _restore_step(self, step: int, abstract: Any, data_iterator: Any, partial: bool) -> Any:
     self._verify(step)
-    items = {_STATE: ocp.args.StandardRestore(abstract)}
+    if partial:  # only the leaves of `abstract` are read (e.g. the parameters, not the optimizer state)
+      items = {_STATE: ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
+                                              restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))}
+    else:
+      items = {_STATE: ocp.args.StandardRestore(abstract)}
     step_dir = os.path.join(self.directory, str(step))
     has_data = os.path.isdir(os.path.join(step_dir, _DATA))
     if data_iterator is not None and has_data:
       items[_DATA] = grain_checkpoint.CheckpointRestore(data_iterator)
     out = self._manager.restore(step, args=ocp.args.Composite(**items))
     if data_iterator is not None and not has_data:
-      logging.warning("Checkpoint %s has no data-iterator state; the iterator starts from its beginning.", step_dir)
+      log.warning("Checkpoint %s has no data-iterator state; the iterator starts from its beginning.", step_dir)
     return out[_STATE]
 
-  def restore(self, target: Any, data_iterator: Any = None) -> tuple[Any, Optional[int]]:
+  def saved_structure(self, step: Optional[int] = None) -> Any:
+    """The saved state's tree of array metadata at `step` (default: latest); reads no array data."""
+    step = self.latest_step() if step is None else int(step)
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      meta = handler.metadata(epath.Path(self.directory) / str(step) / _STATE)
+    finally:
+      handler.close()
+    return getattr(meta, "tree", meta)
+
+  def restore(self, target: Any, data_iterator: Any = None, *, partial: bool = False) -> tuple[Any, Optional[int]]:
     """Restores the newest good checkpoint into `target`'s structure, dtypes and shardings.
 
     Args:
       target: a pytree of concrete arrays or `jax.ShapeDtypeStruct`s (with `sharding`); arrays are restored
         directly into those shardings (each host reads only its shards).
       data_iterator: a grain iterator whose position is restored in place (if the checkpoint has one).
+      partial: `target` is a dict holding only some top-level fields of the saved state (e.g. {'params': ...});
+        only those arrays are read. Inference uses it to never load the optimizer state.
 
     Returns:
       (state, step), or (None, None) when the directory holds no checkpoint.
@@ -285,11 +306,11 @@ class Checkpointer:
     for step in steps:
       step_dir = os.path.join(self.directory, str(step))
       try:
-        restored = self._restore_step(step, abstract, data_iterator)
+        restored = self._restore_step(step, abstract, data_iterator, partial)
       except MemoryError:
         raise  # the host, not the checkpoint, is the problem
       except Exception as e:  # noqa: BLE001 - any read/decode failure means this step is unusable.
-        logging.warning("Checkpoint %s could not be restored (%s: %s)%s", step_dir, type(e).__name__,
+        log.warning("Checkpoint %s could not be restored (%s: %s)%s", step_dir, type(e).__name__,
                         str(e).splitlines()[0] if str(e) else "",
                         "; trying the previous one." if step != steps[-1] else ".")
         failed.append(step)
@@ -297,7 +318,7 @@ class Checkpointer:
         continue
       if failed and not self.read_only:
         self._quarantine(failed)
-      logging.info("Restored checkpoint %s", step_dir)
+      log.info("Restored checkpoint %s", step_dir)
       return _data_to_keys(target, restored), step
     raise RuntimeError(f"none of the checkpoints {sorted(steps)} in {self.directory} could be restored into the "
                        f"given target; the first error was {type(first_error).__name__}: {first_error}"
@@ -313,7 +334,7 @@ class Checkpointer:
         dst = f"{src}.corrupt-{stamp}"
         if os.path.isdir(src):
           os.rename(src, dst)
-          logging.warning("Moved unreadable checkpoint %s to %s", src, dst)
+          log.warning("Moved unreadable checkpoint %s to %s", src, dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("ctxrq_checkpoint_quarantine")
@@ -384,7 +405,7 @@ class PreemptionGuard:
       raise KeyboardInterrupt
     self._received = signum
     self._flag.set()
-    logging.warning("Received %s: will save a checkpoint and stop at the end of this step.",
+    log.warning("Received %s: will save a checkpoint and stop at the end of this step.",
                     signal.Signals(signum).name)
 
   def stop_requested(self, step: int) -> bool:
@@ -399,7 +420,7 @@ class PreemptionGuard:
 
   def __enter__(self) -> "PreemptionGuard":
     if threading.current_thread() is not threading.main_thread():
-      logging.warning("PreemptionGuard outside the main thread: signal handlers not installed.")
+      log.warning("PreemptionGuard outside the main thread: signal handlers not installed.")
       return self
     for s in self._signals:
       self._old[s] = signal.getsignal(s)

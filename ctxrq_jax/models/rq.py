@@ -279,7 +279,24 @@ def restart_dead_codes(state: CodebookState, vectors: jax.Array, rng: jax.Array,
   )
 
 
-def codebook_usage(codes: jax.Array, codebook_size: int) -> jax.Array:
-  """Fraction of the K codes used at least once in `codes` (any shape). Scalar float32."""
-  used = jax.ops.segment_sum(jnp.ones(codes.size, jnp.float32), codes.reshape(-1), num_segments=codebook_size)
-  return jnp.mean((used > 0).astype(jnp.float32))
+def codebook_stats(codes: jax.Array, codebook_size: int, prefix: str = "") -> dict[str, jax.Array]:
+  """Per-depth fraction of the K codes used and perplexity exp(H) of the code histogram.
+
+  Args:
+    codes: int [..., D].
+    codebook_size: K.
+    prefix: prepended to the metric names.
+
+  Returns:
+    {f'{prefix}usage_d{d}', f'{prefix}perplexity_d{d}'} float32 scalars for d = 1..D.
+  """
+  depth = codes.shape[-1]
+  flat = codes.reshape(-1, depth)
+  out = {}
+  for d in range(depth):  # static, D <= 8
+    counts = jnp.zeros((codebook_size,), jnp.float32).at[flat[:, d]].add(1.0)
+    p = counts / jnp.sum(counts)
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+    out[f"{prefix}usage_d{d + 1}"] = jnp.mean((counts > 0).astype(jnp.float32))
+    out[f"{prefix}perplexity_d{d + 1}"] = jnp.exp(entropy)
+  return out

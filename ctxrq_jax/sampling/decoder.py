@@ -34,7 +34,6 @@ branch (concatenated along the batch axis).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Mapping, NamedTuple, Optional
@@ -45,173 +44,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctxrq_jax import transformer as transformer_lib
+from ctxrq_jax.models import transformer as transformer_lib
+from ctxrq_jax.sampling.logits import PhaseSettings
+from ctxrq_jax.sampling.logits import Sampler
+from ctxrq_jax.sampling.logits import guide_logits
+from ctxrq_jax.sampling.logits import gumbel_noise
+from ctxrq_jax.sampling.logits import sample_logits
+from ctxrq_jax.sampling.partitions import region_partitions
 
 Array = jax.Array
 PyTree = Any
 
 DRAFT_MODES = ('random', 'confidence')
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Partitions (eq. 12).
-
-
-def region_partitions(rng: Array, region: Array, num_steps: int) -> Array:
-  """Uniformly random balanced partitions of each sample's region into `num_steps` update steps.
-
-  Region positions are put in a uniformly random order (a random permutation, then a stable sort that brings region
-  positions first); the position of rank r among the R_b region positions of sample b is updated at step
-  floor(r * T / R_b), so step sizes differ by at most one and every step is non-empty when T <= R_b.
-
-  Args:
-    rng: PRNG key; sample b uses the b-th key of `jax.random.split(rng, B)`.
-    region: bool [B, N], the positions to partition.
-    num_steps: T >= 1.
-
-  Returns:
-    int32 [B, N]: the step in [0, T) at which each region position is updated, -1 outside the region.
-  """
-  chex.assert_rank(region, 2)
-  if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-    raise ValueError(f'number of update steps T must be a positive integer, got {num_steps!r}')
-  region = jnp.asarray(region, jnp.bool_)
-  if not isinstance(region, jax.core.Tracer):
-    smallest = int(np.asarray(region).sum(axis=1).min()) if region.shape[0] else num_steps
-    if num_steps > smallest:
-      raise ValueError(f'number of update steps T={num_steps} exceeds the smallest region ({smallest} positions); '
-                       'a partition into T non-empty sets needs T <= region size')
-  batch, n = region.shape
-  perm = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(rng, batch))  # [B, N]
-  in_region = jnp.take_along_axis(region, perm, axis=1)
-  order = jnp.take_along_axis(perm, jnp.argsort(~in_region, axis=1, stable=True), axis=1)  # region first
-  rows = jnp.arange(batch)[:, None]
-  rank = jnp.zeros((batch, n), jnp.int32).at[rows, order].set(jnp.arange(n, dtype=jnp.int32)[None])
-  size = jnp.maximum(region.sum(axis=1, keepdims=True, dtype=jnp.int32), 1)
-  return jnp.where(region, rank * num_steps // size, -1).astype(jnp.int32)
-
-
-def random_partitions(rng: Array, batch: int, num_positions: int, num_steps: int) -> Array:
-  """Uniformly random balanced partitions of all N positions (eq. 12) -> int32 [B, N] update step in [0, T)."""
-  for name, value in (('batch', batch), ('num_positions', num_positions), ('num_steps', num_steps)):
-    if not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(f'{name} must be a positive integer, got {value!r}')
-  if num_steps > num_positions:
-    raise ValueError(f'number of update steps T={num_steps} exceeds the number of positions N={num_positions}')
-  return region_partitions(rng, jnp.ones((batch, num_positions), jnp.bool_), num_steps)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sampling settings and helpers.
-
-
-@dataclasses.dataclass(frozen=True)
-class PhaseSettings:
-  """Host-side sampling settings of one phase (draft or revise); validated on construction.
-
-  Attributes:
-    temperature: >= 0; 0 means greedy (argmax).
-    top_k: keep the k largest logits; 0 disables (static: a new value recompiles).
-    top_p: nucleus filtering in (0, 1]; 1 disables (turning it on/off recompiles, changing the value does not).
-    guidance_scale: s in logits = cond + s (cond - uncond); 0 disables guidance and skips the uncond pass
-      (turning it on/off recompiles, changing the value does not).
-  """
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  guidance_scale: float = 0.0
-
-  def __post_init__(self):
-    if not (isinstance(self.temperature, (int, float, np.number)) and math.isfinite(self.temperature)
-            and self.temperature >= 0):
-      raise ValueError(f'temperature must be a finite number >= 0, got {self.temperature!r}')
-    if not isinstance(self.top_k, (int, np.integer)) or isinstance(self.top_k, bool) or self.top_k < 0:
-      raise ValueError(f'top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}')
-    if not (isinstance(self.top_p, (int, float, np.number)) and 0.0 < self.top_p <= 1.0):
-      raise ValueError(f'top_p must lie in (0, 1] (1 disables it), got {self.top_p!r}')
-    if not (isinstance(self.guidance_scale, (int, float, np.number)) and math.isfinite(self.guidance_scale)):
-      raise ValueError(f'guidance_scale must be a finite number, got {self.guidance_scale!r}')
-
-  def sampler(self) -> 'Sampler':
-    """The traced form used inside jitted code."""
-    return Sampler(temperature=jnp.float32(self.temperature), top_p=jnp.float32(self.top_p),
-                   guidance_scale=jnp.float32(self.guidance_scale), top_k=int(self.top_k),
-                   guided=self.guidance_scale != 0, nucleus=self.top_p < 1.0)
-
-
-@flax.struct.dataclass
-class Sampler:
-  """Traced sampling settings (float32 scalars) plus the static switches that shape the computation."""
-  temperature: Array
-  top_p: Array
-  guidance_scale: Array
-  top_k: int = flax.struct.field(pytree_node=False, default=0)
-  guided: bool = flax.struct.field(pytree_node=False, default=False)
-  nucleus: bool = flax.struct.field(pytree_node=False, default=False)
-
-
-def guide_logits(cond_logits: Array, uncond_logits: Array, scale: Array) -> Array:
-  """Classifier-free guidance: cond + scale * (cond - uncond); scale 0 is the conditional model alone."""
-  return cond_logits + scale * (cond_logits - uncond_logits)
-
-
-def filter_top_k(logits: Array, k: int) -> Array:
-  """Sets all but the k largest logits along the last axis to -inf (ties at the k-th value are kept); k static."""
-  k = min(int(k), logits.shape[-1])
-  if k < 1:
-    raise ValueError(f'top_k must be >= 1 here, got {k}')
-  kth = jax.lax.top_k(logits, k)[0][..., -1:]
-  return jnp.where(logits < kth, -jnp.inf, logits)
-
-
-def filter_top_p(logits: Array, p: Array) -> Array:
-  """Nucleus filtering: keeps the smallest prefix of the sorted codes whose probability mass reaches p (>= 1 code)."""
-  sorted_logits = -jnp.sort(-logits, axis=-1)  # descending
-  probs = jax.nn.softmax(sorted_logits, axis=-1)
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  keep = jnp.maximum(jnp.sum(mass_before < p, axis=-1, keepdims=True), 1)
-  cutoff = jnp.take_along_axis(sorted_logits, keep - 1, axis=-1)
-  return jnp.where(logits < cutoff, -jnp.inf, logits)
-
-
-def sample_logits(logits: Array, noise: Array, sampler: Sampler) -> tuple[Array, Array]:
-  """Temperature, top-k, top-p, then Gumbel-max sampling (argmax when the temperature is 0).
-
-  Args:
-    logits: float [..., K] (already guided).
-    noise: float [..., K] standard Gumbel noise.
-    sampler: the phase's `Sampler`.
-
-  Returns:
-    (codes int32 [...], log-probability float32 [...] of each code under the filtered, tempered distribution).
-  """
-  chex.assert_equal_shape([logits, noise])
-  greedy = sampler.temperature <= 0
-  scaled = logits.astype(jnp.float32) / jnp.where(greedy, 1.0, sampler.temperature)
-  if sampler.top_k:
-    scaled = filter_top_k(scaled, sampler.top_k)
-  if sampler.nucleus:
-    scaled = filter_top_p(scaled, sampler.top_p)
-  codes = jnp.argmax(jnp.where(greedy, scaled, scaled + noise), axis=-1).astype(jnp.int32)
-  logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), codes[..., None], axis=-1)[..., 0]
-  return codes, logprob
-
-
-def gumbel_noise(step_key: Array, positions: Array, depth: int, num_codes: int) -> Array:
-  """Gumbel noise of sample b, position positions[b, u], depth d: float32 [B, U, K].
-
-  The noise depends only on (step_key, b, position, depth), never on the slot u, so for a threefry `step_key` (the
-  samplers derive one) a sampler that gathers a subset of positions and one that samples all N positions draw
-  identical numbers.
-  """
-  chex.assert_rank(positions, 2)
-
-  def one(sample_key: Array, position: Array) -> Array:
-    key = jax.random.fold_in(jax.random.fold_in(sample_key, position), depth)
-    return jax.random.gumbel(key, (num_codes,), jnp.float32)
-
-  sample_keys = jax.vmap(lambda b: jax.random.fold_in(step_key, b))(jnp.arange(positions.shape[0]))
-  return jax.vmap(jax.vmap(one, in_axes=(None, 0)))(sample_keys, positions)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -241,7 +85,7 @@ def init_state(codes: Array, region: Array) -> DecodeState:
   return DecodeState(codes=codes, known=~region, updates=jnp.zeros(region.shape, jnp.int32))
 
 
-def _null_cond(model: Any, cond: Array) -> Array:
+def null_cond(model: Any, cond: Array) -> Array:
   return jnp.full_like(cond, model.num_classes)
 
 
@@ -259,7 +103,7 @@ def _sample_stacks(model: Any, variables: PyTree, codebook: Array, codes: Array,
   batch, _, depth = codes.shape
   if sampler.guided:  # cond and uncond branches in one batched pass
     codes, mask, positions_in = (jnp.concatenate([x, x]) for x in (codes, mask, positions))
-    cond = jnp.concatenate([cond, _null_cond(model, cond)])
+    cond = jnp.concatenate([cond, null_cond(model, cond)])
   else:
     positions_in = positions
   h = model.apply(variables, codes, mask, cond, codebook, method=model.spatial)  # [B', N, W]
@@ -351,7 +195,7 @@ class _Plan(NamedTuple):
   history: bool
 
 
-def _split_rng(rng: Array) -> tuple[Array, Array, Array]:
+def split_rng(rng: Array) -> tuple[Array, Array, Array]:
   """(partition, sampling, confidence-noise) threefry keys derived from `rng` (a key of any PRNG implementation).
 
   Threefry draws do not depend on how keys are batched under vmap (the 'rbg' implementation's do), which the exact
@@ -365,7 +209,7 @@ def _split_rng(rng: Array) -> tuple[Array, Array, Array]:
 @functools.partial(jax.jit, static_argnames=('model', 'plan'))
 def _decode(model: Any, variables: PyTree, codebook: Array, cond: Array, rng: Array, codes: Array, region: Array,
             draft: Sampler, revise: Sampler, plan: _Plan) -> tuple[Array, Optional[Array]]:
-  k_part, k_samp, k_conf = _split_rng(rng)
+  k_part, k_samp, k_conf = split_rng(rng)
   state = init_state(codes, region)
   if plan.draft_mode == 'random':
     partition = region_partitions(jax.random.fold_in(k_part, 0), region, plan.t_draft)
@@ -398,7 +242,7 @@ def _decode(model: Any, variables: PyTree, codebook: Array, cond: Array, rng: Ar
 # Host-side validation and public entry points.
 
 
-def _variables(params: PyTree) -> dict[str, PyTree]:
+def as_variables(params: PyTree) -> dict[str, PyTree]:
   if isinstance(params, Mapping) and set(params.keys()) == {'params'}:
     raise ValueError("pass the model's 'params' collection, not the variables dict {'params': ...}")
   return {'params': params}
@@ -417,7 +261,7 @@ def _check_settings(name: str, settings: Any) -> Sampler:
   return settings.sampler()
 
 
-def _prepare(model: Any, codebook: Any, cond: Any, codes: Any, region: Any, *, t_draft: int, t_revise: int,
+def prepare(model: Any, codebook: Any, cond: Any, codes: Any, region: Any, *, t_draft: int, t_revise: int,
              num_revisions: int, draft: Any, revise: Any, draft_mode: str, confidence_noise: float,
              return_history: bool) -> tuple[Array, Array, Array, Array, Sampler, Sampler, _Plan]:
   """Validates concrete inputs before anything is compiled; returns device arrays, samplers and the static plan."""
@@ -491,11 +335,11 @@ def draft_and_revise(model: Any, params: PyTree, codebook: Array, cond: Array, r
     codes int32 [B, N, D]; with return_history, (codes, history int32 [M+1, B, N, D]) where history[0] is the draft
     and history[m] the m-th revision (history[M] == codes).
   """
-  codebook, cond, codes, region, draft_s, revise_s, plan = _prepare(
+  codebook, cond, codes, region, draft_s, revise_s, plan = prepare(
       model, codebook, cond, None, None, t_draft=t_draft, t_revise=t_revise, num_revisions=num_revisions,
       draft=draft, revise=revise, draft_mode=draft_mode, confidence_noise=confidence_noise,
       return_history=return_history)
-  out, history = _decode(model, _variables(params), codebook, cond, rng, codes, region, draft_s, revise_s, plan=plan)
+  out, history = _decode(model, as_variables(params), codebook, cond, rng, codes, region, draft_s, revise_s, plan=plan)
   return (out, history) if return_history else out
 
 
@@ -517,11 +361,11 @@ def inpaint(model: Any, params: PyTree, codebook: Array, codes: Array, region: A
   Returns:
     codes int32 [B, N, D] (and history [M+1, B, N, D] with return_history).
   """
-  codebook, cond, codes, region, draft_s, revise_s, plan = _prepare(
+  codebook, cond, codes, region, draft_s, revise_s, plan = prepare(
       model, codebook, cond, codes, region, t_draft=t_draft, t_revise=t_revise, num_revisions=num_revisions,
       draft=draft, revise=revise, draft_mode=draft_mode, confidence_noise=confidence_noise,
       return_history=return_history)
-  out, history = _decode(model, _variables(params), codebook, cond, rng, codes, region, draft_s, revise_s, plan=plan)
+  out, history = _decode(model, as_variables(params), codebook, cond, rng, codes, region, draft_s, revise_s, plan=plan)
   return (out, history) if return_history else out
 
 
@@ -553,7 +397,7 @@ def update_step(model: Any, params: PyTree, codebook: Array, state: DecodeState,
     The new state; chosen positions are resampled, known, and their `updates` count incremented.
   """
   chex.assert_rank([state.codes, state.known, cond, partition], [3, 2, 2, 2])
-  return _update_step(model, _variables(params), codebook, state, cond, partition, step, step_key, sampler,
+  return _update_step(model, as_variables(params), codebook, state, cond, partition, step, step_key, sampler,
                       max_updates)
 
 
@@ -562,66 +406,5 @@ def update_pass(model: Any, params: PyTree, codebook: Array, state: DecodeState,
                 pass_key: Array, sampler: Sampler, *, num_steps: int, max_updates: int) -> DecodeState:
   """Jitted UPDATE (Algorithm 1): `num_steps` update steps over `partition`; step t uses fold_in(pass_key, t)."""
   chex.assert_rank([state.codes, state.known, cond, partition], [3, 2, 2, 2])
-  return _update_pass(model, _variables(params), codebook, state, cond, partition, pass_key, sampler, num_steps,
+  return _update_pass(model, as_variables(params), codebook, state, cond, partition, pass_key, sampler, num_steps,
                       max_updates)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Plain reference implementation (tests and benchmark).
-
-
-@functools.partial(jax.jit, static_argnames=('model',))
-def _reference_step(model: Any, variables: PyTree, codebook: Array, codes: Array, known: Array, cond: Array,
-                    chosen: Array, step_key: Array, sampler: Sampler) -> tuple[Array, Array]:
-  """Spatial pass and D depth passes over ALL N positions, then keep the chosen ones."""
-  batch, n, depth = codes.shape
-  mask = chosen | ~known
-  if sampler.guided:
-    h = model.apply(variables, jnp.concatenate([codes, codes]), jnp.concatenate([mask, mask]),
-                    jnp.concatenate([cond, _null_cond(model, cond)]), codebook, method=model.spatial)
-  else:
-    h = model.apply(variables, codes, mask, cond, codebook, method=model.spatial)
-  positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, n))
-  stacks = jnp.zeros((batch, n, depth), jnp.int32)
-  for d in range(depth):
-    stacks_in = jnp.concatenate([stacks, stacks]) if sampler.guided else stacks
-    logits = model.apply(variables, h, stacks_in, codebook, at=d, method=model.depth)
-    if sampler.guided:
-      logits = guide_logits(logits[:batch], logits[batch:], sampler.guidance_scale)
-    code, _ = sample_logits(logits, gumbel_noise(step_key, positions, d, codebook.shape[0]), sampler)
-    stacks = stacks.at[:, :, d].set(code)
-  return jnp.where(chosen[..., None], stacks, codes), known | chosen
-
-
-def reference_draft_and_revise(model: Any, params: PyTree, codebook: Array, cond: Array, rng: Array, *,
-                               t_draft: int, t_revise: int, num_revisions: int, draft: PhaseSettings,
-                               revise: PhaseSettings, codes: Optional[Array] = None, region: Optional[Array] = None,
-                               return_history: bool = False) -> Array | tuple[Array, Array]:
-  """Plain Draft-and-Revise: a Python loop over UPDATE steps, each a full spatial + depth pass over all N positions.
-
-  Consumes the same random numbers as `draft_and_revise` / `inpaint` (random draft mode) and returns the same codes.
-  With `codes` and `region` given it is the reference of `inpaint`.
-  """
-  codebook, cond, codes, region, draft_s, revise_s, plan = _prepare(
-      model, codebook, cond, codes, region, t_draft=t_draft, t_revise=t_revise, num_revisions=num_revisions,
-      draft=draft, revise=revise, draft_mode='random', confidence_noise=0.0, return_history=return_history)
-  variables = _variables(params)
-  k_part, k_samp, _ = _split_rng(rng)
-  state = init_state(codes, region)
-  codes, known = state.codes, state.known
-  history = []
-  for phase in range(plan.num_revisions + 1):
-    num_steps, sampler = (plan.t_draft, draft_s) if phase == 0 else (plan.t_revise, revise_s)
-    partition = region_partitions(jax.random.fold_in(k_part, phase), region, num_steps)
-    pass_key = jax.random.fold_in(k_samp, phase)
-    for t in range(num_steps):
-      codes, known = _reference_step(model, variables, codebook, codes, known, cond, partition == t,
-                                     jax.random.fold_in(pass_key, t), sampler)
-    history.append(codes)
-  return (codes, jnp.stack(history)) if return_history else codes
-
-
-__all__ = ['DRAFT_MODES', 'DecodeState', 'PhaseSettings', 'Sampler', 'confidence_draft', 'draft_and_revise',
-           'filter_top_k', 'filter_top_p', 'guide_logits', 'gumbel_noise', 'init_state', 'inpaint',
-           'random_partitions', 'reference_draft_and_revise', 'region_partitions', 'sample_logits', 'update_pass',
-           'update_step']

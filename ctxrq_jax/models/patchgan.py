@@ -1,4 +1,4 @@
-"""PatchGAN discriminator and the VQGAN-style adversarial losses for stage-1 training (pure functions).
+"""PatchGAN discriminator for stage-1 training (its losses are in ctxrq_jax/stage1/losses.py).
 
 The discriminator follows the taming-transformers NLayerDiscriminator layout: a 4x4 stride-2 conv + LeakyReLU(0.2),
 then n_layers - 1 blocks of 4x4 stride-2 conv (width ndf * min(2^n, 8)) + norm + LeakyReLU, one 4x4 stride-1 block,
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -69,40 +68,3 @@ class PatchGANDiscriminator(nn.Module):
       h = norm_act(h, f"norm_{n}")
     h = conv(h, 1, 1, True, f"conv_{self.n_layers + 1}")
     return h.astype(jnp.float32)
-
-
-def hinge_d_loss(logits_real: jax.Array, logits_fake: jax.Array) -> jax.Array:
-  """Discriminator hinge loss 0.5 (mean relu(1 - real) + mean relu(1 + fake)). Any shapes; scalar float32."""
-  real = jnp.mean(jax.nn.relu(1.0 - logits_real.astype(jnp.float32)))
-  fake = jnp.mean(jax.nn.relu(1.0 + logits_fake.astype(jnp.float32)))
-  return 0.5 * (real + fake)
-
-
-def generator_loss(logits_fake: jax.Array) -> jax.Array:
-  """Generator adversarial loss -mean(logits on reconstructions). Scalar float32."""
-  return -jnp.mean(logits_fake.astype(jnp.float32))
-
-
-def adaptive_weight(nll_grad_last: jax.Array, g_grad_last: jax.Array, max_weight: float = 1e4) -> jax.Array:
-  """VQGAN adaptive weight ||grad nll|| / (||grad g|| + 1e-4), clipped to [0, max_weight], no gradient.
-
-  Both gradients are taken w.r.t. the same last decoder layer (the decoder's `conv_out` kernel); the caller scales
-  the result by the configured disc_weight.
-
-  Args:
-    nll_grad_last: gradient of the reconstruction (+ perceptual) loss w.r.t. the last layer's weights.
-    g_grad_last: gradient of `generator_loss` w.r.t. the same weights.
-    max_weight: upper clip.
-
-  Returns:
-    scalar float32.
-  """
-  chex.assert_equal_shape([nll_grad_last, g_grad_last])
-  nll_norm = jnp.linalg.norm(nll_grad_last.astype(jnp.float32).reshape(-1))
-  g_norm = jnp.linalg.norm(g_grad_last.astype(jnp.float32).reshape(-1))
-  return jax.lax.stop_gradient(jnp.clip(nll_norm / (g_norm + 1e-4), 0.0, max_weight))
-
-
-def disc_factor(step: jax.Array, disc_start: int) -> jax.Array:
-  """1.0 once `step` >= disc_start (the GAN terms are switched on), else 0.0. Scalar float32."""
-  return jnp.where(jnp.asarray(step) >= disc_start, 1.0, 0.0).astype(jnp.float32)

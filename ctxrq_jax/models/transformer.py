@@ -45,7 +45,6 @@ inside `jax.set_mesh(mesh)` + `nn.logical_axis_rules(rules)` with an `AxisType.A
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, Mapping, Optional
 
 import chex
@@ -54,7 +53,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctxrq_jax.configlib import ConfigError
+from ctxrq_jax.core.config import ConfigError
+from ctxrq_jax.models import common
 
 Array = jax.Array
 Dtype = Any
@@ -397,24 +397,8 @@ def check_inputs(model: ContextualRQTransformer, *, codes: Any = None, mask: Any
     raise ValueError(f"inconsistent batch sizes: {batch}")
 
 
-def count_params(params: Any) -> int:
-  """Total number of parameter entries in a (possibly logically boxed or abstract) pytree."""
-  leaves = jax.tree_util.tree_leaves(nn.meta.unbox(params))
-  return int(sum(math.prod(x.shape) for x in leaves))
-
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 MODEL_CONFIG_KEYS = ("width", "num_heads", "spatial_layers", "depth_layers", "mlp_ratio", "dropout", "num_classes",
                      "cond_length", "cond_vocab_size", "dtype", "param_dtype", "remat")
-
-
-def parse_dtype(name: Any) -> Dtype:
-  """'bfloat16' / 'float32' / 'float16' (or a dtype) -> jnp dtype; raises ConfigError otherwise."""
-  if isinstance(name, str):
-    if name not in _DTYPES:
-      raise ConfigError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
-  return jnp.dtype(name).type
 
 
 def model_from_config(model_cfg: Mapping[str, Any], *, vocab_size: int, code_depth: int, num_positions: int,
@@ -430,8 +414,8 @@ def model_from_config(model_cfg: Mapping[str, Any], *, vocab_size: int, code_dep
         ([f"unknown config.model keys: {', '.join(unknown)}"] if unknown else [])
         + ([f"missing config.model keys: {', '.join(missing)}"] if missing else [])))
   kwargs = {k: model_cfg[k] for k in MODEL_CONFIG_KEYS}
-  kwargs["dtype"] = parse_dtype(kwargs["dtype"])
-  kwargs["param_dtype"] = parse_dtype(kwargs["param_dtype"])
+  kwargs["dtype"] = common.parse_dtype(kwargs["dtype"])
+  kwargs["param_dtype"] = common.parse_dtype(kwargs["param_dtype"], "param_dtype")
   model = ContextualRQTransformer(vocab_size=vocab_size, code_depth=code_depth, num_positions=num_positions,
                                   embed_dim=embed_dim, **kwargs)
   try:
@@ -439,6 +423,13 @@ def model_from_config(model_cfg: Mapping[str, Any], *, vocab_size: int, code_dep
   except ValueError as err:
     raise ConfigError(f"config.model: {err}") from None
   return model
+
+
+def from_run_config(config: Mapping[str, Any]) -> ContextualRQTransformer:
+  """The model of a whole stage-2 config (its `model` section plus the code shape, K and n_z of its `data`)."""
+  h, w, depth = (int(v) for v in config["data"]["code_shape"])
+  return model_from_config(config["model"], vocab_size=int(config["data"]["vocab_size"]), code_depth=depth,
+                           num_positions=h * w, embed_dim=int(config["data"]["embed_dim"]))
 
 
 def abstract_variables(model: ContextualRQTransformer, batch_size: int = 1) -> Any:
@@ -459,4 +450,4 @@ def init_inputs(model: ContextualRQTransformer, batch_size: int = 1) -> tuple[Ar
 
 
 __all__ = ["Attention", "Block", "ContextualRQTransformer", "MODEL_CONFIG_KEYS", "abstract_variables", "check_inputs",
-           "count_params", "init_inputs", "model_from_config", "parse_dtype"]
+           "from_run_config", "init_inputs", "model_from_config"]

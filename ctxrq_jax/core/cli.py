@@ -1,0 +1,100 @@
+"""How every command runs: quiet by default, one-line errors for a user's mistakes, help without importing JAX.
+
+    if __name__ == "__main__":
+      cli.run(main, define_flags)
+
+* Output: library chatter (absl INFO of orbax, jax, grain; TensorFlow's C++ log) is off unless `--verbosity` asks for
+  it (`--verbosity=0` shows INFO, 1 adds DEBUG). What a command prints itself is its progress lines and results.
+* Errors: a mistake in what the user asked for (a misspelt config key, a class id out of range, a missing workdir,
+  T_draft > N, ...) prints one line `error: ...` on stderr and exits 2; the traceback only with `--verbosity=1`.
+* Speed: this module imports no JAX; commands import the library inside `main`, so `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import logging as py_logging
+import os
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+
+# The kinds of exception that describe bad input rather than a bug in the library. ConfigError is a ValueError.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, app.UsageError,
+               flags.Error)
+_ERROR_EXIT = 2
+
+
+def _verbosity() -> int:
+  f = flags.FLAGS
+  return int(f.verbosity) if f.is_parsed() and f["verbosity"].present else -1
+
+
+class _PlainFormatter(py_logging.Formatter):
+  """`warning: message` for the library's own log lines (no timestamps or thread ids)."""
+
+  def format(self, record: py_logging.LogRecord) -> str:
+    return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def quiet_dependencies(verbosity: int) -> None:
+  """Logging for this process. Default (`verbosity` < 0): the library's warnings as `warning: ...` lines, nothing
+  from dependencies below ERROR, TensorFlow's C++ log off. 0 shows INFO of everything, 1 adds DEBUG."""
+  level = py_logging.DEBUG if verbosity >= 1 else py_logging.INFO if verbosity == 0 else py_logging.WARNING
+  if verbosity < 0:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    logging.set_verbosity(logging.ERROR)  # absl's logger: orbax, grain and jax log through it
+  else:
+    logging.set_verbosity(logging.DEBUG if verbosity >= 1 else logging.INFO)
+  for name in ("jax", "orbax", "grain", "etils", "tensorflow"):
+    py_logging.getLogger(name).setLevel(py_logging.ERROR if verbosity < 0 else level)
+  ours = py_logging.getLogger("ctxrq_jax")
+  ours.setLevel(level)
+  if verbosity < 0 and not any(getattr(h, "_ctxrq", False) for h in ours.handlers):
+    handler = py_logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PlainFormatter())
+    handler._ctxrq = True  # pylint: disable=protected-access
+    ours.addHandler(handler)
+    ours.propagate = False
+
+
+def error(message: Any, code: int = _ERROR_EXIT) -> None:
+  """Prints `error: message` (its first line) on stderr and exits with `code`."""
+  text = str(message).strip() or type(message).__name__
+  sys.stderr.write(f"error: {text.splitlines()[0]}\n")
+  sys.stderr.flush()
+  sys.exit(code)
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+  try:
+    return flags.FLAGS(list(argv))
+  except flags.Error as e:
+    error(e)
+  return []
+
+
+def run(main: Callable[[list[str]], Any], define_flags: Optional[Callable[[], None]] = None) -> None:
+  """absl's `app.run(main)` with the behaviour described in the module doc."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  if define_flags is not None:
+    define_flags()
+
+  def wrapped(argv: list[str]) -> None:
+    verbosity = _verbosity()
+    quiet_dependencies(verbosity)
+    try:
+      main(argv)
+    except FloatingPointError as e:  # a run that diverged: reported, not a traceback
+      if verbosity >= 1:
+        raise
+      error(e, code=1)
+    except USER_ERRORS as e:
+      if verbosity >= 1:
+        raise
+      error(e)
+
+  app.run(wrapped, flags_parser=_parse_flags)

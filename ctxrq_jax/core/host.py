@@ -1,0 +1,66 @@
+"""Host set-up: joining a multi-host job, and which process writes shared files.
+
+`setup_host()` must run before anything touches a JAX backend (commands call it first thing in `main`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+log = logging.getLogger(__name__)
+
+
+def _int_env(name: str) -> int:
+  try:
+    return int(os.environ.get(name, "0"))
+  except ValueError:
+    return 0
+
+
+def distributed_requested() -> bool:
+  """Whether the environment describes a multi-process job.
+
+  True when any of:
+    * `CTXRQ_DISTRIBUTED=1` (explicit; then `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` or a
+      cluster that jax auto-detects supply the details);
+    * `JAX_COORDINATOR_ADDRESS` is set (jax reads it with JAX_NUM_PROCESSES / JAX_PROCESS_ID);
+    * a SLURM job step with more than one task (`SLURM_NTASKS` > 1; jax auto-detects SLURM);
+    * Open MPI with more than one rank (`OMPI_COMM_WORLD_SIZE` > 1);
+    * a multi-host Cloud TPU slice (`TPU_WORKER_HOSTNAMES` lists more than one host).
+  `CTXRQ_DISTRIBUTED=0` forces single-process.
+  """
+  explicit = os.environ.get("CTXRQ_DISTRIBUTED")
+  if explicit is not None:
+    return explicit.strip().lower() in ("1", "true", "yes")
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  if _int_env("SLURM_NTASKS") > 1 or _int_env("OMPI_COMM_WORLD_SIZE") > 1:
+    return True
+  hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+  return len(hosts) > 1
+
+
+def maybe_initialize_distributed() -> bool:
+  """Calls `jax.distributed.initialize()` once when `distributed_requested()`; returns whether it did.
+
+  Must run before any other JAX call touches a backend (jax.devices(), arrays, jit).
+  """
+  if not distributed_requested() or jax.distributed.is_initialized():
+    return False
+  jax.distributed.initialize()
+  log.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+  return True
+
+
+def setup_host() -> None:
+  """Joins the multi-host job when the environment describes one (see `distributed_requested`)."""
+  maybe_initialize_distributed()
+
+
+def is_chief() -> bool:
+  """Process 0 writes logs, images, configs and checkpoint metadata; the others only read."""
+  return jax.process_index() == 0

@@ -1,0 +1,192 @@
+"""The stage-1 artifact (an RQ-VAE's model config and variables on disk) and the one codes -> images decoder.
+
+A *stage-1 artifact* is a directory written by `save_artifact(dir, model_config, variables)` and read by
+`load_artifact(dir) -> (RQVAE, variables)`: the stage-1 trainer and the converter write it; encoding, stage 2 and
+sampling read it. `CodeDecoder` turns code stacks into images for every caller (sampling, `encode decode`,
+evaluation), in fixed-size jitted batches.
+
+  dir/model_config.json   {"format": "ctxrq_jax.rqvae/1", "model": <the model section of the stage-1 config>}
+  dir/variables/          orbax checkpoint of {'params', 'quantizer'}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterator, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ctxrq_jax.core import config as configlib
+from ctxrq_jax.core import grids
+from ctxrq_jax.models.rqvae import RQVAE
+from ctxrq_jax.models.rqvae import init_variables
+
+ARTIFACT_FORMAT = "ctxrq_jax.rqvae/1"
+_CONFIG_FILE = "model_config.json"
+_VARIABLES_DIR = "variables"
+
+
+def _config_to_dict(model_config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
+  if isinstance(model_config, ml_collections.ConfigDict):
+    d = model_config.to_dict()
+  else:
+    d = dict(model_config)
+  # Round-trip through JSON now so an unserializable value fails at save time, naming nothing half-written.
+  return json.loads(json.dumps(d))
+
+
+def save_artifact(
+    directory: str | os.PathLike, model_config: ml_collections.ConfigDict | Mapping[str, Any],
+    variables: Mapping[str, Any], *, overwrite: bool = False,
+) -> None:
+  """Writes a stage-1 artifact: `directory/model_config.json` and an orbax checkpoint `directory/variables`.
+
+  Args:
+    directory: target directory (created).
+    model_config: the `model` section of the RQ-VAE config (must build a model whose variables match `variables`).
+    variables: {'params', 'quantizer'} (other collections are dropped).
+    overwrite: replace an existing artifact instead of raising.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  cfg = _config_to_dict(model_config)
+  model = RQVAE.from_config(cfg)
+  for c in ("params", "quantizer"):
+    if c not in variables:
+      raise ValueError(f"save_artifact: variables have no {c!r} collection (have {sorted(variables)})")
+  state = {"params": variables["params"], "quantizer": variables["quantizer"]}
+  expected = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+  _check_tree_matches(state, expected, f"save_artifact({directory})")
+  ckpt_dir = os.path.join(directory, _VARIABLES_DIR)
+  if os.path.exists(ckpt_dir) and not overwrite:
+    raise FileExistsError(f"stage-1 artifact already exists at {directory} (pass overwrite=True to replace it)")
+  os.makedirs(directory, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(ckpt_dir, state, force=overwrite)
+    ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    tmp = os.path.join(directory, _CONFIG_FILE + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump({"format": ARTIFACT_FORMAT, "model": cfg}, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(directory, _CONFIG_FILE))
+
+
+def _check_tree_matches(tree: Any, expected: Any, where: str) -> None:
+  got = {jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+  want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(expected)}
+  problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
+  problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
+  problems += [f"{k}: shape {got[k]} != {want[k]}" for k in sorted(set(got) & set(want)) if got[k] != want[k]]
+  if problems:
+    shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)" if len(problems) > 8 else "")
+    raise ValueError(f"{where}: variables do not match the model config: {shown}")
+
+
+def check_code_range(codes: np.ndarray, codebook_size: int) -> None:
+  """Raises ValueError unless every code lies in [0, K): out-of-range ids would decode to silent garbage."""
+  if codes.size and (codes.min() < 0 or codes.max() >= codebook_size):
+    raise ValueError(f"codes must lie in [0, {codebook_size}) (the codebook size K), got range "
+                     f"[{codes.min()}, {codes.max()}]")
+
+
+def load_artifact(directory: str | os.PathLike) -> tuple[RQVAE, dict[str, Any]]:
+  """Reads a stage-1 artifact written by `save_artifact`.
+
+  Returns:
+    (model, variables) with variables = {'params', 'quantizer'} as jax arrays.
+
+  Raises:
+    FileNotFoundError / ValueError naming the path and what is missing or wrong.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"stage-1 artifact directory {directory} does not exist")
+  cfg_path = os.path.join(directory, _CONFIG_FILE)
+  if not os.path.isfile(cfg_path):
+    raise FileNotFoundError(f"stage-1 artifact {directory} has no {_CONFIG_FILE}")
+  try:
+    with open(cfg_path) as f:
+      meta = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"stage-1 artifact config {cfg_path} is unreadable: {e}") from e
+  if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT or not isinstance(meta.get("model"), dict):
+    raise ValueError(f"stage-1 artifact config {cfg_path} is not a {ARTIFACT_FORMAT} file")
+  try:
+    model = RQVAE.from_config(meta["model"])
+  except configlib.ConfigError as e:
+    raise ValueError(f"stage-1 artifact config {cfg_path} is invalid: {e}") from e
+  ckpt_dir = os.path.join(directory, _VARIABLES_DIR)
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"stage-1 artifact {directory} has no checkpoint directory {_VARIABLES_DIR}/")
+  abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      variables = ckptr.restore(ckpt_dir, abstract)
+  except Exception as e:  # orbax raises assorted types for truncated/corrupt files
+    raise ValueError(f"stage-1 artifact checkpoint {ckpt_dir} could not be restored: {type(e).__name__}: {e}") from e
+  _check_tree_matches(variables, abstract, f"load_artifact({directory})")
+  return model, {"params": variables["params"], "quantizer": variables["quantizer"]}
+
+
+class CodeDecoder:
+  """codes int [M, h, w, D] (or [M, N, D]) -> images, `batch_size` stacks per jitted call (one compiled shape).
+
+  Args:
+    artifact: a stage-1 artifact directory, or an (RQVAE, variables) pair already loaded.
+    batch_size: stacks decoded per call; the last chunk is padded with code 0 and trimmed.
+  """
+
+  def __init__(self, artifact: str | os.PathLike | tuple[RQVAE, Mapping[str, Any]], *, batch_size: int = 100):
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    self.model, self.variables = (load_artifact(artifact) if isinstance(artifact, (str, os.PathLike))
+                                  else artifact)
+    self.batch_size = int(batch_size)
+    model = self.model
+    self._fn = jax.jit(lambda v, c: jnp.clip(model.apply(v, c, method=RQVAE.decode_codes), -1.0, 1.0))
+
+  @property
+  def code_shape(self) -> tuple[int, int, int]:
+    return self.model.code_shape
+
+  def _check(self, codes: Any) -> np.ndarray:
+    codes = np.asarray(codes)
+    h, w, d = self.model.code_shape
+    if codes.ndim not in (3, 4) or codes.shape[-1] != d or int(np.prod(codes.shape[1:-1])) != h * w:
+      raise ValueError(f"codes must be [M, {h}, {w}, {d}] or [M, {h * w}, {d}] for this RQ-VAE, got {codes.shape}")
+    if not np.issubdtype(codes.dtype, np.integer):
+      raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
+    check_code_range(codes, self.model.codebook_size)
+    return codes.reshape((-1, h, w, d))
+
+  def batches(self, codes: Any) -> Iterator[tuple[int, np.ndarray]]:
+    """Yields (start index, float32 images [b, R, R, C] in [-1, 1]) chunk by chunk."""
+    codes = self._check(codes)
+    for i in range(0, codes.shape[0], self.batch_size):
+      chunk = codes[i:i + self.batch_size]
+      pad = self.batch_size - chunk.shape[0]
+      padded = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)]) if pad else chunk
+      yield i, np.asarray(self._fn(self.variables, jnp.asarray(padded, jnp.int32)))[:chunk.shape[0]]
+
+  def images(self, codes: Any, *, uint8: bool = False, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """All images: float32 [M, R, R, C] in [-1, 1], or uint8 with `uint8`.
+
+    With `out` (e.g. a uint8 memmap [M, R, R, C']) the images go straight there, chunk by chunk (grey images are
+    repeated to C' = 3 channels), so host memory stays at one chunk whatever M is.
+    """
+    chunks = []
+    for i, x in self.batches(codes):
+      x = grids.to_uint8(x) if (uint8 or out is not None) else x
+      if out is not None:
+        out[i:i + len(x)] = x if out.shape[-1] == x.shape[-1] else np.repeat(x, out.shape[-1], axis=-1)
+      else:
+        chunks.append(x)
+    if out is not None:
+      return out
+    if not chunks:
+      raise ValueError("no codes to decode")
+    return np.concatenate(chunks)

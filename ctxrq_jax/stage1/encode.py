@@ -1,0 +1,84 @@
+"""Code extraction: images -> RQ-VAE code stacks, written as a code dataset for stage 2.
+
+The command is `python -m ctxrq_jax.encode encode --artifact=DIR --config=STAGE1_CONFIG --out=CODES`.
+
+Encoding is deterministic: examples are read in dataset order without augmentation (eval preprocessing), encoded
+with the artifact's codebook, and written in the same order (see `data.codes` for the file format). The code
+dataset carries the codebook, so stage 2 needs nothing else from stage 1 to train.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ctxrq_jax.core import reporting
+from ctxrq_jax.data import codes as code_data
+from ctxrq_jax.data import images as image_data
+from ctxrq_jax.models import artifact
+from ctxrq_jax.models import rqvae
+
+
+def encode_dataset(artifact_dir: str, data_cfg: ml_collections.ConfigDict, out_dir: str, splits: Sequence[str], *,
+                   batch_size: int = 256, num_shards: int = 1, overwrite: bool = False,
+                   max_examples: int | None = None) -> code_data.CodeMetadata:
+  """Encodes `splits` of the dataset described by `data_cfg` with the stage-1 artifact into a code dataset.
+
+  Args:
+    artifact_dir: stage-1 artifact (`artifact.save_artifact`).
+    data_cfg: the `data` section of a stage-1 config (same preprocessing as training).
+    out_dir: the code dataset directory to write.
+    splits: dataset split names; each becomes a split of the code dataset with the same name.
+    batch_size: images encoded per jitted call (the last batch is padded, so one compilation).
+    num_shards: ArrayRecord files per split.
+    overwrite: replace an existing code dataset.
+    max_examples: encode at most this many examples per split (None: all).
+
+  Returns:
+    the written metadata.
+  """
+  model, variables = artifact.load_artifact(artifact_dir)
+  if int(data_cfg.image_size) != model.resolution or int(data_cfg.channels) != model.in_channels:
+    raise ValueError(
+        f"data config gives {data_cfg.image_size}x{data_cfg.image_size}x{data_cfg.channels} images but the "
+        f"RQ-VAE at {artifact_dir} expects {model.resolution}x{model.resolution}x{model.in_channels}")
+  codebook = np.asarray(variables["quantizer"]["codebook"])
+  encode_fn = jax.jit(lambda v, x: model.apply(v, model.apply(v, x, method=rqvae.RQVAE.encode),
+                                               method=rqvae.RQVAE.quantize)[1])
+  source = {"dataset": str(data_cfg.name), "stage1_artifact": os.path.abspath(artifact_dir),
+            "splits": list(splits)}
+  with code_data.CodeDatasetWriter(out_dir, code_shape=model.code_shape, codebook=codebook,
+                                   num_classes=int(data_cfg.num_classes), source=source, num_shards=num_shards,
+                                   overwrite=overwrite) as writer:
+    for split in splits:
+      count = 0
+      total = image_data.dataset_info(data_cfg, split)[0]
+      if max_examples is not None:
+        total = min(total, max_examples)
+      progress = reporting.Progress(f"encode {split}", total, unit="images")
+      it = image_data.make_image_iterator(data_cfg, split=split, batch_size=batch_size, seed=0, train=False,
+                                          drop_remainder=False)
+      for batch in it:
+        x = np.asarray(batch["image"])
+        n = x.shape[0]
+        if max_examples is not None:
+          n = min(n, max_examples - count)
+        if n <= 0:
+          break
+        pad = batch_size - x.shape[0]
+        if pad:  # one compiled shape for every batch, the padded tail is dropped below
+          x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+        codes = np.asarray(encode_fn(variables, jnp.asarray(x)))[:n]
+        writer.write(split, codes, np.asarray(batch["label"])[:n])
+        count += n
+        progress.update(count)
+      progress.close()
+      if count == 0:
+        raise ValueError(f"split {split!r} of {data_cfg.name} has no examples to encode")
+  # Leaving the `with` block wrote metadata.json last (atomically); a failure above leaves no metadata.
+  return code_data.read_metadata(out_dir)

@@ -1,0 +1,290 @@
+"""Stage 1: trains an RQ-VAE tokenizer (`train_and_evaluate(config, workdir)`; the command is ctxrq_jax/train_rqvae.py).
+
+Gradient losses (ctxrq_jax/stage1/losses.py): reconstruction (MSE or L1) + commitment (on the partial sums) +
+optionally the PatchGAN hinge loss with the VQGAN adaptive weight. The codebook follows EMA updates
+(`rq.ema_update`, `rq.restart_dead_codes`) outside the gradient. The run goes through the shared loop
+(ctxrq_jax/core/loop.py): checkpoints with the data-iterator position, automatic resume from `workdir`,
+SIGTERM/SIGINT save and exit cleanly. At the end the model is exported as a stage-1 artifact in `workdir/rqvae`
+(ctxrq_jax/models/artifact.py) for encoding and stage 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ctxrq_jax.core import checkpoint
+from ctxrq_jax.core import config as configlib
+from ctxrq_jax.core import grids
+from ctxrq_jax.core import host
+from ctxrq_jax.core import loop
+from ctxrq_jax.core import optim
+from ctxrq_jax.core import reporting
+from ctxrq_jax.core import sharding
+from ctxrq_jax.data import images as image_data
+from ctxrq_jax.models import artifact
+from ctxrq_jax.models import common
+from ctxrq_jax.models import patchgan
+from ctxrq_jax.models import rq
+from ctxrq_jax.models import rqvae
+from ctxrq_jax.stage1 import losses
+from ctxrq_jax.stage1 import reconstruction
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_DIR = "rqvae"
+REFERENCE_CONFIG = "rqvae_imagenet"  # ctxrq_jax/configs/rqvae_imagenet.py: every stage-1 config has exactly its keys
+
+
+@flax.struct.dataclass
+class Stage1State:
+  """Everything a stage-1 run needs to continue bit for bit; saved whole by orbax."""
+
+  step: jax.Array  # int32 []
+  params: Any  # RQ-VAE params (encoder, decoder, quant convs)
+  quantizer: rq.CodebookState  # EMA codebook
+  opt_state: Any
+  disc_params: Any  # {} when the GAN loss is off
+  disc_opt_state: Any
+  key: jax.Array  # uint32 [2]: raw key data; step keys are fold_in(key, step)
+
+
+def reference_config() -> ml_collections.ConfigDict:
+  """The defaults every stage-1 config must match key for key (ctxrq_jax/configs/rqvae_imagenet.py)."""
+  return configlib.load_config_file(REFERENCE_CONFIG)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the config's keys, and values that would otherwise fail deep inside a run; ConfigError names the key."""
+  configlib.check_keys(config, reference_config())
+  req = configlib.require
+  t, o = config.train, config.optim
+  req(config.loss.recon in ("mse", "l1"), f"loss.recon must be 'mse' or 'l1', got {config.loss.recon!r}")
+  req(int(t.batch_size) >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+  req(int(t.num_steps) >= 1, f"train.num_steps must be >= 1, got {t.num_steps}")
+  # Intervals are used as `step % every` and by the checkpointer: 0 is not "off", it would fail mid-run.
+  for key in ("log_every", "image_every", "ckpt_every", "keep_checkpoints"):
+    req(int(t[key]) >= 1, f"train.{key} must be >= 1, got {t[key]}")
+  req(int(config.data.eval_examples) >= 1, f"data.eval_examples must be >= 1, got {config.data.eval_examples}")
+  req(0.0 <= float(config.quantizer.ema_decay) < 1.0, "quantizer.ema_decay must be in [0, 1)")
+  optim.validate(o)
+  if config.loss.gan:
+    req(float(config.loss.disc_lr) > 0, f"loss.disc_lr must be > 0, got {config.loss.disc_lr}")
+    req(int(config.loss.disc_start) >= 0, f"loss.disc_start must be >= 0, got {config.loss.disc_start}")
+  req(int(config.data.image_size) == int(config.model.resolution),
+      f"data.image_size {config.data.image_size} != model.resolution {config.model.resolution}")
+  req(int(config.data.channels) == int(config.model.in_channels),
+      f"data.channels {config.data.channels} != model.in_channels {config.model.in_channels}")
+  sharding.check_batch_size(int(t.batch_size), sharding.make_mesh(config.mesh))
+
+
+def _last_layer(params: Any) -> jax.Array:
+  return params["decoder"]["conv_out"]["kernel"]
+
+
+def _with_last_layer(params: Any, kernel: jax.Array) -> Any:
+  params = flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict) else params
+  dec = dict(params["decoder"])
+  dec["conv_out"] = {**dec["conv_out"], "kernel": kernel}
+  return {**params, "decoder": dec}
+
+
+class Stage1Trainer:
+  """Builds the jitted init / train / eval functions for one config. Pure functions of (state, batch)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.model = rqvae.RQVAE.from_config(config.model)
+    self.use_gan = bool(config.loss.gan)
+    self.disc = patchgan.PatchGANDiscriminator(
+        ndf=int(config.loss.disc_ndf), n_layers=int(config.loss.disc_layers), norm=str(config.loss.disc_norm),
+        norm_groups=int(config.loss.disc_norm_groups)) if self.use_gan else None
+    num_steps = int(config.train.num_steps)
+    self.tx = optim.make_optimizer(config.optim, num_steps)
+    self.disc_tx = optim.make_optimizer(config.optim, num_steps, float(config.loss.disc_lr)) if self.use_gan else None
+
+  # ---------------------------------------------------------------- init
+  def init(self, rng: jax.Array) -> Stage1State:
+    model_rng, disc_rng, key = jax.random.split(rng, 3)
+    variables = rqvae.init_variables(self.model, model_rng)
+    params = variables["params"]
+    disc_params, disc_opt_state = {}, {}
+    if self.use_gan:
+      x = jnp.zeros((1, self.model.resolution, self.model.resolution, self.model.out_channels))
+      disc_params = self.disc.init(disc_rng, x)["params"]
+      disc_opt_state = self.disc_tx.init(disc_params)
+    return Stage1State(
+        step=jnp.zeros((), jnp.int32), params=params, quantizer=rqvae.codebook_state(variables),
+        opt_state=self.tx.init(params), disc_params=disc_params, disc_opt_state=disc_opt_state,
+        key=jax.random.key_data(key))
+
+  def _variables(self, params: Any, quantizer: rq.CodebookState) -> dict[str, Any]:
+    return rqvae.with_codebook_state({"params": params}, quantizer)
+
+  # ---------------------------------------------------------------- train
+  def train_step(self, state: Stage1State, batch: dict[str, jax.Array]) -> tuple[Stage1State, dict[str, jax.Array]]:
+    """One update of the RQ-VAE (+ discriminator) on `batch['image']` [B, R, R, C]."""
+    cfg = self.config
+    x = batch["image"]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+    drop_key, restart_key = jax.random.split(key)
+
+    def loss_fn(params):
+      out = self.model.apply(self._variables(params, state.quantizer), x, train=True, rngs={"dropout": drop_key})
+      nll = losses.reconstruction_loss(x, out["recon"], cfg.loss.recon)
+      loss = nll + float(cfg.quantizer.commitment_weight) * out["commitment_loss"]
+      aux = {"out": out, "nll": nll, "gan_weight": jnp.zeros(()), "g_loss": jnp.zeros(())}
+      if self.use_gan:
+        g_weight, g_loss = self._gan_generator_terms(params, state, out, x, nll)
+        loss = loss + g_weight * g_loss
+        aux.update(gan_weight=g_weight, g_loss=g_loss)
+      return loss, aux
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    out = aux["out"]
+    n_z = self.model.embed_dim
+    vectors = out["residuals"].reshape(-1, n_z)
+    codes_flat = out["codes"].reshape(-1)
+    quantizer = rq.ema_update(state.quantizer, vectors, codes_flat, float(cfg.quantizer.ema_decay),
+                              float(cfg.quantizer.eps))
+    if cfg.quantizer.restart_unused:
+      quantizer = rq.restart_dead_codes(quantizer, vectors, restart_key, float(cfg.quantizer.eps))
+
+    metrics = {
+        "loss": loss, "recon_loss": aux["nll"], "commitment_loss": out["commitment_loss"],
+        "psnr": losses.psnr(x, out["recon"]).mean(), "grad_norm": optax.global_norm(grads),
+    }
+    metrics.update(rq.codebook_stats(out["codes"], self.model.codebook_size))
+    disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
+    if self.use_gan:
+      disc_params, disc_opt_state, d_metrics = self._disc_update(state, x, out["recon"])
+      metrics.update(d_metrics, gan_weight=aux["gan_weight"], g_loss=aux["g_loss"])
+    new_state = state.replace(step=state.step + 1, params=params, quantizer=quantizer, opt_state=opt_state,
+                              disc_params=disc_params, disc_opt_state=disc_opt_state)
+    return new_state, metrics
+
+  def _gan_generator_terms(self, params, state, out, x, nll):
+    """Adaptive-weighted generator loss; the weight compares gradients at the decoder's last conv."""
+    cfg = self.config
+    step_factor = losses.disc_factor(state.step, int(cfg.loss.disc_start))
+    logits_fake = self.disc.apply({"params": state.disc_params}, out["recon"])
+    g_loss = losses.generator_loss(logits_fake)
+    # Gradients w.r.t. the last layer only: re-decode from the (fixed) quantized latents with that kernel swapped.
+    z_q = jax.lax.stop_gradient(rq.embed_codes(out["codes"], state.quantizer.codebook))
+    other = jax.lax.stop_gradient(params)
+
+    def decode_with(kernel):
+      return self.model.apply(self._variables(_with_last_layer(other, kernel), state.quantizer), z_q,
+                              method=rqvae.RQVAE.decode)
+
+    kernel = jax.lax.stop_gradient(_last_layer(params))
+    nll_grad = jax.grad(lambda k: losses.reconstruction_loss(x, decode_with(k), cfg.loss.recon))(kernel)
+    g_grad = jax.grad(lambda k: losses.generator_loss(
+        self.disc.apply({"params": state.disc_params}, decode_with(k))))(kernel)
+    weight = losses.adaptive_weight(nll_grad, g_grad, float(cfg.loss.adaptive_max_weight))
+    weight = weight * float(cfg.loss.disc_weight) * step_factor
+    return weight, g_loss
+
+  def _disc_update(self, state, x, recon):
+    factor = losses.disc_factor(state.step, int(self.config.loss.disc_start))
+    recon = jax.lax.stop_gradient(recon)
+
+    def d_loss_fn(dp):
+      real = self.disc.apply({"params": dp}, x)
+      fake = self.disc.apply({"params": dp}, recon)
+      return factor * losses.hinge_d_loss(real, fake)
+
+    d_loss, d_grads = jax.value_and_grad(d_loss_fn)(state.disc_params)
+    updates, d_opt = self.disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
+    return optax.apply_updates(state.disc_params, updates), d_opt, {"d_loss": d_loss}
+
+  # ---------------------------------------------------------------- eval
+  def reconstruct(self, params: Any, quantizer: rq.CodebookState, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [B, R, R, C] -> (reconstruction [B, R, R, C], codes int32 [B, h, w, D]) with the current codebook."""
+    out = self.model.apply(self._variables(params, quantizer), x)
+    return out["recon"], out["codes"]
+
+
+def _artifact_variables(state: Stage1State) -> dict[str, Any]:
+  return rqvae.with_codebook_state({"params": jax.device_get(state.params)}, jax.device_get(state.quantizer))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_after_steps: int | None = None) -> dict[str, Any]:
+  """Trains (or resumes) stage 1 in `workdir`; exports the artifact; returns the held-out eval metrics.
+
+  `stop_after_steps` ends this call after that many steps as a preemption would (checkpoint saved, returns
+  {'stopped_at': step}); running again continues the same schedule. For time-boxed jobs and tests.
+
+  Raises:
+    ConfigError: a bad config (before anything is compiled).
+  """
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  configlib.save_snapshot(config, workdir, write=host.is_chief())
+  trainer = Stage1Trainer(config)
+  mesh = sharding.make_mesh(config.mesh)
+  replicated = sharding.replicated(mesh)
+
+  num_steps = int(config.train.num_steps)
+  host_batch = int(config.train.batch_size) // jax.process_count()
+  train_iter = image_data.make_image_iterator(
+      config.data, split=config.data.train_split, batch_size=host_batch, seed=int(config.seed), train=True,
+      shard_index=jax.process_index(), shard_count=jax.process_count())
+
+  state = jax.jit(trainer.init, out_shardings=replicated)(jax.random.key(int(config.seed)))
+  log.info("RQ-VAE parameters: %s (+ codebook %d x %d)", f"{common.count_params(state.params):,}",
+               trainer.model.codebook_size, trainer.model.embed_dim)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 max_to_keep=int(config.train.keep_checkpoints),
+                                 save_interval_steps=int(config.train.ckpt_every))
+  restored, step = ckpt.restore(state, data_iterator=train_iter)
+  if restored is not None:
+    state = restored
+    log.info("Resumed stage 1 from step %d", step)
+
+  train_step = jax.jit(trainer.train_step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+  recon_fn = jax.jit(trainer.reconstruct)
+  eval_batch = jax.tree.map(np.asarray, next(iter(image_data.make_image_iterator(
+      config.data, split=config.data.eval_split, batch_size=min(64, int(config.data.eval_examples)), seed=0,
+      train=False))))
+  writer = reporting.metric_writer(workdir)
+
+  def write_reconstructions(step: int, state: Stage1State) -> dict[str, float]:
+    x = eval_batch["image"][:16]
+    recon, _ = recon_fn(state.params, state.quantizer, x)
+    both = np.concatenate([np.asarray(x), np.asarray(recon)], axis=0)
+    if host.is_chief():
+      grids.save_grid(os.path.join(workdir, "images", f"recon_{step:07d}.png"), both, ncols=16, scale=2)
+    writer.write_images(step, {"reconstructions": grids.make_grid(both, ncols=16)[None]})
+    return {"eval_batch/psnr": float(np.mean(losses.psnr(x, recon)))}
+
+  result = loop.run(
+      state, name="stage 1 (RQ-VAE)", train_step=train_step,
+      next_batch=lambda: sharding.host_local_batch_to_global(next(train_iter), mesh), checkpointer=ckpt,
+      data_iterator=train_iter, num_steps=num_steps, log_every=int(config.train.log_every), writer=writer,
+      periodic=[loop.Periodic("images", int(config.train.image_every), write_reconstructions)],
+      stop_after_steps=stop_after_steps)
+  if result.stopped:
+    return {"stopped_at": result.step}
+
+  state = result.state
+  variables = rqvae.with_codebook_state({"params": jax.device_get(state.params)}, jax.device_get(state.quantizer))
+  if host.is_chief():
+    artifact.save_artifact(os.path.join(workdir, ARTIFACT_DIR), config.model, variables, overwrite=True)
+  results = reconstruction.evaluate_rqvae(trainer.model, variables, config.data, split=config.data.eval_split,
+                                          num_examples=int(config.data.eval_examples))
+  writer.write_scalars(num_steps, {f"eval/{k}": v for k, v in results.items() if np.ndim(v) == 0})
+  writer.flush()
+  return results

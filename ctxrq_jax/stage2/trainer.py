@@ -1,0 +1,397 @@
+"""Stage 2: trains Contextual RQ-Transformer on a code dataset (masked code-stack NLL, §3.2.3 eq. 10-11).
+
+`train_and_evaluate(config, workdir)`; the command is ctxrq_jax/train.py:
+
+  python -m ctxrq_jax.train --config=configs/imagenet.py:821m --workdir=DIR \
+      --config.data.codes_dir=CODES --config.data.stage1_dir=RQVAE
+
+Everything is validated before anything is compiled (config keys against ctxrq_jax/configs/imagenet.py, the
+dataset's code shape / K / n_z / classes against the config, the mesh against the devices, the batch against the
+data-parallel size). Parameters are born sharded: `jax.eval_shape` of the init gives the logical partitioning,
+`config.sharding_rules` turns it into NamedShardings, and the init is jitted with those `out_shardings`. The train
+step is jitted once with the state donated.
+
+One step:
+  * rng_t = fold_in(base_key, t), so a resumed run replays exactly the masks, condition drops and dropout of an
+    uninterrupted one;
+  * masks m ~ q(m) (eq. 10) and condition dropout (classifier-free guidance, `train.cond_drop_rate`) are drawn for
+    the whole global batch first;
+  * gradient accumulation (`train.grad_accum_steps` = A) is an in-step `lax.scan` over A micro-batches of B / A:
+    each micro-batch's gradient is weighted by its number of masked codes, so the accumulated gradient is that of
+    eq. 11 over the whole batch (the same masks as A = 1; only the summation order differs). One optimizer update
+    per step, so the schedule counts steps, not micro-batches;
+  * AdamW (weight decay on kernels only: no biases, LayerNorms, embeddings, position tables) after global-norm
+    clipping, linear warmup then cosine decay; optional EMA of the weights;
+  * a non-finite loss or gradient norm never touches the state (the update is dropped on device). With
+    `train.nonfinite='skip'` training continues (skipped steps are counted and logged); with 'stop' the loop raises
+    FloatingPointError naming the step without saving, so the last good checkpoint stays the latest.
+
+The loop is the shared one (ctxrq_jax/core/loop.py): checkpoints every `train.ckpt_every` steps and at the end hold
+the whole TrainState and the data-iterator position; a run started in a workdir with checkpoints resumes.
+SIGTERM/SIGINT saves the current step and returns cleanly; running the same command again continues.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import os
+from typing import Any, Callable, Iterator, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ctxrq_jax.core import checkpoint
+from ctxrq_jax.core import config as configlib
+from ctxrq_jax.core import host
+from ctxrq_jax.core import loop
+from ctxrq_jax.core import optim
+from ctxrq_jax.core import reporting
+from ctxrq_jax.core import sharding
+from ctxrq_jax.core.config import ConfigError
+from ctxrq_jax.data import codes as codes_lib
+from ctxrq_jax.models import common
+from ctxrq_jax.models import transformer
+from ctxrq_jax.stage2 import masking
+
+log = logging.getLogger(__name__)
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs besides the data-iterator position.
+
+  step: int32 [] number of completed steps.
+  params / opt_state: model parameters and optax state (sharded like the parameters).
+  ema_params: EMA of the parameters, or None when `train.ema_decay` is 0.
+  rng: uint32 [2]-like raw key data of the base key; the key of step t is fold_in(base, t).
+  """
+  step: Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  rng: Array
+
+
+# ------------------------------------------------------------------------------------------- validation
+def reference_config() -> ml_collections.ConfigDict:
+  """The defaults every stage-2 config must match key for key (ctxrq_jax/configs/imagenet.py)."""
+  return configlib.load_config_file("imagenet", "tiny")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the config's keys and values that would otherwise fail inside a compiled step (ConfigError)."""
+  configlib.check_keys(config, reference_config())
+  req = configlib.require
+  t, o = config.train, config.optim
+  req(int(t.batch_size) >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+  req(int(t.num_steps) >= 1, f"train.num_steps must be >= 1, got {t.num_steps}")
+  req(int(t.grad_accum_steps) >= 1, f"train.grad_accum_steps must be >= 1, got {t.grad_accum_steps}")
+  req(int(t.batch_size) % int(t.grad_accum_steps) == 0,
+      f"train.batch_size {t.batch_size} is not divisible by train.grad_accum_steps {t.grad_accum_steps}")
+  req(0.0 <= float(t.cond_drop_rate) <= 1.0, f"train.cond_drop_rate must be in [0, 1], got {t.cond_drop_rate}")
+  req(0.0 <= float(t.label_smoothing) < 1.0, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+  req(0.0 <= float(t.ema_decay) < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+  req(t.nonfinite in ("stop", "skip"), f"train.nonfinite must be 'stop' or 'skip', got {t.nonfinite!r}")
+  for key in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
+    req(int(t[key]) >= 1, f"train.{key} must be >= 1, got {t[key]}")
+  optim.validate(o)
+  req(int(config.model.cond_length) == 1,
+      f"model.cond_length must be 1 for class-conditional code datasets, got {config.model.cond_length}")
+  req(bool(config.data.codes_dir), "config.data.codes_dir is empty: pass --config.data.codes_dir=DIR, a code dataset "
+      "written by `python -m ctxrq_jax.encode encode`")
+  code_shape = tuple(config.data.code_shape)
+  req(len(code_shape) == 3 and all(int(v) >= 1 for v in code_shape),
+      f"data.code_shape must be (h, w, D), got {code_shape}")
+  sharding.logical_rules(config)
+
+
+def check_dataset(config: ml_collections.ConfigDict, meta: codes_lib.CodeMetadata) -> None:
+  """Raises ConfigError when the code dataset does not match what the model config was built for."""
+  d = config.data
+  where = f"code dataset {d.codes_dir}"
+  configlib.require(tuple(meta.code_shape) == tuple(d.code_shape),
+                    f"{where} has code shape (h, w, D) = {tuple(meta.code_shape)}, but config.data.code_shape is "
+                    f"{tuple(d.code_shape)}")
+  configlib.require(int(meta.codebook_size) == int(d.vocab_size),
+                    f"{where} has codebook size K = {meta.codebook_size}, but config.data.vocab_size is "
+                    f"{d.vocab_size}")
+  configlib.require(int(meta.embed_dim) == int(d.embed_dim),
+                    f"{where} has code embedding width n_z = {meta.embed_dim}, but config.data.embed_dim is "
+                    f"{d.embed_dim}")
+  configlib.require(int(meta.num_classes) == int(config.model.num_classes),
+                    f"{where} has {meta.num_classes} classes, but config.model.num_classes is "
+                    f"{config.model.num_classes}")
+  for split in (d.train_split, d.eval_split):
+    if split not in meta.splits:
+      raise ConfigError(f"{where} has no split {split!r} (config.data); it has {sorted(meta.splits)}")
+
+
+# Keys that fix the shapes of the saved state: a resumed run must keep them.
+_SHAPE_KEYS = tuple(f"model.{k}" for k in ("width", "num_heads", "spatial_layers", "depth_layers", "mlp_ratio",
+                                           "num_classes", "cond_length", "cond_vocab_size")) + tuple(
+                                               f"data.{k}" for k in ("code_shape", "vocab_size", "embed_dim"))
+
+
+def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ConfigError when `workdir`'s saved config.json describes a different model or code shape."""
+  if not os.path.isfile(os.path.join(workdir, "config.json")):
+    return
+  saved = configlib.load_snapshot(workdir)
+  diffs = configlib.changed_keys(saved, config, _SHAPE_KEYS)
+  if diffs:
+    raise ConfigError(f"{workdir} holds a stage-2 run of another shape ({'; '.join(diffs)}); resume it with its own "
+                      f"config ({os.path.join(workdir, 'config.json')}) or train in a new --workdir")
+
+
+def build_model(config: ml_collections.ConfigDict) -> transformer.ContextualRQTransformer:
+  return transformer.from_run_config(config)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  return optim.make_optimizer(config.optim, int(config.train.num_steps))
+
+
+def _init_fn(model: transformer.ContextualRQTransformer, tx: optax.GradientTransformation, seed: int,
+             use_ema: bool) -> Callable[[], TrainState]:
+  """A no-argument init (the seed is static) returning a TrainState with logically boxed leaves."""
+
+  def init() -> TrainState:
+    key = jax.random.key(seed)
+    init_key, base_key = jax.random.split(key)
+    variables = model.init(init_key, *transformer.init_inputs(model))
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=params if use_ema else None, rng=jax.random.key_data(base_key))
+
+  return init
+
+
+def create_train_state(model, tx, config, mesh, rules) -> tuple[TrainState, Any]:
+  """Initialises the state directly into its shardings; returns (state, state_shardings)."""
+  init = _init_fn(model, tx, int(config.seed), float(config.train.ema_decay) > 0)
+  # No mesh context here: out_shardings place the outputs, and flax's init-time constraints on reshaped kernels
+  # (DenseGeneral) would be applied to the wrong rank.
+  abstract = jax.eval_shape(init)
+  shardings = sharding.logical_to_shardings(abstract, mesh, rules)
+  state = jax.jit(lambda: nn.meta.unbox(init()), out_shardings=shardings)()
+  return state, shardings
+
+
+def abstract_train_state(model, tx, config, mesh, rules) -> tuple[TrainState, Any]:
+  """(ShapeDtypeStruct state with shardings, state_shardings) without allocating anything."""
+  init = _init_fn(model, tx, int(config.seed), float(config.train.ema_decay) > 0)
+  abstract = jax.eval_shape(init)
+  shardings = sharding.logical_to_shardings(abstract, mesh, rules)
+  shapes = nn.meta.unbox(abstract)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings), shardings
+
+
+def _weighted_loss(model, params, codes, mask, cond, codebook, label_smoothing, dropout_rng, train):
+  logits = model.apply({"params": params}, codes, mask, cond, codebook, train=train,
+                       rngs={"dropout": dropout_rng} if train else None)
+  loss, metrics = masking.masked_nll(logits, codes, mask, label_smoothing)
+  # Weighted by the masked-code count so micro-batch sums give the whole-batch eq. 11 mean.
+  return loss * metrics["num_masked_codes"], metrics
+
+
+def make_train_step(model: transformer.ContextualRQTransformer, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict) -> Callable[[TrainState, Any, Array], tuple[TrainState, Any]]:
+  """`step(state, batch {'codes' [B,h,w,D], 'label' [B]}, codebook [K,n_z]) -> (state, metrics)` (unjitted)."""
+  t = config.train
+  accum = int(t.grad_accum_steps)
+  drop_rate, smoothing = float(t.cond_drop_rate), float(t.label_smoothing)
+  ema_decay = float(t.ema_decay)
+  null_id = model.null_cond_id
+
+  def step_fn(state: TrainState, batch: Any, codebook: Array) -> tuple[TrainState, Any]:
+    codes = batch["codes"]
+    b = codes.shape[0]
+    codes = codes.reshape(b, -1, codes.shape[-1]).astype(jnp.int32)  # [B, N, D]
+    n = codes.shape[1]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    mask_key, cond_key, dropout_key = jax.random.split(key, 3)
+    mask = masking.sample_mask(mask_key, b, n)
+    cond = masking.drop_condition(cond_key, batch["label"].astype(jnp.int32)[:, None], drop_rate, null_id)
+
+    grad_fn = jax.value_and_grad(
+        functools.partial(_weighted_loss, model, label_smoothing=smoothing, train=True), has_aux=True)
+
+    def micro(carry, xs):
+      grads_acc, sums = carry
+      i, c, m, y = xs
+      (wloss, metrics), grads = grad_fn(state.params, c, m, y, codebook, dropout_rng=jax.random.fold_in(dropout_key, i))
+      grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+      w = metrics["num_masked_codes"]
+      sums = {k: sums[k] + (v if k == "num_masked_codes" else v * w) for k, v in metrics.items()}
+      return (grads_acc, sums), None
+
+    # Strided micro-batches (rows i, i + A, ...): each one keeps rows from every device's block of the batch, so
+    # the scan needs no resharding.
+    split = lambda x: x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
+    zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+    zeros_m = jax.eval_shape(lambda: masking.masked_nll(
+        jnp.zeros((1, n, codes.shape[-1], model.vocab_size)), codes[:1], mask[:1])[1])
+    zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros_m)
+    (grads, sums), _ = jax.lax.scan(micro, (zeros_g, zeros_m),
+                                    (jnp.arange(accum), split(codes), split(mask), split(cond)))
+    total = jnp.maximum(sums["num_masked_codes"], 1.0)
+    grads = jax.tree.map(lambda g: g / total, grads)
+    metrics = {k: v if k == "num_masked_codes" else v / total for k, v in sums.items()}
+    metrics["mask_fraction"] = sums["num_masked_codes"] / (b * n * codes.shape[-1])
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, c: jnp.where(finite, a, c), new, old)  # noqa: E731
+    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                           opt_state=keep(opt_state, state.opt_state),
+                           ema_params=None if ema is None else keep(ema, state.ema_params), rng=state.rng)
+    metrics.update(grad_norm=grad_norm, param_norm=optax.global_norm(new_state.params),
+                   learning_rate=optim.learning_rate_schedule(config.optim, int(config.train.num_steps))(state.step), finite=finite.astype(jnp.float32))
+    return new_state, metrics
+
+  return step_fn
+
+
+def make_eval_step(model: transformer.ContextualRQTransformer) -> Callable[..., Any]:
+  """`eval(params, batch, codebook, key) -> metrics sums` with fixed masks drawn from `key` (no dropout)."""
+
+  def eval_fn(params: Any, batch: Any, codebook: Array, key: Array) -> Any:
+    codes = batch["codes"]
+    b = codes.shape[0]
+    codes = codes.reshape(b, -1, codes.shape[-1]).astype(jnp.int32)
+    mask = masking.sample_mask(key, b, codes.shape[1])
+    cond = batch["label"].astype(jnp.int32)[:, None]
+    wloss, metrics = _weighted_loss(model, params, codes, mask, cond, codebook, 0.0, None, False)
+    w = metrics["num_masked_codes"]
+    return {k: (v if k == "num_masked_codes" else v * w) for k, v in metrics.items()}
+
+  return eval_fn
+
+
+def _eval_key(seed: int, index: int) -> Array:
+  """Fixed per-batch eval masks: the same key for batch i at every evaluation."""
+  return jax.random.key_data(jax.random.fold_in(jax.random.key(seed ^ 0x5EED), index))
+
+
+# ------------------------------------------------------------------------------------------- loop
+def _code_iterator(config, split: str, batch_size: int, train: bool) -> Iterator[Any]:
+  return codes_lib.make_code_iterator(
+      config.data.codes_dir, split=split, batch_size=batch_size, seed=int(config.seed), train=train,
+      shard_index=jax.process_index(), shard_count=jax.process_count(), drop_remainder=True)
+
+
+def evaluate(config, eval_fn, params, codebook, mesh, meta: codes_lib.CodeMetadata) -> dict[str, float]:
+  """Masked NLL over the eval split (whole global batches; fixed masks per batch index)."""
+  batch_size = int(config.train.batch_size)
+  it = _code_iterator(config, config.data.eval_split, batch_size // jax.process_count(), train=False)
+  # Every host runs the same number of (collective) eval steps, although strided host shards differ by one example.
+  num_batches = meta.num_examples(config.data.eval_split) // batch_size
+  totals: dict[str, float] = {}
+  for i, host_batch in enumerate(itertools.islice(it, num_batches)):
+    batch = sharding.host_local_batch_to_global(host_batch, mesh)
+    sums = jax.device_get(eval_fn(params, batch, codebook, _eval_key(int(config.seed), i)))
+    for k, v in sums.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  if not totals:
+    log.warning("eval split %r has fewer than one global batch (%d); eval skipped", config.data.eval_split,
+                    batch_size)
+    return {}
+  total = max(totals["num_masked_codes"], 1.0)
+  return {f"eval/{k}": (v if k == "num_masked_codes" else v / total) for k, v in totals.items()
+          if k != "mask_fraction"}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_after_steps: Optional[int] = None) -> dict[str, Any]:
+  """Trains (or resumes) stage 2 in `workdir`.
+
+  Args:
+    config: a stage-2 config (configs/imagenet.py or configs/demo.py).
+    workdir: checkpoints, TensorBoard logs and config.json go here; an existing checkpoint is resumed.
+    stop_after_steps: behave as if preempted once this many steps are done in *this* call (save, return);
+      for time-boxed jobs and tests.
+
+  Returns:
+    {'state': TrainState, 'step': last step, 'stopped': whether stopped before num_steps, 'train': last logged
+     train metrics, 'eval': last eval metrics, 'history': [(step, loss)] at log steps, 'skipped_steps': int}.
+
+  Raises:
+    ConfigError: bad config / dataset mismatch / mesh or batch not fitting the devices (before compiling).
+    FloatingPointError: non-finite loss with train.nonfinite='stop'.
+  """
+  # ---- validate everything before compiling
+  validate_config(config)
+  config = configlib.absolute_paths(config, "data", ("codes_dir", "stage1_dir"))
+  meta = codes_lib.read_metadata(config.data.codes_dir)
+  check_dataset(config, meta)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config)
+  global_batch = int(config.train.batch_size)
+  sharding.check_batch_size(global_batch, mesh)
+  sharding.check_batch_size(global_batch // int(config.train.grad_accum_steps), mesh,
+                            "config.train.batch_size / grad_accum_steps")
+  model = build_model(config)
+  tx = make_optimizer(config)
+  t = config.train
+  os.makedirs(workdir, exist_ok=True)
+
+  codebook = jax.device_put(codes_lib.load_codebook(config.data.codes_dir, meta).astype(np.float32),
+                            sharding.replicated(mesh))
+  train_iter = _code_iterator(config, config.data.train_split, global_batch // jax.process_count(), train=True)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
+                                 save_interval_steps=int(t.ckpt_every))
+  if ckpt.latest_step() is not None:
+    check_resume_config(config, workdir)  # Before config.json is overwritten.
+  configlib.save_snapshot(config, workdir, write=host.is_chief())
+
+  # ---- state: restored into its shardings, or initialised sharded
+  abstract, state_shardings = abstract_train_state(model, tx, config, mesh, rules)
+  state, restored_step = ckpt.restore(abstract, data_iterator=train_iter)
+  if state is None:
+    state, state_shardings = create_train_state(model, tx, config, mesh, rules)
+    log.info("Initialised a new stage-2 model in %s", workdir)
+  else:
+    log.info("Resumed stage 2 from step %d in %s", restored_step, workdir)
+  log.info("Contextual RQ-Transformer: %s parameters; %.1f%% of them replicated on mesh %s",
+               f"{common.count_params(state.params):,}",
+               100 * sharding.fraction_replicated(state_shardings.params, state.params), dict(mesh.shape))
+
+  data_sharding = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+  train_step = jax.jit(make_train_step(model, tx, config), donate_argnums=(0,),
+                       in_shardings=(state_shardings, data_sharding, replicated),
+                       out_shardings=(state_shardings, replicated))
+  eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params, data_sharding, replicated,
+                                                           replicated), out_shardings=replicated)
+
+  def run_eval(step: int, state: TrainState) -> dict[str, float]:
+    params = state.ema_params if state.ema_params is not None else state.params
+    return evaluate(config, eval_step, params, codebook, mesh, meta)
+
+  # Only the rules, not the mesh, are made ambient: under `jax.set_mesh` flax re-traces DenseGeneral's kernel init
+  # during apply (its shape check) and constrains the flat kernel with the full-rank spec, which fails. Sharding of
+  # activations then follows from the parameter and batch shardings (XLA propagation).
+  with nn.logical_axis_rules(rules):
+    result = loop.run(
+        state, name="stage 2 (Contextual RQ-Transformer)",
+        train_step=lambda s, b: train_step(s, b, codebook),
+        next_batch=lambda: sharding.host_local_batch_to_global(next(train_iter), mesh), checkpointer=ckpt,
+        data_iterator=train_iter, num_steps=int(t.num_steps), log_every=int(t.log_every),
+        writer=reporting.metric_writer(workdir), periodic=[loop.Periodic("eval", int(t.eval_every), run_eval)],
+        nonfinite=str(t.nonfinite), stop_after_steps=stop_after_steps)
+  return {"state": result.state, "step": result.step, "stopped": result.stopped, "train": result.train,
+          "eval": result.periodic.get("eval", {}), "history": result.history, "skipped_steps": result.skipped_steps}
