@@ -74,6 +74,9 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
     return flags.FLAGS(list(argv))
   except flags.Error as e:
     error(e)
+  except Exception as e:  # noqa: BLE001 - e.g. a --config file that is not Python fails inside its parser
+    error(f"could not parse the command line ({type(e).__name__}: {e}); a --config must be a Python file "
+          "with get_config(), e.g. configs/demo.py")
   return []
 
 

@@ -14,7 +14,7 @@ Data config fields (a ConfigDict or a mapping):
   download: let tfds download and prepare a missing data set (default: only when manual_dir is set, so that
     imagenet2012 can be prepared from its local tar files; nothing else is fetched unless asked).
   image_key, label_key: feature names in tfds records (default 'image', 'label').
-Other fields (split_train, split_eval, ...) are ignored here; callers pass the split explicitly.
+Other fields (train_split, eval_split, ...) are ignored here; callers pass the split explicitly.
 
 tfds sources are read with `tfds.data_source(..., builder_kwargs={'file_format': 'array_record'})`, the
 random-access reader grain needs; a data set prepared earlier as TFRecord must be re-prepared as ArrayRecord.

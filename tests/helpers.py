@@ -1,0 +1,153 @@
+"""Helpers shared by the tests: tiny configs, a synthetic code-dataset writer and bit-exact tree comparisons.
+
+Import as `from tests import helpers`. The matching fixtures are in tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ctxrq_jax.core import config as configlib
+from ctxrq_jax.data import codes as codes_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------------------ configs
+def _apply(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> None:
+  """`{'train.num_steps': 4, 'optim.learning_rate': 1e-2}` -> config.train.num_steps = 4, ... (config unlocked)."""
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    config[section][name] = value
+
+
+def tiny_stage1_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """configs/rqvae_mnist.py shrunk to seconds per step: 16x16x1 digits (resized by crop), 4x4x2 codes, K = 16.
+
+  Keyword overrides name `section.key` with a double underscore, e.g. `train__num_steps=2`.
+  """
+  c = configlib.load_config_file("rqvae_mnist")
+  with c.unlocked():
+    c.data.image_size = 16
+    c.data.resize = "crop"
+    c.data.eval_examples = 8
+    c.model.resolution = 16
+    c.model.ch = 8
+    c.model.ch_mult = (1, 2, 2)
+    c.model.norm_groups = 4
+    c.model.z_channels = 8
+    c.model.embed_dim = 8
+    c.model.codebook_size = 16
+    c.model.code_depth = 2
+    c.train.batch_size = 4
+    c.train.num_steps = 2
+    c.train.log_every = 1
+    c.train.image_every = 2
+    c.train.ckpt_every = 1
+    _apply(c, {k.replace("__", "."): v for k, v in overrides.items()})
+  return c
+
+
+def tiny_stage2_config(codes_dir: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """configs/imagenet.py:tiny (4x4x4 codes, K 64, n_z 16, 10 classes, width 32) for a few quick steps on
+  `codes_dir` (see `write_stage2_codes`). Overrides as in `tiny_stage1_config` (`train__num_steps=4`)."""
+  c = configlib.load_config_file("imagenet", "tiny")
+  with c.unlocked():
+    c.data.codes_dir = codes_dir
+    c.train.num_steps = 6
+    c.train.log_every = 1
+    c.train.eval_every = 100
+    c.train.ckpt_every = 2
+    c.optim.learning_rate = 1e-2
+    _apply(c, {k.replace("__", "."): v for k, v in overrides.items()})
+  return c
+
+
+def tiny_demo_stage2_config() -> ml_collections.ConfigDict:
+  """configs/demo.py shrunk to match `tiny_stage1_config`'s codes (4x4x2, K 16, n_z 8): the demo pipeline in seconds."""
+  c = configlib.load_config_file("demo")
+  with c.unlocked():
+    c.model.width = 32
+    c.model.num_heads = 2
+    c.model.spatial_layers = 1
+    c.model.depth_layers = 1
+    c.data.code_shape = (4, 4, 2)
+    c.data.vocab_size = 16
+    c.data.embed_dim = 8
+    c.train.batch_size = 8
+    c.train.num_steps = 2
+    c.train.log_every = 1
+    c.train.eval_every = 2
+    c.train.ckpt_every = 2
+    c.sample.T_draft = 4
+    c.sample.batch_size = 8
+  return c
+
+
+# ------------------------------------------------------------------------------------------------ code datasets
+def write_code_dataset(out_dir: Any, *, code_shape=(2, 3, 4), codebook_size: int = 300, embed_dim: int = 5,
+                       num_classes: int = 4, sizes: Mapping[str, int] | None = None, num_shards: int = 1,
+                       seed: int = 0, chunk: int | None = None, source: Any = "synthetic",
+                       **writer_kwargs: Any) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+  """Writes a synthetic code dataset; returns (codebook [K, n_z], {split: (codes [M, h, w, D], labels [M])}).
+
+  `chunk` splits each split's examples over several `write` calls (in order).
+  """
+  rng = np.random.default_rng(seed)
+  sizes = dict(sizes or {"train": 10, "test": 7})
+  codebook = rng.normal(size=(codebook_size, embed_dim)).astype(np.float32)
+  data = {split: (rng.integers(0, codebook_size, (n, *code_shape)), rng.integers(0, num_classes, (n,)))
+          for split, n in sizes.items()}
+  with codes_lib.CodeDatasetWriter(out_dir, code_shape=code_shape, codebook=codebook, num_classes=num_classes,
+                                   source=source, num_shards=num_shards, **writer_kwargs) as w:
+    for split, (c, y) in data.items():
+      step = chunk or max(len(c), 1)
+      for start in range(0, len(c), step):
+        w.write(split, c[start:start + step], y[start:start + step])
+  return codebook, data
+
+
+def write_stage2_codes(out_dir: Any) -> str:
+  """The code dataset `tiny_stage2_config` trains on: 4x4x4 codes, K 64, n_z 16, 10 classes; 8 training examples
+  (two batches of 4, so a run sees the same few examples again and again) and 4 validation examples."""
+  rng = np.random.default_rng(0)
+  with codes_lib.CodeDatasetWriter(out_dir, code_shape=(4, 4, 4), codebook=rng.normal(size=(64, 16)).astype(np.float32),
+                                   num_classes=10, source="synthetic") as w:
+    w.write("train", rng.integers(0, 64, (8, 4, 4, 4)), rng.integers(0, 10, (8,)))
+    w.write("validation", rng.integers(0, 64, (4, 4, 4, 4)), rng.integers(0, 10, (4,)))
+  return str(out_dir)
+
+
+# ------------------------------------------------------------------------------------------------ trees
+def _is_typed_key(x: Any) -> bool:
+  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def leaves(tree: Any) -> list[np.ndarray]:
+  """The leaves of a (device or host) pytree as numpy arrays; typed PRNG keys as their key data."""
+  tree = jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def assert_trees_equal(a: Any, b: Any) -> None:
+  """Same structure, and every leaf the same dtype, shape and bits (typed PRNG keys compared by key data)."""
+  a = jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, a)
+  b = jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, b)
+  assert jax.tree.structure(a) == jax.tree.structure(b), (jax.tree.structure(a), jax.tree.structure(b))
+  for x, y in zip(leaves(a), leaves(b)):
+    assert x.dtype == y.dtype and x.shape == y.shape, (x.dtype, x.shape, y.dtype, y.shape)
+    np.testing.assert_array_equal(x, y)
+
+
+def assert_leaves_equal(a: Any, b: Any) -> None:
+  """Bit-equal leaves in order (for trees whose containers differ, e.g. FrozenDict vs dict)."""
+  la, lb = leaves(a), leaves(b)
+  assert len(la) == len(lb), (len(la), len(lb))
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(x, y)

@@ -1,0 +1,70 @@
+"""Every command answers --help without importing JAX, and every flag the README shows exists."""
+
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from ctxrq_jax.core import config as configlib
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+COMMANDS = ("bench", "convert", "demo", "encode", "evaluate", "sample", "train", "train_rqvae")
+
+
+def _readme_commands():
+  """(module, [args]) for every `python -m ctxrq_jax.X ...` in the README's code blocks (continuations joined)."""
+  text = (REPO / "README.md").read_text()
+  out = []
+  for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S):
+    for line in block.replace("\\\n", " ").splitlines():
+      for part in line.split("&&"):
+        words = shlex.split(part.strip()) if "python -m ctxrq_jax." in part else []
+        if words:
+          i = words.index("-m")
+          out.append((words[i + 1].split(".", 1)[1], words[i + 2:]))
+  return out
+
+
+README_COMMANDS = _readme_commands()
+
+
+def test_readme_shows_the_commands():
+  assert {m for m, _ in README_COMMANDS} >= {"demo", "train", "train_rqvae", "encode", "sample", "evaluate", "convert",
+                                             "bench"}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_is_fast_and_imports_no_jax(command):
+  out = subprocess.run([sys.executable, "-X", "importtime", "-m", f"ctxrq_jax.{command}", "--helpfull"],
+                       capture_output=True, text=True, timeout=60, check=False, cwd=REPO)
+  # absl's --helpfull exits 1 by design; the command's own flags are listed under its module name.
+  assert out.returncode in (0, 1) and f"ctxrq_jax/{command}.py:" in out.stdout, out.stderr[-2000:]
+  imported = {l.split("|")[-1].strip() for l in out.stderr.splitlines() if l.startswith("import time:")}
+  heavy = sorted(m for m in imported if m.split(".")[0] in ("jax", "flax", "orbax", "tensorflow", "grain", "optax"))
+  assert not heavy, f"--help of {command} imports {heavy[:5]}"
+
+
+@pytest.mark.parametrize("index", range(len(README_COMMANDS)),
+                         ids=[f"{m}-{i}" for i, (m, _) in enumerate(README_COMMANDS)])
+def test_every_readme_flag_exists(index):
+  module, args = README_COMMANDS[index]
+  helpfull = subprocess.run([sys.executable, "-m", f"ctxrq_jax.{module}", "--helpfull"], capture_output=True,
+                            text=True, timeout=60, check=False, cwd=REPO).stdout
+  config_file = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+  for arg in args:
+    if not arg.startswith("--"):
+      continue
+    name = arg[2:].split("=", 1)[0]
+    if name.startswith("config."):
+      assert config_file, f"{arg} without --config"
+      path, _, config_arg = config_file.partition(":")
+      config = configlib.load_config_file(str(REPO / path), config_arg or None)
+      node = config
+      for key in name.split(".")[1:]:
+        assert key in node, f"README: {module} {arg}: no key {key!r} in {config_file}"
+        node = node[key]
+    else:
+      assert re.search(rf"--(\[no\])?{re.escape(name)}\b", helpfull), f"README: {module} has no flag --{name}"
