@@ -90,6 +90,19 @@ def tiny_demo_stage2_config() -> ml_collections.ConfigDict:
   return c
 
 
+# A tiny RQ-VAE model section: 16x16x1 images, codes [8, 8, 3] from K = 16 (see the `tiny_rqvae` fixture).
+TINY_RQVAE = dict(
+    resolution=16, in_channels=1, out_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+    dropout=0.0, norm_groups=4, z_channels=8, embed_dim=4, codebook_size=16, code_depth=3, dtype="float32",
+    quant_chunk_size=32,
+)
+
+
+def rbg_key(seed: int = 0) -> jax.Array:
+  """An 'rbg' key whatever the default: threefry init graphs take ~30 s to compile on a loaded CPU, rbg a few."""
+  return jax.random.key(seed, impl="rbg")
+
+
 # ------------------------------------------------------------------------------------------------ code datasets
 def write_code_dataset(out_dir: Any, *, code_shape=(2, 3, 4), codebook_size: int = 300, embed_dim: int = 5,
                        num_classes: int = 4, sizes: Mapping[str, int] | None = None, num_shards: int = 1,
@@ -122,6 +135,17 @@ def write_stage2_codes(out_dir: Any) -> str:
     w.write("train", rng.integers(0, 64, (8, 4, 4, 4)), rng.integers(0, 10, (8,)))
     w.write("validation", rng.integers(0, 64, (4, 4, 4, 4)), rng.integers(0, 10, (4,)))
   return str(out_dir)
+
+
+# ------------------------------------------------------------------------------------------------ iterators
+def take(it: Any, n: int) -> list[Any]:
+  """The next `n` batches of an iterator."""
+  return [next(it) for _ in range(n)]
+
+
+def same_batches(a: list[Mapping[str, Any]], b: list[Mapping[str, Any]]) -> bool:
+  """Whether two equally long lists of dict batches hold equal arrays under every key."""
+  return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
 
 
 # ------------------------------------------------------------------------------------------------ trees

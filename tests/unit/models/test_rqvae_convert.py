@@ -1,4 +1,5 @@
-"""Tests of ctxrq_jax.convert against an independent PyTorch implementation of the reference RQ-VAE."""
+"""Tests of the RQ-VAE converter (ctxrq_jax/models/rqvae_convert.py and `python -m ctxrq_jax.convert`) against an
+independent PyTorch implementation of the reference RQ-VAE."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ import yaml
 
 torch = pytest.importorskip("torch")
 
-from ctxrq_jax import configlib  # pylint: disable=g-import-not-at-top
-from ctxrq_jax import convert
-from ctxrq_jax import rqvae
+from ctxrq_jax.core import config as configlib  # pylint: disable=g-import-not-at-top
+from ctxrq_jax.models import artifact
+from ctxrq_jax.models import rqvae_convert as convert
+from tests import helpers
 from tests import torch_rqvae_reference as ref
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = helpers.REPO
 # A copy of shared/reference's key list, kept with the tests so a clean clone can run them.
 TSV = os.path.join(REPO, "tests", "data", "rqvae-imagenet256-8x8x4-state-dict.tsv")
 
@@ -99,7 +101,7 @@ def converted(tmp_path_factory):
     yaml.safe_dump(_reference_config(SMALL_ARCH), f)
   out = os.path.join(tmp_path_factory.mktemp("artifact"), "rqvae")
   convert.run(ckpt, out)
-  flax_model, variables = rqvae.load_artifact(out)
+  flax_model, variables = artifact.load_artifact(out)
   return {"dir": str(d), "ckpt": ckpt, "torch": model, "torch_ema": ema, "out": out, "model": flax_model,
           "variables": variables}
 
@@ -179,14 +181,14 @@ def test_module_prefix_is_stripped(converted):
   np.testing.assert_array_equal(scale, state["decoder.up.1.attn.1.norm.weight"])
 
 
-def test_cli_converts_ema_weights(converted, tmp_path):
+def test_cli_converts_ema_weights(converted, tmp_path, subprocess_env):
   out = tmp_path / "ema_artifact"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = subprocess_env
   proc = subprocess.run(
       [sys.executable, "-m", "ctxrq_jax.convert", "rqvae", f"--checkpoint={converted['ckpt']}", f"--out={out}",
        "--use_ema"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  _, variables = rqvae.load_artifact(out)
+  _, variables = artifact.load_artifact(out)
   ema = _numpy_state(converted["torch_ema"])
   np.testing.assert_array_equal(
       np.asarray(variables["params"]["decoder"]["conv_out"]["kernel"]),
@@ -197,16 +199,19 @@ def test_cli_converts_ema_weights(converted, tmp_path):
     assert json.load(f)["state_dict"] == "state_dict_ema"
 
 
-def test_cli_reports_corrupt_checkpoint(tmp_path):
+def test_cli_reports_corrupt_checkpoint(tmp_path, subprocess_env):
   bad = tmp_path / "model.pt"
   bad.write_bytes(b"this is not a torch checkpoint")
   (tmp_path / "config.yaml").write_text(yaml.safe_dump(_reference_config(SMALL_ARCH)))
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = subprocess_env
   proc = subprocess.run(
       [sys.executable, "-m", "ctxrq_jax.convert", "rqvae", f"--checkpoint={bad}", f"--out={tmp_path / 'out'}"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
-  assert proc.returncode == 1
+  # A user's mistake: one line `error: ...` on stderr and exit status 2, no traceback.
+  assert proc.returncode == 2, proc.stderr[-3000:]
   assert f"checkpoint {bad} could not be read" in proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and f"checkpoint {bad} could not be read" in errors[0], proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
 
 
@@ -218,7 +223,7 @@ def test_pickled_objects_need_allow_pickle(converted, tmp_path):
   with pytest.raises(convert.ConversionError, match="pass --allow_pickle"):
     convert.run(ckpt, tmp_path / "out")
   convert.run(ckpt, tmp_path / "out", allow_pickle=True)
-  _, variables = rqvae.load_artifact(tmp_path / "out")
+  _, variables = artifact.load_artifact(tmp_path / "out")
   np.testing.assert_array_equal(
       np.asarray(variables["params"]["quant_conv"]["bias"]), converted["torch"].quant_conv.bias.detach().numpy())
 

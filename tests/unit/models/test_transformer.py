@@ -14,11 +14,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ctxrq_jax import configlib
-from ctxrq_jax import masking
-from ctxrq_jax import transformer as tr
+from ctxrq_jax.core import config as configlib
+from ctxrq_jax.models import common
+from ctxrq_jax.models import transformer as tr
+from ctxrq_jax.stage2 import masking
+from tests import helpers
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = helpers.REPO
 K, D, N, NZ, W, CLASSES = 16, 3, 6, 8, 32, 5
 
 
@@ -69,7 +71,7 @@ def test_output_shape_dtype_and_param_names(tiny):
   leaves = jax.tree_util.tree_leaves(tiny.params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
   assert all(len(x.names) == x.value.ndim for x in leaves)
-  assert tr.count_params(tiny.params) == sum(x.value.size for x in leaves)
+  assert common.count_params(tiny.params) == sum(x.value.size for x in leaves)
   # The codebook is an input, not a parameter.
   assert not any(x.value.shape == (K, NZ) for x in leaves)
 
@@ -286,7 +288,7 @@ def test_param_counts(size, target, tol):
   h, w, d = cfg.data.code_shape
   model = tr.model_from_config(cfg.model, vocab_size=cfg.data.vocab_size, code_depth=d, num_positions=h * w,
                                embed_dim=cfg.data.embed_dim)
-  count = tr.count_params(tr.abstract_variables(model))  # eval_shape: nothing is allocated
+  count = common.count_params(tr.abstract_variables(model)["params"])  # eval_shape: nothing is allocated
   print(f"{size}: {count:,} parameters ({count / target - 1:+.2%} vs paper {target:,.0f})")
   assert abs(count / target - 1) < tol
   assert model.dtype == jnp.bfloat16 and model.param_dtype == jnp.float32
@@ -320,10 +322,21 @@ def test_unknown_config_keys_raise():
   with pytest.raises(configlib.ConfigError, match="missing config.model keys: width"):
     tr.model_from_config(model_cfg, vocab_size=K, code_depth=D, num_positions=N, embed_dim=NZ)
   bad = cfg.model.to_dict() | {"dtype": "bf16"}
-  with pytest.raises(configlib.ConfigError, match="unknown dtype 'bf16'"):
+  with pytest.raises(configlib.ConfigError, match=r"model.dtype must be one of \['bfloat16', 'float16', 'float32'\], "
+                                                   r"got 'bf16'"):
     tr.model_from_config(bad, vocab_size=K, code_depth=D, num_positions=N, embed_dim=NZ)
   bad = cfg.model.to_dict() | {"num_heads": 5}
   with pytest.raises(configlib.ConfigError, match="divisible"):
     tr.model_from_config(bad, vocab_size=K, code_depth=D, num_positions=N, embed_dim=NZ)
   with pytest.raises(configlib.ConfigError, match="unknown model size"):
     load_config("imagenet", "2b")
+
+
+@pytest.mark.parametrize("name,arg", [("imagenet", "tiny"), ("demo", None)])
+def test_from_run_config_reads_the_data_section(name, arg):
+  cfg = load_config(name, arg)
+  model = tr.from_run_config(cfg)
+  h, w, d = cfg.data.code_shape
+  assert model == tr.model_from_config(cfg.model, vocab_size=cfg.data.vocab_size, code_depth=d, num_positions=h * w,
+                                       embed_dim=cfg.data.embed_dim)
+  assert (model.num_positions, model.code_depth, model.vocab_size) == (h * w, d, cfg.data.vocab_size)

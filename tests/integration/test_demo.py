@@ -6,36 +6,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ctxrq_jax import configlib
-from ctxrq_jax import demo
-from ctxrq_jax import evaluate
-from ctxrq_jax import sample
-from tests.test_train_rqvae import tiny_config
+from ctxrq_jax.evaluation import digits
+from ctxrq_jax.evaluation import likelihood
+from ctxrq_jax.recipes import demo
+from ctxrq_jax.sampling import loader
+from ctxrq_jax.sampling import runner
+from tests import helpers
 
-
-def tiny_stage2_config():
-  c = configlib.load_config_file("demo")
-  with c.unlocked():
-    c.model.width = 32
-    c.model.num_heads = 2
-    c.model.spatial_layers = 1
-    c.model.depth_layers = 1
-    c.data.code_shape = (4, 4, 2)
-    c.data.vocab_size = 16
-    c.data.embed_dim = 8
-    c.train.batch_size = 8
-    c.train.num_steps = 2
-    c.train.log_every = 1
-    c.train.eval_every = 2
-    c.train.ckpt_every = 2
-    c.sample.T_draft = 4
-    c.sample.batch_size = 8
-  return c
+pytestmark = pytest.mark.slow
 
 
 def test_demo_pipeline_writes_samples_and_evaluates(tmp_path):
   workdir = str(tmp_path / "demo")
-  summary = demo.run(tiny_config(num_steps=2), tiny_stage2_config(), workdir, samples_per_class=1)
+  summary = demo.run(helpers.tiny_stage1_config(train__num_steps=2), helpers.tiny_demo_stage2_config(), workdir,
+                     samples_per_class=1)
   out = summary["outputs"]
   with np.load(out["samples_npz"]) as f:
     images, labels, codes = f["arr_0"], f["labels"], f["codes"]
@@ -44,32 +28,35 @@ def test_demo_pipeline_writes_samples_and_evaluates(tmp_path):
   assert codes.shape == (10, 4, 4, 2) and codes.min() >= 0 and codes.max() < 16
   # The draft and its 2 revisions side by side: three panels as wide as the final grid.
   assert Image.open(out["phases_png"]).width >= 3 * Image.open(out["samples_png"]).width
+  report = demo.format_summary(summary)
+  for line in ("held-out PSNR", "codes used per depth", "held-out masked-code NLL", "stage 2", "samples_npz"):
+    assert line in report, report
 
-  stage2 = evaluate.evaluate_stage2(os.path.join(workdir, "stage2"), num_draws=1)
+  stage2 = likelihood.evaluate_stage2(os.path.join(workdir, "stage2"), num_draws=1)
   assert np.isfinite(stage2["nll"]) and stage2["masked_codes"] > 0
   assert 0 < stage2["unigram_per_depth"] <= stage2["unigram_pooled"] + 1e-6 <= np.log(16) + 1e-6
-  assert "NLL / per-depth unigram entropy" in evaluate.format_stage2_results(stage2)
+  assert "NLL / per-depth unigram" in likelihood.format_stage2_results(stage2)
 
-  fidelity = evaluate.evaluate_samples(os.path.join(workdir, "stage2"), samples_per_class=2, classifier_steps=5)
+  fidelity = digits.evaluate_samples(os.path.join(workdir, "stage2"), samples_per_class=2, classifier_steps=5)
   assert fidelity["num_samples"] == 20
   phases = ["draft", "revision_1", "revision_2"]
   for key in ["classifier_test_accuracy", "classifier_reconstruction_accuracy"] + [f"{p}_accuracy" for p in phases]:
     assert 0.0 <= fidelity[key] <= 1.0, key
-  report = evaluate.format_sample_results(fidelity)
-  assert "reconstructions" in report and all(p in report for p in phases)
-
+  report = digits.format_sample_results(fidelity)
+  assert "reconstructions" in report and all(p.replace("_", " ") in report for p in phases)
 
   # Decoding in chunks (padded last chunk) equals one big call; preview grids are capped, the npz is whole.
-  loaded = sample.Stage2Model(os.path.join(workdir, "stage2"))
+  loaded = loader.Stage2Model(os.path.join(workdir, "stage2"), decode_batch_size=16)
+  chunked = loader.Stage2Model(os.path.join(workdir, "stage2"), decode_batch_size=3)
   flat = codes.reshape(10, -1, 2)
-  whole = loaded.images(flat, batch_size=16)
+  whole = loaded.images(flat)
   # (Other batch shapes compile to other convolution kernels: equal up to float rounding, uint8 up to one level.)
-  np.testing.assert_allclose(loaded.images(flat, batch_size=3), whole, atol=1e-5)
+  np.testing.assert_allclose(chunked.images(flat), whole, atol=1e-5)
   near = lambda a, b: np.abs(a.astype(np.int32) - b.astype(np.int32)).max() <= 1  # noqa: E731
-  assert near(loaded.images(flat, batch_size=3, uint8=True)[..., 0], images[..., 0])
+  assert near(chunked.images(flat, uint8=True)[..., 0], images[..., 0])
   history = np.stack([flat, flat])
-  paths = sample.write_outputs(loaded, history, labels, str(tmp_path / "capped"), ncols=5, batch_size=4,
-                               preview_per_class=1, preview_classes=3)
+  paths = runner.write_outputs(chunked, history, labels, str(tmp_path / "capped"), ncols=5, preview_per_class=1,
+                               preview_classes=3)
   # One sample of each of 3 classes, one column: 3 tiles of 16 px + 2 px padding, enlarged 8x (128 // 16).
   assert Image.open(paths["samples_png"]).size == (8 * (18 + 2), 8 * (3 * 18 + 2))
   with np.load(paths["samples_npz"]) as f:
@@ -78,4 +65,4 @@ def test_demo_pipeline_writes_samples_and_evaluates(tmp_path):
   with pytest.raises(ValueError, match=r"codes must lie in \[0, 16\)"):
     loaded.images(flat + 16)
   with pytest.raises(ValueError, match="samples_per_class must be >= 1"):
-    sample.sample_all_classes(os.path.join(workdir, "stage2"), str(tmp_path / "none"), samples_per_class=0)
+    runner.sample_all_classes(os.path.join(workdir, "stage2"), str(tmp_path / "none"), samples_per_class=0)

@@ -1,11 +1,11 @@
-"""Tests for ctxrq_jax.rq (residual quantization and the EMA codebook)."""
+"""Tests for ctxrq_jax/models/rq.py (residual quantization, the EMA codebook and codebook statistics)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctxrq_jax import rq
+from ctxrq_jax.models import rq
 
 
 def _brute_force_codes(z: np.ndarray, codebook: np.ndarray) -> np.ndarray:
@@ -148,4 +148,23 @@ def test_ema_update_rejects_wrong_vector_size():
 
 
 def test_codebook_usage():
-  assert float(rq.codebook_usage(jnp.array([[0, 1], [1, 3]]), 8)) == pytest.approx(3 / 8)
+  # One depth holding the codes 0, 1, 1, 3: three of the 8 codes are used.
+  stats = rq.codebook_stats(jnp.array([[0, 1], [1, 3]]).reshape(-1, 1), 8)
+  assert float(stats["usage_d1"]) == pytest.approx(3 / 8)
+
+
+def test_codebook_stats_known_values():
+  # Depth 1 uniform over 4 of K = 8 codes: usage 0.5, perplexity exp(log 4) = 4. Depth 2 always code 5: usage 1/8,
+  # perplexity 1. Depth 3 uses codes 0 and 1 with probabilities 3/4 and 1/4: perplexity exp(H) = 4 / 3^(3/4).
+  d1 = np.array([0, 2, 4, 6] * 4)
+  d2 = np.full(16, 5)
+  d3 = np.array([0, 0, 0, 1] * 4)
+  codes = jnp.asarray(np.stack([d1, d2, d3], -1).reshape(2, 2, 4, 3))  # any leading shape, depth last
+  stats = {k: float(v) for k, v in rq.codebook_stats(codes, 8, prefix="eval/").items()}
+  assert sorted(stats) == sorted(f"eval/{m}_d{d}" for m in ("usage", "perplexity") for d in (1, 2, 3))
+  assert stats["eval/usage_d1"] == pytest.approx(0.5)
+  assert stats["eval/perplexity_d1"] == pytest.approx(4.0, rel=1e-6)
+  assert stats["eval/usage_d2"] == pytest.approx(1 / 8)
+  assert stats["eval/perplexity_d2"] == pytest.approx(1.0, rel=1e-6)
+  assert stats["eval/usage_d3"] == pytest.approx(2 / 8)
+  assert stats["eval/perplexity_d3"] == pytest.approx(4 / 3 ** 0.75, rel=1e-6)

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctxrq_jax import checkpoint
+from ctxrq_jax.core import checkpoint
 from ctxrq_jax.data import codes as codes_lib
+from tests import helpers
 
 
 def _state(seed: int = 0):
@@ -25,15 +26,6 @@ def _state(seed: int = 0):
       "rng": jax.random.fold_in(k, 7),  # typed key
       "raw_rng": jax.random.key_data(jax.random.key(seed + 1)),  # raw uint32 key data
   }
-
-
-def _assert_equal(a, b):
-  a = jax.tree.map(lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, a)
-  b = jax.tree.map(lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, b)
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    assert x.dtype == y.dtype and x.shape == y.shape
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def _code_iterator(tmp_path):
@@ -66,7 +58,7 @@ def test_round_trip_bit_exact_with_iterator(tmp_path):
   assert ckpt.latest_step() == 3
   restored, step = ckpt.restore(_state(0), data_iterator=fresh_it)
   assert step == 3
-  _assert_equal(restored, state)
+  helpers.assert_trees_equal(restored, state)
   assert jnp.issubdtype(restored["rng"].dtype, jax.dtypes.prng_key)
   for want in expected_next:
     got = next(fresh_it)
@@ -87,7 +79,7 @@ def test_restore_into_abstract_target_with_sharding(tmp_path):
   with checkpoint.Checkpointer(tmp_path, max_to_keep=1, save_interval_steps=1) as ckpt:
     restored, step = ckpt.restore(abstract)
   assert step == 5
-  _assert_equal(restored, state)
+  helpers.assert_trees_equal(restored, state)
   assert restored["params"]["dense"]["kernel"].sharding == sharding
 
 
@@ -144,7 +136,7 @@ def test_corrupt_latest_falls_back(tmp_path, caplog, corrupt):
   with caplog.at_level(logging.WARNING):
     restored, step = ckpt.restore(_state(0))
   assert step == 1
-  _assert_equal(restored, _state(1))
+  helpers.assert_trees_equal(restored, _state(1))
   assert any(str(tmp_path / "2") in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
   # The good checkpoint is untouched; the bad one moved aside, not deleted.
   assert _steps(tmp_path) == [1]
@@ -155,7 +147,7 @@ def test_corrupt_latest_falls_back(tmp_path, caplog, corrupt):
   with checkpoint.Checkpointer(tmp_path, max_to_keep=3, save_interval_steps=1) as ckpt:
     restored, step = ckpt.restore(_state(0))
   assert step == 2
-  _assert_equal(restored, _state(22))
+  helpers.assert_trees_equal(restored, _state(22))
   assert _steps(tmp_path) == [1, 2]
 
 
@@ -173,7 +165,7 @@ def test_read_only_reader_leaves_a_live_run_alone(tmp_path):
   reader = checkpoint.Checkpointer(tmp_path, max_to_keep=1, save_interval_steps=1, read_only=True)
   restored, step = reader.restore(_state(0))
   assert step == 1  # the unreadable newest step is skipped...
-  _assert_equal(restored, _state(1))
+  helpers.assert_trees_equal(restored, _state(1))
   with pytest.raises(RuntimeError, match="read-only"):
     reader.save(5, _state(5))
   reader.close()
@@ -210,3 +202,20 @@ def test_bad_arguments(tmp_path):
   with checkpoint.Checkpointer(tmp_path, max_to_keep=1, save_interval_steps=1) as ckpt:
     with pytest.raises(TypeError, match="data_iterator"):
       ckpt.save(1, _state(), data_iterator=iter([1, 2]))
+
+
+def test_saved_structure_and_partial_restore(tmp_path):
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=2, save_interval_steps=1) as ckpt:
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+      ckpt.saved_structure()
+    ckpt.save(1, _state(1))
+    ckpt.save(2, _state(2))
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=2, save_interval_steps=1, read_only=True) as ckpt:
+    saved = ckpt.saved_structure()
+    assert sorted(saved) == sorted(_state())
+    assert tuple(saved["params"]["dense"]["kernel"].shape) == (8, 16)
+    assert tuple(ckpt.saved_structure(1)["opt"][0].shape) == (8, 16)
+    # Only the requested top-level field is read, from the newest step.
+    restored, step = ckpt.restore({"params": _state(0)["params"]}, partial=True)
+  assert step == 2 and sorted(restored) == ["params"]
+  helpers.assert_trees_equal(restored["params"], _state(2)["params"])

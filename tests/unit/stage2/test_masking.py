@@ -1,4 +1,5 @@
-"""Tests of the training mask distribution q(m) (eq. 10), the masked NLL (eq. 11) and condition dropout."""
+"""The training mask distribution q(m) (eq. 10), the masked NLL (eq. 11) and condition dropout
+(ctxrq_jax/stage2/masking.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctxrq_jax import masking
+from ctxrq_jax.stage2 import masking
 
 
 def test_cosine_schedule_endpoints_and_monotone():
@@ -110,6 +111,23 @@ def test_masked_nll_ignores_unmasked_targets_and_logits():
   assert np.all(np.asarray(grads)[~np.asarray(mask)] == 0)
   # Changing a masked target does change the loss.
   assert masking.masked_nll(logits, codes.at[0, 0, 0].add(1) % 7, mask)[0] != loss
+
+
+def test_masked_nll_of_uniform_logits_is_log_k():
+  # Uniform logits give every code probability 1/K: the NLL of each masked code is log K exactly, whatever the
+  # targets and the mask, and the accuracy is that of argmax over ties (code 0).
+  b, n, d, k = 3, 5, 2, 7
+  _, codes, mask = _random_batch(b, n, d, k)
+  loss, metrics = masking.masked_nll(jnp.zeros((b, n, d, k)), codes, mask)
+  np.testing.assert_allclose(float(loss), math.log(k), rtol=1e-6)
+  for t in range(d):
+    np.testing.assert_allclose(float(metrics[f"nll_depth{t + 1}"]), math.log(k), rtol=1e-6)
+    hits = np.asarray(codes)[..., t][np.asarray(mask)] == 0
+    np.testing.assert_allclose(float(metrics[f"accuracy_depth{t + 1}"]), hits.mean(), rtol=1e-6)
+  assert float(metrics["num_masked_codes"]) == int(mask.sum()) * d
+  # Any constant shift of the logits is still uniform.
+  np.testing.assert_allclose(float(masking.masked_nll(jnp.full((b, n, d, k), 3.5), codes, mask)[0]), math.log(k),
+                             rtol=1e-6)
 
 
 def test_label_smoothing():

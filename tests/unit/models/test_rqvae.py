@@ -1,8 +1,8 @@
-"""Tests for the stage-1 RQ-VAE (ctxrq_jax.rqvae), its artifact, the PatchGAN losses and the stage-1 configs."""
+"""Tests for the stage-1 RQ-VAE (ctxrq_jax/models/rqvae.py) and the stage-1 configs (the artifact:
+test_artifact.py; the PatchGAN: test_patchgan.py; the stage-1 losses: tests/unit/stage1/test_losses.py)."""
 
 import importlib.util
 import json
-import os
 import pathlib
 
 import jax
@@ -10,39 +10,29 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctxrq_jax import configlib
-from ctxrq_jax import patchgan
-from ctxrq_jax import rq
-from ctxrq_jax import rqvae
+from ctxrq_jax.core import config as configlib
+from ctxrq_jax.models import common
+from ctxrq_jax.models import rq
+from ctxrq_jax.models import rqvae
+from tests import helpers
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(helpers.REPO)
 REFERENCE_TSV = ROOT / "tests" / "data" / "rqvae-imagenet256-8x8x4-state-dict.tsv"
-
-# Threefry init graphs take ~30 s to compile on a loaded CPU; the RBG generator compiles in a few.
-def _key(seed: int = 0) -> jax.Array:
-  return jax.random.key(seed, impl="rbg")
-
-
-TINY = dict(
-    resolution=16, in_channels=1, out_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-    dropout=0.0, norm_groups=4, z_channels=8, embed_dim=4, codebook_size=16, code_depth=3, dtype="float32",
-    quant_chunk_size=32,
-)
+TINY = helpers.TINY_RQVAE
+_key = helpers.rbg_key
 
 
 def _load_config(name: str):
+  """The checkout's user-facing configs/NAME.py (it loads the package's defaults)."""
   spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
 
 
-@pytest.fixture(scope="module")
-def tiny():
-  model = rqvae.RQVAE.from_config(TINY)
-  variables = jax.jit(rqvae.init_variables, static_argnums=0)(model, _key())
-  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, size=(2, 16, 16, 1)).astype(np.float32))
-  return model, variables, x
+@pytest.fixture()
+def tiny(tiny_rqvae):
+  return tiny_rqvae
 
 
 def test_imagenet_param_count_matches_reference():
@@ -51,7 +41,7 @@ def test_imagenet_param_count_matches_reference():
   shapes = jax.eval_shape(lambda: rqvae.init_variables(model, jax.random.key(0)))
   k, n_z = cfg.model.codebook_size, cfg.model.embed_dim
   # The reference counts its shared codebook once, with one extra padding row.
-  assert rqvae.count_params(shapes) == 104_402_051 - k * n_z - n_z
+  assert common.count_params(shapes["params"]) == 104_402_051 - k * n_z - n_z
   assert shapes["quantizer"]["codebook"].shape == (k, n_z)
   assert model.code_shape == (8, 8, 4)
 
@@ -147,63 +137,6 @@ def test_bad_model_config_raises_config_error():
     rqvae.RQVAE.from_config({**TINY, "dtype": "int8"})
 
 
-def test_artifact_round_trip(tiny, tmp_path):
-  model, variables, x = tiny
-  rqvae.save_artifact(tmp_path / "art", TINY, variables)
-  loaded_model, loaded = rqvae.load_artifact(tmp_path / "art")
-  assert loaded_model == model
-  for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(loaded)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  with pytest.raises(FileExistsError, match="already exists"):
-    rqvae.save_artifact(tmp_path / "art", TINY, variables)
-  rqvae.save_artifact(tmp_path / "art", TINY, variables, overwrite=True)
-
-
-def test_artifact_errors_name_the_problem(tiny, tmp_path):
-  _, variables, _ = tiny
-  with pytest.raises(FileNotFoundError, match="does not exist"):
-    rqvae.load_artifact(tmp_path / "nowhere")
-  with pytest.raises(ValueError, match="do not match the model config"):
-    rqvae.save_artifact(tmp_path / "bad", {**TINY, "codebook_size": 32}, variables)
-  art = tmp_path / "art"
-  rqvae.save_artifact(art, TINY, variables)
-  # Corrupt config.
-  (art / "model_config.json").write_text("{not json")
-  with pytest.raises(ValueError, match="model_config.json is unreadable"):
-    rqvae.load_artifact(art)
-  # Config of a different model than the stored variables.
-  (art / "model_config.json").write_text(json.dumps({"format": rqvae.ARTIFACT_FORMAT, "model": {**TINY, "ch": 16}}))
-  with pytest.raises(ValueError, match="could not be restored|do not match"):
-    rqvae.load_artifact(art)
-  # Missing checkpoint.
-  (art / "model_config.json").write_text(json.dumps({"format": rqvae.ARTIFACT_FORMAT, "model": TINY}))
-  for root, _, files in os.walk(art / "variables"):
-    for name in files:
-      os.remove(os.path.join(root, name))
-  with pytest.raises(ValueError, match="could not be restored"):
-    rqvae.load_artifact(art)
-
-
-def test_patchgan_shapes_and_losses():
-  disc = patchgan.PatchGANDiscriminator(ndf=8, n_layers=3, norm="group", norm_groups=4)
-  x = jnp.zeros((2, 32, 32, 3))
-  params = jax.jit(disc.init)(_key(), x)
-  assert jax.jit(disc.apply)(params, x).shape == (2, 2, 2, 1)  # 32 -> 16 -> 8 -> 4 -> 3 -> 2
-  assert "bias" not in params["params"]["conv_1"]  # the norm carries the bias
-  real, fake = jnp.array([2.0, 0.5, -1.0]), jnp.array([-2.0, 0.0, 1.0])
-  # 0.5 * (mean(0, 0.5, 2) + mean(0, 1, 2))
-  assert float(patchgan.hinge_d_loss(real, fake)) == pytest.approx(0.5 * (2.5 / 3 + 3.0 / 3))
-  assert float(patchgan.generator_loss(fake)) == pytest.approx(1.0 / 3)
-  w = patchgan.adaptive_weight(jnp.array([3.0, 4.0]), jnp.array([0.0, 2.0]))
-  assert float(w) == pytest.approx(5.0 / (2.0 + 1e-4))
-  assert float(patchgan.adaptive_weight(jnp.ones(2), jnp.zeros(2), max_weight=100.0)) == 100.0
-  g = jax.grad(lambda a: patchgan.adaptive_weight(a, jnp.ones(2)))(jnp.ones(2))
-  assert float(jnp.abs(g).sum()) == 0.0
-  assert float(patchgan.disc_factor(9, 10)) == 0.0 and float(patchgan.disc_factor(10, 10)) == 1.0
-  with pytest.raises(ValueError, match="norm"):
-    jax.eval_shape(patchgan.PatchGANDiscriminator(norm="batch").init, _key(), x)
-
-
 @pytest.mark.parametrize("name", ["rqvae_imagenet", "rqvae_mnist"])
 def test_configs_are_locked_and_build(name):
   cfg = _load_config(name)
@@ -214,3 +147,5 @@ def test_configs_are_locked_and_build(name):
   assert cfg.loss.recon in ("mse", "l1")
   if name == "rqvae_mnist":
     assert model.code_shape == (8, 8, 4)
+  # The checkout's file is the package's config, value for value.
+  assert cfg.to_dict() == configlib.load_config_file(name).to_dict()

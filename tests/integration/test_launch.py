@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TPU = ROOT / "launch" / "tpu.sh"
 GPU = ROOT / "launch" / "gpu.sh"
 BASH = shutil.which("bash")
 
-pytestmark = pytest.mark.skipif(BASH is None, reason="bash not available")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(BASH is None, reason="bash not available")]
 
 CONFIG = "--config=configs/imagenet.py:821m"
 WORKDIR = "--workdir=gs://my-bucket/ctxrq/821m"

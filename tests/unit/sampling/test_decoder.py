@@ -1,4 +1,5 @@
-"""Tests for Draft-and-Revise decoding on a tiny Contextual RQ-Transformer (N=16, D=2, K=8, width 32)."""
+"""Draft-and-Revise decoding (ctxrq_jax/sampling/decoder.py) on a tiny Contextual RQ-Transformer (N=16, D=2, K=8,
+width 32), against the plain reference sampler (ctxrq_jax/sampling/reference.py)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctxrq_jax import decode
-from ctxrq_jax import transformer
+from ctxrq_jax.models import transformer
+from ctxrq_jax.sampling import decoder as decode
+from ctxrq_jax.sampling import partitions
+from ctxrq_jax.sampling import reference
+from ctxrq_jax.sampling.logits import PhaseSettings
 
 N, D, K, NZ, CLASSES, B = 16, 2, 8, 4, 3, 3
-PS = decode.PhaseSettings
+PS = PhaseSettings
 
 
 # Shared settings: most tests reuse one compiled program (same static plan) to keep the suite fast on a small CPU.
@@ -43,70 +47,6 @@ def _run(setup, rng=0, cond=None, fn=decode.draft_and_revise, **kw):
   return fn(model, params, codebook, cond0 if cond is None else cond, jax.random.key(rng), **kw)
 
 
-# Partitions (eq. 12).
-
-
-@pytest.mark.parametrize('t', [1, 3, 5, 16])
-def test_random_partitions_balanced(t):
-  part = np.asarray(decode.random_partitions(jax.random.key(3), 4, N, t))
-  assert part.shape == (4, N) and part.dtype == np.int32
-  for row in part:
-    counts = np.bincount(row, minlength=t)
-    assert len(counts) == t and counts.min() >= N // t and counts.max() <= -(-N // t)
-  if t > 1:
-    assert len({tuple(r) for r in part}) > 1  # per-sample partitions differ
-
-
-def test_region_partitions_cover_region_only():
-  region = np.zeros((2, N), bool)
-  region[0, [1, 4, 5, 9, 15]] = True
-  region[1, :11] = True
-  part = np.asarray(decode.region_partitions(jax.random.key(2), jnp.asarray(region), 3))
-  assert (part[~region] == -1).all()
-  for b in range(2):
-    counts = np.bincount(part[b][region[b]], minlength=3)
-    assert len(counts) == 3 and counts.max() - counts.min() <= 1 and counts.min() >= 1
-  with pytest.raises(ValueError, match='smallest region'):
-    decode.region_partitions(jax.random.key(2), jnp.asarray(region), 6)
-
-
-@pytest.mark.parametrize('t', [0, N + 1])
-def test_random_partitions_bad_steps(t):
-  with pytest.raises(ValueError, match='num_steps|T=17 exceeds'):
-    decode.random_partitions(jax.random.key(0), 2, N, t)
-
-
-# Sampling helpers.
-
-
-def test_sampling_helpers():
-  logits = jax.random.normal(jax.random.key(4), (5, K)) * 3
-  noise = jax.random.gumbel(jax.random.key(5), (5, K))
-  argmax = jnp.argmax(logits, -1)
-  greedy, lp = decode.sample_logits(logits, noise, PS(temperature=0.0).sampler())
-  np.testing.assert_array_equal(greedy, argmax)
-  np.testing.assert_allclose(lp, jnp.max(jax.nn.log_softmax(logits), -1), rtol=1e-6)
-  np.testing.assert_array_equal(decode.sample_logits(logits, noise, PS(temperature=1e-6).sampler())[0], argmax)
-  np.testing.assert_array_equal(decode.sample_logits(logits, noise, PS(top_k=1).sampler())[0], argmax)
-  np.testing.assert_array_equal(decode.sample_logits(logits, noise, PS(top_p=1e-6).sampler())[0], argmax)
-  sampled = decode.sample_logits(logits, noise, PS().sampler())[0]
-  np.testing.assert_array_equal(sampled, jnp.argmax(logits + noise, -1))
-  assert (decode.filter_top_k(logits, 3) > -jnp.inf).sum(-1).tolist() == [3] * 5
-  kept = decode.filter_top_p(logits, jnp.float32(0.9)) > -jnp.inf
-  probs = jax.nn.softmax(logits)
-  assert (jnp.where(kept, probs, 0).sum(-1) >= 0.9 - 1e-6).all()
-  cond, uncond = logits[:2], logits[2:4]
-  np.testing.assert_array_equal(decode.guide_logits(cond, uncond, 0.0), cond)
-  np.testing.assert_allclose(decode.guide_logits(cond, uncond, 1.5), 2.5 * cond - 1.5 * uncond, rtol=1e-5, atol=1e-5)
-
-
-def test_gumbel_noise_depends_on_position_not_slot():
-  key = jax.random.key(6, impl='threefry2x32')  # the samplers always derive threefry keys
-  full = decode.gumbel_noise(key, jnp.broadcast_to(jnp.arange(N), (2, N)), 1, K)
-  pos = jnp.array([[7, 2], [0, 15]])
-  np.testing.assert_array_equal(decode.gumbel_noise(key, pos, 1, K), jnp.take_along_axis(full, pos[..., None], 1))
-
-
 # UPDATE (Algorithm 1).
 
 
@@ -114,7 +54,7 @@ def test_update_pass_updates_every_position_once(setup):
   model, params, codebook, cond = setup
   state = decode.init_state(jnp.zeros((B, N, D), jnp.int32), jnp.ones((B, N), bool))
   sampler = PS().sampler()
-  part = decode.random_partitions(jax.random.key(7), B, N, 5)  # 5 does not divide 16: steps of 3 or 4
+  part = partitions.random_partitions(jax.random.key(7), B, N, 5)  # 5 does not divide 16: steps of 3 or 4
   # Step by step: exactly the positions of step t are written, and only they.
   s = state
   for t in range(5):
@@ -127,7 +67,7 @@ def test_update_pass_updates_every_position_once(setup):
   assert bool(drafted.known.all())  # no [MASK] remains after the draft
   np.testing.assert_array_equal(drafted.updates, np.ones((B, N)))
   assert int(drafted.codes.min()) >= 0 and int(drafted.codes.max()) < K
-  revised = decode.update_pass(model, params, codebook, drafted, cond, decode.random_partitions(
+  revised = decode.update_pass(model, params, codebook, drafted, cond, partitions.random_partitions(
       jax.random.key(9), B, N, 5), jax.random.key(10), sampler, num_steps=5, max_updates=4)
   np.testing.assert_array_equal(revised.updates, 2 * np.ones((B, N)))
   assert not np.array_equal(revised.codes, drafted.codes)
@@ -138,7 +78,7 @@ def test_update_pass_updates_every_position_once(setup):
 
 def test_fori_loop_sampler_equals_reference(setup):
   codes, hist = _run(setup, rng=11)
-  ref, ref_hist = _run(setup, rng=11, fn=decode.reference_draft_and_revise)
+  ref, ref_hist = _run(setup, rng=11, fn=reference.reference_draft_and_revise)
   np.testing.assert_array_equal(codes, ref)
   np.testing.assert_array_equal(hist, ref_hist)
   assert hist.shape == (3, B, N, D) and codes.dtype == jnp.int32
@@ -200,14 +140,14 @@ def test_inpaint_keeps_context_and_equals_reference(setup):
   region[2, :] = True  # largest region N: the same compiled program as full generation
   kw = {**STEPS, 'draft': DRAFT, 'revise': REVISE, 'return_history': True}
   out, _ = decode.inpaint(model, params, codebook, codes, region, cond, jax.random.key(21), **kw)
-  ref, _ = decode.reference_draft_and_revise(model, params, codebook, cond, jax.random.key(21), codes=codes,
+  ref, _ = reference.reference_draft_and_revise(model, params, codebook, cond, jax.random.key(21), codes=codes,
                                              region=region, **kw)
   np.testing.assert_array_equal(np.asarray(out)[~region], np.asarray(codes)[~region])  # bit-identical context
   np.testing.assert_array_equal(out, ref)
   assert not np.array_equal(np.asarray(out)[region], np.asarray(codes)[region])
   # Instrumented pass over region partitions: writes each region stack once and nothing else.
   state = decode.init_state(codes, jnp.asarray(region))
-  part = decode.region_partitions(jax.random.key(22), jnp.asarray(region), 5)
+  part = partitions.region_partitions(jax.random.key(22), jnp.asarray(region), 5)
   state = decode.update_pass(model, params, codebook, state, cond, part, jax.random.key(23), PS().sampler(),
                              num_steps=5, max_updates=4)
   np.testing.assert_array_equal(state.updates, region.astype(np.int32))
@@ -264,3 +204,8 @@ def test_bad_inputs(setup):
   small[:, :3] = True
   with pytest.raises(ValueError, match='smallest region size'):
     decode.inpaint(model, params, codebook, codes, small, cond, jax.random.key(0), **{**kw, 't_draft': 4})
+
+
+def test_sample_command_offers_every_draft_mode():
+  from ctxrq_jax import sample as sample_command  # pylint: disable=g-import-not-at-top
+  assert sample_command.DRAFT_MODES == decode.DRAFT_MODES

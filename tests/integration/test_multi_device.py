@@ -1,72 +1,30 @@
-"""Mesh / rules validation, and on 8 fake CPU devices (in a subprocess, so XLA_FLAGS takes effect before jax starts):
-one train step under data=8, fsdp=8 and data=2 x fsdp=2 x tensor=2 equals the single-device step, fsdp=8 leaves
-at most 2% of the parameters replicated, and the sampler with its batch sharded equals the unsharded sampler."""
+"""On 8 fake CPU devices (in a subprocess, so XLA_FLAGS takes effect before jax starts): one train step under data=8,
+fsdp=8 and data=2 x fsdp=2 x tensor=2 equals the single-device step, fsdp=8 leaves at most 2% of the parameters
+replicated, and the sampler with its batch sharded equals the unsharded sampler."""
 
 import os
 import subprocess
 import sys
 import textwrap
 
-import ml_collections
 import pytest
 
-from ctxrq_jax import sharding
-from ctxrq_jax.configlib import ConfigError
+from tests import helpers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _mesh(data=-1, fsdp=1, tensor=1):
-  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
-
-
-def test_mesh_shape_and_errors():
-  assert sharding.mesh_shape(_mesh(), 8) == {"data": 8, "fsdp": 1, "tensor": 1}
-  assert sharding.mesh_shape(_mesh(2, -1, 2), 8) == {"data": 2, "fsdp": 2, "tensor": 2}
-  with pytest.raises(ConfigError, match=r"mesh data=3 x fsdp=1 x tensor=1 = 3 devices, but 8 devices"):
-    sharding.mesh_shape(_mesh(3), 8)
-  with pytest.raises(ConfigError, match="fixed axes multiply to 3, which does not divide 8"):
-    sharding.mesh_shape(_mesh(-1, 3), 8)
-  with pytest.raises(ConfigError, match="at most one mesh axis may be -1"):
-    sharding.mesh_shape(_mesh(-1, -1), 8)
-  with pytest.raises(ConfigError, match="config.mesh.tensor must be a positive integer or -1"):
-    sharding.mesh_shape(_mesh(tensor=0), 8)
-
-
-def test_logical_rules_validation():
-  assert sharding.logical_rules([("batch", ("data", "fsdp")), ("embed", "fsdp"), ("kv", None)]) == (
-      ("batch", ("data", "fsdp")), ("embed", ("fsdp",)), ("kv", None))
-  with pytest.raises(ConfigError, match=r"sharding_rules\[1\] \('embed'\) names unknown mesh axes \['model'\]"):
-    sharding.logical_rules([("batch", "data"), ("embed", "model")])
-  with pytest.raises(ConfigError, match=r"sharding_rules\[0\] must be a \(logical_axis"):
-    sharding.logical_rules([("batch",)])
-
-
-def test_distributed_requested_from_environment(monkeypatch):
-  for k in ("CTXRQ_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
-            "TPU_WORKER_HOSTNAMES"):
-    monkeypatch.delenv(k, raising=False)
-  assert not sharding.distributed_requested()
-  monkeypatch.setenv("SLURM_NTASKS", "4")
-  assert sharding.distributed_requested()
-  monkeypatch.setenv("CTXRQ_DISTRIBUTED", "0")
-  assert not sharding.distributed_requested()
-  monkeypatch.delenv("CTXRQ_DISTRIBUTED")
-  monkeypatch.delenv("SLURM_NTASKS")
-  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "h0,h1")
-  assert sharding.distributed_requested()
-
+pytestmark = pytest.mark.slow
 
 _MULTI_DEVICE = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
-    from ctxrq_jax import sharding, train
-    from ctxrq_jax.configlib import ConfigError
+    from ctxrq_jax.core import sharding
+    from ctxrq_jax.core.config import ConfigError
+    from ctxrq_jax.stage2 import trainer as train
     assert jax.device_count() == 8, jax.devices()
 
     def config(data, fsdp, tensor):
       c = train.reference_config()
       c.unlock()
       c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
+      c.model.spatial_layers = c.model.depth_layers = 1  # every kind of parameter, half the programs to compile
       c.train.batch_size = 8
       c.lock()
       return c
@@ -115,11 +73,12 @@ _MULTI_DEVICE = textwrap.dedent("""
       raise AssertionError("batch 12 on fsdp=8 must fail")
 
     # The sampler with the batch split over 8 devices equals the single-device sampler.
-    from ctxrq_jax import decode
+    from ctxrq_jax.sampling import decoder as decode
+    from ctxrq_jax.sampling.logits import PhaseSettings
     mesh8 = sharding.make_mesh(config(8, 1, 1).mesh)
     cond = (np.arange(8, dtype=np.int32) % 10)[:, None]
-    kw = dict(t_draft=4, t_revise=2, num_revisions=1, draft=decode.PhaseSettings(),
-              revise=decode.PhaseSettings(temperature=0.8, guidance_scale=1.0))
+    kw = dict(t_draft=4, t_revise=2, num_revisions=1, draft=PhaseSettings(),
+              revise=PhaseSettings(temperature=0.8, guidance_scale=1.0))
     dev0 = jax.devices()[0]
     single = decode.draft_and_revise(model, jax.device_put(host_state.params, dev0), jax.device_put(codebook, dev0),
                                      jax.device_put(cond, dev0), jax.random.key(0), **kw)
@@ -134,9 +93,11 @@ _MULTI_DEVICE = textwrap.dedent("""
 
 
 def test_multi_device_step_matches_single_device():
+  # The child keeps JAX's default PRNG (threefry), the production one.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             PYTHONPATH=REPO)
-  proc = subprocess.run([sys.executable, "-c", _MULTI_DEVICE], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=900)
+             PYTHONPATH=helpers.REPO)
+  env.pop("JAX_DEFAULT_PRNG_IMPL", None)
+  proc = subprocess.run([sys.executable, "-c", _MULTI_DEVICE], cwd=helpers.REPO, env=env, capture_output=True,
+                        text=True, timeout=900)
   assert proc.returncode == 0 and "ALL OK" in proc.stdout, (proc.stdout[-3000:], proc.stderr[-5000:])
   assert proc.stdout.count("ok (") == 3

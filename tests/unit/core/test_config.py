@@ -1,0 +1,72 @@
+"""Config files, key checks and run snapshots (ctxrq_jax/core/config.py)."""
+
+import json
+import os
+
+import ml_collections
+import pytest
+
+from ctxrq_jax.core import config as configlib
+
+
+def test_bare_names_load_the_package_configs():
+  path = configlib.package_config_path("demo")
+  assert path.endswith(os.path.join("ctxrq_jax", "configs", "demo.py")) and os.path.isfile(path)
+  for name, arg in (("demo", None), ("demo", "smoke"), ("imagenet", "tiny"), ("rqvae_mnist", "smoke"),
+                    ("rqvae_imagenet", None)):
+    config = configlib.load_config_file(name, arg)
+    assert config.is_locked, name
+  assert configlib.load_config_file("demo", "smoke").train.num_steps < configlib.load_config_file("demo").train.num_steps
+  with pytest.raises(configlib.ConfigError, match="no config named 'nope' in ctxrq_jax.configs"):
+    configlib.load_config_file("nope")
+  with pytest.raises(configlib.ConfigError, match="unknown argument 'big' for configs/demo.py"):
+    configlib.load_config_file("demo", "big")
+  with pytest.raises(configlib.ConfigError, match="does not exist"):
+    configlib.load_config_file(os.path.join("nowhere", "x.py"))
+
+
+def test_check_keys_and_changed_keys():
+  ref = ml_collections.ConfigDict({"a": 1, "s": {"b": 2, "c": (1, 2)}})
+  configlib.check_keys(ref, ref)
+  with pytest.raises(configlib.ConfigError, match=r"unknown config keys: s.d; missing config keys: a, s.b"):
+    configlib.check_keys(ml_collections.ConfigDict({"s": {"c": 0, "d": 1}}), ref)
+  new = {"a": 3, "s": {"b": 2, "c": [1, 2]}}  # a JSON round trip turns tuples into lists: not a change
+  assert configlib.changed_keys(ref, new, ("a", "s.")) == ["a: 1 -> 3"]
+  assert configlib.changed_keys(ref, new, ("s.",)) == []
+  with pytest.raises(configlib.ConfigError, match="boom"):
+    configlib.require(False, "boom")
+  configlib.require(True, "never")
+
+
+def test_snapshot_round_trip_and_errors(tmp_path):
+  config = configlib.load_config_file("imagenet", "tiny")
+  path = configlib.save_snapshot(config, str(tmp_path / "run"))
+  assert path == str(tmp_path / "run" / "config.json")
+  assert configlib.load_snapshot(str(tmp_path / "run")).to_dict() == json.loads(config.to_json_best_effort())
+  assert not os.path.exists(path + ".tmp")
+  # Only the chief writes; the others get the path.
+  assert configlib.save_snapshot(config, str(tmp_path / "other"), write=False) == str(tmp_path / "other" /
+                                                                                     "config.json")
+  assert not (tmp_path / "other").exists()
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    configlib.load_snapshot(str(tmp_path / "missing"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="is .* the workdir of a training run"):
+    configlib.load_snapshot(str(tmp_path / "empty"))
+  (tmp_path / "empty" / "config.json").write_text("{not json")
+  with pytest.raises(ValueError, match="is unreadable"):
+    configlib.load_snapshot(str(tmp_path / "empty"))
+
+
+def test_absolute_paths_keep_urls_and_empty_values(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  config = configlib.load_config_file("imagenet", "tiny")
+  with config.unlocked():
+    config.data.codes_dir = "codes"
+    config.data.stage1_dir = "gs://bucket/rqvae"
+  out = configlib.absolute_paths(config, "data", ("codes_dir", "stage1_dir"))
+  assert out.data.codes_dir == str(tmp_path / "codes") and out.data.stage1_dir == "gs://bucket/rqvae"
+  assert config.data.codes_dir == "codes"  # a copy: the caller's config is unchanged
+  with config.unlocked():
+    config.data.codes_dir = ""
+  assert configlib.absolute_paths(config, "data", ("codes_dir",)).data.codes_dir == ""

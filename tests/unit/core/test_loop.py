@@ -1,0 +1,161 @@
+"""The shared training loop (ctxrq_jax/core/loop.py) with a toy state and step: logging and periodic cadence,
+checkpoint cadence, stop / resume bit for bit (also by signal), and the non-finite policies."""
+
+import os
+import signal
+import threading
+
+import flax
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ctxrq_jax.core import checkpoint
+from ctxrq_jax.core import loop
+from tests import helpers
+
+NUM_STEPS = 10
+
+
+@flax.struct.dataclass
+class Toy:
+  step: jax.Array
+  w: jax.Array
+
+
+def _state():
+  return Toy(step=jnp.zeros((), jnp.int32), w=jnp.zeros((), jnp.float32))
+
+
+def _iterator():
+  """A grain iterator over 0, 1, 2, ... (its position is checkpointed with the state)."""
+  return iter(grain.MapDataset.range(1000).to_iter_dataset())
+
+
+def _step(bad_batches=()):
+  """w += batch; the loss is the new w. Batches in `bad_batches` give a non-finite loss and leave the state alone
+  (as the trainers' steps drop such an update on device)."""
+
+  def train_step(state, batch):
+    finite = jnp.asarray(batch not in bad_batches)
+    w = jnp.where(finite, state.w + batch, state.w)
+    loss = jnp.where(finite, w, jnp.nan)
+    return Toy(step=state.step + 1, w=w), {"loss": loss, "finite": finite.astype(jnp.float32)}
+
+  return train_step
+
+
+class Writer:
+  """Records what the loop writes."""
+
+  def __init__(self):
+    self.scalars, self.flushed = [], 0
+
+  def write_scalars(self, step, scalars):
+    self.scalars.append((step, dict(scalars)))
+
+  def write_images(self, step, images):
+    raise AssertionError("the loop writes no images itself")
+
+  def flush(self):
+    self.flushed += 1
+
+  def steps_with(self, prefix):
+    return [s for s, d in self.scalars if any(k.startswith(prefix) for k in d)]
+
+
+def _run(directory, *, state=None, it=None, writer=None, save_every=100, train_step=None, **kw):
+  it = _iterator() if it is None else it
+  ckpt = checkpoint.Checkpointer(directory, max_to_keep=20, save_interval_steps=save_every)
+  if state is None:
+    restored, _ = ckpt.restore(_state(), data_iterator=it)
+    state = _state() if restored is None else restored
+  kw = {"num_steps": NUM_STEPS, "log_every": 100, **kw}
+  return loop.run(state, name="toy", train_step=train_step or _step(), next_batch=lambda: np.float32(next(it)),
+                  checkpointer=ckpt, data_iterator=it, writer=writer or Writer(), **kw)
+
+
+def _saved_steps(directory):
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def test_log_periodic_and_checkpoint_cadence(tmp_path):
+  writer, calls = Writer(), {"p": [], "q": []}
+
+  def p(step, state):
+    calls["p"].append((step, int(state.step)))
+    return {"p/step": float(step)}
+
+  def q(step, state):
+    calls["q"].append(step)  # returns nothing: nothing written or kept
+
+  result = _run(tmp_path / "ckpt", writer=writer, log_every=3, save_every=4,
+                periodic=[loop.Periodic("p", 4, p), loop.Periodic("q", 5, q)])
+  assert result.step == NUM_STEPS and not result.stopped and result.skipped_steps == 0
+  # Train metrics every log_every steps and at the last step; the loss after step t is 0 + 1 + ... + (t - 1).
+  assert writer.steps_with("train/") == [3, 6, 9, 10]
+  assert result.history == [(3, 3.0), (6, 15.0), (9, 36.0), (10, 45.0)]
+  assert result.train == {"train/loss": 45.0, "train/finite": 1.0}
+  # Periodic work on its cadence and at the last step, with the state of that step.
+  assert calls == {"p": [(4, 4), (8, 8), (10, 10)], "q": [5, 10]}
+  assert writer.steps_with("p/") == [4, 8, 10] and result.periodic == {"p": {"p/step": 10.0}}
+  # Checkpoints on the interval and at the last step.
+  assert _saved_steps(tmp_path / "ckpt") == [4, 8, 10]
+  assert int(result.state.step) == 10 and float(result.state.w) == 45.0 and writer.flushed >= 1
+
+
+def test_stop_after_steps_saves_and_resume_continues_bit_for_bit(tmp_path):
+  full = _run(tmp_path / "full", log_every=1)
+  part = _run(tmp_path / "split", stop_after_steps=4, log_every=1)
+  assert part.stopped and part.step == 4
+  assert _saved_steps(tmp_path / "split") == [4]  # saved although 4 is not on the save interval
+  assert [s for s, _ in part.history] == [1, 2, 3, 4]
+  # A fresh process would restore the state and the iterator position and go on from step 5.
+  rest = _run(tmp_path / "split", log_every=1)
+  assert not rest.stopped and rest.step == NUM_STEPS
+  assert rest.history == full.history[4:]  # the same batches 4, 5, ... as the uninterrupted run
+  helpers.assert_trees_equal(rest.state, full.state)
+  # stop_after_steps reaching the last step is simply the end of the run.
+  again = _run(tmp_path / "to_the_end", stop_after_steps=NUM_STEPS)
+  assert not again.stopped and again.step == NUM_STEPS
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="signal handlers need the main thread")
+def test_sigterm_stops_after_the_step_and_saves(tmp_path):
+  inner = _step()
+
+  def train_step(state, batch):
+    if int(batch) == 2:  # during step 3
+      os.kill(os.getpid(), signal.SIGTERM)
+    return inner(state, batch)
+
+  before = signal.getsignal(signal.SIGTERM)
+  stopped = _run(tmp_path / "ckpt", train_step=train_step)
+  assert signal.getsignal(signal.SIGTERM) is before  # the guard put the old handler back
+  assert stopped.stopped and stopped.step == 3 and _saved_steps(tmp_path / "ckpt") == [3]
+  rest = _run(tmp_path / "ckpt")
+  assert rest.step == NUM_STEPS and float(rest.state.w) == 45.0
+
+
+def test_nonfinite_stop_raises_naming_the_step_without_saving_it(tmp_path):
+  # Batch 4 is used by step 5: its flag is checked one step late, at step 6, which raises before saving 6.
+  with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step 5; .*Latest checkpoint: step 4"):
+    _run(tmp_path / "ckpt", train_step=_step(bad_batches=(4,)), nonfinite="stop", save_every=2)
+  assert _saved_steps(tmp_path / "ckpt") == [2, 4]
+
+
+def test_nonfinite_skip_counts_and_finishes(tmp_path):
+  writer = Writer()
+  result = _run(tmp_path / "ckpt", train_step=_step(bad_batches=(2, 6)), nonfinite="skip", writer=writer,
+                log_every=1)
+  assert result.step == NUM_STEPS and not result.stopped and result.skipped_steps == 2
+  assert float(result.state.w) == 45.0 - 2 - 6  # the two updates were dropped
+  assert [s for s, d in writer.scalars if d.get("train/finite") == 0.0] == [3, 7]
+
+
+def test_nonfinite_setting_is_checked(tmp_path):
+  with pytest.raises(ValueError, match="nonfinite must be None, 'stop' or 'skip', got 'ignore'"):
+    _run(tmp_path / "ckpt", nonfinite="ignore")

@@ -1,0 +1,123 @@
+"""Code datasets (ctxrq_jax/data/codes.py): round trips, the shuffled resumable iterator, and errors for bad input
+and corrupt files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ctxrq_jax.data import codes as codes_lib
+from tests import helpers
+
+
+def _write_codes(out_dir, *, k=300, shape=(2, 3, 4), num_shards=3, sizes=None, **kwargs):
+  # Several write calls per split (chunks of 4), in order.
+  return helpers.write_code_dataset(out_dir, code_shape=shape, codebook_size=k, num_shards=num_shards, sizes=sizes,
+                                    chunk=4, source={"dataset": "synthetic"}, **kwargs)
+
+
+@pytest.mark.parametrize("k", [300, 40000])  # int16 and int32 records.
+def test_code_dataset_round_trip(tmp_path, k):
+  codebook, data = _write_codes(tmp_path, k=k)
+  meta = codes_lib.read_metadata(tmp_path)
+  assert meta.code_shape == (2, 3, 4) and meta.codebook_size == k and meta.num_classes == 4
+  assert meta.num_examples("train") == 10 and meta.num_examples("test") == 7
+  assert meta.code_dtype == (np.int16 if k <= 32767 else np.int32)
+  assert meta.source == {"dataset": "synthetic"}
+  np.testing.assert_array_equal(codes_lib.load_codebook(tmp_path), codebook)
+  for split, (c, y) in data.items():
+    got_c, got_y = codes_lib.load_codes(tmp_path, split)
+    assert got_c.dtype == np.int32 and got_y.dtype == np.int32
+    np.testing.assert_array_equal(got_c, c)
+    np.testing.assert_array_equal(got_y, y)
+  batches = list(codes_lib.make_code_iterator(tmp_path, split="train", batch_size=4, seed=0, train=False))
+  assert [b["codes"].shape for b in batches] == [(4, 2, 3, 4), (4, 2, 3, 4), (2, 2, 3, 4)]
+  np.testing.assert_array_equal(np.concatenate([b["codes"] for b in batches]), data["train"][0])
+  np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), data["train"][1])
+
+
+def test_code_iterator_train_shuffles_and_resumes(tmp_path):
+  _, data = _write_codes(tmp_path, sizes={"train": 24})
+  it = codes_lib.make_code_iterator(tmp_path, split="train", batch_size=4, seed=5, train=True)
+  epoch = helpers.take(it, 6)  # 24 examples: one epoch, each once.
+  got = np.concatenate([b["codes"] for b in epoch])
+  assert {x.tobytes() for x in got} == {x.astype(np.int32).tobytes() for x in data["train"][0]}
+  assert not np.array_equal(got, data["train"][0])
+  state = it.get_state()
+  expected = helpers.take(it, 4)
+  resumed = codes_lib.make_code_iterator(tmp_path, split="train", batch_size=4, seed=5, train=True)
+  resumed.set_state(state)
+  assert helpers.same_batches(helpers.take(resumed, 4), expected)
+  shards = [list(codes_lib.make_code_iterator(tmp_path, split="train", batch_size=3, seed=0, train=False,
+                                              shard_index=i, shard_count=2)) for i in range(2)]
+  rows = [np.concatenate([b["codes"] for b in s]) for s in shards]
+  np.testing.assert_array_equal(rows[0], data["train"][0][0::2])
+  np.testing.assert_array_equal(rows[1], data["train"][0][1::2])
+
+
+def test_code_writer_rejects_bad_input(tmp_path):
+  codebook = np.zeros((8, 2), np.float32)
+  w = codes_lib.CodeDatasetWriter(tmp_path, code_shape=(1, 2, 2), codebook=codebook, num_classes=3, source="x")
+  with pytest.raises(ValueError, match=r"codes must have shape \[B, 1, 2, 2\]"):
+    w.write("train", np.zeros((2, 1, 2, 3), np.int32), np.zeros(2, np.int32))
+  with pytest.raises(ValueError, match=r"codes outside \[0, codebook_size=8\) in batch row 1"):
+    w.write("train", np.array([[[[0, 1], [2, 3]]], [[[0, 8], [2, 3]]]]), np.zeros(2, np.int32))
+  with pytest.raises(ValueError, match=r"label 3 in batch row 0 outside"):
+    w.write("train", np.zeros((1, 1, 2, 2), np.int32), np.array([3]))
+  with pytest.raises(ValueError, match="labels must have shape"):
+    w.write("train", np.zeros((2, 1, 2, 2), np.int32), np.zeros(3, np.int32))
+  with pytest.raises(ValueError, match="split name"):
+    w.write("../train", np.zeros((1, 1, 2, 2), np.int32), np.zeros(1, np.int32))
+  w.write("train", np.zeros((1, 1, 2, 2), np.int32), np.zeros(1, np.int32))
+  w.close()
+  with pytest.raises(ValueError, match="already holds a code dataset"):
+    codes_lib.CodeDatasetWriter(tmp_path, code_shape=(1, 2, 2), codebook=codebook, num_classes=3, source="x")
+  with pytest.raises(ValueError, match="code_shape"):
+    codes_lib.CodeDatasetWriter(tmp_path / "b", code_shape=(1, 2), codebook=codebook, num_classes=3, source="x")
+
+
+def test_code_writer_exception_leaves_no_metadata(tmp_path):
+  with pytest.raises(RuntimeError, match="encoder crashed"):
+    with codes_lib.CodeDatasetWriter(tmp_path, code_shape=(1, 1, 1), codebook=np.zeros((2, 1)), num_classes=1,
+                                     source="x") as w:
+      w.write("train", np.zeros((1, 1, 1, 1), np.int32), np.zeros(1, np.int32))
+      raise RuntimeError("encoder crashed")
+  with pytest.raises(ValueError, match="writing never finished"):
+    codes_lib.read_metadata(tmp_path)
+
+
+def test_code_reader_detects_corruption(tmp_path):
+  _write_codes(tmp_path, num_shards=2)
+  meta_path = tmp_path / codes_lib.METADATA_FILE
+  good = json.loads(meta_path.read_text())
+  with pytest.raises(ValueError, match="has no split 'val'"):
+    codes_lib.load_codes(tmp_path, "val")
+  meta_path.write_text("{not json")
+  with pytest.raises(ValueError, match="corrupt"):
+    codes_lib.read_metadata(tmp_path)
+  meta_path.write_text(json.dumps({k: v for k, v in good.items() if k != "codebook_size"}))
+  with pytest.raises(ValueError, match="missing codebook_size"):
+    codes_lib.read_metadata(tmp_path)
+  # Metadata claiming more examples than the shards hold.
+  meta_path.write_text(json.dumps(dict(good, splits=dict(good["splits"], train=dict(good["splits"]["train"],
+                                                                                    num_examples=11)))))
+  with pytest.raises(ValueError, match="holds 5 records; metadata implies 6"):
+    codes_lib.load_codes(tmp_path, "train")
+  # Records that decode to a different shape (metadata says [2, 3, 5] codes).
+  meta_path.write_text(json.dumps(dict(good, code_shape=[2, 3, 5])))
+  with pytest.raises(ValueError, match="record 0 .* is corrupt"):
+    codes_lib.load_codes(tmp_path, "train")
+  # Codes beyond a smaller codebook size.
+  meta_path.write_text(json.dumps(dict(good, codebook_size=4)))
+  with pytest.raises(ValueError, match=r"record 0 .*codes outside \[0, codebook_size=4\)"):
+    codes_lib.load_codes(tmp_path, "train")
+  meta_path.write_text(json.dumps(good))
+  np.save(tmp_path / codes_lib.CODEBOOK_FILE, np.zeros((3, 5), np.float32))
+  with pytest.raises(ValueError, match="metadata says float32"):
+    codes_lib.load_codebook(tmp_path)
+  os.remove(tmp_path / good["splits"]["test"]["shards"][1])
+  with pytest.raises(ValueError, match="shard .* is missing"):
+    codes_lib.make_code_iterator(tmp_path, split="test", batch_size=2, seed=0, train=False)

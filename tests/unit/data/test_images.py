@@ -1,0 +1,163 @@
+"""The grain image pipeline (ctxrq_jax/data/images.py): preprocessing, the embedded digits and mocked tfds sources,
+determinism, resume, host shards and errors naming the example."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ctxrq_jax.core.config import ConfigError
+from ctxrq_jax.data import images
+from ctxrq_jax.data import mnist
+from ctxrq_jax.data import pipeline
+from tests import helpers
+
+MNIST_CFG = dict(name="embedded_mnist", image_size=32, channels=1, num_classes=10)
+
+
+# ------------------------------------------------------------------------------------------------ preprocessing
+
+
+def test_preprocess_pad_and_channels():
+  image = np.full((28, 28, 1), 255, np.uint8)
+  x = images.preprocess_image(image, image_size=32, channels=3, resize="pad")
+  assert x.shape == (32, 32, 3) and x.dtype == np.float32
+  assert np.all(x[2:30, 2:30] == 1.0) and np.all(x[:2] == -1.0) and np.all(x[:, 30:] == -1.0)
+  rgb = np.zeros((4, 4, 3), np.uint8)
+  rgb[..., 1] = 255
+  y = images.preprocess_image(rgb, image_size=4, channels=1, resize="pad")
+  np.testing.assert_allclose(y, 0.587 * 255 / 127.5 - 1.0, atol=1e-6)
+  with pytest.raises(ValueError, match="square"):
+    images.preprocess_image(np.zeros((28, 30, 1), np.uint8), image_size=32, channels=1, resize="pad")
+
+
+def test_preprocess_crop():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+  center = images.preprocess_image(image, image_size=20, channels=3, resize="crop")
+  assert center.shape == (20, 20, 3) and -1 <= center.min() and center.max() <= 1
+  crops = {images.preprocess_image(image, image_size=20, channels=3, resize="crop", rng=np.random.default_rng(s),
+                                   random_crop=True).tobytes() for s in range(8)}
+  assert len(crops) > 1  # Random offsets along the long side.
+  # Exactly the target size: no resampling, the crop is the image itself.
+  same = images.preprocess_image(image[:20, :20], image_size=20, channels=3, resize="crop")
+  np.testing.assert_allclose(same, image[:20, :20] / 127.5 - 1.0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- image pipeline
+
+
+def test_image_iterator_shapes_and_determinism():
+  it = images.make_image_iterator(MNIST_CFG, split="train", batch_size=8, seed=3, train=True)
+  batches = helpers.take(it, 3)
+  for b in batches:
+    assert b["image"].shape == (8, 32, 32, 1) and b["image"].dtype == np.float32
+    assert b["label"].shape == (8,) and b["label"].dtype == np.int32
+    assert b["image"].min() >= -1.0 and b["image"].max() <= 1.0
+    assert np.all(b["image"][:, :2] == -1.0)  # The 2-pixel pad border.
+  again = helpers.take(images.make_image_iterator(MNIST_CFG, split="train", batch_size=8, seed=3, train=True), 3)
+  assert helpers.same_batches(batches, again)
+  other = helpers.take(images.make_image_iterator(MNIST_CFG, split="train", batch_size=8, seed=4, train=True), 3)
+  assert not helpers.same_batches(batches, other)
+
+
+def test_image_iterator_resume_reproduces_batches():
+  it = images.make_image_iterator(MNIST_CFG, split="train", batch_size=16, seed=0, train=True)
+  helpers.take(it, 2)
+  state = it.get_state()
+  expected = helpers.take(it, 3)
+  fresh = images.make_image_iterator(MNIST_CFG, split="train", batch_size=16, seed=0, train=True)
+  fresh.set_state(state)
+  assert helpers.same_batches(helpers.take(fresh, 3), expected)
+
+
+def test_image_iterator_eval_one_pass_and_rgb():
+  cfg = dict(MNIST_CFG, channels=3, image_size=28)
+  batches = list(images.make_image_iterator(cfg, split="test", batch_size=128, seed=0, train=False))
+  assert [len(b["label"]) for b in batches] == [128, 128, 128, 116]
+  assert batches[0]["image"].shape == (128, 28, 28, 3)
+  labels = np.concatenate([b["label"] for b in batches])
+  np.testing.assert_array_equal(labels, mnist.load("test")[1])  # Eval keeps source order.
+  assert np.array_equal(batches[0]["image"][..., 0], batches[0]["image"][..., 2])
+  assert images.dataset_info(cfg, "test") == (500, 10)
+
+
+def test_image_iterator_host_shards_disjoint():
+  def labels_and_images(shard_index):
+    it = images.make_image_iterator(MNIST_CFG, split="test", batch_size=50, seed=0, train=True,
+                                    shard_index=shard_index, shard_count=2, num_epochs=1)
+    return {b.tobytes() for batch in it for b in batch["image"]}
+  a, b = labels_and_images(0), labels_and_images(1)
+  assert len(a) == len(b) == 250 and not a & b
+
+
+def test_image_iterator_bad_config_and_args():
+  with pytest.raises(ConfigError, match="image_size"):
+    images.make_image_iterator(dict(name="embedded_mnist", channels=1, num_classes=10), split="train",
+                               batch_size=2, seed=0, train=True)
+  with pytest.raises(ConfigError, match="channels must be 1 or 3"):
+    images.make_image_iterator(dict(MNIST_CFG, channels=2), split="train", batch_size=2, seed=0, train=True)
+  with pytest.raises(ConfigError, match="resize"):
+    images.make_image_iterator(dict(MNIST_CFG, resize="stretch"), split="train", batch_size=2, seed=0, train=True)
+  with pytest.raises(ValueError, match="shard_index"):
+    images.make_image_iterator(MNIST_CFG, split="train", batch_size=2, seed=0, train=True, shard_index=2,
+                               shard_count=2)
+  with pytest.raises(ValueError, match="fewer examples than one batch"):
+    images.make_image_iterator(MNIST_CFG, split="test", batch_size=501, seed=0, train=True, num_epochs=1)
+  with pytest.raises(ValueError, match="seed must be"):
+    images.make_image_iterator(MNIST_CFG, split="test", batch_size=2, seed=-1, train=True)
+
+
+def test_worker_processes_need_parsed_flags(monkeypatch):
+  monkeypatch.setattr(pipeline, "_flags_parsed", lambda: False)
+  with pytest.raises(ValueError, match="worker_count > 0 needs parsed absl flags"):
+    images.make_image_iterator(MNIST_CFG, split="test", batch_size=2, seed=0, train=True, worker_count=1)
+
+
+def test_image_iterator_bad_examples_name_index():
+  # Labels 0..9 with num_classes=5: the first test digit of class 5 is source example 250.
+  it = images.make_image_iterator(dict(MNIST_CFG, num_classes=5), split="test", batch_size=300, seed=0,
+                                  train=False)
+  with pytest.raises(ValueError, match=r"example 250 of embedded_mnist split 'test': label 5 outside"):
+    next(it)
+  # Too small a canvas for padding.
+  it = images.make_image_iterator(dict(MNIST_CFG, image_size=16), split="test", batch_size=4, seed=0, train=False)
+  with pytest.raises(ValueError, match=r"example 0 .*no larger than 16, got 28x28"):
+    next(it)
+  with pytest.raises(ValueError, match="example 7: .*square"):
+    images.validate_example({"image": np.zeros((28, 27, 1), np.uint8), "label": 1}, 7, num_classes=10,
+                            image_size=32, resize="pad")
+  with pytest.raises(ValueError, match=r"example 3: expected an image \[H, W, 1 or 3\]"):
+    images.validate_example({"image": np.zeros((8, 8, 4), np.uint8), "label": 1}, 3, num_classes=10,
+                            image_size=32, resize="crop")
+
+
+def test_tfds_path_under_mock_data(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  mnist_cfg = dict(name="mnist", image_size=32, channels=3, num_classes=10, data_dir=str(tmp_path))
+  imagenet_cfg = dict(name="imagenet2012", image_size=16, channels=3, num_classes=1000, data_dir=str(tmp_path),
+                      manual_dir=str(tmp_path / "manual"), random_flip=True)
+  # mock_data patches the builder's data source; nothing is downloaded or prepared.
+  with tfds.testing.mock_data(num_examples=12, data_dir=str(tmp_path)):
+    assert images.dataset_info(mnist_cfg, "train") == (12, 10)
+    it = images.make_image_iterator(mnist_cfg, split="train", batch_size=4, seed=0, train=True)
+    batch = next(it)
+    assert batch["image"].shape == (4, 32, 32, 3) and batch["label"].shape == (4,)
+    state = it.get_state()
+    expected = helpers.take(it, 2)
+    resumed = images.make_image_iterator(mnist_cfg, split="train", batch_size=4, seed=0, train=True)
+    resumed.set_state(state)
+    assert helpers.same_batches(helpers.take(resumed, 2), expected)
+    # Mock ImageNet images have random, non-square sizes: resize + crop makes them uniform.
+    train_batches = helpers.take(images.make_image_iterator(imagenet_cfg, split="train", batch_size=5, seed=1,
+                                                     train=True), 3)
+    for b in train_batches:
+      assert b["image"].shape == (5, 16, 16, 3) and -1 <= b["image"].min() and b["image"].max() <= 1
+    eval_batches = list(images.make_image_iterator(imagenet_cfg, split="validation", batch_size=5, seed=0,
+                                                   train=False))
+    assert [len(b["label"]) for b in eval_batches] == [5, 5, 2]
+    # Non-square tfds images under 'pad' fail and name the example.
+    it = images.make_image_iterator(dict(imagenet_cfg, resize="pad", image_size=64), split="validation",
+                                    batch_size=2, seed=0, train=False)
+    with pytest.raises(ValueError, match=r"example \d+ of imagenet2012 split 'validation'.*square"):
+      helpers.take(it, 6)

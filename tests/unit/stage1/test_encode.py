@@ -1,0 +1,49 @@
+"""Code extraction (ctxrq_jax/stage1/encode.py) and decoding the stored codes back (models.artifact.CodeDecoder)."""
+
+import jax
+import numpy as np
+import pytest
+
+from ctxrq_jax.data import codes as code_data
+from ctxrq_jax.data import images as image_data
+from ctxrq_jax.models import artifact as artifact_lib
+from ctxrq_jax.models import rqvae
+from ctxrq_jax.stage1 import encode
+from tests import helpers
+
+
+def test_encode_then_decode_round_trip(tmp_path):
+  config = helpers.tiny_stage1_config()
+  model = rqvae.RQVAE.from_config(config.model)
+  variables = jax.jit(rqvae.init_variables, static_argnums=0)(model, jax.random.key(3))
+  artifact = str(tmp_path / "artifact")
+  artifact_lib.save_artifact(artifact, config.model, variables)
+  meta = encode.encode_dataset(artifact, config.data, str(tmp_path / "codes"), ["test"], batch_size=32,
+                               max_examples=40)
+  assert meta.code_shape == (4, 4, 2) and meta.num_examples("test") == 40
+  codes, labels = code_data.load_codes(str(tmp_path / "codes"), "test")
+  np.testing.assert_array_equal(code_data.load_codebook(str(tmp_path / "codes")),
+                                np.asarray(variables["quantizer"]["codebook"]))
+  # The stored codes are exactly what the model computes on the same (eval-preprocessed) images.
+  batch = next(iter(image_data.make_image_iterator(config.data, split="test", batch_size=40, seed=0, train=False)))
+  np.testing.assert_array_equal(codes, np.asarray(jax.jit(model.apply)(variables, batch["image"])["codes"]))
+  np.testing.assert_array_equal(labels, batch["label"])
+  images = artifact_lib.CodeDecoder(artifact, batch_size=4).images(codes[:5])
+  decode = jax.jit(lambda v, c: model.apply(v, c, method=rqvae.RQVAE.decode_codes))
+  direct = np.clip(np.asarray(decode(variables, codes[:5])), -1, 1)
+  np.testing.assert_allclose(images, direct, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="codes must lie in"):
+    artifact_lib.CodeDecoder(artifact).images(np.full((1, 4, 4, 2), 99))
+
+
+def test_mismatched_data_config_is_a_clear_error(tmp_path):
+  config = helpers.tiny_stage1_config()
+  model = rqvae.RQVAE.from_config(config.model)
+  artifact = str(tmp_path / "artifact")
+  variables = jax.jit(rqvae.init_variables, static_argnums=0)(model, jax.random.key(0))
+  artifact_lib.save_artifact(artifact, config.model, variables)
+  with config.unlocked():
+    config.data.image_size = 32
+  with pytest.raises(ValueError, match=r"gives 32x32x1 images but the RQ-VAE at .* expects 16x16x1"):
+    encode.encode_dataset(artifact, config.data, str(tmp_path / "codes"), ["test"], max_examples=4)
+  assert not (tmp_path / "codes").exists()

@@ -1,0 +1,159 @@
+"""Stage-1 trainer (ctxrq_jax/stage1/trainer.py) end to end on tiny configs: artifact and images, EMA codebook,
+bit-exact resume, the GAN step, and config validation before anything is built."""
+
+import os
+
+import jax
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+
+from ctxrq_jax.core import config as configlib
+from ctxrq_jax.core import sharding
+from ctxrq_jax.models import artifact
+from ctxrq_jax.models import rqvae
+from ctxrq_jax.stage1 import trainer as train_rqvae
+from tests import helpers
+
+
+def tiny_config(**train_overrides):
+  return helpers.tiny_stage1_config(**{f"train__{k}": v for k, v in train_overrides.items()})
+
+
+def test_mock_tfds_run_writes_artifact_and_images(tmp_path):
+  config = tiny_config(num_steps=2)  # the programs of the other tiny stage-1 runs (compilation cache)
+  with config.unlocked():
+    config.data.name = "mnist"
+    config.data.train_split = "train"
+    config.data.eval_split = "test"
+  with tfds.testing.mock_data(num_examples=8, data_dir=str(tmp_path / "tfds")):
+    results = train_rqvae.train_and_evaluate(config, str(tmp_path / "wd"))
+  assert np.isfinite(results["psnr"])
+  assert 0.0 < results["usage_d1"] <= 1.0
+  model, variables = artifact.load_artifact(str(tmp_path / "wd" / train_rqvae.ARTIFACT_DIR))
+  assert model.code_shape == (4, 4, 2)
+  assert os.path.isfile(tmp_path / "wd" / "images" / "recon_0000002.png")  # image_every 2 and the last step
+  assert os.path.isfile(tmp_path / "wd" / "config.json")
+
+
+def _jitted(trainer, config):
+  """The trainer's init and train step jitted exactly as `train_and_evaluate` jits them (one compilation for both,
+  through the compilation cache), and how it places a batch."""
+  mesh = sharding.make_mesh(config.mesh)
+  rep = sharding.replicated(mesh)
+  init = jax.jit(trainer.init, out_shardings=rep)
+  step = jax.jit(trainer.train_step, donate_argnums=(0,), out_shardings=(rep, rep))
+  return init, step, lambda batch: sharding.host_local_batch_to_global(batch, mesh)
+
+
+def _random_batch():
+  return {"image": np.asarray(jax.random.uniform(jax.random.key(1), (4, 16, 16, 1), minval=-1, maxval=1))}
+
+
+def test_training_updates_codebook_and_resume_is_bit_exact(tmp_path):
+  config = tiny_config(num_steps=2)
+  trainer = train_rqvae.Stage1Trainer(config)
+  init, step, place = _jitted(trainer, config)
+  state0 = init(jax.random.key(0))
+  codebook0 = np.asarray(state0.quantizer.codebook)  # state0 is donated to the step
+  state1, metrics = step(state0, place(_random_batch()))
+  assert int(state1.step) == 1
+  assert np.all(np.isfinite(np.asarray(metrics["loss"])))
+  # The EMA moved the codebook; counts of used codes grew relative to unused ones.
+  assert not np.allclose(np.asarray(state1.quantizer.codebook), codebook0)
+
+  full = train_rqvae.train_and_evaluate(config, str(tmp_path / "full"))
+  assert train_rqvae.train_and_evaluate(config, str(tmp_path / "split"), stop_after_steps=1) == {"stopped_at": 1}
+  resumed = train_rqvae.train_and_evaluate(config, str(tmp_path / "split"))
+  assert full["psnr"] == resumed["psnr"]
+  _, v_full = artifact.load_artifact(str(tmp_path / "full" / train_rqvae.ARTIFACT_DIR))
+  _, v_split = artifact.load_artifact(str(tmp_path / "split" / train_rqvae.ARTIFACT_DIR))
+  helpers.assert_trees_equal(v_full, v_split)
+
+
+def test_gan_step_runs_and_updates_discriminator():
+  config = tiny_config()
+  with config.unlocked():
+    config.loss.gan = True
+    config.loss.disc_start = 0
+    config.loss.disc_ndf = 8
+    config.loss.disc_layers = 1
+  trainer = train_rqvae.Stage1Trainer(config)
+  init, step, place = _jitted(trainer, config)
+  state0 = init(jax.random.key(0))
+  before = helpers.leaves(state0.disc_params)  # state0 is donated to the step
+  batch = place(_random_batch())
+  state1, metrics = step(state0, batch)
+  state1, metrics = step(state1, batch)  # the warmup gives learning rate 0 at the first step
+  assert float(metrics["gan_weight"]) > 0.0
+  assert np.isfinite(float(metrics["d_loss"]))
+  after = helpers.leaves(state1.disc_params)
+  assert any(not np.allclose(a, b) for a, b in zip(before, after))
+
+
+def test_wrong_image_size_is_a_clear_error(tmp_path):
+  config = tiny_config()
+  with config.unlocked():
+    config.data.image_size = 32
+  with pytest.raises(configlib.ConfigError, match="image_size 32 != model.resolution 16"):
+    train_rqvae.train_and_evaluate(config, str(tmp_path))
+  model = rqvae.RQVAE.from_config(config.model)
+  variables = jax.eval_shape(lambda: rqvae.init_variables(model, jax.random.key(0)))  # tracing is enough
+  with pytest.raises(ValueError, match="expects images"):
+    jax.eval_shape(model.apply, variables, np.zeros((1, 32, 32, 1), np.float32))
+
+
+@pytest.mark.parametrize("which", ["tx", "disc_tx"])
+def test_imagenet_optimizers_move_weights_with_grad_clip_zero(which):
+  """configs/rqvae_imagenet.py sets grad_clip 0 ("no clipping"); clip_by_global_norm(0) zeroed every update."""
+  config = configlib.load_config_file("rqvae_imagenet")
+  assert float(config.optim.grad_clip) == 0.0 and config.loss.gan
+  tx = getattr(train_rqvae.Stage1Trainer(config), which)  # the real schedule, lr and disc_lr
+  params = {"w": jax.numpy.zeros((3,))}
+  state = tx.init(params)
+  grads = {"w": jax.numpy.ones((3,))}
+  updates, state = tx.update(grads, state, params)  # step 0: the warmup starts at lr 0
+  params1 = optax.apply_updates(params, updates)
+  updates, state = tx.update(grads, state, params1)
+  params2 = optax.apply_updates(params1, updates)
+  assert np.all(np.asarray(params2["w"]) < 0)
+
+
+def test_negative_grad_clip_is_a_config_error(tmp_path):
+  config = tiny_config()
+  config.optim.grad_clip = -1.0
+  with pytest.raises(configlib.ConfigError, match="optim.grad_clip must be >= 0"):
+    train_rqvae.train_and_evaluate(config, str(tmp_path / "wd"))
+  assert not os.path.exists(tmp_path / "wd")
+
+
+@pytest.mark.parametrize("name", ["rqvae_imagenet", "rqvae_mnist"])
+def test_stage1_configs_have_the_reference_keys(name):
+  configlib.check_keys(configlib.load_config_file(name), train_rqvae.reference_config())
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("unknown", "unknown config keys: train.batch_sise"),
+    ("missing", "missing config keys: train.image_every"),
+])
+def test_unknown_or_missing_key_is_a_config_error_before_anything_is_built(tmp_path, edit, message):
+  config = tiny_config()
+  with config.unlocked():
+    if edit == "unknown":
+      config.train.batch_sise = 8
+    else:
+      del config.train["image_every"]
+  with pytest.raises(configlib.ConfigError, match=message):
+    train_rqvae.train_and_evaluate(config, str(tmp_path / "wd"))
+  assert not os.path.exists(tmp_path / "wd")
+
+
+@pytest.mark.parametrize("key", ["train.log_every", "train.image_every", "train.ckpt_every",
+                                 "train.keep_checkpoints", "data.eval_examples"])
+def test_zero_interval_or_count_is_a_config_error(tmp_path, key):
+  config = tiny_config()
+  section, name = key.split(".")
+  config[section][name] = 0
+  with pytest.raises(configlib.ConfigError, match=f"{key} must be >= 1, got 0"):
+    train_rqvae.train_and_evaluate(config, str(tmp_path / "wd"))

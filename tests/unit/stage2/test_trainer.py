@@ -1,0 +1,136 @@
+"""Stage-2 trainer: validation before compiling, learning, bit-exact resume (also under the production threefry PRNG),
+non-finite handling and gradient accumulation. SIGTERM in a real process: tests/integration/test_preemption.py."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ctxrq_jax.core import checkpoint
+from ctxrq_jax.core import sharding
+from ctxrq_jax.core.config import ConfigError
+from ctxrq_jax.data import codes as codes_lib
+from ctxrq_jax.stage2 import trainer as train
+from tests import helpers
+
+
+def _config(codes_dir, **overrides):
+  config = helpers.tiny_stage2_config(codes_dir, **overrides)
+  config.lock()
+  return config
+
+
+def test_bad_config_fails_before_compiling(stage2_codes_dir, tmp_path):
+  codes_dir = stage2_codes_dir
+  config = _config(codes_dir)
+  config.unlock()
+  config.train.batch_sise = 4
+  with pytest.raises(ConfigError, match="unknown config keys: train.batch_sise"):
+    train.train_and_evaluate(config, str(tmp_path / "a"))
+  with pytest.raises(ConfigError, match=r"code shape \(h, w, D\) = \(4, 4, 4\), but config.data.code_shape is "
+                                        r"\(8, 8, 4\)"):
+    train.train_and_evaluate(_config(codes_dir, data__code_shape=(8, 8, 4)), str(tmp_path / "b"))
+  with pytest.raises(ConfigError, match="codebook size K = 64, but config.data.vocab_size is 32"):
+    train.train_and_evaluate(_config(codes_dir, data__vocab_size=32), str(tmp_path / "c"))
+  with pytest.raises(ConfigError, match="10 classes, but config.model.num_classes is 5"):
+    train.train_and_evaluate(_config(codes_dir, model__num_classes=5), str(tmp_path / "d"))
+  with pytest.raises(ConfigError, match=r"mesh data=3 x fsdp=1 x tensor=1 = 3 devices, but 1 devices"):
+    train.train_and_evaluate(_config(codes_dir, mesh__data=3), str(tmp_path / "e"))
+  with pytest.raises(ConfigError, match="train.nonfinite"):
+    train.train_and_evaluate(_config(codes_dir, train__nonfinite="ignore"), str(tmp_path / "f"))
+  with pytest.raises(ConfigError, match="config.data.codes_dir is empty"):
+    train.train_and_evaluate(_config("", ), str(tmp_path / "g"))
+  # Nothing was compiled or written: validation precedes the workdir.
+  assert not any((tmp_path / n).exists() for n in "abcdefg")
+
+
+def test_learns_and_resumes_bit_exact(stage2_codes_dir, tmp_path):
+  codes_dir = stage2_codes_dir
+  config = _config(codes_dir)
+  full = train.train_and_evaluate(config, str(tmp_path / "full"))
+  assert full["step"] == 6 and not full["stopped"]
+  losses = [l for _, l in full["history"]]
+  assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.05, losses
+  assert "eval/loss" in full["eval"] and np.isfinite(full["eval"]["eval/loss"])
+  assert os.path.isfile(tmp_path / "full" / "config.json")
+
+  part = train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_after_steps=3)
+  assert part["stopped"] and part["step"] == 3
+  rest = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert rest["step"] == 6
+  helpers.assert_trees_equal(rest["state"].params, full["state"].params)
+  helpers.assert_trees_equal(rest["state"].opt_state, full["state"].opt_state)
+  helpers.assert_trees_equal(rest["state"].rng, full["state"].rng)
+  # Same masks and data after the restart: the logged losses of steps 4..6 agree exactly.
+  assert [l for s, l in rest["history"]] == losses[3:]
+
+  # Resuming with another model shape is refused before the run's config.json is touched.
+  saved = (tmp_path / "full" / "config.json").read_text()
+  with pytest.raises(ConfigError, match=r"another shape \(model.width: 32 -> 48\)"):
+    train.train_and_evaluate(_config(codes_dir, model__width=48), str(tmp_path / "full"))
+  assert (tmp_path / "full" / "config.json").read_text() == saved
+  assert '"codes_dir": "%s"' % os.path.abspath(codes_dir) in saved  # usable from any directory
+
+
+def test_resume_is_bit_exact_under_the_production_prng(stage2_codes_dir, tmp_path, threefry):
+  """The suite runs on 'rbg'; production runs on JAX's default threefry. Save, resume and finish bit-identical to an
+  uninterrupted run there too, EMA included."""
+  assert jax.config.jax_default_prng_impl == threefry == "threefry2x32"
+  # One layer per stack: threefry programs take the longest to compile.
+  config = _config(stage2_codes_dir, train__num_steps=4, train__eval_every=4, train__ema_decay=0.5,
+                   model__spatial_layers=1, model__depth_layers=1)
+  full = train.train_and_evaluate(config, str(tmp_path / "full"))
+  # The run's base key is threefry key data (uint32 [2]; an 'rbg' key holds 4 words).
+  assert full["state"].rng.shape == (2,) and full["state"].rng.dtype == jnp.uint32
+  assert full["step"] == 4 and not full["stopped"] and np.isfinite(full["eval"]["eval/loss"])
+  part = train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_after_steps=2)
+  assert part["stopped"] and part["step"] == 2
+  rest = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert rest["step"] == 4 and not rest["stopped"]
+  helpers.assert_trees_equal(rest["state"], full["state"])  # step, params, opt_state, ema_params, rng
+  assert [l for _, l in rest["history"]] == [l for s, l in full["history"] if s > 2]
+  assert rest["eval"] == full["eval"]
+
+
+def test_nonfinite_stop_and_skip(stage2_codes_dir, tmp_path):
+  codes_dir = stage2_codes_dir
+  # A huge learning rate blows the parameters up after the first update: the loss of step 2 is not finite.
+  with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step \d"):
+    train.train_and_evaluate(_config(codes_dir, optim__learning_rate=1e30, optim__warmup_steps=0,
+                                     train__num_steps=4, train__nonfinite="stop"), str(tmp_path / "stop"))
+  # 'stop' never checkpoints a non-finite state: whatever is on disk is finite.
+  ckpt_dir = tmp_path / "stop" / "checkpoints"
+  with checkpoint.Checkpointer(ckpt_dir, max_to_keep=3, save_interval_steps=2) as c:
+    assert c.latest_step() in (None, 2)
+
+  result = train.train_and_evaluate(_config(codes_dir, optim__learning_rate=1e30, optim__warmup_steps=0,
+                                            train__num_steps=4, train__nonfinite="skip"), str(tmp_path / "skip"))
+  assert result["step"] == 4 and result["skipped_steps"] >= 1
+  assert all(np.all(np.isfinite(x)) for x in helpers.leaves(result["state"].params))
+
+
+def test_grad_accumulation_matches_full_batch(stage2_codes_dir):
+  codes_dir = stage2_codes_dir
+  config = _config(codes_dir)
+  config_accum = _config(codes_dir, train__grad_accum_steps=2)
+  model, tx = train.build_model(config), train.make_optimizer(config)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config)
+  state, shardings = train.create_train_state(model, tx, config, mesh, rules)
+  batch = next(iter(codes_lib.make_code_iterator(codes_dir, split="train", batch_size=4, seed=0, train=False)))
+  batch = sharding.host_local_batch_to_global(batch, mesh)
+  rep = sharding.replicated(mesh)
+  codebook = jax.device_put(codes_lib.load_codebook(codes_dir).astype(np.float32), rep)
+
+  def step(c):  # jitted as train_and_evaluate jits it (the compilation cache then serves both)
+    return jax.jit(train.make_train_step(model, tx, c), donate_argnums=(0,),
+                   in_shardings=(shardings, sharding.batch_sharding(mesh), rep), out_shardings=(shardings, rep))
+
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (the state is donated)
+  s1, m1 = step(config)(copy(state), batch, codebook)
+  s2, m2 = step(config_accum)(copy(state), batch, codebook)
+  np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
+  for a, b in zip(helpers.leaves(s1.params), helpers.leaves(s2.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
