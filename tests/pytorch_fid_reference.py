@@ -98,3 +98,17 @@ def nchw(x: np.ndarray):
 def nhwc(t) -> np.ndarray:
   """NCHW torch tensor -> NHWC numpy."""
   return np.transpose(t.detach().cpu().numpy(), (0, 2, 3, 1))
+
+
+def build_pool_feature_network(seed: int = 0):
+  """pytorch-fid's `InceptionV3()` (resize to 299 bilinear, [0, 1] -> [-1, 1], 2048-d pool features) around the
+  random `build_fid_inception(seed)`; returns (wrapper, the inner network)."""
+  pfi = import_pytorch_fid()
+  inner = build_fid_inception(seed)
+  original = pfi.fid_inception_v3
+  pfi.fid_inception_v3 = lambda: inner
+  try:
+    wrapper = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True, normalize_input=True)
+  finally:
+    pfi.fid_inception_v3 = original
+  return wrapper.eval(), inner
