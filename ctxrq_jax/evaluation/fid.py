@@ -1,0 +1,145 @@
+"""Samples npz vs reference npz -> Inception Score, FID, sFID, precision and recall, as the ADM evaluator reports
+them (openai/guided-diffusion `evaluations/evaluator.py`).
+
+  extractor = inception_features.InceptionFeatureExtractor(inception_convert.load_variables(WEIGHTS))
+  results = fid.evaluate(extractor, 'samples.npz', 'VIRTUAL_imagenet256_labeled.npz')
+
+Per ADM: the reference's precomputed `mu`/`sigma` (`mu_s`/`sigma_s`) are used for FID (sFID) when the file has
+them, otherwise statistics of its `arr_0` images; precision/recall always use the reference images' pool features
+(skipped, with None, when the reference has no images); the Inception Score is of the samples alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterable, Optional
+
+import numpy as np
+
+from ctxrq_jax.evaluation import frechet
+from ctxrq_jax.evaluation import inception_features as features_lib
+
+
+@dataclasses.dataclass
+class Activations:
+  """Features of one image set.
+
+  Attributes:
+    pool: [N, 2048] float32 pool features (kept for precision/recall).
+    logits: [N, 1008] float32 unbiased logits (kept for the Inception Score).
+    pool_stats: streaming statistics of `pool`.
+    spatial_stats: streaming statistics of the sFID features (the features themselves are not kept), or None.
+  """
+
+  pool: np.ndarray
+  logits: np.ndarray
+  pool_stats: frechet.FeatureStats
+  spatial_stats: Optional[frechet.FeatureStats]
+
+  @property
+  def count(self) -> int:
+    return len(self.pool)
+
+
+def compute_activations(extractor: features_lib.InceptionFeatureExtractor, batches: Iterable[np.ndarray],
+                        *, progress=None, stats_every: int = 4096) -> Activations:
+  """Runs `extractor` over uint8 image batches; `progress(images_done)` is called after each batch if given.
+
+  sFID features are folded into their statistics every `stats_every` rows and dropped, so memory holds the pool
+  features and logits of all images but only a chunk of the spatial ones.
+  """
+  pools, logits, pending = [], [], []
+  spatial_stats = None
+  done = 0
+
+  def flush():
+    nonlocal spatial_stats
+    if pending:
+      chunk = np.concatenate(pending)
+      pending.clear()
+      if spatial_stats is None:
+        spatial_stats = frechet.FeatureStats(chunk.shape[1])
+      spatial_stats.update(chunk)
+
+  for out in extractor.iter_batches(batches):
+    pools.append(out["pool"])
+    logits.append(out["logits"])
+    if "spatial" in out:
+      pending.append(out["spatial"])
+      if sum(len(p) for p in pending) >= stats_every:
+        flush()
+    done += len(out["pool"])
+    if progress is not None:
+      progress(done)
+  flush()
+  if not pools:
+    raise ValueError("no images to evaluate")
+  pool = np.concatenate(pools)
+  return Activations(pool, np.concatenate(logits), frechet.FeatureStats.from_features(pool), spatial_stats)
+
+
+def npz_activations(extractor: features_lib.InceptionFeatureExtractor, path: str | os.PathLike, *,
+                    progress=None) -> Activations:
+  """Activations of `arr_0` of an ADM-layout npz, streamed `extractor.batch_size` images at a time."""
+  return compute_activations(
+      extractor, features_lib.iter_npz_batches(path, features_lib.IMAGES_KEY, batch_size=extractor.batch_size),
+      progress=progress)
+
+
+def reference_statistics(reference: features_lib.Reference, activations: Optional[Activations]
+                         ) -> tuple[tuple[np.ndarray, np.ndarray], Optional[tuple[np.ndarray, np.ndarray]]]:
+  """((mu, sigma), (mu_s, sigma_s) or None): the file's precomputed ones where present, else the activations'."""
+  if reference.has_stats:
+    pool = (reference.mu, reference.sigma)
+  elif activations is not None:
+    pool = (activations.pool_stats.mu, activations.pool_stats.sigma)
+  else:
+    raise ValueError(f"reference {reference.path} has neither statistics nor images")
+  spatial = None
+  if reference.has_spatial_stats:
+    spatial = (reference.mu_s, reference.sigma_s)
+  elif activations is not None and activations.spatial_stats is not None:
+    spatial = (activations.spatial_stats.mu, activations.spatial_stats.sigma)
+  return pool, spatial
+
+
+def metrics(samples: Activations, reference: features_lib.Reference, reference_activations: Optional[Activations],
+            *, k: int = frechet.PR_NEIGHBOURS, split_size: int = frechet.IS_SPLIT_SIZE,
+            pr_block_size: int = frechet.PR_BLOCK_SIZE, fid_method: str = "svd") -> dict[str, Optional[float]]:
+  """{'inception_score', 'fid', 'sfid', 'precision', 'recall'}; a metric whose inputs are missing is None."""
+  (mu, sigma), spatial = reference_statistics(reference, reference_activations)
+  if mu.shape[0] != samples.pool_stats.dim:
+    raise ValueError(f"reference statistics {reference.path} have {mu.shape[0]} dimensions, the samples' pool "
+                     f"features {samples.pool_stats.dim}")
+  results: dict[str, Optional[float]] = {
+      "inception_score": frechet.inception_score(samples.logits, split_size=split_size),
+      "fid": frechet.frechet_distance(samples.pool_stats.mu, samples.pool_stats.sigma, mu, sigma, method=fid_method),
+      "sfid": None, "precision": None, "recall": None,
+  }
+  if spatial is not None and samples.spatial_stats is not None:
+    if spatial[0].shape[0] != samples.spatial_stats.dim:
+      raise ValueError(f"reference sFID statistics have {spatial[0].shape[0]} dimensions, the samples' "
+                       f"{samples.spatial_stats.dim} (sFID needs 299x299 network inputs: 17 * 17 * 7 = 2023)")
+    results["sfid"] = frechet.frechet_distance(samples.spatial_stats.mu, samples.spatial_stats.sigma, *spatial,
+                                               method=fid_method)
+  if reference_activations is not None:
+    pr = frechet.precision_recall(reference_activations.pool, samples.pool, k=k, row_batch_size=pr_block_size,
+                                  col_batch_size=pr_block_size)
+    results["precision"], results["recall"] = pr.precision, pr.recall
+  return results
+
+
+def evaluate(extractor: features_lib.InceptionFeatureExtractor, samples_npz: str | os.PathLike,
+             reference_npz: str | os.PathLike, *, k: int = frechet.PR_NEIGHBOURS,
+             split_size: int = frechet.IS_SPLIT_SIZE, pr_block_size: int = frechet.PR_BLOCK_SIZE,
+             fid_method: str = "svd", progress=None) -> dict[str, Optional[float]]:
+  """ADM's readout for `samples_npz` (`arr_0` uint8) against `reference_npz` (`arr_0` and/or `mu`/`sigma`)."""
+  reference = features_lib.read_reference(reference_npz)
+  samples_ref = features_lib.read_reference(samples_npz)
+  if not samples_ref.has_images:
+    raise ValueError(f"samples file {samples_npz} has no images ({features_lib.IMAGES_KEY})")
+  ref_acts = npz_activations(extractor, reference_npz, progress=progress) if reference.has_images else None
+  sample_acts = npz_activations(extractor, samples_npz, progress=progress)
+  return metrics(sample_acts, reference, ref_acts, k=k, split_size=split_size, pr_block_size=pr_block_size,
+                 fid_method=fid_method)

@@ -1,0 +1,273 @@
+"""Preprocessing (resize + normalisation), batched feature extraction, ADM-layout npz files, and the evaluation."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ctxrq_jax.evaluation import fid
+from ctxrq_jax.evaluation import frechet
+from ctxrq_jax.evaluation import inception_features as feats
+from ctxrq_jax.models import inception
+from ctxrq_jax.models import inception_convert
+from tests import pytorch_fid_reference as ref
+
+
+def _images(n, h, w, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- preprocessing
+
+
+@pytest.mark.parametrize("shape,size", [((13, 17), 75), ((40, 31), 29), ((64, 64), 299)])
+def test_pytorch_fid_resize_matches_torch_interpolate(shape, size):
+  """x / 255 -> bilinear (align_corners=False) -> 2x - 1, up- and downsampling, as pytorch-fid's InceptionV3."""
+  torch = pytest.importorskip("torch")
+  x = _images(2, *shape)
+  ours = np.asarray(feats.preprocess(jnp.asarray(x), image_size=size))
+  t = torch.nn.functional.interpolate(ref.nchw(x.astype(np.float32) / 255.0), size=(size, size), mode="bilinear",
+                                      align_corners=False)
+  np.testing.assert_allclose(ours, ref.nhwc(2 * t - 1), rtol=0, atol=1e-5)  # float32 rounding only
+  assert ours.dtype == np.float32 and ours.shape == (2, size, size, 3)
+
+
+def test_downsampling_needs_antialias_off():
+  """jax.image.resize antialiases by default when downsampling; torch's bilinear does not, so we turn it off."""
+  x = jnp.asarray(_images(1, 40, 40)).astype(jnp.float32)
+  with_aa = jax.image.resize(x, (1, 17, 17, 3), "bilinear")
+  without = jax.image.resize(x, (1, 17, 17, 3), "bilinear", antialias=False)
+  assert float(jnp.max(jnp.abs(with_aa - without))) > 1.0
+
+
+def test_adm_normalisation_and_tf1_sampling():
+  x = _images(1, 8, 8)
+  same = np.asarray(feats.preprocess(jnp.asarray(x), image_size=8, resize="adm_tf1"))
+  np.testing.assert_allclose(same, (x.astype(np.float32) - 128.0) / 128.0, atol=1e-7)  # TF1 at scale 1: identity
+  # Upsampling 2 -> 4: output pixel i samples input coordinate i / 2 (no half-pixel centres).
+  row = np.array([[10.0, 30.0]], np.float32).reshape(1, 1, 2, 1)
+  got = np.asarray(feats.tf1_resize_bilinear(jnp.asarray(row), (1, 4)))[0, 0, :, 0]
+  np.testing.assert_allclose(got, [10.0, 20.0, 30.0, 30.0])
+  with pytest.raises(ValueError, match="resize must be one of"):
+    feats.preprocess(jnp.asarray(x), resize="bicubic")
+
+
+@pytest.mark.slow
+def test_tf1_resize_matches_tensorflow(tmp_path):
+  """Against TF's own legacy ResizeBilinear (run in a subprocess: importing TF next to JAX costs memory)."""
+  x = np.random.default_rng(0).uniform(0, 255, size=(2, 13, 9, 3)).astype(np.float32)
+  np.save(tmp_path / "x.npy", x)
+  script = textwrap.dedent(f"""
+      import numpy as np, tensorflow as tf
+      x = np.load({str(tmp_path / 'x.npy')!r})
+      for size in [(29, 31), (5, 4), (13, 9)]:
+        y = tf.compat.v1.image.resize_bilinear(x, size, align_corners=False, half_pixel_centers=False).numpy()
+        np.save({str(tmp_path)!r} + f"/y_{{size[0]}}x{{size[1]}}.npy", y)
+  """)
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+  if proc.returncode != 0 and "No module named 'tensorflow'" in proc.stderr:
+    pytest.skip("tensorflow is not installed")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  for size in [(29, 31), (5, 4), (13, 9)]:
+    want = np.load(tmp_path / f"y_{size[0]}x{size[1]}.npy")
+    got = np.asarray(feats.tf1_resize_bilinear(jnp.asarray(x), size))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-4)
+
+
+def test_preprocess_rejects_non_uint8():
+  with pytest.raises(AssertionError):
+    feats.preprocess(jnp.zeros((1, 8, 8, 3), jnp.float32))
+  with pytest.raises(ValueError, match="uint8"):
+    feats.check_images(np.zeros((1, 8, 8, 3), np.float32))
+  with pytest.raises(ValueError, match=r"\[N, H, W, 3\]"):
+    feats.check_images(np.zeros((1, 8, 8), np.uint8))
+
+
+# ------------------------------------------------------------------------------------------ feature extraction
+
+
+@pytest.fixture(scope="module")
+def random_variables():
+  """Random weights (He-scaled) and BatchNorm statistics, drawn without torch, so features are far from constant."""
+  rng = np.random.default_rng(0)
+  sd = {}
+  for key, shape in inception_convert.reference_state_dict_shapes().items():
+    if key.endswith("conv.weight") or key == "fc.weight":
+      sd[key] = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[1:]))
+    elif key.endswith("running_var") or key.endswith("bn.weight"):
+      sd[key] = rng.uniform(0.5, 1.5, size=shape)
+    else:
+      sd[key] = rng.normal(size=shape) * 0.2
+  return inception_convert.convert_state_dict({k: v.astype(np.float32) for k, v in sd.items()})
+
+
+@pytest.mark.slow
+def test_extractor_batches_equal_one_direct_call(random_variables):
+  extractor = feats.InceptionFeatureExtractor(random_variables, batch_size=4, image_size=75)
+  x = _images(7, 20, 24, seed=1)  # 7 images in chunks of 4: the last chunk is padded and trimmed
+  out = extractor(x)
+  assert out["pool"].shape == (7, 2048) and out["logits"].shape == (7, 1008)
+  assert out["spatial"].shape == (7, 3 * 3 * feats.SFID_CHANNELS)  # Mixed_6d is 3x3 at a 75x75 input
+  model = inception.FIDInceptionV3()
+  direct = model.apply(random_variables, feats.preprocess(jnp.asarray(x), image_size=75), spatial=True)
+  np.testing.assert_allclose(out["pool"], direct["pool"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out["logits"], direct["logits_unbiased"], rtol=1e-5, atol=1e-5)
+  want_spatial = np.asarray(direct["spatial"])[..., :7].reshape(7, -1)  # (h, w, c) order, as ADM flattens NHWC
+  np.testing.assert_allclose(out["spatial"], want_spatial, rtol=1e-5, atol=1e-5)
+  assert np.std(out["pool"], axis=0).mean() > 1e-3  # the images give different features
+  # Streaming odd-sized batches gives the same features in the same order.
+  streamed = list(extractor.iter_batches([x[:1], x[1:6], x[6:]]))
+  np.testing.assert_allclose(np.concatenate([s["pool"] for s in streamed]), out["pool"], rtol=1e-6, atol=1e-6)
+  # And the whole evaluation runs on the real network: identical sets score FID 0 and precision = recall = 1.
+  with_reference(extractor, x)
+
+
+def with_reference(extractor, x):
+  import tempfile  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as d:
+    feats.write_reference(os.path.join(d, "ref.npz"), images=x)
+    np.savez(os.path.join(d, "same.npz"), arr_0=x)
+    same = fid.evaluate(extractor, os.path.join(d, "same.npz"), os.path.join(d, "ref.npz"), split_size=5)
+  assert abs(same["fid"]) < 1e-6 * 2048 and abs(same["sfid"]) < 1e-6 * 63
+  assert (same["precision"], same["recall"]) == (1.0, 1.0)
+
+
+@pytest.mark.slow
+def test_pool_features_match_pytorch_fid_end_to_end():
+  """uint8 images through our resize, normalisation and network vs pytorch-fid's InceptionV3 (resize_input=True,
+  normalize_input=True) on the same random weights, at the real 299x299."""
+  torch = pytest.importorskip("torch")
+  wrapper, inner = ref.build_pool_feature_network(seed=5)
+  variables = inception_convert.convert_state_dict(inner.state_dict())
+  x = _images(2, 48, 40, seed=2)
+  ours = feats.InceptionFeatureExtractor(variables, batch_size=2, spatial=False)(x)["pool"]
+  with torch.no_grad():
+    theirs = wrapper(ref.nchw(x.astype(np.float32) / 255.0))[0].flatten(1).numpy()
+  np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * np.abs(theirs).max())
+
+
+# ---------------------------------------------------------------------------------------------------- npz files
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_streaming_npz_reader(tmp_path, compressed):
+  x = _images(11, 5, 6)
+  path = tmp_path / "s.npz"
+  (np.savez_compressed if compressed else np.savez)(path, arr_0=x, labels=np.arange(11))
+  batches = list(feats.iter_npz_batches(path, batch_size=4))
+  assert [len(b) for b in batches] == [4, 4, 3]
+  np.testing.assert_array_equal(np.concatenate(batches), x)
+  assert feats.npz_array_info(path) == ((11, 5, 6, 3), np.dtype(np.uint8))
+  with pytest.raises(KeyError, match="has no array 'images'"):
+    next(feats.iter_npz_batches(path, "images"))
+
+
+def test_reference_layouts(tmp_path):
+  rng = np.random.default_rng(0)
+  x = _images(6, 8, 8)
+  mu, a = rng.normal(size=2048), rng.normal(size=(2048, 4))
+  sigma = a @ a.T
+  # Images only (a samples file, or a reference without statistics).
+  feats.write_reference(tmp_path / "images.npz", images=x)
+  r = feats.read_reference(tmp_path / "images.npz")
+  assert r.has_images and not r.has_stats and r.num_images == 6 and r.image_shape == (8, 8, 3)
+  np.testing.assert_array_equal(np.concatenate(list(r.batches(4))), x)
+  # ADM's reference layout: images plus precomputed statistics, sFID ones included.
+  feats.write_reference(tmp_path / "ref.npz", images=x, stats=(mu, sigma), spatial_stats=(mu[:5], sigma[:5, :5]))
+  r = feats.read_reference(tmp_path / "ref.npz")
+  assert r.has_images and r.has_stats and r.has_spatial_stats
+  np.testing.assert_array_equal(r.sigma, sigma)
+  np.testing.assert_array_equal(r.mu_s, mu[:5])
+  # Statistics only.
+  np.savez(tmp_path / "stats.npz", mu=mu.astype(np.float32), sigma=sigma.astype(np.float32))
+  r = feats.read_reference(tmp_path / "stats.npz")
+  assert not r.has_images and r.has_stats and not r.has_spatial_stats and r.mu.dtype == np.float64
+  with pytest.raises(ValueError, match="has no images"):
+    r.batches()
+
+
+def test_reference_errors(tmp_path):
+  with pytest.raises(FileNotFoundError):
+    feats.read_reference(tmp_path / "missing.npz")
+  np.savez(tmp_path / "half.npz", mu=np.zeros(2048))
+  with pytest.raises(ValueError, match="'mu'/'sigma' but not the other"):
+    feats.read_reference(tmp_path / "half.npz")
+  np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 4, 4, 3), np.float32))
+  with pytest.raises(ValueError, match="arr_0 must be uint8"):
+    feats.read_reference(tmp_path / "float.npz")
+  np.savez(tmp_path / "other.npz", labels=np.arange(3))
+  with pytest.raises(ValueError, match="neither images"):
+    feats.read_reference(tmp_path / "other.npz")
+  (tmp_path / "text.npz").write_text("hello")
+  with pytest.raises(ValueError, match="not an .npz"):
+    feats.read_reference(tmp_path / "text.npz")
+
+
+# ----------------------------------------------------------------------------------------------- the evaluation
+
+
+class _FakeExtractor:
+  """Stands in for InceptionFeatureExtractor in the bookkeeping tests: cheap features that depend on the images
+  (fixed random projections of per-image pixel statistics)."""
+
+  batch_size = 3
+
+  def __init__(self):
+    rng = np.random.default_rng(0)
+    self.proj = rng.normal(size=(6, 64 + 1008 + 20))
+
+  def iter_batches(self, batches):
+    for b in batches:
+      b = feats.check_images(b).astype(np.float64) / 255.0
+      for i in range(0, len(b), self.batch_size):
+        c = b[i:i + self.batch_size]
+        s = np.concatenate([c.mean(axis=(1, 2)), c.std(axis=(1, 2))], axis=1)
+        z = np.tanh(s @ self.proj).astype(np.float32)
+        yield {"pool": z[:, :64], "logits": 5 * z[:, 64:1072], "spatial": z[:, 1072:]}
+
+
+def test_evaluate_npz_files(tmp_path):
+  extractor = _FakeExtractor()
+  x = _images(12, 16, 16, seed=3)
+  y = _images(10, 16, 16, seed=4) // 2  # darker
+  feats.write_reference(tmp_path / "ref.npz", images=x)
+  np.savez(tmp_path / "same.npz", arr_0=x)
+  np.savez(tmp_path / "other.npz", arr_0=y)
+  same = fid.evaluate(extractor, tmp_path / "same.npz", tmp_path / "ref.npz", split_size=5)
+  assert abs(same["fid"]) < 1e-6 and abs(same["sfid"]) < 1e-6
+  assert (same["precision"], same["recall"]) == (1.0, 1.0)
+  other = fid.evaluate(extractor, tmp_path / "other.npz", tmp_path / "ref.npz", split_size=5)
+  assert other["fid"] > 1.0 and other["sfid"] > 0.01 and other["inception_score"] >= 1.0
+  assert other["precision"] < 0.5 and other["recall"] < 0.5
+  # A reference with precomputed statistics: they are used for FID/sFID as they stand.
+  ref_acts = fid.npz_activations(extractor, tmp_path / "ref.npz")
+  smp_acts = fid.npz_activations(extractor, tmp_path / "other.npz")
+  assert ref_acts.count == 12 and smp_acts.count == 10
+  feats.write_reference(tmp_path / "stats.npz", stats=(ref_acts.pool_stats.mu, ref_acts.pool_stats.sigma),
+                        spatial_stats=(ref_acts.spatial_stats.mu, ref_acts.spatial_stats.sigma))
+  from_stats = fid.evaluate(extractor, tmp_path / "other.npz", tmp_path / "stats.npz", split_size=5)
+  assert from_stats["fid"] == pytest.approx(other["fid"], rel=1e-9)
+  assert from_stats["sfid"] == pytest.approx(other["sfid"], rel=1e-9)
+  assert from_stats["precision"] is None and from_stats["recall"] is None  # no reference images
+  shifted = (ref_acts.pool_stats.mu + 1.0, ref_acts.pool_stats.sigma)
+  feats.write_reference(tmp_path / "shifted.npz", images=x, stats=shifted)
+  with_shift = fid.evaluate(extractor, tmp_path / "same.npz", tmp_path / "shifted.npz", split_size=5)
+  assert with_shift["fid"] == pytest.approx(64.0, rel=1e-6)  # the file's mu, not the images', is used
+  assert with_shift["precision"] == 1.0  # precision/recall still come from the reference images
+  want_is = frechet.inception_score(smp_acts.logits, split_size=5)
+  assert other["inception_score"] == pytest.approx(want_is, rel=1e-9)
+  np.testing.assert_allclose(smp_acts.pool_stats.sigma, np.cov(smp_acts.pool.astype(np.float64), rowvar=False),
+                             rtol=1e-8, atol=1e-10)
+  with pytest.raises(ValueError, match="has no images"):
+    fid.evaluate(extractor, tmp_path / "stats.npz", tmp_path / "ref.npz")
+  np.savez(tmp_path / "dim.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+  with pytest.raises(ValueError, match="2048 dimensions, the samples' pool features 64"):
+    fid.evaluate(extractor, tmp_path / "same.npz", tmp_path / "dim.npz")
