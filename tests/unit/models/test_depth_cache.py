@@ -24,17 +24,21 @@ def test_cached_depth_steps_equal_the_causal_pass(remat):
   variables = jax.tree.map(lambda x: x * 8.0, variables)
   h = jax.random.normal(jax.random.key(2), (2, 5, 32))
   codes = jax.random.randint(jax.random.key(3), (2, 5, D), 0, K)
-  full = model.apply(variables, h, codes, codebook, method=model.depth)  # [B, M, D, K]
+  depth = jax.jit(lambda v, h, c, e, at: model.apply(v, h, c, e, at=at, method=model.depth), static_argnums=4)
+  step = jax.jit(lambda v, h, c, e, cache, at: model.apply(v, h, c, e, cache, at=at, method=model.depth_step),
+                 static_argnums=5)
+  head = jax.jit(lambda v, z: model.apply(v, z, method=model.logits))
+  full = depth(variables, h, codes, codebook, None)  # [B, M, D, K]
   cache = None
   for d in range(D):
     # Codes at depths >= d are never read: placeholders there change nothing.
     placeholder = codes.at[:, :, d:].set(-1)
-    z, cache = model.apply(variables, h, placeholder, codebook, cache, at=d, method=model.depth_step)
+    z, cache = step(variables, h, placeholder, codebook, cache, d)
     assert z.shape == (2, 5, 32)
     assert len(cache) == 2 and cache[0][0].shape == (10, d + 1, 4, 8)
-    logits = model.apply(variables, z, method=model.logits)
+    logits = head(variables, z)
     np.testing.assert_allclose(logits, full[:, :, d], rtol=1e-4, atol=1e-4 * float(jnp.abs(full).max()))
-    at = model.apply(variables, h, codes, codebook, at=d, method=model.depth)
+    at = depth(variables, h, codes, codebook, d)
     np.testing.assert_allclose(logits, at, rtol=1e-4, atol=1e-4 * float(jnp.abs(full).max()))
 
 
