@@ -15,9 +15,10 @@ model FLOPs per sample each implies. Both draw the same random numbers and retur
 whether they did. With `official_src` (a checkout of kakaobrain/rq-vae-transformer) it also times the official
 PyTorch RQ-Transformer sampler (causal, KV cache) at the same dims in the same run (`official.py`).
 
-FLOPs come from XLA's cost analysis of one spatial pass and of the D cached depth steps plus output heads at the
-shapes each sampler uses (loop-free programs, so the count is exact), multiplied by the number of passes: the whole
-decode is a while loop, which the cost analysis would count once. Sampling arithmetic (softmax, CDF) is not counted.
+FLOPs come from XLA's cost analysis of the lowered programs (nothing is compiled for it) of one spatial pass and of
+the D cached depth steps plus output heads at the shapes each sampler uses (loop-free programs, so the count is
+exact), multiplied by the number of passes: the whole decode is a while loop, which the cost analysis would count
+once. Sampling arithmetic (softmax, CDF) is not counted.
 
 Rates. `model_probe` times jitted [M, K] x [K, N] matmuls at the model's shapes (the spatial MLP's two and the output
 head's) in the same run and keeps the best: "probe" is what this machine's matmul reaches, "floor" = model FLOPs / probe
@@ -46,7 +47,14 @@ from ctxrq_jax.sampling import logits
 from ctxrq_jax.sampling import reference as reference_decoder
 
 def _flops(fn: Callable[..., Any], *args: Any) -> float:
-  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  """XLA's FLOP count of `fn` at `args`, from the lowered program (no compile) where the backend allows it."""
+  lowered = jax.jit(fn).lower(*args)
+  try:
+    cost = lowered.cost_analysis()
+  except Exception:  # pylint: disable=broad-except - fall back to the compiled program's count
+    cost = None
+  if not cost:
+    cost = lowered.compile().cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax returns one dict per program
     cost = cost[0]
   return float(cost.get('flops', float('nan'))) if cost else float('nan')
@@ -425,11 +433,12 @@ def bench_device(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: 
                  memory_limit: Optional[float] = None, log: Callable[[str], None] = print) -> dict[str, Any]:
   """The accelerator checks, each printed as soon as it is done and skipped once `deadline_s` seconds have passed:
 
+  0. `precision_check` on `check_config` (the tiny config), seconds;
   1. the Table 4 protocol on `config` (bf16 for 821m): s/sample for each T_draft (T_revise, M, batch 100);
   2. one training step at the largest of `train_batches` that fits (tried in decreasing order; a batch fits when
-     XLA's memory estimate is within `memory_limit`, default the device's limit, and it runs): time and MFU;
-  3. `precision_check` on `check_config` (the tiny config).
-  Returns {'sample': rows, 'train': result or None, 'precision': result or None, 'skipped': [names]}.
+     XLA's memory estimate is within `memory_limit`, default the device's limit, and it runs): time and MFU.
+  Run in the order 0, 1 (first T_draft), 2, 1 (the other T_drafts).
+  Returns {'sample': rows, 'train': result or None, 'precision': result, 'skipped': [names]}.
   """
   start = time.perf_counter()
   memo: dict[Any, Any] = {}
@@ -439,40 +448,51 @@ def bench_device(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: 
       f'model {config.model.width}w {config.model.spatial_layers}/{config.model.depth_layers} layers, '
       f'dtype {config.model.dtype}; deadline {deadline_s:.0f} s')
   out: dict[str, Any] = {'sample': [], 'train': None, 'precision': None, 'skipped': []}
-  # 3 first: seconds, and it tells whether bf16 sampling is sound before the long runs.
+  # 0 first: seconds, and it tells whether bf16 sampling is sound before the long runs.
   out['precision'] = precision_check(check_config, batch=check_batch, t_draft=int(check_config.sample.T_draft),
                                      seed=seed)
   log(f"[{time.perf_counter() - start:6.1f} s] bf16 vs fp32 sampler (tiny config): " + ', '.join(
       f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in out['precision'].items()))
-  for t_draft in t_drafts:
+
+  def sample(t_draft: int) -> None:
     if left() <= 0:
       out['skipped'].append(f'sample T_draft={t_draft}')
-      continue
+      return
     rows = bench_sample(config, batch=batch, t_drafts=[t_draft], t_revise=t_revise, num_revisions=num_revisions,
                         repeats=1, reference=False, seed=seed, probe=False, flops_memo=memo)
     out['sample'] += rows
     log(f"[{time.perf_counter() - start:6.1f} s] sample T_draft={t_draft}: " + (
         f"{rows[0]['fast_s']:.4f} s/sample, {rows[0]['fast_flops'] / 1e9:.1f} GFLOP/sample"
         if 'fast_s' in rows[0] else rows[0].get('skipped', '')))
-  for b in sorted(train_batches, reverse=True):
-    if left() <= 0:
-      out['skipped'].append(f'train batch {b}')
-      break
-    try:
-      result = bench_train(config, batch=b, repeats=2, seed=seed, probe=True,
-                           memory_limit=device_memory_limit() if memory_limit is None else memory_limit)
-    except Exception as err:  # pylint: disable=broad-except
-      if not _is_out_of_memory(err):
-        raise
-      log(f'[{time.perf_counter() - start:6.1f} s] train batch {b}: out of memory ({str(err).splitlines()[0][:200]})')
-      continue
-    out['train'] = result
-    rate = result['model_flops'] / result['step_s']
-    peak = result['peak_flops']
-    log(f"[{time.perf_counter() - start:6.1f} s] train step batch {b}: {result['step_s']:.4f} s, "
-        f"{rate / 1e12:.3f} TFLOP/s model, MFU {100 * rate / result['probe_flops']:.1f}% of the probe"
-        + (f', {100 * rate / peak:.1f}% of the {peak / 1e12:.0f} TFLOP/s peak' if peak else ''))
-    break
+
+  def train() -> None:
+    for b in sorted(train_batches, reverse=True):
+      if left() <= 0:
+        out['skipped'].append(f'train batch {b}')
+        return
+      try:
+        result = bench_train(config, batch=b, repeats=2, seed=seed, probe=True,
+                             memory_limit=device_memory_limit() if memory_limit is None else memory_limit)
+      except Exception as err:  # pylint: disable=broad-except
+        if not _is_out_of_memory(err):
+          raise
+        log(f'[{time.perf_counter() - start:6.1f} s] train batch {b}: out of memory '
+            f'({str(err).splitlines()[0][:200]})')
+        continue
+      out['train'] = result
+      rate = result['model_flops'] / result['step_s']
+      peak = result['peak_flops']
+      log(f"[{time.perf_counter() - start:6.1f} s] train step batch {b}: {result['step_s']:.4f} s, "
+          f"{rate / 1e12:.3f} TFLOP/s model, MFU {100 * rate / result['probe_flops']:.1f}% of the probe"
+          + (f', {100 * rate / peak:.1f}% of the {peak / 1e12:.0f} TFLOP/s peak' if peak else ''))
+      return
+
+  # The first T_draft, then the training step, then the other T_drafts: a deadline cuts the least informative part.
+  if t_drafts:
+    sample(t_drafts[0])
+  train()
+  for t_draft in t_drafts[1:]:
+    sample(t_draft)
   return out
 
 

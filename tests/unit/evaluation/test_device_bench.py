@@ -11,8 +11,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.slow
-def test_device_script_on_cpu_with_the_tiny_config():
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "TIMEOUT_S": "400"}
+def test_device_script_on_cpu_with_the_tiny_config(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "TIMEOUT_S": "400",
+         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache")}
   env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
   proc = subprocess.run(
       ["bash", str(ROOT / "bench" / "device.sh"), "--config=configs/imagenet.py:tiny", "--batch_size=4",
