@@ -1,11 +1,21 @@
 """Benchmarks (library: ctxrq_jax/evaluation/speed.py).
 
-  python -m ctxrq_jax.bench sample --config=configs/imagenet.py:tiny --batch_size=100
-      seconds and model FLOPs per sample of the jitted Draft-and-Revise sampler against the plain reference, for each
-      T_draft (default 8, 32, 64; T_revise 2, M 2), random weights
+  python -m ctxrq_jax.bench sample --config=configs/imagenet.py:bench512 --batch_size=32 --noreference
+      seconds, model FLOPs and GFLOP/s per sample of the jitted Draft-and-Revise sampler for each T_draft (default
+      8, 32, 64; T_revise 2, M 2), random weights, against a matmul probe measured in the same run; --reference also
+      times the plain reference sampler; --baseline=official --baseline_src=PATH (a checkout of
+      kakaobrain/rq-vae-transformer, torch installed) the official PyTorch RQ-Transformer sampler at the same dims
+  python -m ctxrq_jax.bench train --config=configs/imagenet.py:bench512 --batch_size=32
+      one stage-2 training step (forward + backward + AdamW): seconds and MFU against the probe (and the device's
+      peak when known); with --baseline=official the official RQ-Transformer training step at the same dims
+  python -m ctxrq_jax.bench device --config=configs/imagenet.py:821m
+      the accelerator checks of bench/device.sh: Table 4 in bf16 at batch 100, one training step at the largest
+      batch that fits, and bf16 against fp32 on the tiny config, within --deadline_s
   python -m ctxrq_jax.bench params
       parameter counts of the paper's model sizes and the ImageNet RQ-VAE (eval_shape, nothing allocated)
 """
+
+import sys
 
 from absl import app
 from absl import flags
@@ -14,39 +24,105 @@ from ml_collections import config_flags
 from ctxrq_jax.core import cli
 
 FLAGS = flags.FLAGS
+_USAGE = ('usage: python -m ctxrq_jax.bench {sample|train|device} --config=configs/imagenet.py:bench512 [flags] '
+          '| params')
+
+
+def _log(message: str) -> None:
+  print(message, flush=True)
+
+
+def _official_src() -> str | None:
+  if FLAGS.baseline not in ('', 'official'):
+    raise app.UsageError(f"--baseline must be '' or 'official', got {FLAGS.baseline!r}")
+  if FLAGS.baseline == 'official' and not FLAGS.baseline_src:
+    raise app.UsageError('--baseline=official needs --baseline_src=PATH, a checkout of kakaobrain/rq-vae-transformer')
+  return FLAGS.baseline_src if FLAGS.baseline == 'official' else None
+
+
+def _ints(name: str) -> list[int]:
+  try:
+    return [int(t) for t in FLAGS[name].value]
+  except ValueError:
+    raise app.UsageError(f'--{name} must be integers, got {FLAGS[name].value}') from None
 
 
 def main(argv: list[str]) -> None:
+  if len(argv) != 2 or argv[1] not in ('sample', 'train', 'device', 'params'):
+    raise app.UsageError(_USAGE)
+  command = argv[1]
   from ctxrq_jax.evaluation import speed  # pylint: disable=g-import-not-at-top
-  if len(argv) == 2 and argv[1] == 'params':
+  if command == 'params':
     print(speed.param_table())
     return
-  if len(argv) != 2 or argv[1] != 'sample':
-    raise app.UsageError('usage: python -m ctxrq_jax.bench {sample --config=configs/imagenet.py:tiny [flags]|params}')
-  if FLAGS.config is None:
-    raise app.UsageError('--config is required (e.g. --config=configs/imagenet.py:tiny)')
-  try:
-    t_drafts = [int(t) for t in FLAGS.t_draft]
-  except ValueError:
-    raise app.UsageError(f'--t_draft must be integers, got {FLAGS.t_draft}') from None
-  rows = speed.bench_sample(FLAGS.config, batch=FLAGS.batch_size, t_drafts=t_drafts, t_revise=FLAGS.t_revise,
-                      num_revisions=FLAGS.num_revisions, repeats=FLAGS.repeats, reference=FLAGS.reference,
-                      seed=FLAGS.seed)
+  if command == 'device' and FLAGS.config is None:
+    from ctxrq_jax.core import config as configlib  # pylint: disable=g-import-not-at-top
+    config = configlib.load_config_file('imagenet', '821m')
+  elif FLAGS.config is None:
+    raise app.UsageError('--config is required (e.g. --config=configs/imagenet.py:bench512)')
+  else:
+    config = FLAGS.config
   import jax  # pylint: disable=g-import-not-at-top
-  print(f'Draft-and-Revise sampling, T_revise={FLAGS.t_revise}, M={FLAGS.num_revisions}, batch {FLAGS.batch_size}, '
-        f'{jax.devices()[0].platform}, random weights')
-  print(speed.format_table(rows))
+  platform = jax.devices()[0].platform
+  official_src = _official_src()
+  if command == 'sample':
+    rows = speed.bench_sample(config, batch=FLAGS.batch_size, t_drafts=_ints('t_draft'), t_revise=FLAGS.t_revise,
+                              num_revisions=FLAGS.num_revisions, repeats=FLAGS.repeats, reference=FLAGS.reference,
+                              seed=FLAGS.seed, probe=FLAGS.probe, official_src=official_src,
+                              official_repeats=FLAGS.repeats)
+    print(f'Draft-and-Revise sampling, T_revise={FLAGS.t_revise}, M={FLAGS.num_revisions}, batch {FLAGS.batch_size}, '
+          f'{platform}, {config.model.dtype}, random weights')
+    print(speed.format_table(rows))
+  elif command == 'train':
+    result = speed.bench_train(config, batch=FLAGS.batch_size, repeats=FLAGS.repeats, seed=FLAGS.seed,
+                               probe=FLAGS.probe)
+    official = None
+    if official_src:
+      from ctxrq_jax.evaluation import official as official_lib  # pylint: disable=g-import-not-at-top
+      official = official_lib.time_train_step(official_src, config, batch=FLAGS.batch_size, repeats=FLAGS.repeats,
+                                              seed=FLAGS.seed)
+      official['model_flops'] = result['model_flops']  # same dims: the same model FLOPs per step
+    print(f'Stage-2 training step (forward + backward + AdamW), batch {FLAGS.batch_size}, {platform}, '
+          f'{config.model.dtype}, remat {config.model.remat}, random codes')
+    print(speed.format_train(result, official))
+  else:
+    from ctxrq_jax.core import config as configlib  # pylint: disable=g-import-not-at-top
+    check = configlib.load_config_file('imagenet', 'tiny')
+    out = speed.bench_device(config, batch=FLAGS.batch_size, t_drafts=_ints('t_draft'), t_revise=FLAGS.t_revise,
+                             num_revisions=FLAGS.num_revisions, train_batches=_ints('train_batches'),
+                             check_config=check, check_batch=FLAGS.check_batch, deadline_s=FLAGS.deadline_s,
+                             seed=FLAGS.seed, log=_log,
+                             memory_limit=FLAGS.memory_limit_gb * 2**30 if FLAGS.memory_limit_gb else None)
+    if out['sample']:
+      print(speed.format_table(out['sample']))
+    if out['train']:
+      print(speed.format_train(out['train']))
+    if out['skipped']:
+      print(f"skipped (deadline {FLAGS.deadline_s:.0f} s): {', '.join(out['skipped'])}")
+    precision = out['precision']
+    if not (precision['finite'] and precision['sampled_ok']):
+      print('error: the bf16 sampler check failed', file=sys.stderr)
+      sys.exit(1)
 
 
 def define_flags() -> None:
   """Command-line flags, defined only when run as a program (so modules import together)."""
-  config_flags.DEFINE_config_file('config', None, 'Stage-2 config file (e.g. configs/imagenet.py:tiny).')
-  flags.DEFINE_integer('batch_size', 100, 'Samples per batch (the paper uses 100).')
+  config_flags.DEFINE_config_file('config', None, 'Stage-2 config file (e.g. configs/imagenet.py:bench512).')
+  flags.DEFINE_integer('batch_size', 100, 'Samples per batch (the paper uses 100); the training batch for `train`.')
   flags.DEFINE_list('t_draft', ['8', '32', '64'], 'T_draft values to time.')
   flags.DEFINE_integer('t_revise', 2, 'T_revise.')
   flags.DEFINE_integer('num_revisions', 2, 'Number of revisions M.')
   flags.DEFINE_integer('repeats', 2, 'Timed calls per setting (after one warm-up call).')
-  flags.DEFINE_bool('reference', True, 'Also time the plain reference implementation.')
+  flags.DEFINE_bool('reference', True, 'Also time the plain reference implementation (sample).')
+  flags.DEFINE_bool('probe', True, 'Measure a matmul probe at the model MLP shape in the same run (GFLOP/s, MFU).')
+  flags.DEFINE_string('baseline', '', "'official': also time the official PyTorch RQ-Transformer (sample, train).")
+  flags.DEFINE_string('baseline_src', '', 'Checkout of kakaobrain/rq-vae-transformer for --baseline=official.')
+  flags.DEFINE_list('train_batches', ['1024', '512', '256', '128', '64', '32'],
+                    'device: training batches to try, the largest that fits is timed.')
+  flags.DEFINE_float('memory_limit_gb', 0.0, "device: a training batch fits when XLA's memory estimate of the step "
+                     "is within this many GiB (0: the device's own limit, none on a CPU).")
+  flags.DEFINE_integer('check_batch', 8, 'device: batch of the bf16-vs-fp32 check on the tiny config.')
+  flags.DEFINE_float('deadline_s', 420.0, 'device: checks not started within this many seconds are skipped.')
   flags.DEFINE_integer('seed', 0, 'Seed of the random weights and of sampling.')
 
 

@@ -7,6 +7,8 @@ Usage: `python -m ctxrq_jax.train --config=configs/imagenet.py:821m` with one of
   821m    1536  24    24 / 4         820.9M                      821M   (reference RQ-Transformer layout)
   1.4b    1536  24    42 / 6         1387.5M                     1.4B   (reference RQ-Transformer layout, 1.39B)
   tiny    32    4      2 / 2         small shapes for tests (vocab 64, 4x4x4 codes, n_z 16, 10 classes)
+  bench512 512  8     12 / 4         CPU benchmark dims (float32, no remat, sample batch 32, T_draft 8): the speed issue's
+                                     comparison with the official RQ-Transformer sampler at the same width and depth
 
 The paper gives Contextual RQ-Transformer the sizes of the earlier RQ-Transformer, whose 821M / 1.4B layouts the
 design sketch records; it does not give the 333M layout. We keep head width 64 and 4 depth layers as in 821m and shrink
@@ -28,6 +30,7 @@ SIZES = {
     "821m": (1536, 24, 24, 4),
     "1.4b": (1536, 24, 42, 6),
     "tiny": (32, 4, 2, 2),
+    "bench512": (512, 8, 12, 4),
 }
 # Paper / reference parameter counts the sizes are checked against in tests (tolerance 1%, 333m: 2%).
 PAPER_PARAMS = {"333m": 333e6, "821m": 821e6, "1.4b": 1.4e9}
@@ -40,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ConfigError(f"unknown model size {arg!r} for configs/imagenet.py; expected one of {sorted(SIZES)}")
   width, heads, spatial_layers, depth_layers = SIZES[size]
   tiny = size == "tiny"
+  cpu_bench = size == "bench512"  # float32 and no remat: the CPU's fast path; the 8x8x4 / K 16384 data of ImageNet
 
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -54,9 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.num_classes = 10 if tiny else 1000
   c.model.cond_length = 1  # one class token; CC-3M would use 32 BPE tokens
   c.model.cond_vocab_size = config_dict.placeholder(int)  # None -> num_classes + 1 (the last id is "no class")
-  c.model.dtype = "float32" if tiny else "bfloat16"  # compute dtype; parameters stay float32
+  c.model.dtype = "float32" if tiny or cpu_bench else "bfloat16"  # compute dtype; parameters stay float32
   c.model.param_dtype = "float32"
-  c.model.remat = not tiny
+  c.model.remat = not (tiny or cpu_bench)
 
   # Facts of the stage-1 code dataset the model is built for; the trainer checks them against metadata.json.
   c.data = ml_collections.ConfigDict()
@@ -94,10 +98,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # logits = cond + s (cond - uncond), so s = 0 is the conditional model alone and 1.8 equals 2.8 in the other common
   # form uncond + w (cond - uncond). The paper does not say which form its 1.8 uses; this one matches its reference [20].
   c.sample = ml_collections.ConfigDict()
-  c.sample.T_draft = 8 if tiny else 64
+  c.sample.T_draft = 8 if tiny or cpu_bench else 64
   c.sample.T_revise = 2
   c.sample.M = 2
-  c.sample.batch_size = 4 if tiny else 100  # the paper samples with batch 100
+  c.sample.batch_size = 4 if tiny else 32 if cpu_bench else 100  # the paper samples with batch 100
   c.sample.draft = ml_collections.ConfigDict(dict(temperature=1.0, guidance=0.0, top_k=0, top_p=1.0))
   c.sample.revise = ml_collections.ConfigDict(dict(temperature=0.8, guidance=1.8, top_k=0, top_p=1.0))
 

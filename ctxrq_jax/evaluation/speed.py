@@ -1,23 +1,38 @@
-"""Speed: seconds per sample of Draft-and-Revise (the paper's Table 4 settings) and parameter counts.
+"""Speed: seconds per sample of Draft-and-Revise (the paper's Table 4 settings), the stage-2 training step, FLOP rates
+against a matmul probe, and parameter counts.
 
-The command is `python -m ctxrq_jax.bench sample --config=configs/imagenet.py:tiny --batch_size=100` (or `params`).
+Commands (ctxrq_jax/bench.py):
 
-For each T_draft (default 8, 32, 64; T_revise 2, M 2) it times the jitted fori_loop sampler
-(`decoder.draft_and_revise`) and the plain reference (`reference.reference_draft_and_revise`: a Python loop over steps,
-spatial + depth passes over all N positions) on a model with random weights, and reports the model FLOPs per sample
-each implies. Both draw the same random numbers and return the same codes; the table says whether they did.
+  python -m ctxrq_jax.bench sample --config=configs/imagenet.py:bench512 --batch_size=32
+  python -m ctxrq_jax.bench train --config=configs/imagenet.py:bench512 --batch_size=32
+  python -m ctxrq_jax.bench device            (bench/device.sh: the accelerator checks)
+  python -m ctxrq_jax.bench params
 
-FLOPs come from XLA's cost analysis of one spatial pass and one depth pass at the shapes each sampler uses
-(loop-free programs, so the count is exact), multiplied by the number of passes: the whole decode is a while loop,
-which the cost analysis would count once. Settings with T_draft > N are skipped (override the code shape, e.g.
-`--config.data.code_shape='(8, 8, 4)'`).
+`bench_sample`: for each T_draft (T_revise, M from flags) it times the jitted fori_loop sampler
+(`decoder.draft_and_revise`) and, optionally, the plain reference (`reference.reference_draft_and_revise`: a Python
+loop over steps, spatial pass and depth steps over all N positions) on a model with random weights, and reports the
+model FLOPs per sample each implies. Both draw the same random numbers and return the same codes; the table says
+whether they did. With `official_src` (a checkout of kakaobrain/rq-vae-transformer) it also times the official
+PyTorch RQ-Transformer sampler (causal, KV cache) at the same dims in the same run (`official.py`).
+
+FLOPs come from XLA's cost analysis of the lowered programs (nothing is compiled for it) of one spatial pass and of
+the D cached depth steps plus output heads at the shapes each sampler uses (loop-free programs, so the count is
+exact), multiplied by the number of passes: the whole decode is a while loop, which the cost analysis would count
+once. Sampling arithmetic (softmax, CDF) is not counted.
+
+Rates. `model_probe` times jitted [M, K] x [K, N] matmuls at the model's shapes (the spatial MLP's two and the output
+head's) in the same run and keeps the best: "probe" is what this machine's matmul reaches, "floor" = model FLOPs / probe
+rate is the time the sampler would take if every FLOP ran at the probe's rate, and MFU = model FLOPs / time / probe
+rate (on GPU/TPU also against the device's peak when `device_peak_flops` knows it).
+
+Settings with T_draft > N are skipped (override the code shape, e.g. `--config.data.code_shape='(8, 8, 4)'`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,62 +46,167 @@ from ctxrq_jax.sampling import decoder
 from ctxrq_jax.sampling import logits
 from ctxrq_jax.sampling import reference as reference_decoder
 
-
 def _flops(fn: Callable[..., Any], *args: Any) -> float:
-  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  """XLA's FLOP count of `fn` at `args`, from the lowered program (no compile) where the backend allows it."""
+  lowered = jax.jit(fn).lower(*args)
+  try:
+    cost = lowered.cost_analysis()
+  except Exception:  # pylint: disable=broad-except - fall back to the compiled program's count
+    cost = None
+  if not cost:
+    cost = lowered.compile().cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax returns one dict per program
     cost = cost[0]
   return float(cost.get('flops', float('nan'))) if cost else float('nan')
 
 
+def _time(fn: Callable[[int], Any], repeats: int) -> float:
+  """Seconds of the fastest of `repeats` calls after a warm-up call (the least disturbed by other jobs)."""
+  jax.block_until_ready(fn(0))  # compile / warm up
+  best = math.inf
+  for i in range(max(1, repeats)):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(i + 1))
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def matmul_probe(m: int, k: int, n: int, *, repeats: int = 5, dtype: Any = jnp.float32) -> float:
+  """FLOP/s of a jitted [m, k] x [k, n] matmul in `dtype` (float32 accumulation), best of `repeats` timed calls."""
+  a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32).astype(dtype)
+  fn = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+  jax.block_until_ready(fn(a, b))
+  best = math.inf
+  for _ in range(max(1, repeats)):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(a, b))
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * m * k * n / best
+
+
+def model_probe(model: transformer.ContextualRQTransformer, batch: int, *, repeats: int = 5) -> float:
+  """The best `matmul_probe` rate over the model's three main matmul shapes, in the model's dtype: the spatial MLP's
+  [T, W] x [W, rW] and [T, rW] x [rW, W] (T = batch * (N + L) tokens, r = mlp_ratio) and the output head's
+  [batch * N, W] x [W, K]. A single shape under-reports what the CPU's matmul reaches on the others."""
+  tokens = batch * (model.num_positions + model.cond_length)
+  w, hidden = model.width, model.mlp_ratio * model.width
+  shapes = ((tokens, w, hidden), (tokens, hidden, w), (batch * model.num_positions, w, model.vocab_size))
+  return max(matmul_probe(m, k, n, repeats=repeats, dtype=model.dtype) for m, k, n in shapes)
+
+
+# Dense peak FLOP/s of known accelerators in bf16 (vendor figures), by `device_kind` prefix.
+PEAK_BF16_FLOPS = {
+    'NVIDIA H200': 989e12, 'NVIDIA H100': 989e12, 'NVIDIA A100': 312e12, 'NVIDIA L4': 121e12,
+    'NVIDIA A10G': 125e12, 'NVIDIA GH200': 989e12, 'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12,
+    'TPU v5p': 459e12, 'TPU v5': 459e12, 'TPU v6 lite': 918e12, 'TPU v6e': 918e12,
+}
+
+
+def device_peak_flops(device: Any = None) -> Optional[float]:
+  """The dense bf16 peak FLOP/s of `device` (default: the first device) if known, else None (e.g. CPUs)."""
+  kind = str(getattr(device or jax.devices()[0], 'device_kind', ''))
+  for prefix in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
+    if kind.startswith(prefix):
+      return PEAK_BF16_FLOPS[prefix]
+  return None
+
+
 def pass_flops(model: transformer.ContextualRQTransformer, variables: Any, codebook: jax.Array, batch: int,
-               positions: int) -> tuple[float, float]:
-  """(spatial pass FLOPs at batch `batch`, FLOPs of the D depth passes on `positions` positions per example)."""
+               positions: int, guided: bool = False) -> tuple[float, float]:
+  """(spatial pass FLOPs, FLOPs of the D cached depth steps and output heads on `positions` positions per example).
+
+  With `guided` both run on 2 * batch rows (cond and uncond) and the guided depth features go through the head once
+  (what `decoder.sample_depths` does).
+  """
   n, d, w = model.num_positions, model.code_depth, model.width
-  codes = jnp.zeros((batch, n, d), jnp.int32)
+  rows = 2 * batch if guided else batch
+  codes = jnp.zeros((rows, n, d), jnp.int32)
   spatial = _flops(lambda v, c, m, y, e: model.apply(v, c, m, y, e, method=model.spatial), variables, codes,
-                   jnp.zeros((batch, n), bool), jnp.zeros((batch, model.cond_length), jnp.int32), codebook)
-  depth = sum(_flops(lambda v, h, c, e, at=at: model.apply(v, h, c, e, at=at, method=model.depth), variables,
-                     jnp.zeros((batch, positions, w), jnp.float32), jnp.zeros((batch, positions, d), jnp.int32),
-                     codebook) for at in range(d))
+                   jnp.zeros((rows, n), bool), jnp.zeros((rows, model.cond_length), jnp.int32), codebook)
+
+  def depth_steps(v, h, c, e):
+    cache, out = None, []
+    for at in range(d):
+      z, cache = model.apply(v, h, c, e, cache, at=at, method=model.depth_step)
+      if guided:
+        z = logits.guide_logits(z[:batch], z[batch:], 1.5)
+      out.append(model.apply(v, z, method=model.logits))
+    return out
+
+  depth = _flops(depth_steps, variables, jnp.zeros((rows, positions, w), model.dtype),
+                 jnp.zeros((rows, positions, d), jnp.int32), codebook)
   return spatial, depth
 
 
 def decode_flops(model: transformer.ContextualRQTransformer, variables: Any, codebook: jax.Array, *, batch: int,
                  t_draft: int, t_revise: int, num_revisions: int, draft: logits.PhaseSettings,
-                 revise: logits.PhaseSettings, reference: bool) -> float:
-  """Model FLOPs per sample of one Draft-and-Revise decode (fast sampler, or the reference when `reference`)."""
+                 revise: logits.PhaseSettings, reference: bool, memo: Optional[dict[Any, Any]] = None) -> float:
+  """Model FLOPs per sample of one Draft-and-Revise decode (fast sampler, or the reference when `reference`).
+
+  `memo` keeps `pass_flops` results by shape across calls on the same model (each count is a compile).
+  """
+  memo = {} if memo is None else memo
   n = model.num_positions
   total = 0.0
   for steps, settings, repeats in ((t_draft, draft, 1), (t_revise, revise, num_revisions)):
     if not repeats:
       continue
-    rows = batch * (2 if settings.guidance_scale != 0 else 1)
     gathered = n if reference else -(-n // steps)
-    spatial, depth = pass_flops(model, variables, codebook, rows, gathered)
-    total += repeats * steps * (spatial + depth)  # one spatial pass and D depth passes per step
+    shape = (batch, gathered, settings.guidance_scale != 0)
+    if shape not in memo:
+      memo[shape] = pass_flops(model, variables, codebook, *shape)
+    spatial, depth = memo[shape]
+    total += repeats * steps * (spatial + depth)  # one spatial pass and D depth steps per step
   return total / batch
 
 
-def _time(fn: Callable[[int], jax.Array], repeats: int) -> float:
-  jax.block_until_ready(fn(0))  # compile / warm up
-  start = time.perf_counter()
-  for i in range(repeats):
-    jax.block_until_ready(fn(i + 1))
-  return (time.perf_counter() - start) / repeats
+def autoregressive_flops(model: transformer.ContextualRQTransformer, variables: Any, codebook: jax.Array, *,
+                         batch: int) -> float:
+  """Model FLOPs per sample of an autoregressive RQ-Transformer of the same dims with KV caches: every position
+  through the spatial stack once and through the D depth steps once (the attention scores of a causal pass, half
+  of the bidirectional ones, are counted in full: they are ~2% of the total at these shapes)."""
+  spatial, depth = pass_flops(model, variables, codebook, batch, model.num_positions)
+  return (spatial + depth) / batch
 
 
-def bench_sample(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: int, num_revisions: int,
-                 repeats: int, reference: bool, seed: int) -> list[dict[str, Any]]:
-  """Times the samplers for each T_draft; returns one row (dict) per setting."""
+def random_model(config: Any, seed: int) -> tuple[transformer.ContextualRQTransformer, Any, jax.Array]:
+  """(model, variables, codebook) of a stage-2 config with random weights and a random N(0, 1) codebook."""
   model = transformer.from_run_config(config)
   key = jax.random.key(seed)
   codebook = jax.random.normal(jax.random.fold_in(key, 1), (config.data.vocab_size, config.data.embed_dim))
   variables = jax.jit(model.init)(jax.random.fold_in(key, 2), *transformer.init_inputs(model, 1)[:3], codebook)
+  return model, variables, codebook
+
+
+def bench_sample(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: int, num_revisions: int,
+                 repeats: int, reference: bool, seed: int, probe: bool = True,
+                 official_src: Optional[str] = None, official_repeats: int = 1,
+                 log: Callable[[str], None] = lambda _: None,
+                 flops_memo: Optional[dict[Any, Any]] = None) -> list[dict[str, Any]]:
+  """Times the samplers for each T_draft; returns one row (dict) per setting.
+
+  Every time is the fastest of `repeats` calls after a warm-up (this machine may be shared).
+  Row keys: t_draft; fast_s (s/sample), fast_flops (model FLOPs/sample); with `reference` ref_s, ref_flops,
+  same_codes; with `probe` probe_flops (FLOP/s of `model_probe`, the best of one measurement before and one after
+  the timings); with `official_src` official_s (s/sample of the official PyTorch sampler, the fastest of one
+  measurement before and one after ours) and official_flops (`autoregressive_flops`); 'skipped' when T > N. `flops_memo` (see `decode_flops`) may be shared
+  by calls on the same config.
+  """
+  flops_memo = {} if flops_memo is None else flops_memo
+  model, variables, codebook = random_model(config, seed)
   params = variables['params']
+  key = jax.random.key(seed)
   draft = logits.PhaseSettings.from_config(config.sample.draft)
   revise = logits.PhaseSettings.from_config(config.sample.revise)
   cond = jax.random.randint(jax.random.fold_in(key, 3), (batch, model.cond_length), 0, model.num_classes)
+  probes = [model_probe(model, batch)] if probe else []
+  extra: dict[str, Any] = {}
+  if official_src:
+    from ctxrq_jax.evaluation import official  # pylint: disable=g-import-not-at-top
+    log(f'timing the official RQ-Transformer sampler ({official_src})')
+    official_times = [official.time_sampler(official_src, config, batch=batch, repeats=official_repeats, seed=seed)]
+    extra['official_flops'] = autoregressive_flops(model, variables, codebook, batch=batch)
   rows = []
   for t_draft in t_drafts:
     row: dict[str, Any] = {'t_draft': t_draft}
@@ -94,34 +214,296 @@ def bench_sample(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: 
       row['skipped'] = f'T > N={model.num_positions}'
       rows.append(row)
       continue
+    log(f'T_draft={t_draft}')
     kw = dict(t_draft=t_draft, t_revise=t_revise, num_revisions=num_revisions, draft=draft, revise=revise)
     fast = lambda i: decoder.draft_and_revise(  # noqa: E731
         model, params, codebook, cond, jax.random.fold_in(key, 10 + i), **kw)
     row['fast_s'] = _time(fast, repeats) / batch
-    row['fast_flops'] = decode_flops(model, variables, codebook, batch=batch, reference=False, **kw)
+    row['fast_flops'] = decode_flops(model, variables, codebook, batch=batch, reference=False, memo=flops_memo, **kw)
     if reference:
       ref = lambda i: reference_decoder.reference_draft_and_revise(  # noqa: E731
           model, params, codebook, cond, jax.random.fold_in(key, 10 + i), **kw)
       row['ref_s'] = _time(ref, repeats) / batch
-      row['ref_flops'] = decode_flops(model, variables, codebook, batch=batch, reference=True, **kw)
+      row['ref_flops'] = decode_flops(model, variables, codebook, batch=batch, reference=True,
+                                      memo=flops_memo, **kw)
       row['same_codes'] = bool(np.array_equal(fast(0), ref(0)))
+    row.update(extra)
     rows.append(row)
+  if official_src:  # once more after our timings: the fastest of the two, as for every other figure
+    official_times.append(official.time_sampler(official_src, config, batch=batch, repeats=official_repeats,
+                                                seed=seed))
+    for row in rows:
+      if 'skipped' not in row:
+        row['official_s'] = min(official_times) / batch
+  if probe:
+    probes.append(model_probe(model, batch))
+    for row in rows:
+      if 'skipped' not in row:
+        row['probe_flops'] = max(probes)
   return rows
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-  """Plain-text table of `bench_sample` rows."""
-  head = (f"{'T_draft':>7}  {'s/sample':>10}  {'GFLOP/sample':>12}  {'ref s/sample':>12}  {'ref GFLOP':>10}  "
-          f"{'speedup':>7}  {'same codes':>10}")
+  """Plain-text table of `bench_sample` rows (columns whose data was not measured are left out)."""
+  has = lambda k: any(k in r for r in rows)  # noqa: E731
+  cols = [('T_draft', 7, lambda r: f"{r['t_draft']:>7}"),
+          ('s/sample', 9, lambda r: f"{r['fast_s']:>9.4f}"),
+          ('GFLOP/sample', 12, lambda r: f"{r['fast_flops'] / 1e9:>12.2f}"),
+          ('GFLOP/s', 7, lambda r: f"{r['fast_flops'] / r['fast_s'] / 1e9:>7.1f}")]
+  if has('probe_flops'):
+    cols += [('% probe', 7, lambda r: f"{100 * r['fast_flops'] / r['fast_s'] / r['probe_flops']:>7.1f}"),
+             ('floor s', 8, lambda r: f"{r['fast_flops'] / r['probe_flops']:>8.4f}"),
+             ('/ floor', 7, lambda r: f"{r['fast_s'] * r['probe_flops'] / r['fast_flops']:>7.2f}")]
+  if has('ref_s'):
+    cols += [('ref s/sample', 12, lambda r: f"{r['ref_s']:>12.4f}"),
+             ('ref GFLOP', 9, lambda r: f"{r['ref_flops'] / 1e9:>9.2f}"),
+             ('vs ref', 6, lambda r: f"{r['ref_s'] / r['fast_s']:>6.2f}"),
+             ('same codes', 10, lambda r: f"{str(r['same_codes']):>10}")]
+  if has('official_s'):
+    cols += [('official s', 10, lambda r: f"{r['official_s']:>10.4f}"),
+             ('off. GFLOP', 10, lambda r: f"{r['official_flops'] / 1e9:>10.2f}"),
+             ('vs official', 11, lambda r: f"{r['official_s'] / r['fast_s']:>11.2f}")]
+  head = '  '.join(f'{name:>{width}}' for name, width, _ in cols)
   lines = [head, '-' * len(head)]
   for r in rows:
     if 'skipped' in r:
       lines.append(f"{r['t_draft']:>7}  skipped ({r['skipped']})")
-      continue
-    ref_s, ref_f = r.get('ref_s', math.nan), r.get('ref_flops', math.nan)
-    lines.append(f"{r['t_draft']:>7}  {r['fast_s']:>10.5f}  {r['fast_flops'] / 1e9:>12.4f}  {ref_s:>12.5f}  "
-                 f"{ref_f / 1e9:>10.4f}  {ref_s / r['fast_s']:>7.2f}  {str(r.get('same_codes', '-')):>10}")
+    else:
+      lines.append('  '.join(fmt(r) for _, _, fmt in cols))
+  if has('probe_flops'):
+    probe = max(r['probe_flops'] for r in rows if 'probe_flops' in r)
+    lines.append(f'matmul probe (same run, best of the model MLP and head shapes): {probe / 1e9:.1f} GFLOP/s; '
+                 'floor s = GFLOP/sample / probe')
   return '\n'.join(lines)
+
+
+def forward_flops(model: transformer.ContextualRQTransformer, variables: Any, codebook: jax.Array, batch: int) -> float:
+  """FLOPs of one training forward pass (spatial + teacher-forced depth over all N positions, logits) at `batch`."""
+  codes, mask, cond, _ = transformer.init_inputs(model, batch)
+  return _flops(lambda v, c, m, y, e: model.apply(v, c, m, y, e), variables, codes, mask, cond, codebook)
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+  text = str(err)
+  return isinstance(err, DoesNotFit) or 'RESOURCE_EXHAUSTED' in text or 'out of memory' in text.lower()
+
+
+class DoesNotFit(MemoryError):
+  """The compiled step needs more memory than the limit (XLA's memory analysis, before anything runs)."""
+
+
+def device_memory_limit(device: Any = None) -> Optional[float]:
+  """Bytes the device lets XLA allocate (`memory_stats()['bytes_limit']`), None where unknown (CPU)."""
+  try:
+    stats = (device or jax.devices()[0]).memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return float(stats['bytes_limit']) if stats and 'bytes_limit' in stats else None
+
+
+def bench_train(config: Any, *, batch: int, repeats: int, seed: int, probe: bool = True,
+                memory_limit: Optional[float] = None) -> dict[str, Any]:
+  """Times one stage-2 training step (forward + backward + AdamW update, `stage2.trainer.make_train_step`, jitted
+  with the state donated, as in training) on random codes; returns a dict.
+
+  Keys: batch, step_s (seconds of the fastest of `repeats` steps after a warm-up), model_flops (3 x the forward FLOPs: the usual MFU convention, whatever
+  remat recomputes), xla_flops (XLA's count of the compiled step, remat and optimizer included), memory_bytes (XLA's
+  estimate of the step's arguments + outputs + temporaries), probe_flops (with `probe`: FLOP/s of `model_probe` at the
+  training batch, best of one before and one after) and peak_flops (the device's bf16 peak, None if unknown).
+  MFU is model_flops / step_s / probe_flops (or / peak_flops).
+
+  Raises DoesNotFit when the compiled step's memory estimate exceeds `memory_limit` bytes (checked before any batch
+  is allocated), or the XLA error when the device runs out of memory.
+  """
+  from ctxrq_jax.core import sharding  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.stage2 import trainer  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  model = transformer.from_run_config(config)
+  tx = trainer.make_optimizer(config)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config)
+  h, w, d = (int(v) for v in config.data.code_shape)
+  key = jax.random.key(seed)
+  codebook = jax.random.normal(jax.random.fold_in(key, 1), (config.data.vocab_size, config.data.embed_dim))
+  data = sharding.batch_sharding(mesh)
+  rep = sharding.replicated(mesh)
+  abstract_state, shardings = trainer.abstract_train_state(model, tx, config, mesh, rules)
+  abstract_batch = {'codes': jax.ShapeDtypeStruct((batch, h, w, d), jnp.int32, sharding=data),
+                    'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data)}
+  step = jax.jit(trainer.make_train_step(model, tx, config), donate_argnums=(0,),
+                 in_shardings=(shardings, data, rep), out_shardings=(shardings, rep))
+  with nn.logical_axis_rules(rules):
+    compiled = step.lower(abstract_state, abstract_batch, codebook).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  memory = math.nan
+  try:
+    m = compiled.memory_analysis()
+    memory = float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except - not every backend reports it
+    pass
+  if memory_limit is not None and memory > memory_limit:
+    raise DoesNotFit(f'batch {batch}: the step needs ~{memory / 2**30:.2f} GiB, the limit is '
+                     f'{memory_limit / 2**30:.2f} GiB')
+  probes = [model_probe(model, batch)] if probe else []
+  state, _ = trainer.create_train_state(model, tx, config, mesh, rules)
+
+  def batch_of(i: int) -> dict[str, jax.Array]:
+    k = jax.random.fold_in(key, 100 + i)
+    return {'codes': jax.random.randint(k, (batch, h, w, d), 0, int(config.data.vocab_size), jnp.int32),
+            'label': jax.random.randint(jax.random.fold_in(k, 1), (batch,), 0, int(config.model.num_classes))}
+
+  batches = [jax.device_put(batch_of(i), data) for i in range(repeats + 1)]
+  with nn.logical_axis_rules(rules):
+    state, metrics = compiled(state, batches[0], codebook)  # warm up
+    jax.block_until_ready(metrics)
+    step_s = math.inf
+    for i in range(repeats):
+      start = time.perf_counter()
+      state, metrics = compiled(state, batches[i + 1], codebook)
+      jax.block_until_ready((state, metrics))
+      step_s = min(step_s, time.perf_counter() - start)
+  variables = {'params': state.params}
+  out = {'batch': batch, 'step_s': step_s, 'model_flops': 3.0 * forward_flops(model, variables, codebook, batch),
+         'xla_flops': float(cost.get('flops', math.nan)) if cost else math.nan, 'memory_bytes': memory,
+         'peak_flops': device_peak_flops(), 'loss': float(metrics['loss'])}
+  del state, variables, batches
+  if probe:
+    probes.append(model_probe(model, batch))
+    out['probe_flops'] = max(probes)
+  return out
+
+
+def format_train(result: dict[str, Any], official: Optional[dict[str, Any]] = None) -> str:
+  """Plain-text table of a `bench_train` result (and of the official step, when timed)."""
+  r = result
+  lines = [f"{'step':>12}  {'batch':>5}  {'s/step':>8}  {'model GFLOP':>11}  {'XLA GFLOP':>9}  {'GFLOP/s':>8}  "
+           f"{'MFU probe':>9}  {'MFU peak':>8}"]
+  lines.append('-' * len(lines[0]))
+  rate = r['model_flops'] / r['step_s']
+  mfu_probe = f"{100 * rate / r['probe_flops']:>8.1f}%" if r.get('probe_flops') else f"{'-':>9}"
+  mfu_peak = f"{100 * rate / r['peak_flops']:>7.1f}%" if r.get('peak_flops') else f"{'-':>8}"
+  lines.append(f"{'ctxrq_jax':>12}  {r['batch']:>5}  {r['step_s']:>8.4f}  {r['model_flops'] / 1e9:>11.1f}  "
+               f"{r['xla_flops'] / 1e9:>9.1f}  {rate / 1e9:>8.1f}  {mfu_probe}  {mfu_peak}")
+  if official:
+    o_rate = official['model_flops'] / official['step_s']
+    o_probe = f"{100 * o_rate / r['probe_flops']:>8.1f}%" if r.get('probe_flops') else f"{'-':>9}"
+    lines.append(f"{'official':>12}  {official['batch']:>5}  {official['step_s']:>8.4f}  "
+                 f"{official['model_flops'] / 1e9:>11.1f}  {'-':>9}  {o_rate / 1e9:>8.1f}  {o_probe}  {'-':>8}")
+    lines.append(f"official / ctxrq_jax step time: {official['step_s'] / r['step_s']:.2f}")
+  if r.get('probe_flops'):
+    lines.append(f"matmul probe (same run, best of the model MLP and head shapes at this batch): "
+                 f"{r['probe_flops'] / 1e9:.1f} GFLOP/s; "
+                 'model FLOPs = 3 x forward')
+  return '\n'.join(lines)
+
+
+def precision_check(config: Any, *, batch: int, t_draft: int, seed: int) -> dict[str, Any]:
+  """The sampler in bfloat16 against float32 on one config (same weights, same keys).
+
+  Returns max_rel_logit_err (max |logits_bf16 - logits_fp32| / max |logits_fp32| of one training forward pass at
+  random codes), greedy_agree (fraction of codes equal in a greedy draft with T_draft steps: greedy decoding has no
+  noise, so only precision can make them differ), sampled_ok (bf16 sampling with the config's settings returned codes
+  in [0, K)) and finite (no NaN / inf in the bf16 logits).
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  results = {}
+  codes_by_dtype = {}
+  logits_by_dtype = {}
+  for dtype in ('float32', 'bfloat16'):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.model.dtype = dtype
+    model, variables, codebook = random_model(c, seed)
+    codes, mask, cond, _ = transformer.init_inputs(model, batch)
+    key = jax.random.key(seed + 1)
+    codes = jax.random.randint(key, codes.shape, 0, model.vocab_size)
+    mask = jax.random.bernoulli(jax.random.fold_in(key, 1), 0.5, mask.shape)
+    logits_by_dtype[dtype] = np.asarray(jax.jit(model.apply)(variables, codes, mask, cond, codebook))
+    greedy = logits.PhaseSettings(temperature=0.0)
+    cond = jax.random.randint(jax.random.fold_in(key, 2), (batch, model.cond_length), 0, model.num_classes)
+    codes_by_dtype[dtype] = np.asarray(decoder.draft_and_revise(
+        model, variables['params'], codebook, cond, jax.random.fold_in(key, 3), t_draft=t_draft, t_revise=1,
+        num_revisions=0, draft=greedy, revise=greedy))
+    if dtype == 'bfloat16':
+      sampled = np.asarray(decoder.draft_and_revise(
+          model, variables['params'], codebook, cond, jax.random.fold_in(key, 4), t_draft=t_draft,
+          t_revise=int(config.sample.T_revise), num_revisions=int(config.sample.M),
+          draft=logits.PhaseSettings.from_config(config.sample.draft),
+          revise=logits.PhaseSettings.from_config(config.sample.revise)))
+      results['sampled_ok'] = bool(sampled.min() >= 0 and sampled.max() < model.vocab_size)
+  ref, low = logits_by_dtype['float32'], logits_by_dtype['bfloat16']
+  results['finite'] = bool(np.isfinite(low).all())
+  results['max_rel_logit_err'] = float(np.abs(low - ref).max() / max(np.abs(ref).max(), 1e-30))
+  results['greedy_agree'] = float((codes_by_dtype['float32'] == codes_by_dtype['bfloat16']).mean())
+  return results
+
+
+def bench_device(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: int, num_revisions: int,
+                 train_batches: Sequence[int], check_config: Any, check_batch: int, deadline_s: float, seed: int,
+                 memory_limit: Optional[float] = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+  """The accelerator checks, each printed as soon as it is done and skipped once `deadline_s` seconds have passed:
+
+  0. `precision_check` on `check_config` (the tiny config), seconds;
+  1. the Table 4 protocol on `config` (bf16 for 821m): s/sample for each T_draft (T_revise, M, batch 100);
+  2. one training step at the largest of `train_batches` that fits (tried in decreasing order; a batch fits when
+     XLA's memory estimate is within `memory_limit`, default the device's limit, and it runs): time and MFU.
+  Run in the order 0, 1 (first T_draft), 2, 1 (the other T_drafts).
+  Returns {'sample': rows, 'train': result or None, 'precision': result, 'skipped': [names]}.
+  """
+  start = time.perf_counter()
+  memo: dict[Any, Any] = {}
+  left = lambda: deadline_s - (time.perf_counter() - start)  # noqa: E731
+  device = jax.devices()[0]
+  log(f'device: {device.platform} {getattr(device, "device_kind", "")} x{jax.device_count()}; '
+      f'model {config.model.width}w {config.model.spatial_layers}/{config.model.depth_layers} layers, '
+      f'dtype {config.model.dtype}; deadline {deadline_s:.0f} s')
+  out: dict[str, Any] = {'sample': [], 'train': None, 'precision': None, 'skipped': []}
+  # 0 first: seconds, and it tells whether bf16 sampling is sound before the long runs.
+  out['precision'] = precision_check(check_config, batch=check_batch, t_draft=int(check_config.sample.T_draft),
+                                     seed=seed)
+  log(f"[{time.perf_counter() - start:6.1f} s] bf16 vs fp32 sampler (tiny config): " + ', '.join(
+      f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in out['precision'].items()))
+
+  def sample(t_draft: int) -> None:
+    if left() <= 0:
+      out['skipped'].append(f'sample T_draft={t_draft}')
+      return
+    rows = bench_sample(config, batch=batch, t_drafts=[t_draft], t_revise=t_revise, num_revisions=num_revisions,
+                        repeats=1, reference=False, seed=seed, probe=False, flops_memo=memo)
+    out['sample'] += rows
+    log(f"[{time.perf_counter() - start:6.1f} s] sample T_draft={t_draft}: " + (
+        f"{rows[0]['fast_s']:.4f} s/sample, {rows[0]['fast_flops'] / 1e9:.1f} GFLOP/sample"
+        if 'fast_s' in rows[0] else rows[0].get('skipped', '')))
+
+  def train() -> None:
+    for b in sorted(train_batches, reverse=True):
+      if left() <= 0:
+        out['skipped'].append(f'train batch {b}')
+        return
+      try:
+        result = bench_train(config, batch=b, repeats=2, seed=seed, probe=True,
+                             memory_limit=device_memory_limit() if memory_limit is None else memory_limit)
+      except Exception as err:  # pylint: disable=broad-except
+        if not _is_out_of_memory(err):
+          raise
+        log(f'[{time.perf_counter() - start:6.1f} s] train batch {b}: out of memory '
+            f'({str(err).splitlines()[0][:200]})')
+        continue
+      out['train'] = result
+      rate = result['model_flops'] / result['step_s']
+      peak = result['peak_flops']
+      log(f"[{time.perf_counter() - start:6.1f} s] train step batch {b}: {result['step_s']:.4f} s, "
+          f"{rate / 1e12:.3f} TFLOP/s model, MFU {100 * rate / result['probe_flops']:.1f}% of the probe"
+          + (f', {100 * rate / peak:.1f}% of the {peak / 1e12:.0f} TFLOP/s peak' if peak else ''))
+      return
+
+  # The first T_draft, then the training step, then the other T_drafts: a deadline cuts the least informative part.
+  if t_drafts:
+    sample(t_drafts[0])
+  train()
+  for t_draft in t_drafts[1:]:
+    sample(t_draft)
+  return out
 
 
 def param_table() -> str:

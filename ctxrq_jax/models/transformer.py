@@ -58,6 +58,10 @@ from ctxrq_jax.models import common
 
 Array = jax.Array
 Dtype = Any
+# Keys and values [B, T, H, Dh] of the tokens an attention layer has seen (incremental decoding).
+KVCache = tuple[Array, Array]
+# One KVCache per depth-transformer layer.
+DepthCache = tuple[KVCache, ...]
 
 _LN_EPS = 1e-5
 _INIT_STD = 0.02
@@ -95,8 +99,14 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """[B, T, W] -> [B, T, W]."""
+  def __call__(self, x: Array, cache: Optional[KVCache] = None) -> Array | tuple[Array, KVCache]:
+    """[B, T, W] -> [B, T, W].
+
+    With `cache` = (keys, values), each [B, T0, H, Dh], of the T0 tokens before (T0 may be 0), `x` [B, 1, W] is the
+    next token: it attends to the cached tokens and itself (what causal attention gives the last token), and the
+    result is (y [B, 1, W], cache with T0 + 1 tokens). Incremental decoding of a causal stack costs one token-pass
+    per token instead of re-running the whole prefix.
+    """
     width = x.shape[-1]
     head_dim = width // self.num_heads
     # Explicit einsum kernels rather than nn.DenseGeneral: its initialiser sees a flattened 2-D shape, which breaks
@@ -113,9 +123,17 @@ class Attention(nn.Module):
     qkv = jnp.einsum("btw,wihd->btihd", x, qkv_kernel) + qkv_bias  # [B, T, 3, H, Dh]
     names = ("batch", self.length_axis, "heads", "kv")
     q, k, v = (nn.with_logical_constraint(qkv[:, :, i], names) for i in range(3))
-    y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)  # [B, T, H, Dh]
+    if cache is not None:
+      if x.shape[1] != 1:
+        raise ValueError(f"a cached attention step takes one token, got {x.shape[1]}")
+      k = jnp.concatenate([cache[0].astype(k.dtype), k], axis=1)  # [B, T0 + 1, H, Dh]
+      v = jnp.concatenate([cache[1].astype(v.dtype), v], axis=1)
+      y = jax.nn.dot_product_attention(q, k, v)  # the new token is last: nothing to mask
+    else:
+      y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)  # [B, T, H, Dh]
     y = nn.with_logical_constraint(y, names)
-    return jnp.einsum("bthd,hdw->btw", y, out_kernel) + out_bias
+    y = jnp.einsum("bthd,hdw->btw", y, out_kernel) + out_bias
+    return y if cache is None else (y, (k, v))
 
 
 class Block(nn.Module):
@@ -129,13 +147,18 @@ class Block(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool) -> Array:
-    """[B, T, W] -> [B, T, W]; `train` enables dropout (needs the 'dropout' rng)."""
+  def __call__(self, x: Array, train: bool, cache: Optional[KVCache] = None) -> Array | tuple[Array, KVCache]:
+    """[B, T, W] -> [B, T, W]; `train` enables dropout (needs the 'dropout' rng).
+
+    With a key/value `cache` (see `Attention`), x is one new token [B, 1, W] and the result is (x, cache).
+    """
     width = x.shape[-1]
     act = ("batch", self.length_axis, "embed")
     x = nn.with_logical_constraint(x, act)
     y = _layer_norm(self.dtype, self.param_dtype, "ln_attn")(x)
-    y = Attention(self.num_heads, self.causal, self.length_axis, self.dtype, self.param_dtype, name="attn")(y)
+    y = Attention(self.num_heads, self.causal, self.length_axis, self.dtype, self.param_dtype, name="attn")(y, cache)
+    if cache is not None:
+      y, cache = y
     x = x + nn.Dropout(self.dropout)(y, deterministic=not train)
     y = _layer_norm(self.dtype, self.param_dtype, "ln_mlp")(x)
     y = nn.Dense(self.mlp_ratio * width, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -144,7 +167,8 @@ class Block(nn.Module):
     y = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=_normal(("mlp", "embed")), bias_init=_zeros(("embed",)), name="fc_out")(y)
     x = x + nn.Dropout(self.dropout)(y, deterministic=not train)
-    return nn.with_logical_constraint(x, act)
+    x = nn.with_logical_constraint(x, act)
+    return x if cache is None else (x, cache)
 
 
 class ContextualRQTransformer(nn.Module):
@@ -316,6 +340,63 @@ class ContextualRQTransformer(nn.Module):
     logits = logits.reshape(b, m, dd, self.vocab_size)
     return nn.with_logical_constraint(logits, ("batch", "length", "depth", "vocab"))
 
+  def depth_step(self, h: Array, codes: Array, codebook: Array, cache: Optional[DepthCache], *,
+                 at: int) -> tuple[Array, DepthCache]:
+    """One depth of the causal depth transformer with a key/value cache across depths (sampling, no dropout).
+
+    Running at = 0, 1, .., D-1 in turn, each call feeding the cache the previous one returned, costs D token-passes
+    per position (re-running the prefix 0..at for each depth, as `depth(..., at=at)` does, costs D(D+1)/2), and
+    `logits(z)` equals `depth(h, codes, codebook)[:, :, at]` up to float round-off (attention over the cached keys
+    instead of a causally masked square).
+
+    Args:
+      h: [B, M, W] context vectors of the M positions.
+      codes: int32 [B, M, D]; only codes[..., :at] (the codes sampled so far) are read.
+      codebook: float [K, n_z], the frozen RQ-VAE codebook.
+      cache: what the call at depth `at - 1` returned; None at at = 0.
+      at: static 0-based depth.
+
+    Returns:
+      (z [B, M, W]: the depth transformer's output at depth `at` after its final LayerNorm, in `dtype`;
+       cache: per depth layer (keys, values) [B * M, at + 1, H, W / H]). Logits are `logits(z)`.
+    """
+    b, m = h.shape[:2]
+    dd = self.code_depth
+    chex.assert_shape(h, (b, m, self.width))
+    chex.assert_shape(codes, (b, m, dd))
+    chex.assert_type(codes, int)
+    codebook = self._check_codebook(codebook)
+    if not (isinstance(at, (int, np.integer)) and 0 <= at < dd):
+      raise ValueError(f"depth index `at` must be an int in [0, {dd}), got {at!r}")
+    if (cache is None) != (at == 0) or (cache is not None and len(cache) != self.depth_layers):
+      raise ValueError(f"depth_step at={at} needs the cache of depth {at - 1} ({self.depth_layers} layers); "
+                       f"pass None at depth 0")
+    if at == 0:
+      v = h.astype(self.dtype)
+      head_dim = self.width // self.num_heads
+      empty = jnp.zeros((b * m, 0, self.num_heads, head_dim), self.dtype)
+      cache = tuple((empty, empty) for _ in range(self.depth_layers))
+    else:  # the partial RQ sum of the codes sampled so far, as in `depth`
+      shallow = jnp.clip(codes[..., :at], 0, self.vocab_size - 1)
+      e = jnp.take(codebook, shallow, axis=0)  # [B, M, at, n_z]
+      v = self.head_mlp(jnp.cumsum(e, axis=2)[:, :, at - 1]).astype(self.dtype)
+    v = (v + self.depth_pos[at].astype(self.dtype)).reshape(b * m, 1, self.width)
+    v = nn.with_logical_constraint(v, ("batch", "depth", "embed"))
+    new_cache = []
+    for block, layer_cache in zip(self.depth_blocks, cache):
+      v, layer_cache = block(v, False, layer_cache)
+      new_cache.append(layer_cache)
+    z = self.depth_ln(v[:, 0]).reshape(b, m, self.width)
+    return nn.with_logical_constraint(z, ("batch", "length", "embed")), tuple(new_cache)
+
+  def logits(self, z: Array) -> Array:
+    """The output head shared across depths: [..., W] depth features -> float32 [..., K] logits.
+
+    It is linear without a bias, so classifier-free guidance can be applied to the features:
+    logits((1 + s) z_c - s z_u) = (1 + s) logits(z_c) - s logits(z_u), one head matmul instead of two.
+    """
+    return self.head(z).astype(jnp.float32)
+
   def __call__(self, codes: Array, mask: Array, cond: Array, codebook: Array, *, train: bool = False) -> Array:
     """Logits of every code stack given the masked map: [B, N, D] codes -> float32 [B, N, D, K].
 
@@ -449,5 +530,5 @@ def init_inputs(model: ContextualRQTransformer, batch_size: int = 1) -> tuple[Ar
           jnp.zeros((model.vocab_size, model.embed_dim), jnp.float32))
 
 
-__all__ = ["Attention", "Block", "ContextualRQTransformer", "MODEL_CONFIG_KEYS", "abstract_variables", "check_inputs",
+__all__ = ["Attention", "Block", "ContextualRQTransformer", "DepthCache", "KVCache", "MODEL_CONFIG_KEYS", "abstract_variables", "check_inputs",
            "from_run_config", "init_inputs", "model_from_config"]

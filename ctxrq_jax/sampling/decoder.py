@@ -10,20 +10,24 @@ A partition is stored as one int32 per position, the step at which it is updated
 inpainting region); all partitions are drawn up front. The fast sampler (`draft_and_revise`, `inpaint`) is one jitted
 function built from `lax.fori_loop`s; per step it runs the spatial transformer once over all N positions and the depth
 transformer only on the ceil(R/T) positions being updated (R = region size, N for a full image), gathered by an
-argsort of the partition (padding slots are masked out). It compiles once per static setting: shapes, T_draft,
-T_revise, M, D, the draft mode and, per phase, top_k and whether guidance / nucleus filtering are on. Temperatures,
-top-p values, guidance scales, conditions and keys are traced.
+argsort of the partition (padding slots are masked out). The depth transformer runs one depth at a time with a
+key/value cache across depths (`model.depth_step`), so a stack of D codes costs D token-passes, not D(D+1)/2; with
+guidance the cond and uncond depth features are combined before the (linear, bias-free) output head, so the head runs
+once per code. It compiles once per static setting: shapes, T_draft, T_revise, M, D, the draft mode and, per phase,
+top_k and whether guidance / nucleus filtering are on. Temperatures, top-p values, guidance scales, conditions and
+keys are traced.
 
 Randomness. `rng` is split into (partition, sampling, confidence) keys. Phase p (0 = draft, m = revision m) draws its
-partition from fold_in(partition_key, p); the sampling noise of sample b, position n and depth d at step t of phase p
-is Gumbel noise of shape [K] from the key fold_in^5(sampling_key, p, t, b, n, d). All keys are threefry keys derived
-from `rng` (whatever its implementation), since threefry draws are invariant to vmap batching. Noise therefore depends
-on which position is sampled, not on where it sits in the gathered list, so the plain reference
-(`reference_draft_and_revise`: Python loop over steps, spatial + depth pass over all N positions, then select) draws
-exactly the same numbers and returns exactly the same codes.
+partition from fold_in(partition_key, p); the code of sample b, position n and depth d at step t of phase p is drawn
+by inverse-CDF sampling from one uniform number, keyed by fold_in^5(sampling_key, p, t, b, n, d)
+(`logits.sampling_uniforms`; K Gumbel numbers per code cost more than the output head on a CPU). All keys are
+threefry keys derived from `rng` (whatever its implementation), since threefry draws are invariant to vmap batching.
+The numbers therefore depend on which position is sampled, not on where it sits in the gathered list, so the plain
+reference (`reference_draft_and_revise`: Python loop over steps, spatial pass and depth steps over all N positions,
+then select) draws exactly the same numbers and returns exactly the same codes.
 
-Sampling at each depth: guided logits -> temperature -> top-k -> top-p -> Gumbel-max (= categorical sampling);
-temperature 0 is greedy (argmax, no noise).
+Sampling at each depth: guided logits -> temperature -> top-k -> top-p -> categorical (inverse CDF); temperature 0 is
+greedy (argmax, no noise).
 
 Classifier-free guidance convention: logits = cond + s * (cond - uncond), so s = 0 is the conditional model alone
 (the uncond pass is then skipped statically) and s corresponds to w in Ho & Salimans (2021). In the other common
@@ -48,8 +52,8 @@ from ctxrq_jax.models import transformer as transformer_lib
 from ctxrq_jax.sampling.logits import PhaseSettings
 from ctxrq_jax.sampling.logits import Sampler
 from ctxrq_jax.sampling.logits import guide_logits
-from ctxrq_jax.sampling.logits import gumbel_noise
-from ctxrq_jax.sampling.logits import sample_logits
+from ctxrq_jax.sampling.logits import sample_categorical
+from ctxrq_jax.sampling.logits import sampling_uniforms
 from ctxrq_jax.sampling.partitions import region_partitions
 
 Array = jax.Array
@@ -89,9 +93,40 @@ def null_cond(model: Any, cond: Array) -> Array:
   return jnp.full_like(cond, model.num_classes)
 
 
+def sample_depths(model: Any, variables: PyTree, codebook: Array, h: Array, positions: Array, step_key: Array,
+                  sampler: Sampler) -> tuple[Array, Array]:
+  """The D codes of each given position, autoregressively over depths, with the depth transformer's key/value cache.
+
+  Depth d is one cached token-pass per position (`model.depth_step`); guidance combines the cond and uncond depth
+  features before the output head (`model.logits`, linear without bias: the same logits as guiding the two logit
+  vectors, one head matmul instead of two). Shared with the reference sampler, which calls it on all N positions.
+
+  Args:
+    h: [B', U, W] context vectors of the positions (B' = 2B with guidance: cond rows, then uncond rows).
+    positions: int32 [B, U], the positions' indices (they key the sampling noise).
+
+  Returns:
+    (stacks int32 [B, U, D], log-probability float32 [B, U] of each sampled stack).
+  """
+  batch, depth = positions.shape[0], model.code_depth
+  stacks = jnp.zeros(positions.shape + (depth,), jnp.int32)
+  logprob = jnp.zeros(positions.shape, jnp.float32)
+  cache = None
+  for d in range(depth):  # D is small and static; each depth is one cached token-pass
+    stacks_in = jnp.concatenate([stacks, stacks]) if sampler.guided else stacks
+    z, cache = model.apply(variables, h, stacks_in, codebook, cache, at=d, method=model.depth_step)  # [B', U, W]
+    if sampler.guided:
+      z = guide_logits(z[:batch].astype(jnp.float32), z[batch:].astype(jnp.float32), sampler.guidance_scale)
+    logits = model.apply(variables, z, method=model.logits)  # [B, U, K]
+    code, lp = sample_categorical(logits, sampling_uniforms(step_key, positions, d), sampler)
+    stacks = stacks.at[:, :, d].set(code)
+    logprob = logprob + lp
+  return stacks, logprob
+
+
 def _sample_stacks(model: Any, variables: PyTree, codebook: Array, codes: Array, mask: Array, cond: Array,
                    positions: Array, step_key: Array, sampler: Sampler) -> tuple[Array, Array]:
-  """One spatial pass over the masked map, then D depth passes on the gathered positions only.
+  """One spatial pass over the masked map, then D cached depth steps on the gathered positions only.
 
   Args:
     codes: int32 [B, N, D]; mask: bool [B, N] ([MASK] positions); cond: int32 [B, L].
@@ -100,7 +135,6 @@ def _sample_stacks(model: Any, variables: PyTree, codebook: Array, codes: Array,
   Returns:
     (stacks int32 [B, U, D], log-probability float32 [B, U] of each sampled stack).
   """
-  batch, _, depth = codes.shape
   if sampler.guided:  # cond and uncond branches in one batched pass
     codes, mask, positions_in = (jnp.concatenate([x, x]) for x in (codes, mask, positions))
     cond = jnp.concatenate([cond, null_cond(model, cond)])
@@ -108,18 +142,7 @@ def _sample_stacks(model: Any, variables: PyTree, codebook: Array, codes: Array,
     positions_in = positions
   h = model.apply(variables, codes, mask, cond, codebook, method=model.spatial)  # [B', N, W]
   h = jnp.take_along_axis(h, positions_in[..., None], axis=1)  # [B', U, W]
-  stacks = jnp.zeros(positions.shape + (depth,), jnp.int32)
-  logprob = jnp.zeros(positions.shape, jnp.float32)
-  num_codes = codebook.shape[0]
-  for d in range(depth):  # D is small and static; pass d runs the causal prefix of depths 0..d
-    stacks_in = jnp.concatenate([stacks, stacks]) if sampler.guided else stacks
-    logits = model.apply(variables, h, stacks_in, codebook, at=d, method=model.depth)  # [B', U, K]
-    if sampler.guided:
-      logits = guide_logits(logits[:batch], logits[batch:], sampler.guidance_scale)
-    code, lp = sample_logits(logits, gumbel_noise(step_key, positions, d, num_codes), sampler)
-    stacks = stacks.at[:, :, d].set(code)
-    logprob = logprob + lp
-  return stacks, logprob
+  return sample_depths(model, variables, codebook, h, positions, step_key, sampler)
 
 
 def _update_step(model: Any, variables: PyTree, codebook: Array, state: DecodeState, cond: Array, partition: Array,

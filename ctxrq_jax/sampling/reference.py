@@ -1,6 +1,6 @@
 """The plain Draft-and-Revise: a test oracle and the benchmark's baseline, never the product's sampler.
 
-A Python loop over UPDATE steps, each a full spatial pass and D depth passes over all N positions, then the chosen
+A Python loop over UPDATE steps, each a full spatial pass and D depth steps over all N positions, then the chosen
 positions are kept. It consumes exactly the random numbers of `decoder.draft_and_revise` / `decoder.inpaint` (random
 draft mode), so the two return identical codes: the tests assert it.
 """
@@ -16,9 +16,6 @@ import jax.numpy as jnp
 from ctxrq_jax.sampling import decoder
 from ctxrq_jax.sampling.logits import PhaseSettings
 from ctxrq_jax.sampling.logits import Sampler
-from ctxrq_jax.sampling.logits import guide_logits
-from ctxrq_jax.sampling.logits import gumbel_noise
-from ctxrq_jax.sampling.logits import sample_logits
 from ctxrq_jax.sampling.partitions import region_partitions
 
 Array = jax.Array
@@ -28,8 +25,13 @@ PyTree = Any
 @functools.partial(jax.jit, static_argnames=('model',))
 def _reference_step(model: Any, variables: PyTree, codebook: Array, codes: Array, known: Array, cond: Array,
                     chosen: Array, step_key: Array, sampler: Sampler) -> tuple[Array, Array]:
-  """Spatial pass and D depth passes over ALL N positions, then keep the chosen ones."""
-  batch, n, depth = codes.shape
+  """Spatial pass and D depth steps over ALL N positions, then keep the chosen ones.
+
+  The depth steps are `decoder.sample_depths`, the fast sampler's own (key/value-cached depth transformer, guidance
+  on the depth features): this oracle checks partitions, gathers, scatters and randomness, not the depth arithmetic,
+  which the model's tests compare with the uncached `depth` pass.
+  """
+  batch, n, _ = codes.shape
   mask = chosen | ~known
   if sampler.guided:
     h = model.apply(variables, jnp.concatenate([codes, codes]), jnp.concatenate([mask, mask]),
@@ -37,14 +39,7 @@ def _reference_step(model: Any, variables: PyTree, codebook: Array, codes: Array
   else:
     h = model.apply(variables, codes, mask, cond, codebook, method=model.spatial)
   positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, n))
-  stacks = jnp.zeros((batch, n, depth), jnp.int32)
-  for d in range(depth):
-    stacks_in = jnp.concatenate([stacks, stacks]) if sampler.guided else stacks
-    logits = model.apply(variables, h, stacks_in, codebook, at=d, method=model.depth)
-    if sampler.guided:
-      logits = guide_logits(logits[:batch], logits[batch:], sampler.guidance_scale)
-    code, _ = sample_logits(logits, gumbel_noise(step_key, positions, d, codebook.shape[0]), sampler)
-    stacks = stacks.at[:, :, d].set(code)
+  stacks, _ = decoder.sample_depths(model, variables, codebook, h, positions, step_key, sampler)
   return jnp.where(chosen[..., None], stacks, codes), known | chosen
 
 

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The speed issue's accelerator checks in one run (GPU or TPU), within 8 minutes:
+#   1. the sampler in bf16 against fp32 on the tiny config (exit 1 if bf16 sampling is broken);
+#   2. the Table 4 protocol for the 821M config in bf16: batch 100, T_draft 8 / 32 / 64, T_revise 2, M 2 (s/sample);
+#   3. one 821M training step (forward + backward + AdamW) at the largest batch that fits: time and MFU
+#      (run after T_draft 8, before 32 and 64).
+# Usage: bash bench/device.sh [extra bench flags, which override the defaults below]
+#   e.g. on a CPU: bash bench/device.sh --config=configs/imagenet.py:tiny --batch_size=4 --t_draft=2,4 \
+#                    --train_batches=8,4
+# TIMEOUT_S (default 480) bounds the whole run; checks not started by --deadline_s (default 400) are skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# A rerun on the same machine reuses the compiled programs.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/ctxrq_jax_xla_cache}"
+exec timeout "${TIMEOUT_S:-480}" python -m ctxrq_jax.bench device --config=configs/imagenet.py:821m \
+  --batch_size=100 --t_draft=8,32,64 --t_revise=2 --num_revisions=2 --deadline_s=400 "$@"

@@ -1,0 +1,76 @@
+"""The benchmarks on the tiny config: samplers agree, FLOPs and rates are counted, the training step is timed."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from ctxrq_jax.core import config as configlib
+from ctxrq_jax.evaluation import official
+from ctxrq_jax.evaluation import speed
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return configlib.load_config_file("imagenet", "tiny")  # 4x4x4 codes: N = 16
+
+
+def test_bench_sample_rows_agree_and_count_flops(tiny):
+  rows = speed.bench_sample(tiny, batch=2, t_drafts=[4, 32], t_revise=2, num_revisions=1, repeats=1,
+                            reference=True, seed=0)
+  ok, skipped = rows
+  assert ok["t_draft"] == 4 and ok["same_codes"]
+  assert ok["fast_s"] > 0 and ok["ref_s"] > 0 and ok["probe_flops"] > 0
+  # Gathering N/T positions for the depth steps: fewer model FLOPs than depth steps over all N positions.
+  assert 0 < ok["fast_flops"] < ok["ref_flops"] and np.isfinite(ok["ref_flops"])
+  assert skipped == {"t_draft": 32, "skipped": "T > N=16"}
+  table = speed.format_table(rows)
+  for column in ("same codes", "% probe", "floor s", "skipped (T > N=16)", "matmul probe"):
+    assert column in table
+
+
+def test_cached_depth_flops_are_d_token_passes(tiny):
+  model, variables, codebook = speed.random_model(tiny, 0)
+  _, cached = speed.pass_flops(model, variables, codebook, 2, 16)
+  uncached = sum(speed._flops(lambda v, h, c, e, at=at: model.apply(v, h, c, e, at=at, method=model.depth),
+                              variables, np.zeros((2, 16, model.width), np.float32),
+                              np.zeros((2, 16, model.code_depth), np.int32), codebook) for at in range(4))
+  assert cached < 0.8 * uncached
+  # Guidance: depth steps on both branches, the head once.
+  _, guided = speed.pass_flops(model, variables, codebook, 2, 16, guided=True)
+  assert cached < guided < 2 * cached
+
+
+def test_bench_train_reports_mfu(tiny):
+  result = speed.bench_train(tiny, batch=4, repeats=1, seed=0)
+  assert result["step_s"] > 0 and result["model_flops"] > 0 and result["probe_flops"] > 0
+  assert np.isfinite(result["loss"])
+  # XLA's count of the whole step (backward and update included) exceeds one forward pass (model_flops / 3).
+  assert result["xla_flops"] > result["model_flops"] / 3
+  table = speed.format_train(result, {"batch": 4, "step_s": 2 * result["step_s"],
+                                      "model_flops": result["model_flops"]})
+  assert "MFU probe" in table and "official / ctxrq_jax step time: 2.00" in table
+
+
+def test_probe_and_peak():
+  assert speed.matmul_probe(64, 32, 32, repeats=2) > 0
+  assert speed.device_peak_flops(jax.devices("cpu")[0]) is None
+
+
+def test_official_config_and_checkout_check(tiny, tmp_path):
+  cfg = official.official_config(tiny)
+  assert cfg.embed_dim == 32 and cfg.body.n_layer == 2 and cfg.head.n_layer == 2 and cfg.block_size == [4, 4, 4]
+  assert cfg.copy().body is not cfg.body
+  with pytest.raises(FileNotFoundError, match="not a checkout"):
+    official.load_transformer_class(str(tmp_path))
+
+
+@pytest.mark.skipif(not os.environ.get("RQ_TRANSFORMER_SRC"), reason="set RQ_TRANSFORMER_SRC to a checkout of "
+                    "kakaobrain/rq-vae-transformer to test the official baseline")
+def test_official_baseline_runs(tiny):
+  pytest.importorskip("torch")
+  src = os.environ["RQ_TRANSFORMER_SRC"]
+  assert official.time_sampler(src, tiny, batch=2, repeats=1, seed=0) > 0
+  step = official.time_train_step(src, tiny, batch=2, repeats=1, seed=0)
+  assert step["step_s"] > 0 and np.isfinite(step["loss"])
