@@ -39,7 +39,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ctxrq_jax.evaluation import speed  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.benchmarks import speed  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.sampling import decoder  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.sampling import logits as L  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.sampling import partitions  # pylint: disable=g-import-not-at-top

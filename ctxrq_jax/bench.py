@@ -1,4 +1,4 @@
-"""Benchmarks (library: ctxrq_jax/evaluation/speed.py).
+"""Benchmarks (library: ctxrq_jax/benchmarks/speed.py).
 
   python -m ctxrq_jax.bench sample --config=configs/imagenet.py:bench512 --batch_size=32 --noreference
       seconds, model FLOPs and GFLOP/s per sample of the jitted Draft-and-Revise sampler for each T_draft (default
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
   if len(argv) != 2 or argv[1] not in ('sample', 'train', 'device', 'params'):
     raise app.UsageError(_USAGE)
   command = argv[1]
-  from ctxrq_jax.evaluation import speed  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.benchmarks import speed  # pylint: disable=g-import-not-at-top
   if command == 'params':
     print(speed.param_table())
     return
@@ -78,7 +78,7 @@ def main(argv: list[str]) -> None:
                                probe=FLAGS.probe)
     official = None
     if official_src:
-      from ctxrq_jax.evaluation import official as official_lib  # pylint: disable=g-import-not-at-top
+      from ctxrq_jax.benchmarks import official as official_lib  # pylint: disable=g-import-not-at-top
       official = official_lib.time_train_step(official_src, config, batch=FLAGS.batch_size, repeats=FLAGS.repeats,
                                               seed=FLAGS.seed)
       official['model_flops'] = result['model_flops']  # same dims: the same model FLOPs per step

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from ctxrq_jax.core import config as configlib
-from ctxrq_jax.evaluation import official
-from ctxrq_jax.evaluation import speed
+from ctxrq_jax.benchmarks import official
+from ctxrq_jax.benchmarks import speed
 
 
 @pytest.fixture(scope="module")

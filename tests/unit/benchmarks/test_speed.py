@@ -1,10 +1,10 @@
-"""The sampling benchmark (ctxrq_jax/evaluation/speed.py): both samplers agree, and the gathered fast path needs fewer
+"""The sampling benchmark (ctxrq_jax/benchmarks/speed.py): both samplers agree, and the gathered fast path needs fewer
 FLOPs than the reference."""
 
 import numpy as np
 
 from ctxrq_jax.core import config as configlib
-from ctxrq_jax.evaluation import speed as bench
+from ctxrq_jax.benchmarks import speed as bench
 
 
 def test_bench_sample_rows_agree_and_count_flops():

@@ -203,7 +203,7 @@ def bench_sample(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: 
   probes = [model_probe(model, batch)] if probe else []
   extra: dict[str, Any] = {}
   if official_src:
-    from ctxrq_jax.evaluation import official  # pylint: disable=g-import-not-at-top
+    from ctxrq_jax.benchmarks import official  # pylint: disable=g-import-not-at-top
     log(f'timing the official RQ-Transformer sampler ({official_src})')
     official_times = [official.time_sampler(official_src, config, batch=batch, repeats=official_repeats, seed=seed)]
     extra['official_flops'] = autoregressive_flops(model, variables, codebook, batch=batch)

@@ -1,0 +1,1 @@
+"""Benchmarks: sampling and training speed against a matmul probe and the official PyTorch RQ-Transformer (the command is ctxrq_jax/bench.py); above evaluation, since timing a training step needs the stage-2 trainer."""
