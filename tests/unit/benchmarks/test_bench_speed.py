@@ -16,8 +16,14 @@ def tiny():
   return configlib.load_config_file("imagenet", "tiny")  # 4x4x4 codes: N = 16
 
 
+@pytest.mark.slow
 def test_bench_sample_rows_agree_and_count_flops(tiny):
-  rows = speed.bench_sample(tiny, batch=2, t_drafts=[4, 32], t_revise=2, num_revisions=1, repeats=1,
+  # One layer per stack and depth D = 2: fewer programs to compile; N = 16 positions.
+  config = tiny.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.spatial_layers = config.model.depth_layers = 1
+    config.data.code_shape = (4, 4, 2)
+  rows = speed.bench_sample(config, batch=2, t_drafts=[4, 32], t_revise=2, num_revisions=1, repeats=1,
                             reference=True, seed=0)
   ok, skipped = rows
   assert ok["t_draft"] == 4 and ok["same_codes"]
@@ -28,6 +34,14 @@ def test_bench_sample_rows_agree_and_count_flops(tiny):
   table = speed.format_table(rows)
   for column in ("same codes", "% probe", "floor s", "skipped (T > N=16)", "matmul probe"):
     assert column in table
+
+
+def test_param_table_lists_the_paper_sizes():
+  table = speed.param_table()
+  for name in ("ctx-rq 333m", "ctx-rq 821m", "ctx-rq 1.4b", "rq-vae 8x8x4"):
+    assert name in table, table
+  assert "1,387,518,208" in table  # configs/imagenet.py:1.4b, as tests/unit/test_inference_restore.py counts it
+  assert "104,402,051" in table  # the released RQ-VAE, its padding row counted
 
 
 def test_cached_depth_flops_are_d_token_passes(tiny):

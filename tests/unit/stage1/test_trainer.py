@@ -21,20 +21,38 @@ def tiny_config(**train_overrides):
   return helpers.tiny_stage1_config(**{f"train__{k}": v for k, v in train_overrides.items()})
 
 
-def test_mock_tfds_run_writes_artifact_and_images(tmp_path):
-  config = tiny_config(num_steps=2)  # the programs of the other tiny stage-1 runs (compilation cache)
+def _mock_tfds_config():
+  config = tiny_config(num_steps=2)
   with config.unlocked():
     config.data.name = "mnist"
     config.data.train_split = "train"
     config.data.eval_split = "test"
-  with tfds.testing.mock_data(num_examples=8, data_dir=str(tmp_path / "tfds")):
-    results = train_rqvae.train_and_evaluate(config, str(tmp_path / "wd"))
+  return config
+
+
+def _on_mock_tfds(data_dir, fn, *args, **kwargs):
+  """`fn` on tfds MNIST mocked with 8 examples (the same examples every time)."""
+  with tfds.testing.mock_data(num_examples=8, data_dir=str(data_dir)):
+    return fn(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def mock_run(tmp_path_factory):
+  """One uninterrupted 2-step run on mocked tfds MNIST: (config, tfds dir, workdir, eval results)."""
+  config, root = _mock_tfds_config(), tmp_path_factory.mktemp("stage1_mock")
+  results = _on_mock_tfds(root / "tfds", train_rqvae.train_and_evaluate, config, str(root / "wd"))
+  return config, root / "tfds", root / "wd", results
+
+
+@pytest.mark.slow
+def test_mock_tfds_run_writes_artifact_and_images(mock_run):
+  _, _, workdir, results = mock_run
   assert np.isfinite(results["psnr"])
   assert 0.0 < results["usage_d1"] <= 1.0
-  model, variables = artifact.load_artifact(str(tmp_path / "wd" / train_rqvae.ARTIFACT_DIR))
+  model, variables = artifact.load_artifact(str(workdir / train_rqvae.ARTIFACT_DIR))
   assert model.code_shape == (4, 4, 2)
-  assert os.path.isfile(tmp_path / "wd" / "images" / "recon_0000002.png")  # image_every 2 and the last step
-  assert os.path.isfile(tmp_path / "wd" / "config.json")
+  assert os.path.isfile(workdir / "images" / "recon_0000002.png")  # image_every 2 and the last step
+  assert os.path.isfile(workdir / "config.json")
 
 
 def _jitted(trainer, config):
@@ -51,7 +69,7 @@ def _random_batch():
   return {"image": np.asarray(jax.random.uniform(jax.random.key(1), (4, 16, 16, 1), minval=-1, maxval=1))}
 
 
-def test_training_updates_codebook_and_resume_is_bit_exact(tmp_path):
+def test_training_updates_codebook():
   config = tiny_config(num_steps=2)
   trainer = train_rqvae.Stage1Trainer(config)
   init, step, place = _jitted(trainer, config)
@@ -63,15 +81,23 @@ def test_training_updates_codebook_and_resume_is_bit_exact(tmp_path):
   # The EMA moved the codebook; counts of used codes grew relative to unused ones.
   assert not np.allclose(np.asarray(state1.quantizer.codebook), codebook0)
 
-  full = train_rqvae.train_and_evaluate(config, str(tmp_path / "full"))
-  assert train_rqvae.train_and_evaluate(config, str(tmp_path / "split"), stop_after_steps=1) == {"stopped_at": 1}
-  resumed = train_rqvae.train_and_evaluate(config, str(tmp_path / "split"))
+
+@pytest.mark.slow
+def test_resume_is_bit_exact(mock_run, tmp_path):
+  # Stopped after step 1 and resumed (state, EMA codebook and tfds iterator position restored), the run ends as the
+  # uninterrupted one does.
+  config, tfds_dir, full_dir, full = mock_run
+  split = str(tmp_path / "split")
+  assert _on_mock_tfds(tfds_dir, train_rqvae.train_and_evaluate, config, split, stop_after_steps=1) == {
+      "stopped_at": 1}
+  resumed = _on_mock_tfds(tfds_dir, train_rqvae.train_and_evaluate, config, split)
   assert full["psnr"] == resumed["psnr"]
-  _, v_full = artifact.load_artifact(str(tmp_path / "full" / train_rqvae.ARTIFACT_DIR))
+  _, v_full = artifact.load_artifact(str(full_dir / train_rqvae.ARTIFACT_DIR))
   _, v_split = artifact.load_artifact(str(tmp_path / "split" / train_rqvae.ARTIFACT_DIR))
   helpers.assert_trees_equal(v_full, v_split)
 
 
+@pytest.mark.slow
 def test_gan_step_runs_and_updates_discriminator():
   config = tiny_config()
   with config.unlocked():
@@ -79,6 +105,7 @@ def test_gan_step_runs_and_updates_discriminator():
     config.loss.disc_start = 0
     config.loss.disc_ndf = 8
     config.loss.disc_layers = 1
+    config.model.ch_mult = (1, 2)  # one level fewer: a smaller program to compile, the same GAN terms
   trainer = train_rqvae.Stage1Trainer(config)
   init, step, place = _jitted(trainer, config)
   state0 = init(jax.random.key(0))

@@ -46,6 +46,7 @@ def test_bad_config_fails_before_compiling(stage2_codes_dir, tmp_path):
   assert not any((tmp_path / n).exists() for n in "abcdefg")
 
 
+@pytest.mark.slow
 def test_learns_and_resumes_bit_exact(stage2_codes_dir, tmp_path):
   codes_dir = stage2_codes_dir
   config = _config(codes_dir)
@@ -74,6 +75,7 @@ def test_learns_and_resumes_bit_exact(stage2_codes_dir, tmp_path):
   assert '"codes_dir": "%s"' % os.path.abspath(codes_dir) in saved  # usable from any directory
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact_under_the_production_prng(stage2_codes_dir, tmp_path, threefry):
   """The suite runs on 'rbg'; production runs on JAX's default threefry. Save, resume and finish bit-identical to an
   uninterrupted run there too, EMA included."""
