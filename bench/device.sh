@@ -12,5 +12,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # A rerun on the same machine reuses the compiled programs.
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/ctxrq_jax_xla_cache}"
-exec timeout "${TIMEOUT_S:-480}" python -m ctxrq_jax.bench device --config=configs/imagenet.py:821m \
+# The 821M config unless the caller names one (absl's config flag may be given once when overrides follow it).
+config=(--config=configs/imagenet.py:821m)
+for arg in "$@"; do
+  case "$arg" in --config=*) config=() ;; esac
+done
+exec timeout "${TIMEOUT_S:-480}" python -m ctxrq_jax.bench device "${config[@]}" \
   --batch_size=100 --t_draft=8,32,64 --t_revise=2 --num_revisions=2 --deadline_s=400 "$@"

@@ -13,6 +13,9 @@
       batch that fits, and bf16 against fp32 on the tiny config, within --deadline_s
   python -m ctxrq_jax.bench params
       parameter counts of the paper's model sizes and the ImageNet RQ-VAE (eval_shape, nothing allocated)
+  python -m ctxrq_jax.bench fid --workdir=/tmp/bench_fid --fid_samples=1000,5000 --fid_reference=1000
+      wall time and peak RSS of `evaluate fid` (each run its own process) on random images with a random-weight
+      FID Inception, and how much peak memory grows with the number of samples
 """
 
 import sys
@@ -25,7 +28,7 @@ from ctxrq_jax.core import cli
 
 FLAGS = flags.FLAGS
 _USAGE = ('usage: python -m ctxrq_jax.bench {sample|train|device} --config=configs/imagenet.py:bench512 [flags] '
-          '| params')
+          '| params | fid --workdir=DIR')
 
 
 def _log(message: str) -> None:
@@ -48,9 +51,18 @@ def _ints(name: str) -> list[int]:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) != 2 or argv[1] not in ('sample', 'train', 'device', 'params'):
+  if len(argv) != 2 or argv[1] not in ('sample', 'train', 'device', 'params', 'fid'):
     raise app.UsageError(_USAGE)
   command = argv[1]
+  if command == 'fid':
+    if not FLAGS.workdir:
+      raise app.UsageError('fid needs --workdir (where the random images and weights are written)')
+    from ctxrq_jax.benchmarks import fid_cost  # pylint: disable=g-import-not-at-top
+    rows = fid_cost.bench_fid(FLAGS.workdir, sample_counts=_ints('fid_samples'), reference_count=FLAGS.fid_reference,
+                              image_size=FLAGS.fid_image_size, batch_size=FLAGS.fid_batch_size, seed=FLAGS.seed,
+                              log=_log)
+    print(fid_cost.format_table(rows))
+    return
   from ctxrq_jax.benchmarks import speed  # pylint: disable=g-import-not-at-top
   if command == 'params':
     print(speed.param_table())
@@ -124,6 +136,11 @@ def define_flags() -> None:
   flags.DEFINE_integer('check_batch', 8, 'device: batch of the bf16-vs-fp32 check on the tiny config.')
   flags.DEFINE_float('deadline_s', 420.0, 'device: checks not started within this many seconds are skipped.')
   flags.DEFINE_integer('seed', 0, 'Seed of the random weights and of sampling.')
+  flags.DEFINE_string('workdir', None, 'fid: directory for the random images and the random-weight Inception.')
+  flags.DEFINE_list('fid_samples', ['1000', '5000'], 'fid: sample-set sizes, each timed in its own process.')
+  flags.DEFINE_integer('fid_reference', 1000, 'fid: images in the reference file.')
+  flags.DEFINE_integer('fid_image_size', 64, 'fid: side of the random images (the network sees them at 299).')
+  flags.DEFINE_integer('fid_batch_size', 64, 'fid: images per Inception call.')
 
 
 if __name__ == '__main__':

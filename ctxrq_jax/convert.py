@@ -1,7 +1,9 @@
-"""Convert the released PyTorch RQ-VAE (kakaobrain/rq-vae-transformer) into a stage-1 artifact.
+"""Convert released PyTorch weights: the RQ-VAE (kakaobrain/rq-vae-transformer) into a stage-1 artifact, and
+pytorch-fid's FID Inception into the artifact the FID commands read.
 
   pip install 'ctxrq_jax[torch]'
   python -m ctxrq_jax.convert rqvae --checkpoint=PATH/model.pt --out=DIR [--use_ema] [--allow_pickle]
+  python -m ctxrq_jax.convert inception --checkpoint=pt_inception-2015-12-05-6726825d.pth --out=DIR
 
 The reference `config.yaml` beside the checkpoint gives the architecture; the mapping (ctxrq_jax/models/
 rqvae_convert.py) is explicit and total, and a missing, unexpected or mis-shaped key is an error naming it.
@@ -16,7 +18,8 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-  flags.DEFINE_string("checkpoint", None, "Reference PyTorch checkpoint (model.pt with config.yaml beside it).")
+  flags.DEFINE_string("checkpoint", None, "rqvae: reference PyTorch checkpoint (model.pt with config.yaml beside "
+                      "it); inception: pytorch-fid's pt_inception-2015-12-05-6726825d.pth.")
   flags.DEFINE_string("out", None, "Stage-1 artifact directory to write.")
   flags.DEFINE_bool("use_ema", False, "Convert state_dict_ema instead of state_dict.")
   flags.DEFINE_string("reference_config", None, "Reference config.yaml (default: config.yaml beside --checkpoint).")
@@ -25,10 +28,15 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) != 2 or argv[1] != "rqvae":
-    raise app.UsageError("usage: python -m ctxrq_jax.convert rqvae --checkpoint=PATH/model.pt --out=DIR [--use_ema]")
+  if len(argv) != 2 or argv[1] not in ("rqvae", "inception"):
+    raise app.UsageError("usage: python -m ctxrq_jax.convert {rqvae|inception} --checkpoint=PATH --out=DIR")
   if not FLAGS.checkpoint or not FLAGS.out:
     raise app.UsageError("--checkpoint and --out are required")
+  if argv[1] == "inception":
+    from ctxrq_jax.models import inception_convert  # pylint: disable=g-import-not-at-top
+    inception_convert.convert_file(FLAGS.checkpoint, FLAGS.out, overwrite=FLAGS.overwrite)
+    print(f"wrote FID Inception artifact {FLAGS.out} (from {FLAGS.checkpoint}, SHA-256 checked)")
+    return
   from ctxrq_jax.models import rqvae  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.models import rqvae_convert  # pylint: disable=g-import-not-at-top
 

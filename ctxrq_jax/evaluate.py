@@ -5,8 +5,19 @@
   python -m ctxrq_jax.evaluate stage2 --workdir=runs/demo/stage2
       held-out masked-code NLL (eq. 11, masks from q(m)) against the codes' unigram entropy
   python -m ctxrq_jax.evaluate samples --workdir=runs/demo/stage2
-      how many class-conditional samples a CNN trained on the real digits assigns to their class, draft vs revisions
+      Fréchet distance, precision, recall and class accuracy of the draft and each revision in the features of a
+      digit CNN trained on the real digits, beside the held-out digits and their RQ-VAE reconstructions
+  python -m ctxrq_jax.evaluate ablation --workdir=runs/demo/stage2 --out_dir=runs/demo/ablation
+      the paper's Table 3, Table 4 and Fig. 4 sweeps on this run, in the same metrics: tables, ablation.md and PNGs
+  python -m ctxrq_jax.evaluate fid --samples=samples.npz --reference=VIRTUAL_imagenet256_labeled.npz \
+      --inception=pt_inception-2015-12-05-6726825d.pth
+      Inception Score, FID, sFID, precision and recall as the ADM evaluator reports them; a table and a JSON file
+  python -m ctxrq_jax.evaluate reference-stats --config=configs/rqvae_imagenet.py --split=validation \
+      --inception=pt_inception-2015-12-05-6726825d.pth --out=imagenet256_val.npz
+      an ADM-layout reference file (statistics of every image, the first --keep_images images) from a tfds split
 """
+
+import os
 
 from absl import app
 from absl import flags
@@ -15,15 +26,37 @@ from ml_collections import config_flags
 from ctxrq_jax.core import cli
 
 FLAGS = flags.FLAGS
-COMMANDS = ("rqvae", "stage2", "samples")
+COMMANDS = ("rqvae", "stage2", "samples", "ablation", "fid", "reference-stats")
 
 
 def define_flags() -> None:
-  config_flags.DEFINE_config_file("config", None, "rqvae: the stage-1 config (data section).", lock_config=True)
+  config_flags.DEFINE_config_file("config", None, "rqvae/reference-stats: a stage-1 config (its data section).",
+                                  lock_config=True)
   flags.DEFINE_string("artifact", None, "rqvae: stage-1 artifact directory.")
-  flags.DEFINE_string("workdir", None, "stage2/samples: stage-2 workdir.")
+  flags.DEFINE_string("samples", None, "fid: samples npz (arr_0 uint8 [N, H, W, 3], e.g. from `sample`).")
+  flags.DEFINE_string("reference", None, "fid: reference npz in ADM's layout (arr_0 images and/or mu, sigma).")
+  flags.DEFINE_string("inception", None, "fid/reference-stats: pytorch-fid's pt_inception-2015-12-05-6726825d.pth, "
+                      "or its converted artifact (python -m ctxrq_jax.convert inception).")
+  flags.DEFINE_enum("resize", "pytorch_fid", ["pytorch_fid", "adm_tf1"], "fid/reference-stats: input resizing "
+                    "(adm_tf1 against statistics the ADM evaluator computed).")
+  flags.DEFINE_integer("batch_size", 64, "fid/reference-stats: images per Inception call (split over devices).")
+  flags.DEFINE_string("out_json", None, "fid: where the results go (default SAMPLES with .fid.json).")
+  flags.DEFINE_string("split", None, "reference-stats: the split of --config's data section (default eval_split).")
+  flags.DEFINE_integer("num_images", None, "reference-stats: at most this many images (default: the whole split).")
+  flags.DEFINE_integer("keep_images", 10_000, "reference-stats: images stored as arr_0 (precision/recall).")
+  flags.DEFINE_string("out", None, "reference-stats: the reference npz to write.")
+  flags.DEFINE_string("workdir", None, "stage2/samples/ablation: stage-2 workdir.")
   flags.DEFINE_integer("num_draws", 4, "stage2: masks drawn per held-out example.")
-  flags.DEFINE_integer("samples_per_class", 20, "samples: samples per class.")
+  flags.DEFINE_integer("samples_per_class", None, "samples/ablation: images per class in every scored set "
+                       "(default 50 for samples, 20 for ablation; at most the held-out digits per class, 50).")
+  flags.DEFINE_integer("classifier_steps", 400, "samples/ablation: training steps of the digit CNN judge.")
+  flags.DEFINE_string("out_dir", None, "ablation: where ablation.md, ablation.json and the plots go "
+                      "(default WORKDIR/../ablation).")
+  flags.DEFINE_list("t_drafts", ["4", "8", "16", "32", "64"], "ablation: T_draft values of Fig. 4a.")
+  flags.DEFINE_list("timed_t_drafts", ["8", "32", "64"], "ablation: T_draft values of Table 4 (timed).")
+  flags.DEFINE_list("t_revises", ["1", "2", "4", "8"], "ablation: T_revise values of Fig. 4c.")
+  flags.DEFINE_integer("max_revisions", 4, "ablation: M runs from 0 to this in Fig. 4b.")
+  flags.DEFINE_list("guidance_scales", ["0", "0.5", "1", "1.8", "3"], "ablation: revise guidance scales.")
   flags.DEFINE_integer("seed", 0, "Seed for masks / sampling.")
 
 
@@ -43,16 +76,118 @@ def main(argv: list[str]) -> None:
                                             num_examples=int(FLAGS.config.data.eval_examples))
     print(reconstruction.format_rqvae_results(results))
     return
+  if argv[1] in ("fid", "reference-stats"):
+    _fid_commands(argv[1])
+    return
   if not FLAGS.workdir:
     raise app.UsageError(f"{argv[1]} needs --workdir (a stage-2 run)")
   if argv[1] == "stage2":
     from ctxrq_jax.evaluation import likelihood  # pylint: disable=g-import-not-at-top
     print(likelihood.format_stage2_results(
         likelihood.evaluate_stage2(FLAGS.workdir, num_draws=FLAGS.num_draws, seed=FLAGS.seed)))
-  else:
+  elif argv[1] == "samples":
     from ctxrq_jax.evaluation import digits  # pylint: disable=g-import-not-at-top
-    print(digits.format_sample_results(
-        digits.evaluate_samples(FLAGS.workdir, samples_per_class=FLAGS.samples_per_class, seed=FLAGS.seed)))
+    print(digits.format_sample_results(digits.evaluate_samples(
+        FLAGS.workdir, samples_per_class=FLAGS.samples_per_class or 50, seed=FLAGS.seed,
+        classifier_steps=FLAGS.classifier_steps)))
+  else:
+    from ctxrq_jax.evaluation import ablation  # pylint: disable=g-import-not-at-top
+    from ctxrq_jax.evaluation import digits  # pylint: disable=g-import-not-at-top
+    sweeps = ablation.Sweeps(t_drafts=_ints(FLAGS.t_drafts), timed_t_drafts=_ints(FLAGS.timed_t_drafts),
+                             t_revises=_ints(FLAGS.t_revises), max_revisions=FLAGS.max_revisions,
+                             guidance_scales=_floats(FLAGS.guidance_scales))
+    evaluator = digits.SampleEvaluator(FLAGS.workdir, per_class=FLAGS.samples_per_class or 20,
+                                       classifier_steps=FLAGS.classifier_steps, seed=FLAGS.seed)
+    results = ablation.run(evaluator, sweeps, seed=FLAGS.seed)
+    out_dir = FLAGS.out_dir or os.path.join(os.path.dirname(os.path.abspath(FLAGS.workdir)), "ablation")
+    paths = ablation.write(results, out_dir)
+    print(ablation.format_report(results))
+    print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+
+
+def _fid_commands(command: str) -> None:
+  import json  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.core import reporting  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.evaluation import fid  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.evaluation import inception_features  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.models import inception_convert  # pylint: disable=g-import-not-at-top
+  if not FLAGS.inception:
+    raise app.UsageError(f"{command} needs --inception: " + inception_convert.weights_missing_message("(not given)"))
+  needed = ("samples", "reference") if command == "fid" else ("out",)
+  missing = [f"--{n}" for n in needed if not getattr(FLAGS, n)]
+  if command == "reference-stats" and FLAGS.config is None:
+    missing.append("--config")
+  if missing:
+    raise app.UsageError(f"{command} needs {', '.join(missing)}")
+  extractor = inception_features.InceptionFeatureExtractor(inception_convert.load_variables(FLAGS.inception),
+                                                           batch_size=FLAGS.batch_size, resize=FLAGS.resize)
+  if command == "fid":
+    total = sum(inception_features.npz_array_info(p)[0][0] for p in (FLAGS.samples, FLAGS.reference)
+                if inception_features.IMAGES_KEY in inception_features.npz_keys(p))
+    progress = reporting.Progress("inception features", total, unit="images")
+    results = fid.evaluate(extractor, FLAGS.samples, FLAGS.reference, progress=_cumulative(progress))
+    progress.close()
+    out_json = FLAGS.out_json or os.path.splitext(FLAGS.samples)[0] + ".fid.json"
+    with open(out_json, "w") as f:
+      json.dump({"samples": FLAGS.samples, "reference": FLAGS.reference, "resize": FLAGS.resize, **results}, f,
+                indent=1)
+    print(fid.format_results(results, samples=FLAGS.samples, reference=FLAGS.reference))
+    print(f"json: {out_json}")
+    return
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.data import images as image_data  # pylint: disable=g-import-not-at-top
+  data = FLAGS.config.data
+  split = FLAGS.split or data.eval_split
+  total = image_data.dataset_info(data, split)[0]
+  if FLAGS.num_images:
+    total = min(total, FLAGS.num_images)
+  progress = reporting.Progress("reference-stats", total, unit="images")
+
+  def batches():
+    done = 0
+    it = image_data.make_image_iterator(data, split=split, batch_size=FLAGS.batch_size, seed=0, train=False,
+                                        drop_remainder=False)
+    for batch in it:
+      x = np.clip(np.round((batch["image"] + 1.0) * 127.5), 0, 255).astype(np.uint8)[:total - done]
+      if x.shape[-1] == 1:  # grayscale: the network reads RGB
+        x = np.repeat(x, 3, axis=-1)
+      yield x
+      done += len(x)
+      if done >= total:
+        return
+
+  info = fid.build_reference(extractor, batches(), FLAGS.out, keep_images=FLAGS.keep_images,
+                             progress=progress.update)
+  progress.close()
+  print(f"reference {FLAGS.out}: statistics of {info['num_images']} images of {data.name}:{split}, "
+        f"{info['kept_images']} images kept as arr_0")
+
+
+def _cumulative(progress):
+  """fid.evaluate reports images done per file; the bar counts both files."""
+  state = {"base": 0, "last": 0}
+
+  def update(done):
+    if done < state["last"]:  # the next file started
+      state["base"] += state["last"]
+    state["last"] = done
+    progress.update(state["base"] + done)
+  return update
+
+
+def _ints(values: list[str]) -> list[int]:
+  return _numbers(values, int, "integers")
+
+
+def _floats(values: list[str]) -> list[float]:
+  return _numbers(values, float, "numbers")
+
+
+def _numbers(values, kind, what):
+  try:
+    return [kind(v) for v in values]
+  except ValueError:
+    raise app.UsageError(f"expected a comma-separated list of {what}, got {','.join(values)!r}") from None
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ the run kept them), never the optimizer state.
 
 Writes to --out (default WORKDIR/samples): samples.png (final samples, a preview of at most --preview_per_class x
 --preview_classes), phases.png (the draft and each revision side by side), samples.npz (arr_0 uint8 [M, H, W, 3],
-labels, codes; every sample).
+labels, codes; every sample). Sample i depends on the seed, its index and the settings only, so sets drawn with
+different batch sizes or device counts agree. On a multi-host slice every host draws its block of the indices into
+OUT/shards/ and host 0 merges them into OUT/samples.npz (`--merge` redoes that merge alone).
 """
 
 from absl import app
@@ -44,6 +46,8 @@ def define_flags() -> None:
   flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the run kept them.")
   flags.DEFINE_integer("preview_per_class", 10, "At most this many samples per class in the PNG grids.")
   flags.DEFINE_integer("preview_classes", 16, "At most this many classes in the PNG grids (the npz has all).")
+  flags.DEFINE_bool("merge", False, "Only merge OUT/shards/samples-*-of-*.npz (one per host of a multi-host run) "
+                    "into OUT/samples.npz.")
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -71,23 +75,39 @@ def main(argv: list[str]) -> None:
   from ctxrq_jax.sampling import runner  # pylint: disable=g-import-not-at-top
 
   host.setup_host()
+  out_dir = FLAGS.out or os.path.join(FLAGS.workdir, "samples")
+  if FLAGS.merge:
+    print(f"samples_npz: {runner.merge_shards(out_dir)}")
+    return
   loaded = loader.Stage2Model(FLAGS.workdir, use_ema=FLAGS.use_ema)
   s = loaded.config.sample
   ids = runner.parse_classes(FLAGS.classes, int(loaded.config.model.num_classes))
   labels = np.repeat(np.asarray(ids, np.int32), FLAGS.num_per_class)
+  # Each host draws its block of the sample indices; sample i depends on (seed, i, settings) only.
+  index, count = jax.process_index(), jax.process_count()
+  mine = runner.shard_indices(len(labels), index, count)
   pick = lambda v, d: d if v is None else v  # noqa: E731
   history = runner.sample_codes(
-      loaded, labels, jax.random.key(FLAGS.seed), batch_size=int(pick(FLAGS.batch_size, s.batch_size)),
+      loaded, labels[mine], jax.random.key(FLAGS.seed), batch_size=int(pick(FLAGS.batch_size, s.batch_size)),
       t_draft=int(pick(FLAGS.t_draft, s.T_draft)), t_revise=int(pick(FLAGS.t_revise, s.T_revise)),
       num_revisions=int(pick(FLAGS.num_revisions, s.M)), draft=_phase("draft", s.draft),
-      revise=_phase("revise", s.revise), draft_mode=FLAGS.draft_mode)
-  paths = runner.write_outputs(loaded, history, labels, FLAGS.out or os.path.join(FLAGS.workdir, "samples"),
-                               ncols=FLAGS.num_per_class, preview_per_class=FLAGS.preview_per_class,
-                               preview_classes=FLAGS.preview_classes)
+      revise=_phase("revise", s.revise), draft_mode=FLAGS.draft_mode, indices=mine)
+  preview = dict(ncols=FLAGS.num_per_class, preview_per_class=FLAGS.preview_per_class,
+                 preview_classes=FLAGS.preview_classes)
+  if count == 1:
+    paths = runner.write_outputs(loaded, history, labels, out_dir, **preview)
+  else:  # every host writes its shard; host 0 merges them and draws the previews from its own block
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    runner.write_samples_npz(loaded, history[-1], labels[mine], runner.shard_path(out_dir, index, count),
+                             indices=mine)
+    multihost_utils.sync_global_devices("sample shards written")
+    if index != 0:
+      return
+    paths = runner.write_previews(loaded, history, labels[mine], out_dir, **preview)
+    paths["samples_npz"] = runner.merge_shards(out_dir)
   print(f"{len(labels)} samples of {len(ids)} classes from {FLAGS.workdir} (step {loaded.step}, {loaded.params_name})")
   for name, path in paths.items():
     print(f"{name}: {path}")
-
 
 if __name__ == "__main__":
   cli.run(main, define_flags)

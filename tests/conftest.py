@@ -20,8 +20,8 @@ jax.config.update("jax_default_prng_impl", "rbg")
 # build new jitted functions per call, so a resumed run, a second run of one config, or a subprocess would otherwise
 # compile everything again. It changes how often a program is compiled, never what is compiled. A maximum size turns
 # on JAX's file lock around every cache read and write, so processes never see each other's half-written entries.
-_CACHE_ENV = "CTXRQ_TEST_COMPILATION_CACHE"
-_CACHE_MAX_BYTES = 4 << 30
+_CACHE_ENV = helpers.CACHE_ENV
+_CACHE_MAX_BYTES = helpers.CACHE_MAX_BYTES
 
 
 def pytest_configure(config):
@@ -62,9 +62,7 @@ def subprocess_env():
   """Environment for a child `python -m ctxrq_jax...`: CPU, this checkout first on the path, the PRNG this process
   uses (so the child's numbers equal an in-process run's) and the run's compilation cache."""
   return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=helpers.REPO,
-              JAX_DEFAULT_PRNG_IMPL=jax.config.jax_default_prng_impl,
-              JAX_COMPILATION_CACHE_DIR=os.environ[_CACHE_ENV], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_COMPILATION_CACHE_MAX_SIZE=str(_CACHE_MAX_BYTES))
+              JAX_DEFAULT_PRNG_IMPL=jax.config.jax_default_prng_impl, **helpers.compilation_cache_env())
 
 
 @pytest.fixture(scope="session")
@@ -83,3 +81,17 @@ def tiny_rqvae():
   variables = jax.jit(rqvae.init_variables, static_argnums=0)(model, helpers.rbg_key())
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, size=(2, 16, 16, 1)).astype(np.float32))
   return model, variables, x
+
+
+def pytest_collection_modifyitems(config, items):
+  """Longest first: the tests sharing the installed wheel, then the other slow ones. Under the README's
+  `-n 2 --dist loadgroup` the wheel's tests (xdist_group "wheel") run in one worker, so the wheel is built and its
+  smoke demo run once, while the other worker takes the other slow tests; short tests fill the end."""
+  del config
+
+  def rank(item):
+    if item.get_closest_marker("xdist_group"):
+      return 0
+    return 1 if item.get_closest_marker("slow") else 2
+
+  items.sort(key=rank)  # stable: collection order within each rank

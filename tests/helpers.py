@@ -6,6 +6,8 @@ Import as `from tests import helpers`. The matching fixtures are in tests/confte
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from typing import Any, Mapping
 
 import jax
@@ -175,3 +177,31 @@ def assert_leaves_equal(a: Any, b: Any) -> None:
   assert len(la) == len(lb), (len(la), len(lb))
   for x, y in zip(la, lb):
     np.testing.assert_array_equal(x, y)
+
+
+# The suite's persistent compilation cache (tests/conftest.py): the controller names its directory in this variable.
+CACHE_ENV = "CTXRQ_TEST_COMPILATION_CACHE"
+CACHE_MAX_BYTES = 4 << 30
+
+
+def compilation_cache_env() -> dict[str, str]:
+  """JAX's variables that point a child process at the suite's compilation cache (empty outside the suite)."""
+  cache = os.environ.get(CACHE_ENV)
+  if not cache:
+    return {}
+  return {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_COMPILATION_CACHE_MAX_SIZE": str(CACHE_MAX_BYTES)}
+
+
+def installed_env(site: Any) -> dict[str, str]:
+  """Environment of a child process that imports ctxrq_jax from `site` only (an installed wheel): CPU, no forced
+  device count, the suite's compilation cache (the wheel's programs are the checkout's: compiled once)."""
+  env = dict(os.environ, PYTHONPATH=str(site), JAX_PLATFORMS="cpu", **compilation_cache_env())
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def run_installed(args, site, cwd, timeout=300):
+  """`python args...` importing the installed wheel, from `cwd`; the CompletedProcess (text, not checked)."""
+  return subprocess.run([sys.executable, *args], cwd=cwd, env=installed_env(site), capture_output=True, text=True,
+                        timeout=timeout, check=False)

@@ -167,3 +167,10 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str], *, floatfmt: str
   widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
   line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
   return "\n".join([line(list(header)), "  ".join("-" * w for w in widths)] + [line(r) for r in cells])
+
+
+def markdown_table(rows: Sequence[Sequence[Any]], header: Sequence[str], *, floatfmt: str = ".4g") -> str:
+  """The same table in markdown (for report files)."""
+  fmt = lambda v: format(v, floatfmt) if isinstance(v, float) else str(v)  # noqa: E731
+  line = lambda cells: "| " + " | ".join(fmt(c) for c in cells) + " |"  # noqa: E731
+  return "\n".join([line(header), line(["---"] * len(header))] + [line(r) for r in rows])

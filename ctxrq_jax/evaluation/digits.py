@@ -1,15 +1,25 @@
-"""The demo's class-conditional samples judged by a digit CNN trained on the real training digits.
+"""The demo's samples judged the way the field judges generative models, in the feature space of a digit CNN.
 
-`evaluate_samples` reports how many samples the classifier assigns to their conditioning class, for the draft and
-after each revision, beside the same classifier on real held-out digits and on their RQ-VAE reconstructions (the
-ceiling for samples).
+A `DigitJudge` is a small CNN (`models/digit_cnn.py`) trained on the real training digits. Its 128-d hidden layer
+plays the part Inception's pool features play for ImageNet: every image set is scored by
+
+  * Fréchet distance to the training digits' features (float64, `frechet.frechet_distance`),
+  * improved precision and recall against them (k = 3 nearest neighbours, `frechet.precision_recall`),
+  * class accuracy (the fraction the CNN labels as the conditioning class),
+
+so a sampler that collapses onto a few prototypical digits shows up as low recall and a high distance, however
+accurate its digits are. `evaluate_samples` scores the held-out real digits (the floor at this sample size), their
+RQ-VAE reconstructions (the ceiling for any stage-2 model on these codes) and the draft and each revision of one
+Draft-and-Revise run, all with the same number of images, since the Fréchet distance is biased by sample size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,10 +29,13 @@ from ctxrq_jax.core import config as configlib
 from ctxrq_jax.core import reporting
 from ctxrq_jax.data import codes as code_data
 from ctxrq_jax.data import images as image_data
+from ctxrq_jax.evaluation import frechet
 from ctxrq_jax.models.digit_cnn import DigitCNN
 from ctxrq_jax.sampling import loader
 from ctxrq_jax.sampling import logits
 from ctxrq_jax.sampling import runner
+
+METRICS = ("fd", "precision", "recall", "accuracy")  # the columns of every table below
 
 
 def _batches(images: np.ndarray, labels: np.ndarray, batch_size: int, rng: np.random.Generator):
@@ -58,59 +71,183 @@ def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, *, num_
   return model, params
 
 
+def classify(model: DigitCNN, params: Any, images: np.ndarray, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+  """(predicted class ids int32 [M], features float32 [M, F]) of images [M, H, W, C] in [-1, 1]."""
+  chex.assert_rank(images, 4)
+  fn = jax.jit(lambda p, x: (lambda lg, h: (jnp.argmax(lg, axis=-1), h))(*model.apply({"params": p}, x, True)))
+  preds, feats = [], []
+  for i in range(0, len(images), batch_size):
+    pred, h = fn(params, jnp.asarray(images[i:i + batch_size]))
+    preds.append(np.asarray(pred, np.int32))
+    feats.append(np.asarray(h, np.float32))
+  if not preds:
+    return np.zeros((0,), np.int32), np.zeros((0, model.hidden), np.float32)
+  return np.concatenate(preds), np.concatenate(feats)
+
+
 def predict(model: DigitCNN, params: Any, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
   """Predicted class ids int32 [M] for images [M, H, W, C] in [-1, 1]."""
-  fn = jax.jit(lambda p, x: jnp.argmax(model.apply({"params": p}, x), axis=-1))
-  out = [np.asarray(fn(params, jnp.asarray(images[i:i + batch_size]))) for i in range(0, len(images), batch_size)]
-  return np.concatenate(out).astype(np.int32) if out else np.zeros((0,), np.int32)
+  return classify(model, params, images, batch_size)[0]
 
 
-def evaluate_samples(workdir: str, *, samples_per_class: int = 20, seed: int = 0,
-                     classifier_steps: int = 400) -> dict[str, Any]:
-  """Class-conditional fidelity on the embedded digits: a CNN trained on the real train split labels samples.
+@dataclasses.dataclass
+class DigitJudge:
+  """A trained digit CNN and its features of the reference set (the real training digits).
 
-  Returns the classifier's accuracy on the real test digits and on their RQ-VAE reconstructions (the ceiling for
-  samples), and the fraction of samples labelled as their conditioning class for the draft alone and after each
-  revision (the same sampling run, `config.sample` settings).
+  Attributes:
+    model, params: the CNN.
+    reference: float32 [R, F] features of the reference images.
+    reference_radii: float32 [R] distance of each reference point to its k-th nearest reference neighbour.
+    reference_stats: their mean and covariance.
+    k: the neighbourhood size of precision/recall.
   """
-  loaded = loader.Stage2Model(workdir)
-  stage1_cfg = configlib.load_snapshot(os.path.dirname(os.path.abspath(loaded.config.data.stage1_dir)))
-  data_cfg = stage1_cfg.data
 
-  def whole(split):
-    it = image_data.make_image_iterator(data_cfg, split=split, batch_size=500, seed=0, train=False,
-                                        drop_remainder=False)
-    batches = list(it)
-    return (np.concatenate([b["image"] for b in batches]), np.concatenate([b["label"] for b in batches]))
+  model: DigitCNN
+  params: Any
+  reference: np.ndarray
+  reference_radii: np.ndarray
+  reference_stats: frechet.FeatureStats
+  k: int = frechet.PR_NEIGHBOURS
 
-  (x_tr, y_tr), (x_te, y_te) = whole(data_cfg.train_split), whole(data_cfg.eval_split)
-  num_classes = int(loaded.config.model.num_classes)
-  clf, clf_params = train_classifier(x_tr, y_tr, num_classes=num_classes, steps=classifier_steps,
-                                                seed=seed)
-  results: dict[str, Any] = {"classifier_test_accuracy": float(np.mean(predict(clf, clf_params, x_te)
-                                                                        == y_te))}
-  # The ceiling for samples: the held-out digits after the RQ-VAE round trip (decoded from their codes).
-  eval_codes, eval_labels = code_data.load_codes(loaded.config.data.codes_dir, loaded.config.data.eval_split)
-  results["classifier_reconstruction_accuracy"] = float(np.mean(
-      predict(clf, clf_params, loaded.images(eval_codes)) == eval_labels))
-  s = loaded.config.sample
-  labels = np.repeat(np.arange(num_classes, dtype=np.int32), samples_per_class)
-  history = runner.sample_codes(loaded, labels, jax.random.key(seed), batch_size=int(s.batch_size),
-                                t_draft=int(s.T_draft), t_revise=int(s.T_revise), num_revisions=int(s.M),
-                                draft=logits.PhaseSettings.from_config(s.draft), revise=logits.PhaseSettings.from_config(s.revise))
-  for phase, codes in enumerate(history):
-    name = "draft" if phase == 0 else f"revision_{phase}"
-    pred = predict(clf, clf_params, loaded.images(codes))
-    results[f"{name}_accuracy"] = float(np.mean(pred == labels))
-  results["num_samples"] = int(len(labels))
-  return results
+  @classmethod
+  def train(cls, images: np.ndarray, labels: np.ndarray, *, num_classes: int, steps: int = 400, seed: int = 0,
+            k: int = frechet.PR_NEIGHBOURS) -> "DigitJudge":
+    """Trains the CNN on `images` [R, H, W, C] in [-1, 1] with `labels` [R] and takes them as the reference set."""
+    model, params = train_classifier(images, labels, num_classes=num_classes, steps=steps, seed=seed)
+    _, feats = classify(model, params, images)
+    return cls(model, params, feats, frechet.manifold_radii(feats, k=k), frechet.FeatureStats.from_features(feats),
+               k)
+
+  def score(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """{'fd', 'precision', 'recall', 'accuracy'} of images [M, H, W, C] in [-1, 1] meant to show digits `labels` [M]."""
+    chex.assert_rank(images, 4)
+    if len(images) != len(labels) or len(images) < 2:
+      raise ValueError(f"need at least 2 images with one label each, got {len(images)} images, {len(labels)} labels")
+    pred, feats = classify(self.model, self.params, images)
+    stats = frechet.FeatureStats.from_features(feats)
+    pr = frechet.precision_recall(self.reference, feats, k=self.k, reference_radii=self.reference_radii)
+    return {"fd": frechet.stats_distance(stats, self.reference_stats), "precision": pr.precision,
+            "recall": pr.recall, "accuracy": float(np.mean(pred == np.asarray(labels)))}
+
+
+def load_split(data_cfg: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """A whole image split: (images float32 [M, H, W, C] in [-1, 1], labels int32 [M]), in source order."""
+  it = image_data.make_image_iterator(data_cfg, split=split, batch_size=500, seed=0, train=False,
+                                      drop_remainder=False)
+  batches = list(it)
+  return (np.concatenate([b["image"] for b in batches]), np.concatenate([b["label"] for b in batches]))
+
+
+def balanced_labels(num_classes: int, per_class: int) -> np.ndarray:
+  """int32 [num_classes * per_class]: `per_class` of each class, in class order (as `sample` draws them)."""
+  if per_class < 1:
+    raise ValueError(f"samples_per_class must be >= 1, got {per_class}")
+  return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
+
+
+def balanced_subset(labels: np.ndarray, num_classes: int, per_class: int) -> np.ndarray:
+  """Indices of the first `per_class` examples of each class (all classes must have that many)."""
+  idx = []
+  for c in range(num_classes):
+    where = np.flatnonzero(labels == c)[:per_class]
+    if len(where) < per_class:
+      raise ValueError(f"only {len(where)} held-out examples of class {c}; samples_per_class={per_class} needs "
+                       f"{per_class} (lower it to compare sample sets of equal size)")
+    idx.append(where)
+  return np.concatenate(idx)
+
+
+class SampleEvaluator:
+  """Scores Draft-and-Revise runs of one stage-2 run on the embedded digits (or any labelled image data set).
+
+  Builds the judge from the stage-1 run's training split and scores the reference rows once: the held-out digits
+  and their RQ-VAE reconstructions, `per_class` of each class, the size every sample set is scored at.
+  """
+
+  def __init__(self, workdir: str, *, per_class: int, classifier_steps: int = 400, seed: int = 0):
+    self.loaded = loader.Stage2Model(workdir)
+    stage1_cfg = configlib.load_snapshot(os.path.dirname(os.path.abspath(self.loaded.config.data.stage1_dir)))
+    data_cfg = stage1_cfg.data
+    self.num_classes = int(self.loaded.config.model.num_classes)
+    self.per_class = int(per_class)
+    self.labels = balanced_labels(self.num_classes, self.per_class)
+    x_tr, y_tr = load_split(data_cfg, data_cfg.train_split)
+    self.judge = DigitJudge.train(x_tr, y_tr, num_classes=self.num_classes, steps=classifier_steps, seed=seed)
+    x_te, y_te = load_split(data_cfg, data_cfg.eval_split)
+    eval_codes, eval_labels = code_data.load_codes(self.loaded.config.data.codes_dir, self.loaded.config.data.eval_split)
+    if not np.array_equal(eval_labels, y_te):
+      raise ValueError(f"the code split {self.loaded.config.data.eval_split!r} does not hold the stage-1 run's "
+                       f"held-out images in order; re-encode it")
+    pick = balanced_subset(y_te, self.num_classes, self.per_class)
+    self.reference_rows = {
+        "real held-out digits": self.judge.score(x_te[pick], y_te[pick]),
+        "RQ-VAE reconstructions": self.judge.score(self.loaded.images(eval_codes[pick]), y_te[pick]),
+    }
+
+  def sample(self, rng: jax.Array, *, t_draft: int, t_revise: int, num_revisions: int,
+             draft: logits.PhaseSettings, revise: logits.PhaseSettings, batch_size: Optional[int] = None,
+             labels: Optional[np.ndarray] = None) -> np.ndarray:
+    """Draft-and-Revise codes for `labels` (default `self.labels`): int32 [M+1, len(labels), N, D] (draft, then
+    each revision)."""
+    return runner.sample_codes(self.loaded, self.labels if labels is None else labels, rng,
+                               batch_size=int(batch_size or self.loaded.config.sample.batch_size), t_draft=t_draft,
+                               t_revise=t_revise, num_revisions=num_revisions, draft=draft, revise=revise)
+
+  def score_phases(self, history: np.ndarray) -> dict[str, dict[str, float]]:
+    """{'draft' / 'revision m': metrics} of a history [M+1, len(labels), N, D] from `sample`."""
+    chex.assert_rank(history, 4)
+    return {phase_name(p): self.judge.score(self.loaded.images(codes), self.labels)
+            for p, codes in enumerate(history)}
+
+
+def phase_name(phase: int) -> str:
+  return "draft" if phase == 0 else f"revision {phase}"
+
+
+def evaluate_samples(workdir: str, *, samples_per_class: int = 50, seed: int = 0,
+                     classifier_steps: int = 400) -> dict[str, Any]:
+  """The digit judge's table for one Draft-and-Revise run with the run's `config.sample` settings.
+
+  Returns {'num_samples', 'num_reference', 'settings', 'rows': {name: {'fd', 'precision', 'recall',
+  'accuracy'}}} with rows for the held-out digits, their reconstructions, the draft and each revision.
+  """
+  ev = SampleEvaluator(workdir, per_class=samples_per_class, classifier_steps=classifier_steps, seed=seed)
+  return score_run(ev, seed=seed)
+
+
+def score_run(ev: SampleEvaluator, *, seed: int = 0) -> dict[str, Any]:
+  """`evaluate_samples` with an evaluator already built (its judge and reference rows are reused)."""
+  s = ev.loaded.config.sample
+  settings = dict(t_draft=int(s.T_draft), t_revise=int(s.T_revise), num_revisions=int(s.M),
+                  draft=logits.PhaseSettings.from_config(s.draft), revise=logits.PhaseSettings.from_config(s.revise))
+  history = ev.sample(jax.random.key(seed), **settings)
+  rows = dict(ev.reference_rows)
+  rows.update({f"samples: {k}": v for k, v in ev.score_phases(history).items()})
+  return {"num_samples": int(len(ev.labels)), "num_reference": int(len(ev.judge.reference)),
+          "settings": describe_settings(**settings), "rows": rows}
+
+
+def describe_settings(*, t_draft: int, t_revise: int, num_revisions: int, draft: logits.PhaseSettings,
+                      revise: logits.PhaseSettings) -> str:
+  """One line, e.g. 'T_draft 16, T_revise 2, M 2; draft temperature 1, guidance 0; revise temperature 0.8, ...'."""
+  def phase(p):
+    extra = (f", top-k {p.top_k}" if p.top_k else "") + (f", top-p {p.top_p:g}" if p.top_p < 1 else "")
+    return f"temperature {p.temperature:g}, guidance {p.guidance_scale:g}{extra}"
+  return (f"T_draft {t_draft}, T_revise {t_revise}, M {num_revisions}; draft {phase(draft)}; "
+          f"revise {phase(revise)}")
+
+
+def metric_cells(m: Mapping[str, float]) -> list[str]:
+  """FD, precision, recall, accuracy of one row, formatted."""
+  return [f"{m['fd']:.2f}", f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{100 * m['accuracy']:.1f}%"]
+
+
+METRIC_HEADER = ["FD ↓", "precision ↑", "recall ↑", "accuracy ↑"]
 
 
 def format_sample_results(r: Mapping[str, Any]) -> str:
-  """A table: the classifier on real digits and on reconstructions (the ceiling), then on each sampling phase."""
-  rows = [["real held-out digits", f"{100 * r['classifier_test_accuracy']:.1f}%"],
-          ["their RQ-VAE reconstructions (ceiling)", f"{100 * r['classifier_reconstruction_accuracy']:.1f}%"]]
-  rows += [[f"samples: {k[:-len('_accuracy')].replace('_', ' ')}", f"{100 * v:.1f}%"] for k, v in r.items()
-           if k.endswith("_accuracy") and not k.startswith("classifier_")]
-  return (f"{r['num_samples']} class-conditional samples\n"
-          + reporting.table(rows, ["labelled as their class by the digit CNN", "accuracy"]))
+  """The judge's table: real held-out digits (floor), reconstructions (ceiling), then each sampling phase."""
+  rows = [[name, *metric_cells(m)] for name, m in r["rows"].items()]
+  return (f"{r['num_samples']} images per row ({r['settings']}); digit-CNN features, reference: the "
+          f"{r['num_reference']} training digits\n" + reporting.table(rows, ["image set", *METRIC_HEADER]))
+

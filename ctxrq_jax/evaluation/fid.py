@@ -17,6 +17,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from ctxrq_jax.core import reporting
 from ctxrq_jax.evaluation import frechet
 from ctxrq_jax.evaluation import inception_features as features_lib
 
@@ -143,3 +144,60 @@ def evaluate(extractor: features_lib.InceptionFeatureExtractor, samples_npz: str
   sample_acts = npz_activations(extractor, samples_npz, progress=progress)
   return metrics(sample_acts, reference, ref_acts, k=k, split_size=split_size, pr_block_size=pr_block_size,
                  fid_method=fid_method)
+
+
+def build_reference(extractor: features_lib.InceptionFeatureExtractor, batches: Iterable[np.ndarray],
+                    path: str | os.PathLike, *, keep_images: int, progress=None) -> dict[str, int]:
+  """Writes an ADM-layout reference npz from a stream of uint8 image batches [B, H, W, 3].
+
+  `mu`/`sigma` (and `mu_s`/`sigma_s`) are statistics of every image, folded in batch by batch; `arr_0` holds the
+  first `keep_images` images (ADM's reference batches keep 10,000 for precision/recall), staged in a memory-mapped
+  scratch file beside `path`. Host memory is a batch of images and features plus the two covariance sums, whatever
+  the number of images. Returns {'num_images', 'kept_images'}.
+  """
+  path = os.fspath(path)
+  scratch = path + ".images.npy"
+  pool = spatial = None
+  kept = None
+  done = 0
+  try:
+    for batch in batches:
+      batch = features_lib.check_images(batch)
+      if kept is None and keep_images:
+        kept = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(keep_images, *batch.shape[1:]))
+      if kept is not None and done < keep_images:
+        if batch.shape[1:] != kept.shape[1:]:
+          raise ValueError(f"images of one reference must share a shape: {batch.shape[1:]} vs {kept.shape[1:]}")
+        take = min(len(batch), keep_images - done)
+        kept[done:done + take] = batch[:take]
+      for out in extractor.iter_batches([batch]):
+        if pool is None:
+          pool = frechet.FeatureStats(out["pool"].shape[1])
+        pool.update(out["pool"])
+        if "spatial" in out:
+          if spatial is None:
+            spatial = frechet.FeatureStats(out["spatial"].shape[1])
+          spatial.update(out["spatial"])
+      done += len(batch)
+      if progress is not None:
+        progress(done)
+    if pool is None:
+      raise ValueError("no images to build a reference from")
+    n_kept = min(done, keep_images)
+    features_lib.write_reference(path, images=kept[:n_kept] if n_kept else None, stats=(pool.mu, pool.sigma),
+                                 spatial_stats=None if spatial is None else (spatial.mu, spatial.sigma))
+  finally:
+    del kept
+    if os.path.exists(scratch):
+      os.remove(scratch)
+  return {"num_images": done, "kept_images": n_kept}
+
+
+METRIC_NAMES = (("inception_score", "Inception Score ↑"), ("fid", "FID ↓"), ("sfid", "sFID ↓"),
+                ("precision", "precision ↑"), ("recall", "recall ↑"))
+
+
+def format_results(results: dict[str, Optional[float]], *, samples: str, reference: str) -> str:
+  """The ADM readout as a table (a metric whose inputs are missing shows as '-')."""
+  rows = [[label, "-" if results.get(key) is None else f"{results[key]:.4f}"] for key, label in METRIC_NAMES]
+  return f"samples {samples}\nreference {reference}\n" + reporting.table(rows, ["metric", "value"])

@@ -117,7 +117,8 @@ def check_images(images: Any) -> np.ndarray:
 
 
 class InceptionFeatureExtractor:
-  """uint8 images -> {'pool', 'logits', 'spatial'} numpy float32, `batch_size` images per jitted call.
+  """uint8 images -> {'pool', 'logits', 'spatial'} numpy float32, `batch_size` images per jitted call, split over
+  this host's devices.
 
   Args:
     variables: FIDInceptionV3 {'params', 'batch_stats'} (`inception_convert.load_variables`).
@@ -135,7 +136,14 @@ class InceptionFeatureExtractor:
       raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     if image_size < inception.MIN_SIZE:
       raise ValueError(f"image_size must be >= {inception.MIN_SIZE}, got {image_size}")
-    self.variables = jax.device_put({"params": variables["params"], "batch_stats": variables["batch_stats"]})
+    # Data parallel over this host's devices: the weights replicated, each batch split along its first axis.
+    devices = np.asarray(jax.local_devices())
+    if batch_size % len(devices):
+      raise ValueError(f"batch_size {batch_size} is not divisible by the {len(devices)} local devices")
+    mesh = jax.sharding.Mesh(devices, ("data",))
+    self._batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    self.variables = jax.device_put({"params": variables["params"], "batch_stats": variables["batch_stats"]},
+                                    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     self.batch_size, self.image_size, self.resize, self.spatial = int(batch_size), int(image_size), resize, spatial
     model = inception.FIDInceptionV3()
 
@@ -154,7 +162,7 @@ class InceptionFeatureExtractor:
     pad = self.batch_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-    out = self._fn(self.variables, jnp.asarray(chunk))
+    out = self._fn(self.variables, jax.device_put(chunk, self._batch_sharding))
     return {k: np.asarray(v)[:self.batch_size - pad] for k, v in out.items()}
 
   def iter_batches(self, batches: Iterable[Any]) -> Iterator[dict[str, np.ndarray]]:

@@ -318,6 +318,21 @@ def convert_file(weights: str | os.PathLike, out: str | os.PathLike, *, check_ha
   return variables
 
 
+def random_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
+  """A pytorch-fid state dict of random weights (He-scaled convolutions, BatchNorm statistics near 1), for tests and
+  benchmarks where the released file is absent: features vary with the images instead of collapsing."""
+  rng = np.random.default_rng(seed)
+  sd = {}
+  for key, shape in reference_state_dict_shapes().items():
+    if key.endswith("conv.weight") or key == "fc.weight":
+      sd[key] = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[1:]))
+    elif key.endswith("running_var") or key.endswith("bn.weight"):
+      sd[key] = rng.uniform(0.5, 1.5, size=shape)
+    else:
+      sd[key] = rng.normal(size=shape) * 0.2
+  return {k: v.astype(np.float32) for k, v in sd.items()}
+
+
 def load_variables(source: str | os.PathLike, *, check_hash: bool = True) -> dict[str, Any]:
   """FIDInceptionV3 variables from an Inception artifact directory or straight from the released `.pth` file.
 

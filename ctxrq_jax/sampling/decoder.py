@@ -261,6 +261,49 @@ def _decode(model: Any, variables: PyTree, codebook: Array, cond: Array, rng: Ar
   return state.codes, history
 
 
+@functools.partial(jax.jit, static_argnames=('model', 'plan'))
+def _decode_each(model: Any, variables: PyTree, codebook: Array, cond: Array, keys: Array, codes: Array,
+                 region: Array, draft: Sampler, revise: Sampler, plan: _Plan) -> tuple[Array, Optional[Array]]:
+  """`_decode` with one key per sample (keys [B]): sample b is a function of keys[b] and its own inputs only, so it
+  comes out the same whatever the batch it is drawn in and however that batch is split over devices."""
+  def one(c, k, x, r):
+    out, hist = _decode(model, variables, codebook, c[None], k, x[None], r[None], draft, revise, plan=plan)
+    return out[0], (None if hist is None else hist[:, 0])
+
+  out, history = jax.vmap(one)(cond, _threefry_keys(keys), codes, region)
+  return out, (None if history is None else jnp.swapaxes(history, 0, 1))
+
+
+def _threefry_keys(keys: Array) -> Array:
+  """Threefry keys [B] from keys [B] of any implementation, each a function of its own key's data only.
+
+  (`split_rng` draws bits from the key, and some implementations' draws, 'rbg' among them, change when the keys
+  are batched under vmap; folding the key data into a threefry key does not.)
+  """
+  data = jax.random.key_data(keys) if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key) else keys
+  data = data.reshape(data.shape[0], -1).astype(jnp.uint32)
+  base = jax.random.wrap_key_data(jnp.zeros((2,), jnp.uint32), impl='threefry2x32')
+
+  def one(words):
+    key = base
+    for j in range(words.shape[0]):  # the key's 2-4 data words
+      key = jax.random.fold_in(key, words[j])
+    return key
+
+  return jax.vmap(one)(data)
+
+
+def _run(model, params, codebook, cond, rng, codes, region, draft_s, revise_s, plan):
+  """`_decode` for one key, `_decode_each` for a key per sample (rng of shape [B])."""
+  typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  key_shape = rng.shape if typed else rng.shape[:-1]  # a raw uint32 key has a trailing key-data axis
+  if key_shape == ():
+    return _decode(model, as_variables(params), codebook, cond, rng, codes, region, draft_s, revise_s, plan=plan)
+  if key_shape != (cond.shape[0],):
+    raise ValueError(f'rng must be one key or one key per sample [B={cond.shape[0]}], got keys of shape {key_shape}')
+  return _decode_each(model, as_variables(params), codebook, cond, rng, codes, region, draft_s, revise_s, plan=plan)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Host-side validation and public entry points.
 
@@ -344,7 +387,8 @@ def draft_and_revise(model: Any, params: PyTree, codebook: Array, cond: Array, r
     params: the model's 'params' collection.
     codebook: float [K, n_z], the frozen RQ-VAE codebook.
     cond: int [B, L] condition ids in [0, num_classes] (num_classes = no condition); checked on the host.
-    rng: PRNG key.
+    rng: one PRNG key for the batch, or keys [B], one per sample: then sample b depends on rng[b] only (not on the
+      batch size, the other samples or the devices), which makes large sample sets reproducible piece by piece.
     t_draft: T_draft in [1, N].
     t_revise: T_revise in [1, N].
     num_revisions: M >= 0.
@@ -362,7 +406,7 @@ def draft_and_revise(model: Any, params: PyTree, codebook: Array, cond: Array, r
       model, codebook, cond, None, None, t_draft=t_draft, t_revise=t_revise, num_revisions=num_revisions,
       draft=draft, revise=revise, draft_mode=draft_mode, confidence_noise=confidence_noise,
       return_history=return_history)
-  out, history = _decode(model, as_variables(params), codebook, cond, rng, codes, region, draft_s, revise_s, plan=plan)
+  out, history = _run(model, params, codebook, cond, rng, codes, region, draft_s, revise_s, plan)
   return (out, history) if return_history else out
 
 
@@ -388,7 +432,7 @@ def inpaint(model: Any, params: PyTree, codebook: Array, codes: Array, region: A
       model, codebook, cond, codes, region, t_draft=t_draft, t_revise=t_revise, num_revisions=num_revisions,
       draft=draft, revise=revise, draft_mode=draft_mode, confidence_noise=confidence_noise,
       return_history=return_history)
-  out, history = _decode(model, as_variables(params), codebook, cond, rng, codes, region, draft_s, revise_s, plan=plan)
+  out, history = _run(model, params, codebook, cond, rng, codes, region, draft_s, revise_s, plan)
   return (out, history) if return_history else out
 
 

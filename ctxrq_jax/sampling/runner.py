@@ -6,14 +6,18 @@ Outputs (`write_outputs`):
   phases.png       the draft and every revision side by side (one panel per phase, the preview's samples)
   samples.npz      arr_0: uint8 [M, H, W, 3] final images (the layout FID/IS/precision-recall evaluators read),
                    labels: int32 [M], codes: int32 [M, h, w, D]
+On several hosts each writes its block of the sample indices to shards/samples-<host>-of-<hosts>.npz and
+`merge_shards` joins them into one samples.npz, equal to the one a single host writes (sample i depends on the seed
+and i only; see `sample_codes`).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ctxrq_jax.core import grids
@@ -38,14 +42,25 @@ def parse_classes(spec: str, num_classes: int) -> list[int]:
   return ids
 
 
+def sample_keys(rng: jax.Array, indices: np.ndarray) -> jax.Array:
+  """One key per sample: fold_in(rng, index) for each global sample index [S] -> keys [S]."""
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.asarray(indices, jnp.uint32))
+
+
 def sample_codes(loaded: loader.Stage2Model, labels: Sequence[int], rng: jax.Array, *, batch_size: int, t_draft: int,
                  t_revise: int, num_revisions: int, draft: logits.PhaseSettings, revise: logits.PhaseSettings,
-                 draft_mode: str = "random") -> np.ndarray:
+                 draft_mode: str = "random", indices: Optional[Sequence[int]] = None) -> np.ndarray:
   """Draft-and-Revise codes for each label -> history int32 [M+1, len(labels), N, D] (draft, then revisions).
 
-  Batches are padded to `batch_size` (one compilation) and split over the devices along the batch axis.
+  Sample j is drawn with its own key fold_in(rng, indices[j]) (indices default to 0, 1, ...): it depends on the
+  seed, its index, its label and the settings only, so a sample set comes out the same whatever the batch size,
+  the number of devices, or how it is split over hosts (`shard_indices`). Batches are padded to `batch_size` (one
+  compilation) and split over the devices along the batch axis.
   """
   labels = np.asarray(labels, np.int32)
+  indices = np.arange(len(labels)) if indices is None else np.asarray(indices, np.int64)
+  if indices.shape != labels.shape:
+    raise ValueError(f"indices {indices.shape} must match labels {labels.shape}")
   n_dev = loaded.mesh.shape["data"]
   if batch_size % n_dev:
     raise ValueError(f"batch_size {batch_size} is not divisible by the {n_dev} devices")
@@ -54,16 +69,24 @@ def sample_codes(loaded: loader.Stage2Model, labels: Sequence[int], rng: jax.Arr
   out = []
   for i in range(0, len(labels), batch_size):
     chunk = labels[i:i + batch_size]
-    padded = np.concatenate([chunk, np.zeros(batch_size - len(chunk), np.int32)])
-    cond = jax.device_put(padded[:, None], batch_sharding)
+    pad = batch_size - len(chunk)
+    cond = jax.device_put(np.concatenate([chunk, np.zeros(pad, np.int32)])[:, None], batch_sharding)
+    keys = jax.device_put(sample_keys(rng, np.concatenate([indices[i:i + batch_size], np.zeros(pad, np.int64)])),
+                          batch_sharding)
     _, history = decoder.draft_and_revise(
-        loaded.model, loaded.params, loaded.codebook, cond, jax.random.fold_in(rng, i), t_draft=t_draft,
-        t_revise=t_revise, num_revisions=num_revisions, draft=draft, revise=revise, draft_mode=draft_mode,
-        return_history=True)
+        loaded.model, loaded.params, loaded.codebook, cond, keys, t_draft=t_draft, t_revise=t_revise,
+        num_revisions=num_revisions, draft=draft, revise=revise, draft_mode=draft_mode, return_history=True)
     out.append(np.asarray(history)[:, :len(chunk)])
     progress.update(i + len(chunk))
   progress.close()
   return np.concatenate(out, axis=1)
+
+
+def shard_indices(num_samples: int, process_index: int, process_count: int) -> np.ndarray:
+  """The contiguous block of sample indices host `process_index` of `process_count` draws (sizes differ by <= 1)."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is outside [0, {process_count})")
+  return np.array_split(np.arange(num_samples), process_count)[process_index]
 
 
 def preview_indices(labels: np.ndarray, *, per_class: int, max_classes: int) -> np.ndarray:
@@ -75,17 +98,23 @@ def preview_indices(labels: np.ndarray, *, per_class: int, max_classes: int) -> 
 
 def write_outputs(loaded: loader.Stage2Model, history: np.ndarray, labels: np.ndarray, out_dir: str, ncols: int, *,
                   preview_per_class: int = 10, preview_classes: int = 16) -> dict[str, str]:
-  """Writes samples.npz (every final sample) and the preview grids samples.png / phases.png; returns their paths.
+  """Writes samples.npz (every final sample, `write_samples_npz`) and the preview grids (`write_previews`).
 
   Args:
     history: int [M+1, S, N, D] codes of the draft and each revision; labels: int [S].
     ncols: samples per row of the grids (at most `preview_per_class`).
     preview_per_class / preview_classes: the grids show at most this many samples of this many classes, so that
       50,000 samples for FID still make a PNG one can open; the npz always holds all of them.
-
-  The npz images are decoded chunk by chunk into a uint8 memory-mapped file, so host memory stays at a chunk of
-  float images plus the uint8 array's page cache, whatever the number of samples.
   """
+  paths = write_previews(loaded, history, labels, out_dir, ncols, preview_per_class=preview_per_class,
+                         preview_classes=preview_classes)
+  paths["samples_npz"] = write_samples_npz(loaded, history[-1], labels, os.path.join(out_dir, "samples.npz"))
+  return paths
+
+
+def write_previews(loaded: loader.Stage2Model, history: np.ndarray, labels: np.ndarray, out_dir: str, ncols: int, *,
+                   preview_per_class: int = 10, preview_classes: int = 16) -> dict[str, str]:
+  """samples.png (final samples) and phases.png (draft and each revision side by side) of a capped preview."""
   os.makedirs(out_dir, exist_ok=True)
   labels = np.asarray(labels, np.int32)
   preview = preview_indices(labels, per_class=preview_per_class, max_classes=preview_classes)
@@ -97,22 +126,88 @@ def write_outputs(loaded: loader.Stage2Model, history: np.ndarray, labels: np.nd
   sep = np.full((panels[0].shape[0], 8, panels[0].shape[2]), 128, np.uint8)
   side_by_side = np.concatenate([x for p in panels for x in (p, sep)][:-1], axis=1)
   paths["phases_png"] = grids.save_grid(os.path.join(out_dir, "phases.png"), side_by_side[None], 1, scale)
+  return paths
 
-  res, channels = phases[-1].shape[1], 3  # FID evaluators expect RGB
-  npz = os.path.join(out_dir, "samples.npz")
-  scratch = os.path.join(out_dir, ".samples.uint8.npy")
-  final = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(len(labels), res, res, channels))
+
+def write_samples_npz(loaded: loader.Stage2Model, codes: np.ndarray, labels: np.ndarray, path: str, *,
+                      indices: Optional[np.ndarray] = None) -> str:
+  """Decodes codes [S, N, D] and writes `path` atomically: arr_0 uint8 [S, H, W, 3] (RGB, as FID evaluators
+  expect), labels int32 [S], codes int32 [S, h, w, D] and, for a shard, its sample indices int64 [S].
+
+  The images are decoded chunk by chunk into a uint8 memory-mapped scratch file, so host memory stays at a chunk of
+  float images plus the uint8 array's page cache, whatever the number of samples.
+  """
+  out_dir = os.path.dirname(os.path.abspath(path))
+  os.makedirs(out_dir, exist_ok=True)
+  res = loaded.images(codes[:1], uint8=True).shape[1]
+  scratch = os.path.join(out_dir, f".{os.path.basename(path)}.uint8.npy")
+  final = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(len(labels), res, res, 3))
   try:
-    loaded.images(history[-1], out=final)
+    loaded.images(codes, out=final)
     final.flush()
-    np.savez(npz + ".tmp.npz", arr_0=final, labels=labels,
-             codes=history[-1].reshape((-1, *loaded.code_shape)).astype(np.int32))
-    os.replace(npz + ".tmp.npz", npz)  # atomic: an earlier samples.npz stays whole until the new one is
+    arrays = dict(arr_0=final, labels=np.asarray(labels, np.int32),
+                  codes=np.asarray(codes).reshape((-1, *loaded.code_shape)).astype(np.int32))
+    if indices is not None:
+      arrays["indices"] = np.asarray(indices, np.int64)
+    np.savez(path + ".tmp.npz", **arrays)
+    os.replace(path + ".tmp.npz", path)  # atomic: an earlier file stays whole until the new one is
   finally:
     del final
     os.remove(scratch)
-  paths["samples_npz"] = npz
-  return paths
+  return path
+
+
+SHARD_DIR = "shards"
+
+
+def shard_path(out_dir: str, process_index: int, process_count: int) -> str:
+  """OUT/shards/samples-00003-of-00008.npz: host 3 of 8's part of a sample set."""
+  return os.path.join(out_dir, SHARD_DIR, f"samples-{process_index:05d}-of-{process_count:05d}.npz")
+
+
+def merge_shards(out_dir: str) -> str:
+  """Merges OUT/shards/samples-*-of-*.npz (every host's part) into OUT/samples.npz, ordered by sample index.
+
+  Checks that the shards are one complete set (all P of P present, their indices exactly 0 ... S-1 once each);
+  holds one shard's images in memory at a time.
+  """
+  shard_dir = os.path.join(out_dir, SHARD_DIR)
+  names = sorted(n for n in (os.listdir(shard_dir) if os.path.isdir(shard_dir) else [])
+                 if n.startswith("samples-") and n.endswith(".npz"))
+  if not names:
+    raise FileNotFoundError(f"no sample shards (samples-*-of-*.npz) in {shard_dir}")
+  counts = {n.rsplit("-of-", 1)[1][:-len(".npz")] for n in names}
+  if len(counts) != 1:
+    raise ValueError(f"{shard_dir} mixes shards of different host counts: {sorted(counts)}")
+  count = int(counts.pop())
+  missing = sorted(set(range(count)) - {int(n[len("samples-"):].split("-of-")[0]) for n in names})
+  if missing:
+    raise ValueError(f"{shard_dir}: shards of hosts {missing} (of {count}) are missing")
+  parts = []
+  for n in names:
+    with np.load(os.path.join(shard_dir, n)) as z:
+      parts.append((n, z["indices"], z["labels"], z["codes"], z["arr_0"].shape))
+  indices = np.concatenate([p[1] for p in parts])
+  total = len(indices)
+  if not np.array_equal(np.sort(indices), np.arange(total)):
+    raise ValueError(f"{shard_dir}: the shards' sample indices are not 0 ... {total - 1} exactly once each")
+  order = np.argsort(indices)
+  labels = np.concatenate([p[2] for p in parts])[order]
+  codes = np.concatenate([p[3] for p in parts])[order]
+  path = os.path.join(out_dir, "samples.npz")
+  scratch = os.path.join(out_dir, ".samples.npz.uint8.npy")
+  images = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(total, *parts[0][4][1:]))
+  try:
+    for n, idx, *_ in parts:
+      with np.load(os.path.join(shard_dir, n)) as z:
+        images[idx] = z["arr_0"]
+    images.flush()
+    np.savez(path + ".tmp.npz", arr_0=images, labels=labels, codes=codes)
+    os.replace(path + ".tmp.npz", path)
+  finally:
+    del images
+    os.remove(scratch)
+  return path
 
 
 def sample_all_classes(workdir: str, out_dir: str, *, samples_per_class: int, seed: int = 0,

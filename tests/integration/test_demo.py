@@ -1,4 +1,5 @@
-"""The demo pipeline end to end on tiny configs: stage 1 -> codes -> stage 2 -> samples -> evaluation."""
+"""The demo pipeline end to end (the wheel's smoke run: stage 1 -> codes -> stage 2 -> samples), then evaluation and
+decoding of its outputs."""
 
 import os
 
@@ -6,49 +7,62 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ctxrq_jax.evaluation import ablation
 from ctxrq_jax.evaluation import digits
 from ctxrq_jax.evaluation import likelihood
-from ctxrq_jax.recipes import demo
 from ctxrq_jax.sampling import loader
 from ctxrq_jax.sampling import runner
-from tests import helpers
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("wheel")]
 
 
-def test_demo_pipeline_writes_samples_and_evaluates(tmp_path):
-  workdir = str(tmp_path / "demo")
-  summary = demo.run(helpers.tiny_stage1_config(train__num_steps=2), helpers.tiny_demo_stage2_config(), workdir,
-                     samples_per_class=1)
-  out = summary["outputs"]
-  with np.load(out["samples_npz"]) as f:
+def test_demo_outputs_evaluate(smoke, tmp_path):
+  # The smoke run of the installed wheel (tests/integration/conftest.py) is the pipeline; its outputs are read here
+  # by the library of this checkout, as a user's later `evaluate` / `sample` would.
+  result, workdir = smoke
+  assert result.returncode == 0, result.stderr[-3000:]
+  workdir = str(workdir)
+  with np.load(os.path.join(workdir, "samples", "samples.npz")) as f:
     images, labels, codes = f["arr_0"], f["labels"], f["codes"]
-  assert images.shape == (10, 16, 16, 3) and images.dtype == np.uint8  # RGB for FID evaluators
-  np.testing.assert_array_equal(labels, np.arange(10))
-  assert codes.shape == (10, 4, 4, 2) and codes.min() >= 0 and codes.max() < 16
-  # The draft and its 2 revisions side by side: three panels as wide as the final grid.
-  assert Image.open(out["phases_png"]).width >= 3 * Image.open(out["samples_png"]).width
-  report = demo.format_summary(summary)
-  for line in ("held-out PSNR", "codes used per depth", "held-out masked-code NLL", "stage 2", "samples_npz"):
-    assert line in report, report
+  n, h, w, d = codes.shape
+  assert images.shape == (n, 4 * h, 4 * w, 3) and images.dtype == np.uint8  # RGB for FID evaluators
+  np.testing.assert_array_equal(labels, np.repeat(np.arange(10), n // 10))  # --smoke: 2 per class
+  loaded = loader.Stage2Model(os.path.join(workdir, "stage2"), decode_batch_size=16)
+  codebook_size = loaded.decoder.model.codebook_size
+  assert codes.min() >= 0 and codes.max() < codebook_size
+  # The draft and its revision side by side: panels as wide as the final grid.
+  assert Image.open(os.path.join(workdir, "samples", "phases.png")).width >= 2 * Image.open(
+      os.path.join(workdir, "samples", "samples.png")).width
 
-  stage2 = likelihood.evaluate_stage2(os.path.join(workdir, "stage2"), num_draws=1)
+  stage2_dir = os.path.join(workdir, "stage2")
+  stage2 = likelihood.evaluate_stage2(stage2_dir, num_draws=1)
   assert np.isfinite(stage2["nll"]) and stage2["masked_codes"] > 0
-  assert 0 < stage2["unigram_per_depth"] <= stage2["unigram_pooled"] + 1e-6 <= np.log(16) + 1e-6
+  assert 0 < stage2["unigram_per_depth"] <= stage2["unigram_pooled"] + 1e-6 <= np.log(codebook_size) + 1e-6
   assert "NLL / per-depth unigram" in likelihood.format_stage2_results(stage2)
 
-  fidelity = digits.evaluate_samples(os.path.join(workdir, "stage2"), samples_per_class=2, classifier_steps=5)
+  evaluator = digits.SampleEvaluator(stage2_dir, per_class=2, classifier_steps=5)
+  fidelity = digits.score_run(evaluator)
   assert fidelity["num_samples"] == 20
-  phases = ["draft", "revision_1", "revision_2"]
-  for key in ["classifier_test_accuracy", "classifier_reconstruction_accuracy"] + [f"{p}_accuracy" for p in phases]:
-    assert 0.0 <= fidelity[key] <= 1.0, key
+  phases = ["draft"] + [f"revision {m + 1}" for m in range(loaded.config.sample.M)]
+  assert list(fidelity["rows"]) == ["real held-out digits", "RQ-VAE reconstructions"] + [f"samples: {p}"
+                                                                                          for p in phases]
+  for row in fidelity["rows"].values():
+    assert np.isfinite(row["fd"]) and row["fd"] >= -1e-9, row
+    assert all(0.0 <= row[k] <= 1.0 for k in ("precision", "recall", "accuracy")), row
   report = digits.format_sample_results(fidelity)
-  assert "reconstructions" in report and all(p.replace("_", " ") in report for p in phases)
+  assert "FD" in report and "recall" in report and all(p in report for p in phases)
+  # The ablation tables on the same evaluator (the scripted test in tests/unit/evaluation covers their logic):
+  # T_draft 4 and T_revise 2 are the run's own, guidance 0 is Table 3's "neither", so three settings are sampled.
+  sweeps = ablation.Sweeps(t_drafts=(4, 128), timed_t_drafts=(4,), t_revises=(2,), max_revisions=1,
+                           guidance_scales=(0.0, 1.8))
+  results = ablation.run(evaluator, sweeps, log=lambda _: None)
+  assert results["skipped"] == ["Fig. 4a T_draft 128 (T > N=64)"]
+  paths = ablation.write(results, str(tmp_path / "ablation"))
+  assert {"fig4a", "fig4b", "guidance"} <= set(paths) and "Table 3" in open(paths["markdown"]).read()
 
   # Decoding in chunks (padded last chunk) equals one big call; preview grids are capped, the npz is whole.
-  loaded = loader.Stage2Model(os.path.join(workdir, "stage2"), decode_batch_size=16)
-  chunked = loader.Stage2Model(os.path.join(workdir, "stage2"), decode_batch_size=3)
-  flat = codes.reshape(10, -1, 2)
+  chunked = loader.Stage2Model(stage2_dir, decode_batch_size=3)
+  flat = codes.reshape(n, -1, d)
   whole = loaded.images(flat)
   # (Other batch shapes compile to other convolution kernels: equal up to float rounding, uint8 up to one level.)
   np.testing.assert_allclose(chunked.images(flat), whole, atol=1e-5)
@@ -57,12 +71,14 @@ def test_demo_pipeline_writes_samples_and_evaluates(tmp_path):
   history = np.stack([flat, flat])
   paths = runner.write_outputs(chunked, history, labels, str(tmp_path / "capped"), ncols=5, preview_per_class=1,
                                preview_classes=3)
-  # One sample of each of 3 classes, one column: 3 tiles of 16 px + 2 px padding, enlarged 8x (128 // 16).
-  assert Image.open(paths["samples_png"]).size == (8 * (18 + 2), 8 * (3 * 18 + 2))
+  # One sample of each of 3 classes, one column: 3 tiles + 2 px padding each, enlarged to ~128 px tiles.
+  tile, scale = images.shape[1] + 2, 128 // images.shape[1]
+  assert Image.open(paths["samples_png"]).size == (scale * (tile + 2), scale * (3 * tile + 2))
   with np.load(paths["samples_npz"]) as f:
-    assert f["arr_0"].shape == images.shape and near(f["arr_0"], images)  # all 10, although the grid shows 3
+    assert f["arr_0"].shape == images.shape and near(f["arr_0"], images)  # all of them, although the grid shows 3
   assert not any(n.startswith(".samples") for n in os.listdir(tmp_path / "capped"))  # scratch file removed
-  with pytest.raises(ValueError, match=r"codes must lie in \[0, 16\)"):
-    loaded.images(flat + 16)
+  with pytest.raises(ValueError, match=rf"codes must lie in \[0, {codebook_size}\)"):
+    loaded.images(flat + codebook_size)
   with pytest.raises(ValueError, match="samples_per_class must be >= 1"):
-    runner.sample_all_classes(os.path.join(workdir, "stage2"), str(tmp_path / "none"), samples_per_class=0)
+    runner.sample_all_classes(stage2_dir, str(tmp_path / "none"), samples_per_class=0)
+

@@ -1,51 +1,19 @@
 """The package as a user gets it: a wheel (not editable) installed outside the repository, run from another directory.
 
-One module-scoped smoke run (`python -m ctxrq_jax.demo --smoke` from the installed wheel) serves the checks of what
-a user sees: its outputs, its quiet progress lines, and one-line errors for the usual mistakes.
+One smoke run (`python -m ctxrq_jax.demo --smoke` from the installed wheel, tests/integration/conftest.py) serves the
+checks of what a user sees: its outputs, its quiet progress lines, and one-line errors for the usual mistakes.
 """
 
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow
+from tests import helpers
 
+REPO = pathlib.Path(helpers.REPO)
+_run = helpers.run_installed
 
-def _env(site):
-  env = dict(os.environ, PYTHONPATH=str(site), JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return env
-
-
-def _run(args, site, cwd, timeout=300):
-  return subprocess.run([sys.executable, *args], cwd=cwd, env=_env(site), capture_output=True, text=True,
-                        timeout=timeout, check=False)
-
-
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-  """(site-packages dir holding the installed wheel, a working directory outside the repository)."""
-  root = tmp_path_factory.mktemp("wheel")
-  dist, site, work = root / "dist", root / "site", root / "work"
-  work.mkdir()
-  subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-                  str(REPO)], check=True, capture_output=True, timeout=300)
-  wheels = list(dist.glob("ctxrq_jax-*.whl"))
-  assert len(wheels) == 1
-  subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheels[0])],
-                 check=True, capture_output=True, timeout=300)
-  return site, work
-
-
-@pytest.fixture(scope="module")
-def smoke(installed):
-  site, work = installed
-  result = _run(["-m", "ctxrq_jax.demo", "--workdir=w", "--smoke"], site, work, timeout=600)
-  return result, work / "w"
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("wheel")]
 
 
 def test_the_wheel_is_what_runs(installed):

@@ -7,16 +7,20 @@ import sys
 
 import pytest
 
+from tests import helpers
+
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.slow
 def test_device_script_on_cpu_with_the_tiny_config(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "TIMEOUT_S": "400",
-         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache")}
+         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"), **helpers.compilation_cache_env()}
   env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
   proc = subprocess.run(
       ["bash", str(ROOT / "bench" / "device.sh"), "--config=configs/imagenet.py:tiny", "--batch_size=4",
+       # One layer per stack: the same checks with half the programs' size to compile.
+       "--config.model.spatial_layers=1", "--config.model.depth_layers=1",
        "--t_draft=2,32", "--num_revisions=1", "--train_batches=4096,4", "--memory_limit_gb=0.05", "--check_batch=2"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   out = proc.stdout + proc.stderr

@@ -97,16 +97,7 @@ def test_preprocess_rejects_non_uint8():
 @pytest.fixture(scope="module")
 def random_variables():
   """Random weights (He-scaled) and BatchNorm statistics, drawn without torch, so features are far from constant."""
-  rng = np.random.default_rng(0)
-  sd = {}
-  for key, shape in inception_convert.reference_state_dict_shapes().items():
-    if key.endswith("conv.weight") or key == "fc.weight":
-      sd[key] = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[1:]))
-    elif key.endswith("running_var") or key.endswith("bn.weight"):
-      sd[key] = rng.uniform(0.5, 1.5, size=shape)
-    else:
-      sd[key] = rng.normal(size=shape) * 0.2
-  return inception_convert.convert_state_dict({k: v.astype(np.float32) for k, v in sd.items()})
+  return inception_convert.convert_state_dict(inception_convert.random_state_dict(0))
 
 
 @pytest.mark.slow
@@ -128,6 +119,27 @@ def test_extractor_batches_equal_one_direct_call(random_variables):
   np.testing.assert_allclose(np.concatenate([s["pool"] for s in streamed]), out["pool"], rtol=1e-6, atol=1e-6)
   # And the whole evaluation runs on the real network: identical sets score FID 0 and precision = recall = 1.
   with_reference(extractor, x)
+  streamed_reference(extractor, x, out)
+
+
+def streamed_reference(extractor, x, out):
+  """`fid.build_reference` from odd-sized batches: the statistics of all images, the first `keep_images` kept."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as d:
+    path = os.path.join(d, "ref.npz")
+    done = []
+    info = fid.build_reference(extractor, [x[:3], x[3:5], x[5:]], path, keep_images=4, progress=done.append)
+    assert info == {"num_images": 7, "kept_images": 4} and done == [3, 5, 7]
+    ref = feats.read_reference(path)
+    assert ref.num_images == 4 and sorted(os.listdir(d)) == ["ref.npz"]  # the scratch file is gone
+    with np.load(path) as z:
+      np.testing.assert_array_equal(z["arr_0"], x[:4])
+    want = frechet.FeatureStats.from_features(out["pool"])
+    np.testing.assert_allclose(ref.mu, want.mu, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ref.sigma, want.sigma, rtol=1e-5, atol=1e-6)
+    assert ref.mu_s.shape == (out["spatial"].shape[1],)
+    with pytest.raises(ValueError, match="no images to build a reference from"):
+      fid.build_reference(extractor, [], os.path.join(d, "none.npz"), keep_images=4)
 
 
 def with_reference(extractor, x):

@@ -209,3 +209,26 @@ def test_bad_inputs(setup):
 def test_sample_command_offers_every_draft_mode():
   from ctxrq_jax import sample as sample_command  # pylint: disable=g-import-not-at-top
   assert sample_command.DRAFT_MODES == decode.DRAFT_MODES
+
+
+# One key per sample (large sample sets drawn piece by piece).
+
+
+def test_per_sample_keys_make_each_sample_independent_of_its_batch(setup):
+  model, params, codebook, _ = setup
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(jnp.arange(5))
+  cond = jnp.array([[0], [1], [2], [1], [0]], jnp.int32)
+  kw = {**STEPS, 'draft': DRAFT, 'revise': REVISE, 'return_history': True}
+  whole, hist = decode.draft_and_revise(model, params, codebook, cond, keys, **kw)
+  # The same samples drawn two at a time, or in another order with other neighbours: identical codes.
+  for split in ([0, 1], [2, 3], [4, 0]), ([3, 1, 4], [2, 0, 1]):
+    for idx in split:
+      idx = np.asarray(idx)
+      part, part_hist = decode.draft_and_revise(model, params, codebook, cond[idx], keys[idx], **kw)
+      np.testing.assert_array_equal(part, whole[idx])
+      np.testing.assert_array_equal(part_hist, hist[:, idx])
+  assert hist.shape == (3, 5, N, D) and np.array_equal(hist[-1], whole)
+  # Different keys give different samples; a batch of keys must match the batch.
+  assert not np.array_equal(whole[0], whole[4]) or not np.array_equal(whole[1], whole[3])
+  with pytest.raises(ValueError, match=r'one key per sample \[B=5\], got keys of shape \(4,\)'):
+    decode.draft_and_revise(model, params, codebook, cond, keys[:4], **kw)

@@ -1,0 +1,88 @@
+"""Sample sets drawn piece by piece (ctxrq_jax/sampling/runner.py): sample i depends on (seed, i, settings) only,
+so batch sizes and host shards give the same set, and shards merge into the single-host samples.npz."""
+
+import os
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ctxrq_jax.models import transformer
+from ctxrq_jax.sampling import loader
+from ctxrq_jax.sampling import runner
+from ctxrq_jax.sampling.logits import PhaseSettings
+
+N, D, K = 16, 2, 8
+
+
+class _Decoder:
+  """Stands in for the RQ-VAE decoder: a fixed function of the codes, uint8 [B, 8, 8, 3]."""
+
+  def images(self, codes, *, uint8=False, out=None):
+    codes = np.asarray(codes).reshape(len(codes), 4, 4, D)
+    img = np.repeat(np.repeat(codes.sum(-1), 2, 1), 2, 2)[..., None].repeat(3, -1) * 16
+    img = img.astype(np.uint8) if uint8 or out is not None else img.astype(np.float32) / 127.5 - 1
+    if out is None:
+      return img
+    out[...] = img
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded():
+  model = transformer.ContextualRQTransformer(
+      vocab_size=K, code_depth=D, num_positions=N, embed_dim=4, width=32, num_heads=2, spatial_layers=1,
+      depth_layers=1, num_classes=3)
+  codebook = jax.random.normal(jax.random.key(1), (K, 4))
+  codes, mask, cond = transformer.init_inputs(model, 1)[:3]
+  params = jax.jit(model.init)(jax.random.key(0), codes, mask, cond, codebook)["params"]
+  params = jax.tree_util.tree_map(lambda x: x * 8.0, params)
+  dec = _Decoder()
+  return types.SimpleNamespace(model=model, params=params, codebook=codebook, mesh=loader.inference_mesh(),
+                               code_shape=(4, 4, D), images=dec.images)
+
+
+KW = dict(t_draft=4, t_revise=2, num_revisions=1, draft=PhaseSettings(), revise=PhaseSettings(temperature=0.8))
+
+
+@pytest.mark.slow
+def test_batch_size_and_shards_do_not_change_the_samples(loaded, tmp_path):
+  labels = np.array([0, 1, 2, 0, 1], np.int32)
+  rng = jax.random.key(3)
+  whole = runner.sample_codes(loaded, labels, rng, batch_size=5, **KW)
+  np.testing.assert_array_equal(runner.sample_codes(loaded, labels, rng, batch_size=2, **KW), whole)
+  out = str(tmp_path / "out")
+  for host in range(2):  # two hosts, each its block of indices
+    mine = runner.shard_indices(len(labels), host, 2)
+    hist = runner.sample_codes(loaded, labels[mine], rng, batch_size=2, indices=mine, **KW)
+    np.testing.assert_array_equal(hist, whole[:, mine])
+    runner.write_samples_npz(loaded, hist[-1], labels[mine], runner.shard_path(out, host, 2), indices=mine)
+  merged = runner.merge_shards(out)
+  single = runner.write_samples_npz(loaded, whole[-1], labels, str(tmp_path / "single.npz"))
+  with np.load(merged) as a, np.load(single) as b:
+    assert sorted(a.files) == ["arr_0", "codes", "labels"]
+    for key in a.files:
+      np.testing.assert_array_equal(a[key], b[key])
+  assert not [n for n in os.listdir(out) if n.startswith(".")]  # scratch files removed
+
+
+def test_shard_indices_and_incomplete_sets(loaded, tmp_path):
+  blocks = [runner.shard_indices(10, i, 3) for i in range(3)]
+  np.testing.assert_array_equal(np.concatenate(blocks), np.arange(10))
+  assert [len(b) for b in blocks] == [4, 3, 3]
+  with pytest.raises(ValueError, match=r"process_index 3 is outside \[0, 3\)"):
+    runner.shard_indices(10, 3, 3)
+  with pytest.raises(FileNotFoundError, match="no sample shards"):
+    runner.merge_shards(str(tmp_path / "empty"))
+  out = str(tmp_path / "out")
+  codes = np.zeros((2, N, D), np.int32)
+  runner.write_samples_npz(loaded, codes, np.zeros(2, np.int32), runner.shard_path(out, 0, 2), indices=[0, 1])
+  with pytest.raises(ValueError, match=r"shards of hosts \[1\] \(of 2\) are missing"):
+    runner.merge_shards(out)
+  runner.write_samples_npz(loaded, codes, np.zeros(2, np.int32), runner.shard_path(out, 1, 2), indices=[1, 2])
+  with pytest.raises(ValueError, match="not 0 ... 3 exactly once each"):
+    runner.merge_shards(out)
+  with pytest.raises(ValueError, match=r"indices \(3,\) must match labels \(2,\)"):
+    runner.sample_codes(loaded, [0, 1], jax.random.key(0), batch_size=2, indices=[0, 1, 2], **KW)
