@@ -6,6 +6,9 @@
       held-out masked-code NLL (eq. 11, masks from q(m)) against the codes' unigram entropy
   python -m ctxrq_jax.evaluate samples --workdir=runs/demo/stage2
       how many class-conditional samples a CNN trained on the real digits assigns to their class, draft vs revisions
+  python -m ctxrq_jax.evaluate text_samples --workdir=runs/demo/text_stage2
+      caption faithfulness of the text demo: digit (the CNN) and width / thickness / slant (pixel measurements) of
+      samples of held-out captions, against chance, the class alone and the reconstructions
 """
 
 from absl import app
@@ -15,7 +18,7 @@ from ml_collections import config_flags
 from ctxrq_jax.core import cli
 
 FLAGS = flags.FLAGS
-COMMANDS = ("rqvae", "stage2", "samples")
+COMMANDS = ("rqvae", "stage2", "samples", "text_samples")
 
 
 def define_flags() -> None:
@@ -24,6 +27,8 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "stage2/samples: stage-2 workdir.")
   flags.DEFINE_integer("num_draws", 4, "stage2: masks drawn per held-out example.")
   flags.DEFINE_integer("samples_per_class", 20, "samples: samples per class.")
+  flags.DEFINE_integer("num_prompts", 100, "text_samples: held-out captions used as prompts.")
+  flags.DEFINE_integer("samples_per_prompt", 2, "text_samples: samples per prompt.")
   flags.DEFINE_integer("seed", 0, "Seed for masks / sampling.")
 
 
@@ -49,6 +54,10 @@ def main(argv: list[str]) -> None:
     from ctxrq_jax.evaluation import likelihood  # pylint: disable=g-import-not-at-top
     print(likelihood.format_stage2_results(
         likelihood.evaluate_stage2(FLAGS.workdir, num_draws=FLAGS.num_draws, seed=FLAGS.seed)))
+  elif argv[1] == "text_samples":
+    from ctxrq_jax.evaluation import digits  # pylint: disable=g-import-not-at-top
+    print(digits.format_text_results(digits.evaluate_text_samples(
+        FLAGS.workdir, num_prompts=FLAGS.num_prompts, samples_per_prompt=FLAGS.samples_per_prompt, seed=FLAGS.seed)))
   else:
     from ctxrq_jax.evaluation import digits  # pylint: disable=g-import-not-at-top
     print(digits.format_sample_results(

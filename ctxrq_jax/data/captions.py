@@ -207,8 +207,10 @@ def decode_image(image: bytes | np.ndarray) -> np.ndarray:
 
 
 def image_batches(examples: Iterable[CaptionExample], stats: CaptionStats, *, image_size: int, channels: int = 3,
-                  batch_size: int) -> Iterator[tuple[np.ndarray, list[tuple[str, ...]], list[str]]]:
-  """Decodes and preprocesses examples into batches, streaming.
+                  batch_size: int, resize: str = "crop") -> Iterator[tuple[np.ndarray, list[tuple[str, ...]],
+                                                                           list[str]]]:
+  """Decodes and preprocesses examples into batches, streaming (`resize` as in data/images.py: 'crop' for photos,
+  'pad' for the small square digits).
 
   Yields (images float32 [B, S, S, C] in [-1, 1], captions per image, keys); B = batch_size except the last batch.
   Undecodable images are counted in `stats.corrupt_images` and skipped.
@@ -222,7 +224,11 @@ def image_batches(examples: Iterable[CaptionExample], stats: CaptionStats, *, im
     except ValueError as e:
       stats.note("corrupt_images", ex.key, str(e))
       continue
-    images.append(image_data.preprocess_image(array, image_size=image_size, channels=channels, resize="crop"))
+    try:
+      images.append(image_data.preprocess_image(array, image_size=image_size, channels=channels, resize=resize))
+    except ValueError as e:  # e.g. 'pad' with an image larger than image_size
+      stats.note("corrupt_images", ex.key, str(e))
+      continue
     captions.append(ex.captions)
     keys.append(ex.key)
     stats.decoded += 1
