@@ -150,7 +150,7 @@ def evaluate_text_samples(workdir: str, *, num_prompts: int = 100, samples_per_p
     batches = list(it)
     return (np.concatenate([b["image"] for b in batches]), np.concatenate([b["label"] for b in batches]))
 
-  (x_tr, y_tr), _ = whole(data_cfg.train_split), None
+  x_tr, y_tr = whole(data_cfg.train_split)
   thresholds = digit_captions.fit_thresholds(x_tr)
   train_bins = digit_captions.attribute_bins(x_tr, thresholds)
   clf, clf_params = train_classifier(x_tr, y_tr, num_classes=len(digit_captions.DIGIT_WORDS), steps=classifier_steps,

@@ -168,7 +168,8 @@ def run_text(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collect
 
   codes_dir = os.path.join(workdir, TEXT_CODES)
   encode.encode_captions(artifact_dir, {s: source(s) for s in splits}, codes_dir, tok, train_splits=(d.train_split,),
-                         overwrite=True, resize=str(d.resize), source_description={"digits": "embedded_mnist",
+                         overwrite=True, resize=str(d.resize), totals={s: len(v[0]) for s, v in splits.items()},
+                         source_description={"digits": "embedded_mnist",
                                                                                    "thresholds": thresholds.to_json()})
   timings["captions + encode"] = time.time() - t0
 

@@ -97,7 +97,8 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
                     out_dir: str, tokenizer: tokenizer_lib.CaptionTokenizer, *,
                     train_splits: Sequence[str] = ("train",), batch_size: int = 256, num_shards: int = 1,
                     overwrite: bool = False, max_examples: int | None = None,
-                    source_description: Any = None, resize: str = "crop") -> tuple[code_data.CodeMetadata, dict[str, captions_lib.CaptionStats]]:
+                    source_description: Any = None, resize: str = "crop",
+                    totals: Mapping[str, int] | None = None) -> tuple[code_data.CodeMetadata, dict[str, captions_lib.CaptionStats]]:
   """Encodes image/caption pairs into a code dataset whose condition is the caption's L tokens (streaming).
 
   Each image is encoded once; an image with several captions becomes one record per caption (same codes). Captions
@@ -117,6 +118,7 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
     overwrite: replace an existing code dataset.
     max_examples: at most this many images per split (None: all).
     source_description: JSON-serialisable description stored in metadata.json.
+    totals: images per split when known (progress lines only; streaming sources may not know).
     resize: 'crop' (photos: shorter side to the RQ-VAE's resolution, centre crop) or 'pad' (small square images).
 
   Returns:
@@ -139,7 +141,8 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
       examples = make_examples(stats)
       if max_examples is not None:
         examples = itertools.islice(examples, max_examples)
-      progress = reporting.Progress(f"encode {split}", max_examples or 0, unit="images")
+      total = (totals or {}).get(split) or max_examples or 0
+      progress = reporting.Progress(f"encode {split}", min(total, max_examples or total), unit="images")
       batches = captions_lib.image_batches(examples, stats, image_size=model.resolution,
                                            channels=model.in_channels, batch_size=batch_size, resize=resize)
       caption_path = os.path.join(out_dir, CAPTIONS_FILE.format(split=split))
