@@ -13,7 +13,7 @@ Encoding is deterministic: examples are read in dataset order with eval preproce
 codebook and written in the same order (ctxrq_jax/data/codes.py describes the files). The code dataset carries the
 codebook, so stage 2 needs nothing else from stage 1 to train.
 
-`captions` streams image/caption pairs (img2dataset webdataset shards or a tfds set with an image and a text
+`captions` streams image/caption pairs (img2dataset webdataset or parquet shards, or a tfds set with an image and a text
 feature, ctxrq_jax/data/captions.py) and stores each record's condition as its caption's BPE tokens; the splits in
 --train_splits get BPE dropout. Undecodable images are counted, skipped and reported per split.
 """
@@ -41,6 +41,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("num", 64, "decode: how many code maps to decode into the grid.")
   flags.DEFINE_string("tokenizer", None, "captions: tokenizer directory (a bpe-16k-vocab.json/merges.txt pair).")
   flags.DEFINE_string("webdataset", None, "captions: 'split=GLOB[,GLOB];split=GLOB' tar shards from img2dataset.")
+  flags.DEFINE_string("parquet", None, "captions: 'split=GLOB;split=GLOB' parquet shards from img2dataset "
+                      "(--output_format parquet).")
   flags.DEFINE_string("tfds", None, "captions: a tfds data set with an image and a text feature (--splits).")
   flags.DEFINE_string("image_key", "image", "captions --tfds: the image feature.")
   flags.DEFINE_string("text_key", "captions/text", "captions --tfds: the text feature ('/' for nested).")
@@ -87,7 +89,7 @@ def _parse_webdataset(spec: str) -> dict[str, str]:
       continue
     split, sep, patterns = part.partition("=")
     if not sep or not split.strip() or not patterns.strip():
-      raise app.UsageError(f"--webdataset wants 'split=GLOB;split=GLOB', got {part!r}")
+      raise app.UsageError(f"--webdataset / --parquet want 'split=GLOB;split=GLOB', got {part!r}")
     out[split.strip()] = patterns.strip()
   return out
 
@@ -99,16 +101,18 @@ def _captions() -> None:
 
   if not FLAGS.tokenizer:
     raise app.UsageError("captions needs --tokenizer (train one with `python -m ctxrq_jax.tokenize train`)")
-  if bool(FLAGS.webdataset) == bool(FLAGS.tfds):
-    raise app.UsageError("captions needs exactly one of --webdataset and --tfds")
+  if sum(map(bool, (FLAGS.webdataset, FLAGS.parquet, FLAGS.tfds))) != 1:
+    raise app.UsageError("captions needs exactly one of --webdataset, --parquet and --tfds")
   tok = tokenizer.CaptionTokenizer.from_directory(FLAGS.tokenizer, context_length=FLAGS.context_length,
                                                   bpe_dropout=FLAGS.bpe_dropout)
-  if FLAGS.webdataset:
-    shards = _parse_webdataset(FLAGS.webdataset)
+  if FLAGS.webdataset or FLAGS.parquet:
+    kind = "webdataset" if FLAGS.webdataset else "parquet"
+    shards = _parse_webdataset(FLAGS.webdataset or FLAGS.parquet)
     for split, pattern in shards.items():
       captions.shard_paths(pattern)  # a pattern matching nothing fails now, before the RQ-VAE loads
-    sources = {split: (lambda stats, p=pattern: captions.iter_webdataset(p, stats)) for split, pattern in shards.items()}
-    described = {"webdataset": shards}
+    reader = captions.iter_webdataset if FLAGS.webdataset else captions.iter_parquet
+    sources = {split: (lambda stats, p=pattern: reader(p, stats)) for split, pattern in shards.items()}
+    described = {kind: shards}
   else:
     sources = {split: (lambda stats, s=split: captions.iter_tfds(FLAGS.tfds, s, stats, image_key=FLAGS.image_key,
                                                                  text_key=FLAGS.text_key, data_dir=FLAGS.data_dir))

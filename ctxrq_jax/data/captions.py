@@ -1,10 +1,14 @@
 """Image/caption pairs for text-to-image encoding, streamed (a 3M-image set never sits in memory).
 
-Two sources:
+Three sources:
   webdataset  tar shards as `img2dataset --output_format webdataset` writes them (CC-3M, CC-12M, LAION): members
               `<key>.jpg` (or .jpeg / .png / .webp) and `<key>.txt` (the caption), plus .json / other files that are
               ignored, grouped by key (the member name up to its first dot). Shards are read in sorted glob order,
               each as a stream (`tarfile` mode 'r|*'), one example at a time.
+  parquet     shards as `img2dataset --output_format parquet` writes them: one row per sample with the encoded image
+              in the binary column `jpg` (null when the download failed), the caption in `txt` and the id in `key`
+              (plus metadata columns, ignored). Read in record batches (`pyarrow.parquet.ParquetFile.iter_batches`),
+              so a shard never sits in memory whole. (The .parquet beside each webdataset tar holds metadata only.)
   tfds        any tensorflow-datasets data set with an image feature and a text feature, read by random access
               (`tfds.data_source`, ArrayRecord, as ctxrq_jax/data/images.py reads image sets). The text feature
               may be nested ('captions/text' of coco_captions) and may hold several captions per image.
@@ -134,6 +138,44 @@ def _webdataset_example(path: str, key: str, parts: dict[str, Any],
     yield CaptionExample(where, image, (caption,))
 
 
+def iter_parquet(patterns: str | Sequence[str], stats: CaptionStats, *, image_column: str = "jpg",
+                 text_column: str = "txt", key_column: str = "key", batch_rows: int = 256) -> Iterator[CaptionExample]:
+  """Streams the examples of img2dataset parquet shards (see the module docstring), in shard and row order."""
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top  (tensorflow-datasets depends on pyarrow)
+
+  for path in shard_paths(patterns):
+    try:
+      shard = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid / OSError on a damaged file
+      stats.note("bad_shards", path, f"not a readable parquet file ({type(e).__name__}: {e})")
+      continue
+    names = set(shard.schema_arrow.names)
+    missing = [c for c in (image_column, text_column) if c not in names]
+    if missing:
+      raise ValueError(f"{path} has no column {missing[0]!r} (columns: {sorted(names)}); img2dataset writes images "
+                       "into parquet only with --output_format parquet (the .parquet beside a webdataset tar is "
+                       "metadata)")
+    columns = [image_column, text_column] + ([key_column] if key_column in names else [])
+    row = 0
+    try:
+      for batch in shard.iter_batches(batch_size=batch_rows, columns=columns):
+        data = batch.to_pydict()
+        keys = data.get(key_column) or [str(row + i) for i in range(batch.num_rows)]
+        for key, image, text in zip(keys, data[image_column], data[text_column]):
+          stats.read += 1
+          where = f"{os.path.basename(path)}:{key}"
+          caption = _text(text).strip() if text is not None else ""
+          if not image:
+            stats.note("missing_image", where, "no image (a failed download)")
+          elif not caption:
+            stats.note("missing_caption", where, "no caption")
+          else:
+            yield CaptionExample(where, bytes(image), (caption,))
+        row += batch.num_rows
+    except OSError as e:  # a shard cut short
+      stats.note("bad_shards", path, f"shard ends early ({type(e).__name__}: {e})")
+
+
 def _lookup(record: Any, path: str) -> Any:
   value = record
   for part in path.split("/"):
@@ -239,5 +281,5 @@ def image_batches(examples: Iterable[CaptionExample], stats: CaptionStats, *, im
     yield np.stack(images), captions, keys
 
 
-__all__ = ["CaptionExample", "CaptionStats", "decode_image", "image_batches", "iter_tfds", "iter_webdataset",
-           "shard_paths"]
+__all__ = ["CaptionExample", "CaptionStats", "decode_image", "image_batches", "iter_parquet", "iter_tfds",
+           "iter_webdataset", "shard_paths"]

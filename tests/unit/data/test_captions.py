@@ -120,3 +120,24 @@ def test_tfds_source_under_mock_data(tmp_path):
   assert all(len(ex.captions) >= 1 for ex in nested) and sum(len(ex.captions) for ex in nested) > len(nested)
   batches = list(captions.image_batches(iter(nested), nested_stats, image_size=16, channels=1, batch_size=4))
   assert sum(len(b) for b, _, _ in batches) == len(nested) and batches[0][0].shape[1:] == (16, 16, 1)
+
+
+def test_parquet_shards_stream_rows_and_report_what_they_skip(tmp_path):
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+  rows = {"key": [f"{i:09d}" for i in range(6)],
+          "jpg": [_jpeg(0), None, b"not an image", _jpeg(3), _jpeg(4), _jpeg(5)],
+          "txt": ["a cat", "a failed download", "a corrupt one", "", "a dog", "a bird"],
+          "status": ["success", "failed_to_download", "success", "success", "success", "success"]}
+  pq.write_table(pa.table(rows), tmp_path / "00000.parquet", row_group_size=2)
+  pq.write_table(pa.table({"key": ["x"], "status": ["success"]}), tmp_path / "meta.parquet")
+  stats = captions.CaptionStats()
+  batches = list(captions.image_batches(captions.iter_parquet(str(tmp_path / "00000.parquet"), stats, batch_rows=2),
+                                        stats, image_size=8, batch_size=4))
+  assert [c for _, cs, _ in batches for c in cs] == [("a cat",), ("a dog",), ("a bird",)]
+  assert [k for _, _, ks in batches for k in ks] == ["00000.parquet:000000000", "00000.parquet:000000004",
+                                                    "00000.parquet:000000005"]
+  assert (stats.read, stats.decoded, stats.missing_image, stats.corrupt_images, stats.missing_caption) == (6, 3, 1, 1, 1)
+  with pytest.raises(ValueError, match="has no column 'jpg'.*metadata"):
+    next(captions.iter_parquet(str(tmp_path / "meta.parquet"), captions.CaptionStats()))
