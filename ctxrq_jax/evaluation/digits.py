@@ -78,6 +78,8 @@ def evaluate_samples(workdir: str, *, samples_per_class: int = 20, seed: int = 0
   revision (the same sampling run, `config.sample` settings).
   """
   loaded = loader.Stage2Model(workdir)
+  if loaded.model.is_text:
+    raise ValueError(f"{workdir} is a text-to-image run; use `evaluate text_samples`")
   stage1_cfg = configlib.load_snapshot(os.path.dirname(os.path.abspath(loaded.config.data.stage1_dir)))
   data_cfg = stage1_cfg.data
 
