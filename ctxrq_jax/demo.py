@@ -2,6 +2,8 @@
 
   python -m ctxrq_jax.demo --workdir=runs/demo            # the demo (about 12 minutes on 2 CPU cores)
   python -m ctxrq_jax.demo --workdir=/tmp/check --smoke   # every stage for a few steps: checks an install
+  python -m ctxrq_jax.demo --workdir=runs/demo --task=text # text-to-image: captions such as "a wide thick
+                                                           # rightward seven", prompts under the samples
 
 Trains the RQ-VAE, encodes the digits, trains the Contextual RQ-Transformer and writes Draft-and-Revise samples under
 the workdir, printing one progress line per stage and a results table. Re-running resumes every stage.
@@ -21,9 +23,13 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file("stage1_config", configlib.package_config_path("rqvae_mnist"),
                                   "Stage-1 (RQ-VAE) config.", lock_config=True)
   config_flags.DEFINE_config_file("stage2_config", configlib.package_config_path("demo"),
-                                  "Stage-2 (Contextual RQ-Transformer) config.", lock_config=True)
+                                  "Stage-2 (Contextual RQ-Transformer) config (--task=text: default "
+                                  "configs/demo_text.py).", lock_config=True)
+  flags.DEFINE_enum("task", "class", ["class", "text"], "class: class-conditional samples; text: text-to-image on "
+                    "captions made from each digit's class and measured attributes.")
   flags.DEFINE_string("workdir", "runs/demo", "Where every stage writes its outputs.")
-  flags.DEFINE_integer("samples_per_class", 10, "Samples drawn for each class in the final grids.")
+  flags.DEFINE_integer("samples_per_class", 10, "Samples drawn for each class (--task=text: each prompt) in the "
+                       "final grids.")
   flags.DEFINE_bool("smoke", False, "Run every stage for a few steps (the configs' 'smoke' variants) to check an "
                     "install in about a minute; the samples are noise.")
 
@@ -35,14 +41,17 @@ def main(argv: list[str]) -> None:
   from ctxrq_jax.recipes import demo  # pylint: disable=g-import-not-at-top
 
   host.setup_host()
+  text = FLAGS.task == "text"
   stage1, stage2 = FLAGS.stage1_config, FLAGS.stage2_config
+  if text and not FLAGS["stage2_config"].present:
+    stage2 = demo.default_text_configs()[1]
   samples_per_class = FLAGS.samples_per_class
   if FLAGS.smoke:
     if FLAGS["stage1_config"].present or FLAGS["stage2_config"].present:
       raise app.UsageError("--smoke uses the demo's own smoke configs; leave out --stage1_config/--stage2_config")
-    stage1, stage2 = demo.default_configs(smoke=True)
+    stage1, stage2 = (demo.default_text_configs if text else demo.default_configs)(smoke=True)
     samples_per_class = 2 if not FLAGS["samples_per_class"].present else samples_per_class
-  summary = demo.run(stage1, stage2, FLAGS.workdir, samples_per_class)
+  summary = (demo.run_text if text else demo.run)(stage1, stage2, FLAGS.workdir, samples_per_class)
   if "stopped_at" in summary:
     print(f"stopped at step {summary['stopped_at']}; run the same command to resume")
     return

@@ -2,12 +2,20 @@
 
   python -m ctxrq_jax.encode encode --artifact=runs/rqvae/rqvae --config=configs/rqvae_mnist.py \
       --out=runs/codes [--splits=train,test] [--num_shards=4]
+  python -m ctxrq_jax.encode captions --artifact=runs/rqvae/rqvae --tokenizer=BPE_DIR --out=runs/cc3m_codes \
+      --webdataset="train=/data/cc3m/train/*.tar;validation=/data/cc3m/val/*.tar" [--num_shards=64]
+  python -m ctxrq_jax.encode captions --artifact=... --tokenizer=... --out=... --tfds=coco_captions \
+      --splits=train,val [--text_key=captions/text --image_key=image --data_dir=DIR]
   python -m ctxrq_jax.encode decode --artifact=runs/rqvae/rqvae --codes_dir=runs/codes --split=test \
       --num=64 --out=runs/codes_test.png
 
 Encoding is deterministic: examples are read in dataset order with eval preprocessing, encoded with the artifact's
 codebook and written in the same order (ctxrq_jax/data/codes.py describes the files). The code dataset carries the
 codebook, so stage 2 needs nothing else from stage 1 to train.
+
+`captions` streams image/caption pairs (img2dataset webdataset or parquet shards, or a tfds set with an image and a text
+feature, ctxrq_jax/data/captions.py) and stores each record's condition as its caption's BPE tokens; the splits in
+--train_splits get BPE dropout. Undecodable images are counted, skipped and reported per split.
 """
 
 from absl import app
@@ -31,11 +39,23 @@ def define_flags() -> None:
   flags.DEFINE_string("codes_dir", None, "decode: code dataset to read.")
   flags.DEFINE_string("split", "test", "decode: split to read.")
   flags.DEFINE_integer("num", 64, "decode: how many code maps to decode into the grid.")
+  flags.DEFINE_string("tokenizer", None, "captions: tokenizer directory (a bpe-16k-vocab.json/merges.txt pair).")
+  flags.DEFINE_string("webdataset", None, "captions: 'split=GLOB[,GLOB];split=GLOB' tar shards from img2dataset.")
+  flags.DEFINE_string("parquet", None, "captions: 'split=GLOB;split=GLOB' parquet shards from img2dataset "
+                      "(--output_format parquet).")
+  flags.DEFINE_string("tfds", None, "captions: a tfds data set with an image and a text feature (--splits).")
+  flags.DEFINE_string("image_key", "image", "captions --tfds: the image feature.")
+  flags.DEFINE_string("text_key", "captions/text", "captions --tfds: the text feature ('/' for nested).")
+  flags.DEFINE_string("data_dir", None, "captions --tfds: tfds data directory.")
+  flags.DEFINE_list("train_splits", ["train"], "captions: splits tokenized with BPE dropout.")
+  flags.DEFINE_integer("context_length", 32, "captions: tokens per caption (the official 32).")
+  flags.DEFINE_float("bpe_dropout", 0.1, "captions: BPE dropout of the --train_splits (the official 0.1).")
+  flags.DEFINE_integer("max_examples", None, "captions: at most this many images per split.")
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) != 2 or argv[1] not in ("encode", "decode"):
-    raise app.UsageError("usage: python -m ctxrq_jax.encode {encode|decode} --artifact=DIR --out=PATH ...")
+  if len(argv) != 2 or argv[1] not in ("encode", "captions", "decode"):
+    raise app.UsageError("usage: python -m ctxrq_jax.encode {encode|captions|decode} --artifact=DIR --out=PATH ...")
   if not FLAGS.artifact or not FLAGS.out:
     raise app.UsageError("--artifact and --out are required")
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -44,6 +64,9 @@ def main(argv: list[str]) -> None:
   from ctxrq_jax.models import artifact  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.stage1 import encode  # pylint: disable=g-import-not-at-top
 
+  if argv[1] == "captions":
+    _captions()
+    return
   if argv[1] == "encode":
     if FLAGS.config is None:
       raise app.UsageError("encode needs --config (a stage-1 config file, for its data section)")
@@ -57,6 +80,53 @@ def main(argv: list[str]) -> None:
   codes, _ = code_data.load_codes(FLAGS.codes_dir, FLAGS.split)
   images = artifact.CodeDecoder(FLAGS.artifact, batch_size=FLAGS.batch_size).images(codes[:FLAGS.num])
   print("wrote", grids.save_grid(FLAGS.out, images, ncols=int(np.ceil(np.sqrt(len(images)))), scale=2))
+
+
+def _parse_webdataset(spec: str) -> dict[str, str]:
+  out = {}
+  for part in spec.split(";"):
+    if not part.strip():
+      continue
+    split, sep, patterns = part.partition("=")
+    if not sep or not split.strip() or not patterns.strip():
+      raise app.UsageError(f"--webdataset / --parquet want 'split=GLOB;split=GLOB', got {part!r}")
+    out[split.strip()] = patterns.strip()
+  return out
+
+
+def _captions() -> None:
+  from ctxrq_jax.data import captions  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.stage1 import encode  # pylint: disable=g-import-not-at-top
+
+  if not FLAGS.tokenizer:
+    raise app.UsageError("captions needs --tokenizer (train one with `python -m ctxrq_jax.tokenize train`)")
+  if sum(map(bool, (FLAGS.webdataset, FLAGS.parquet, FLAGS.tfds))) != 1:
+    raise app.UsageError("captions needs exactly one of --webdataset, --parquet and --tfds")
+  tok = tokenizer.CaptionTokenizer.from_directory(FLAGS.tokenizer, context_length=FLAGS.context_length,
+                                                  bpe_dropout=FLAGS.bpe_dropout)
+  if FLAGS.webdataset or FLAGS.parquet:
+    kind = "webdataset" if FLAGS.webdataset else "parquet"
+    shards = _parse_webdataset(FLAGS.webdataset or FLAGS.parquet)
+    for split, pattern in shards.items():
+      captions.shard_paths(pattern)  # a pattern matching nothing fails now, before the RQ-VAE loads
+    reader = captions.iter_webdataset if FLAGS.webdataset else captions.iter_parquet
+    sources = {split: (lambda stats, p=pattern: reader(p, stats)) for split, pattern in shards.items()}
+    described = {kind: shards}
+  else:
+    sources = {split: (lambda stats, s=split: captions.iter_tfds(FLAGS.tfds, s, stats, image_key=FLAGS.image_key,
+                                                                 text_key=FLAGS.text_key, data_dir=FLAGS.data_dir))
+               for split in FLAGS.splits}
+    described = {"tfds": FLAGS.tfds, "image_key": FLAGS.image_key, "text_key": FLAGS.text_key}
+  meta, stats = encode.encode_captions(FLAGS.artifact, sources, FLAGS.out, tok, train_splits=FLAGS.train_splits,
+                                       batch_size=FLAGS.batch_size, num_shards=FLAGS.num_shards,
+                                       overwrite=FLAGS.overwrite, max_examples=FLAGS.max_examples,
+                                       source_description=described)
+  for split, s in stats.items():
+    print(f"{split}: {s.summary()}")
+  print(f"wrote caption code dataset {FLAGS.out}: code shape {meta.code_shape}, K={meta.codebook_size}, "
+        f"L={meta.cond_length} tokens of {meta.cond_range:,}, "
+        + ", ".join(f"{s}: {meta.num_examples(s)} records" for s in stats))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@
   python -m ctxrq_jax.evaluate reference-stats --config=configs/rqvae_imagenet.py --split=validation \
       --inception=pt_inception-2015-12-05-6726825d.pth --out=imagenet256_val.npz
       an ADM-layout reference file (statistics of every image, the first --keep_images images) from a tfds split
+  python -m ctxrq_jax.evaluate text_samples --workdir=runs/demo/text_stage2
+      caption faithfulness of the text demo: digit (the CNN) and width / thickness / slant (pixel measurements) of
+      samples of held-out captions, against chance, the class alone and the reconstructions
 """
 
 import os
@@ -26,7 +29,7 @@ from ml_collections import config_flags
 from ctxrq_jax.core import cli
 
 FLAGS = flags.FLAGS
-COMMANDS = ("rqvae", "stage2", "samples", "ablation", "fid", "reference-stats")
+COMMANDS = ("rqvae", "stage2", "samples", "ablation", "fid", "reference-stats", "text_samples")
 
 
 def define_flags() -> None:
@@ -57,6 +60,8 @@ def define_flags() -> None:
   flags.DEFINE_list("t_revises", ["1", "2", "4", "8"], "ablation: T_revise values of Fig. 4c.")
   flags.DEFINE_integer("max_revisions", 4, "ablation: M runs from 0 to this in Fig. 4b.")
   flags.DEFINE_list("guidance_scales", ["0", "0.5", "1", "1.8", "3"], "ablation: revise guidance scales.")
+  flags.DEFINE_integer("num_prompts", 100, "text_samples: held-out captions used as prompts.")
+  flags.DEFINE_integer("samples_per_prompt", 2, "text_samples: samples per prompt.")
   flags.DEFINE_integer("seed", 0, "Seed for masks / sampling.")
 
 
@@ -85,6 +90,10 @@ def main(argv: list[str]) -> None:
     from ctxrq_jax.evaluation import likelihood  # pylint: disable=g-import-not-at-top
     print(likelihood.format_stage2_results(
         likelihood.evaluate_stage2(FLAGS.workdir, num_draws=FLAGS.num_draws, seed=FLAGS.seed)))
+  elif argv[1] == "text_samples":
+    from ctxrq_jax.evaluation import digits  # pylint: disable=g-import-not-at-top
+    print(digits.format_text_results(digits.evaluate_text_samples(
+        FLAGS.workdir, num_prompts=FLAGS.num_prompts, samples_per_prompt=FLAGS.samples_per_prompt, seed=FLAGS.seed)))
   elif argv[1] == "samples":
     from ctxrq_jax.evaluation import digits  # pylint: disable=g-import-not-at-top
     print(digits.format_sample_results(digits.evaluate_samples(

@@ -3,6 +3,8 @@
   python -m ctxrq_jax.sample --workdir=runs/demo/stage2 --classes=all --num_per_class=10
   python -m ctxrq_jax.sample --workdir=runs/imagenet --classes=1,207,980 --num_per_class=8 \
       --t_draft=64 --t_revise=2 --num_revisions=2 --revise_guidance=1.8 --revise_temperature=0.8
+  python -m ctxrq_jax.sample --workdir=runs/cc3m --prompts="a red bus on a city street;a painting of a dog" \
+      --num_per_prompt=8      (or --prompts_file=FILE, one prompt per line; text-to-image runs)
 
 Phase settings default to the run's `config.sample` section (the paper's Table 3 setting: no guidance and
 temperature 1 in the draft, temperature 0.8 and guidance 1.8 in the revisions). Guidance follows Ho & Salimans:
@@ -11,9 +13,11 @@ the run kept them), never the optimizer state.
 
 Writes to --out (default WORKDIR/samples): samples.png (final samples, a preview of at most --preview_per_class x
 --preview_classes), phases.png (the draft and each revision side by side), samples.npz (arr_0 uint8 [M, H, W, 3],
-labels, codes; every sample). Sample i depends on the seed, its index and the settings only, so sets drawn with
-different batch sizes or device counts agree. On a multi-host slice every host draws its block of the indices into
-OUT/shards/ and host 0 merges them into OUT/samples.npz (`--merge` redoes that merge alone).
+labels, codes; every sample). For a text-to-image run each grid row is one prompt, written under every image, and
+the npz adds `prompts` and `cond` (the caption tokens). Sample i depends on the seed, its index and the settings
+only, so sets drawn with different batch sizes or device counts agree. On a multi-host slice every host draws its
+block of the (class-conditional) sample indices into OUT/shards/ and host 0 merges them into OUT/samples.npz
+(`--merge` redoes that merge alone).
 """
 
 from absl import app
@@ -30,7 +34,11 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Stage-2 workdir (config.json + checkpoints).")
   flags.DEFINE_string("out", None, "Output directory (default WORKDIR/samples).")
   flags.DEFINE_string("classes", "all", "'all' or comma-separated class ids.")
-  flags.DEFINE_integer("num_per_class", 10, "Samples per class.")
+  flags.DEFINE_integer("num_per_class", 10, "Samples per class (or per prompt).")
+  flags.DEFINE_string("prompts", None, "Text-to-image: prompts separated by ';'.")
+  flags.DEFINE_string("prompts_file", None, "Text-to-image: a file of prompts, one per line.")
+  flags.DEFINE_integer("num_per_prompt", None, "Text-to-image: samples per prompt (default --num_per_class).")
+  flags.DEFINE_string("tokenizer_dir", None, "Text-to-image: BPE files (default the run's config.data.tokenizer_dir).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_integer("batch_size", None, "Samples per jitted call (default config.sample.batch_size).")
   flags.DEFINE_integer("t_draft", None, "T_draft.")
@@ -44,8 +52,8 @@ def define_flags() -> None:
     flags.DEFINE_integer(f"{phase}_top_k", None, f"{phase} top-k (0 = off).")
     flags.DEFINE_float(f"{phase}_top_p", None, f"{phase} top-p (1 = off).")
   flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the run kept them.")
-  flags.DEFINE_integer("preview_per_class", 10, "At most this many samples per class in the PNG grids.")
-  flags.DEFINE_integer("preview_classes", 16, "At most this many classes in the PNG grids (the npz has all).")
+  flags.DEFINE_integer("preview_per_class", 10, "At most this many samples per class (prompt) in the PNG grids.")
+  flags.DEFINE_integer("preview_classes", 16, "At most this many classes (prompts) in the PNG grids (the npz has all).")
   flags.DEFINE_bool("merge", False, "Only merge OUT/shards/samples-*-of-*.npz (one per host of a multi-host run) "
                     "into OUT/samples.npz.")
   flags.mark_flags_as_required(["workdir"])
@@ -81,17 +89,31 @@ def main(argv: list[str]) -> None:
     return
   loaded = loader.Stage2Model(FLAGS.workdir, use_ema=FLAGS.use_ema)
   s = loaded.config.sample
+  pick = lambda v, d: d if v is None else v  # noqa: E731
+  settings = dict(batch_size=int(pick(FLAGS.batch_size, s.batch_size)), t_draft=int(pick(FLAGS.t_draft, s.T_draft)),
+                  t_revise=int(pick(FLAGS.t_revise, s.T_revise)), num_revisions=int(pick(FLAGS.num_revisions, s.M)),
+                  draft=_phase("draft", s.draft), revise=_phase("revise", s.revise), draft_mode=FLAGS.draft_mode)
+  out = out_dir
+  if loaded.model.is_text:
+    loaded.tokenizer_dir = FLAGS.tokenizer_dir
+    prompts = runner.read_prompts(FLAGS.prompts, FLAGS.prompts_file)
+    per_prompt = int(pick(FLAGS.num_per_prompt, FLAGS.num_per_class))
+    paths = runner.sample_prompts(loaded, prompts, out, per_prompt=per_prompt, rng=jax.random.key(FLAGS.seed),
+                                  preview_per_prompt=FLAGS.preview_per_class,
+                                  preview_prompts=FLAGS.preview_classes, **settings)
+    print(f"{len(prompts) * per_prompt} samples of {len(prompts)} prompts from {FLAGS.workdir} (step {loaded.step}, "
+          f"{loaded.params_name})")
+    for name, path in paths.items():
+      print(f"{name}: {path}")
+    return
+  if FLAGS.prompts or FLAGS.prompts_file:
+    raise app.UsageError(f"{FLAGS.workdir} is a class-conditional run: use --classes, not --prompts")
   ids = runner.parse_classes(FLAGS.classes, int(loaded.config.model.num_classes))
   labels = np.repeat(np.asarray(ids, np.int32), FLAGS.num_per_class)
   # Each host draws its block of the sample indices; sample i depends on (seed, i, settings) only.
   index, count = jax.process_index(), jax.process_count()
   mine = runner.shard_indices(len(labels), index, count)
-  pick = lambda v, d: d if v is None else v  # noqa: E731
-  history = runner.sample_codes(
-      loaded, labels[mine], jax.random.key(FLAGS.seed), batch_size=int(pick(FLAGS.batch_size, s.batch_size)),
-      t_draft=int(pick(FLAGS.t_draft, s.T_draft)), t_revise=int(pick(FLAGS.t_revise, s.T_revise)),
-      num_revisions=int(pick(FLAGS.num_revisions, s.M)), draft=_phase("draft", s.draft),
-      revise=_phase("revise", s.revise), draft_mode=FLAGS.draft_mode, indices=mine)
+  history = runner.sample_codes(loaded, labels[mine], jax.random.key(FLAGS.seed), indices=mine, **settings)
   preview = dict(ncols=FLAGS.num_per_class, preview_per_class=FLAGS.preview_per_class,
                  preview_classes=FLAGS.preview_classes)
   if count == 1:
@@ -108,6 +130,7 @@ def main(argv: list[str]) -> None:
   print(f"{len(labels)} samples of {len(ids)} classes from {FLAGS.workdir} (step {loaded.step}, {loaded.params_name})")
   for name, path in paths.items():
     print(f"{name}: {path}")
+
 
 if __name__ == "__main__":
   cli.run(main, define_flags)

@@ -33,14 +33,16 @@ def run_fid(samples: str, reference: str, inception: str, *, batch_size: int) ->
   """Runs the evaluate command in a child process: {'seconds', 'peak_rss_mib'} of that process alone."""
   args = [sys.executable, "-m", "ctxrq_jax.evaluate", "fid", f"--samples={samples}", f"--reference={reference}",
           f"--inception={inception}", f"--batch_size={batch_size}", f"--out_json={samples}.json"]
+  log_path = f"{samples}.log"
   t0 = time.perf_counter()
-  proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  _, status, usage = os.wait4(proc.pid, 0)
+  with open(log_path, "w") as log:  # a file, not a pipe: the child never blocks on a full pipe
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
   seconds = time.perf_counter() - t0
-  proc.returncode = os.waitstatus_to_exitcode(status)
-  out, err = proc.stdout.read(), proc.stderr.read()
-  if proc.returncode:
-    raise RuntimeError(f"evaluate fid failed ({proc.returncode}):\n{out}\n{err[-3000:]}")
+  code = proc.returncode = os.waitstatus_to_exitcode(status)
+  if code:
+    with open(log_path) as f:
+      raise RuntimeError(f"evaluate fid failed ({code}), its output ({log_path}):\n{f.read()[-3000:]}")
   return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024.0}  # ru_maxrss is in KiB on Linux
 
 

@@ -507,7 +507,8 @@ def bench_device(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: 
 
 
 def param_table() -> str:
-  """Parameter counts of the paper's model sizes (configs/imagenet.py) and the ImageNet RQ-VAE, via eval_shape."""
+  """Parameter counts of the paper's model sizes (configs/imagenet.py, configs/cc3m.py) and the ImageNet RQ-VAE, via
+  eval_shape."""
   paper = {'333m': 333e6, '821m': 821e6, '1.4b': 1.4e9}  # Table 1 / the reference RQ-Transformer
   lines = [f"{'model':>14}  {'width':>5}  {'heads':>5}  {'layers':>7}  {'parameters':>15}  {'paper':>7}  {'diff':>6}",
            '-' * 72]
@@ -518,6 +519,12 @@ def param_table() -> str:
     lines.append(f"{'ctx-rq ' + size:>14}  {c.model.width:>5}  {c.model.num_heads:>5}  "
                  f"{c.model.spatial_layers:>3}/{c.model.depth_layers:<3}  {n:>15,}  {paper[size] / 1e6:>6.0f}M  "
                  f"{100 * (n / paper[size] - 1):>+5.2f}%")
+  for size, target in (('333m', 333e6), ('654m', 654e6)):  # text-to-image (Table 2), configs/cc3m.py
+    c = configlib.load_config_file('cc3m', size)
+    n = common.count_params(transformer.abstract_variables(transformer.from_run_config(c))['params'])
+    lines.append(f"{'t2i ' + size:>14}  {c.model.width:>5}  {c.model.num_heads:>5}  "
+                 f"{c.model.spatial_layers:>3}/{c.model.depth_layers:<3}  {n:>15,}  {target / 1e6:>6.0f}M  "
+                 f"{100 * (n / target - 1):>+5.2f}%")
   c = configlib.load_config_file('rqvae_imagenet')
   model = rqvae.RQVAE.from_config(c.model)
   v = jax.eval_shape(lambda: rqvae.init_variables(model, jax.random.key(0)))

@@ -4,16 +4,24 @@ A code dataset is a directory:
 
   metadata.json   written last, atomically (temp file + rename): its presence marks a complete data set.
                   {"format": "ctxrq_codes", "version": 1, "code_shape": [h, w, D], "codebook_size": K,
-                   "embed_dim": n_z, "code_dtype": "int16" | "int32", "num_classes": C, "source": ...,
-                   "record_layout": ..., "splits": {split: {"num_examples": M, "shards": [file names]}}}
+                   "embed_dim": n_z, "code_dtype": "int16" | "int32", "num_classes": C, "cond_length": L,
+                   "cond_vocab_size": V, "source": ..., "record_layout": ...,
+                   "splits": {split: {"num_examples": M, "shards": [file names]}}}
   codebook.npy    float32 [K, n_z], the RQ-VAE codebook the codes index.
   {split}-{s:05d}-of-{n:05d}.array_record
                   n ArrayRecord shards per split. Example i (in write order) is record i // n of shard i % n, so
                   reading is in write order whatever the number of shards.
 
-Record layout (fixed, little-endian, no padding): bytes 0..3 the label as int32; then the h*w*D codes in C order
-([h, w, D], depth fastest) as int16 when K <= 32767, else int32. So a record is 4 + h*w*D*itemsize bytes; any other
-length is reported as corrupt.
+Record layout (fixed, little-endian, no padding): the condition, L tokens as int32 (bytes 0..4L-1); then the h*w*D
+codes in C order ([h, w, D], depth fastest) as int16 when K <= 32767, else int32. So a record is
+4L + h*w*D*itemsize bytes; any other length is reported as corrupt.
+
+Two kinds of condition share the layout:
+  class label   num_classes = C >= 1, L = 1, ids in [0, C) (cond_vocab_size = C). Batches hold 'label' int32 [B].
+  caption       num_classes = 0, L tokens of a BPE caption (ctxrq_jax/data/tokenizer.py; [PAD] = 0), ids in
+                [0, cond_vocab_size). Batches hold 'cond' int32 [B, L].
+Metadata written before captions existed has no cond_length / cond_vocab_size: it reads as L = 1 class labels, the
+same bytes.
 """
 
 from __future__ import annotations
@@ -34,10 +42,10 @@ FORMAT = "ctxrq_codes"
 VERSION = 1
 METADATA_FILE = "metadata.json"
 CODEBOOK_FILE = "codebook.npy"
-RECORD_LAYOUT = ("little-endian int32 label, then h*w*D codes in C order ([h, w, D], depth fastest) as "
-                 "little-endian code_dtype")
+RECORD_LAYOUT = ("little-endian int32 condition tokens [cond_length] (a class label is cond_length 1), then h*w*D "
+                 "codes in C order ([h, w, D], depth fastest) as little-endian code_dtype")
 _INT16_MAX_K = 32767
-_LABEL_BYTES = 4
+_TOKEN_BYTES = 4
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
@@ -59,6 +67,18 @@ class CodeMetadata:
   num_classes: int
   source: Any
   splits: Mapping[str, tuple[int, tuple[str, ...]]]
+  cond_length: int = 1
+  cond_vocab_size: int | None = None  # None -> num_classes
+
+  @property
+  def is_text(self) -> bool:
+    """True for caption conditions (num_classes 0), False for class labels."""
+    return self.num_classes == 0
+
+  @property
+  def cond_range(self) -> int:
+    """Condition ids lie in [0, cond_range): num_classes for labels, cond_vocab_size for captions."""
+    return self.num_classes if self.cond_vocab_size is None else self.cond_vocab_size
 
   @property
   def code_dtype(self) -> np.dtype:
@@ -66,7 +86,7 @@ class CodeMetadata:
 
   @property
   def record_bytes(self) -> int:
-    return _LABEL_BYTES + int(np.prod(self.code_shape)) * self.code_dtype.itemsize
+    return _TOKEN_BYTES * self.cond_length + int(np.prod(self.code_shape)) * self.code_dtype.itemsize
 
   def num_examples(self, split: str) -> int:
     return self._split(split)[0]
@@ -83,7 +103,8 @@ class CodeMetadata:
     return {
         "format": FORMAT, "version": VERSION, "code_shape": list(self.code_shape),
         "codebook_size": self.codebook_size, "embed_dim": self.embed_dim, "code_dtype": self.code_dtype.name,
-        "num_classes": self.num_classes, "source": self.source, "record_layout": RECORD_LAYOUT,
+        "num_classes": self.num_classes, "cond_length": self.cond_length, "cond_vocab_size": self.cond_range,
+        "source": self.source, "record_layout": RECORD_LAYOUT,
         "splits": {k: {"num_examples": n, "shards": list(files)} for k, (n, files) in sorted(self.splits.items())},
     }
 
@@ -119,17 +140,20 @@ class CodeDatasetWriter:
   """
 
   def __init__(self, out_dir: str, *, code_shape: Any, codebook: np.ndarray, num_classes: int, source: Any,
-               num_shards: int = 1, overwrite: bool = False):
+               num_shards: int = 1, overwrite: bool = False, cond_length: int = 1,
+               cond_vocab_size: int | None = None):
     """Validates the description and prepares `out_dir`; shard files are opened on a split's first write.
 
     Args:
       out_dir: directory to create (or reuse when empty / `overwrite`).
       code_shape: [h, w, D].
       codebook: float [K, n_z]; K is the codebook size the codes must index.
-      num_classes: labels must lie in [0, num_classes).
+      num_classes: labels must lie in [0, num_classes); 0 for caption conditions (then `cond_vocab_size`).
       source: JSON-serialisable description (data set, split names, stage-1 artifact path, ...).
       num_shards: ArrayRecord files per split.
       overwrite: replace an existing code dataset in `out_dir`.
+      cond_length: condition tokens L per example (1 for class labels).
+      cond_vocab_size: captions only: token ids must lie in [0, cond_vocab_size).
     """
     self._code_shape = _check_code_shape(code_shape)
     codebook = np.asarray(codebook)
@@ -137,8 +161,16 @@ class CodeDatasetWriter:
       raise ValueError(f"codebook must be a non-empty [K, n_z] array, got shape {codebook.shape}")
     if not np.issubdtype(codebook.dtype, np.floating) or not np.all(np.isfinite(codebook)):
       raise ValueError(f"codebook must hold finite floats, got dtype {codebook.dtype}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-      raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 0:
+      raise ValueError(f"num_classes must be a positive integer (0 for captions), got {num_classes!r}")
+    if isinstance(cond_length, bool) or not isinstance(cond_length, (int, np.integer)) or cond_length < 1:
+      raise ValueError(f"cond_length must be a positive integer, got {cond_length!r}")
+    if num_classes > 0 and (cond_length != 1 or cond_vocab_size not in (None, num_classes)):
+      raise ValueError(f"a class label is one token in [0, num_classes={num_classes}): cond_length must be 1 and "
+                       f"cond_vocab_size unset, got {cond_length}, {cond_vocab_size}")
+    if num_classes == 0 and (isinstance(cond_vocab_size, bool) or not isinstance(cond_vocab_size, (int, np.integer))
+                             or cond_vocab_size < 1):
+      raise ValueError(f"caption conditions (num_classes 0) need a positive cond_vocab_size, got {cond_vocab_size!r}")
     if isinstance(num_shards, bool) or not isinstance(num_shards, (int, np.integer)) or num_shards < 1:
       raise ValueError(f"num_shards must be a positive integer, got {num_shards!r}")
     try:
@@ -148,6 +180,8 @@ class CodeDatasetWriter:
     self._dir = os.fspath(out_dir)
     self._codebook = codebook.astype(np.float32)
     self._num_classes = int(num_classes)
+    self._cond_length = int(cond_length)
+    self._cond_range = int(num_classes) if num_classes > 0 else int(cond_vocab_size)
     self._source = source
     self._num_shards = int(num_shards)
     self._dtype = code_dtype(len(codebook))
@@ -166,7 +200,8 @@ class CodeDatasetWriter:
     return dict(self._counts)
 
   def write(self, split: str, codes: np.ndarray, labels: np.ndarray) -> None:
-    """Appends examples to `split`: codes int [B, h, w, D] in [0, K), labels int [B] in [0, num_classes)."""
+    """Appends examples to `split`: codes int [B, h, w, D] in [0, K), and conditions: class labels int [B] in
+    [0, num_classes), or caption tokens int [B, L] in [0, cond_vocab_size) ([B] is taken as [B, 1] when L = 1)."""
     if self._closed:
       raise ValueError("CodeDatasetWriter is closed")
     if not isinstance(split, str) or not _SPLIT_NAME.match(split):
@@ -174,8 +209,12 @@ class CodeDatasetWriter:
     codes, labels = np.asarray(codes), np.asarray(labels)
     if codes.ndim != 4 or codes.shape[1:] != self._code_shape:
       raise ValueError(f"codes must have shape [B, {', '.join(map(str, self._code_shape))}], got {codes.shape}")
-    if labels.shape != codes.shape[:1]:
-      raise ValueError(f"labels must have shape [{codes.shape[0]}] to match codes, got {labels.shape}")
+    if self._cond_length == 1 and labels.shape == codes.shape[:1]:
+      labels = labels[:, None]
+    if labels.shape != (codes.shape[0], self._cond_length):
+      want = f"[{codes.shape[0]}]" if self._num_classes else f"[{codes.shape[0]}, {self._cond_length}]"
+      raise ValueError(f"{'labels' if self._num_classes else 'caption tokens'} must have shape {want} to match codes, "
+                       f"got {labels.shape}")
     for name, a in (("codes", codes), ("labels", labels)):
       if a.size and not np.issubdtype(a.dtype, np.integer):
         raise ValueError(f"{name} must be integers, got dtype {a.dtype}")
@@ -184,14 +223,17 @@ class CodeDatasetWriter:
       bad = int(np.argmax(np.any((codes < 0) | (codes >= k), axis=(1, 2, 3))))
       raise ValueError(f"codes outside [0, codebook_size={k}) in batch row {bad} "
                        f"(min {codes.min()}, max {codes.max()})")
-    if labels.size and (labels.min() < 0 or labels.max() >= self._num_classes):
-      bad = int(np.argmax((labels < 0) | (labels >= self._num_classes)))
-      raise ValueError(f"label {labels[bad]} in batch row {bad} outside [0, num_classes={self._num_classes})")
+    if labels.size and (labels.min() < 0 or labels.max() >= self._cond_range):
+      bad = int(np.argmax(np.any((labels < 0) | (labels >= self._cond_range), axis=1)))
+      if self._num_classes:
+        raise ValueError(f"label {labels[bad, 0]} in batch row {bad} outside [0, num_classes={self._num_classes})")
+      raise ValueError(f"caption token outside [0, cond_vocab_size={self._cond_range}) in batch row {bad}")
     writers = self._open(split)
     count = self._counts[split]
     codes = codes.astype(self._dtype)
+    labels = labels.astype("<i4")
     for code, label in zip(codes, labels):
-      writers[count % self._num_shards].write(np.int32(label).astype("<i4").tobytes() + code.tobytes(order="C"))
+      writers[count % self._num_shards].write(label.tobytes() + code.tobytes(order="C"))
       count += 1
     self._counts[split] = count
 
@@ -222,8 +264,8 @@ class CodeDatasetWriter:
       raise ValueError(f"no examples were written to {self._dir}")
     meta = CodeMetadata(
         code_shape=self._code_shape, codebook_size=len(self._codebook), embed_dim=self._codebook.shape[1],
-        num_classes=self._num_classes, source=self._source,
-        splits={split: (n, tuple(shard_name(split, s, self._num_shards) for s in range(self._num_shards)))
+        num_classes=self._num_classes, source=self._source, cond_length=self._cond_length,
+        cond_vocab_size=self._cond_range, splits={split: (n, tuple(shard_name(split, s, self._num_shards) for s in range(self._num_shards)))
                 for split, n in self._counts.items()})
     _atomic_write(os.path.join(self._dir, CODEBOOK_FILE), lambda f: np.save(f, self._codebook), "wb")
     _atomic_write(os.path.join(self._dir, METADATA_FILE),
@@ -263,9 +305,16 @@ def read_metadata(codes_dir: str) -> CodeMetadata:
     code_shape = _check_code_shape(raw["code_shape"])
   except ValueError as e:
     raise ValueError(f"{path}: {e}") from e
-  for key in ("codebook_size", "embed_dim", "num_classes"):
+  raw.setdefault("cond_length", 1)
+  raw.setdefault("cond_vocab_size", raw["num_classes"])
+  for key in ("codebook_size", "embed_dim", "cond_length", "cond_vocab_size"):
     if isinstance(raw[key], bool) or not isinstance(raw[key], int) or raw[key] < 1:
       raise ValueError(f"{path}: {key} must be a positive integer, got {raw[key]!r}")
+  if isinstance(raw["num_classes"], bool) or not isinstance(raw["num_classes"], int) or raw["num_classes"] < 0:
+    raise ValueError(f"{path}: num_classes must be a positive integer (0 for captions), got {raw['num_classes']!r}")
+  if raw["num_classes"] > 0 and (raw["cond_length"] != 1 or raw["cond_vocab_size"] != raw["num_classes"]):
+    raise ValueError(f"{path}: class labels need cond_length 1 and cond_vocab_size = num_classes, got "
+                     f"{raw['cond_length']}, {raw['cond_vocab_size']}")
   if raw.get("code_dtype", code_dtype(raw["codebook_size"]).name) != code_dtype(raw["codebook_size"]).name:
     raise ValueError(f"{path}: code_dtype {raw['code_dtype']!r} does not match codebook_size {raw['codebook_size']}")
   if not isinstance(raw["splits"], dict) or not raw["splits"]:
@@ -280,7 +329,8 @@ def read_metadata(codes_dir: str) -> CodeMetadata:
                        f"got {info!r}")
     splits[split] = (info["num_examples"], tuple(info["shards"]))
   return CodeMetadata(code_shape=code_shape, codebook_size=raw["codebook_size"], embed_dim=raw["embed_dim"],
-                      num_classes=raw["num_classes"], source=raw["source"], splits=splits)
+                      num_classes=raw["num_classes"], source=raw["source"], splits=splits,
+                      cond_length=raw["cond_length"], cond_vocab_size=raw["cond_vocab_size"])
 
 
 def load_codebook(codes_dir: str, metadata: CodeMetadata | None = None) -> np.ndarray:
@@ -340,19 +390,29 @@ class CodeSource(grain.sources.RandomAccessDataSource):
     return f"CodeSource(num_examples={self._num_examples}, num_shards={self._num_shards})"
 
 
-def decode_record(record: bytes, index: int, metadata: CodeMetadata, where: str = "") -> tuple[np.ndarray, int]:
-  """Parses one record into (codes int32 [h, w, D], label); raises ValueError naming `index` if it is invalid."""
+def decode_record(record: bytes, index: int, metadata: CodeMetadata,
+                  where: str = "") -> tuple[np.ndarray, int | np.ndarray]:
+  """Parses one record into (codes int32 [h, w, D], condition): an int label, or int32 [L] caption tokens.
+
+  Raises ValueError naming `index` if the record is invalid.
+  """
   if len(record) != metadata.record_bytes:
     raise ValueError(f"record {index}{where} is corrupt: {len(record)} bytes, expected {metadata.record_bytes} "
                      f"for codes {list(metadata.code_shape)} of {metadata.code_dtype.name}")
-  label = int(np.frombuffer(record, "<i4", count=1)[0])
-  codes = np.frombuffer(record, metadata.code_dtype, offset=_LABEL_BYTES).reshape(metadata.code_shape)
-  if not 0 <= label < metadata.num_classes:
-    raise ValueError(f"record {index}{where}: label {label} outside [0, num_classes={metadata.num_classes})")
+  length = metadata.cond_length
+  cond = np.frombuffer(record, "<i4", count=length)
+  codes = np.frombuffer(record, metadata.code_dtype, offset=_TOKEN_BYTES * length).reshape(metadata.code_shape)
+  if not metadata.is_text:
+    label = int(cond[0])
+    if not 0 <= label < metadata.num_classes:
+      raise ValueError(f"record {index}{where}: label {label} outside [0, num_classes={metadata.num_classes})")
+  elif cond.min() < 0 or cond.max() >= metadata.cond_range:
+    raise ValueError(f"record {index}{where}: caption tokens outside [0, cond_vocab_size={metadata.cond_range}) "
+                     f"(min {cond.min()}, max {cond.max()})")
   if codes.min() < 0 or codes.max() >= metadata.codebook_size:
     raise ValueError(f"record {index}{where}: codes outside [0, codebook_size={metadata.codebook_size}) "
                      f"(min {codes.min()}, max {codes.max()})")
-  return codes.astype(np.int32), label
+  return codes.astype(np.int32), (cond.astype(np.int32) if metadata.is_text else label)
 
 
 def make_code_iterator(
@@ -369,7 +429,8 @@ def make_code_iterator(
     worker_count: int = 0,
     num_threads: int = 2,
 ) -> grain.DatasetIterator:
-  """Iterator of `{'codes': int32 [B, h, w, D], 'label': int32 [B]}` with get_state()/set_state().
+  """Iterator of `{'codes': int32 [B, h, w, D], 'label': int32 [B]}` (class labels) or `{'codes', 'cond': int32
+  [B, L]}` (caption tokens) with get_state()/set_state().
 
   With `train=False` examples come in write order (of this host's strided shard), one pass by default; with
   `train=True` they are shuffled by `seed` (differently each epoch), repeated forever unless `num_epochs`, and the
@@ -382,10 +443,12 @@ def make_code_iterator(
   def decode(index: int, record: bytes) -> tuple[np.ndarray, int]:
     return decode_record(record, index, meta, where)
 
-  def transform(example: tuple[np.ndarray, int], rng: None) -> dict[str, np.ndarray]:
+  def transform(example: tuple[np.ndarray, Any], rng: None) -> dict[str, np.ndarray]:
     del rng  # Codes are not augmented.
-    codes, label = example
-    return {"codes": codes, "label": np.int32(label)}
+    codes, cond = example
+    if meta.is_text:
+      return {"codes": codes, "cond": cond}
+    return {"codes": codes, "label": np.int32(cond)}
 
   return pipeline.build_iterator(
       source, decode=decode, transform=transform, random_transform=False, batch_size=batch_size, seed=seed,
@@ -395,12 +458,12 @@ def make_code_iterator(
 
 
 def load_codes(codes_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """Returns a whole split in write order: (codes int32 [M, h, w, D], labels int32 [M])."""
+  """Returns a whole split in write order: (codes int32 [M, h, w, D], labels int32 [M] or caption tokens [M, L])."""
   source = CodeSource(codes_dir, split)
   meta = source.metadata
   m = len(source)
   codes = np.empty((m, *meta.code_shape), np.int32)
-  labels = np.empty((m,), np.int32)
+  labels = np.empty((m, meta.cond_length) if meta.is_text else (m,), np.int32)
   where = f" of code split {split!r} in {codes_dir}"
   for i, record in enumerate(source.read_all()):
     codes[i], labels[i] = decode_record(record, i, meta, where)

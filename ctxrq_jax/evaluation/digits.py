@@ -11,6 +11,9 @@ so a sampler that collapses onto a few prototypical digits shows up as low recal
 accurate its digits are. `evaluate_samples` scores the held-out real digits (the floor at this sample size), their
 RQ-VAE reconstructions (the ceiling for any stage-2 model on these codes) and the draft and each revision of one
 Draft-and-Revise run, all with the same number of images, since the Fréchet distance is biased by sample size.
+
+`evaluate_text_samples` judges the text demo: the digit by the same classifier, and the captioned width, thickness
+and slant by the pixel measurements that wrote the captions.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import optax
 from ctxrq_jax.core import config as configlib
 from ctxrq_jax.core import reporting
 from ctxrq_jax.data import codes as code_data
+from ctxrq_jax.data import digit_captions
 from ctxrq_jax.data import images as image_data
 from ctxrq_jax.evaluation import frechet
 from ctxrq_jax.models.digit_cnn import DigitCNN
@@ -166,6 +170,8 @@ class SampleEvaluator:
 
   def __init__(self, workdir: str, *, per_class: int, classifier_steps: int = 400, seed: int = 0):
     self.loaded = loader.Stage2Model(workdir)
+    if self.loaded.model.is_text:
+      raise ValueError(f"{workdir} is a text-to-image run; use `evaluate text_samples`")
     stage1_cfg = configlib.load_snapshot(os.path.dirname(os.path.abspath(self.loaded.config.data.stage1_dir)))
     data_cfg = stage1_cfg.data
     self.num_classes = int(self.loaded.config.model.num_classes)
@@ -251,3 +257,86 @@ def format_sample_results(r: Mapping[str, Any]) -> str:
   return (f"{r['num_samples']} images per row ({r['settings']}); digit-CNN features, reference: the "
           f"{r['num_reference']} training digits\n" + reporting.table(rows, ["image set", *METRIC_HEADER]))
 
+
+# ------------------------------------------------------------------------------------------------ text demo
+def evaluate_text_samples(workdir: str, *, num_prompts: int = 100, samples_per_prompt: int = 2, seed: int = 0,
+                          classifier_steps: int = 400) -> dict[str, Any]:
+  """Caption faithfulness of the text demo's samples: do they show the prompted digit with the prompted attributes?
+
+  Prompts are `num_prompts` held-out captions (evenly spaced over the eval split, so every class appears), each
+  sampled `samples_per_prompt` times with the run's `config.sample` settings. A sample's digit is judged by the CNN
+  trained on the real training digits; its width / thickness / slant by the same pixel measurements and thresholds
+  that wrote the captions (ctxrq_jax/data/digit_captions.py, thresholds refitted on the training digits).
+
+  Returns, for the draft and each revision, the digit accuracy, the agreement of each attribute and of all four
+  together ('all'), beside: chance (1/10 digits, 1/bins per attribute), a class-only baseline (the agreement a random
+  training digit of the prompted class would get: what the class alone explains), and the ceiling (the held-out
+  digits' own RQ-VAE reconstructions against their captions).
+  """
+  from ctxrq_jax.stage1 import encode as encode_lib  # pylint: disable=g-import-not-at-top
+  if num_prompts < 1 or samples_per_prompt < 1:
+    raise ValueError(f"num_prompts and samples_per_prompt must be >= 1, got {num_prompts}, {samples_per_prompt}")
+  loaded = loader.Stage2Model(workdir)
+  if not loaded.model.is_text:
+    raise ValueError(f"{workdir} is a class-conditional run; use `evaluate samples`")
+  stage1_cfg = configlib.load_snapshot(os.path.dirname(os.path.abspath(loaded.config.data.stage1_dir)))
+  data_cfg = stage1_cfg.data
+
+  x_tr, y_tr = load_split(data_cfg, data_cfg.train_split)
+  thresholds = digit_captions.fit_thresholds(x_tr)
+  train_bins = digit_captions.attribute_bins(x_tr, thresholds)
+  clf, clf_params = train_classifier(x_tr, y_tr, num_classes=len(digit_captions.DIGIT_WORDS), steps=classifier_steps,
+                                     seed=seed)
+  codes_dir, split = loaded.config.data.codes_dir, loaded.config.data.eval_split
+  eval_captions = encode_lib.read_captions(codes_dir, split)
+  eval_codes, _ = code_data.load_codes(codes_dir, split)
+  num_prompts = min(num_prompts, len(eval_captions))
+  chosen = np.linspace(0, len(eval_captions) - 1, num_prompts).round().astype(np.int64)
+  prompts = [eval_captions[i] for i in chosen]
+  targets = [digit_captions.parse_caption(p) for p in prompts]
+  digits = np.array([t[0] for t in targets], np.int32)
+  bins = {a: np.array([t[1][a] for t in targets], np.int32) for a in digit_captions.ATTRIBUTES}
+
+  def judge(images: np.ndarray, rows: np.ndarray) -> dict[str, float]:
+    """Agreement of images with the prompts `rows` index."""
+    got = digit_captions.attribute_bins(images, thresholds)
+    ok = {"digit": predict(clf, clf_params, images) == digits[rows]}
+    ok.update({a: got[a] == bins[a][rows] for a in digit_captions.ATTRIBUTES})
+    ok["all"] = np.logical_and.reduce(list(ok.values()))
+    return {k: float(np.mean(v)) for k, v in ok.items()}
+
+  results: dict[str, Any] = {"num_prompts": num_prompts, "samples_per_prompt": samples_per_prompt}
+  results["chance"] = {"digit": 1 / len(digit_captions.DIGIT_WORDS),
+                       **{a: 1 / len(w) for a, w in digit_captions.ATTRIBUTES.items()}}
+  results["chance"]["all"] = float(np.prod(list(results["chance"].values())))
+  # What the class alone explains: p(prompted bin | prompted class) over the training digits, averaged over prompts.
+  baseline = {"digit": 1.0}
+  joint = np.ones(num_prompts)
+  for a in digit_captions.ATTRIBUTES:
+    p = np.array([np.mean(train_bins[a][y_tr == d] == b) for d, b in zip(digits, bins[a])])
+    baseline[a] = float(p.mean())
+    joint *= p
+  baseline["all"] = float(joint.mean())  # attributes treated as independent given the class
+  results["class_only"] = baseline
+  results["reconstructions"] = judge(loaded.images(eval_codes[chosen]), np.arange(num_prompts))
+
+  rows = np.repeat(np.arange(num_prompts), samples_per_prompt)
+  cond = loaded.tokenizer().encode(prompts)[rows]
+  s = loaded.config.sample
+  history = runner.sample_codes(loaded, cond, jax.random.key(seed), batch_size=int(s.batch_size),
+                                t_draft=int(s.T_draft), t_revise=int(s.T_revise), num_revisions=int(s.M),
+                                draft=logits.PhaseSettings.from_config(s.draft),
+                                revise=logits.PhaseSettings.from_config(s.revise))
+  for phase, codes in enumerate(history):
+    results["draft" if phase == 0 else f"revision {phase}"] = judge(loaded.images(codes), rows)
+  return results
+
+
+def format_text_results(r: Mapping[str, Any]) -> str:
+  """A table: one row per judged property, one column per reference and sampling phase."""
+  columns = ["chance", "class_only", "reconstructions"] + [k for k in r if k == "draft" or k.startswith("revision")]
+  names = {"chance": "chance", "class_only": "class only", "reconstructions": "reconstructions (ceiling)"}
+  rows = [[prop] + [f"{100 * r[c][prop]:.1f}%" for c in columns]
+          for prop in ["digit", *digit_captions.ATTRIBUTES, "all"]]
+  return (f"{r['num_prompts']} held-out captions x {r['samples_per_prompt']} samples: agreement with the prompt\n"
+          + reporting.table(rows, ["", *[names.get(c, c) for c in columns]]))

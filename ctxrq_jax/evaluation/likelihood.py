@@ -44,17 +44,19 @@ def masked_code_nll(model: Any, params: Any, codebook: jax.Array, codes: np.ndar
   Each example gets `num_draws` masks from fixed seeds, so the figure is reproducible.
 
   Args:
-    codes: int [M, N, D]; labels: int [M].
+    codes: int [M, N, D]; labels: int [M] class ids, or int [M, L] condition tokens (captions).
 
   Returns:
     {'nll': mean over all masked codes, 'nll_d{d}': per depth, 'masked_codes': count}.
   """
   m, n, depth = codes.shape
+  labels = np.asarray(labels)
+  labels = labels[:, None] if labels.ndim == 1 else labels  # [M, L]
 
   @jax.jit
   def sums(p, c, y, valid, key):
     mask = masking.sample_mask(key, c.shape[0], n)
-    logits = model.apply({"params": p}, c, mask, y[:, None], codebook)
+    logits = model.apply({"params": p}, c, mask, y, codebook)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, c[..., None], axis=-1)[..., 0]  # [B, N, D]
     w = (mask & valid[:, None])[..., None].astype(jnp.float32)  # padded rows carry no weight
@@ -68,7 +70,7 @@ def masked_code_nll(model: Any, params: Any, codebook: jax.Array, codes: np.ndar
       pad = batch_size - len(c)
       if pad:  # one compiled shape
         c = np.concatenate([c, np.zeros((pad, n, depth), c.dtype)])
-        y = np.concatenate([y, np.zeros((pad,), y.dtype)])
+        y = np.concatenate([y, np.zeros((pad, y.shape[1]), y.dtype)])
       key = jax.random.fold_in(jax.random.key(seed), draw * 1_000_003 + i)
       s, k = sums(params, jnp.asarray(c, jnp.int32), jnp.asarray(y, jnp.int32), jnp.asarray(valid), key)
       total += np.asarray(s)

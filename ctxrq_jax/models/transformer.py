@@ -11,6 +11,13 @@ code stack at that position, teacher-forced on the codes of the shallower depths
                      { head_mlp(sum_{d' < d} e(S_nd'))        d > 1
   p_nd   = head(LN(f_depth(v_n1 .. v_nd)))                                            (eq. 9)
 
+The condition c_1 .. c_L has its own embedding table and positions and sits in front of the code stacks, so the
+spatial transformer attends bidirectionally over [condition; stacks]. Two kinds (the `num_classes` field):
+  class label   num_classes = C >= 1, L = 1, ids in [0, C); the null condition (classifier-free guidance) is the
+                extra id C.
+  caption       num_classes = 0, L BPE tokens (32 for CC-3M) of a cond_vocab_size vocabulary with [PAD] = 0
+                (ctxrq_jax/data/tokenizer.py); the null condition is the empty caption, all [PAD].
+
 `e` is the frozen RQ-VAE codebook, passed in as an input (never a parameter; gradients are stopped). The [MASK]
 embedding lives in the code-embedding space R^{n_z} as in eq. 6 and goes through the same `input_mlp` as real codes.
 With D = 1 the depth transformer sees a single token per position, so attention reduces to its value/output
@@ -54,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ctxrq_jax.core.config import ConfigError
+from ctxrq_jax.data.tokenizer import EMPTY_CAPTION_ID
 from ctxrq_jax.models import common
 
 Array = jax.Array
@@ -185,9 +193,11 @@ class ContextualRQTransformer(nn.Module):
     depth_layers: blocks of the causal depth transformer.
     mlp_ratio: MLP hidden width / W.
     dropout: dropout rate on embeddings and residual branches (training only).
-    num_classes: number of classes; class c is condition id c, id `num_classes` means "no condition".
+    num_classes: number of classes; class c is condition id c, id `num_classes` means "no condition". 0 means
+      caption conditioning (the null condition is then the empty caption, all [PAD] = 0).
     cond_length: condition tokens L per example (1 for a class label; e.g. 32 for BPE text).
-    cond_vocab_size: condition vocabulary; None -> num_classes + 1 (classes plus the null id).
+    cond_vocab_size: condition vocabulary; None -> num_classes + 1 (classes plus the null id). Required for
+      captions (the tokenizer's vocabulary size, [PAD] included).
     dtype: compute dtype (e.g. jnp.bfloat16); logits are always returned in float32.
     param_dtype: parameter dtype (float32).
     remat: rematerialise each block in the backward pass (saves activation memory).
@@ -215,9 +225,15 @@ class ContextualRQTransformer(nn.Module):
     return self.num_classes + 1 if self.cond_vocab_size is None else self.cond_vocab_size
 
   @property
+  def is_text(self) -> bool:
+    """True when the condition is a caption (num_classes 0), False for a class label."""
+    return self.num_classes == 0
+
+  @property
   def null_cond_id(self) -> int:
-    """Condition id meaning "no condition" (classifier-free guidance and condition dropout)."""
-    return self.num_classes
+    """Condition id meaning "no condition" (classifier-free guidance and condition dropout): the extra id
+    num_classes for class labels, [PAD] (the empty caption) for captions."""
+    return EMPTY_CAPTION_ID if self.is_text else self.num_classes
 
   def setup(self):
     _check_fields(self)
@@ -409,11 +425,18 @@ class ContextualRQTransformer(nn.Module):
 
 def _check_fields(model: ContextualRQTransformer) -> None:
   positive = ("vocab_size", "code_depth", "num_positions", "embed_dim", "width", "num_heads", "spatial_layers",
-              "depth_layers", "mlp_ratio", "num_classes", "cond_length")
+              "depth_layers", "mlp_ratio", "cond_length")
   for name in positive:
     value = getattr(model, name)
     if not isinstance(value, (int, np.integer)) or value < 1:
       raise ValueError(f"ContextualRQTransformer.{name} must be a positive integer, got {value!r}")
+  if isinstance(model.num_classes, bool) or not isinstance(model.num_classes, (int, np.integer)) or (
+      model.num_classes < 0):
+    raise ValueError(f"ContextualRQTransformer.num_classes must be a positive integer (0 for captions), got "
+                     f"{model.num_classes!r}")
+  if model.is_text and (model.cond_vocab_size is None or model.cond_vocab_size < 2):
+    raise ValueError(f"caption conditioning (num_classes 0) needs cond_vocab_size >= 2 (the tokenizer's vocabulary), "
+                     f"got {model.cond_vocab_size!r}")
   if model.width % model.num_heads:
     raise ValueError(f"width {model.width} is not divisible by num_heads {model.num_heads}")
   if not 0.0 <= model.dropout < 1.0:
@@ -463,6 +486,9 @@ def check_inputs(model: ContextualRQTransformer, *, codes: Any = None, mask: Any
       raise ValueError(f"cond must be integers, got dtype {cond.dtype}")
     if cond.size and (cond.min() < 0 or cond.max() >= model.cond_vocab):
       bad = cond[(cond < 0) | (cond >= model.cond_vocab)]
+      if model.is_text:
+        raise ValueError(f"caption token ids must lie in [0, {model.cond_vocab}); got out-of-range ids "
+                         f"{np.unique(bad)[:8].tolist()}")
       raise ValueError(f"condition ids must lie in [0, {model.cond_vocab}) ({model.num_classes} classes + null id "
                        f"{model.null_cond_id}); got out-of-range ids {np.unique(bad)[:8].tolist()}")
     batch["cond"] = cond.shape[0]

@@ -7,18 +7,33 @@
 
 Every step resumes: re-running after an interruption continues where it stopped. The same modules and code paths
 serve the ImageNet configs; only the configs differ. `smoke_configs()` gives the few-step settings of `--smoke`.
+
+`run_text` is the text-to-image variant (`python -m ctxrq_jax.demo --task=text`): the same stage 1, then captions
+made from each digit's class and measured pixel attributes (ctxrq_jax/data/digit_captions.py), a CharBPE trained on
+them offline (WORKDIR/tokenizer), caption codes (WORKDIR/text_codes), stage 2 with configs/demo_text.py
+(WORKDIR/text_stage2) and a grid of prompts with each prompt under its samples (WORKDIR/text_samples).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
 
 from ctxrq_jax.core import config as configlib
 from ctxrq_jax.core import reporting
+from ctxrq_jax.data import captions as captions_lib
+from ctxrq_jax.data import digit_captions
+from ctxrq_jax.data import images as image_data
+from ctxrq_jax.data import mnist
+from ctxrq_jax.data import tokenizer as tokenizer_lib
+from ctxrq_jax.sampling import loader
+from ctxrq_jax.sampling import logits
 from ctxrq_jax.sampling import runner
 from ctxrq_jax.stage1 import encode
 from ctxrq_jax.stage1 import trainer as stage1_trainer
@@ -85,3 +100,100 @@ def format_summary(summary: dict[str, Any]) -> str:
   rows += [["time", name, f"{seconds:.0f} s"] for name, seconds in summary["timings"].items()]
   rows += [["output", name, path] for name, path in summary["outputs"].items()]
   return reporting.table(rows, ["", "ctxrq_jax demo", ""])
+
+
+# ------------------------------------------------------------------------------------------------ the text demo
+STAGE2_TEXT_CONFIG = "demo_text"  # ctxrq_jax/configs/demo_text.py
+TEXT_CODES, TEXT_STAGE2, TOKENIZER, TEXT_SAMPLES = "text_codes", "text_stage2", "tokenizer", "text_samples"
+
+
+def default_text_configs(smoke: bool = False) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+  """(stage-1, stage-2) configs of the text demo (`smoke`: their few-step variants)."""
+  arg = "smoke" if smoke else None
+  return configlib.load_config_file(STAGE1_CONFIG, arg), configlib.load_config_file(STAGE2_TEXT_CONFIG, arg)
+
+
+def digit_images(data_cfg: ml_collections.ConfigDict, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(raw uint8 [M, 28, 28, 1], preprocessed float [M, S, S, C] as stage 1 sees them, labels [M]) of a split."""
+  raw, labels = mnist.load(split)
+  pre = np.stack([image_data.preprocess_image(a, image_size=int(data_cfg.image_size), channels=int(data_cfg.channels),
+                                              resize=str(data_cfg.resize)) for a in raw])
+  return raw, pre, labels
+
+
+def digit_prompts(thresholds: digit_captions.Thresholds) -> list[str]:
+  """Ten prompts for the demo grid: each digit once, with attribute combinations that cycle over the digits."""
+  del thresholds  # the words only; kept in the signature so prompts follow the fitted attributes' vocabulary
+  names = list(digit_captions.ATTRIBUTES)
+  bins = {name: np.array([(d + i) % len(digit_captions.ATTRIBUTES[name]) for d in range(10)])
+          for i, name in enumerate(names)}
+  return digit_captions.captions(np.arange(10), bins)
+
+
+def run_text(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collections.ConfigDict, workdir: str,
+             samples_per_prompt: int) -> dict[str, Any]:
+  """The text demo in `workdir`: stage 1 (shared with the class demo), captions from each digit's class and
+  measured attributes, a CharBPE trained on the training captions, caption codes, stage 2 on them, and a prompt grid.
+
+  Returns {'stage1', 'stage2', 'timings', 'outputs'} (or {'stopped_at'}).
+  """
+  workdir = os.path.abspath(workdir)
+  d = stage1_config.data
+  timings = {}
+  t0 = time.time()
+  stage1_dir = os.path.join(workdir, "stage1")
+  rq_results = stage1_trainer.train_and_evaluate(stage1_config, stage1_dir)
+  if "stopped_at" in rq_results:
+    return rq_results
+  artifact_dir = os.path.join(stage1_dir, stage1_trainer.ARTIFACT_DIR)
+  timings["stage 1"] = time.time() - t0
+
+  t0 = time.time()
+  splits = {split: digit_images(d, split) for split in (d.train_split, d.eval_split)}
+  thresholds = digit_captions.fit_thresholds(splits[d.train_split][1])
+  texts = {split: digit_captions.captions(labels, digit_captions.attribute_bins(pre, thresholds))
+           for split, (_, pre, labels) in splits.items()}
+  tokenizer_dir = os.path.join(workdir, TOKENIZER)
+  if os.path.isdir(tokenizer_dir):
+    shutil.rmtree(tokenizer_dir)  # retrained each run from the same captions: the same files
+  tokenizer_lib.train_tokenizer(texts[d.train_split], tokenizer_dir,
+                                vocab_size=int(stage2_config.model.cond_vocab_size))
+  tok = tokenizer_lib.CaptionTokenizer.from_directory(tokenizer_dir,
+                                                      context_length=int(stage2_config.model.cond_length))
+
+  def source(split):
+    raw = splits[split][0]
+    return lambda stats: (captions_lib.CaptionExample(f"{split}[{i}]", raw[i], (texts[split][i],))
+                          for i in range(len(raw)))
+
+  codes_dir = os.path.join(workdir, TEXT_CODES)
+  encode.encode_captions(artifact_dir, {s: source(s) for s in splits}, codes_dir, tok, train_splits=(d.train_split,),
+                         overwrite=True, resize=str(d.resize), totals={s: len(v[0]) for s, v in splits.items()},
+                         source_description={"digits": "embedded_mnist",
+                                                                                   "thresholds": thresholds.to_json()})
+  timings["captions + encode"] = time.time() - t0
+
+  t0 = time.time()
+  stage2_config = stage2_config.copy_and_resolve_references()
+  with stage2_config.unlocked():
+    stage2_config.data.codes_dir = codes_dir
+    stage2_config.data.stage1_dir = artifact_dir
+    stage2_config.data.tokenizer_dir = tokenizer_dir
+    stage2_config.data.train_split = d.train_split
+    stage2_config.data.eval_split = d.eval_split
+  stage2_dir = os.path.join(workdir, TEXT_STAGE2)
+  tr_results = stage2_trainer.train_and_evaluate(stage2_config, stage2_dir)
+  if tr_results["stopped"]:
+    return {"stopped_at": tr_results["step"]}
+  timings["stage 2"] = time.time() - t0
+
+  t0 = time.time()
+  loaded = loader.Stage2Model(stage2_dir)
+  s = loaded.config.sample
+  outputs = runner.sample_prompts(
+      loaded, digit_prompts(thresholds), os.path.join(workdir, TEXT_SAMPLES), per_prompt=samples_per_prompt,
+      rng=jax.random.key(0), batch_size=int(s.batch_size), t_draft=int(s.T_draft), t_revise=int(s.T_revise),
+      num_revisions=int(s.M), draft=logits.PhaseSettings.from_config(s.draft),
+      revise=logits.PhaseSettings.from_config(s.revise))
+  timings["sample"] = time.time() - t0
+  return {"stage1": rq_results, "stage2": tr_results["eval"], "timings": timings, "outputs": outputs}

@@ -32,7 +32,8 @@ greedy (argmax, no noise).
 Classifier-free guidance convention: logits = cond + s * (cond - uncond), so s = 0 is the conditional model alone
 (the uncond pass is then skipped statically) and s corresponds to w in Ho & Salimans (2021). In the other common
 convention, logits = uncond + lambda * (cond - uncond), lambda = 1 + s. The unconditional branch uses the null
-condition id `model.num_classes` for every condition token, and runs in the same batched pass as the conditional
+condition id `model.null_cond_id` for every condition token (the extra class id num_classes, or [PAD] = 0 for
+captions: the empty caption), and runs in the same batched pass as the conditional
 branch (concatenated along the batch axis).
 """
 
@@ -90,7 +91,8 @@ def init_state(codes: Array, region: Array) -> DecodeState:
 
 
 def null_cond(model: Any, cond: Array) -> Array:
-  return jnp.full_like(cond, model.num_classes)
+  """The null condition [B, L] of the unconditional branch: the extra class id, or the empty caption (all [PAD])."""
+  return jnp.full_like(cond, model.null_cond_id)
 
 
 def sample_depths(model: Any, variables: PyTree, codebook: Array, h: Array, positions: Array, step_key: Array,
@@ -386,7 +388,8 @@ def draft_and_revise(model: Any, params: PyTree, codebook: Array, cond: Array, r
     model: a `ContextualRQTransformer` (or any module with its `spatial` / `depth` methods and fields).
     params: the model's 'params' collection.
     codebook: float [K, n_z], the frozen RQ-VAE codebook.
-    cond: int [B, L] condition ids in [0, num_classes] (num_classes = no condition); checked on the host.
+    cond: int [B, L] condition ids in [0, cond_vocab) (a class id, num_classes = no class; or caption tokens);
+      checked on the host.
     rng: one PRNG key for the batch, or keys [B], one per sample: then sample b depends on rng[b] only (not on the
       batch size, the other samples or the devices), which makes large sample sets reproducible piece by piece.
     t_draft: T_draft in [1, N].

@@ -68,6 +68,7 @@ class Stage2Model:
   def __init__(self, workdir: str, *, use_ema: bool = True, decode_batch_size: int = 100,
                mesh: Optional[jax.sharding.Mesh] = None):
     self.workdir = workdir
+    self.tokenizer_dir: Optional[str] = None  # overrides config.data.tokenizer_dir (text-to-image runs)
     self.config = configlib.load_snapshot(workdir)
     self.model = transformer.from_run_config(self.config)
     self.mesh = mesh if mesh is not None else inference_mesh()
@@ -82,6 +83,22 @@ class Stage2Model:
     if self.decoder.model.codebook_size != vocab:
       raise ValueError(f"stage-1 artifact {self.config.data.stage1_dir} has K={self.decoder.model.codebook_size} "
                        f"codes, the stage-2 run was trained on K={vocab}")
+
+  def tokenizer(self) -> Any:
+    """The run's caption tokenizer (`config.data.tokenizer_dir`, or `tokenizer_dir` set on this object),
+    deterministic, L = model.cond_length."""
+    from ctxrq_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+    if not self.model.is_text:
+      raise ValueError(f"{self.workdir} is conditioned on class labels, not captions")
+    directory = self.tokenizer_dir or self.config.data.get("tokenizer_dir", "")
+    if not directory:
+      raise ValueError(f"{self.workdir}'s config has no data.tokenizer_dir; pass --tokenizer_dir=DIR (the "
+                       "bpe-16k-vocab.json / merges.txt the captions were encoded with)")
+    tok = tokenizer_lib.CaptionTokenizer.from_directory(directory, context_length=self.model.cond_length,
+                                                        bpe_dropout=0.0)
+    if tok.vocab_size > self.model.cond_vocab:
+      raise ValueError(f"tokenizer {directory} has {tok.vocab_size} tokens, the model embeds {self.model.cond_vocab}")
+    return tok
 
   def images(self, codes: np.ndarray, *, uint8: bool = False, out: Optional[np.ndarray] = None) -> np.ndarray:
     """codes int [B, N, D] (or [B, h, w, D]) -> images [B, R, R, C] (see `CodeDecoder.images`)."""

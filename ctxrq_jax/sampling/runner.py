@@ -9,6 +9,10 @@ Outputs (`write_outputs`):
 On several hosts each writes its block of the sample indices to shards/samples-<host>-of-<hosts>.npz and
 `merge_shards` joins them into one samples.npz, equal to the one a single host writes (sample i depends on the seed
 and i only; see `sample_codes`).
+
+Text-to-image runs (`sample_prompts`) write the same files with one row per prompt and the prompt written under
+each image in both grids; `labels` is then the prompt index of each sample, and the npz adds `prompts` (str [P])
+and `cond` (int32 [M, L], the caption tokens).
 """
 
 from __future__ import annotations
@@ -47,20 +51,24 @@ def sample_keys(rng: jax.Array, indices: np.ndarray) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.asarray(indices, jnp.uint32))
 
 
-def sample_codes(loaded: loader.Stage2Model, labels: Sequence[int], rng: jax.Array, *, batch_size: int, t_draft: int,
-                 t_revise: int, num_revisions: int, draft: logits.PhaseSettings, revise: logits.PhaseSettings,
-                 draft_mode: str = "random", indices: Optional[Sequence[int]] = None) -> np.ndarray:
-  """Draft-and-Revise codes for each label -> history int32 [M+1, len(labels), N, D] (draft, then revisions).
+def sample_codes(loaded: loader.Stage2Model, labels: Sequence[int] | np.ndarray, rng: jax.Array, *, batch_size: int,
+                 t_draft: int, t_revise: int, num_revisions: int, draft: logits.PhaseSettings,
+                 revise: logits.PhaseSettings, draft_mode: str = "random",
+                 indices: Optional[Sequence[int]] = None) -> np.ndarray:
+  """Draft-and-Revise codes for each condition -> history int32 [M+1, S, N, D] (draft, then revisions).
 
-  Sample j is drawn with its own key fold_in(rng, indices[j]) (indices default to 0, 1, ...): it depends on the
-  seed, its index, its label and the settings only, so a sample set comes out the same whatever the batch size,
-  the number of devices, or how it is split over hosts (`shard_indices`). Batches are padded to `batch_size` (one
-  compilation) and split over the devices along the batch axis.
+  `labels` are S class ids [S] or S condition token rows [S, L] (captions). Sample j is drawn with its own key
+  fold_in(rng, indices[j]) (indices default to 0, 1, ...): it depends on the seed, its index, its condition and the
+  settings only, so a sample set comes out the same whatever the batch size, the number of devices, or how it is
+  split over hosts (`shard_indices`). Batches are padded to `batch_size` (one compilation) and split over the
+  devices along the batch axis.
   """
   labels = np.asarray(labels, np.int32)
+  if labels.ndim == 1:
+    labels = labels[:, None]
   indices = np.arange(len(labels)) if indices is None else np.asarray(indices, np.int64)
-  if indices.shape != labels.shape:
-    raise ValueError(f"indices {indices.shape} must match labels {labels.shape}")
+  if indices.shape != labels.shape[:1]:
+    raise ValueError(f"indices {indices.shape} must match labels {labels.shape[:1]}")
   n_dev = loaded.mesh.shape["data"]
   if batch_size % n_dev:
     raise ValueError(f"batch_size {batch_size} is not divisible by the {n_dev} devices")
@@ -70,7 +78,7 @@ def sample_codes(loaded: loader.Stage2Model, labels: Sequence[int], rng: jax.Arr
   for i in range(0, len(labels), batch_size):
     chunk = labels[i:i + batch_size]
     pad = batch_size - len(chunk)
-    cond = jax.device_put(np.concatenate([chunk, np.zeros(pad, np.int32)])[:, None], batch_sharding)
+    cond = jax.device_put(np.concatenate([chunk, np.zeros((pad, chunk.shape[1]), np.int32)]), batch_sharding)
     keys = jax.device_put(sample_keys(rng, np.concatenate([indices[i:i + batch_size], np.zeros(pad, np.int64)])),
                           batch_sharding)
     _, history = decoder.draft_and_revise(
@@ -97,7 +105,8 @@ def preview_indices(labels: np.ndarray, *, per_class: int, max_classes: int) -> 
 
 
 def write_outputs(loaded: loader.Stage2Model, history: np.ndarray, labels: np.ndarray, out_dir: str, ncols: int, *,
-                  preview_per_class: int = 10, preview_classes: int = 16) -> dict[str, str]:
+                  preview_per_class: int = 10, preview_classes: int = 16, prompts: Sequence[str] | None = None,
+                  cond: np.ndarray | None = None) -> dict[str, str]:
   """Writes samples.npz (every final sample, `write_samples_npz`) and the preview grids (`write_previews`).
 
   Args:
@@ -105,34 +114,48 @@ def write_outputs(loaded: loader.Stage2Model, history: np.ndarray, labels: np.nd
     ncols: samples per row of the grids (at most `preview_per_class`).
     preview_per_class / preview_classes: the grids show at most this many samples of this many classes, so that
       50,000 samples for FID still make a PNG one can open; the npz always holds all of them.
+    prompts: text-to-image: the P prompts, `labels` [S] indexing them; each grid image gets its prompt under it.
+    cond: text-to-image: the caption tokens int [S, L], stored in the npz.
   """
   paths = write_previews(loaded, history, labels, out_dir, ncols, preview_per_class=preview_per_class,
-                         preview_classes=preview_classes)
-  paths["samples_npz"] = write_samples_npz(loaded, history[-1], labels, os.path.join(out_dir, "samples.npz"))
+                         preview_classes=preview_classes, prompts=prompts)
+  paths["samples_npz"] = write_samples_npz(loaded, history[-1], labels, os.path.join(out_dir, "samples.npz"),
+                                           prompts=prompts, cond=cond)
   return paths
 
 
 def write_previews(loaded: loader.Stage2Model, history: np.ndarray, labels: np.ndarray, out_dir: str, ncols: int, *,
-                   preview_per_class: int = 10, preview_classes: int = 16) -> dict[str, str]:
-  """samples.png (final samples) and phases.png (draft and each revision side by side) of a capped preview."""
+                   preview_per_class: int = 10, preview_classes: int = 16,
+                   prompts: Sequence[str] | None = None) -> dict[str, str]:
+  """samples.png (final samples) and phases.png (draft and each revision side by side) of a capped preview; with
+  `prompts`, each image's prompt under it."""
   os.makedirs(out_dir, exist_ok=True)
   labels = np.asarray(labels, np.int32)
   preview = preview_indices(labels, per_class=preview_per_class, max_classes=preview_classes)
   phases = [loaded.images(h[preview], uint8=True) for h in history]  # each [P, R, R, C]
   ncols = max(1, min(ncols, preview_per_class))
   scale = max(1, 128 // phases[0].shape[1])
-  paths = {"samples_png": grids.save_grid(os.path.join(out_dir, "samples.png"), phases[-1], ncols, scale)}
-  panels = [grids.make_grid(p, ncols) for p in phases]
-  sep = np.full((panels[0].shape[0], 8, panels[0].shape[2]), 128, np.uint8)
+  if prompts is None:
+    paths = {"samples_png": grids.save_grid(os.path.join(out_dir, "samples.png"), phases[-1], ncols, scale)}
+    panels = [grids.make_grid(p, ncols) for p in phases]
+  else:
+    captions = [prompts[i] for i in labels[preview]]
+    paths = {"samples_png": grids.save_captioned_grid(os.path.join(out_dir, "samples.png"), phases[-1], captions,
+                                                      ncols, scale)}
+    panels = [grids.captioned_grid(p, captions, ncols, scale) for p in phases]
+    scale = 1
+  sep = np.full((panels[0].shape[0], 8, panels[0].shape[2]), 128, np.uint8)  # grey bar between the phases
   side_by_side = np.concatenate([x for p in panels for x in (p, sep)][:-1], axis=1)
   paths["phases_png"] = grids.save_grid(os.path.join(out_dir, "phases.png"), side_by_side[None], 1, scale)
   return paths
 
 
 def write_samples_npz(loaded: loader.Stage2Model, codes: np.ndarray, labels: np.ndarray, path: str, *,
-                      indices: Optional[np.ndarray] = None) -> str:
+                      indices: Optional[np.ndarray] = None, prompts: Sequence[str] | None = None,
+                      cond: np.ndarray | None = None) -> str:
   """Decodes codes [S, N, D] and writes `path` atomically: arr_0 uint8 [S, H, W, 3] (RGB, as FID evaluators
-  expect), labels int32 [S], codes int32 [S, h, w, D] and, for a shard, its sample indices int64 [S].
+  expect), labels int32 [S], codes int32 [S, h, w, D], for a shard its sample indices int64 [S], and for
+  text-to-image the prompts str [P] and caption tokens cond int32 [S, L].
 
   The images are decoded chunk by chunk into a uint8 memory-mapped scratch file, so host memory stays at a chunk of
   float images plus the uint8 array's page cache, whatever the number of samples.
@@ -149,6 +172,8 @@ def write_samples_npz(loaded: loader.Stage2Model, codes: np.ndarray, labels: np.
                   codes=np.asarray(codes).reshape((-1, *loaded.code_shape)).astype(np.int32))
     if indices is not None:
       arrays["indices"] = np.asarray(indices, np.int64)
+    if prompts is not None:
+      arrays.update(prompts=np.asarray(list(prompts), dtype=str), cond=np.asarray(cond, np.int32))
     np.savez(path + ".tmp.npz", **arrays)
     os.replace(path + ".tmp.npz", path)  # atomic: an earlier file stays whole until the new one is
   finally:
@@ -223,3 +248,41 @@ def sample_all_classes(workdir: str, out_dir: str, *, samples_per_class: int, se
                          t_draft=int(s.T_draft), t_revise=int(s.T_revise), num_revisions=int(s.M),
                          draft=logits.PhaseSettings.from_config(s.draft), revise=logits.PhaseSettings.from_config(s.revise))
   return write_outputs(loaded, history, labels, out_dir, ncols=samples_per_class)
+
+
+def read_prompts(spec: str | None = None, path: str | None = None) -> list[str]:
+  """Prompts from ';'-separated text and/or a file (one prompt per line, blank lines skipped), in that order."""
+  prompts = [p.strip() for p in (spec or "").split(";") if p.strip()]
+  if path:
+    if not os.path.isfile(path):
+      raise ValueError(f"prompts file {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+      prompts += [line.strip() for line in f if line.strip()]
+  if not prompts:
+    raise ValueError("no prompts: pass --prompts='a red bus;a dog' or --prompts_file=FILE")
+  return prompts
+
+
+def prompt_conditions(loaded: loader.Stage2Model, prompts: Sequence[str], per_prompt: int) -> tuple[np.ndarray,
+                                                                                                     np.ndarray]:
+  """(labels int32 [P * per_prompt] prompt indices, cond int32 [P * per_prompt, L] deterministic caption tokens)."""
+  if per_prompt < 1:
+    raise ValueError(f"samples per prompt must be >= 1, got {per_prompt}")
+  tokens = loaded.tokenizer().encode(list(prompts))  # deterministic ids: no BPE dropout when sampling
+  labels = np.repeat(np.arange(len(prompts), dtype=np.int32), per_prompt)
+  return labels, tokens[labels]
+
+
+def sample_prompts(loaded: loader.Stage2Model, prompts: Sequence[str], out_dir: str, *, per_prompt: int,
+                   rng: jax.Array, batch_size: int, t_draft: int, t_revise: int, num_revisions: int,
+                   draft: logits.PhaseSettings, revise: logits.PhaseSettings, draft_mode: str = "random",
+                   preview_per_prompt: int = 10, preview_prompts: int = 16) -> dict[str, str]:
+  """Text-to-image: `per_prompt` Draft-and-Revise samples of each prompt, written by `write_outputs` with the prompt
+  under each image."""
+  if not loaded.model.is_text:
+    raise ValueError(f"{loaded.workdir} is a class-conditional run; sample it with class ids, not prompts")
+  labels, cond = prompt_conditions(loaded, prompts, per_prompt)
+  history = sample_codes(loaded, cond, rng, batch_size=batch_size, t_draft=t_draft, t_revise=t_revise,
+                         num_revisions=num_revisions, draft=draft, revise=revise, draft_mode=draft_mode)
+  return write_outputs(loaded, history, labels, out_dir, ncols=per_prompt, preview_per_class=preview_per_prompt,
+                       preview_classes=preview_prompts, prompts=list(prompts), cond=cond)

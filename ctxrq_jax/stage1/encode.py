@@ -1,6 +1,8 @@
 """Code extraction: images -> RQ-VAE code stacks, written as a code dataset for stage 2.
 
-The command is `python -m ctxrq_jax.encode encode --artifact=DIR --config=STAGE1_CONFIG --out=CODES`.
+The commands are `python -m ctxrq_jax.encode encode --artifact=DIR --config=STAGE1_CONFIG --out=CODES` (class
+labels) and `python -m ctxrq_jax.encode captions --artifact=DIR --tokenizer=BPE_DIR --webdataset=... --out=CODES`
+(image/caption pairs: the condition of each record is the caption's L BPE tokens).
 
 Encoding is deterministic: examples are read in dataset order without augmentation (eval preprocessing), encoded
 with the artifact's codebook, and written in the same order (see `data.codes` for the file format). The code
@@ -9,8 +11,9 @@ dataset carries the codebook, so stage 2 needs nothing else from stage 1 to trai
 
 from __future__ import annotations
 
+import itertools
 import os
-from typing import Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +21,10 @@ import ml_collections
 import numpy as np
 
 from ctxrq_jax.core import reporting
+from ctxrq_jax.data import captions as captions_lib
 from ctxrq_jax.data import codes as code_data
 from ctxrq_jax.data import images as image_data
+from ctxrq_jax.data import tokenizer as tokenizer_lib
 from ctxrq_jax.models import artifact
 from ctxrq_jax.models import rqvae
 
@@ -82,3 +87,88 @@ def encode_dataset(artifact_dir: str, data_cfg: ml_collections.ConfigDict, out_d
         raise ValueError(f"split {split!r} of {data_cfg.name} has no examples to encode")
   # Leaving the `with` block wrote metadata.json last (atomically); a failure above leaves no metadata.
   return code_data.read_metadata(out_dir)
+
+
+CAPTIONS_FILE = "captions-{split}.txt"
+
+
+def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_lib.CaptionStats],
+                                                                        Iterable[captions_lib.CaptionExample]]],
+                    out_dir: str, tokenizer: tokenizer_lib.CaptionTokenizer, *,
+                    train_splits: Sequence[str] = ("train",), batch_size: int = 256, num_shards: int = 1,
+                    overwrite: bool = False, max_examples: int | None = None,
+                    source_description: Any = None, resize: str = "crop",
+                    totals: Mapping[str, int] | None = None) -> tuple[code_data.CodeMetadata, dict[str, captions_lib.CaptionStats]]:
+  """Encodes image/caption pairs into a code dataset whose condition is the caption's L tokens (streaming).
+
+  Each image is encoded once; an image with several captions becomes one record per caption (same codes). Captions
+  of `train_splits` are tokenized with the tokenizer's BPE dropout, the others deterministically. Beside the shards,
+  `captions-<split>.txt` holds each record's caption (one line per record, in record order) for CLIP score and
+  prompts. Undecodable images and examples without an image or caption are counted, skipped and reported in the
+  returned stats (`CaptionStats.summary()`).
+
+  Args:
+    artifact_dir: stage-1 artifact.
+    sources: split name -> a function of the split's stats returning its examples (`data.captions.iter_*`).
+    out_dir: the code dataset directory to write.
+    tokenizer: the caption tokenizer (its context length is L).
+    train_splits: splits tokenized with BPE dropout.
+    batch_size: images per jitted encode call (the last batch is padded, so one compilation).
+    num_shards: ArrayRecord files per split.
+    overwrite: replace an existing code dataset.
+    max_examples: at most this many images per split (None: all).
+    source_description: JSON-serialisable description stored in metadata.json.
+    totals: images per split when known (progress lines only; streaming sources may not know).
+    resize: 'crop' (photos: shorter side to the RQ-VAE's resolution, centre crop) or 'pad' (small square images).
+
+  Returns:
+    (the written metadata, {split: stats}).
+  """
+  model, variables = artifact.load_artifact(artifact_dir)
+  codebook = np.asarray(variables["quantizer"]["codebook"])
+  encode_fn = jax.jit(lambda v, x: model.apply(v, model.apply(v, x, method=rqvae.RQVAE.encode),
+                                               method=rqvae.RQVAE.quantize)[1])
+  description = {"captions": source_description, "stage1_artifact": os.path.abspath(artifact_dir),
+                 "splits": list(sources), "tokenizer": [os.path.abspath(f) for f in tokenizer.files],
+                 "context_length": tokenizer.context_length, "bpe_dropout_splits": list(train_splits),
+                 "bpe_dropout": tokenizer.bpe_dropout}
+  all_stats: dict[str, captions_lib.CaptionStats] = {}
+  with code_data.CodeDatasetWriter(out_dir, code_shape=model.code_shape, codebook=codebook, num_classes=0,
+                                   cond_length=tokenizer.context_length, cond_vocab_size=tokenizer.vocab_size,
+                                   source=description, num_shards=num_shards, overwrite=overwrite) as writer:
+    for split, make_examples in sources.items():
+      stats = all_stats[split] = captions_lib.CaptionStats()
+      examples = make_examples(stats)
+      if max_examples is not None:
+        examples = itertools.islice(examples, max_examples)
+      total = (totals or {}).get(split) or max_examples or 0
+      progress = reporting.Progress(f"encode {split}", min(total, max_examples or total), unit="images")
+      batches = captions_lib.image_batches(examples, stats, image_size=model.resolution,
+                                           channels=model.in_channels, batch_size=batch_size, resize=resize)
+      caption_path = os.path.join(out_dir, CAPTIONS_FILE.format(split=split))
+      with open(caption_path + ".tmp", "w", encoding="utf-8") as caption_file:
+        for x, captions, _ in batches:
+          n = x.shape[0]
+          if n < batch_size:  # one compiled shape for every batch, the padded tail is dropped below
+            x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
+          codes = np.asarray(encode_fn(variables, jnp.asarray(x)))[:n]
+          repeats = np.array([len(c) for c in captions])
+          flat = [" ".join(c.split()) for cs in captions for c in cs]
+          tokens = tokenizer.encode(flat, train=split in train_splits)
+          writer.write(split, np.repeat(codes, repeats, axis=0), tokens)
+          caption_file.write("".join(f"{c}\n" for c in flat))
+          progress.update(stats.decoded)
+      os.replace(caption_path + ".tmp", caption_path)
+      progress.close()
+      if stats.decoded == 0:
+        raise ValueError(f"split {split!r} has no decodable image/caption pairs ({stats.summary()})")
+  return code_data.read_metadata(out_dir), all_stats
+
+
+def read_captions(codes_dir: str, split: str) -> list[str]:
+  """The captions `encode_captions` wrote for `split`, one per record in record order."""
+  path = os.path.join(os.fspath(codes_dir), CAPTIONS_FILE.format(split=split))
+  if not os.path.isfile(path):
+    raise ValueError(f"{path} not found: {codes_dir} is not a caption code dataset, or has no split {split!r}")
+  with open(path, encoding="utf-8") as f:
+    return [line.rstrip("\n") for line in f]

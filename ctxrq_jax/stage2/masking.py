@@ -116,7 +116,7 @@ def drop_condition(rng: Array, cond: Array, rate: float, null_id: int) -> Array:
     rng: PRNG key.
     cond: int [B, L] condition tokens.
     rate: drop probability in [0, 1].
-    null_id: the "no condition" id (num_classes for class conditioning).
+    null_id: the "no condition" id (num_classes for class conditioning; [PAD] = 0, the empty caption, for text).
 
   Returns:
     int [B, L], rows either unchanged or all `null_id`.

@@ -82,14 +82,22 @@ class TrainState:
 
 
 # ------------------------------------------------------------------------------------------- validation
-def reference_config() -> ml_collections.ConfigDict:
-  """The defaults every stage-2 config must match key for key (ctxrq_jax/configs/imagenet.py)."""
+def is_text_config(config: ml_collections.ConfigDict) -> bool:
+  """True for a text-to-image config (model.num_classes 0: the condition is a caption)."""
+  return int(config.model.num_classes) == 0
+
+
+def reference_config(config: Optional[ml_collections.ConfigDict] = None) -> ml_collections.ConfigDict:
+  """The defaults a stage-2 config must match key for key: ctxrq_jax/configs/imagenet.py for class labels,
+  ctxrq_jax/configs/cc3m.py (the same keys plus data.tokenizer_dir) when `config` conditions on captions."""
+  if config is not None and "model" in config and "num_classes" in config.model and is_text_config(config):
+    return configlib.load_config_file("cc3m", "tiny")
   return configlib.load_config_file("imagenet", "tiny")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks the config's keys and values that would otherwise fail inside a compiled step (ConfigError)."""
-  configlib.check_keys(config, reference_config())
+  configlib.check_keys(config, reference_config(config))
   req = configlib.require
   t, o = config.train, config.optim
   req(int(t.batch_size) >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
@@ -104,8 +112,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
     req(int(t[key]) >= 1, f"train.{key} must be >= 1, got {t[key]}")
   optim.validate(o)
-  req(int(config.model.cond_length) == 1,
-      f"model.cond_length must be 1 for class-conditional code datasets, got {config.model.cond_length}")
+  req(int(config.model.num_classes) >= 0, f"model.num_classes must be >= 0 (0 for captions), got "
+      f"{config.model.num_classes}")
+  if is_text_config(config):
+    req(config.model.cond_vocab_size is not None and int(config.model.cond_vocab_size) >= 2,
+        f"captions need model.cond_vocab_size (the tokenizer's vocabulary), got {config.model.cond_vocab_size}")
+  else:
+    req(int(config.model.cond_length) == 1,
+        f"model.cond_length must be 1 for class-conditional code datasets, got {config.model.cond_length}")
   req(bool(config.data.codes_dir), "config.data.codes_dir is empty: pass --config.data.codes_dir=DIR, a code dataset "
       "written by `python -m ctxrq_jax.encode encode`")
   code_shape = tuple(config.data.code_shape)
@@ -127,9 +141,20 @@ def check_dataset(config: ml_collections.ConfigDict, meta: codes_lib.CodeMetadat
   configlib.require(int(meta.embed_dim) == int(d.embed_dim),
                     f"{where} has code embedding width n_z = {meta.embed_dim}, but config.data.embed_dim is "
                     f"{d.embed_dim}")
+  if meta.is_text != is_text_config(config):
+    raise ConfigError(f"{where} is conditioned on {'captions' if meta.is_text else 'class labels'}, but the config "
+                      f"(model.num_classes {config.model.num_classes}) on "
+                      f"{'captions' if is_text_config(config) else 'class labels'}")
   configlib.require(int(meta.num_classes) == int(config.model.num_classes),
                     f"{where} has {meta.num_classes} classes, but config.model.num_classes is "
                     f"{config.model.num_classes}")
+  if meta.is_text:
+    configlib.require(int(meta.cond_length) == int(config.model.cond_length),
+                      f"{where} has captions of {meta.cond_length} tokens, but config.model.cond_length is "
+                      f"{config.model.cond_length}")
+    configlib.require(int(meta.cond_range) <= int(config.model.cond_vocab_size),
+                      f"{where} has caption tokens in [0, {meta.cond_range}), more than config.model.cond_vocab_size "
+                      f"{config.model.cond_vocab_size}")
   for split in (d.train_split, d.eval_split):
     if split not in meta.splits:
       raise ConfigError(f"{where} has no split {split!r} (config.data); it has {sorted(meta.splits)}")
@@ -203,9 +228,18 @@ def _weighted_loss(model, params, codes, mask, cond, codebook, label_smoothing, 
   return loss * metrics["num_masked_codes"], metrics
 
 
+def batch_condition(batch: Any) -> Array:
+  """The condition tokens int32 [B, L] of a code batch: 'cond' [B, L] (captions), or 'label' [B] as [B, 1]."""
+  if "cond" in batch:
+    return batch["cond"].astype(jnp.int32)
+  return batch["label"].astype(jnp.int32)[:, None]
+
+
 def make_train_step(model: transformer.ContextualRQTransformer, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict) -> Callable[[TrainState, Any, Array], tuple[TrainState, Any]]:
-  """`step(state, batch {'codes' [B,h,w,D], 'label' [B]}, codebook [K,n_z]) -> (state, metrics)` (unjitted)."""
+  """`step(state, batch, codebook [K,n_z]) -> (state, metrics)` (unjitted); batch {'codes' [B,h,w,D], and 'label' [B]
+  (class labels) or 'cond' [B, L] (caption tokens)}. Condition dropout replaces a whole condition by the null one
+  (the extra class id, or the empty caption)."""
   t = config.train
   accum = int(t.grad_accum_steps)
   drop_rate, smoothing = float(t.cond_drop_rate), float(t.label_smoothing)
@@ -220,7 +254,7 @@ def make_train_step(model: transformer.ContextualRQTransformer, tx: optax.Gradie
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     mask_key, cond_key, dropout_key = jax.random.split(key, 3)
     mask = masking.sample_mask(mask_key, b, n)
-    cond = masking.drop_condition(cond_key, batch["label"].astype(jnp.int32)[:, None], drop_rate, null_id)
+    cond = masking.drop_condition(cond_key, batch_condition(batch), drop_rate, null_id)
 
     grad_fn = jax.value_and_grad(
         functools.partial(_weighted_loss, model, label_smoothing=smoothing, train=True), has_aux=True)
@@ -274,7 +308,7 @@ def make_eval_step(model: transformer.ContextualRQTransformer) -> Callable[..., 
     b = codes.shape[0]
     codes = codes.reshape(b, -1, codes.shape[-1]).astype(jnp.int32)
     mask = masking.sample_mask(key, b, codes.shape[1])
-    cond = batch["label"].astype(jnp.int32)[:, None]
+    cond = batch_condition(batch)
     wloss, metrics = _weighted_loss(model, params, codes, mask, cond, codebook, 0.0, None, False)
     w = metrics["num_masked_codes"]
     return {k: (v if k == "num_masked_codes" else v * w) for k, v in metrics.items()}

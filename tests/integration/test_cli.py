@@ -11,7 +11,7 @@ import pytest
 from ctxrq_jax.core import config as configlib
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-COMMANDS = ("bench", "convert", "demo", "encode", "evaluate", "sample", "train", "train_rqvae")
+COMMANDS = ("bench", "convert", "demo", "encode", "evaluate", "sample", "tokenize", "train", "train_rqvae")
 
 
 def _readme_commands():

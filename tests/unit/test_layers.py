@@ -10,7 +10,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "ctxrq_jax"
 LAYERS = {"core": 0, "configs": 1, "data": 2, "models": 3, "stage1": 4, "stage2": 4, "sampling": 4, "evaluation": 5,
           "recipes": 6, "benchmarks": 6}
-COMMANDS = {"bench", "convert", "demo", "encode", "evaluate", "sample", "train", "train_rqvae"}
+COMMANDS = {"bench", "convert", "demo", "encode", "evaluate", "sample", "tokenize", "train", "train_rqvae"}
 # Inference (sampling, evaluation) never builds an optimizer nor imports a trainer.
 TRAINING_ONLY = {"ctxrq_jax.stage1.trainer", "ctxrq_jax.stage2.trainer", "ctxrq_jax.core.optim", "ctxrq_jax.core.loop"}
 

@@ -38,10 +38,11 @@ def test_bench_sample_rows_agree_and_count_flops(tiny):
 
 def test_param_table_lists_the_paper_sizes():
   table = speed.param_table()
-  for name in ("ctx-rq 333m", "ctx-rq 821m", "ctx-rq 1.4b", "rq-vae 8x8x4"):
+  for name in ("ctx-rq 333m", "ctx-rq 821m", "ctx-rq 1.4b", "t2i 333m", "t2i 654m", "rq-vae 8x8x4"):
     assert name in table, table
   assert "1,387,518,208" in table  # configs/imagenet.py:1.4b, as tests/unit/test_inference_restore.py counts it
   assert "104,402,051" in table  # the released RQ-VAE, its padding row counted
+  assert "652,734,976" in table  # configs/cc3m.py:654m
 
 
 def test_cached_depth_flops_are_d_token_passes(tiny):

@@ -121,3 +121,40 @@ def test_code_reader_detects_corruption(tmp_path):
   os.remove(tmp_path / good["splits"]["test"]["shards"][1])
   with pytest.raises(ValueError, match="shard .* is missing"):
     codes_lib.make_code_iterator(tmp_path, split="test", batch_size=2, seed=0, train=False)
+
+
+def test_caption_records_hold_token_sequences(tmp_path):
+  rng = np.random.default_rng(0)
+  codes = rng.integers(0, 9, (5, 2, 2, 3))
+  tokens = rng.integers(0, 40, (5, 7))
+  with codes_lib.CodeDatasetWriter(tmp_path, code_shape=(2, 2, 3), codebook=np.ones((9, 2)), num_classes=0,
+                                   cond_length=7, cond_vocab_size=40, source="captions", num_shards=2) as w:
+    with pytest.raises(ValueError, match=r"caption tokens must have shape \[5, 7\]"):
+      w.write("train", codes, tokens[:, :6])
+    with pytest.raises(ValueError, match=r"caption token outside \[0, cond_vocab_size=40\) in batch row 2"):
+      w.write("train", codes, np.where(np.arange(5)[:, None] == 2, 40, tokens))
+    w.write("train", codes, tokens)
+  meta = codes_lib.read_metadata(tmp_path)
+  assert meta.is_text and meta.cond_length == 7 and meta.cond_range == 40
+  assert meta.record_bytes == 4 * 7 + 12 * 2
+  got_codes, got_tokens = codes_lib.load_codes(tmp_path, "train")
+  np.testing.assert_array_equal(got_codes, codes)
+  np.testing.assert_array_equal(got_tokens, tokens)
+  batch = next(iter(codes_lib.make_code_iterator(tmp_path, split="train", batch_size=5, seed=0, train=False)))
+  np.testing.assert_array_equal(batch["cond"], tokens)
+  with pytest.raises(ValueError, match="need a positive cond_vocab_size"):
+    codes_lib.CodeDatasetWriter(tmp_path / "x", code_shape=(2, 2, 3), codebook=np.ones((9, 2)), num_classes=0,
+                                cond_length=7, source="captions")
+  with pytest.raises(ValueError, match="cond_length must be 1"):
+    codes_lib.CodeDatasetWriter(tmp_path / "y", code_shape=(2, 2, 3), codebook=np.ones((9, 2)), num_classes=3,
+                                cond_length=7, source="labels")
+
+
+def test_metadata_without_condition_fields_reads_as_class_labels(tmp_path):
+  _, data = helpers.write_code_dataset(tmp_path)
+  meta_path = tmp_path / codes_lib.METADATA_FILE
+  old = {k: v for k, v in json.loads(meta_path.read_text()).items() if k not in ("cond_length", "cond_vocab_size")}
+  meta_path.write_text(json.dumps(old))
+  meta = codes_lib.read_metadata(tmp_path)
+  assert not meta.is_text and meta.cond_length == 1 and meta.cond_range == meta.num_classes
+  np.testing.assert_array_equal(codes_lib.load_codes(tmp_path, "train")[1], data["train"][1])

@@ -340,3 +340,77 @@ def test_from_run_config_reads_the_data_section(name, arg):
   assert model == tr.model_from_config(cfg.model, vocab_size=cfg.data.vocab_size, code_depth=d, num_positions=h * w,
                                        embed_dim=cfg.data.embed_dim)
   assert (model.num_positions, model.code_depth, model.vocab_size) == (h * w, d, cfg.data.vocab_size)
+
+
+# ------------------------------------------------------------------------------------------------ captions (L > 1)
+def official_rqtransformer_params(embed_dim, n_head, body_layers, head_layers, vocab_size, vocab_size_cond,
+                                  block_size_cond, block_size, input_embed_dim):
+  """Parameter count of the official RQ-Transformer layout (kakaobrain/rq-vae-transformer, `input_emb_vqvae`,
+  `head_emb_vqvae`, shared token / classifier embeddings) from its yaml dimensions, written out term by term."""
+  del n_head  # heads split the width; they add no parameters
+  w = embed_dim
+  block = 2 * 2 * w + 4 * (w * w + w) + (w * 4 * w + 4 * w) + (4 * w * w + w)  # 2 LNs, q/k/v/proj, MLP 4x
+  h, wd, d = block_size
+  embeddings = vocab_size_cond * w + 2 * (input_embed_dim * w + w)  # cond_emb, input_mlp, head_mlp
+  positions = (block_size_cond + h * wd + d) * w
+  classifier = 2 * w + w * vocab_size + vocab_size  # LayerNorm + linear with bias
+  cond_classifier = 2 * w + w * vocab_size_cond + vocab_size_cond if block_size_cond > 1 else 0
+  return embeddings + positions + (body_layers + head_layers) * block + classifier + cond_classifier
+
+
+def _cc3m_model(size):
+  return tr.from_run_config(load_config("cc3m", size))
+
+
+@pytest.mark.parametrize("size", ["333m", "654m"])
+def test_cc3m_param_counts(size):
+  from ctxrq_jax.configs import cc3m  # pylint: disable=g-import-not-at-top
+  model = _cc3m_model(size)
+  assert model.is_text and model.cond_length == 32 and model.cond_vocab == 16384 and model.null_cond_id == 0
+  count = common.count_params(tr.abstract_variables(model)["params"])
+  target = cc3m.PAPER_PARAMS[size]
+  print(f"cc3m {size}: {count:,} parameters ({count / target - 1:+.2%} vs paper {target:,.0f})")
+  assert abs(count / target - 1) < 0.02
+  if size == "654m":
+    official = official_rqtransformer_params(**cc3m.OFFICIAL_650M)
+    assert official == 654_061_568  # the paper's 654M: the layout reads right
+    print(f"cc3m 654m vs the official 650M layout: {count / official - 1:+.2%}")
+    assert abs(count / official - 1) < 0.01
+
+
+def test_cc3m_config_keys_and_text_fields():
+  cfg = load_config("cc3m", "tiny")
+  assert cfg.is_locked and cfg.model.num_classes == 0
+  reference = load_config("imagenet", "tiny")
+  with pytest.raises(configlib.ConfigError, match="unknown config keys: data.tokenizer_dir$"):
+    configlib.check_keys(cfg, reference)  # the class configs' keys plus the tokenizer directory, nothing else
+  with pytest.raises(configlib.ConfigError, match="needs cond_vocab_size >= 2"):
+    tr.model_from_config(cfg.model.to_dict() | {"cond_vocab_size": None}, vocab_size=K, code_depth=D,
+                         num_positions=N, embed_dim=NZ)
+  with pytest.raises(configlib.ConfigError, match="unknown model size"):
+    load_config("cc3m", "1.4b")
+
+
+def test_caption_condition_with_32_tokens():
+  model = tiny_model(num_classes=0, cond_length=32, cond_vocab_size=40)
+  assert model.is_text and model.null_cond_id == 0
+  codes, mask, _, codebook = random_inputs(model)
+  cond = jax.random.randint(jax.random.key(5), (2, 32), 1, 40).at[:, 0].set(3).at[:, 1].set(9)
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), codes, mask, cond, codebook))
+  assert params["params"]["cond_pos"].shape == (32, W)
+  assert params["params"]["cond_embed"]["embedding"].shape == (40, W)
+  spatial = jax.jit(functools.partial(model.apply, method=model.spatial))
+  h = spatial(params, codes, mask, cond, codebook)
+  assert h.shape == (2, N, W)
+  # Every token position matters, and positions are told apart: the last token, and a swap of two tokens.
+  last = cond.at[:, 31].set(jnp.where(cond[:, 31] == 7, 8, 7))
+  swapped = cond.at[:, 0].set(cond[:, 1]).at[:, 1].set(cond[:, 0])
+  assert not np.allclose(spatial(params, codes, mask, last, codebook), h, atol=1e-6)
+  assert not np.allclose(spatial(params, codes, mask, swapped, codebook), h, atol=1e-6)
+  # The empty caption (all [PAD]) is the null condition of classifier-free guidance and of condition dropout.
+  dropped = masking.drop_condition(jax.random.key(1), cond, 1.0, model.null_cond_id)
+  np.testing.assert_array_equal(dropped, np.zeros((2, 32), np.int32))
+  with pytest.raises(ValueError, match=r"caption token ids must lie in \[0, 40\)"):
+    tr.check_inputs(model, cond=np.full((2, 32), 40))
+  with pytest.raises(ValueError, match=r"cond must be \[B, L=32\]"):
+    tr.check_inputs(model, cond=np.zeros((2, 31), np.int32))

@@ -47,3 +47,48 @@ def test_mismatched_data_config_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match=r"gives 32x32x1 images but the RQ-VAE at .* expects 16x16x1"):
     encode.encode_dataset(artifact, config.data, str(tmp_path / "codes"), ["test"], max_examples=4)
   assert not (tmp_path / "codes").exists()
+
+
+@pytest.mark.slow  # ~17 s on a loaded 2-core CPU: two compiles of the tiny RQ-VAE
+def test_encode_captions_writes_token_conditions(tmp_path):
+  from ctxrq_jax.data import captions as captions_lib  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from tests.unit.data import test_captions  # pylint: disable=g-import-not-at-top
+
+  config = helpers.tiny_stage1_config()
+  model = rqvae.RQVAE.from_config(config.model)
+  variables = jax.jit(rqvae.init_variables, static_argnums=0)(model, jax.random.key(3))
+  artifact = str(tmp_path / "artifact")
+  artifact_lib.save_artifact(artifact, config.model, variables)
+  texts = [f"a {c} {t} in the park" for c in ("red", "blue", "green") for t in ("dog", "cat", "bus")]
+  pairs = [(f"{i:09d}", t) for i, t in enumerate(texts)]
+  (tmp_path / "train").mkdir()
+  (tmp_path / "val").mkdir()
+  test_captions.write_shard(tmp_path / "train" / "00000.tar",
+                            test_captions.webdataset_members(pairs[:6], corrupt={"000000002"}))
+  test_captions.write_shard(tmp_path / "val" / "00000.tar", test_captions.webdataset_members(pairs[6:]))
+  tokenizer_lib.train_tokenizer(texts * 3, str(tmp_path / "bpe"), vocab_size=60)
+  tok = tokenizer_lib.CaptionTokenizer.from_directory(str(tmp_path / "bpe"), context_length=6)
+  sources = {split: (lambda stats, d=d: captions_lib.iter_webdataset(str(tmp_path / d / "*.tar"), stats))
+             for split, d in (("train", "train"), ("validation", "val"))}
+  out = str(tmp_path / "codes")
+  meta, stats = encode.encode_captions(artifact, sources, out, tok, batch_size=4)
+  assert stats["train"].corrupt_images == 1 and stats["train"].decoded == 5 and stats["validation"].decoded == 3
+  assert meta.is_text and meta.cond_length == 6 and meta.cond_range == tok.vocab_size
+  assert meta.num_examples("train") == 5 and meta.num_examples("validation") == 3
+  codes, tokens = code_data.load_codes(out, "validation")
+  assert tokens.shape == (3, 6)
+  np.testing.assert_array_equal(tokens, tok.encode(texts[6:]))  # validation: deterministic ids
+  assert encode.read_captions(out, "validation") == texts[6:]
+  train_texts = [texts[i] for i in (0, 1, 3, 4, 5)]
+  assert encode.read_captions(out, "train") == train_texts
+  _, train_tokens = code_data.load_codes(out, "train")
+  assert tok.decode(train_tokens) == [t[:len(d)] for t, d in zip(train_texts, tok.decode(train_tokens))]
+  # The stored codes are the model's codes of the preprocessed images (greyscale model: luma of the RGB JPEGs).
+  val_stats = captions_lib.CaptionStats()
+  images, _, _ = next(captions_lib.image_batches(
+      captions_lib.iter_webdataset(str(tmp_path / "val" / "*.tar"), val_stats), val_stats, image_size=16,
+      channels=1, batch_size=8))
+  np.testing.assert_array_equal(codes, np.asarray(jax.jit(model.apply)(variables, images)["codes"]))
+  batch = next(iter(code_data.make_code_iterator(out, split="validation", batch_size=3, seed=0, train=False)))
+  assert sorted(batch) == ["codes", "cond"] and batch["cond"].shape == (3, 6)

@@ -136,3 +136,42 @@ def test_grad_accumulation_matches_full_batch(stage2_codes_dir):
   np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
   for a, b in zip(helpers.leaves(s1.params), helpers.leaves(s2.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _write_caption_codes(out_dir, *, cond_length=8, vocab=64):
+  """A caption code dataset for configs/cc3m.py:tiny: 4x4x4 codes, K 64, n_z 16, captions of 8 tokens ([PAD] = 0)."""
+  rng = np.random.default_rng(1)
+  lengths = {"train": rng.integers(1, cond_length + 1, 8), "validation": rng.integers(1, cond_length + 1, 4)}
+  with codes_lib.CodeDatasetWriter(out_dir, code_shape=(4, 4, 4), codebook=rng.normal(size=(64, 16)).astype(np.float32),
+                                   num_classes=0, cond_length=cond_length, cond_vocab_size=vocab,
+                                   source="synthetic captions") as w:
+    for split, n in lengths.items():
+      tokens = rng.integers(2, vocab, (len(n), cond_length)) * (np.arange(cond_length) < n[:, None])
+      w.write(split, rng.integers(0, 64, (len(n), 4, 4, 4)), tokens)
+  return str(out_dir)
+
+
+@pytest.mark.slow  # ~26 s on a loaded 2-core CPU (a 4-step run with eval and a checkpoint)
+def test_trains_on_caption_codes(tmp_path):
+  from ctxrq_jax.core import config as configlib  # pylint: disable=g-import-not-at-top
+  codes_dir = _write_caption_codes(tmp_path / "codes")
+  config = configlib.load_config_file("cc3m", "tiny")
+  with config.unlocked():
+    config.data.codes_dir = codes_dir
+    config.train.num_steps = 4
+    config.train.eval_every = 4
+    config.train.ckpt_every = 4
+    config.optim.learning_rate = 1e-2
+  # A caption dataset is refused by a class config and vice versa, before anything compiles.
+  with pytest.raises(ConfigError, match="conditioned on captions, but the config .* on class labels"):
+    train.train_and_evaluate(_config(codes_dir), str(tmp_path / "wrong"))
+  with pytest.raises(ConfigError, match="captions of 8 tokens, but config.model.cond_length is 6"):
+    bad = config.copy_and_resolve_references()
+    with bad.unlocked():
+      bad.model.cond_length = 6
+    train.train_and_evaluate(bad, str(tmp_path / "wrong"))
+  result = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert result["step"] == 4 and np.isfinite(result["eval"]["eval/loss"])
+  losses = [l for _, l in result["history"]]
+  assert losses[-1] < losses[0]
+  assert result["state"].params["cond_pos"].shape == (8, 32)

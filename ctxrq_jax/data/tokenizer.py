@@ -1,0 +1,184 @@
+"""Caption tokenizer: the lower-cased character-level BPE of the official text-to-image model (Hugging Face
+`tokenizers`' CharBPETokenizer), captions padded with [PAD] or truncated to a fixed context length.
+
+Facts of the official CC-3M model (kakaobrain/rq-vae-transformer, `configs/cc3m/cc3m-rqtransformer-8x8x4-650M.yaml`
+and `rqvae/txtimg_datasets/`): `txt_tok_name: bpe16k_huggingface`, a CharBPETokenizer read from the pair
+`bpe-16k-vocab.json` / `bpe-16k-merges.txt` with `unk_token="[UNK]"` and `lowercase=True`; 16,384 tokens with
+[PAD] = 0 and [UNK] = 1; padded with [PAD] and truncated to `context_length: 32`; `bpe_dropout: 0.1` on the training
+split only (the validation split is tokenized without dropout).
+
+A tokenizer directory holds one such pair, `<prefix>-vocab.json` and `<prefix>-merges.txt` (the official files, or
+those `python -m ctxrq_jax.tokenize train` writes). The empty caption tokenizes to all [PAD]: the "no caption"
+condition of classifier-free guidance (`EMPTY_CAPTION_ID`).
+
+BPE dropout is drawn by the `tokenizers` library's own (unseeded) random generator: ids with dropout are not
+reproducible run to run, which is why only the training split uses them; `encode(..., train=False)` is
+deterministic.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+PAD = "[PAD]"
+UNK = "[UNK]"
+PAD_ID = 0
+UNK_ID = 1
+# The condition of an empty caption is all [PAD]: the null condition for classifier-free guidance.
+EMPTY_CAPTION_ID = PAD_ID
+# Official values (cc3m-rqtransformer-8x8x4-650M.yaml).
+VOCAB_SIZE = 16384
+CONTEXT_LENGTH = 32
+BPE_DROPOUT = 0.1
+MIN_FREQUENCY = 2
+VOCAB_SUFFIX = "-vocab.json"
+MERGES_SUFFIX = "-merges.txt"
+
+
+def default_prefix(vocab_size: int) -> str:
+  """'bpe-16k' for 16,384 tokens (the official name), else 'bpe-<vocab_size>'."""
+  return f"bpe-{vocab_size // 1024}k" if vocab_size % 1024 == 0 else f"bpe-{vocab_size}"
+
+
+def find_files(directory: str) -> tuple[str, str]:
+  """The (vocab.json, merges.txt) pair in `directory`; ValueError unless there is exactly one pair."""
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    raise ValueError(f"tokenizer directory {directory} does not exist")
+  vocabs = sorted(glob.glob(os.path.join(glob.escape(directory), "*" + VOCAB_SUFFIX)))
+  pairs = [(v, v[:-len(VOCAB_SUFFIX)] + MERGES_SUFFIX) for v in vocabs]
+  pairs = [p for p in pairs if os.path.isfile(p[1])]
+  if len(pairs) != 1:
+    raise ValueError(f"{directory} must hold exactly one '<prefix>{VOCAB_SUFFIX}' + '<prefix>{MERGES_SUFFIX}' pair "
+                     f"(e.g. bpe-16k-vocab.json, bpe-16k-merges.txt), found {len(pairs)}")
+  return pairs[0]
+
+
+class CaptionTokenizer:
+  """Captions -> int32 [B, L] ids; `train=True` applies BPE dropout (training split only).
+
+  Attributes:
+    context_length: L, tokens per caption (pad with [PAD] = 0, truncate longer captions).
+    vocab_size: number of ids; every id lies in [0, vocab_size).
+  """
+
+  def __init__(self, vocab_file: str, merges_file: str, *, context_length: int = CONTEXT_LENGTH,
+               bpe_dropout: float = BPE_DROPOUT):
+    from tokenizers import CharBPETokenizer  # pylint: disable=g-import-not-at-top
+
+    if isinstance(context_length, bool) or not isinstance(context_length, (int, np.integer)) or context_length < 1:
+      raise ValueError(f"context_length must be a positive integer, got {context_length!r}")
+    if not 0.0 <= float(bpe_dropout) < 1.0:
+      raise ValueError(f"bpe_dropout must be in [0, 1), got {bpe_dropout}")
+    for path in (vocab_file, merges_file):
+      if not os.path.isfile(path):
+        raise ValueError(f"tokenizer file {path} does not exist")
+    self.context_length = int(context_length)
+    self.bpe_dropout = float(bpe_dropout)
+    self.files = (os.fspath(vocab_file), os.fspath(merges_file))
+    try:
+      self._eval = self._build(CharBPETokenizer, None)
+      self._train = self._build(CharBPETokenizer, self.bpe_dropout or None)
+    except Exception as e:  # tokenizers raises its own exception types on malformed files
+      raise ValueError(f"cannot read the BPE pair {vocab_file} / {merges_file}: {e}") from e
+    vocab = self._eval.get_vocab()
+    if vocab.get(PAD) != PAD_ID or vocab.get(UNK) != UNK_ID:
+      raise ValueError(f"{vocab_file} must map {PAD} to {PAD_ID} and {UNK} to {UNK_ID}, got "
+                       f"{PAD}={vocab.get(PAD)}, {UNK}={vocab.get(UNK)}")
+    self.vocab_size = self._eval.get_vocab_size()
+    if sorted(vocab.values()) != list(range(self.vocab_size)):
+      raise ValueError(f"{vocab_file}: ids are not the contiguous range [0, {self.vocab_size})")
+
+  def _build(self, cls, dropout):
+    tok = cls.from_file(self.files[0], self.files[1], unk_token=UNK, lowercase=True, dropout=dropout)
+    tok.add_special_tokens([PAD])
+    tok.enable_padding(length=self.context_length, pad_id=PAD_ID, pad_token=PAD)
+    tok.enable_truncation(max_length=self.context_length)
+    return tok
+
+  @classmethod
+  def from_directory(cls, directory: str, **kwargs) -> CaptionTokenizer:
+    """Loads the vocab/merges pair of `directory` (see `find_files`)."""
+    return cls(*find_files(directory), **kwargs)
+
+  def encode(self, captions: Sequence[str], *, train: bool = False) -> np.ndarray:
+    """[B] captions -> int32 [B, L] ids in [0, vocab_size); deterministic unless `train` (BPE dropout)."""
+    if isinstance(captions, str):
+      raise ValueError("encode takes a sequence of captions, got a single string")
+    captions = list(captions)
+    for i, c in enumerate(captions):
+      if not isinstance(c, str):
+        raise ValueError(f"caption {i} is {type(c).__name__}, not a string")
+    if not captions:
+      return np.zeros((0, self.context_length), np.int32)
+    tok = self._train if train else self._eval
+    ids = np.asarray([e.ids for e in tok.encode_batch(captions)], np.int32)
+    assert ids.shape == (len(captions), self.context_length), ids.shape
+    return ids
+
+  def decode(self, ids: np.ndarray) -> list[str]:
+    """int [B, L] ids -> [B] captions (lower-cased, [PAD] dropped; BPE word boundaries restored)."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2:
+      raise ValueError(f"ids must be [B, L], got shape {ids.shape}")
+    return self._eval.decode_batch([[int(i) for i in row] for row in ids], skip_special_tokens=True)
+
+  def empty(self, batch: int) -> np.ndarray:
+    """The null condition: the ids of `batch` empty captions, int32 [batch, L] of [PAD]."""
+    return np.full((batch, self.context_length), EMPTY_CAPTION_ID, np.int32)
+
+
+def read_captions(path: str) -> list[str]:
+  """One caption per line (UTF-8); blank lines are skipped. A tab-separated line keeps its last field, so the
+  official `<split>_list.txt` layout (image path, tab, caption) reads as captions too."""
+  if not os.path.isfile(path):
+    raise ValueError(f"caption file {path} does not exist")
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      line = line.rstrip("\n").split("\t")[-1].strip()
+      if line:
+        out.append(line)
+  if not out:
+    raise ValueError(f"caption file {path} holds no captions")
+  return out
+
+
+def train_tokenizer(captions: Iterable[str], out_dir: str, *, vocab_size: int = VOCAB_SIZE,
+                    min_frequency: int = MIN_FREQUENCY, prefix: str | None = None) -> tuple[str, str]:
+  """Trains a lower-cased CharBPE on `captions` with [PAD] = 0, [UNK] = 1; writes the pair into `out_dir`.
+
+  Returns (vocab file, merges file), named `<prefix>-vocab.json`, `<prefix>-merges.txt` (prefix default
+  `default_prefix(vocab_size)`, 'bpe-16k' for 16,384). The vocabulary can come out smaller than `vocab_size` when
+  the captions hold fewer merges of at least `min_frequency` occurrences; the trained size is what the files hold.
+  """
+  from tokenizers import CharBPETokenizer  # pylint: disable=g-import-not-at-top
+
+  if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 3:
+    raise ValueError(f"vocab_size must be an integer >= 3, got {vocab_size!r}")
+  if isinstance(min_frequency, bool) or not isinstance(min_frequency, (int, np.integer)) or min_frequency < 1:
+    raise ValueError(f"min_frequency must be a positive integer, got {min_frequency!r}")
+  captions = [c for c in captions if c.strip()]
+  if not captions:
+    raise ValueError("no captions to train a tokenizer on")
+  prefix = prefix or default_prefix(int(vocab_size))
+  os.makedirs(out_dir, exist_ok=True)
+  existing = glob.glob(os.path.join(glob.escape(os.fspath(out_dir)), "*" + VOCAB_SUFFIX))
+  if existing:
+    raise ValueError(f"{out_dir} already holds a tokenizer ({os.path.basename(existing[0])}); choose another --out")
+  tok = CharBPETokenizer(unk_token=UNK, lowercase=True)
+  # Special tokens first, in this order, so [PAD] = 0 and [UNK] = 1 as in the official vocabulary.
+  tok.train_from_iterator(captions, vocab_size=int(vocab_size), min_frequency=int(min_frequency),
+                          special_tokens=[PAD, UNK], show_progress=False)
+  files = tok.save_model(os.fspath(out_dir), prefix)
+  vocab = next(f for f in files if f.endswith(VOCAB_SUFFIX))
+  merges = next(f for f in files if f.endswith(MERGES_SUFFIX))
+  return vocab, merges
+
+
+__all__ = ["BPE_DROPOUT", "CONTEXT_LENGTH", "CaptionTokenizer", "EMPTY_CAPTION_ID", "PAD_ID", "UNK_ID", "VOCAB_SIZE",
+           "default_prefix", "find_files", "read_captions", "train_tokenizer"]

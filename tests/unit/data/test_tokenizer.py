@@ -1,0 +1,109 @@
+"""Caption tokenizer: CharBPE trained offline on captions the test writes, the official file layout, padding,
+truncation, lower-casing, [PAD] / [UNK] ids, deterministic eval ids and BPE dropout on training ids only."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ctxrq_jax.data import tokenizer
+
+COLOURS = ["red", "blue", "green", "yellow", "black", "white"]
+THINGS = ["bus", "dog", "cat", "house", "bicycle", "mountain", "street", "painting"]
+PLACES = ["on a city street", "in the desert", "on the seashore", "under a cloudy sky", "near a river"]
+
+
+def _captions():
+  return [f"A {c} {t} {p}." for c in COLOURS for t in THINGS for p in PLACES]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bpe")
+  tokenizer.train_tokenizer(_captions(), str(out), vocab_size=120)
+  return str(out)
+
+
+def test_trained_files_follow_the_official_layout(tok_dir):
+  assert sorted(os.listdir(tok_dir)) == ["bpe-120-merges.txt", "bpe-120-vocab.json"]
+  with open(os.path.join(tok_dir, "bpe-120-vocab.json")) as f:
+    vocab = json.load(f)
+  assert vocab["[PAD]"] == 0 and vocab["[UNK]"] == 1
+  assert 40 < len(vocab) <= 120
+  assert sorted(vocab.values()) == list(range(len(vocab)))
+  with open(os.path.join(tok_dir, "bpe-120-merges.txt")) as f:
+    header, first = f.readline(), f.readline()
+  assert header.startswith("#version") and len(first.split()) == 2
+  assert tokenizer.default_prefix(16384) == "bpe-16k"
+
+
+def test_ids_pad_truncate_lowercase_and_unknown(tok_dir):
+  tok = tokenizer.CaptionTokenizer.from_directory(tok_dir, context_length=8)
+  ids = tok.encode(["A Red Bus", "a red bus", "", "a red bus on a city street in the desert near a river", "a жbus"])
+  assert ids.shape == (5, 8) and ids.dtype == np.int32
+  assert (ids >= 0).all() and (ids < tok.vocab_size).all()
+  np.testing.assert_array_equal(ids[0], ids[1])  # lower-cased
+  n = int((ids[1] != tokenizer.PAD_ID).sum())
+  assert 0 < n < 8 and (ids[1, n:] == tokenizer.PAD_ID).all()  # padded with [PAD] = 0 after the caption
+  np.testing.assert_array_equal(ids[2], tok.empty(1)[0])  # the empty caption is all [PAD]: the null condition
+  assert (ids[3] != tokenizer.PAD_ID).all()  # truncated to 8 real tokens
+  assert tokenizer.UNK_ID in ids[4]  # a character never seen in training
+  assert tok.decode(ids[:2]) == ["a red bus", "a red bus"]
+
+
+def test_eval_ids_are_deterministic_and_dropout_only_in_training(tok_dir):
+  tok = tokenizer.CaptionTokenizer.from_directory(tok_dir, context_length=32, bpe_dropout=0.1)
+  caption = ["a yellow bicycle under a cloudy sky near a river on the seashore"]
+  eval_ids = tok.encode(caption)
+  for _ in range(20):
+    np.testing.assert_array_equal(tok.encode(caption), eval_ids)
+  train_ids = tok.encode(caption * 50, train=True)
+  assert (train_ids < tok.vocab_size).all()
+  differs = (train_ids != eval_ids).any(axis=1)
+  assert differs.any(), "BPE dropout 0.1 never changed the segmentation of a 13-word caption in 50 draws"
+  # Dropout only splits merges: more (or as many) real tokens, never fewer, and the same text comes back.
+  assert ((train_ids != 0).sum(1) >= (eval_ids != 0).sum()).all()
+  assert set(tok.decode(train_ids)) == set(tok.decode(eval_ids))
+  no_dropout = tokenizer.CaptionTokenizer.from_directory(tok_dir, bpe_dropout=0.0)
+  np.testing.assert_array_equal(no_dropout.encode(caption * 5, train=True), np.repeat(eval_ids, 5, 0))
+
+
+def test_bad_files_and_inputs_are_named(tmp_path, tok_dir):
+  with pytest.raises(ValueError, match="exactly one"):
+    tokenizer.find_files(str(tmp_path))
+  with pytest.raises(ValueError, match="does not exist"):
+    tokenizer.find_files(str(tmp_path / "missing"))
+  with open(os.path.join(tok_dir, "bpe-120-vocab.json")) as f:
+    vocab = json.load(f)
+  vocab["[PAD]"], vocab["[UNK]"] = 1, 0
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  (bad / "x-vocab.json").write_text(json.dumps(vocab))
+  (bad / "x-merges.txt").write_text(open(os.path.join(tok_dir, "bpe-120-merges.txt")).read())
+  with pytest.raises(ValueError, match=r"\[PAD\] to 0"):
+    tokenizer.CaptionTokenizer.from_directory(str(bad))
+  tok = tokenizer.CaptionTokenizer.from_directory(tok_dir)
+  with pytest.raises(ValueError, match="single string"):
+    tok.encode("a dog")
+  with pytest.raises(ValueError, match="caption 1"):
+    tok.encode(["a dog", 3])
+  with pytest.raises(ValueError, match="already holds"):
+    tokenizer.train_tokenizer(["a b"], tok_dir, vocab_size=50)
+
+
+def test_train_command(tmp_path):
+  captions = tmp_path / "captions.txt"
+  captions.write_text("\n".join(f"img{i}.jpg\t{c}" for i, c in enumerate(_captions())) + "\n\n")
+  out = tmp_path / "tok"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  run = subprocess.run([sys.executable, "-m", "ctxrq_jax.tokenize", "train", f"--captions={captions}",
+                        "--vocab_size=100", f"--out={out}"], capture_output=True, text=True, env=env, check=False)
+  assert run.returncode == 0, run.stderr
+  assert "trained on 240 captions" in run.stdout
+  assert sorted(os.listdir(out)) == ["bpe-100-merges.txt", "bpe-100-vocab.json"]
+  run = subprocess.run([sys.executable, "-m", "ctxrq_jax.tokenize", "train", f"--captions={tmp_path / 'nope.txt'}",
+                        f"--out={out}"], capture_output=True, text=True, env=env, check=False)
+  assert run.returncode == 2 and run.stderr.strip().startswith("error:") and "nope.txt" in run.stderr

@@ -1,0 +1,118 @@
+"""Text-to-image sampling (ctxrq_jax/sampling/runner.py): prompts in, Draft-and-Revise images out with each prompt
+written under its images; the empty caption as the unconditional branch; inpainting with a prompt."""
+
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from ctxrq_jax.core import config as configlib
+from ctxrq_jax.core import grids
+from ctxrq_jax.core import sharding
+from ctxrq_jax.data import codes as codes_lib
+from ctxrq_jax.data import tokenizer as tokenizer_lib
+from ctxrq_jax.models import artifact as artifact_lib
+from ctxrq_jax.models import rqvae
+from ctxrq_jax.models import transformer
+from ctxrq_jax.sampling import decoder
+from ctxrq_jax.sampling import loader
+from ctxrq_jax.sampling import logits
+from ctxrq_jax.sampling import runner
+from tests import helpers
+
+CAPTIONS = [f"a {c} {t}" for c in ("red", "blue", "green", "black") for t in ("dog", "bus", "house")]
+
+
+def test_read_prompts(tmp_path):
+  path = tmp_path / "prompts.txt"
+  path.write_text("a dog on a beach\n\n  a red bus \n")
+  assert runner.read_prompts("a cat; ;a tree", str(path)) == ["a cat", "a tree", "a dog on a beach", "a red bus"]
+  with pytest.raises(ValueError, match="no prompts"):
+    runner.read_prompts(" ; ")
+  with pytest.raises(ValueError, match="does not exist"):
+    runner.read_prompts(None, str(tmp_path / "missing.txt"))
+
+
+def test_captioned_grid_writes_text_under_each_image():
+  images = np.full((3, 8, 8, 1), 255, np.uint8)  # white images: every dark pixel is caption text
+  grid = grids.captioned_grid(images, ["a red bus", "", "a dog"], ncols=3, scale=4)
+  cell = 8 * 4
+  below = grid[2 + cell:, :, 0]
+  columns = [below[:, 2 + i * (cell + 2):2 + i * (cell + 2) + cell] for i in range(3)]
+  assert (columns[0] < 128).any() and (columns[2] < 128).any() and not (columns[1] < 128).any()
+  assert (grid[2:2 + cell, 2:2 + cell] == 255).all()  # the image itself is untouched
+  with pytest.raises(ValueError, match="2 captions for 3 images"):
+    grids.captioned_grid(images, ["a", "b"], ncols=3)
+
+
+@pytest.mark.slow  # ~30 s on a loaded 2-core CPU: the sampler and the RQ-VAE decoder compile
+def test_sample_prompts_end_to_end(tmp_path, monkeypatch):
+  # Stage 1: the tiny RQ-VAE (16x16x1 images, 4x4x2 codes, K 16, n_z 8) with random weights.
+  s1 = helpers.tiny_stage1_config()
+  model1 = rqvae.RQVAE.from_config(s1.model)
+  variables = jax.jit(rqvae.init_variables, static_argnums=0)(model1, jax.random.key(0))
+  artifact = str(tmp_path / "rqvae")
+  artifact_lib.save_artifact(artifact, s1.model, variables)
+  # A tokenizer and a caption code dataset on that codebook.
+  tok_dir = str(tmp_path / "bpe")
+  tokenizer_lib.train_tokenizer(CAPTIONS * 2, tok_dir, vocab_size=60)
+  tok = tokenizer_lib.CaptionTokenizer.from_directory(tok_dir, context_length=8)
+  rng = np.random.default_rng(0)
+  codes_dir = str(tmp_path / "codes")
+  with codes_lib.CodeDatasetWriter(codes_dir, code_shape=(4, 4, 2), codebook=np.asarray(
+      variables["quantizer"]["codebook"]), num_classes=0, cond_length=8, cond_vocab_size=tok.vocab_size,
+                                   source="test") as w:
+    w.write("train", rng.integers(0, 16, (8, 4, 4, 2)), tok.encode(CAPTIONS[:8], train=True))
+    w.write("validation", rng.integers(0, 16, (4, 4, 4, 2)), tok.encode(CAPTIONS[8:]))
+  # Stage 2: a configs/cc3m.py:tiny run on those codes, with freshly initialised parameters in place of a
+  # checkpoint (restoring a run's parameters is the class-conditional path, tested in test_inference_restore.py).
+  config = configlib.load_config_file("cc3m", "tiny")
+  with config.unlocked():
+    config.data.update(codes_dir=codes_dir, stage1_dir=artifact, tokenizer_dir=tok_dir, code_shape=(4, 4, 2),
+                       vocab_size=16, embed_dim=8)
+  workdir = str(tmp_path / "stage2")
+  configlib.save_snapshot(config, workdir)
+  model = transformer.from_run_config(config)
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), *transformer.init_inputs(model)))["params"]
+  monkeypatch.setattr(loader, "restore_params", lambda *a, **k: (params, 7, "params"))
+
+  loaded = loader.Stage2Model(workdir)
+  assert loaded.model.is_text
+  np.testing.assert_array_equal(decoder.null_cond(loaded.model, np.ones((2, 8), np.int32)), np.zeros((2, 8)))
+  prompts = ["a red dog", "a green house"]
+  revise = logits.PhaseSettings(temperature=0.8, guidance_scale=1.5)
+  kwargs = dict(batch_size=4, t_draft=4, t_revise=2, num_revisions=1, draft=logits.PhaseSettings(), revise=revise)
+  out = str(tmp_path / "samples")
+  paths = runner.sample_prompts(loaded, prompts, out, per_prompt=2, rng=jax.random.key(0), **kwargs)
+  with np.load(paths["samples_npz"]) as f:
+    assert f["arr_0"].shape == (4, 16, 16, 3) and f["arr_0"].dtype == np.uint8
+    assert list(f["prompts"]) == prompts and f["labels"].tolist() == [0, 0, 1, 1]
+    np.testing.assert_array_equal(f["cond"], np.repeat(tok.encode(prompts), 2, axis=0))
+    assert f["codes"].shape == (4, 4, 4, 2)
+  grid = np.asarray(Image.open(paths["samples_png"]))
+  assert grid.shape[0] > 2 * (2 + 16 * 8)  # two rows of 8x-enlarged images plus caption lines under each
+  assert os.path.isfile(paths["phases_png"])
+  # Same seed, same prompts: the same images (deterministic tokenization, keyed sampling).
+  again = runner.sample_prompts(loaded, prompts, str(tmp_path / "again"), per_prompt=2, rng=jax.random.key(0),
+                                **kwargs)
+  with np.load(paths["samples_npz"]) as a, np.load(again["samples_npz"]) as b:
+    np.testing.assert_array_equal(a["codes"], b["codes"])
+  # Inpainting with a prompt: the stacks outside the region come back unchanged. (A 15-position region gathers as
+  # many positions per step as the whole map, so the sampler's compiled program is reused.)
+  with np.load(paths["samples_npz"]) as f:
+    codes = f["codes"].reshape(4, 16, 2)
+  region = np.ones((4, 16), bool)
+  region[:, 6] = False
+  cond = jax.device_put(np.repeat(tok.encode(["a blue bus", "a black dog"]), 2, axis=0),
+                        sharding.batch_sharding(loaded.mesh))
+  filled, _ = decoder.inpaint(loaded.model, loaded.params, loaded.codebook, codes, region, cond, jax.random.key(1),
+                              t_draft=4, t_revise=2, num_revisions=1, draft=logits.PhaseSettings(), revise=revise,
+                              return_history=True)
+  np.testing.assert_array_equal(np.asarray(filled)[~region], codes[~region])
+  assert (np.asarray(filled)[region] != codes[region]).any()
+  with pytest.raises(ValueError, match="class-conditional run"):
+    loaded.model = loaded.model.clone(num_classes=3, cond_vocab_size=None, cond_length=1)
+    runner.sample_prompts(loaded, prompts, out, per_prompt=1, rng=jax.random.key(0), **kwargs)
