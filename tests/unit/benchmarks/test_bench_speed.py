@@ -89,3 +89,15 @@ def test_official_baseline_runs(tiny):
   assert official.time_sampler(src, tiny, batch=2, repeats=1, seed=0) > 0
   step = official.time_train_step(src, tiny, batch=2, repeats=1, seed=0)
   assert step["step_s"] > 0 and np.isfinite(step["loss"])
+
+
+def test_fid_cost_table_and_a_failing_child(tmp_path):
+  from ctxrq_jax.benchmarks import fid_cost  # pylint: disable=g-import-not-at-top
+  rows = [{"samples": 1000, "reference": 1000, "image_bytes": 64 * 64 * 3, "seconds": 20.0, "peak_rss_mib": 1500.0},
+          {"samples": 5000, "reference": 1000, "image_bytes": 64 * 64 * 3, "seconds": 60.0, "peak_rss_mib": 1540.0}]
+  table = fid_cost.format_table(rows)
+  assert "10.0" in table and "+40 MiB" in table  # 60 s / 6000 images; 1540 - 1500
+  assert "pool features are 31 MiB, their images 47 MiB" in table  # 4000 x 8 KiB; 4000 x 12 KiB
+  path = fid_cost.write_random_images(str(tmp_path / "x.npz"), 3, 8, seed=0)
+  with pytest.raises(RuntimeError, match="evaluate fid failed"):  # no such weights: the child's error is shown
+    fid_cost.run_fid(path, path, str(tmp_path / "missing"), batch_size=4)

@@ -108,7 +108,8 @@ def test_extractor_batches_equal_one_direct_call(random_variables):
   assert out["pool"].shape == (7, 2048) and out["logits"].shape == (7, 1008)
   assert out["spatial"].shape == (7, 3 * 3 * feats.SFID_CHANNELS)  # Mixed_6d is 3x3 at a 75x75 input
   model = inception.FIDInceptionV3()
-  direct = model.apply(random_variables, feats.preprocess(jnp.asarray(x), image_size=75), spatial=True)
+  direct = jax.jit(lambda v, x: model.apply(v, feats.preprocess(x, image_size=75), spatial=True))(
+      random_variables, jnp.asarray(x))
   np.testing.assert_allclose(out["pool"], direct["pool"], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(out["logits"], direct["logits_unbiased"], rtol=1e-5, atol=1e-5)
   want_spatial = np.asarray(direct["spatial"])[..., :7].reshape(7, -1)  # (h, w, c) order, as ADM flattens NHWC
