@@ -60,6 +60,10 @@ def define_flags() -> None:
   flags.DEFINE_list("t_revises", ["1", "2", "4", "8"], "ablation: T_revise values of Fig. 4c.")
   flags.DEFINE_integer("max_revisions", 4, "ablation: M runs from 0 to this in Fig. 4b.")
   flags.DEFINE_list("guidance_scales", ["0", "0.5", "1", "1.8", "3"], "ablation: revise guidance scales.")
+  flags.DEFINE_list("revise_temperatures", [], "ablation: the guidance sweep at each of these revise temperatures "
+                    "(default: the run's).")
+  flags.DEFINE_list("tables", ["table3", "table4", "fig4a", "fig4b", "fig4c", "guidance"],
+                    "ablation: which tables to make.")
   flags.DEFINE_integer("num_prompts", 100, "text_samples: held-out captions used as prompts.")
   flags.DEFINE_integer("samples_per_prompt", 2, "text_samples: samples per prompt.")
   flags.DEFINE_integer("seed", 0, "Seed for masks / sampling.")
@@ -104,7 +108,8 @@ def main(argv: list[str]) -> None:
     from ctxrq_jax.evaluation import digits  # pylint: disable=g-import-not-at-top
     sweeps = ablation.Sweeps(t_drafts=_ints(FLAGS.t_drafts), timed_t_drafts=_ints(FLAGS.timed_t_drafts),
                              t_revises=_ints(FLAGS.t_revises), max_revisions=FLAGS.max_revisions,
-                             guidance_scales=_floats(FLAGS.guidance_scales))
+                             guidance_scales=_floats(FLAGS.guidance_scales), tables=FLAGS.tables,
+                             revise_temperatures=_floats(FLAGS.revise_temperatures))
     evaluator = digits.SampleEvaluator(FLAGS.workdir, per_class=FLAGS.samples_per_class or 20,
                                        classifier_steps=FLAGS.classifier_steps, seed=FLAGS.seed)
     results = ablation.run(evaluator, sweeps, seed=FLAGS.seed)

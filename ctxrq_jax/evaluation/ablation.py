@@ -38,15 +38,25 @@ class Setting:
   revise: logits.PhaseSettings
 
 
+TABLES = ("table3", "table4", "fig4a", "fig4b", "fig4c", "guidance")
+
+
 @dataclasses.dataclass(frozen=True)
 class Sweeps:
   """What to vary; values above the number of positions N are skipped (T > N), and said so."""
+  tables: Sequence[str] = TABLES
   t_drafts: Sequence[int] = (4, 8, 16, 32, 64)
   timed_t_drafts: Sequence[int] = (8, 32, 64)
   t_revises: Sequence[int] = (1, 2, 4, 8)
   max_revisions: int = 4
   guidance_scales: Sequence[float] = (0.0, 0.5, 1.0, 1.8, 3.0)
   table3_scale: Optional[float] = None  # Table 3's guidance scale; None: the run's revise guidance, else the largest
+  revise_temperatures: Sequence[float] = ()  # the guidance sweep at each of these; () = the run's revise temperature
+
+  def __post_init__(self):
+    unknown = sorted(set(self.tables) - set(TABLES))
+    if unknown:
+      raise ValueError(f"unknown ablation tables {unknown}; choose from {list(TABLES)}")
 
 
 class Ablation:
@@ -126,34 +136,39 @@ def run(evaluator: digits.SampleEvaluator, sweeps: Sweeps = Sweeps(), *, seed: i
   def metric_row(label, m, *extra):
     return [label, *extra, *digits.metric_cells(m)]
 
+  want = set(sweeps.tables)
   # Table 3: where guidance is applied.
   variants = [("neither phase", _with(base, draft=_guided(base.draft, 0), revise=_guided(base.revise, 0))),
               ("revise phase only", _with(base, draft=_guided(base.draft, 0), revise=_guided(base.revise, scale))),
               ("both phases", _with(base, draft=_guided(base.draft, scale), revise=_guided(base.revise, scale)))]
   rows, series = [], {"draft": [], "final": []}
-  for name, s in variants:
+  for name, s in (variants if "table3" in want else []):
     sc = ab.scores(s)
     rows.append(metric_row(f"{name}: draft", sc["draft"]))
     rows.append(metric_row(f"{name}: after {ab.base_m} revisions", ab.final(s)))
     series["draft"].append(sc["draft"])
     series["final"].append(ab.final(s))
-  tables["table3"] = {"title": f"Table 3: classifier-free guidance (scale {scale:g}) by phase",
-                      "columns": ["guidance in", *digits.METRIC_HEADER], "rows": rows,
-                      "x": [n for n, _ in variants], "series": series}
+  if "table3" in want:
+    tables["table3"] = {"title": f"Table 3: classifier-free guidance (scale {scale:g}) by phase",
+                        "columns": ["guidance in", *digits.METRIC_HEADER], "rows": rows,
+                        "x": [n for n, _ in variants], "series": series}
 
   # Table 4: T_draft with seconds per sample.
   rows = []
-  for t in sweeps.timed_t_drafts:
+  for t in (sweeps.timed_t_drafts if "table4" in want else []):
     s = _with(base, t_draft=int(t))
     if not ab.fits(s):
       skipped.append(f"Table 4 T_draft {t} (T > N={ab.num_positions})")
       continue
     rows.append(metric_row(str(t), ab.final(s), f"{ab.seconds_per_sample(s):.4f}"))
-  tables["table4"] = {"title": f"Table 4: T_draft with T_revise {base.t_revise}, M {ab.base_m} (batch "
-                               f"{int(evaluator.loaded.config.sample.batch_size)}, this machine)",
-                      "columns": ["T_draft", "s/sample", *digits.METRIC_HEADER], "rows": rows}
+  if "table4" in want:
+    tables["table4"] = {"title": f"Table 4: T_draft with T_revise {base.t_revise}, M {ab.base_m} (batch "
+                                 f"{int(evaluator.loaded.config.sample.batch_size)}, this machine)",
+                        "columns": ["T_draft", "s/sample", *digits.METRIC_HEADER], "rows": rows}
 
   def sweep(name, title, label, values, make, phases=("draft", "final")):
+    if name not in want:
+      return
     rows, xs, series = [], [], {p: [] for p in phases}
     for v in values:
       s = make(v)
@@ -172,17 +187,27 @@ def run(evaluator: digits.SampleEvaluator, sweeps: Sweeps = Sweeps(), *, seed: i
   sweep("fig4a", "Fig. 4a: T_draft", "T_draft", [int(t) for t in sweeps.t_drafts],
         lambda t: _with(base, t_draft=t))
   # Fig. 4b: one run, its phases.
-  sc = ab.scores(base)
-  ms = list(range(ab.num_revisions + 1))
-  tables["fig4b"] = {"title": f"Fig. 4b: number of revisions M (T_draft {base.t_draft}, T_revise {base.t_revise})",
-                     "columns": ["M", *digits.METRIC_HEADER],
-                     "rows": [metric_row(str(m), sc[digits.phase_name(m)]) for m in ms], "x": ms,
-                     "series": {"after M revisions": [sc[digits.phase_name(m)] for m in ms]}, "xlabel": "M"}
+  if "fig4b" in want:
+    sc = ab.scores(base)
+    ms = list(range(ab.num_revisions + 1))
+    tables["fig4b"] = {"title": f"Fig. 4b: number of revisions M (T_draft {base.t_draft}, T_revise {base.t_revise})",
+                       "columns": ["M", *digits.METRIC_HEADER],
+                       "rows": [metric_row(str(m), sc[digits.phase_name(m)]) for m in ms], "x": ms,
+                       "series": {"after M revisions": [sc[digits.phase_name(m)] for m in ms]}, "xlabel": "M"}
   sweep("fig4c", "Fig. 4c: T_revise", "T_revise", [int(t) for t in sweeps.t_revises],
         lambda t: _with(base, t_revise=t), phases=("final",))
-  sweep("guidance", f"Revise guidance scale (revise temperature {base.revise.temperature:g})", "scale",
-        [float(g) for g in sweeps.guidance_scales], lambda g: _with(base, revise=_guided(base.revise, g)),
-        phases=("final",))
+  if "guidance" in want:  # the revise phase's guidance scale, at each revise temperature asked for
+    rows, series = [], {}
+    scales = [float(g) for g in sweeps.guidance_scales]
+    for temp in [float(t) for t in sweeps.revise_temperatures] or [base.revise.temperature]:
+      key = f"after {ab.base_m} revisions, revise temperature {temp:g}"
+      series[key] = []
+      for g in scales:
+        m = ab.final(_with(base, revise=dataclasses.replace(base.revise, temperature=temp, guidance_scale=g)))
+        series[key].append(m)
+        rows.append(metric_row(f"{g:g} (temperature {temp:g})", m))
+    tables["guidance"] = {"title": "Revise guidance scale", "columns": ["scale", *digits.METRIC_HEADER],
+                          "rows": rows, "x": scales, "series": series, "xlabel": "revise guidance scale"}
   return {"header": (f"{len(evaluator.labels)} samples per setting ({evaluator.per_class} per class), seed {seed}; "
                      f"base setting: {ab.describe(base)}; digit-CNN features, reference: the "
                      f"{len(evaluator.judge.reference)} training digits"),

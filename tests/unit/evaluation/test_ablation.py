@@ -8,6 +8,7 @@ import types
 
 import ml_collections
 import numpy as np
+import pytest
 
 from ctxrq_jax.evaluation import ablation
 from ctxrq_jax.evaluation import digits
@@ -32,7 +33,8 @@ class ScriptedEvaluator:
   def sample(self, rng, *, t_draft, t_revise, num_revisions, draft, revise, batch_size=None, labels=None):
     del rng, batch_size
     n = len(self.labels if labels is None else labels)
-    self.calls.append((t_draft, t_revise, num_revisions, draft.guidance_scale, revise.guidance_scale, n))
+    self.calls.append((t_draft, t_revise, num_revisions, draft.guidance_scale, revise.guidance_scale, n,
+                       revise.temperature))
     history = np.zeros((num_revisions + 1, n, 16, 2), np.int32)
     history[..., 0] = t_draft
     history[..., 1] = t_revise + 100 * int(draft.guidance_scale > 0) + 10 * revise.guidance_scale
@@ -54,14 +56,14 @@ def test_tables_sample_each_setting_once_and_skip_what_does_not_fit(tmp_path):
   sweeps = ablation.Sweeps(t_drafts=(2, 4, 8, 32), timed_t_drafts=(8, 32), t_revises=(1, 2), max_revisions=3,
                            guidance_scales=(0.0, 1.8))
   results = ablation.run(ev, sweeps, log=lambda _: None)
-  full = [c for c in ev.calls if c[-1] == 6 and c[2] == 3]  # scored runs: all labels, max(M, 3) revisions
+  full = [c for c in ev.calls if c[5] == 6 and c[2] == 3]  # scored runs: all labels, max(M, 3) revisions
   settings = {c[:5] for c in full}
   assert len(full) == len(settings)  # memoised: no setting sampled twice
   # base (4, 2, g 0 / 1.8); neither (= guidance 0); both; T_draft 2 and 8; T_revise 1.
   assert settings == {(4, 2, 3, 0.0, 1.8), (4, 2, 3, 0.0, 0.0), (4, 2, 3, 1.8, 1.8), (2, 2, 3, 0.0, 1.8),
                       (8, 2, 3, 0.0, 1.8), (4, 1, 3, 0.0, 1.8)}
   # Table 4 times T_draft 8 with the run's M = 2 on one batch (a warm-up call, then the timed one); 32 > N = 16.
-  assert [c for c in ev.calls if c[2] == 2] == [(8, 2, 2, 0.0, 1.8, 6)] * 2
+  assert [c[:6] for c in ev.calls if c[2] == 2] == [(8, 2, 2, 0.0, 1.8, 6)] * 2
   t = results["tables"]
   assert [r[0] for r in t["table4"]["rows"]] == ["8"] and float(t["table4"]["rows"][0][1]) >= 0
   assert any("T_draft 32" in s for s in results["skipped"]) and any("Table 4 T_draft 32" in s
@@ -86,3 +88,18 @@ def test_tables_sample_each_setting_once_and_skip_what_does_not_fit(tmp_path):
     assert os.path.getsize(p) > 0
   assert json.load(open(paths["json"]))["tables"]["fig4a"]["x"] == [2, 4, 8]
   assert open(paths["markdown"]).read().count("| --- |") >= 6
+
+
+def test_table_selection_and_the_guidance_grid():
+  ev = ScriptedEvaluator()
+  sweeps = ablation.Sweeps(tables=("guidance",), guidance_scales=(0.0, 1.8), revise_temperatures=(0.8, 1.0),
+                           max_revisions=2)
+  results = ablation.run(ev, sweeps, log=lambda _: None)
+  assert list(results["tables"]) == ["guidance"]
+  assert sorted((c[4], c[6]) for c in ev.calls) == [(0.0, 0.8), (0.0, 1.0), (1.8, 0.8), (1.8, 1.0)]
+  t = results["tables"]["guidance"]
+  assert list(t["series"]) == ["after 2 revisions, revise temperature 0.8", "after 2 revisions, revise temperature 1"]
+  assert [r[0] for r in t["rows"]] == ["0 (temperature 0.8)", "1.8 (temperature 0.8)", "0 (temperature 1)",
+                                      "1.8 (temperature 1)"]
+  with pytest.raises(ValueError, match="unknown ablation tables"):
+    ablation.Sweeps(tables=("table5",))
