@@ -5,10 +5,14 @@ import os
 import shutil
 import tempfile
 
-import jax
-import pytest
-
 from tests import helpers
+
+# Before any computation initialises XLA's CPU backend; children inherit it (see helpers.TEST_XLA_FLAGS).
+os.environ["XLA_FLAGS"] = helpers.xla_flags(
+    " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f not in helpers.TEST_XLA_FLAGS.split()))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # The 'rbg' PRNG compiles much faster on CPU than threefry; tests compare runs with each other, never against
 # numbers drawn with a particular PRNG, so the choice does not weaken any assertion. The production default

@@ -49,19 +49,23 @@ def default_configs(smoke: bool = False) -> tuple[ml_collections.ConfigDict, ml_
   return configlib.load_config_file(STAGE1_CONFIG, arg), configlib.load_config_file(STAGE2_CONFIG, arg)
 
 
+def _stage1(stage1_config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, Any], str, float]:
+  """Stage 1 in WORKDIR/stage1 (resumed if it stopped): (its results, the artifact directory, seconds)."""
+  t0 = time.time()
+  stage1_dir = os.path.join(workdir, "stage1")
+  rq_results = stage1_trainer.train_and_evaluate(stage1_config, stage1_dir)
+  return rq_results, os.path.join(stage1_dir, stage1_trainer.ARTIFACT_DIR), time.time() - t0
+
+
 def run(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collections.ConfigDict, workdir: str,
         samples_per_class: int) -> dict[str, Any]:
   """Runs the four steps in `workdir`; returns {'stage1', 'stage2', 'timings', 'outputs'} (or {'stopped_at'})."""
   # Absolute paths: the stage-2 config records codes_dir / stage1_dir for sampling from any working directory.
   workdir = os.path.abspath(workdir)
   timings = {}
-  t0 = time.time()
-  stage1_dir = os.path.join(workdir, "stage1")
-  rq_results = stage1_trainer.train_and_evaluate(stage1_config, stage1_dir)
+  rq_results, artifact_dir, timings["stage 1"] = _stage1(stage1_config, workdir)
   if "stopped_at" in rq_results:
     return rq_results
-  artifact_dir = os.path.join(stage1_dir, stage1_trainer.ARTIFACT_DIR)
-  timings["stage 1"] = time.time() - t0
 
   t0 = time.time()
   codes_dir = os.path.join(workdir, "codes")
@@ -140,13 +144,9 @@ def run_text(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collect
   workdir = os.path.abspath(workdir)
   d = stage1_config.data
   timings = {}
-  t0 = time.time()
-  stage1_dir = os.path.join(workdir, "stage1")
-  rq_results = stage1_trainer.train_and_evaluate(stage1_config, stage1_dir)
+  rq_results, artifact_dir, timings["stage 1"] = _stage1(stage1_config, workdir)
   if "stopped_at" in rq_results:
     return rq_results
-  artifact_dir = os.path.join(stage1_dir, stage1_trainer.ARTIFACT_DIR)
-  timings["stage 1"] = time.time() - t0
 
   t0 = time.time()
   splits = {split: digit_images(d, split) for split in (d.train_split, d.eval_split)}

@@ -94,7 +94,7 @@ _MULTI_DEVICE = textwrap.dedent("""
 
 def test_multi_device_step_matches_single_device():
   # The child keeps JAX's default PRNG (threefry), the production one.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu",
              PYTHONPATH=helpers.REPO)
   env.pop("JAX_DEFAULT_PRNG_IMPL", None)
   proc = subprocess.run([sys.executable, "-c", _MULTI_DEVICE], cwd=helpers.REPO, env=env, capture_output=True,
