@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ctxrq_jax.data import codes as codes_lib
 from ctxrq_jax.evaluation import digits
 from ctxrq_jax.evaluation import likelihood
 from ctxrq_jax.recipes import demo
@@ -17,9 +18,16 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_pipeline_writes_samples_and_evaluates(tmp_path):
+  """Also the augmented-codes path (the demo itself encodes one view): codes of each digit and its mirror image,
+  stage 2 drawing one of them per example, evaluation and sampling as usual."""
   workdir = str(tmp_path / "demo")
-  summary = demo.run(helpers.tiny_stage1_config(train__num_steps=2), helpers.tiny_demo_stage2_config(), workdir,
-                     samples_per_class=1)
+  stage2_config = helpers.tiny_demo_stage2_config()
+  with stage2_config.unlocked():
+    stage2_config.data.random_view = True
+  summary = demo.run(helpers.tiny_stage1_config(train__num_steps=2), stage2_config, workdir,
+                     samples_per_class=1, views=("center", "flip"))
+  meta = codes_lib.read_metadata(os.path.join(workdir, "codes"))
+  assert meta.views == ("center", "flip") and meta.num_examples("train") > 0
   out = summary["outputs"]
   with np.load(out["samples_npz"]) as f:
     images, labels, codes = f["arr_0"], f["labels"], f["codes"]

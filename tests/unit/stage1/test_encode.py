@@ -47,3 +47,60 @@ def test_mismatched_data_config_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match=r"gives 32x32x1 images but the RQ-VAE at .* expects 16x16x1"):
     encode.encode_dataset(artifact, config.data, str(tmp_path / "codes"), ["test"], max_examples=4)
   assert not (tmp_path / "codes").exists()
+
+
+def test_encode_views_flip_and_crops(tmp_path):
+  """Stage-2 augmentation: view 0 is the plain encoding, 'flip' the codes of the mirrored image, crops seeded."""
+  config = helpers.tiny_stage1_config()  # 28x28 digits resized to 16 then cropped: random crops really move
+  with config.unlocked():
+    config.data.image_size = config.model.resolution = 16
+  model = rqvae.RQVAE.from_config(config.model)
+  variables = jax.jit(rqvae.init_variables, static_argnums=0)(model, jax.random.key(3))
+  artifact = str(tmp_path / "artifact")
+  artifact_lib.save_artifact(artifact, config.model, variables)
+  views = ("center", "flip", "crop")
+  meta = encode.encode_dataset(artifact, config.data, str(tmp_path / "codes"), ["test"], batch_size=8,
+                               max_examples=12, views=views, view_seed=1)
+  assert meta.views == views and meta.num_examples("test") == 12
+  plain = encode.encode_dataset(artifact, config.data, str(tmp_path / "plain"), ["test"], batch_size=8,
+                                max_examples=12)
+  assert plain.num_views == 1
+  center, labels = code_data.load_codes(str(tmp_path / "codes"), "test", view=0)
+  np.testing.assert_array_equal(center, code_data.load_codes(str(tmp_path / "plain"), "test")[0])
+  batch = next(iter(image_data.make_image_iterator(config.data, split="test", batch_size=12, seed=0, train=False)))
+  apply = jax.jit(model.apply)
+  flipped = np.asarray(apply(variables, batch["image"][:, :, ::-1])["codes"])
+  np.testing.assert_array_equal(code_data.load_codes(str(tmp_path / "codes"), "test", view=1)[0], flipped)
+  np.testing.assert_array_equal(labels, batch["label"])
+  # Crops: the images the iterator draws for that seed, encoded. (Digits are square: no room to crop after the
+  # resize, so these crops are the centre view; `test_preprocess_views_crops_non_square_images` covers real crops.)
+  crops = next(iter(image_data.make_image_iterator(config.data, split="test", batch_size=12, seed=1, train=False,
+                                                   views=views)))["image"]
+  np.testing.assert_array_equal(crops[:, 0], batch["image"])
+  np.testing.assert_array_equal(crops[:, 1], batch["image"][:, :, ::-1])
+  np.testing.assert_array_equal(code_data.load_codes(str(tmp_path / "codes"), "test", view=2)[0],
+                                np.asarray(apply(variables, crops[:, 2])["codes"]))
+  with pytest.raises(ValueError, match="views must start with 'center'"):
+    image_data.make_image_iterator(config.data, split="test", batch_size=4, seed=0, train=False, views=("rotate",))
+  with pytest.raises(ValueError, match="views are for encoding"):
+    image_data.make_image_iterator(config.data, split="test", batch_size=4, seed=0, train=True, views=("center",))
+
+
+def test_preprocess_views_crops_non_square_images():
+  image = np.random.default_rng(0).integers(0, 256, (20, 40, 3)).astype(np.uint8)  # 16 x 32 after the resize
+  kw = dict(image_size=16, channels=3, resize="crop")
+  center = image_data.preprocess_image(image, **kw)
+  views = ("center", "flip", "crop", "crop", "crop_flip")
+  a = image_data.preprocess_views(image, views, rng=np.random.default_rng(1), **kw)
+  assert a.shape == (5, 16, 16, 3)
+  np.testing.assert_array_equal(a[0], center)
+  np.testing.assert_array_equal(a[1], center[:, ::-1])
+  np.testing.assert_array_equal(a, image_data.preprocess_views(image, views, rng=np.random.default_rng(1), **kw))
+  rng = np.random.default_rng(1)
+  for v, name in enumerate(views[2:], start=2):  # the offsets drawn in order from the same rng
+    expected = image_data.preprocess_image(image, rng=rng, random_crop=True, **kw)
+    np.testing.assert_array_equal(a[v], expected[:, ::-1] if name.endswith("flip") else expected)
+  crops = {a[2].tobytes(), a[3].tobytes(), np.ascontiguousarray(a[4][:, ::-1]).tobytes()}
+  assert len(crops) >= 2 and crops != {center.tobytes()}  # offsets are drawn (17 possible), not fixed
+  with pytest.raises(ValueError, match="unknown view 'rotate'"):
+    image_data.preprocess_views(image, ("center", "rotate"), **kw)
