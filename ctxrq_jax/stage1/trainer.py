@@ -5,10 +5,10 @@ optionally the LPIPS perceptual loss (ctxrq_jax/models/lpips.py, VGG16 weights f
 optionally the PatchGAN loss with the VQGAN adaptive weight, as the reference RQ-VAE trainer combines them:
   L_G = recon + commitment_weight * commitment + perceptual_weight * LPIPS + g_weight * disc_weight * (-D(recon))
   L_D = disc_weight * hinge(D(x), D(recon))
-where g_weight = ||grad_last (recon + perceptual_weight * LPIPS)|| / (||grad_last (-D(recon))|| + 1e-4). The codebook follows EMA updates
-(`rq.ema_update`, `rq.restart_dead_codes`) outside the gradient. The run goes through the shared loop
-(ctxrq_jax/core/loop.py): checkpoints with the data-iterator position, automatic resume from `workdir`,
-SIGTERM/SIGINT save and exit cleanly. At the end the model is exported as a stage-1 artifact in `workdir/rqvae`
+where g_weight = ||grad_last (recon + perceptual_weight * LPIPS)|| / (||grad_last (-D(recon))|| + 1e-4), clipped.
+The codebook follows EMA updates (`rq.ema_update`, `rq.restart_dead_codes`) outside the gradient. The run goes
+through the shared loop (ctxrq_jax/core/loop.py): checkpoints with the data-iterator position, automatic resume
+from `workdir`, SIGTERM/SIGINT save and exit cleanly. At the end the model is exported as a stage-1 artifact in `workdir/rqvae`
 (ctxrq_jax/models/artifact.py) for encoding and stage 2.
 """
 
@@ -87,8 +87,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.loss.perceptual:
     req(float(config.loss.perceptual_weight) >= 0,
         f"loss.perceptual_weight must be >= 0, got {config.loss.perceptual_weight}")
-    req(config.loss.perceptual_precision in lpips.PRECISIONS,
-        f"loss.perceptual_precision must be one of {sorted(lpips.PRECISIONS)}, got {config.loss.perceptual_precision!r}")
+    precision = config.loss.perceptual_precision
+    req(precision in lpips.PRECISIONS,
+        f"loss.perceptual_precision must be one of {sorted(lpips.PRECISIONS)}, got {precision!r}")
     req(int(config.model.resolution) >= lpips.MIN_SIZE,
         f"loss.perceptual needs images of at least {lpips.MIN_SIZE}x{lpips.MIN_SIZE}, got {config.model.resolution}")
   if config.loss.gan:

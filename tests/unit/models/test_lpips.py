@@ -97,8 +97,8 @@ def test_weights_file_npz_round_trip_and_refusals(variables, tmp_path):
   bad = {**params, "extra": {"kernel": np.zeros(1)}}
   bad["NetLinLayer_4"] = {"Conv_0": {"kernel": np.zeros((1, 1, 256, 1), np.float32)}}
   del bad["NetLinLayer_0"]
-  with pytest.raises(lpips_weights.LPIPSWeightsError,
-                     match=r"missing: NetLinLayer_0/Conv_0/kernel; unexpected: extra/kernel; mis-shaped: NetLinLayer_4"):
+  named = r"missing: NetLinLayer_0/Conv_0/kernel; unexpected: extra/kernel; mis-shaped: NetLinLayer_4"
+  with pytest.raises(lpips_weights.LPIPSWeightsError, match=named):
     lpips_weights.save_npz({"params": bad}, tmp_path / "bad.npz")
   with pytest.raises(FileNotFoundError, match="not found"):
     lpips_weights.load_variables(tmp_path / "absent.npz")
