@@ -85,22 +85,3 @@ def test_encode_views_flip_and_crops(tmp_path):
   with pytest.raises(ValueError, match="views are for encoding"):
     image_data.make_image_iterator(config.data, split="test", batch_size=4, seed=0, train=True, views=("center",))
 
-
-def test_preprocess_views_crops_non_square_images():
-  image = np.random.default_rng(0).integers(0, 256, (20, 40, 3)).astype(np.uint8)  # 16 x 32 after the resize
-  kw = dict(image_size=16, channels=3, resize="crop")
-  center = image_data.preprocess_image(image, **kw)
-  views = ("center", "flip", "crop", "crop", "crop_flip")
-  a = image_data.preprocess_views(image, views, rng=np.random.default_rng(1), **kw)
-  assert a.shape == (5, 16, 16, 3)
-  np.testing.assert_array_equal(a[0], center)
-  np.testing.assert_array_equal(a[1], center[:, ::-1])
-  np.testing.assert_array_equal(a, image_data.preprocess_views(image, views, rng=np.random.default_rng(1), **kw))
-  rng = np.random.default_rng(1)
-  for v, name in enumerate(views[2:], start=2):  # the offsets drawn in order from the same rng
-    expected = image_data.preprocess_image(image, rng=rng, random_crop=True, **kw)
-    np.testing.assert_array_equal(a[v], expected[:, ::-1] if name.endswith("flip") else expected)
-  crops = {a[2].tobytes(), a[3].tobytes(), np.ascontiguousarray(a[4][:, ::-1]).tobytes()}
-  assert len(crops) >= 2 and crops != {center.tobytes()}  # offsets are drawn (17 possible), not fixed
-  with pytest.raises(ValueError, match="unknown view 'rotate'"):
-    image_data.preprocess_views(image, ("center", "rotate"), **kw)
