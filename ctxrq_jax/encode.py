@@ -1,7 +1,7 @@
 """Stage-1 codes: encode a dataset into a code dataset for stage 2, or decode stored codes into a PNG grid.
 
   python -m ctxrq_jax.encode encode --artifact=runs/rqvae/rqvae --config=configs/rqvae_mnist.py \
-      --out=runs/codes [--splits=train,test] [--num_shards=4]
+      --out=runs/codes [--splits=train,test] [--num_shards=4] [--views=center,flip,crop]
   python -m ctxrq_jax.encode captions --artifact=runs/rqvae/rqvae --tokenizer=BPE_DIR --out=runs/cc3m_codes \
       --webdataset="train=/data/cc3m/train/*.tar;validation=/data/cc3m/val/*.tar" [--num_shards=64]
   python -m ctxrq_jax.encode captions --artifact=... --tokenizer=... --out=... --tfds=coco_captions \
@@ -12,6 +12,9 @@
 Encoding is deterministic: examples are read in dataset order with eval preprocessing, encoded with the artifact's
 codebook and written in the same order (ctxrq_jax/data/codes.py describes the files). The code dataset carries the
 codebook, so stage 2 needs nothing else from stage 1 to train.
+
+`--views` stores the codes of more views of each image (stage-2 augmentation: `--config.data.random_view=True` when
+training stage 2 draws one per example).
 
 `captions` streams image/caption pairs (img2dataset webdataset or parquet shards, or a tfds set with an image and a text
 feature, ctxrq_jax/data/captions.py) and stores each record's condition as its caption's BPE tokens; the splits in
@@ -35,6 +38,9 @@ def define_flags() -> None:
   flags.DEFINE_list("splits", ["train", "test"], "encode: dataset splits to encode.")
   flags.DEFINE_integer("batch_size", 256, "Images per jitted call.")
   flags.DEFINE_integer("num_shards", 1, "encode: ArrayRecord shards per split.")
+  flags.DEFINE_list("views", ["center"], "encode: views stored per image, 'center' first: center, flip, crop "
+                    "(a random crop, as stage-1 training draws it), crop_flip; e.g. center,flip.")
+  flags.DEFINE_integer("view_seed", 0, "encode: seed of the random crops.")
   flags.DEFINE_bool("overwrite", False, "encode: replace an existing code dataset.")
   flags.DEFINE_string("codes_dir", None, "decode: code dataset to read.")
   flags.DEFINE_string("split", "test", "decode: split to read.")
@@ -71,9 +77,11 @@ def main(argv: list[str]) -> None:
     if FLAGS.config is None:
       raise app.UsageError("encode needs --config (a stage-1 config file, for its data section)")
     meta = encode.encode_dataset(FLAGS.artifact, FLAGS.config.data, FLAGS.out, FLAGS.splits,
-                                 batch_size=FLAGS.batch_size, num_shards=FLAGS.num_shards, overwrite=FLAGS.overwrite)
+                                 batch_size=FLAGS.batch_size, num_shards=FLAGS.num_shards, overwrite=FLAGS.overwrite,
+                                 views=FLAGS.views, view_seed=FLAGS.view_seed)
     print(f"wrote code dataset {FLAGS.out}: code shape {meta.code_shape}, K={meta.codebook_size}, "
-          + ", ".join(f"{s}: {meta.num_examples(s)}" for s in FLAGS.splits))
+          + ", ".join(f"{s}: {meta.num_examples(s)}" for s in FLAGS.splits)
+          + (f"; views {', '.join(meta.views)}" if meta.num_views > 1 else ""))
     return
   if not FLAGS.codes_dir:
     raise app.UsageError("decode needs --codes_dir")

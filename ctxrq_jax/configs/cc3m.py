@@ -81,6 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.code_shape = (4, 4, 4) if tiny else (8, 8, 4)
   c.data.vocab_size = 64 if tiny else 16384
   c.data.embed_dim = 16 if tiny else 256
+  c.data.random_view = False  # `encode captions` stores one view per image (the centre crop)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 4 if tiny else 2048

@@ -71,6 +71,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.code_shape = (4, 4, 4) if tiny else (8, 8, 4)  # (h, w, D): N = h * w = 64 positions, depth 4
   c.data.vocab_size = 64 if tiny else 16384  # K, one codebook shared across depths
   c.data.embed_dim = 16 if tiny else 256  # n_z of the RQ-VAE codebook
+  # Augmentation: train on one of each record's stored views (`encode --views=center,flip,crop,...`), drawn per
+  # example and epoch; the reference RQ-Transformer trains on random crops + flips (rqvae/img_datasets/transforms.py).
+  # A code dataset with one view per image trains on it alone.
+  c.data.random_view = True
 
   c.train = ml_collections.ConfigDict()
   # The paper's appendix schedule is not in our copy; batch 2048 for ~100 epochs (1.28M images) is our default.

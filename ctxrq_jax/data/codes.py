@@ -3,18 +3,24 @@
 A code dataset is a directory:
 
   metadata.json   written last, atomically (temp file + rename): its presence marks a complete data set.
-                  {"format": "ctxrq_codes", "version": 1, "code_shape": [h, w, D], "codebook_size": K,
+                  {"format": "ctxrq_codes", "version": 1 | 2, "code_shape": [h, w, D], "codebook_size": K,
                    "embed_dim": n_z, "code_dtype": "int16" | "int32", "num_classes": C, "cond_length": L,
-                   "cond_vocab_size": V, "source": ..., "record_layout": ...,
+                   "cond_vocab_size": V, "source": ..., "views": [names] (version 2 only), "record_layout": ...,
                    "splits": {split: {"num_examples": M, "shards": [file names]}}}
   codebook.npy    float32 [K, n_z], the RQ-VAE codebook the codes index.
   {split}-{s:05d}-of-{n:05d}.array_record
                   n ArrayRecord shards per split. Example i (in write order) is record i // n of shard i % n, so
                   reading is in write order whatever the number of shards.
 
-Record layout (fixed, little-endian, no padding): the condition, L tokens as int32 (bytes 0..4L-1); then the h*w*D
-codes in C order ([h, w, D], depth fastest) as int16 when K <= 32767, else int32. So a record is
-4L + h*w*D*itemsize bytes; any other length is reported as corrupt.
+Record layout (fixed, little-endian, no padding): the condition, L tokens as int32 (bytes 0..4L-1); then the
+V*h*w*D codes in C order ([V, h, w, D], depth fastest) as int16 when K <= 32767, else int32. So a record is
+4L + V*h*w*D*itemsize bytes; any other length is reported as corrupt.
+
+Views (stage-2 augmentation): a record may hold the codes of V views of one image (`views` in the metadata, e.g.
+["center", "flip", "crop"]; see `data.images.VIEWS`). View 0 is always "center", the deterministic eval view: it is
+what evaluation, `load_codes` and an un-augmented training run read. A training iterator with `random_view=True`
+draws one view per example and epoch. A data set with one view is written as version 1 (no `views` key), so older
+readers keep reading it.
 
 Two kinds of condition share the layout:
   class label   num_classes = C >= 1, L = 1, ids in [0, C) (cond_vocab_size = C). Batches hold 'label' int32 [B].
@@ -39,11 +45,13 @@ import numpy as np
 from ctxrq_jax.data import pipeline
 
 FORMAT = "ctxrq_codes"
-VERSION = 1
+VERSION = 1  # one view per record
+VIEWS_VERSION = 2  # V >= 1 views per record; `views` in the metadata
 METADATA_FILE = "metadata.json"
 CODEBOOK_FILE = "codebook.npy"
-RECORD_LAYOUT = ("little-endian int32 condition tokens [cond_length] (a class label is cond_length 1), then h*w*D "
-                 "codes in C order ([h, w, D], depth fastest) as little-endian code_dtype")
+RECORD_LAYOUT = ("little-endian int32 condition tokens [cond_length] (a class label is cond_length 1), then "
+                 "V*h*w*D codes in C order ([V, h, w, D], depth fastest; V = len(views), 1 without 'views') as "
+                 "little-endian code_dtype")
 _INT16_MAX_K = 32767
 _TOKEN_BYTES = 4
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
@@ -69,6 +77,11 @@ class CodeMetadata:
   splits: Mapping[str, tuple[int, tuple[str, ...]]]
   cond_length: int = 1
   cond_vocab_size: int | None = None  # None -> num_classes
+  views: tuple[str, ...] = ("center",)
+
+  @property
+  def num_views(self) -> int:
+    return len(self.views)
 
   @property
   def is_text(self) -> bool:
@@ -86,7 +99,8 @@ class CodeMetadata:
 
   @property
   def record_bytes(self) -> int:
-    return _TOKEN_BYTES * self.cond_length + int(np.prod(self.code_shape)) * self.code_dtype.itemsize
+    return (_TOKEN_BYTES * self.cond_length
+            + self.num_views * int(np.prod(self.code_shape)) * self.code_dtype.itemsize)
 
   def num_examples(self, split: str) -> int:
     return self._split(split)[0]
@@ -100,13 +114,25 @@ class CodeMetadata:
     return self.splits[split]
 
   def to_json(self) -> dict[str, Any]:
-    return {
-        "format": FORMAT, "version": VERSION, "code_shape": list(self.code_shape),
+    out = {
+        "format": FORMAT, "version": VERSION if self.num_views == 1 else VIEWS_VERSION,
+        "code_shape": list(self.code_shape),
         "codebook_size": self.codebook_size, "embed_dim": self.embed_dim, "code_dtype": self.code_dtype.name,
         "num_classes": self.num_classes, "cond_length": self.cond_length, "cond_vocab_size": self.cond_range,
         "source": self.source, "record_layout": RECORD_LAYOUT,
         "splits": {k: {"num_examples": n, "shards": list(files)} for k, (n, files) in sorted(self.splits.items())},
     }
+    if self.num_views > 1:
+      out["views"] = list(self.views)
+    return out
+
+
+def check_views(views: Any) -> tuple[str, ...]:
+  """A non-empty sequence of view names starting with 'center'; ValueError otherwise."""
+  views = tuple(views) if isinstance(views, (list, tuple)) else ()
+  if not views or views[0] != "center" or not all(isinstance(v, str) and v for v in views):
+    raise ValueError(f"views must be a list of names starting with 'center' (the eval view), got {views!r}")
+  return views
 
 
 def _check_code_shape(code_shape: Any) -> tuple[int, int, int]:
@@ -141,7 +167,7 @@ class CodeDatasetWriter:
 
   def __init__(self, out_dir: str, *, code_shape: Any, codebook: np.ndarray, num_classes: int, source: Any,
                num_shards: int = 1, overwrite: bool = False, cond_length: int = 1,
-               cond_vocab_size: int | None = None):
+               cond_vocab_size: int | None = None, views: Any = ("center",)):
     """Validates the description and prepares `out_dir`; shard files are opened on a split's first write.
 
     Args:
@@ -154,8 +180,10 @@ class CodeDatasetWriter:
       overwrite: replace an existing code dataset in `out_dir`.
       cond_length: condition tokens L per example (1 for class labels).
       cond_vocab_size: captions only: token ids must lie in [0, cond_vocab_size).
+      views: names of the V views each record holds, 'center' first.
     """
     self._code_shape = _check_code_shape(code_shape)
+    self._views = check_views(views)
     codebook = np.asarray(codebook)
     if codebook.ndim != 2 or codebook.shape[0] < 1 or codebook.shape[1] < 1:
       raise ValueError(f"codebook must be a non-empty [K, n_z] array, got shape {codebook.shape}")
@@ -200,15 +228,19 @@ class CodeDatasetWriter:
     return dict(self._counts)
 
   def write(self, split: str, codes: np.ndarray, labels: np.ndarray) -> None:
-    """Appends examples to `split`: codes int [B, h, w, D] in [0, K), and conditions: class labels int [B] in
-    [0, num_classes), or caption tokens int [B, L] in [0, cond_vocab_size) ([B] is taken as [B, 1] when L = 1)."""
+    """Appends examples to `split`: codes int [B, h, w, D] (one view) or [B, V, h, w, D] in [0, K), and conditions:
+    class labels int [B] in [0, num_classes), or caption tokens int [B, L] in [0, cond_vocab_size) ([B] is taken as
+    [B, 1] when L = 1)."""
     if self._closed:
       raise ValueError("CodeDatasetWriter is closed")
     if not isinstance(split, str) or not _SPLIT_NAME.match(split):
       raise ValueError(f"split name must match [A-Za-z0-9_]+, got {split!r}")
     codes, labels = np.asarray(codes), np.asarray(labels)
-    if codes.ndim != 4 or codes.shape[1:] != self._code_shape:
-      raise ValueError(f"codes must have shape [B, {', '.join(map(str, self._code_shape))}], got {codes.shape}")
+    v = len(self._views)
+    expected = self._code_shape if v == 1 else (v, *self._code_shape)  # [B, V, ...] with V = 1 is accepted too
+    if codes.shape[1:] != expected and not (v == 1 and codes.shape[1:] == (1, *self._code_shape)):
+      raise ValueError(f"codes must have shape [B, {', '.join(map(str, expected))}], got {codes.shape}")
+    codes = codes.reshape(codes.shape[0], v, *self._code_shape)
     if self._cond_length == 1 and labels.shape == codes.shape[:1]:
       labels = labels[:, None]
     if labels.shape != (codes.shape[0], self._cond_length):
@@ -220,7 +252,7 @@ class CodeDatasetWriter:
         raise ValueError(f"{name} must be integers, got dtype {a.dtype}")
     k = len(self._codebook)
     if codes.size and (codes.min() < 0 or codes.max() >= k):
-      bad = int(np.argmax(np.any((codes < 0) | (codes >= k), axis=(1, 2, 3))))
+      bad = int(np.argmax(np.any((codes < 0) | (codes >= k), axis=(1, 2, 3, 4))))
       raise ValueError(f"codes outside [0, codebook_size={k}) in batch row {bad} "
                        f"(min {codes.min()}, max {codes.max()})")
     if labels.size and (labels.min() < 0 or labels.max() >= self._cond_range):
@@ -265,7 +297,8 @@ class CodeDatasetWriter:
     meta = CodeMetadata(
         code_shape=self._code_shape, codebook_size=len(self._codebook), embed_dim=self._codebook.shape[1],
         num_classes=self._num_classes, source=self._source, cond_length=self._cond_length,
-        cond_vocab_size=self._cond_range, splits={split: (n, tuple(shard_name(split, s, self._num_shards) for s in range(self._num_shards)))
+        cond_vocab_size=self._cond_range, views=self._views,
+        splits={split: (n, tuple(shard_name(split, s, self._num_shards) for s in range(self._num_shards)))
                 for split, n in self._counts.items()})
     _atomic_write(os.path.join(self._dir, CODEBOOK_FILE), lambda f: np.save(f, self._codebook), "wb")
     _atomic_write(os.path.join(self._dir, METADATA_FILE),
@@ -295,8 +328,13 @@ def read_metadata(codes_dir: str) -> CodeMetadata:
     raise ValueError(f"{path} is corrupt: {e}") from e
   if not isinstance(raw, dict) or raw.get("format") != FORMAT:
     raise ValueError(f"{path} is not a {FORMAT} metadata file")
-  if raw.get("version") != VERSION:
-    raise ValueError(f"{path} has format version {raw.get('version')!r}; this reader understands {VERSION}")
+  if raw.get("version") not in (VERSION, VIEWS_VERSION):
+    raise ValueError(f"{path} has format version {raw.get('version')!r}; this reader understands {VERSION} and "
+                     f"{VIEWS_VERSION}")
+  try:
+    views = check_views(raw["views"]) if raw["version"] == VIEWS_VERSION else ("center",)
+  except (KeyError, ValueError) as e:
+    raise ValueError(f"{path}: version {VIEWS_VERSION} needs 'views', a list of names starting with 'center'") from e
   missing = [k for k in ("code_shape", "codebook_size", "embed_dim", "num_classes", "source", "splits")
              if k not in raw]
   if missing:
@@ -330,7 +368,7 @@ def read_metadata(codes_dir: str) -> CodeMetadata:
     splits[split] = (info["num_examples"], tuple(info["shards"]))
   return CodeMetadata(code_shape=code_shape, codebook_size=raw["codebook_size"], embed_dim=raw["embed_dim"],
                       num_classes=raw["num_classes"], source=raw["source"], splits=splits,
-                      cond_length=raw["cond_length"], cond_vocab_size=raw["cond_vocab_size"])
+                      cond_length=raw["cond_length"], cond_vocab_size=raw["cond_vocab_size"], views=views)
 
 
 def load_codebook(codes_dir: str, metadata: CodeMetadata | None = None) -> np.ndarray:
@@ -390,18 +428,20 @@ class CodeSource(grain.sources.RandomAccessDataSource):
     return f"CodeSource(num_examples={self._num_examples}, num_shards={self._num_shards})"
 
 
-def decode_record(record: bytes, index: int, metadata: CodeMetadata,
-                  where: str = "") -> tuple[np.ndarray, int | np.ndarray]:
-  """Parses one record into (codes int32 [h, w, D], condition): an int label, or int32 [L] caption tokens.
+def decode_record_views(record: bytes, index: int, metadata: CodeMetadata,
+                        where: str = "") -> tuple[np.ndarray, int | np.ndarray]:
+  """Parses one record into (codes int32 [V, h, w, D], condition): an int label, or int32 [L] caption tokens.
 
   Raises ValueError naming `index` if the record is invalid.
   """
   if len(record) != metadata.record_bytes:
     raise ValueError(f"record {index}{where} is corrupt: {len(record)} bytes, expected {metadata.record_bytes} "
-                     f"for codes {list(metadata.code_shape)} of {metadata.code_dtype.name}")
+                     f"for {metadata.num_views} view(s) of codes {list(metadata.code_shape)} of "
+                     f"{metadata.code_dtype.name}")
   length = metadata.cond_length
   cond = np.frombuffer(record, "<i4", count=length)
-  codes = np.frombuffer(record, metadata.code_dtype, offset=_TOKEN_BYTES * length).reshape(metadata.code_shape)
+  codes = np.frombuffer(record, metadata.code_dtype, offset=_TOKEN_BYTES * length).reshape(
+      (metadata.num_views, *metadata.code_shape))
   if not metadata.is_text:
     label = int(cond[0])
     if not 0 <= label < metadata.num_classes:
@@ -413,6 +453,13 @@ def decode_record(record: bytes, index: int, metadata: CodeMetadata,
     raise ValueError(f"record {index}{where}: codes outside [0, codebook_size={metadata.codebook_size}) "
                      f"(min {codes.min()}, max {codes.max()})")
   return codes.astype(np.int32), (cond.astype(np.int32) if metadata.is_text else label)
+
+
+def decode_record(record: bytes, index: int, metadata: CodeMetadata,
+                  where: str = "") -> tuple[np.ndarray, int | np.ndarray]:
+  """Parses one record into (codes int32 [h, w, D] of view 0, condition); ValueError naming `index` if invalid."""
+  codes, cond = decode_record_views(record, index, metadata, where)
+  return codes[0], cond
 
 
 def make_code_iterator(
@@ -428,43 +475,51 @@ def make_code_iterator(
     drop_remainder: bool | None = None,
     worker_count: int = 0,
     num_threads: int = 2,
+    random_view: bool = False,
 ) -> grain.DatasetIterator:
   """Iterator of `{'codes': int32 [B, h, w, D], 'label': int32 [B]}` (class labels) or `{'codes', 'cond': int32
   [B, L]}` (caption tokens) with get_state()/set_state().
 
   With `train=False` examples come in write order (of this host's strided shard), one pass by default; with
   `train=True` they are shuffled by `seed` (differently each epoch), repeated forever unless `num_epochs`, and the
-  last partial batch is dropped. Other arguments as in `pipeline.build_iterator`.
+  last partial batch is dropped. `random_view`: each example's codes are one of its record's views drawn uniformly
+  (grain's per-example, per-epoch rng: deterministic given `seed`, restored with the iterator state); otherwise
+  view 0 ('center'). Other arguments as in `pipeline.build_iterator`.
   """
   source = CodeSource(codes_dir, split)
   meta = source.metadata
   where = f" of code split {split!r} in {codes_dir}"
+  draw = bool(random_view) and meta.num_views > 1
 
-  def decode(index: int, record: bytes) -> tuple[np.ndarray, int]:
-    return decode_record(record, index, meta, where)
+  def decode(index: int, record: bytes) -> tuple[np.ndarray, Any]:
+    return decode_record_views(record, index, meta, where)
 
-  def transform(example: tuple[np.ndarray, Any], rng: None) -> dict[str, np.ndarray]:
-    del rng  # Codes are not augmented.
-    codes, cond = example
+  def transform(example: tuple[np.ndarray, Any], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    codes, cond = example  # codes [V, h, w, D]
+    codes = codes[int(rng.integers(meta.num_views)) if draw else 0]
     if meta.is_text:
       return {"codes": codes, "cond": cond}
     return {"codes": codes, "label": np.int32(cond)}
 
   return pipeline.build_iterator(
-      source, decode=decode, transform=transform, random_transform=False, batch_size=batch_size, seed=seed,
+      source, decode=decode, transform=transform, random_transform=draw, batch_size=batch_size, seed=seed,
       train=train, shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs,
       drop_remainder=drop_remainder, worker_count=worker_count, num_threads=num_threads,
       description=f"code split {split!r} in {codes_dir}")
 
 
-def load_codes(codes_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """Returns a whole split in write order: (codes int32 [M, h, w, D], labels int32 [M] or caption tokens [M, L])."""
+def load_codes(codes_dir: str, split: str, view: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Returns a whole split in write order: (codes int32 [M, h, w, D] of `view` (0: 'center'), labels int32 [M] or
+  caption tokens [M, L])."""
   source = CodeSource(codes_dir, split)
   meta = source.metadata
   m = len(source)
   codes = np.empty((m, *meta.code_shape), np.int32)
   labels = np.empty((m, meta.cond_length) if meta.is_text else (m,), np.int32)
   where = f" of code split {split!r} in {codes_dir}"
+  if not 0 <= view < meta.num_views:
+    raise ValueError(f"view {view} out of range: {codes_dir} holds {meta.num_views} view(s) {list(meta.views)}")
   for i, record in enumerate(source.read_all()):
-    codes[i], labels[i] = decode_record(record, i, meta, where)
+    all_views, labels[i] = decode_record_views(record, i, meta, where)
+    codes[i] = all_views[view]
   return codes, labels

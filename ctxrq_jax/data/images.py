@@ -16,6 +16,11 @@ Data config fields (a ConfigDict or a mapping):
   image_key, label_key: feature names in tfds records (default 'image', 'label').
 Other fields (train_split, eval_split, ...) are ignored here; callers pass the split explicitly.
 
+Views (for encoding augmented code datasets, `make_image_iterator(..., views=...)`): each example becomes a stack
+of V preprocessed images, one per name in VIEWS: 'center' (the eval view), 'flip' (it mirrored), 'crop' (a random
+crop, as the training transform draws it; with resize='pad' the same as 'center'), 'crop_flip' (a random crop
+mirrored). Random views are drawn from grain's per-example rng, so a given seed gives the same views every time.
+
 tfds sources are read with `tfds.data_source(..., builder_kwargs={'file_format': 'array_record'})`, the
 random-access reader grain needs; a data set prepared earlier as TFRecord must be re-prepared as ArrayRecord.
 """
@@ -34,6 +39,7 @@ from ctxrq_jax.data import pipeline
 
 EMBEDDED_MNIST = "embedded_mnist"
 RESIZE_MODES = ("pad", "crop")
+VIEWS = ("center", "flip", "crop", "crop_flip")
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 _MISSING = object()
 
@@ -192,6 +198,22 @@ def preprocess_image(image: np.ndarray, *, image_size: int, channels: int, resiz
   return x / 127.5 - 1.0
 
 
+def preprocess_views(image: np.ndarray, views: Any, *, image_size: int, channels: int, resize: str,
+                     rng: np.random.Generator | None = None) -> np.ndarray:
+  """uint8 image [H, W, C] -> float32 [V, image_size, image_size, channels] in [-1, 1], one per name in `views`
+  (VIEWS; 'crop' views draw their offsets from `rng` in order, and need it when resize='crop'). A square image has
+  no room to crop after resizing: its crops are the centre view, as the training transform's are."""
+  out = []
+  for view in views:
+    if view not in VIEWS:
+      raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
+    crop = view.startswith("crop") and resize == "crop"
+    x = preprocess_image(image, image_size=image_size, channels=channels, resize=resize, rng=rng if crop else None,
+                         random_crop=crop)
+    out.append(x[:, ::-1] if view.endswith("flip") else x)
+  return np.stack(out)
+
+
 def make_image_iterator(
     data_cfg: Any,
     *,
@@ -205,6 +227,7 @@ def make_image_iterator(
     drop_remainder: bool | None = None,
     worker_count: int = 0,
     num_threads: int = 2,
+    views: Any = None,
 ) -> grain.DatasetIterator:
   """Iterator of `{'image': float32 [B, S, S, C] in [-1, 1], 'label': int32 [B]}` with get_state()/set_state().
 
@@ -219,8 +242,17 @@ def make_image_iterator(
     drop_remainder: None means `train`.
     worker_count: grain worker processes (0: read in this process).
     num_threads: reader threads in this process.
+    views: None, or a sequence of names from VIEWS ('center' first) for eval-order encoding (`train` must be False):
+      then 'image' is float32 [B, V, S, S, C], the views of each example in the order given.
   """
   opts = _options(data_cfg)
+  if views is not None:
+    views = tuple(views)
+    unknown = [v for v in views if v not in VIEWS]
+    if not views or views[0] != "center" or unknown:
+      raise ValueError(f"views must start with 'center' and name only {VIEWS}, got {list(views)}")
+    if train:
+      raise ValueError("views are for encoding (train=False); training draws its own random crops and flips")
   pipeline.check_iterator_args(batch_size=batch_size, seed=seed, shard_index=shard_index, shard_count=shard_count,
                                num_epochs=num_epochs, worker_count=worker_count, num_threads=num_threads)
   where = f" of {opts['name']} split {split!r}"
@@ -239,8 +271,16 @@ def make_image_iterator(
                          rng=rng, random_crop=random_crop, random_flip=random_flip)
     return {"image": x, "label": np.int32(label)}
 
+  def view_transform(example: tuple[np.ndarray, int], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    image, label = example
+    x = preprocess_views(image, views, image_size=opts["image_size"], channels=opts["channels"],
+                         resize=opts["resize"], rng=rng)
+    return {"image": x, "label": np.int32(label)}
+
+  random_views = views is not None and any(v.startswith("crop") for v in views)
   return pipeline.build_iterator(
-      _source(opts, split), decode=decode, transform=transform, random_transform=random_crop or random_flip,
+      _source(opts, split), decode=decode, transform=transform if views is None else view_transform,
+      random_transform=random_views if views is not None else (random_crop or random_flip),
       batch_size=batch_size, seed=seed, train=train, shard_index=shard_index, shard_count=shard_count,
       num_epochs=num_epochs, drop_remainder=drop_remainder, worker_count=worker_count, num_threads=num_threads,
       description=f"{opts['name']} split {split!r}")

@@ -166,12 +166,22 @@ class CodebookState:
   embed_ema: jax.Array
 
   @classmethod
-  def create(cls, codebook: jax.Array) -> "CodebookState":
-    """Initial state as the reference has it: counts 1, sums = embeddings, so the smoothed mean is the codebook."""
+  def create(cls, codebook: jax.Array, cluster_size: float = 1.0) -> "CodebookState":
+    """Initial state: EMA counts all `cluster_size`, EMA sums = the embeddings.
+
+    The reference RQ-VAE starts its counts at 0 (`torch.zeros(n_embed)` in quantizations.py) with the sums equal to
+    the embeddings: every count is then below 1 after the first update unless a code drew >= 1 / (1 - decay)
+    vectors, so the first restart re-seeds nearly every code from the batch. Counts of 1 instead make the initial
+    state a fixed point of smoothing (the smoothed mean is the codebook) and keep the random codebook until codes die.
+    Config: `quantizer.init_cluster_size`.
+    """
     codebook = jnp.asarray(codebook, jnp.float32)
     if codebook.ndim != 2:
       raise ValueError(f"codebook must be [K, n_z], got shape {codebook.shape}")
-    return cls(codebook=codebook, cluster_size_ema=jnp.ones(codebook.shape[:1], jnp.float32), embed_ema=codebook)
+    if cluster_size < 0:
+      raise ValueError(f"initial cluster size must be >= 0, got {cluster_size}")
+    return cls(codebook=codebook, cluster_size_ema=jnp.full(codebook.shape[:1], cluster_size, jnp.float32),
+               embed_ema=codebook)
 
 
 def _check_state(state: CodebookState) -> tuple[int, int]:

@@ -291,6 +291,7 @@ class RQVAE(nn.Module):
     self.post_quant_conv = _conv(self.z_channels, 1, self.dtype)
     shape = (self.codebook_size, self.embed_dim)
     # N(0, 1) like the reference's nn.Embedding; EMA counts 1 and sums = codebook, so smoothing is a no-op at init.
+    # The stage-1 trainer re-creates the EMA statistics with `quantizer.init_cluster_size` (the reference's is 0).
     self.codebook = self.variable(
         "quantizer", "codebook", lambda: jax.random.normal(self.make_rng("params"), shape, jnp.float32))
     self.cluster_size_ema = self.variable(

@@ -58,8 +58,12 @@ def _stage1(stage1_config: ml_collections.ConfigDict, workdir: str) -> tuple[dic
 
 
 def run(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collections.ConfigDict, workdir: str,
-        samples_per_class: int) -> dict[str, Any]:
-  """Runs the four steps in `workdir`; returns {'stage1', 'stage2', 'timings', 'outputs'} (or {'stopped_at'})."""
+        samples_per_class: int, views: tuple[str, ...] = ("center",)) -> dict[str, Any]:
+  """Runs the four steps in `workdir`; returns {'stage1', 'stage2', 'timings', 'outputs'} (or {'stopped_at'}).
+
+  `views`: the image views encoded per example (stage-2 augmentation with `data.random_view`; the demo's digits use
+  the centre view only).
+  """
   # Absolute paths: the stage-2 config records codes_dir / stage1_dir for sampling from any working directory.
   workdir = os.path.abspath(workdir)
   timings = {}
@@ -70,7 +74,7 @@ def run(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collections.
   t0 = time.time()
   codes_dir = os.path.join(workdir, "codes")
   d = stage1_config.data
-  encode.encode_dataset(artifact_dir, d, codes_dir, [d.train_split, d.eval_split], overwrite=True)
+  encode.encode_dataset(artifact_dir, d, codes_dir, [d.train_split, d.eval_split], overwrite=True, views=views)
   timings["encode"] = time.time() - t0
 
   t0 = time.time()

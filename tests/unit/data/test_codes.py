@@ -158,3 +158,75 @@ def test_metadata_without_condition_fields_reads_as_class_labels(tmp_path):
   meta = codes_lib.read_metadata(tmp_path)
   assert not meta.is_text and meta.cond_length == 1 and meta.cond_range == meta.num_classes
   np.testing.assert_array_equal(codes_lib.load_codes(tmp_path, "train")[1], data["train"][1])
+
+
+def test_views_round_trip_and_random_view_draws(tmp_path):
+  """Records of V views: view 0 everywhere except a random-view training iterator, which draws each view."""
+  rng = np.random.default_rng(0)
+  codebook = rng.normal(size=(50, 3)).astype(np.float32)
+  views = ("center", "flip", "crop")
+  codes = rng.integers(0, 50, (12, 3, 2, 2, 2))  # [M, V, h, w, D]
+  codes[:, 1] = codes[:, 0] + 100  # out of range on purpose, to be caught below
+  with pytest.raises(ValueError, match=r"codes outside \[0, codebook_size=50\) in batch row 0"):
+    with codes_lib.CodeDatasetWriter(tmp_path / "bad", code_shape=(2, 2, 2), codebook=codebook, num_classes=3,
+                                     source="x", views=views) as w:
+      w.write("train", codes, np.zeros(12, np.int32))
+  codes[:, 1] = codes[:, 0][:, :, ::-1]  # "flip": any map distinct from view 0
+  labels = rng.integers(0, 3, (12,))
+  with codes_lib.CodeDatasetWriter(tmp_path, code_shape=(2, 2, 2), codebook=codebook, num_classes=3, source="x",
+                                   num_shards=2, views=views) as w:
+    with pytest.raises(ValueError, match=r"codes must have shape \[B, 3, 2, 2, 2\], got \(12, 2, 2, 2\)"):
+      w.write("train", codes[:, 0], labels)
+    w.write("train", codes[:5], labels[:5])
+    w.write("train", codes[5:], labels[5:])
+  meta = codes_lib.read_metadata(tmp_path)
+  assert meta.views == views and meta.num_views == 3 and meta.record_bytes == 4 + 3 * 8 * 2
+  assert json.loads((tmp_path / codes_lib.METADATA_FILE).read_text())["version"] == codes_lib.VIEWS_VERSION
+  for v in range(3):
+    got, got_labels = codes_lib.load_codes(tmp_path, "train", view=v)
+    np.testing.assert_array_equal(got, codes[:, v])
+    np.testing.assert_array_equal(got_labels, labels)
+  with pytest.raises(ValueError, match=r"view 3 out of range: .* holds 3 view\(s\)"):
+    codes_lib.load_codes(tmp_path, "train", view=3)
+  # Evaluation order and un-augmented training read view 0.
+  ev = np.concatenate([b["codes"] for b in codes_lib.make_code_iterator(tmp_path, split="train", batch_size=4,
+                                                                        seed=0, train=False)])
+  np.testing.assert_array_equal(ev, codes[:, 0])
+  plain = next(codes_lib.make_code_iterator(tmp_path, split="train", batch_size=12, seed=1, train=True))
+  assert all(any(np.array_equal(c, x) for x in codes[:, 0]) for c in plain["codes"])
+
+  def drawn_views(seed, epochs=4):
+    it = codes_lib.make_code_iterator(tmp_path, split="train", batch_size=12, seed=seed, train=True, random_view=True)
+    out = []
+    for batch in helpers.take(it, epochs):  # one batch = one epoch
+      for c, y in zip(batch["codes"], batch["label"]):
+        (i, v), = [(i, v) for i in range(12) for v in range(3) if np.array_equal(codes[i, v], c)]
+        assert labels[i] == y
+        out.append((i, v))
+    return out
+
+  a = drawn_views(seed=3)
+  assert {v for _, v in a} == {0, 1, 2}  # 48 draws of 3 views
+  assert a == drawn_views(seed=3)  # deterministic given the seed
+  it = codes_lib.make_code_iterator(tmp_path, split="train", batch_size=4, seed=3, train=True, random_view=True)
+  helpers.take(it, 2)
+  state = it.get_state()
+  expected = helpers.take(it, 3)
+  resumed = codes_lib.make_code_iterator(tmp_path, split="train", batch_size=4, seed=3, train=True,
+                                         random_view=True)
+  resumed.set_state(state)
+  assert helpers.same_batches(helpers.take(resumed, 3), expected)
+
+
+def test_views_metadata_errors(tmp_path):
+  codebook = np.zeros((8, 2), np.float32)
+  with pytest.raises(ValueError, match="views must be a list of names starting with 'center'"):
+    codes_lib.CodeDatasetWriter(tmp_path, code_shape=(1, 2, 2), codebook=codebook, num_classes=3, source="x",
+                                views=("flip", "center"))
+  helpers.write_code_dataset(tmp_path / "one", code_shape=(1, 2, 2), codebook_size=8, embed_dim=2)
+  raw = json.loads((tmp_path / "one" / codes_lib.METADATA_FILE).read_text())
+  assert raw["version"] == codes_lib.VERSION and "views" not in raw  # one view: readable by version-1 readers
+  raw["version"] = codes_lib.VIEWS_VERSION
+  (tmp_path / "one" / codes_lib.METADATA_FILE).write_text(json.dumps(raw))
+  with pytest.raises(ValueError, match="version 2 needs 'views'"):
+    codes_lib.read_metadata(tmp_path / "one")

@@ -161,3 +161,23 @@ def test_tfds_path_under_mock_data(tmp_path):
                                     batch_size=2, seed=0, train=False)
     with pytest.raises(ValueError, match=r"example \d+ of imagenet2012 split 'validation'.*square"):
       helpers.take(it, 6)
+
+
+def test_preprocess_views_crops_non_square_images():
+  image = np.random.default_rng(0).integers(0, 256, (20, 40, 3)).astype(np.uint8)  # 16 x 32 after the resize
+  kw = dict(image_size=16, channels=3, resize="crop")
+  center = images.preprocess_image(image, **kw)
+  views = ("center", "flip", "crop", "crop", "crop_flip")
+  a = images.preprocess_views(image, views, rng=np.random.default_rng(1), **kw)
+  assert a.shape == (5, 16, 16, 3)
+  np.testing.assert_array_equal(a[0], center)
+  np.testing.assert_array_equal(a[1], center[:, ::-1])
+  np.testing.assert_array_equal(a, images.preprocess_views(image, views, rng=np.random.default_rng(1), **kw))
+  rng = np.random.default_rng(1)
+  for v, name in enumerate(views[2:], start=2):  # the offsets drawn in order from the same rng
+    expected = images.preprocess_image(image, rng=rng, random_crop=True, **kw)
+    np.testing.assert_array_equal(a[v], expected[:, ::-1] if name.endswith("flip") else expected)
+  crops = {a[2].tobytes(), a[3].tobytes(), np.ascontiguousarray(a[4][:, ::-1]).tobytes()}
+  assert len(crops) >= 2 and crops != {center.tobytes()}  # offsets are drawn (17 possible), not fixed
+  with pytest.raises(ValueError, match="unknown view 'rotate'"):
+    images.preprocess_views(image, ("center", "rotate"), **kw)

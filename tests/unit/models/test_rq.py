@@ -141,6 +141,28 @@ def test_restart_replaces_exactly_the_dead_codes(num_vectors):
                              np.asarray(rq.smoothed_codebook(new.cluster_size_ema, new.embed_ema, eps)), rtol=1e-6)
 
 
+def test_zero_initial_counts_reseed_every_code_below_the_decay_threshold():
+  # The reference's start (counts 0): after one update a code keeps its EMA statistics only if it drew at least
+  # 1 / (1 - decay) = 100 vectors; every other code restarts at a batch vector with count 1.
+  k, decay, eps = 4, 0.99, 1e-5
+  rng = np.random.default_rng(6)
+  codebook = jnp.asarray(rng.normal(size=(k, 3)).astype(np.float32))
+  state = rq.CodebookState.create(codebook, cluster_size=0.0)
+  np.testing.assert_array_equal(np.asarray(state.cluster_size_ema), 0.0)
+  np.testing.assert_array_equal(np.asarray(state.embed_ema), np.asarray(codebook))
+  codes = jnp.asarray(np.array([0] * 150 + [1] * 99 + [2] * 1, np.int32))  # code 3 draws nothing
+  vectors = jnp.asarray(rng.normal(size=(250, 3)).astype(np.float32))
+  new = rq.restart_dead_codes(rq.ema_update(state, vectors, codes, decay, eps), vectors, jax.random.key(0), eps)
+  np.testing.assert_allclose(np.asarray(new.cluster_size_ema), [1.5, 1.0, 1.0, 1.0], rtol=1e-6)
+  expected_sum0 = decay * np.asarray(codebook[0]) + (1 - decay) * np.asarray(vectors[:150]).sum(0)
+  np.testing.assert_allclose(np.asarray(new.embed_ema[0]), expected_sum0, rtol=1e-5)
+  v = np.asarray(vectors)
+  for i in (1, 2, 3):  # re-seeded: a batch vector
+    assert np.min(np.abs(v - np.asarray(new.embed_ema[i])).sum(-1)) < 1e-6
+  with pytest.raises(ValueError, match="initial cluster size must be >= 0"):
+    rq.CodebookState.create(codebook, cluster_size=-1.0)
+
+
 def test_ema_update_rejects_wrong_vector_size():
   state = rq.CodebookState.create(jnp.zeros((4, 3)))
   with pytest.raises(ValueError, match="vectors have size"):

@@ -92,3 +92,41 @@ def test_encode_captions_writes_token_conditions(tmp_path):
   np.testing.assert_array_equal(codes, np.asarray(jax.jit(model.apply)(variables, images)["codes"]))
   batch = next(iter(code_data.make_code_iterator(out, split="validation", batch_size=3, seed=0, train=False)))
   assert sorted(batch) == ["codes", "cond"] and batch["cond"].shape == (3, 6)
+
+
+def test_encode_views_flip_and_crops(tmp_path):
+  """Stage-2 augmentation: view 0 is the plain encoding, 'flip' the codes of the mirrored image, crops seeded."""
+  config = helpers.tiny_stage1_config()  # 28x28 digits resized to 16 then cropped: random crops really move
+  with config.unlocked():
+    config.data.image_size = config.model.resolution = 16
+  model = rqvae.RQVAE.from_config(config.model)
+  variables = jax.jit(rqvae.init_variables, static_argnums=0)(model, jax.random.key(3))
+  artifact = str(tmp_path / "artifact")
+  artifact_lib.save_artifact(artifact, config.model, variables)
+  views = ("center", "flip", "crop")
+  meta = encode.encode_dataset(artifact, config.data, str(tmp_path / "codes"), ["test"], batch_size=8,
+                               max_examples=12, views=views, view_seed=1)
+  assert meta.views == views and meta.num_examples("test") == 12
+  plain = encode.encode_dataset(artifact, config.data, str(tmp_path / "plain"), ["test"], batch_size=8,
+                                max_examples=12)
+  assert plain.num_views == 1
+  center, labels = code_data.load_codes(str(tmp_path / "codes"), "test", view=0)
+  np.testing.assert_array_equal(center, code_data.load_codes(str(tmp_path / "plain"), "test")[0])
+  batch = next(iter(image_data.make_image_iterator(config.data, split="test", batch_size=12, seed=0, train=False)))
+  apply = jax.jit(model.apply)
+  flipped = np.asarray(apply(variables, batch["image"][:, :, ::-1])["codes"])
+  np.testing.assert_array_equal(code_data.load_codes(str(tmp_path / "codes"), "test", view=1)[0], flipped)
+  np.testing.assert_array_equal(labels, batch["label"])
+  # Crops: the images the iterator draws for that seed, encoded. (Digits are square: no room to crop after the
+  # resize, so these crops are the centre view; `test_preprocess_views_crops_non_square_images` covers real crops.)
+  crops = next(iter(image_data.make_image_iterator(config.data, split="test", batch_size=12, seed=1, train=False,
+                                                   views=views)))["image"]
+  np.testing.assert_array_equal(crops[:, 0], batch["image"])
+  np.testing.assert_array_equal(crops[:, 1], batch["image"][:, :, ::-1])
+  np.testing.assert_array_equal(code_data.load_codes(str(tmp_path / "codes"), "test", view=2)[0],
+                                np.asarray(apply(variables, crops[:, 2])["codes"]))
+  with pytest.raises(ValueError, match="views must start with 'center'"):
+    image_data.make_image_iterator(config.data, split="test", batch_size=4, seed=0, train=False, views=("rotate",))
+  with pytest.raises(ValueError, match="views are for encoding"):
+    image_data.make_image_iterator(config.data, split="test", batch_size=4, seed=0, train=True, views=("center",))
+
