@@ -130,12 +130,15 @@ def write_code_dataset(out_dir: Any, *, code_shape=(2, 3, 4), codebook_size: int
 
 def write_stage2_codes(out_dir: Any) -> str:
   """The code dataset `tiny_stage2_config` trains on: 4x4x4 codes, K 64, n_z 16, 10 classes; 8 training examples
-  (two batches of 4, so a run sees the same few examples again and again) and 4 validation examples."""
+  (two batches of 4, so a run sees the same few examples again and again) and 4 validation examples. Each record
+  holds two views, the codes and their mirror image ('center', 'flip'): the tiny config's `data.random_view` draws
+  one per example (stage-2 augmentation), evaluation reads the first."""
   rng = np.random.default_rng(0)
   with codes_lib.CodeDatasetWriter(out_dir, code_shape=(4, 4, 4), codebook=rng.normal(size=(64, 16)).astype(np.float32),
-                                   num_classes=10, source="synthetic") as w:
-    w.write("train", rng.integers(0, 64, (8, 4, 4, 4)), rng.integers(0, 10, (8,)))
-    w.write("validation", rng.integers(0, 64, (4, 4, 4, 4)), rng.integers(0, 10, (4,)))
+                                   num_classes=10, source="synthetic", views=("center", "flip")) as w:
+    for split, n in (("train", 8), ("validation", 4)):
+      codes = rng.integers(0, 64, (n, 4, 4, 4))
+      w.write(split, np.stack([codes, codes[:, :, ::-1]], axis=1), rng.integers(0, 10, (n,)))
   return str(out_dir)
 
 

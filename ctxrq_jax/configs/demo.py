@@ -69,7 +69,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = common.mesh()
   c.sharding_rules = list(common.DEFAULT_SHARDING_RULES)
 
-  # Paper's Table 3 phases with fewer draft steps: 64 positions in 16 draft steps keeps CPU sampling quick.
+  # Paper's Table 3 phases with fewer draft steps: 64 positions in 16 draft steps keeps CPU sampling quick. Chosen by
+  # Fréchet distance in the digit judge's features (`evaluate ablation`, README "Sample quality on the demo"):
+  # revise guidance 1.8 had the lowest FD of 0 / 0.5 / 1 / 1.8 / 3, temperature 0.8 beat 1.0 at every scale, guidance
+  # in the draft too tied after the revisions (230.9 vs 231.4 at 500 samples), T_draft 64 was within noise of 16.
   c.sample = ml_collections.ConfigDict()
   c.sample.T_draft = 16
   c.sample.T_revise = 2

@@ -50,6 +50,8 @@ def test_bad_config_fails_before_compiling(stage2_codes_dir, tmp_path):
 def test_learns_and_resumes_bit_exact(stage2_codes_dir, tmp_path):
   codes_dir = stage2_codes_dir
   config = _config(codes_dir)
+  # Augmented records: each example's view is drawn per epoch, so the resume below also restores those draws.
+  assert config.data.random_view and codes_lib.read_metadata(codes_dir).views == ("center", "flip")
   full = train.train_and_evaluate(config, str(tmp_path / "full"))
   assert full["step"] == 6 and not full["stopped"]
   losses = [l for _, l in full["history"]]
