@@ -47,8 +47,8 @@ def test_round_trip_through_the_pth_file_and_the_artifact(tmp_path):
   # The same outputs as the torch network it came from.
   # (The jitted program of tests/unit/models/test_inception.py at 2 x 75 x 75: one compilation for the suite.)
   x = np.random.default_rng(0).uniform(-1, 1, size=(2, 75, 75, 3)).astype(np.float32)
-  model = inception.FIDInceptionV3()
-  out = jax.jit(lambda v, x: model.apply(v, x, spatial=True))(loaded, jnp.asarray(x))
+  flax_model = inception.FIDInceptionV3()
+  out = jax.jit(lambda v, x: flax_model.apply(v, x, spatial=True))(loaded, jnp.asarray(x))
   with torch.no_grad():
     logits = model(ref.nchw(x)).numpy()
   np.testing.assert_allclose(np.asarray(out["logits"]), logits, rtol=1e-5, atol=1e-5 * np.abs(logits).max())
