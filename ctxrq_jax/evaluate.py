@@ -146,7 +146,7 @@ def _fid_commands(command: str) -> None:
     total = sum(inception_features.npz_array_info(p)[0][0] for p in (FLAGS.samples, FLAGS.reference)
                 if inception_features.IMAGES_KEY in inception_features.npz_keys(p))
     progress = reporting.Progress("inception features", total, unit="images")
-    results = fid.evaluate(extractor, FLAGS.samples, FLAGS.reference, progress=_cumulative(progress))
+    results = fid.evaluate(extractor, FLAGS.samples, FLAGS.reference, progress=progress.update)
     progress.close()
     out_json = FLAGS.out_json or os.path.splitext(FLAGS.samples)[0] + ".fid.json"
     with open(out_json, "w") as f:
@@ -182,18 +182,6 @@ def _fid_commands(command: str) -> None:
   progress.close()
   print(f"reference {FLAGS.out}: statistics of {info['num_images']} images of {data.name}:{split}, "
         f"{info['kept_images']} images kept as arr_0")
-
-
-def _cumulative(progress):
-  """fid.evaluate reports images done per file; the bar counts both files."""
-  state = {"base": 0, "last": 0}
-
-  def update(done):
-    if done < state["last"]:  # the next file started
-      state["base"] += state["last"]
-    state["last"] = done
-    progress.update(state["base"] + done)
-  return update
 
 
 def _ints(values: list[str]) -> list[int]:

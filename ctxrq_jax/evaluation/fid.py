@@ -135,13 +135,18 @@ def evaluate(extractor: features_lib.InceptionFeatureExtractor, samples_npz: str
              reference_npz: str | os.PathLike, *, k: int = frechet.PR_NEIGHBOURS,
              split_size: int = frechet.IS_SPLIT_SIZE, pr_block_size: int = frechet.PR_BLOCK_SIZE,
              fid_method: str = "svd", progress=None) -> dict[str, Optional[float]]:
-  """ADM's readout for `samples_npz` (`arr_0` uint8) against `reference_npz` (`arr_0` and/or `mu`/`sigma`)."""
+  """ADM's readout for `samples_npz` (`arr_0` uint8) against `reference_npz` (`arr_0` and/or `mu`/`sigma`).
+
+  `progress(n)`, if given, is called with the number of images done over both files (the reference's first).
+  """
   reference = features_lib.read_reference(reference_npz)
   samples_ref = features_lib.read_reference(samples_npz)
   if not samples_ref.has_images:
     raise ValueError(f"samples file {samples_npz} has no images ({features_lib.IMAGES_KEY})")
   ref_acts = npz_activations(extractor, reference_npz, progress=progress) if reference.has_images else None
-  sample_acts = npz_activations(extractor, samples_npz, progress=progress)
+  offset = reference.num_images if reference.has_images else 0
+  sample_acts = npz_activations(extractor, samples_npz,
+                                progress=None if progress is None else (lambda n: progress(offset + n)))
   return metrics(sample_acts, reference, ref_acts, k=k, split_size=split_size, pr_block_size=pr_block_size,
                  fid_method=fid_method)
 

@@ -148,7 +148,10 @@ def with_reference(extractor, x):
   with tempfile.TemporaryDirectory() as d:
     feats.write_reference(os.path.join(d, "ref.npz"), images=x)
     np.savez(os.path.join(d, "same.npz"), arr_0=x)
-    same = fid.evaluate(extractor, os.path.join(d, "same.npz"), os.path.join(d, "ref.npz"), split_size=5)
+    seen = []
+    same = fid.evaluate(extractor, os.path.join(d, "same.npz"), os.path.join(d, "ref.npz"), split_size=5,
+                        progress=seen.append)
+  assert seen[-1] == 2 * len(x) and seen == sorted(seen)  # counted over both files
   assert abs(same["fid"]) < 1e-6 * 2048 and abs(same["sfid"]) < 1e-6 * 63
   assert (same["precision"], same["recall"]) == (1.0, 1.0)
 
