@@ -19,16 +19,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from ctxrq_jax.core import config as configlib
 from ctxrq_jax.core import grids
 from ctxrq_jax.models.rqvae import RQVAE
+from ctxrq_jax.models import variables_files
 from ctxrq_jax.models.rqvae import init_variables
 
 ARTIFACT_FORMAT = "ctxrq_jax.rqvae/1"
 _CONFIG_FILE = "model_config.json"
-_VARIABLES_DIR = "variables"
 
 
 def _config_to_dict(model_config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
@@ -61,29 +60,12 @@ def save_artifact(
   state = {"params": variables["params"], "quantizer": variables["quantizer"]}
   expected = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
   _check_tree_matches(state, expected, f"save_artifact({directory})")
-  ckpt_dir = os.path.join(directory, _VARIABLES_DIR)
-  if os.path.exists(ckpt_dir) and not overwrite:
-    raise FileExistsError(f"stage-1 artifact already exists at {directory} (pass overwrite=True to replace it)")
-  os.makedirs(directory, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(ckpt_dir, state, force=overwrite)
-    ckptr.wait_until_finished()
-  if jax.process_index() == 0:
-    tmp = os.path.join(directory, _CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump({"format": ARTIFACT_FORMAT, "model": cfg}, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(directory, _CONFIG_FILE))
+  variables_files.save(directory, state, meta_file=_CONFIG_FILE, meta={"format": ARTIFACT_FORMAT, "model": cfg},
+                       what="stage-1 artifact", overwrite=overwrite)
 
 
 def _check_tree_matches(tree: Any, expected: Any, where: str) -> None:
-  got = {jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
-  want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(expected)}
-  problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
-  problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
-  problems += [f"{k}: shape {got[k]} != {want[k]}" for k in sorted(set(got) & set(want)) if got[k] != want[k]]
-  if problems:
-    shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)" if len(problems) > 8 else "")
-    raise ValueError(f"{where}: variables do not match the model config: {shown}")
+  variables_files.check_tree_shapes(tree, expected, where, "variables do not match the model config")
 
 
 def check_code_range(codes: np.ndarray, codebook_size: int) -> None:
@@ -108,26 +90,16 @@ def load_artifact(directory: str | os.PathLike) -> tuple[RQVAE, dict[str, Any]]:
   cfg_path = os.path.join(directory, _CONFIG_FILE)
   if not os.path.isfile(cfg_path):
     raise FileNotFoundError(f"stage-1 artifact {directory} has no {_CONFIG_FILE}")
-  try:
-    with open(cfg_path) as f:
-      meta = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"stage-1 artifact config {cfg_path} is unreadable: {e}") from e
+  meta = variables_files.read_json(cfg_path, "stage-1 artifact config")
   if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT or not isinstance(meta.get("model"), dict):
     raise ValueError(f"stage-1 artifact config {cfg_path} is not a {ARTIFACT_FORMAT} file")
   try:
     model = RQVAE.from_config(meta["model"])
   except configlib.ConfigError as e:
     raise ValueError(f"stage-1 artifact config {cfg_path} is invalid: {e}") from e
-  ckpt_dir = os.path.join(directory, _VARIABLES_DIR)
-  if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f"stage-1 artifact {directory} has no checkpoint directory {_VARIABLES_DIR}/")
   abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
-  try:
-    with ocp.StandardCheckpointer() as ckptr:
-      variables = ckptr.restore(ckpt_dir, abstract)
-  except Exception as e:  # orbax raises assorted types for truncated/corrupt files
-    raise ValueError(f"stage-1 artifact checkpoint {ckpt_dir} could not be restored: {type(e).__name__}: {e}") from e
+  variables = variables_files.restore(directory, abstract, what="stage-1 artifact",
+                                      label="stage-1 artifact checkpoint")
   _check_tree_matches(variables, abstract, f"load_artifact({directory})")
   return model, {"params": variables["params"], "quantizer": variables["quantizer"]}
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from typing import Any, Mapping, Sequence
 
@@ -34,9 +33,9 @@ from flax import traverse_util
 import flax.core
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from ctxrq_jax.models import inception
+from ctxrq_jax.models import variables_files
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -45,7 +44,6 @@ WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_we
 WEIGHTS_SHA256_PREFIX = "6726825d"
 ARTIFACT_FORMAT = "ctxrq_jax.fid_inception/1"
 _META_FILE = "inception.json"
-_VARIABLES_DIR = "variables"
 _MAX_LISTED = 20
 _OPTIONAL_SUFFIX = ".num_batches_tracked"
 
@@ -246,14 +244,7 @@ def _abstract_variables() -> dict[str, Any]:
 
 
 def _check_tree(tree: Any, expected: Any, where: str) -> None:
-  got = {jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
-  want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(expected)}
-  problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
-  problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
-  problems += [f"{k}: shape {got[k]} != {want[k]}" for k in sorted(set(got) & set(want)) if got[k] != want[k]]
-  if problems:
-    shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)" if len(problems) > 8 else "")
-    raise ValueError(f"{where}: variables are not FIDInceptionV3's: {shown}")
+  variables_files.check_tree_shapes(tree, expected, where, "variables are not FIDInceptionV3's")
 
 
 def save_artifact(directory: str | os.PathLike, variables: Mapping[str, Any], *, source: str | None = None,
@@ -265,18 +256,9 @@ def save_artifact(directory: str | os.PathLike, variables: Mapping[str, Any], *,
       raise ValueError(f"save_artifact: variables have no {c!r} collection (have {sorted(variables)})")
   state = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
   _check_tree(state, _abstract_variables(), f"save_artifact({directory})")
-  ckpt_dir = os.path.join(directory, _VARIABLES_DIR)
-  if os.path.exists(ckpt_dir) and not overwrite:
-    raise FileExistsError(f"Inception artifact already exists at {directory} (pass overwrite=True to replace it)")
-  os.makedirs(directory, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(ckpt_dir, state, force=overwrite)
-    ckptr.wait_until_finished()
-  if jax.process_index() == 0:
-    tmp = os.path.join(directory, _META_FILE + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump({"format": ARTIFACT_FORMAT, "source": source, "sha256": sha256}, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(directory, _META_FILE))
+  variables_files.save(directory, state, meta_file=_META_FILE,
+                       meta={"format": ARTIFACT_FORMAT, "source": source, "sha256": sha256},
+                       what="Inception artifact", overwrite=overwrite)
 
 
 def load_artifact(directory: str | os.PathLike) -> dict[str, Any]:
@@ -289,22 +271,11 @@ def load_artifact(directory: str | os.PathLike) -> dict[str, Any]:
   meta_path = os.path.join(directory, _META_FILE)
   if not os.path.isfile(meta_path):
     raise FileNotFoundError(f"{directory} is not an Inception artifact (no {_META_FILE})")
-  try:
-    with open(meta_path) as f:
-      meta = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"Inception artifact metadata {meta_path} is unreadable: {e}") from e
+  meta = variables_files.read_json(meta_path, "Inception artifact metadata")
   if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
     raise ValueError(f"{meta_path} is not a {ARTIFACT_FORMAT} file")
-  ckpt_dir = os.path.join(directory, _VARIABLES_DIR)
-  if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f"Inception artifact {directory} has no checkpoint directory {_VARIABLES_DIR}/")
   abstract = _abstract_variables()
-  try:
-    with ocp.StandardCheckpointer() as ckptr:
-      variables = ckptr.restore(ckpt_dir, abstract)
-  except Exception as e:  # orbax raises assorted types for truncated/corrupt files
-    raise ValueError(f"Inception checkpoint {ckpt_dir} could not be restored: {type(e).__name__}: {e}") from e
+  variables = variables_files.restore(directory, abstract, what="Inception artifact", label="Inception checkpoint")
   _check_tree(variables, abstract, f"load_artifact({directory})")
   return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 

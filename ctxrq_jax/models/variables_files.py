@@ -1,0 +1,72 @@
+"""A model's variables on disk, as both artifacts store them (the stage-1 RQ-VAE, `artifact.py`, and the FID
+Inception, `inception_convert.py`): an orbax checkpoint `variables/` plus a small JSON file that describes it, written
+last and atomically by process 0. Shapes are checked against the model's abstract variables on save and on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+VARIABLES_DIR = "variables"
+
+
+def check_tree_shapes(tree: Any, expected: Any, where: str, mismatch: str) -> None:
+  """ValueError `{where}: {mismatch}: ...` listing missing, unexpected and mis-shaped leaves (at most 8 shown)."""
+  got = {jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+  want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(expected)}
+  problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
+  problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
+  problems += [f"{k}: shape {got[k]} != {want[k]}" for k in sorted(set(got) & set(want)) if got[k] != want[k]]
+  if problems:
+    shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)" if len(problems) > 8 else "")
+    raise ValueError(f"{where}: {mismatch}: {shown}")
+
+
+def save(directory: str, state: Any, *, meta_file: str, meta: dict[str, Any], what: str, overwrite: bool) -> None:
+  """Writes `directory/variables/` (orbax) and then `directory/meta_file` (JSON, atomically, on process 0).
+
+  Raises FileExistsError naming `what` when the checkpoint exists and not `overwrite`.
+  """
+  ckpt_dir = os.path.join(directory, VARIABLES_DIR)
+  if os.path.exists(ckpt_dir) and not overwrite:
+    raise FileExistsError(f"{what} already exists at {directory} (pass overwrite=True to replace it)")
+  os.makedirs(directory, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(ckpt_dir, state, force=overwrite)
+    ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    tmp = os.path.join(directory, meta_file + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump(meta, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(directory, meta_file))
+
+
+def read_json(path: str, label: str) -> Any:
+  """The parsed JSON file; ValueError `{label} {path} is unreadable: ...` otherwise."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{label} {path} is unreadable: {e}") from e
+
+
+def restore(directory: str, abstract: Any, *, what: str, label: str) -> Any:
+  """Restores `directory/variables/` into the structure of `abstract` (ShapeDtypeStructs).
+
+  Raises FileNotFoundError naming `what` when there is no checkpoint, ValueError `{label} ... could not be restored`
+  when orbax cannot read it.
+  """
+  ckpt_dir = os.path.join(directory, VARIABLES_DIR)
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"{what} {directory} has no checkpoint directory {VARIABLES_DIR}/")
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(ckpt_dir, abstract)
+  except Exception as e:  # orbax raises assorted types for truncated/corrupt files
+    raise ValueError(f"{label} {ckpt_dir} could not be restored: {type(e).__name__}: {e}") from e
