@@ -142,6 +142,19 @@ def write_stage2_codes(out_dir: Any) -> str:
   return str(out_dir)
 
 
+def tiny_sampling_model(*, code_depth: int, depth_layers: int = 1, num_positions: int = 16, vocab_size: int = 8,
+                        embed_dim: int = 4, num_classes: int = 3) -> tuple[Any, Any, jax.Array]:
+  """(model, params, codebook [K, n_z]) of a width-32 Contextual RQ-Transformer for the sampler tests, its
+  parameters scaled 8x (sharper logits than the N(0, 0.02) init, so conditions and guidance visibly change samples)."""
+  from ctxrq_jax.models import transformer  # pylint: disable=g-import-not-at-top
+  model = transformer.ContextualRQTransformer(
+      vocab_size=vocab_size, code_depth=code_depth, num_positions=num_positions, embed_dim=embed_dim, width=32,
+      num_heads=2, spatial_layers=1, depth_layers=depth_layers, num_classes=num_classes)
+  codebook = jax.random.normal(jax.random.key(1), (vocab_size, embed_dim))
+  params = jax.jit(model.init)(jax.random.key(0), *transformer.init_inputs(model, 1)[:3], codebook)["params"]
+  return model, jax.tree.map(lambda x: x * 8.0, params), codebook
+
+
 # ------------------------------------------------------------------------------------------------ iterators
 def take(it: Any, n: int) -> list[Any]:
   """The next `n` batches of an iterator."""

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctxrq_jax.models import transformer
 from ctxrq_jax.sampling import decoder as decode
 from ctxrq_jax.sampling import partitions
 from ctxrq_jax.sampling import reference
 from ctxrq_jax.sampling.logits import PhaseSettings
+from tests import helpers
 
 N, D, K, NZ, CLASSES, B = 16, 2, 8, 4, 3, 3
 PS = PhaseSettings
@@ -28,14 +28,8 @@ STEPS = {'t_draft': 4, 't_revise': 2, 'num_revisions': 2}
 
 @pytest.fixture(scope='module')
 def setup():
-  model = transformer.ContextualRQTransformer(
-      vocab_size=K, code_depth=D, num_positions=N, embed_dim=NZ, width=32, num_heads=2, spatial_layers=1,
-      depth_layers=1, num_classes=CLASSES)
-  codebook = jax.random.normal(jax.random.key(1), (K, NZ))
-  codes, mask, cond = transformer.init_inputs(model, 1)[:3]
-  params = jax.jit(model.init)(jax.random.key(0), codes, mask, cond, codebook)['params']
-  # Sharper logits than the N(0, 0.02) init so that guidance / conditions visibly change samples.
-  params = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: x * 8.0, p))(params)
+  model, params, codebook = helpers.tiny_sampling_model(code_depth=D, num_positions=N, vocab_size=K, embed_dim=NZ,
+                                                        num_classes=CLASSES)
   cond = jnp.array([[0], [1], [2]], jnp.int32)
   return model, params, codebook, cond
 

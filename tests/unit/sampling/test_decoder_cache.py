@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctxrq_jax.models import transformer
 from ctxrq_jax.sampling import decoder
 from ctxrq_jax.sampling import reference
 from ctxrq_jax.sampling.logits import PhaseSettings
+from tests import helpers
 
 N, D, K, NZ, CLASSES, B = 16, 3, 8, 4, 3, 3
 DRAFT = PhaseSettings(temperature=1.0, top_k=5)
@@ -20,12 +20,8 @@ STEPS = {"t_draft": 4, "t_revise": 2, "num_revisions": 2}
 
 @pytest.fixture(scope="module")
 def setup():
-  model = transformer.ContextualRQTransformer(
-      vocab_size=K, code_depth=D, num_positions=N, embed_dim=NZ, width=32, num_heads=2, spatial_layers=1,
-      depth_layers=2, num_classes=CLASSES)
-  codebook = jax.random.normal(jax.random.key(1), (K, NZ))
-  params = jax.jit(model.init)(jax.random.key(0), *transformer.init_inputs(model, 1)[:3], codebook)["params"]
-  params = jax.tree.map(lambda x: x * 8.0, params)  # sharp logits: conditions and guidance change samples
+  model, params, codebook = helpers.tiny_sampling_model(code_depth=D, depth_layers=2, num_positions=N, vocab_size=K,
+                                                        embed_dim=NZ, num_classes=CLASSES)
   return model, params, codebook, jnp.array([[0], [1], [2]], jnp.int32)
 
 

@@ -5,14 +5,13 @@ import os
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctxrq_jax.models import transformer
 from ctxrq_jax.sampling import loader
 from ctxrq_jax.sampling import runner
 from ctxrq_jax.sampling.logits import PhaseSettings
+from tests import helpers
 
 N, D, K = 16, 2, 8
 
@@ -32,13 +31,7 @@ class _Decoder:
 
 @pytest.fixture(scope="module")
 def loaded():
-  model = transformer.ContextualRQTransformer(
-      vocab_size=K, code_depth=D, num_positions=N, embed_dim=4, width=32, num_heads=2, spatial_layers=1,
-      depth_layers=1, num_classes=3)
-  codebook = jax.random.normal(jax.random.key(1), (K, 4))
-  codes, mask, cond = transformer.init_inputs(model, 1)[:3]
-  params = jax.jit(model.init)(jax.random.key(0), codes, mask, cond, codebook)["params"]
-  params = jax.tree_util.tree_map(lambda x: x * 8.0, params)
+  model, params, codebook = helpers.tiny_sampling_model(code_depth=D, num_positions=N, vocab_size=K)
   dec = _Decoder()
   return types.SimpleNamespace(model=model, params=params, codebook=codebook, mesh=loader.inference_mesh(),
                                code_shape=(4, 4, D), images=dec.images)
