@@ -57,6 +57,20 @@ def _stage1(stage1_config: ml_collections.ConfigDict, workdir: str) -> tuple[dic
   return rq_results, os.path.join(stage1_dir, stage1_trainer.ARTIFACT_DIR), time.time() - t0
 
 
+def _stage2(stage2_config: ml_collections.ConfigDict, stage2_dir: str, data: Any,
+            **paths: str) -> tuple[dict[str, Any], str, float]:
+  """Stage 2 in `stage2_dir` on the codes of stage 1 (`paths`: codes_dir, stage1_dir, ... set in config.data; the
+  splits are the stage-1 data's): (the trainer's results, `stage2_dir`, seconds)."""
+  t0 = time.time()
+  stage2_config = stage2_config.copy_and_resolve_references()
+  with stage2_config.unlocked():
+    for key, value in paths.items():
+      stage2_config.data[key] = value
+    stage2_config.data.train_split = data.train_split
+    stage2_config.data.eval_split = data.eval_split
+  return stage2_trainer.train_and_evaluate(stage2_config, stage2_dir), stage2_dir, time.time() - t0
+
+
 def run(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collections.ConfigDict, workdir: str,
         samples_per_class: int, views: tuple[str, ...] = ("center",)) -> dict[str, Any]:
   """Runs the four steps in `workdir`; returns {'stage1', 'stage2', 'timings', 'outputs'} (or {'stopped_at'}).
@@ -77,18 +91,10 @@ def run(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collections.
   encode.encode_dataset(artifact_dir, d, codes_dir, [d.train_split, d.eval_split], overwrite=True, views=views)
   timings["encode"] = time.time() - t0
 
-  t0 = time.time()
-  stage2_config = stage2_config.copy_and_resolve_references()
-  with stage2_config.unlocked():
-    stage2_config.data.codes_dir = codes_dir
-    stage2_config.data.stage1_dir = artifact_dir
-    stage2_config.data.train_split = d.train_split
-    stage2_config.data.eval_split = d.eval_split
-  stage2_dir = os.path.join(workdir, "stage2")
-  tr_results = stage2_trainer.train_and_evaluate(stage2_config, stage2_dir)
+  tr_results, stage2_dir, timings["stage 2"] = _stage2(stage2_config, os.path.join(workdir, "stage2"), d,
+                                                        codes_dir=codes_dir, stage1_dir=artifact_dir)
   if tr_results["stopped"]:
     return {"stopped_at": tr_results["step"]}
-  timings["stage 2"] = time.time() - t0
 
   t0 = time.time()
   outputs = runner.sample_all_classes(stage2_dir, os.path.join(workdir, "samples"),
@@ -173,23 +179,14 @@ def run_text(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collect
   codes_dir = os.path.join(workdir, TEXT_CODES)
   encode.encode_captions(artifact_dir, {s: source(s) for s in splits}, codes_dir, tok, train_splits=(d.train_split,),
                          overwrite=True, resize=str(d.resize), totals={s: len(v[0]) for s, v in splits.items()},
-                         source_description={"digits": "embedded_mnist",
-                                                                                   "thresholds": thresholds.to_json()})
+                         source_description={"digits": "embedded_mnist", "thresholds": thresholds.to_json()})
   timings["captions + encode"] = time.time() - t0
 
-  t0 = time.time()
-  stage2_config = stage2_config.copy_and_resolve_references()
-  with stage2_config.unlocked():
-    stage2_config.data.codes_dir = codes_dir
-    stage2_config.data.stage1_dir = artifact_dir
-    stage2_config.data.tokenizer_dir = tokenizer_dir
-    stage2_config.data.train_split = d.train_split
-    stage2_config.data.eval_split = d.eval_split
-  stage2_dir = os.path.join(workdir, TEXT_STAGE2)
-  tr_results = stage2_trainer.train_and_evaluate(stage2_config, stage2_dir)
+  tr_results, stage2_dir, timings["stage 2"] = _stage2(stage2_config, os.path.join(workdir, TEXT_STAGE2), d,
+                                                        codes_dir=codes_dir, stage1_dir=artifact_dir,
+                                                        tokenizer_dir=tokenizer_dir)
   if tr_results["stopped"]:
     return {"stopped_at": tr_results["step"]}
-  timings["stage 2"] = time.time() - t0
 
   t0 = time.time()
   loaded = loader.Stage2Model(stage2_dir)
