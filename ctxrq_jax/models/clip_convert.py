@@ -195,17 +195,17 @@ def config_from_state_dict(state_dict: Mapping[str, Any], *, head_width: int = O
   def layers(prefix):
     return len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
 
-  width, _, patch, _ = shapes["visual.conv1.weight"]
-  grid = round((shapes["visual.positional_embedding"][0] - 1) ** 0.5)
-  vocab, text_width = shapes["token_embedding.weight"]
   try:
+    width, _, patch, _ = shapes["visual.conv1.weight"]
+    grid = round((shapes["visual.positional_embedding"][0] - 1) ** 0.5)
+    vocab, text_width = shapes["token_embedding.weight"]
     return clip.CLIPConfig(
         embed_dim=shapes["text_projection"][1], image_size=patch * grid, patch_size=patch, vision_width=width,
         vision_layers=layers("visual.transformer.resblocks."), vision_heads=max(width // head_width, 1),
         context_length=shapes["positional_embedding"][0], vocab_size=vocab, text_width=text_width,
         text_layers=layers("transformer.resblocks."), text_heads=max(text_width // head_width, 1))
-  except ValueError as e:
-    raise CLIPConversionError(f"state dict describes no valid CLIP: {e}") from e
+  except (ValueError, IndexError, TypeError, ZeroDivisionError) as e:  # shapes of the wrong rank or size
+    raise CLIPConversionError(f"state dict describes no valid ViT CLIP: {type(e).__name__}: {e}") from e
 
 
 def check_state_dict(state_dict: Mapping[str, Any], config: Optional[clip.CLIPConfig] = None) -> clip.CLIPConfig:
