@@ -18,7 +18,9 @@
       an ADM-layout reference file (statistics of every image, the first --keep_images images) from a tfds split
   python -m ctxrq_jax.evaluate text_samples --workdir=runs/demo/text_stage2
       caption faithfulness of the text demo: digit (the CNN) and width / thickness / slant (pixel measurements) of
-      samples of held-out captions, against chance, the class alone and the reconstructions
+      samples of held-out captions, against chance, the class alone and the reconstructions; and their Fréchet
+      distance, precision, recall and digit accuracy in the digit CNN's features beside held-out digits and their
+      reconstructions, as `samples` reports the class demo
   python -m ctxrq_jax.evaluate clip --samples=samples.npz --weights=ViT-B-32.pt \
       --clip_vocab=bpe_simple_vocab_16e6.txt.gz [--captions_file=captions.txt]
       the CLIP score (the paper's Table 2: mean cosine of CLIP ViT-B/32 image and caption embeddings) of a
@@ -69,7 +71,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_draws", 4, "stage2: masks drawn per held-out example.")
   flags.DEFINE_integer("samples_per_class", None, "samples/ablation: images per class in every scored set "
                        "(default 50 for samples, 20 for ablation; at most the held-out digits per class, 50).")
-  flags.DEFINE_integer("classifier_steps", 400, "samples/ablation: training steps of the digit CNN judge.")
+  flags.DEFINE_integer("classifier_steps", 400, "samples/ablation/text_samples: training steps of the digit CNN "
+                       "judge.")
   flags.DEFINE_string("out_dir", None, "ablation: where ablation.md, ablation.json and the plots go "
                       "(default WORKDIR/../ablation).")
   flags.DEFINE_list("t_drafts", ["4", "8", "16", "32", "64"], "ablation: T_draft values of Fig. 4a.")
@@ -120,7 +123,8 @@ def main(argv: list[str]) -> None:
   elif argv[1] == "text_samples":
     from ctxrq_jax.evaluation import digits  # pylint: disable=g-import-not-at-top
     print(digits.format_text_results(digits.evaluate_text_samples(
-        FLAGS.workdir, num_prompts=FLAGS.num_prompts, samples_per_prompt=FLAGS.samples_per_prompt, seed=FLAGS.seed)))
+        FLAGS.workdir, num_prompts=FLAGS.num_prompts, samples_per_prompt=FLAGS.samples_per_prompt, seed=FLAGS.seed,
+        classifier_steps=FLAGS.classifier_steps)))
   elif argv[1] == "samples":
     from ctxrq_jax.evaluation import digits  # pylint: disable=g-import-not-at-top
     print(digits.format_sample_results(digits.evaluate_samples(

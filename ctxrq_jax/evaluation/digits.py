@@ -13,7 +13,8 @@ RQ-VAE reconstructions (the ceiling for any stage-2 model on these codes) and th
 Draft-and-Revise run, all with the same number of images, since the Fréchet distance is biased by sample size.
 
 `evaluate_text_samples` judges the text demo: the digit by the same classifier, and the captioned width, thickness
-and slant by the pixel measurements that wrote the captions.
+and slant by the pixel measurements that wrote the captions; and, in the same table as the class demo's, the Fréchet
+distance, precision and recall of its samples beside held-out digits and their reconstructions.
 """
 
 from __future__ import annotations
@@ -128,6 +129,13 @@ class DigitJudge:
     if len(images) != len(labels) or len(images) < 2:
       raise ValueError(f"need at least 2 images with one label each, got {len(images)} images, {len(labels)} labels")
     pred, feats = classify(self.model, self.params, images)
+    return self.score_classified(pred, feats, labels)
+
+  def score_classified(self, pred: np.ndarray, feats: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """`score` of images already classified: predictions int [M] and features float32 [M, F] from `classify`."""
+    chex.assert_rank(feats, 2)
+    if len(pred) != len(labels) or len(feats) != len(labels) or len(labels) < 2:
+      raise ValueError(f"need at least 2 images with one label each, got {len(feats)} images, {len(labels)} labels")
     stats = frechet.FeatureStats.from_features(feats)
     pr = frechet.precision_recall(self.reference, feats, k=self.k, reference_radii=self.reference_radii)
     return {"fd": frechet.stats_distance(stats, self.reference_stats), "precision": pr.precision,
@@ -253,25 +261,43 @@ METRIC_HEADER = ["FD ↓", "precision ↑", "recall ↑", "accuracy ↑"]
 
 def format_sample_results(r: Mapping[str, Any]) -> str:
   """The judge's table: real held-out digits (floor), reconstructions (ceiling), then each sampling phase."""
-  rows = [[name, *metric_cells(m)] for name, m in r["rows"].items()]
   return (f"{r['num_samples']} images per row ({r['settings']}); digit-CNN features, reference: the "
-          f"{r['num_reference']} training digits\n" + reporting.table(rows, ["image set", *METRIC_HEADER]))
+          f"{r['num_reference']} training digits\n" + metric_table(r["rows"]))
+
+
+def metric_table(rows: Mapping[str, Mapping[str, float]]) -> str:
+  """One line per image set: FD, precision, recall, accuracy."""
+  return reporting.table([[name, *metric_cells(m)] for name, m in rows.items()], ["image set", *METRIC_HEADER])
+
+
+def evenly_spaced(n: int, m: int) -> np.ndarray:
+  """int64 [m]: m distinct indices evenly spaced over [0, n), first and last included (m <= n)."""
+  if not 1 <= m <= n:
+    raise ValueError(f"cannot pick {m} distinct indices out of {n}")
+  return np.linspace(0, n - 1, m).round().astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------------------ text demo
 def evaluate_text_samples(workdir: str, *, num_prompts: int = 100, samples_per_prompt: int = 2, seed: int = 0,
                           classifier_steps: int = 400) -> dict[str, Any]:
-  """Caption faithfulness of the text demo's samples: do they show the prompted digit with the prompted attributes?
+  """The text demo's samples judged two ways: caption faithfulness, and as a distribution beside the real digits.
 
   Prompts are `num_prompts` held-out captions (evenly spaced over the eval split, so every class appears), each
-  sampled `samples_per_prompt` times with the run's `config.sample` settings. A sample's digit is judged by the CNN
-  trained on the real training digits; its width / thickness / slant by the same pixel measurements and thresholds
-  that wrote the captions (ctxrq_jax/data/digit_captions.py, thresholds refitted on the training digits).
+  sampled `samples_per_prompt` times with the run's `config.sample` settings.
 
-  Returns, for the draft and each revision, the digit accuracy, the agreement of each attribute and of all four
-  together ('all'), beside: chance (1/10 digits, 1/bins per attribute), a class-only baseline (the agreement a random
-  training digit of the prompted class would get: what the class alone explains), and the ceiling (the held-out
-  digits' own RQ-VAE reconstructions against their captions).
+  Faithfulness (keys 'chance', 'class_only', 'reconstructions', 'draft', 'revision m'; each {'digit', 'width',
+  'thickness', 'slant', 'all'}): a sample's digit is judged by the CNN trained on the real training digits; its
+  width / thickness / slant by the same pixel measurements and thresholds that wrote the captions
+  (ctxrq_jax/data/digit_captions.py, thresholds refitted on the training digits). Beside the phases: chance (1/10
+  digits, 1/bins per attribute), a class-only baseline (the agreement a random training digit of the prompted class
+  would get: what the class alone explains), and the ceiling (the prompts' own held-out digits' RQ-VAE
+  reconstructions against their captions).
+
+  Distribution ('rows': {image set: {'fd', 'precision', 'recall', 'accuracy'}}, as `evaluate_samples` reports the
+  class demo): every image set in the same CNN's features against the training digits, at the size of the sample set
+  (M = num_prompts x samples_per_prompt, since the Fréchet distance is biased by size): M real held-out digits evenly
+  spaced over the eval split (the floor), their RQ-VAE reconstructions (the ceiling), then the draft and each
+  revision; accuracy is the fraction labelled as the digit of their caption.
   """
   from ctxrq_jax.stage1 import encode as encode_lib  # pylint: disable=g-import-not-at-top
   if num_prompts < 1 or samples_per_prompt < 1:
@@ -281,31 +307,40 @@ def evaluate_text_samples(workdir: str, *, num_prompts: int = 100, samples_per_p
     raise ValueError(f"{workdir} is a class-conditional run; use `evaluate samples`")
   stage1_cfg = configlib.load_snapshot(os.path.dirname(os.path.abspath(loaded.config.data.stage1_dir)))
   data_cfg = stage1_cfg.data
-
-  x_tr, y_tr = load_split(data_cfg, data_cfg.train_split)
-  thresholds = digit_captions.fit_thresholds(x_tr)
-  train_bins = digit_captions.attribute_bins(x_tr, thresholds)
-  clf, clf_params = train_classifier(x_tr, y_tr, num_classes=len(digit_captions.DIGIT_WORDS), steps=classifier_steps,
-                                     seed=seed)
   codes_dir, split = loaded.config.data.codes_dir, loaded.config.data.eval_split
   eval_captions = encode_lib.read_captions(codes_dir, split)
-  eval_codes, _ = code_data.load_codes(codes_dir, split)
   num_prompts = min(num_prompts, len(eval_captions))
-  chosen = np.linspace(0, len(eval_captions) - 1, num_prompts).round().astype(np.int64)
+  num_samples = num_prompts * samples_per_prompt
+  if num_samples > len(eval_captions):
+    raise ValueError(f"{num_prompts} prompts x {samples_per_prompt} samples = {num_samples} samples, more than the "
+                     f"{len(eval_captions)} held-out digits they are compared with at equal size; lower them")
+
+  x_tr, y_tr = load_split(data_cfg, data_cfg.train_split)
+  x_te, y_te = load_split(data_cfg, data_cfg.eval_split)
+  if len(x_te) != len(eval_captions):
+    raise ValueError(f"the code split {split!r} holds {len(eval_captions)} captions, the stage-1 run's held-out split "
+                     f"{len(x_te)} images; re-encode it")
+  thresholds = digit_captions.fit_thresholds(x_tr)
+  train_bins = digit_captions.attribute_bins(x_tr, thresholds)
+  cnn = DigitJudge.train(x_tr, y_tr, num_classes=len(digit_captions.DIGIT_WORDS), steps=classifier_steps, seed=seed)
+  eval_codes, _ = code_data.load_codes(codes_dir, split)
+  chosen = evenly_spaced(len(eval_captions), num_prompts)
   prompts = [eval_captions[i] for i in chosen]
   targets = [digit_captions.parse_caption(p) for p in prompts]
   digits = np.array([t[0] for t in targets], np.int32)
   bins = {a: np.array([t[1][a] for t in targets], np.int32) for a in digit_captions.ATTRIBUTES}
 
-  def judge(images: np.ndarray, rows: np.ndarray) -> dict[str, float]:
-    """Agreement of images with the prompts `rows` index."""
+  def judge(images: np.ndarray, rows: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
+    """(agreement of images with the prompts `rows` index, their FD / precision / recall / accuracy)."""
+    pred, feats = classify(cnn.model, cnn.params, images)
     got = digit_captions.attribute_bins(images, thresholds)
-    ok = {"digit": predict(clf, clf_params, images) == digits[rows]}
+    ok = {"digit": pred == digits[rows]}
     ok.update({a: got[a] == bins[a][rows] for a in digit_captions.ATTRIBUTES})
     ok["all"] = np.logical_and.reduce(list(ok.values()))
-    return {k: float(np.mean(v)) for k, v in ok.items()}
+    return {k: float(np.mean(v)) for k, v in ok.items()}, cnn.score_classified(pred, feats, digits[rows])
 
-  results: dict[str, Any] = {"num_prompts": num_prompts, "samples_per_prompt": samples_per_prompt}
+  results: dict[str, Any] = {"num_prompts": num_prompts, "samples_per_prompt": samples_per_prompt,
+                             "num_samples": num_samples, "num_reference": int(len(cnn.reference))}
   results["chance"] = {"digit": 1 / len(digit_captions.DIGIT_WORDS),
                        **{a: 1 / len(w) for a, w in digit_captions.ATTRIBUTES.items()}}
   results["chance"]["all"] = float(np.prod(list(results["chance"].values())))
@@ -318,17 +353,20 @@ def evaluate_text_samples(workdir: str, *, num_prompts: int = 100, samples_per_p
     joint *= p
   baseline["all"] = float(joint.mean())  # attributes treated as independent given the class
   results["class_only"] = baseline
-  results["reconstructions"] = judge(loaded.images(eval_codes[chosen]), np.arange(num_prompts))
+  results["reconstructions"] = judge(loaded.images(eval_codes[chosen]), np.arange(num_prompts))[0]
+  real = evenly_spaced(len(eval_captions), num_samples)
+  results["rows"] = {"real held-out digits": cnn.score(x_te[real], y_te[real]),
+                     "RQ-VAE reconstructions": cnn.score(loaded.images(eval_codes[real]), y_te[real])}
 
+  s = loaded.config.sample
+  settings = dict(t_draft=int(s.T_draft), t_revise=int(s.T_revise), num_revisions=int(s.M),
+                  draft=logits.PhaseSettings.from_config(s.draft), revise=logits.PhaseSettings.from_config(s.revise))
+  results["settings"] = describe_settings(**settings)
   rows = np.repeat(np.arange(num_prompts), samples_per_prompt)
   cond = loaded.tokenizer().encode(prompts)[rows]
-  s = loaded.config.sample
-  history = runner.sample_codes(loaded, cond, jax.random.key(seed), batch_size=int(s.batch_size),
-                                t_draft=int(s.T_draft), t_revise=int(s.T_revise), num_revisions=int(s.M),
-                                draft=logits.PhaseSettings.from_config(s.draft),
-                                revise=logits.PhaseSettings.from_config(s.revise))
+  history = runner.sample_codes(loaded, cond, jax.random.key(seed), batch_size=int(s.batch_size), **settings)
   for phase, codes in enumerate(history):
-    results["draft" if phase == 0 else f"revision {phase}"] = judge(loaded.images(codes), rows)
+    results[phase_name(phase)], results["rows"][f"samples: {phase_name(phase)}"] = judge(loaded.images(codes), rows)
   return results
 
 
@@ -338,5 +376,7 @@ def format_text_results(r: Mapping[str, Any]) -> str:
   names = {"chance": "chance", "class_only": "class only", "reconstructions": "reconstructions (ceiling)"}
   rows = [[prop] + [f"{100 * r[c][prop]:.1f}%" for c in columns]
           for prop in ["digit", *digit_captions.ATTRIBUTES, "all"]]
-  return (f"{r['num_prompts']} held-out captions x {r['samples_per_prompt']} samples: agreement with the prompt\n"
-          + reporting.table(rows, ["", *[names.get(c, c) for c in columns]]))
+  return (f"{r['num_prompts']} held-out captions x {r['samples_per_prompt']} samples ({r['settings']}): agreement "
+          f"with the prompt\n" + reporting.table(rows, ["", *[names.get(c, c) for c in columns]])
+          + f"\n\n{r['num_samples']} images per row; digit-CNN features, reference: the {r['num_reference']} training "
+          f"digits; accuracy: labelled as the prompted digit\n" + metric_table(r["rows"]))
