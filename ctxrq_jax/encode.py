@@ -18,7 +18,8 @@ training stage 2 draws one per example).
 
 `captions` streams image/caption pairs (img2dataset webdataset or parquet shards, or a tfds set with an image and a text
 feature, ctxrq_jax/data/captions.py) and stores each record's condition as its caption's BPE tokens; the splits in
---train_splits get BPE dropout. Undecodable images are counted, skipped and reported per split.
+--train_splits get BPE dropout, `--caption_variants` draws of it per caption (stage 2 with `data.random_caption`
+trains on one per epoch). Undecodable images are counted, skipped and reported per split.
 """
 
 from absl import app
@@ -56,6 +57,8 @@ def define_flags() -> None:
   flags.DEFINE_list("train_splits", ["train"], "captions: splits tokenized with BPE dropout.")
   flags.DEFINE_integer("context_length", 32, "captions: tokens per caption (the official 32).")
   flags.DEFINE_float("bpe_dropout", 0.1, "captions: BPE dropout of the --train_splits (the official 0.1).")
+  flags.DEFINE_integer("caption_variants", 8, "captions: BPE-dropout tokenizations stored per training caption; "
+                       "training with data.random_caption draws one per example and epoch.")
   flags.DEFINE_integer("max_examples", None, "captions: at most this many images per split.")
 
 
@@ -129,12 +132,14 @@ def _captions() -> None:
   meta, stats = encode.encode_captions(FLAGS.artifact, sources, FLAGS.out, tok, train_splits=FLAGS.train_splits,
                                        batch_size=FLAGS.batch_size, num_shards=FLAGS.num_shards,
                                        overwrite=FLAGS.overwrite, max_examples=FLAGS.max_examples,
-                                       source_description=described)
+                                       source_description=described, caption_variants=FLAGS.caption_variants)
   for split, s in stats.items():
     print(f"{split}: {s.summary()}")
   print(f"wrote caption code dataset {FLAGS.out}: code shape {meta.code_shape}, K={meta.codebook_size}, "
         f"L={meta.cond_length} tokens of {meta.cond_range:,}, "
-        + ", ".join(f"{s}: {meta.num_examples(s)} records" for s in stats))
+        + ", ".join(f"{s}: {meta.num_examples(s)} records" + (f" x {meta.num_cond_variants(s)} tokenizations"
+                                                              if meta.num_cond_variants(s) > 1 else "")
+                    for s in stats))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ tests/unit/models/test_transformer.py checks both against the paper and the offi
 
 Training follows the official CC-3M config where it applies (AdamW lr 5e-4, betas (0.9, 0.95), weight decay 1e-4,
 clip 1.0, batch 2048, 100 epochs ~ 146k steps of ~3.0M downloadable pairs); BPE dropout 0.1 on the training
-captions happens at encode time. Condition dropout to the empty caption at rate 0.1 is our choice (paper silent).
+captions: `encode captions` stores T draws per caption (--caption_variants, 8) and `data.random_caption` picks one
+per example and epoch (the official code draws anew at every read).
+Condition dropout to the empty caption at rate 0.1 is our choice (paper silent).
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.vocab_size = 64 if tiny else 16384
   c.data.embed_dim = 16 if tiny else 256
   c.data.random_view = False  # `encode captions` stores one view per image (the centre crop)
+  # One of the T BPE-dropout tokenizations `encode captions` stores per training caption, drawn per example and epoch.
+  c.data.random_caption = True
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 4 if tiny else 2048

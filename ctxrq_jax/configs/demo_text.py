@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.cond_length = 16  # caption tokens (5 words; BPE dropout can split a word into several tokens)
   c.model.cond_vocab_size = 128  # also the tokenizer's vocabulary target when the demo trains it
   c.data.tokenizer_dir = ""  # set by the demo to WORKDIR/tokenizer
+  c.data.random_caption = True  # one of the stored BPE-dropout tokenizations of each caption per epoch
   c.sample.batch_size = 50
   c.lock()
   return c

@@ -3,24 +3,33 @@
 A code dataset is a directory:
 
   metadata.json   written last, atomically (temp file + rename): its presence marks a complete data set.
-                  {"format": "ctxrq_codes", "version": 1 | 2, "code_shape": [h, w, D], "codebook_size": K,
+                  {"format": "ctxrq_codes", "version": 1 | 2 | 3, "code_shape": [h, w, D], "codebook_size": K,
                    "embed_dim": n_z, "code_dtype": "int16" | "int32", "num_classes": C, "cond_length": L,
-                   "cond_vocab_size": V, "source": ..., "views": [names] (version 2 only), "record_layout": ...,
-                   "splits": {split: {"num_examples": M, "shards": [file names]}}}
+                   "cond_vocab_size": V, "source": ..., "views": [names] (versions 2 and 3), "record_layout": ...,
+                   "splits": {split: {"num_examples": M, "shards": [file names],
+                                      "cond_variants": T (version 3 only)}}}
   codebook.npy    float32 [K, n_z], the RQ-VAE codebook the codes index.
   {split}-{s:05d}-of-{n:05d}.array_record
                   n ArrayRecord shards per split. Example i (in write order) is record i // n of shard i % n, so
                   reading is in write order whatever the number of shards.
 
-Record layout (fixed, little-endian, no padding): the condition, L tokens as int32 (bytes 0..4L-1); then the
-V*h*w*D codes in C order ([V, h, w, D], depth fastest) as int16 when K <= 32767, else int32. So a record is
-4L + V*h*w*D*itemsize bytes; any other length is reported as corrupt.
+Record layout (fixed, little-endian, no padding): the condition, T*L tokens as int32 ([T, L], bytes 0..4TL-1; T = 1
+but in caption splits written with several tokenizations, below); then the V*h*w*D codes in C order ([V, h, w, D],
+depth fastest) as int16 when K <= 32767, else int32. So a record is 4TL + V*h*w*D*itemsize bytes; any other length
+is reported as corrupt.
 
 Views (stage-2 augmentation): a record may hold the codes of V views of one image (`views` in the metadata, e.g.
 ["center", "flip", "crop"]; see `data.images.VIEWS`). View 0 is always "center", the deterministic eval view: it is
 what evaluation, `load_codes` and an un-augmented training run read. A training iterator with `random_view=True`
 draws one view per example and epoch. A data set with one view is written as version 1 (no `views` key), so older
 readers keep reading it.
+
+Caption variants (BPE dropout per epoch): a caption split may hold T tokenizations of each record's caption
+(`cond_variants` of the split; `encode captions` writes T draws of BPE dropout for the training split, one
+deterministic tokenization for the others). Variant 0 is what `load_codes` and a training iterator without
+`random_caption` read; with `random_caption=True` a training iterator draws one variant per example and epoch, as
+`random_view` draws a view. A data set whose splits all have T = 1 is written as version 1 or 2 as before; T > 1 in
+any split makes it version 3 (`views` and every split's `cond_variants` present).
 
 Two kinds of condition share the layout:
   class label   num_classes = C >= 1, L = 1, ids in [0, C) (cond_vocab_size = C). Batches hold 'label' int32 [B].
@@ -47,9 +56,11 @@ from ctxrq_jax.data import pipeline
 FORMAT = "ctxrq_codes"
 VERSION = 1  # one view per record
 VIEWS_VERSION = 2  # V >= 1 views per record; `views` in the metadata
+VARIANTS_VERSION = 3  # T >= 1 caption tokenizations per record of a split; `cond_variants` in each split
 METADATA_FILE = "metadata.json"
 CODEBOOK_FILE = "codebook.npy"
-RECORD_LAYOUT = ("little-endian int32 condition tokens [cond_length] (a class label is cond_length 1), then "
+RECORD_LAYOUT = ("little-endian int32 condition tokens [T, cond_length] (T = the split's cond_variants, 1 without "
+                 "it; a class label is cond_length 1), then "
                  "V*h*w*D codes in C order ([V, h, w, D], depth fastest; V = len(views), 1 without 'views') as "
                  "little-endian code_dtype")
 _INT16_MAX_K = 32767
@@ -78,10 +89,16 @@ class CodeMetadata:
   cond_length: int = 1
   cond_vocab_size: int | None = None  # None -> num_classes
   views: tuple[str, ...] = ("center",)
+  cond_variants: Mapping[str, int] = dataclasses.field(default_factory=dict)  # split -> T; absent: 1
 
   @property
   def num_views(self) -> int:
     return len(self.views)
+
+  def num_cond_variants(self, split: str) -> int:
+    """T: the caption tokenizations each record of `split` holds (1 for class labels and older data sets)."""
+    self._split(split)
+    return int(self.cond_variants.get(split, 1))
 
   @property
   def is_text(self) -> bool:
@@ -99,7 +116,12 @@ class CodeMetadata:
 
   @property
   def record_bytes(self) -> int:
-    return (_TOKEN_BYTES * self.cond_length
+    """Bytes of a record with one condition (T = 1); `split_record_bytes` for a split's."""
+    return self.split_record_bytes(None)
+
+  def split_record_bytes(self, split: str | None) -> int:
+    variants = 1 if split is None else self.num_cond_variants(split)
+    return (_TOKEN_BYTES * self.cond_length * variants
             + self.num_views * int(np.prod(self.code_shape)) * self.code_dtype.itemsize)
 
   def num_examples(self, split: str) -> int:
@@ -114,16 +136,21 @@ class CodeMetadata:
     return self.splits[split]
 
   def to_json(self) -> dict[str, Any]:
+    variants = any(t > 1 for t in self.cond_variants.values())
     out = {
-        "format": FORMAT, "version": VERSION if self.num_views == 1 else VIEWS_VERSION,
+        "format": FORMAT,
+        "version": VARIANTS_VERSION if variants else (VERSION if self.num_views == 1 else VIEWS_VERSION),
         "code_shape": list(self.code_shape),
         "codebook_size": self.codebook_size, "embed_dim": self.embed_dim, "code_dtype": self.code_dtype.name,
         "num_classes": self.num_classes, "cond_length": self.cond_length, "cond_vocab_size": self.cond_range,
         "source": self.source, "record_layout": RECORD_LAYOUT,
         "splits": {k: {"num_examples": n, "shards": list(files)} for k, (n, files) in sorted(self.splits.items())},
     }
-    if self.num_views > 1:
+    if self.num_views > 1 or variants:
       out["views"] = list(self.views)
+    if variants:
+      for split, info in out["splits"].items():
+        info["cond_variants"] = self.num_cond_variants(split)
     return out
 
 
@@ -215,6 +242,7 @@ class CodeDatasetWriter:
     self._dtype = code_dtype(len(codebook))
     self._writers: dict[str, list[Any]] = {}
     self._counts: dict[str, int] = {}
+    self._variants: dict[str, int] = {}
     self._closed = False
     meta_path = os.path.join(self._dir, METADATA_FILE)
     if os.path.exists(meta_path):
@@ -230,7 +258,7 @@ class CodeDatasetWriter:
   def write(self, split: str, codes: np.ndarray, labels: np.ndarray) -> None:
     """Appends examples to `split`: codes int [B, h, w, D] (one view) or [B, V, h, w, D] in [0, K), and conditions:
     class labels int [B] in [0, num_classes), or caption tokens int [B, L] in [0, cond_vocab_size) ([B] is taken as
-    [B, 1] when L = 1)."""
+    [B, 1] when L = 1), or T tokenizations of each caption int [B, T, L] (T fixed per split by its first write)."""
     if self._closed:
       raise ValueError("CodeDatasetWriter is closed")
     if not isinstance(split, str) or not _SPLIT_NAME.match(split):
@@ -243,7 +271,17 @@ class CodeDatasetWriter:
     codes = codes.reshape(codes.shape[0], v, *self._code_shape)
     if self._cond_length == 1 and labels.shape == codes.shape[:1]:
       labels = labels[:, None]
-    if labels.shape != (codes.shape[0], self._cond_length):
+    if not self._num_classes and labels.ndim == 3 and labels.shape[0] == codes.shape[0] and labels.shape[1] >= 1:
+      variants = self._variants.setdefault(split, labels.shape[1])
+      if labels.shape[1] != variants:
+        raise ValueError(f"split {split!r} holds {variants} tokenizations per caption, got {labels.shape[1]}")
+      labels = labels.reshape(labels.shape[0] * variants, labels.shape[2])
+    else:
+      variants = self._variants.setdefault(split, 1)
+      if variants != 1:
+        raise ValueError(f"split {split!r} holds {variants} tokenizations per caption: caption tokens must have "
+                         f"shape [{codes.shape[0]}, {variants}, {self._cond_length}], got {labels.shape}")
+    if labels.shape != (codes.shape[0] * variants, self._cond_length):
       want = f"[{codes.shape[0]}]" if self._num_classes else f"[{codes.shape[0]}, {self._cond_length}]"
       raise ValueError(f"{'labels' if self._num_classes else 'caption tokens'} must have shape {want} to match codes, "
                        f"got {labels.shape}")
@@ -256,14 +294,14 @@ class CodeDatasetWriter:
       raise ValueError(f"codes outside [0, codebook_size={k}) in batch row {bad} "
                        f"(min {codes.min()}, max {codes.max()})")
     if labels.size and (labels.min() < 0 or labels.max() >= self._cond_range):
-      bad = int(np.argmax(np.any((labels < 0) | (labels >= self._cond_range), axis=1)))
+      bad = int(np.argmax(np.any((labels < 0) | (labels >= self._cond_range), axis=1))) // variants
       if self._num_classes:
         raise ValueError(f"label {labels[bad, 0]} in batch row {bad} outside [0, num_classes={self._num_classes})")
       raise ValueError(f"caption token outside [0, cond_vocab_size={self._cond_range}) in batch row {bad}")
     writers = self._open(split)
     count = self._counts[split]
     codes = codes.astype(self._dtype)
-    labels = labels.astype("<i4")
+    labels = labels.astype("<i4").reshape(codes.shape[0], variants * self._cond_length)
     for code, label in zip(codes, labels):
       writers[count % self._num_shards].write(label.tobytes() + code.tobytes(order="C"))
       count += 1
@@ -298,6 +336,7 @@ class CodeDatasetWriter:
         code_shape=self._code_shape, codebook_size=len(self._codebook), embed_dim=self._codebook.shape[1],
         num_classes=self._num_classes, source=self._source, cond_length=self._cond_length,
         cond_vocab_size=self._cond_range, views=self._views,
+        cond_variants={split: t for split, t in self._variants.items() if t > 1},
         splits={split: (n, tuple(shard_name(split, s, self._num_shards) for s in range(self._num_shards)))
                 for split, n in self._counts.items()})
     _atomic_write(os.path.join(self._dir, CODEBOOK_FILE), lambda f: np.save(f, self._codebook), "wb")
@@ -328,13 +367,13 @@ def read_metadata(codes_dir: str) -> CodeMetadata:
     raise ValueError(f"{path} is corrupt: {e}") from e
   if not isinstance(raw, dict) or raw.get("format") != FORMAT:
     raise ValueError(f"{path} is not a {FORMAT} metadata file")
-  if raw.get("version") not in (VERSION, VIEWS_VERSION):
-    raise ValueError(f"{path} has format version {raw.get('version')!r}; this reader understands {VERSION} and "
-                     f"{VIEWS_VERSION}")
+  if raw.get("version") not in (VERSION, VIEWS_VERSION, VARIANTS_VERSION):
+    raise ValueError(f"{path} has format version {raw.get('version')!r}; this reader understands {VERSION}, "
+                     f"{VIEWS_VERSION} and {VARIANTS_VERSION}")
   try:
-    views = check_views(raw["views"]) if raw["version"] == VIEWS_VERSION else ("center",)
+    views = check_views(raw["views"]) if raw["version"] != VERSION else ("center",)
   except (KeyError, ValueError) as e:
-    raise ValueError(f"{path}: version {VIEWS_VERSION} needs 'views', a list of names starting with 'center'") from e
+    raise ValueError(f"{path}: version {raw['version']} needs 'views', a list of names starting with 'center'") from e
   missing = [k for k in ("code_shape", "codebook_size", "embed_dim", "num_classes", "source", "splits")
              if k not in raw]
   if missing:
@@ -357,7 +396,7 @@ def read_metadata(codes_dir: str) -> CodeMetadata:
     raise ValueError(f"{path}: code_dtype {raw['code_dtype']!r} does not match codebook_size {raw['codebook_size']}")
   if not isinstance(raw["splits"], dict) or not raw["splits"]:
     raise ValueError(f"{path}: splits must be a non-empty mapping")
-  splits = {}
+  splits, variants = {}, {}
   for split, info in raw["splits"].items():
     ok = (isinstance(info, dict) and isinstance(info.get("num_examples"), int) and info["num_examples"] >= 0
           and isinstance(info.get("shards"), list) and info["shards"]
@@ -366,9 +405,17 @@ def read_metadata(codes_dir: str) -> CodeMetadata:
       raise ValueError(f"{path}: split {split!r} needs num_examples >= 0 and a list of shard file names, "
                        f"got {info!r}")
     splits[split] = (info["num_examples"], tuple(info["shards"]))
+    if raw["version"] == VARIANTS_VERSION:
+      t = info.get("cond_variants")
+      if isinstance(t, bool) or not isinstance(t, int) or t < 1 or (t > 1 and raw["num_classes"] > 0):
+        raise ValueError(f"{path}: version {VARIANTS_VERSION} needs each split's cond_variants, a positive integer "
+                         f"(1 for class labels), got {t!r} for split {split!r}")
+      if t > 1:
+        variants[split] = t
   return CodeMetadata(code_shape=code_shape, codebook_size=raw["codebook_size"], embed_dim=raw["embed_dim"],
                       num_classes=raw["num_classes"], source=raw["source"], splits=splits,
-                      cond_length=raw["cond_length"], cond_vocab_size=raw["cond_vocab_size"], views=views)
+                      cond_length=raw["cond_length"], cond_vocab_size=raw["cond_vocab_size"], views=views,
+                      cond_variants=variants)
 
 
 def load_codebook(codes_dir: str, metadata: CodeMetadata | None = None) -> np.ndarray:
@@ -428,17 +475,20 @@ class CodeSource(grain.sources.RandomAccessDataSource):
     return f"CodeSource(num_examples={self._num_examples}, num_shards={self._num_shards})"
 
 
-def decode_record_views(record: bytes, index: int, metadata: CodeMetadata,
-                        where: str = "") -> tuple[np.ndarray, int | np.ndarray]:
-  """Parses one record into (codes int32 [V, h, w, D], condition): an int label, or int32 [L] caption tokens.
+def decode_record_variants(record: bytes, index: int, metadata: CodeMetadata, where: str = "",
+                           cond_variants: int = 1) -> tuple[np.ndarray, int | np.ndarray]:
+  """Parses one record of a split with T = `cond_variants` into (codes int32 [V, h, w, D], condition): an int label,
+  or int32 [T, L] caption tokens.
 
   Raises ValueError naming `index` if the record is invalid.
   """
-  if len(record) != metadata.record_bytes:
-    raise ValueError(f"record {index}{where} is corrupt: {len(record)} bytes, expected {metadata.record_bytes} "
-                     f"for {metadata.num_views} view(s) of codes {list(metadata.code_shape)} of "
-                     f"{metadata.code_dtype.name}")
-  length = metadata.cond_length
+  expected = (metadata.record_bytes - _TOKEN_BYTES * metadata.cond_length
+              + _TOKEN_BYTES * metadata.cond_length * cond_variants)
+  if len(record) != expected:
+    raise ValueError(f"record {index}{where} is corrupt: {len(record)} bytes, expected {expected} "
+                     f"for {cond_variants} x {metadata.cond_length} condition tokens and {metadata.num_views} view(s) "
+                     f"of codes {list(metadata.code_shape)} of {metadata.code_dtype.name}")
+  length = metadata.cond_length * cond_variants
   cond = np.frombuffer(record, "<i4", count=length)
   codes = np.frombuffer(record, metadata.code_dtype, offset=_TOKEN_BYTES * length).reshape(
       (metadata.num_views, *metadata.code_shape))
@@ -452,7 +502,17 @@ def decode_record_views(record: bytes, index: int, metadata: CodeMetadata,
   if codes.min() < 0 or codes.max() >= metadata.codebook_size:
     raise ValueError(f"record {index}{where}: codes outside [0, codebook_size={metadata.codebook_size}) "
                      f"(min {codes.min()}, max {codes.max()})")
-  return codes.astype(np.int32), (cond.astype(np.int32) if metadata.is_text else label)
+  if not metadata.is_text:
+    return codes.astype(np.int32), label
+  return codes.astype(np.int32), cond.astype(np.int32).reshape(cond_variants, metadata.cond_length)
+
+
+def decode_record_views(record: bytes, index: int, metadata: CodeMetadata, where: str = "",
+                        cond_variants: int = 1) -> tuple[np.ndarray, int | np.ndarray]:
+  """Parses one record into (codes int32 [V, h, w, D], condition): an int label, or int32 [L] caption tokens
+  (variant 0 of a split with T = `cond_variants`). Raises ValueError naming `index` if the record is invalid."""
+  codes, cond = decode_record_variants(record, index, metadata, where, cond_variants)
+  return codes, (cond[0] if metadata.is_text else cond)
 
 
 def decode_record(record: bytes, index: int, metadata: CodeMetadata,
@@ -476,6 +536,7 @@ def make_code_iterator(
     worker_count: int = 0,
     num_threads: int = 2,
     random_view: bool = False,
+    random_caption: bool = False,
 ) -> grain.DatasetIterator:
   """Iterator of `{'codes': int32 [B, h, w, D], 'label': int32 [B]}` (class labels) or `{'codes', 'cond': int32
   [B, L]}` (caption tokens) with get_state()/set_state().
@@ -484,25 +545,31 @@ def make_code_iterator(
   `train=True` they are shuffled by `seed` (differently each epoch), repeated forever unless `num_epochs`, and the
   last partial batch is dropped. `random_view`: each example's codes are one of its record's views drawn uniformly
   (grain's per-example, per-epoch rng: deterministic given `seed`, restored with the iterator state); otherwise
-  view 0 ('center'). Other arguments as in `pipeline.build_iterator`.
+  view 0 ('center'). `random_caption`: likewise each example's caption tokens are one of the record's T
+  tokenizations (BPE dropout drawn anew each epoch, up to the T stored draws); otherwise variant 0. Other arguments
+  as in `pipeline.build_iterator`.
   """
   source = CodeSource(codes_dir, split)
   meta = source.metadata
   where = f" of code split {split!r} in {codes_dir}"
-  draw = bool(random_view) and meta.num_views > 1
+  variants = meta.num_cond_variants(split)
+  draw_view = bool(random_view) and meta.num_views > 1
+  draw_caption = bool(random_caption) and variants > 1
 
   def decode(index: int, record: bytes) -> tuple[np.ndarray, Any]:
-    return decode_record_views(record, index, meta, where)
+    return decode_record_variants(record, index, meta, where, variants)
 
   def transform(example: tuple[np.ndarray, Any], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
-    codes, cond = example  # codes [V, h, w, D]
-    codes = codes[int(rng.integers(meta.num_views)) if draw else 0]
+    codes, cond = example  # codes [V, h, w, D]; cond a label or [T, L]
+    codes = codes[int(rng.integers(meta.num_views)) if draw_view else 0]
     if meta.is_text:
+      cond = cond[int(rng.integers(variants)) if draw_caption else 0]
       return {"codes": codes, "cond": cond}
     return {"codes": codes, "label": np.int32(cond)}
 
   return pipeline.build_iterator(
-      source, decode=decode, transform=transform, random_transform=draw, batch_size=batch_size, seed=seed,
+      source, decode=decode, transform=transform, random_transform=draw_view or draw_caption, batch_size=batch_size,
+      seed=seed,
       train=train, shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs,
       drop_remainder=drop_remainder, worker_count=worker_count, num_threads=num_threads,
       description=f"code split {split!r} in {codes_dir}")
@@ -510,7 +577,7 @@ def make_code_iterator(
 
 def load_codes(codes_dir: str, split: str, view: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Returns a whole split in write order: (codes int32 [M, h, w, D] of `view` (0: 'center'), labels int32 [M] or
-  caption tokens [M, L])."""
+  caption tokens [M, L] (variant 0))."""
   source = CodeSource(codes_dir, split)
   meta = source.metadata
   m = len(source)
@@ -519,7 +586,8 @@ def load_codes(codes_dir: str, split: str, view: int = 0) -> tuple[np.ndarray, n
   where = f" of code split {split!r} in {codes_dir}"
   if not 0 <= view < meta.num_views:
     raise ValueError(f"view {view} out of range: {codes_dir} holds {meta.num_views} view(s) {list(meta.views)}")
+  variants = meta.num_cond_variants(split)
   for i, record in enumerate(source.read_all()):
-    all_views, labels[i] = decode_record_views(record, i, meta, where)
+    all_views, labels[i] = decode_record_views(record, i, meta, where, variants)
     codes[i] = all_views[view]
   return codes, labels

@@ -103,6 +103,8 @@ def encode_dataset(artifact_dir: str, data_cfg: ml_collections.ConfigDict, out_d
 
 
 CAPTIONS_FILE = "captions-{split}.txt"
+# Tokenizations of each training caption stored per record (BPE dropout per epoch, approximated by T stored draws).
+CAPTION_VARIANTS = 8
 
 
 def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_lib.CaptionStats],
@@ -111,11 +113,13 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
                     train_splits: Sequence[str] = ("train",), batch_size: int = 256, num_shards: int = 1,
                     overwrite: bool = False, max_examples: int | None = None,
                     source_description: Any = None, resize: str = "crop",
-                    totals: Mapping[str, int] | None = None) -> tuple[code_data.CodeMetadata, dict[str, captions_lib.CaptionStats]]:
+                    totals: Mapping[str, int] | None = None, caption_variants: int = CAPTION_VARIANTS) -> tuple[code_data.CodeMetadata, dict[str, captions_lib.CaptionStats]]:
   """Encodes image/caption pairs into a code dataset whose condition is the caption's L tokens (streaming).
 
-  Each image is encoded once; an image with several captions becomes one record per caption (same codes). Captions
-  of `train_splits` are tokenized with the tokenizer's BPE dropout, the others deterministically. Beside the shards,
+  Each image is encoded once; an image with several captions becomes one record per caption (same codes). Each
+  caption of `train_splits` is tokenized `caption_variants` times with the tokenizer's BPE dropout (T independent
+  draws stored in its record, from which training with `data.random_caption` picks one per epoch; T = 1 when the
+  tokenizer has no dropout), the others once, deterministically. Beside the shards,
   `captions-<split>.txt` holds each record's caption (one line per record, in record order) for CLIP score and
   prompts. Undecodable images and examples without an image or caption are counted, skipped and reported in the
   returned stats (`CaptionStats.summary()`).
@@ -133,10 +137,14 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
     source_description: JSON-serialisable description stored in metadata.json.
     totals: images per split when known (progress lines only; streaming sources may not know).
     resize: 'crop' (photos: shorter side to the RQ-VAE's resolution, centre crop) or 'pad' (small square images).
+    caption_variants: T, BPE-dropout tokenizations stored per training caption.
 
   Returns:
     (the written metadata, {split: stats}).
   """
+  if isinstance(caption_variants, bool) or not isinstance(caption_variants, (int, np.integer)) or caption_variants < 1:
+    raise ValueError(f"caption_variants must be a positive integer, got {caption_variants!r}")
+  variants = int(caption_variants) if tokenizer.bpe_dropout > 0 else 1  # without dropout every draw is the same
   model, variables = artifact.load_artifact(artifact_dir)
   codebook = np.asarray(variables["quantizer"]["codebook"])
   encode_fn = jax.jit(lambda v, x: model.apply(v, model.apply(v, x, method=rqvae.RQVAE.encode),
@@ -144,7 +152,7 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
   description = {"captions": source_description, "stage1_artifact": os.path.abspath(artifact_dir),
                  "splits": list(sources), "tokenizer": [os.path.abspath(f) for f in tokenizer.files],
                  "context_length": tokenizer.context_length, "bpe_dropout_splits": list(train_splits),
-                 "bpe_dropout": tokenizer.bpe_dropout}
+                 "bpe_dropout": tokenizer.bpe_dropout, "caption_variants": variants}
   all_stats: dict[str, captions_lib.CaptionStats] = {}
   with code_data.CodeDatasetWriter(out_dir, code_shape=model.code_shape, codebook=codebook, num_classes=0,
                                    cond_length=tokenizer.context_length, cond_vocab_size=tokenizer.vocab_size,
@@ -167,7 +175,10 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
           codes = np.asarray(encode_fn(variables, jnp.asarray(x)))[:n]
           repeats = np.array([len(c) for c in captions])
           flat = [" ".join(c.split()) for cs in captions for c in cs]
-          tokens = tokenizer.encode(flat, train=split in train_splits)
+          if split in train_splits and variants > 1:  # [B, T, L]: T independent draws of BPE dropout per caption
+            tokens = np.stack([tokenizer.encode(flat, train=True) for _ in range(variants)], axis=1)
+          else:
+            tokens = tokenizer.encode(flat, train=split in train_splits)
           writer.write(split, np.repeat(codes, repeats, axis=0), tokens)
           caption_file.write("".join(f"{c}\n" for c in flat))
           progress.update(stats.decoded)

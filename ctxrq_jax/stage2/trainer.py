@@ -323,11 +323,13 @@ def _eval_key(seed: int, index: int) -> Array:
 
 # ------------------------------------------------------------------------------------------- loop
 def _code_iterator(config, split: str, batch_size: int, train: bool) -> Iterator[Any]:
-  """Training draws one stored view per example when `data.random_view`; evaluation always reads view 0."""
+  """Training draws one stored view per example when `data.random_view`, and one stored tokenization of its caption
+  when `data.random_caption` (text configs); evaluation always reads view 0 and tokenization 0."""
   return codes_lib.make_code_iterator(
       config.data.codes_dir, split=split, batch_size=batch_size, seed=int(config.seed), train=train,
       shard_index=jax.process_index(), shard_count=jax.process_count(), drop_remainder=True,
-      random_view=train and bool(config.data.random_view))
+      random_view=train and bool(config.data.random_view),
+      random_caption=train and bool(config.data.get("random_caption", False)))
 
 
 def evaluate(config, eval_fn, params, codebook, mesh, meta: codes_lib.CodeMetadata) -> dict[str, float]:
@@ -375,6 +377,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   meta = codes_lib.read_metadata(config.data.codes_dir)
   if config.data.random_view:
     log.info("Training on one of %d stored view(s) per example: %s", meta.num_views, ", ".join(meta.views))
+  if config.data.get("random_caption", False) and config.data.train_split in meta.splits:
+    log.info("Training on one of %d stored tokenization(s) per caption",
+             meta.num_cond_variants(config.data.train_split))
   check_dataset(config, meta)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config)

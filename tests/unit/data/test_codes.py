@@ -230,3 +230,92 @@ def test_views_metadata_errors(tmp_path):
   (tmp_path / "one" / codes_lib.METADATA_FILE).write_text(json.dumps(raw))
   with pytest.raises(ValueError, match="version 2 needs 'views'"):
     codes_lib.read_metadata(tmp_path / "one")
+
+
+def test_caption_variants_round_trip_and_random_caption_draws(tmp_path):
+  """T tokenizations per training caption: variant 0 everywhere except a random-caption training iterator, which
+  draws one per example and epoch, deterministically given the seed and restored with the iterator state."""
+  rng = np.random.default_rng(0)
+  codes = rng.integers(0, 9, (12, 2, 2, 3))
+  variants = rng.integers(1, 40, (12, 3, 5))  # [M, T, L]
+  variants[:, :, 0] = np.arange(3) + 1  # token 0 names the variant, so no two variants of a caption are equal
+  eval_tokens = rng.integers(0, 40, (4, 5))
+  kw = dict(code_shape=(2, 2, 3), codebook=np.ones((9, 2)), num_classes=0, cond_length=5, cond_vocab_size=40,
+            source="captions", num_shards=2)
+  with codes_lib.CodeDatasetWriter(tmp_path, **kw) as w:
+    w.write("train", codes[:5], variants[:5])
+    with pytest.raises(ValueError, match="split 'train' holds 3 tokenizations per caption, got 2"):
+      w.write("train", codes[5:], variants[5:, :2])
+    with pytest.raises(ValueError, match=r"holds 3 tokenizations per caption: caption tokens must have shape "
+                                          r"\[7, 3, 5\]"):
+      w.write("train", codes[5:], variants[5:, 0])
+    w.write("train", codes[5:], variants[5:])
+    w.write("validation", codes[:4], eval_tokens)  # one deterministic tokenization
+  raw = json.loads((tmp_path / codes_lib.METADATA_FILE).read_text())
+  assert raw["version"] == codes_lib.VARIANTS_VERSION and raw["views"] == ["center"]
+  assert raw["splits"]["train"]["cond_variants"] == 3 and raw["splits"]["validation"]["cond_variants"] == 1
+  meta = codes_lib.read_metadata(tmp_path)
+  assert meta.num_cond_variants("train") == 3 and meta.num_cond_variants("validation") == 1
+  assert meta.split_record_bytes("train") == 4 * 3 * 5 + 12 * 2 and meta.split_record_bytes("validation") == 4 * 5 + 24
+  got_codes, got_tokens = codes_lib.load_codes(tmp_path, "train")  # variant 0
+  np.testing.assert_array_equal(got_codes, codes)
+  np.testing.assert_array_equal(got_tokens, variants[:, 0])
+  np.testing.assert_array_equal(codes_lib.load_codes(tmp_path, "validation")[1], eval_tokens)
+  record = codes_lib.CodeSource(tmp_path, "train")[7]
+  np.testing.assert_array_equal(codes_lib.decode_record_variants(record, 7, meta, cond_variants=3)[1], variants[7])
+  with pytest.raises(ValueError, match="record 7 is corrupt: 84 bytes, expected 44"):
+    codes_lib.decode_record_views(record, 7, meta)
+  # Evaluation and training without random_caption read variant 0; eval splits hold one tokenization anyway.
+  plain = next(codes_lib.make_code_iterator(tmp_path, split="train", batch_size=12, seed=1, train=True))
+  assert set(plain["cond"][:, 0]) == {1}
+  ev = next(codes_lib.make_code_iterator(tmp_path, split="validation", batch_size=4, seed=0, train=False,
+                                         random_caption=True))
+  np.testing.assert_array_equal(ev["cond"], eval_tokens)
+
+  def drawn(seed, epochs=4):
+    it = codes_lib.make_code_iterator(tmp_path, split="train", batch_size=12, seed=seed, train=True,
+                                      random_caption=True)
+    out = []
+    for batch in helpers.take(it, epochs):  # one batch = one epoch
+      for c, t in zip(batch["codes"], batch["cond"]):
+        i = int(np.flatnonzero([np.array_equal(c, x) and np.array_equal(t[1:], v[t[0] - 1, 1:])
+                                for x, v in zip(codes, variants)])[0])
+        np.testing.assert_array_equal(t, variants[i, t[0] - 1])
+        out.append((i, int(t[0]) - 1))
+    return out
+
+  a = drawn(seed=3)
+  assert {k for _, k in a} == {0, 1, 2}  # 48 draws of 3 variants
+  per_example = {i: {k for j, k in a if j == i} for i in range(12)}
+  assert any(len(ks) > 1 for ks in per_example.values())  # an example's caption changes between epochs
+  assert a == drawn(seed=3) and a != drawn(seed=4)  # deterministic given the seed
+  it = codes_lib.make_code_iterator(tmp_path, split="train", batch_size=4, seed=3, train=True, random_caption=True)
+  helpers.take(it, 2)
+  state = it.get_state()
+  expected = helpers.take(it, 5)
+  resumed = codes_lib.make_code_iterator(tmp_path, split="train", batch_size=4, seed=3, train=True,
+                                         random_caption=True)
+  resumed.set_state(state)
+  assert helpers.same_batches(helpers.take(resumed, 5), expected)
+
+
+def test_caption_variants_metadata_errors_and_older_versions(tmp_path):
+  kw = dict(code_shape=(1, 2, 2), codebook=np.ones((8, 2)), num_classes=0, cond_length=3, cond_vocab_size=20,
+            source="captions")
+  with codes_lib.CodeDatasetWriter(tmp_path / "one", **kw) as w:  # T = 1 everywhere: still version 1
+    w.write("train", np.zeros((2, 1, 2, 2), np.int64), np.ones((2, 1, 3), np.int64))
+  raw = json.loads((tmp_path / "one" / codes_lib.METADATA_FILE).read_text())
+  assert raw["version"] == codes_lib.VERSION and "cond_variants" not in raw["splits"]["train"]
+  assert codes_lib.read_metadata(tmp_path / "one").num_cond_variants("train") == 1
+  with codes_lib.CodeDatasetWriter(tmp_path / "two", **kw) as w:
+    w.write("train", np.zeros((2, 1, 2, 2), np.int64), np.ones((2, 2, 3), np.int64))
+  path = tmp_path / "two" / codes_lib.METADATA_FILE
+  raw = json.loads(path.read_text())
+  del raw["splits"]["train"]["cond_variants"]
+  path.write_text(json.dumps(raw))
+  with pytest.raises(ValueError, match="version 3 needs each split's cond_variants, a positive integer"):
+    codes_lib.read_metadata(tmp_path / "two")
+  with pytest.raises(ValueError, match=r"labels must have shape \[2\]"):  # class labels have one tokenization
+    with codes_lib.CodeDatasetWriter(tmp_path / "labels", code_shape=(1, 2, 2), codebook=np.ones((8, 2)),
+                                     num_classes=3, source="x") as w:
+      w.write("train", np.zeros((2, 1, 2, 2), np.int64), np.ones((2, 2, 1), np.int64))

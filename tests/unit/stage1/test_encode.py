@@ -49,7 +49,7 @@ def test_mismatched_data_config_is_a_clear_error(tmp_path):
   assert not (tmp_path / "codes").exists()
 
 
-@pytest.mark.slow  # ~17 s on a loaded 2-core CPU: two compiles of the tiny RQ-VAE
+@pytest.mark.slow  # ~20 s on a loaded 2-core CPU: compiles of the tiny RQ-VAE
 def test_encode_captions_writes_token_conditions(tmp_path):
   from ctxrq_jax.data import captions as captions_lib  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
@@ -84,6 +84,24 @@ def test_encode_captions_writes_token_conditions(tmp_path):
   assert encode.read_captions(out, "train") == train_texts
   _, train_tokens = code_data.load_codes(out, "train")
   assert tok.decode(train_tokens) == [t[:len(d)] for t, d in zip(train_texts, tok.decode(train_tokens))]
+  # BPE dropout per epoch: each training record holds CAPTION_VARIANTS independent draws of the caption's dropout
+  # tokenization (every one a tokenization of that caption); validation records hold the one deterministic one.
+  assert meta.num_cond_variants("train") == encode.CAPTION_VARIANTS == 8 and meta.num_cond_variants("validation") == 1
+  source = code_data.CodeSource(out, "train")
+  drawn = np.stack([code_data.decode_record_variants(source[i], i, meta, cond_variants=8)[1] for i in range(5)])
+  np.testing.assert_array_equal(drawn[:, 0], train_tokens)
+  for text, draws in zip(train_texts, drawn):
+    decoded = tok.decode(draws)
+    assert all(text.startswith(d) for d in decoded), decoded
+  # Dropout makes the draws of a caption differ (a 0.1 chance per merge; all 8 draws of all 5 captions alike is
+  # vanishingly unlikely), while a tokenizer without dropout stores one tokenization.
+  assert any(len({d.tobytes() for d in draws}) > 1 for draws in drawn)
+  no_dropout = tokenizer_lib.CaptionTokenizer.from_directory(str(tmp_path / "bpe"), context_length=6, bpe_dropout=0.0)
+  meta0, _ = encode.encode_captions(artifact, {"train": sources["train"]}, str(tmp_path / "codes0"), no_dropout,
+                                    batch_size=4)
+  assert meta0.num_cond_variants("train") == 1
+  np.testing.assert_array_equal(code_data.load_codes(str(tmp_path / "codes0"), "train")[1],
+                                no_dropout.encode(train_texts))
   # The stored codes are the model's codes of the preprocessed images (greyscale model: luma of the RGB JPEGs).
   val_stats = captions_lib.CaptionStats()
   images, _, _ = next(captions_lib.image_batches(

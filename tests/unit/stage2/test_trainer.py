@@ -140,20 +140,25 @@ def test_grad_accumulation_matches_full_batch(stage2_codes_dir):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def _write_caption_codes(out_dir, *, cond_length=8, vocab=64):
-  """A caption code dataset for configs/cc3m.py:tiny: 4x4x4 codes, K 64, n_z 16, captions of 8 tokens ([PAD] = 0)."""
+def _write_caption_codes(out_dir, *, cond_length=8, vocab=64, variants=3):
+  """A caption code dataset for configs/cc3m.py:tiny: 4x4x4 codes, K 64, n_z 16, captions of 8 tokens ([PAD] = 0);
+  each training record holds `variants` tokenizations (as BPE dropout draws them), the validation records one."""
   rng = np.random.default_rng(1)
   lengths = {"train": rng.integers(1, cond_length + 1, 8), "validation": rng.integers(1, cond_length + 1, 4)}
   with codes_lib.CodeDatasetWriter(out_dir, code_shape=(4, 4, 4), codebook=rng.normal(size=(64, 16)).astype(np.float32),
                                    num_classes=0, cond_length=cond_length, cond_vocab_size=vocab,
                                    source="synthetic captions") as w:
     for split, n in lengths.items():
-      tokens = rng.integers(2, vocab, (len(n), cond_length)) * (np.arange(cond_length) < n[:, None])
+      valid = np.arange(cond_length) < n[:, None]  # [M, L]
+      if split == "train":
+        tokens = rng.integers(2, vocab, (len(n), variants, cond_length)) * valid[:, None]
+      else:
+        tokens = rng.integers(2, vocab, (len(n), cond_length)) * valid
       w.write(split, rng.integers(0, 64, (len(n), 4, 4, 4)), tokens)
   return str(out_dir)
 
 
-@pytest.mark.slow  # ~26 s on a loaded 2-core CPU (a 4-step run with eval and a checkpoint)
+@pytest.mark.slow  # ~35 s on a loaded 2-core CPU (a 4-step run with eval and a checkpoint, and its resumed twin)
 def test_trains_on_caption_codes(tmp_path):
   from ctxrq_jax.core import config as configlib  # pylint: disable=g-import-not-at-top
   codes_dir = _write_caption_codes(tmp_path / "codes")
@@ -172,8 +177,16 @@ def test_trains_on_caption_codes(tmp_path):
     with bad.unlocked():
       bad.model.cond_length = 6
     train.train_and_evaluate(bad, str(tmp_path / "wrong"))
+  # Each training caption's tokenization is drawn per example and epoch from its 3 stored ones (BPE dropout).
+  assert config.data.random_caption and codes_lib.read_metadata(codes_dir).num_cond_variants("train") == 3
   result = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert result["step"] == 4 and np.isfinite(result["eval"]["eval/loss"])
   losses = [l for _, l in result["history"]]
   assert losses[-1] < losses[0]
   assert result["state"].params["cond_pos"].shape == (8, 32)
+  # Stopped in the second epoch (2 steps each) and resumed: the same draws, bit for bit.
+  part = train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_after_steps=3)
+  assert part["stopped"] and part["step"] == 3
+  rest = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  helpers.assert_trees_equal(rest["state"].params, result["state"].params)
+  assert [l for _, l in rest["history"]] == losses[3:]
