@@ -8,6 +8,9 @@
   python -m ctxrq_jax.bench train --config=configs/imagenet.py:bench512 --batch_size=32
       one stage-2 training step (forward + backward + AdamW): seconds and MFU against the probe (and the device's
       peak when known); with --baseline=official the official RQ-Transformer training step at the same dims
+  python -m ctxrq_jax.bench sample --config=configs/cc3m.py:333m --batch_size=8 --t_draft=64 --noreference
+  python -m ctxrq_jax.bench train --config=configs/cc3m.py:333m --batch_size=8
+      the same for a text-to-image config: each condition is L = 32 random tokens of the 16,384-token caption vocabulary
   python -m ctxrq_jax.bench device --config=configs/imagenet.py:821m
       the accelerator checks of bench/device.sh: Table 4 in bf16 at batch 100, one training step at the largest
       batch that fits, and bf16 against fp32 on the tiny config, within --deadline_s
@@ -77,6 +80,9 @@ def main(argv: list[str]) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   platform = jax.devices()[0].platform
   official_src = _official_src()
+  if official_src and int(config.model.num_classes) == 0:
+    raise app.UsageError('--baseline=official times the official class-conditional ImageNet model; this config is '
+                         'text-to-image (model.num_classes 0)')
   if command == 'sample':
     rows = speed.bench_sample(config, batch=FLAGS.batch_size, t_drafts=_ints('t_draft'), t_revise=FLAGS.t_revise,
                               num_revisions=FLAGS.num_revisions, repeats=FLAGS.repeats, reference=FLAGS.reference,

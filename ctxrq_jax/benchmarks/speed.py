@@ -5,6 +5,7 @@ Commands (ctxrq_jax/bench.py):
 
   python -m ctxrq_jax.bench sample --config=configs/imagenet.py:bench512 --batch_size=32
   python -m ctxrq_jax.bench train --config=configs/imagenet.py:bench512 --batch_size=32
+  python -m ctxrq_jax.bench sample --config=configs/cc3m.py:333m --batch_size=8 --t_draft=64 --noreference
   python -m ctxrq_jax.bench device            (bench/device.sh: the accelerator checks)
   python -m ctxrq_jax.bench params
 
@@ -179,6 +180,20 @@ def random_model(config: Any, seed: int) -> tuple[transformer.ContextualRQTransf
   return model, variables, codebook
 
 
+def random_conditions(model: transformer.ContextualRQTransformer, key: jax.Array, batch: int) -> jax.Array:
+  """int32 [batch, L] random conditions: class ids in [0, num_classes) (L = 1), or for a text-to-image model L caption
+  tokens drawn from its text vocabulary [0, cond_vocab_size) (e.g. 32 of 16,384 for configs/cc3m.py)."""
+  high = model.cond_vocab if model.is_text else model.num_classes
+  return jax.random.randint(key, (batch, model.cond_length), 0, high, jnp.int32)
+
+
+def training_conditions(model: transformer.ContextualRQTransformer, key: jax.Array, batch: int) -> dict[str, jax.Array]:
+  """The condition of a random training batch as the code iterator yields it: {'cond': int32 [B, L]} (captions) or
+  {'label': int32 [B]} (class labels)."""
+  cond = random_conditions(model, key, batch)
+  return {'cond': cond} if model.is_text else {'label': cond[:, 0]}
+
+
 def bench_sample(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: int, num_revisions: int,
                  repeats: int, reference: bool, seed: int, probe: bool = True,
                  official_src: Optional[str] = None, official_repeats: int = 1,
@@ -199,7 +214,7 @@ def bench_sample(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: 
   key = jax.random.key(seed)
   draft = logits.PhaseSettings.from_config(config.sample.draft)
   revise = logits.PhaseSettings.from_config(config.sample.revise)
-  cond = jax.random.randint(jax.random.fold_in(key, 3), (batch, model.cond_length), 0, model.num_classes)
+  cond = random_conditions(model, jax.random.fold_in(key, 3), batch)
   probes = [model_probe(model, batch)] if probe else []
   extra: dict[str, Any] = {}
   if official_src:
@@ -329,7 +344,8 @@ def bench_train(config: Any, *, batch: int, repeats: int, seed: int, probe: bool
   rep = sharding.replicated(mesh)
   abstract_state, shardings = trainer.abstract_train_state(model, tx, config, mesh, rules)
   abstract_batch = {'codes': jax.ShapeDtypeStruct((batch, h, w, d), jnp.int32, sharding=data),
-                    'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data)}
+                    **jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=data),
+                                   jax.eval_shape(lambda k: training_conditions(model, k, batch), key))}
   step = jax.jit(trainer.make_train_step(model, tx, config), donate_argnums=(0,),
                  in_shardings=(shardings, data, rep), out_shardings=(shardings, rep))
   with nn.logical_axis_rules(rules):
@@ -351,7 +367,7 @@ def bench_train(config: Any, *, batch: int, repeats: int, seed: int, probe: bool
   def batch_of(i: int) -> dict[str, jax.Array]:
     k = jax.random.fold_in(key, 100 + i)
     return {'codes': jax.random.randint(k, (batch, h, w, d), 0, int(config.data.vocab_size), jnp.int32),
-            'label': jax.random.randint(jax.random.fold_in(k, 1), (batch,), 0, int(config.model.num_classes))}
+            **training_conditions(model, jax.random.fold_in(k, 1), batch)}
 
   batches = [jax.device_put(batch_of(i), data) for i in range(repeats + 1)]
   with nn.logical_axis_rules(rules):
@@ -420,7 +436,7 @@ def precision_check(config: Any, *, batch: int, t_draft: int, seed: int) -> dict
     mask = jax.random.bernoulli(jax.random.fold_in(key, 1), 0.5, mask.shape)
     logits_by_dtype[dtype] = np.asarray(jax.jit(model.apply)(variables, codes, mask, cond, codebook))
     greedy = logits.PhaseSettings(temperature=0.0)
-    cond = jax.random.randint(jax.random.fold_in(key, 2), (batch, model.cond_length), 0, model.num_classes)
+    cond = random_conditions(model, jax.random.fold_in(key, 2), batch)
     codes_by_dtype[dtype] = np.asarray(decoder.draft_and_revise(
         model, variables['params'], codebook, cond, jax.random.fold_in(key, 3), t_draft=t_draft, t_revise=1,
         num_revisions=0, draft=greedy, revise=greedy))

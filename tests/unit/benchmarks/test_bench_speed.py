@@ -101,3 +101,26 @@ def test_fid_cost_table_and_a_failing_child(tmp_path):
   path = fid_cost.write_random_images(str(tmp_path / "x.npz"), 3, 8, seed=0)
   with pytest.raises(RuntimeError, match="evaluate fid failed"):  # no such weights: the child's error is shown
     fid_cost.run_fid(path, path, str(tmp_path / "missing"), batch_size=4)
+
+
+@pytest.mark.slow  # ~26 s on a loaded 2-core CPU: a training step and the sampler of a text-to-image model compile
+def test_benchmarks_run_text_to_image_configs(tiny):
+  from ctxrq_jax.models import transformer  # pylint: disable=g-import-not-at-top
+  # configs/cc3m.py:tiny (captions of L = 8 tokens of a 64-token vocabulary), one layer per stack, D = 2.
+  config = configlib.load_config_file("cc3m", "tiny")
+  with config.unlocked():
+    config.model.spatial_layers = config.model.depth_layers = 1
+    config.data.code_shape = (4, 4, 2)
+  model = transformer.from_run_config(config)
+  key = jax.random.key(0)
+  cond = np.asarray(speed.random_conditions(model, key, 64))
+  assert cond.shape == (64, 8) and cond.dtype == np.int32
+  assert cond.min() >= 0 and cond.max() < 64 and len(np.unique(cond)) > 32  # the text vocabulary, not class ids
+  assert set(speed.training_conditions(model, key, 4)) == {"cond"}
+  labels = speed.training_conditions(transformer.from_run_config(tiny), key, 64)["label"]
+  assert labels.shape == (64,) and 0 <= int(labels.min()) and int(labels.max()) < 10  # class configs: as before
+  result = speed.bench_train(config, batch=4, repeats=1, seed=0, probe=False)
+  assert result["step_s"] > 0 and np.isfinite(result["loss"]) and result["model_flops"] > 0
+  (row,) = speed.bench_sample(config, batch=2, t_drafts=[4], t_revise=2, num_revisions=1, repeats=1, reference=False,
+                              seed=0, probe=False)
+  assert row["t_draft"] == 4 and row["fast_s"] > 0 and row["fast_flops"] > 0
