@@ -15,8 +15,10 @@ renaming its temp directory; on an object store (no atomic rename) it writes int
 with a marker file written last. The manifest below is one object written after the step was committed.
 
 Integrity: orbax's array files carry no checksums (garbage bytes in a data file restore silently as garbage
-values), so once a save has completed process 0 records the size and CRC-32 of every file of the step in
-`_checksums/<step>.json` (outside the step directory, which orbax finalised atomically). `restore` verifies them
+values), so once a save has completed process 0 records the size and CRC-32 of every file of the step in the file
+`_checksums-<step>.json` beside the step directories (outside the step directory, which orbax finalised atomically;
+a file, not a sub-directory, because on an object store orbax deletes every sub-directory without a commit marker as
+an unfinished save). Manifests of older runs in `_checksums/<step>.json` are still read. `restore` verifies them
 first; a step saved without a manifest (killed between finalising and checksumming) is restored unverified.
 
 Corruption: `restore` walks the steps newest first. A step that fails to restore (missing or garbage files) is
@@ -52,7 +54,7 @@ log = logging.getLogger(__name__)
 _STATE = "state"
 _DATA = "data"
 _METADATA = "metadata"
-_CHECKSUMS = "_checksums"
+_CHECKSUMS = "_checksums"  # manifest files: _checksums-<step>.json
 
 
 def _is_typed_key(x: Any) -> bool:
@@ -186,7 +188,9 @@ class Checkpointer:
 
   # ------------------------------------------------------------------ integrity
   def _checksum_path(self, step: int) -> epath.Path:
-    return self._dir / _CHECKSUMS / f"{step}.json"
+    path = self._dir / f"{_CHECKSUMS}-{step}.json"
+    legacy = self._dir / _CHECKSUMS / f"{step}.json"  # written by earlier versions
+    return legacy if not path.exists() and legacy.exists() else path
 
   @staticmethod
   def _file_sum(path: epath.Path) -> list[int]:
@@ -215,14 +219,14 @@ class Checkpointer:
     pending, self._pending = self._pending, []
     if jax.process_index() != 0:
       return
-    (self._dir / _CHECKSUMS).mkdir(parents=True, exist_ok=True)
     present = set(self._manager.all_steps())
     for step in pending:
       if step in present:
-        paths.write_json(self._checksum_path(step), self._step_files(step))
-    for entry in (self._dir / _CHECKSUMS).iterdir():
-      stem = entry.name.split(".")[0]
-      if stem.isdigit() and int(stem) not in present:  # The step was garbage-collected by max_to_keep.
+        paths.write_json(self._dir / f"{_CHECKSUMS}-{step}.json", self._step_files(step))
+    for entry in self._dir.iterdir():
+      stem = entry.name[len(_CHECKSUMS) + 1:].split(".")[0]
+      if (entry.name.startswith(f"{_CHECKSUMS}-") and stem.isdigit()
+          and int(stem) not in present):  # The step was garbage-collected by max_to_keep.
         entry.unlink()
 
   def _verify(self, step: int) -> None:
