@@ -128,6 +128,42 @@ def write_with(p: PathLike, write_fn: Callable[[Any], None], *, binary: bool = T
   return _write(p, buf.getvalue())
 
 
+def glob(pattern: str) -> list[str]:
+  """Files matching a glob `pattern` (`~` expanded), sorted; for a bucket, the wildcards after its fixed prefix."""
+  if is_local(pattern):
+    import glob as glob_lib  # pylint: disable=g-import-not-at-top
+    return sorted(glob_lib.glob(os.path.expanduser(pattern)))
+  cut = min([pattern.find(c) for c in "*?[" if c in pattern] or [len(pattern)])
+  root = pattern[:pattern.rfind("/", 0, cut)]
+  rest = pattern[len(root) + 1:]
+  if not rest:
+    return [pattern] if path(pattern).exists() else []
+  return sorted(str(p) for p in path(root).glob(rest))
+
+
+_COPIES: dict[str, str] = {}
+
+
+def local_copy(p: PathLike) -> str:
+  """A local file with the contents of `p`, for readers that need random access to a real file (zip/npz readers,
+  memory maps): `p` itself when local, else a copy fetched once per process into a temp dir removed at exit."""
+  if is_local(p):
+    return os.fspath(path(p))
+  key = os.fspath(p)
+  if key not in _COPIES or not os.path.exists(_COPIES[key]):
+    if not _COPIES:
+      import atexit  # pylint: disable=g-import-not-at-top
+      root = tempfile.mkdtemp(prefix="ctxrq-copies-")
+      atexit.register(shutil.rmtree, root, ignore_errors=True)
+      _COPIES[""] = root
+    source = path(p)
+    fd, tmp = tempfile.mkstemp(dir=_COPIES[""], suffix="-" + source.name)
+    os.close(fd)
+    source.copy(epath.Path(tmp), overwrite=True)
+    _COPIES[key] = tmp
+  return _COPIES[key]
+
+
 def barrier(tag: str) -> None:
   """All processes wait here (jax's multihost sync); nothing to do in a single-process run."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -136,5 +172,5 @@ def barrier(tag: str) -> None:
     multihost_utils.sync_global_devices(tag)
 
 
-__all__ = ["PathLike", "barrier", "is_local", "local_file", "name", "path", "read_json", "scratch_dir",
+__all__ = ["PathLike", "barrier", "glob", "is_local", "local_copy", "local_file", "name", "path", "read_json", "scratch_dir",
            "write_bytes", "write_json", "write_text", "write_with"]
