@@ -180,9 +180,8 @@ def fake_gcs(root: str, cwd: str) -> Iterator[FakeGcs]:
   thread = threading.Thread(target=httpd.serve_forever, daemon=True)
   thread.start()
 
-  def kvstore(path: str) -> dict:
-    return {"driver": "file", "path": fake.local(os.fspath(path).replace("gs:/", "gs://", 1)
-                                                 if not os.fspath(path).startswith("gs://") else os.fspath(path))}
+  def kvstore(path: str) -> dict:  # orbax asks for a GCS kvstore of a gs:// path; the file driver serves its copy
+    return {"driver": "file", "path": fake.local(os.fspath(path))}
 
   prefix_to_backend = dict(gpath._PREFIX_TO_BACKEND, gs=fake.backend)  # pylint: disable=protected-access
   with contextlib.ExitStack() as stack:

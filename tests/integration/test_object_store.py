@@ -1,14 +1,16 @@
 """The pipeline with every location in a bucket (`gs://`), offline: tests/fake_gcs.py serves the bucket from a local
 directory through the same layers a real one goes through (epath, orbax's tensorstore, array_record's GCS reader).
 
-Encode digits into a code dataset in the bucket, train stage 2 with its workdir there, stop it as a SIGTERM would and
-resume it bit-exactly, corrupt the newest checkpoint and fall back to the previous one, sample from it into the
-bucket. Any write that bypassed the path layer would land in a local `gs:` directory under the working directory: none
-may appear. The same steps on local paths are the other tests (stage1/test_encode, stage2/test_trainer, ...).
+Encode digits into a code dataset in the bucket, train stage 2 with its workdir there, send it a real SIGTERM and
+resume it bit-exactly (in-process: the double lives in this process), corrupt the newest checkpoint and fall back to
+the previous one, sample from it into the bucket. Any write that bypassed the path layer would land in a local `gs:`
+directory under the working directory: none may appear. The same steps on local paths are the other tests
+(stage1/test_encode, stage2/test_trainer, integration/test_preemption, ...).
 """
 
 import io
 import os
+import signal
 
 import jax
 import numpy as np
@@ -88,7 +90,7 @@ def test_checkpoint_commit_marker_checksums_and_fallback(gcs):
 
 
 @pytest.mark.slow
-def test_encode_train_resume_fallback_and_sample_in_a_bucket(gcs):
+def test_encode_train_resume_fallback_and_sample_in_a_bucket(gcs, monkeypatch):
   # A tiny RQ-VAE whose codes (4x4x4, K 64, n_z 16) are those of the tiny stage-2 config, so it decodes its samples.
   stage1 = helpers.tiny_stage1_config(model__code_depth=4, model__codebook_size=64, model__embed_dim=16)
   model = rqvae.RQVAE.from_config(stage1.model)
@@ -109,7 +111,16 @@ def test_encode_train_resume_fallback_and_sample_in_a_bucket(gcs):
   config.lock()
   full = stage2_trainer.train_and_evaluate(config, gcs.url("full"))
   workdir = gcs.url("stage2")
-  part = stage2_trainer.train_and_evaluate(config, workdir, stop_after_steps=3)  # what SIGTERM at step 3 leaves
+  real_stop_requested = checkpoint.PreemptionGuard.stop_requested
+
+  def sigterm_at_step_3(guard, step):  # the scheduler's SIGTERM arrives during step 3
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real_stop_requested(guard, step)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpoint.PreemptionGuard, "stop_requested", sigterm_at_step_3)
+    part = stage2_trainer.train_and_evaluate(config, workdir)
   assert part["stopped"] and part["step"] == 3
   rest = stage2_trainer.train_and_evaluate(config, workdir)
   assert rest["step"] == 6
@@ -117,6 +128,8 @@ def test_encode_train_resume_fallback_and_sample_in_a_bucket(gcs):
   helpers.assert_trees_equal(rest["state"].opt_state, full["state"].opt_state)
   assert [l for _, l in rest["history"]] == [l for _, l in full["history"]][3:]
   assert epath.Path(workdir, "config.json").exists()
+  # Every host saves its own data-iterator position in each checkpoint (grain's handler names it by process).
+  assert epath.Path(workdir, "checkpoints", "6", "data", "process_0-of-1.json").exists()
 
   _corrupt_one_file(os.path.join(gcs.local(workdir), "checkpoints", "6"))
   loaded = loader.Stage2Model(workdir, decode_batch_size=2)
