@@ -30,6 +30,8 @@ from ctxrq_jax.stage2 import trainer as stage2_trainer
 from tests import fake_gcs
 from tests import helpers
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture()
 def gcs(tmp_path, monkeypatch):
@@ -89,7 +91,65 @@ def test_checkpoint_commit_marker_checksums_and_fallback(gcs):
   assert [n for n in os.listdir(local) if n.startswith("2.corrupt-")]  # moved aside, kept
 
 
-@pytest.mark.slow
+class _StubDecoder:
+  """What `runner.write_samples_npz` needs of a loaded run: code_shape and images (a fixed function of the codes)."""
+  code_shape = (2, 2, 1)
+
+  def images(self, codes, *, uint8=False, out=None):
+    img = np.repeat(np.asarray(codes).reshape(len(codes), 2, 2, 1), 3, -1).astype(np.uint8)
+    if out is None:
+      return img
+    out[...] = img
+    return out
+
+
+def test_sample_shards_reference_tokenizer_and_caption_shards_in_a_bucket(gcs, tmp_path):
+  from ctxrq_jax.data import captions as captions_lib  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.evaluation import inception_features  # pylint: disable=g-import-not-at-top
+
+  # Per-host sample shards named by process index, merged in the bucket.
+  codes = np.arange(5 * 4).reshape(5, 4, 1) % 7
+  out = gcs.url("samples")
+  for host in range(2):
+    mine = runner.shard_indices(5, host, 2)
+    runner.write_samples_npz(_StubDecoder(), codes[mine], np.arange(5)[mine], runner.shard_path(out, host, 2),
+                             indices=mine)
+  merged = runner.merge_shards(out)
+  with epath.Path(merged).open("rb") as f:
+    z = np.load(io.BytesIO(f.read()))
+    np.testing.assert_array_equal(z["labels"], np.arange(5))
+    np.testing.assert_array_equal(z["arr_0"][..., 0], codes.reshape(5, 2, 2))
+
+  # FID reference statistics written to and read from the bucket (zip members read from a local copy).
+  ref = gcs.url("refs/ref.npz")
+  inception_features.write_reference(ref, stats=(np.ones(3), np.eye(3)))
+  got = inception_features.read_reference(ref)
+  assert got.path == ref and np.array_equal(got.mu, np.ones(3)) and np.array_equal(got.sigma, np.eye(3))
+
+  # A tokenizer trained into the bucket and loaded from it.
+  vocab, merges = tokenizer_lib.train_tokenizer(["a red bus", "a blue bus", "a red car"] * 5, gcs.url("tok"),
+                                                vocab_size=40, min_frequency=1)
+  assert vocab.startswith("gs://") and merges.startswith("gs://")
+  tok = tokenizer_lib.CaptionTokenizer.from_directory(gcs.url("tok"), context_length=6)
+  assert tok.encode(["a red bus"]).shape == (1, 6)
+
+  # Caption shards (webdataset tars) matched by a glob in the bucket and streamed from it.
+  import tarfile  # pylint: disable=g-import-not-at-top
+  for i in range(2):
+    local = tmp_path / f"shard{i}.tar"
+    with tarfile.open(local, "w") as tar:
+      for name, data in ((f"k{i}.png", b"not decoded here"), (f"k{i}.txt", f"caption {i}".encode())):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    epath.Path(local).copy(epath.Path(gcs.url(f"cc/shard{i}.tar")))
+  assert captions_lib.shard_paths(gcs.url("cc/*.tar")) == [gcs.url("cc/shard0.tar"), gcs.url("cc/shard1.tar")]
+  examples = list(captions_lib.iter_webdataset(gcs.url("cc/*.tar"), captions_lib.CaptionStats()))
+  assert [(e.key, e.captions) for e in examples] == [("shard0.tar:k0", ("caption 0",)),
+                                                      ("shard1.tar:k1", ("caption 1",))]
+
+
 def test_encode_train_resume_fallback_and_sample_in_a_bucket(gcs, monkeypatch):
   # A tiny RQ-VAE whose codes (4x4x4, K 64, n_z 16) are those of the tiny stage-2 config, so it decodes its samples.
   stage1 = helpers.tiny_stage1_config(model__code_depth=4, model__codebook_size=64, model__embed_dim=16)
