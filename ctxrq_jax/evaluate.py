@@ -201,7 +201,7 @@ def _fid_commands(command: str) -> None:
 
 
 def _clip_command() -> None:
-  import json  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.core import reporting  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.data import clip_tokenizer  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.evaluation import clip_score  # pylint: disable=g-import-not-at-top
@@ -221,9 +221,8 @@ def _clip_command() -> None:
                                 progress=progress.update)
   progress.close()
   out_json = FLAGS.out_json or os.path.splitext(FLAGS.samples)[0] + ".clip.json"
-  with open(out_json, "w") as f:
-    json.dump({"samples": FLAGS.samples, "weights": FLAGS.weights, "captions_file": FLAGS.captions_file, **results},
-              f, indent=1)
+  paths.write_json(out_json, {"samples": FLAGS.samples, "weights": FLAGS.weights,
+                              "captions_file": FLAGS.captions_file, **results}, indent=1)
   print(clip_score.format_results(results, samples=FLAGS.samples))
   print(f"json: {out_json}")
 

@@ -17,6 +17,7 @@ Shared metadata is written by process 0 before a barrier, and read by every host
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -139,6 +140,26 @@ def glob(pattern: str) -> list[str]:
   if not rest:
     return [pattern] if path(pattern).exists() else []
   return sorted(str(p) for p in path(root).glob(rest))
+
+
+def require_file(p: PathLike, default_name: str, missing: Callable[[str], str]) -> str:
+  """`p`, or `p/default_name` when `p` is a directory, as a string; FileNotFoundError(missing(that path)) when it
+  is not there (e.g. a released weights file the user must supply)."""
+  target = path(p)
+  if target.is_dir():
+    target = target / default_name
+  if not target.exists():
+    raise FileNotFoundError(missing(os.fspath(target)))
+  return os.fspath(target)
+
+
+def sha256(p: PathLike) -> str:
+  """Hex SHA-256 of the file at `p`, read in 1 MiB chunks."""
+  h = hashlib.sha256()
+  with path(p).open("rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
 
 
 _COPIES: dict[str, str] = {}

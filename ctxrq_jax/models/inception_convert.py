@@ -25,7 +25,6 @@ torch is needed only to read `.pth` files and is imported lazily; `convert_state
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from typing import Any, Mapping, Sequence
 
@@ -61,12 +60,7 @@ def weights_missing_message(path: str | os.PathLike) -> str:
 
 def require_weights_file(path: str | os.PathLike) -> str:
   """Returns `path` as a string if it is a file; raises FileNotFoundError naming the weights file and its source."""
-  path = os.fspath(path)
-  if paths.path(path).is_dir():
-    path = str(paths.path(path) / WEIGHTS_FILENAME)
-  if not paths.path(path).exists():
-    raise FileNotFoundError(weights_missing_message(path))
-  return path
+  return paths.require_file(path, WEIGHTS_FILENAME, weights_missing_message)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,14 +186,6 @@ def convert_state_dict(state_dict: Mapping[str, Any], *, template: Mapping[str, 
 # Files.
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-  h = hashlib.sha256()
-  with paths.path(path).open("rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def load_torch_state_dict(path: str | os.PathLike, *, check_hash: bool = True) -> dict[str, np.ndarray]:
   """Reads the released `.pth` (a plain state dict; `torch.load(weights_only=True)`) as numpy arrays.
 
@@ -213,7 +199,7 @@ def load_torch_state_dict(path: str | os.PathLike, *, check_hash: bool = True) -
   """
   path = require_weights_file(path)
   if check_hash:
-    digest = sha256_of(path)
+    digest = paths.sha256(path)
     if not digest.startswith(WEIGHTS_SHA256_PREFIX):
       raise InceptionConversionError(
           f"{path}: SHA-256 {digest[:16]}... does not start with {WEIGHTS_SHA256_PREFIX}, so this is not the released "
@@ -286,7 +272,7 @@ def convert_file(weights: str | os.PathLike, out: str | os.PathLike, *, check_ha
   """`pt_inception-2015-12-05-6726825d.pth` -> Inception artifact at `out`; returns the variables written."""
   path = paths.name(require_weights_file(weights))
   variables = convert_state_dict(load_torch_state_dict(path, check_hash=check_hash))
-  save_artifact(out, variables, source=path, sha256=sha256_of(path), overwrite=overwrite)
+  save_artifact(out, variables, source=path, sha256=paths.sha256(path), overwrite=overwrite)
   return variables
 
 

