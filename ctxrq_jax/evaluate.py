@@ -140,14 +140,15 @@ def main(argv: list[str]) -> None:
     evaluator = digits.SampleEvaluator(FLAGS.workdir, per_class=FLAGS.samples_per_class or 20,
                                        classifier_steps=FLAGS.classifier_steps, seed=FLAGS.seed)
     results = ablation.run(evaluator, sweeps, seed=FLAGS.seed)
-    out_dir = FLAGS.out_dir or os.path.join(os.path.dirname(os.path.abspath(FLAGS.workdir)), "ablation")
+    from ctxrq_jax.core import paths as fs  # pylint: disable=g-import-not-at-top
+    out_dir = FLAGS.out_dir or str(fs.path(FLAGS.workdir).parent / "ablation")
     paths = ablation.write(results, out_dir)
     print(ablation.format_report(results))
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))
 
 
 def _fid_commands(command: str) -> None:
-  import json  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.core import reporting  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.evaluation import fid  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.evaluation import inception_features  # pylint: disable=g-import-not-at-top
@@ -168,10 +169,9 @@ def _fid_commands(command: str) -> None:
     progress = reporting.Progress("inception features", total, unit="images")
     results = fid.evaluate(extractor, FLAGS.samples, FLAGS.reference, progress=progress.update)
     progress.close()
-    out_json = FLAGS.out_json or os.path.splitext(FLAGS.samples)[0] + ".fid.json"
-    with open(out_json, "w") as f:
-      json.dump({"samples": FLAGS.samples, "reference": FLAGS.reference, "resize": FLAGS.resize, **results}, f,
-                indent=1)
+    out_json = FLAGS.out_json or os.path.splitext(FLAGS.samples)[0] + ".fid.json"  # a string: also for gs://
+    paths.write_json(out_json, {"samples": FLAGS.samples, "reference": FLAGS.reference, "resize": FLAGS.resize,
+                                **results}, indent=1)
     print(fid.format_results(results, samples=FLAGS.samples, reference=FLAGS.reference))
     print(f"json: {out_json}")
     return
@@ -205,7 +205,7 @@ def _fid_commands(command: str) -> None:
 
 
 def _clip_command() -> None:
-  import json  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.core import reporting  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.data import clip_tokenizer  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.evaluation import clip_score  # pylint: disable=g-import-not-at-top
@@ -225,9 +225,8 @@ def _clip_command() -> None:
                                 progress=progress.update)
   progress.close()
   out_json = FLAGS.out_json or os.path.splitext(FLAGS.samples)[0] + ".clip.json"
-  with open(out_json, "w") as f:
-    json.dump({"samples": FLAGS.samples, "weights": FLAGS.weights, "captions_file": FLAGS.captions_file, **results},
-              f, indent=1)
+  paths.write_json(out_json, {"samples": FLAGS.samples, "weights": FLAGS.weights,
+                              "captions_file": FLAGS.captions_file, **results}, indent=1)
   print(clip_score.format_results(results, samples=FLAGS.samples))
   print(f"json: {out_json}")
 

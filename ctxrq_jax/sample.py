@@ -75,15 +75,15 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if FLAGS.num_per_class < 1:
     raise app.UsageError(f"--num_per_class must be >= 1, got {FLAGS.num_per_class}")
-  import os  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.core import host  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.sampling import loader  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.sampling import runner  # pylint: disable=g-import-not-at-top
 
   host.setup_host()
-  out_dir = FLAGS.out or os.path.join(FLAGS.workdir, "samples")
+  out_dir = FLAGS.out or str(paths.path(FLAGS.workdir) / "samples")
   if FLAGS.merge:
     print(f"samples_npz: {runner.merge_shards(out_dir)}")
     return

@@ -31,6 +31,8 @@ from typing import Sequence
 import ftfy
 import numpy as np
 
+from ctxrq_jax.core import paths
+
 VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 CONTEXT_LENGTH = 77
 NUM_MERGES = 49152 - 256 - 2  # OpenAI's: a 49,408-id vocabulary
@@ -51,12 +53,7 @@ def require_vocab_file(path: str | os.PathLike | None) -> str:
   """`path` (or `path/bpe_simple_vocab_16e6.txt.gz` for a directory); FileNotFoundError naming the file otherwise."""
   if path is None:
     raise FileNotFoundError(vocab_missing_message("(not given)"))
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    path = os.path.join(path, VOCAB_FILENAME)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(vocab_missing_message(path))
-  return path
+  return paths.require_file(path, VOCAB_FILENAME, vocab_missing_message)
 
 
 def _byte_order() -> list[int]:
@@ -82,7 +79,7 @@ def read_merges(path: str | os.PathLike, num_merges: int = NUM_MERGES) -> list[t
   """The first `num_merges` merges of a vocabulary file (after its header line); ValueError for a malformed line."""
   path = require_vocab_file(path)
   try:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
+    with paths.path(path).open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
       lines = f.read().split("\n")
   except (OSError, EOFError, UnicodeDecodeError) as e:
     raise ValueError(f"{path} is not a gzipped BPE merge list ({VOCAB_FILENAME}): {e}") from e

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctxrq_jax.core import paths
 from ctxrq_jax.core import reporting
 from ctxrq_jax.data import clip_images
 from ctxrq_jax.data import clip_tokenizer
@@ -115,10 +116,9 @@ def read_captions(samples_path: str | os.PathLike, captions_file: Optional[str] 
   shape, _ = inception_features.npz_array_info(samples_path, inception_features.IMAGES_KEY)
   n = shape[0]
   if captions_file is not None:
-    if not os.path.isfile(captions_file):
+    if not paths.path(captions_file).exists():
       raise ValueError(f"captions file {captions_file} does not exist")
-    with open(captions_file, encoding="utf-8") as f:
-      lines = f.read().split("\n")
+    lines = paths.path(captions_file).read_text(encoding="utf-8").split("\n")
     if lines and lines[-1] == "":
       lines.pop()
     if len(lines) != n:
@@ -131,7 +131,7 @@ def read_captions(samples_path: str | os.PathLike, captions_file: Optional[str] 
   if "prompts" not in keys:
     raise ValueError(f"{samples_path} has no 'prompts' (a text-to-image samples file from `sample --prompts`); for "
                      f"other images pass their captions with --captions_file (keys: {keys})")
-  with np.load(samples_path) as z:
+  with np.load(paths.local_copy(samples_path)) as z:
     prompts = [str(p) for p in np.asarray(z["prompts"]).reshape(-1)]
     labels = np.asarray(z["labels"]).reshape(-1).astype(np.int64) if "labels" in keys else None
   if labels is None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import os
 import re
 from typing import Any, Mapping, Optional, Sequence
@@ -44,6 +43,7 @@ from flax import traverse_util
 import flax.core
 import numpy as np
 
+from ctxrq_jax.core import paths
 from ctxrq_jax.models import clip
 from ctxrq_jax.models import variables_files
 
@@ -72,12 +72,7 @@ def weights_missing_message(path: str | os.PathLike) -> str:
 
 def require_weights_file(path: str | os.PathLike) -> str:
   """`path` (or `path/ViT-B-32.pt` for a directory) as a string; FileNotFoundError naming the file otherwise."""
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    path = os.path.join(path, WEIGHTS_FILENAME)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(weights_missing_message(path))
-  return path
+  return paths.require_file(path, WEIGHTS_FILENAME, weights_missing_message)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,14 +266,6 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: Optional[clip.CLIP
 # Files.
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def _import_torch():
   try:
     import torch  # pylint: disable=g-import-not-at-top  (optional dependency)
@@ -303,7 +290,7 @@ def load_torch_state_dict(path: str | os.PathLike, *, check_hash: bool = True) -
   """
   path = require_weights_file(path)
   if check_hash:
-    digest = sha256_of(path)
+    digest = paths.sha256(path)
     if digest != WEIGHTS_SHA256:
       raise CLIPConversionError(
           f"{path}: SHA-256 {digest[:16]}... is not that of OpenAI's {WEIGHTS_FILENAME} ({WEIGHTS_SHA256[:16]}...); "
@@ -311,10 +298,10 @@ def load_torch_state_dict(path: str | os.PathLike, *, check_hash: bool = True) -
           "another ViT CLIP)")
   torch = _import_torch()
   try:
-    state = torch.jit.load(path, map_location="cpu").state_dict()
+    state = torch.jit.load(paths.local_copy(path), map_location="cpu").state_dict()
   except Exception:  # noqa: BLE001 - not a TorchScript archive: try a plain state dict
     try:
-      state = torch.load(path, map_location="cpu", weights_only=True)
+      state = torch.load(paths.local_copy(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises assorted types (UnpicklingError, RuntimeError, EOFError) for bad files
       raise CLIPConversionError(f"{path} could not be read as a TorchScript archive or a torch state dict: "
                                 f"{type(e).__name__}: {e}") from e
@@ -333,7 +320,7 @@ def load_torch_state_dict(path: str | os.PathLike, *, check_hash: bool = True) -
 def save_artifact(directory: str | os.PathLike, config: clip.CLIPConfig, params: Mapping[str, Any], *,
                   source: str | None = None, sha256: str | None = None, overwrite: bool = False) -> None:
   """Writes `directory/clip.json` (format, config, source) and the orbax checkpoint `directory/variables`."""
-  directory = os.path.abspath(os.fspath(directory))
+  directory = paths.name(directory)
   if set(params) != {"params"}:
     raise ValueError(f"save_artifact: expected {{'params': ...}}, got collections {sorted(params)}")
   variables_files.check_tree_shapes(dict(params), clip.abstract_params(config), f"save_artifact({directory})",
@@ -345,7 +332,7 @@ def save_artifact(directory: str | os.PathLike, config: clip.CLIPConfig, params:
 
 
 def is_artifact(directory: str | os.PathLike) -> bool:
-  return os.path.isfile(os.path.join(os.fspath(directory), _META_FILE))
+  return (paths.path(directory) / _META_FILE).exists()
 
 
 def load_artifact(directory: str | os.PathLike) -> tuple[clip.CLIPConfig, dict[str, Any]]:
@@ -354,9 +341,9 @@ def load_artifact(directory: str | os.PathLike) -> tuple[clip.CLIPConfig, dict[s
   Raises:
     FileNotFoundError / ValueError naming the path and what is missing or wrong.
   """
-  directory = os.path.abspath(os.fspath(directory))
-  meta_path = os.path.join(directory, _META_FILE)
-  if not os.path.isfile(meta_path):
+  directory = paths.name(directory)
+  meta_path = paths.path(directory) / _META_FILE
+  if not meta_path.exists():
     raise FileNotFoundError(f"{directory} is not a CLIP artifact (no {_META_FILE})")
   meta = variables_files.read_json(meta_path, "CLIP artifact metadata")
   if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT or not isinstance(meta.get("config"), dict):
@@ -374,11 +361,11 @@ def convert_file(weights: str | os.PathLike, out: str | os.PathLike, *, check_ha
                  ) -> tuple[clip.CLIPConfig, dict[str, Any]]:
   """OpenAI's `ViT-B-32.pt` -> CLIP artifact at `out`; returns (config, params) as written. `config` defaults to
   the one the shapes give (heads = width // 64)."""
-  path = os.path.abspath(require_weights_file(weights))
+  path = paths.name(require_weights_file(weights))
   state = load_torch_state_dict(path, check_hash=check_hash)
   config = config or config_from_state_dict(state)
   params = convert_state_dict(state, config)
-  save_artifact(out, config, params, source=path, sha256=sha256_of(path), overwrite=overwrite)
+  save_artifact(out, config, params, source=path, sha256=paths.sha256(path), overwrite=overwrite)
   return config, params
 
 
