@@ -103,7 +103,7 @@ def test_fid_cost_table_and_a_failing_child(tmp_path):
     fid_cost.run_fid(path, path, str(tmp_path / "missing"), batch_size=4)
 
 
-@pytest.mark.slow  # ~26 s on a loaded 2-core CPU: a training step and the sampler of a text-to-image model compile
+@pytest.mark.slow  # 26-36 s on a loaded 2-core CPU: a training step and the sampler of a text-to-image model compile
 def test_benchmarks_run_text_to_image_configs(tiny):
   from ctxrq_jax.models import transformer  # pylint: disable=g-import-not-at-top
   # configs/cc3m.py:tiny (captions of L = 8 tokens of a 64-token vocabulary), one layer per stack, D = 2.
