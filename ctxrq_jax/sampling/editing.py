@@ -231,23 +231,45 @@ def inpaint(loaded: Any, image: np.ndarray, mask: np.ndarray, cond: np.ndarray, 
   Returns:
     the `Edit`; outside the region every sample's codes equal the input's bit for bit.
   """
+  return inpaint_many(loaded, np.asarray(image)[None], np.asarray(mask)[None], np.asarray(cond).reshape(1, -1), rng,
+                      num_samples=num_samples, t_draft=t_draft, t_revise=t_revise, num_revisions=num_revisions,
+                      draft=draft, revise=revise, draft_mode=draft_mode)[0]
+
+
+def inpaint_many(loaded: Any, images: np.ndarray, masks: np.ndarray, conds: np.ndarray, rng: jax.Array, *,
+                 num_samples: int, t_draft: int, t_revise: int, num_revisions: int, draft: logits.PhaseSettings,
+                 revise: logits.PhaseSettings, draft_mode: str = "random") -> list[Edit]:
+  """`inpaint` of E edits in one batch of E x num_samples (one compiled program, whatever the regions' sizes).
+
+  Args:
+    images: float [E, R, R, C] in [-1, 1]; masks: bool [E, R, R]; conds: int [E, L].
+    rng: sample s of edit e is drawn with fold_in(rng, e num_samples + s).
+    t_draft, t_revise: at most the smallest region's number of positions.
+
+  Returns:
+    E `Edit`s, in order.
+  """
   if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
     raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
   stage1 = loaded.decoder.model
   h, w, depth = stage1.code_shape
-  image = np.asarray(image, np.float32)
-  chex.assert_shape(image, (stage1.resolution, stage1.resolution, stage1.in_channels))
-  chex.assert_shape(mask, (stage1.resolution, stage1.resolution))
-  region = mask_to_region(mask, h)
-  codes = encode_images(stage1, loaded.decoder.variables, image[None])[0].reshape(h * w, depth)
-  cond = np.asarray(cond, np.int32).reshape(1, -1)
-  keys = runner.sample_keys(rng, np.arange(num_samples))
+  images, masks, conds = np.asarray(images, np.float32), np.asarray(masks, bool), np.asarray(conds, np.int32)
+  edits = images.shape[0]
+  chex.assert_shape(images, (edits, stage1.resolution, stage1.resolution, stage1.in_channels))
+  chex.assert_shape(masks, (edits, stage1.resolution, stage1.resolution))
+  chex.assert_rank(conds, 2)
+  chex.assert_axis_dimension(conds, 0, edits)
+  regions = mask_to_region(masks, h)  # [E, N]
+  codes = encode_images(stage1, loaded.decoder.variables, images).reshape(edits, h * w, depth)
+  keys = runner.sample_keys(rng, np.arange(edits * num_samples))
   _, history = decoder.inpaint(
-      loaded.model, loaded.params, loaded.codebook, np.repeat(codes[None], num_samples, 0),
-      np.repeat(region[None], num_samples, 0), np.repeat(cond, num_samples, 0), keys, t_draft=t_draft,
+      loaded.model, loaded.params, loaded.codebook, np.repeat(codes, num_samples, 0),
+      np.repeat(regions, num_samples, 0), np.repeat(conds, num_samples, 0), keys, t_draft=t_draft,
       t_revise=t_revise, num_revisions=num_revisions, draft=draft, revise=revise, draft_mode=draft_mode,
       return_history=True)
-  return Edit(image=image, mask=np.asarray(mask, bool), region=region, codes=codes, history=np.asarray(history))
+  history = np.asarray(history).reshape(num_revisions + 1, edits, num_samples, h * w, depth)
+  return [Edit(image=images[e], mask=masks[e], region=regions[e], codes=codes[e], history=history[:, e])
+          for e in range(edits)]
 
 
 # ------------------------------------------------------------------------------------------------ pictures and files
@@ -306,6 +328,6 @@ def default_steps(requested: int | None, configured: int, region_size: int) -> i
   return int(requested) if requested is not None else max(1, min(int(configured), int(region_size)))
 
 
-__all__ = ["Edit", "MASK_THRESHOLD", "condition", "default_steps", "encode_images", "fit_image", "fit_inputs", "fit_mask",
-           "inpaint", "load_inputs", "mask_to_region", "phase_images", "read_image", "read_inputs", "read_mask", "region_to_pixels",
-           "strip", "write_edit"]
+__all__ = ["Edit", "MASK_THRESHOLD", "condition", "default_steps", "encode_images", "fit_image", "fit_inputs",
+           "fit_mask", "inpaint", "inpaint_many", "load_inputs", "mask_to_region", "phase_images", "read_image",
+           "read_inputs", "read_mask", "region_to_pixels", "strip", "write_edit"]

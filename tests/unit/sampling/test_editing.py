@@ -129,34 +129,35 @@ def _digit():
   return np.clip(rng.normal(-0.5, 0.6, (16, 16, 1)), -1, 1).astype(np.float32)
 
 
-@pytest.mark.parametrize("where", ["inpaint", "outpaint"])
-def test_edit_keeps_every_code_outside_the_region(loaded, tmp_path, where):
+def test_edits_keep_every_code_outside_their_regions(loaded, tmp_path):
   image = _digit()
-  mask = np.zeros((16, 16), bool)
-  want = np.zeros((8, 8), bool)  # the 8 x 8 code map (f = 2); both regions hold 16 positions (one compiled plan)
-  if where == "inpaint":
-    mask[5:11, 6:13] = True  # code rows 2 ... 5, columns 3 ... 6
-    want[2:6, 3:7] = True
-  else:  # outpainting: the right quarter, a border band
-    mask[:, 13:] = True  # pixel columns 13 ... 15 -> code columns 6, 7
-    want[:, 6:] = True
-  edit = editing.inpaint(loaded, image, mask, np.array([1]), jax.random.key(0), num_samples=2, **KW)
-  np.testing.assert_array_equal(edit.region, want.reshape(-1))
-  np.testing.assert_array_equal(edit.codes, editing.encode_images(loaded.decoder.model, loaded.decoder.variables,
-                                                                  image[None])[0].reshape(64, 3))
-  assert edit.history.shape == (2, 2, 64, 3)
-  kept = edit.codes[~edit.region]
-  for phase in edit.history:  # the draft and the revision: the kept positions are the input's codes exactly
-    for sample in phase:
-      np.testing.assert_array_equal(sample[~edit.region], kept)
-  assert not np.array_equal(edit.history[-1][0, edit.region], edit.codes[edit.region])  # the region is redrawn
-  if where == "outpaint":
-    return
+  inner = np.zeros((16, 16), bool)
+  inner[5:9, 6:11] = True  # code rows 2 ... 4, columns 3 ... 5 of the 8 x 8 map (f = 2): 9 positions
+  want_inner = np.zeros((8, 8), bool)
+  want_inner[2:5, 3:6] = True
+  border = np.zeros((16, 16), bool)  # outpainting: the right quarter, a border band
+  border[:, 13:] = True  # pixel columns 13 ... 15 -> code columns 6, 7: 16 positions
+  want_border = np.zeros((8, 8), bool)
+  want_border[:, 6:] = True
+  # Two edits of different region sizes in one batch (one compiled program), two samples each.
+  edits = editing.inpaint_many(loaded, np.stack([image, image]), np.stack([inner, border]), np.array([[1], [2]]),
+                               jax.random.key(0), num_samples=2, **KW)
+  codes = editing.encode_images(loaded.decoder.model, loaded.decoder.variables, image[None])[0].reshape(64, 3)
+  for edit, want in zip(edits, (want_inner, want_border)):
+    np.testing.assert_array_equal(edit.region, want.reshape(-1))
+    np.testing.assert_array_equal(edit.codes, codes)
+    assert edit.history.shape == (2, 2, 64, 3)
+    kept = edit.codes[~edit.region]
+    for phase in edit.history:  # the draft and the revision: the kept positions are the input's codes exactly
+      for sample in phase:
+        np.testing.assert_array_equal(sample[~edit.region], kept)
+    assert not np.array_equal(edit.history[-1][0, edit.region], edit.codes[edit.region])  # the region is redrawn
+  edit, mask, want = edits[0], inner, want_inner
   paths = editing.write_edit(loaded, edit, str(tmp_path / "out"), composite=True)
   with np.load(paths["inpaint_npz"]) as f:
     assert f["codes"].shape == (2, 8, 8, 3) and f["history"].shape == (2, 2, 8, 8, 3)
-    for codes in f["codes"]:
-      np.testing.assert_array_equal(codes[~want], f["input_codes"][~want])
+    for c in f["codes"]:
+      np.testing.assert_array_equal(c[~want], f["input_codes"][~want])
     np.testing.assert_array_equal(f["region"], want)
     images, source = f["images"], f["input"]
     assert images.shape == (2, 16, 16, 1) and source.shape == (16, 16, 1)
@@ -169,6 +170,6 @@ def test_edit_keeps_every_code_outside_the_region(loaded, tmp_path, where):
   assert rows.shape == (2, cols, 16, 16, 1)
   panel, source = rows[0, 1, ..., 0], rows[0, 0, ..., 0]
   cells = np.zeros((16, 16), bool)
-  cells[4:12, 6:14] = True  # code rows 2 ... 5 and columns 3 ... 6
+  cells[4:10, 6:12] = True  # code rows 2 ... 4 and columns 3 ... 5
   assert (panel[cells] == editing.REGION_GREY).all()
   np.testing.assert_array_equal(panel[~cells], source[~cells])
