@@ -311,8 +311,8 @@ def write_edit(loaded: Any, edit: Edit, out_dir: str, *, composite: bool = False
   scale = max(1, 128 // res)
   h, w, depth = loaded.decoder.model.code_shape
   paths = {"inpainted_png": grids.save_grid(os.path.join(out_dir, "inpainted.png"), images[-1], samples, scale),
-           "strip_png": grids.save_grid(os.path.join(out_dir, "strip.png"), rows.reshape(samples * cols, *rows.shape[2:]),
-                                        cols, scale)}
+           "strip_png": grids.save_grid(os.path.join(out_dir, "strip.png"),
+                                        rows.reshape(samples * cols, *rows.shape[2:]), cols, scale)}
   path = os.path.join(out_dir, "inpaint.npz")
   np.savez(path + ".tmp.npz", images=images[-1], codes=edit.history[-1].reshape(samples, h, w, depth),
            history=edit.history.reshape(*edit.history.shape[:2], h, w, depth), input=grids.to_uint8(edit.image),
