@@ -106,7 +106,7 @@ def _read_inpaint_inputs():
   return editing.read_inputs(FLAGS.image, FLAGS.mask)
 
 
-def _inpaint(loaded, settings: dict, inputs, out_dir: str) -> None:
+def _inpaint(loaded, settings: dict, inputs, out_dir: str, write: bool) -> None:
   """`sample inpaint`: one image, its mask, --num_samples completions written to `out_dir`."""
   import jax  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.sampling import editing  # pylint: disable=g-import-not-at-top
@@ -122,6 +122,8 @@ def _inpaint(loaded, settings: dict, inputs, out_dir: str) -> None:
   kwargs = {k: v for k, v in {**settings, **steps}.items() if k != "batch_size"}  # one batch of num_samples
   edit = editing.inpaint(loaded, image, mask, cond, jax.random.key(FLAGS.seed), num_samples=FLAGS.num_samples,
                          **kwargs)
+  if not write:
+    return
   paths = editing.write_edit(loaded, edit, out_dir, composite=FLAGS.composite)
   h, w, _ = stage1.code_shape
   print(f"{FLAGS.num_samples} completions of {size} of {h * w} code positions of {FLAGS.image} from {FLAGS.workdir} "
@@ -156,9 +158,8 @@ def main(argv: list[str]) -> None:
   settings = dict(batch_size=int(pick(FLAGS.batch_size, s.batch_size)), t_draft=int(pick(FLAGS.t_draft, s.T_draft)),
                   t_revise=int(pick(FLAGS.t_revise, s.T_revise)), num_revisions=int(pick(FLAGS.num_revisions, s.M)),
                   draft=_phase("draft", s.draft), revise=_phase("revise", s.revise), draft_mode=FLAGS.draft_mode)
-  if edit_inputs is not None:
-    if host.is_chief():
-      _inpaint(loaded, settings, edit_inputs, FLAGS.out or os.path.join(FLAGS.workdir, "inpaint"))
+  if edit_inputs is not None:  # every host runs the edit (the parameters may span them); process 0 writes it
+    _inpaint(loaded, settings, edit_inputs, FLAGS.out or os.path.join(FLAGS.workdir, "inpaint"), host.is_chief())
     return
   out = out_dir
   if loaded.model.is_text:
