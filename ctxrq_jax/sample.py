@@ -140,15 +140,15 @@ def main(argv: list[str]) -> None:
   edit_inputs = _read_inpaint_inputs() if len(argv) == 2 else None
   if FLAGS.num_per_class < 1:
     raise app.UsageError(f"--num_per_class must be >= 1, got {FLAGS.num_per_class}")
-  import os  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.core import host  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.sampling import loader  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.sampling import runner  # pylint: disable=g-import-not-at-top
 
   host.setup_host()
-  out_dir = FLAGS.out or os.path.join(FLAGS.workdir, "samples")
+  out_dir = FLAGS.out or str(paths.path(FLAGS.workdir) / "samples")
   if FLAGS.merge:
     print(f"samples_npz: {runner.merge_shards(out_dir)}")
     return
@@ -159,7 +159,7 @@ def main(argv: list[str]) -> None:
                   t_revise=int(pick(FLAGS.t_revise, s.T_revise)), num_revisions=int(pick(FLAGS.num_revisions, s.M)),
                   draft=_phase("draft", s.draft), revise=_phase("revise", s.revise), draft_mode=FLAGS.draft_mode)
   if edit_inputs is not None:  # every host runs the edit (the parameters may span them); process 0 writes it
-    _inpaint(loaded, settings, edit_inputs, FLAGS.out or os.path.join(FLAGS.workdir, "inpaint"), host.is_chief())
+    _inpaint(loaded, settings, edit_inputs, FLAGS.out or str(paths.path(FLAGS.workdir) / "inpaint"), host.is_chief())
     return
   out = out_dir
   if loaded.model.is_text:

@@ -59,8 +59,11 @@ Options (environment variable in brackets)
 
 Training arguments: everything after '--' goes to the training module verbatim;
 --config=..., --config.KEY=..., and --workdir=... are also passed through
-without the '--'.  The workdir should be a gs:// path so that every host
-writes checkpoints to the same place.
+without the '--'.  On a multi-host slice (more than 8 TensorCores or chips,
+e.g. v4-16, v5p-16, v5litepod-16) train and all refuse a --workdir that is not
+gs://: every host writes its checkpoint shards there.  Put the code dataset
+(--config.data.codes_dir), the stage-1 artifact (--config.data.stage1_dir) and
+TFDS_DATA_DIR in the bucket too, so that every host reads the same files.
 
 Examples
   $PROG all --name ctxrq --zone us-central2-b -t v4-32 --spot \\
@@ -139,6 +142,40 @@ parse_option() {
   esac
 }
 
+# A slice of more than 8 TensorCores (v2/v3/v4/v5p) or chips (v5e/v6e) spans several hosts.
+is_multi_host() {
+  local n=${ACCEL##*-}
+  [[ $n =~ ^[0-9]+$ ]] && ((n > 8))
+}
+
+# The value of --workdir among the training arguments (the last one wins), or nothing.
+train_workdir() {
+  local a out="" next=0
+  for a in "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}"; do
+    if [[ $next == 1 ]]; then
+      out=$a
+      next=0
+      continue
+    fi
+    case $a in
+      --workdir=*) out=${a#--workdir=} ;;
+      --workdir) next=1 ;;
+    esac
+  done
+  printf '%s' "$out"
+}
+
+# On several hosts the workdir must be a bucket: each host writes its checkpoint shards and iterator state there,
+# orbax's commit waits for all of them, and a restarted slice reads them back.
+check_workdir() {
+  local workdir
+  is_multi_host || return 0
+  workdir=$(train_workdir)
+  if [[ -n $workdir && $workdir != gs://* ]]; then
+    die "a multi-host slice ($ACCEL) needs --workdir=gs://BUCKET/...: '$workdir' would be a separate local directory on every host, and their checkpoints would never be complete"
+  fi
+}
+
 parse_args "$@"
 check_subcommand create setup train logs delete all
 [[ -n $NAME ]] || die "missing TPU name (--name or TPU_NAME)"
@@ -147,6 +184,7 @@ check_subcommand create setup train logs delete all
 [[ $WORKER == all || $WORKER =~ ^[0-9]+$ ]] || die "--worker must be a number or 'all', got '$WORKER'"
 [[ $LINES =~ ^[0-9]+$ ]] || die "--lines must be a number, got '$LINES'"
 check_module_and_envs
+[[ $CMD == train || $CMD == all ]] && check_workdir
 check_remote_path --remote-dir "$REMOTE_DIR"
 check_remote_path --venv "$VENV"
 check_remote_path --log "$LOG"

@@ -10,9 +10,15 @@ renamed when complete, so a step directory that exists was finished):
 Typed PRNG keys (`jax.random.key`) are stored as their raw uint32 key data and re-wrapped with the target's key
 implementation on restore, so both typed keys and raw uint32 keys round-trip bit for bit.
 
+Storage: `directory` is any `core.paths` location, local or a bucket (`gs://...`). Locally orbax finalises a step by
+renaming its temp directory; on an object store (no atomic rename) it writes into the step directory and commits it
+with a marker file written last. The manifest below is one object written after the step was committed.
+
 Integrity: orbax's array files carry no checksums (garbage bytes in a data file restore silently as garbage
-values), so once a save has completed process 0 records the size and CRC-32 of every file of the step in
-`_checksums/<step>.json` (outside the step directory, which orbax finalised atomically). `restore` verifies them
+values), so once a save has completed process 0 records the size and CRC-32 of every file of the step in the file
+`_checksums-<step>.json` beside the step directories (outside the step directory, which orbax finalised atomically;
+a file, not a sub-directory, because on an object store orbax deletes every sub-directory without a commit marker as
+an unfinished save). Manifests of older runs in `_checksums/<step>.json` are still read. `restore` verifies them
 first; a step saved without a manifest (killed between finalising and checksumming) is restored unverified.
 
 Corruption: `restore` walks the steps newest first. A step that fails to restore (missing or garbage files) is
@@ -26,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -42,12 +47,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_policy
 
+from ctxrq_jax.core import paths
+
 log = logging.getLogger(__name__)
 
 _STATE = "state"
 _DATA = "data"
 _METADATA = "metadata"
-_CHECKSUMS = "_checksums"
+_CHECKSUMS = "_checksums"  # manifest files: _checksums-<step>.json
 
 
 def _is_typed_key(x: Any) -> bool:
@@ -123,9 +130,10 @@ class Checkpointer:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
     if int(save_interval_steps) < 1:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
-    self.directory = os.path.abspath(os.fspath(directory))
+    self._dir = paths.path(directory)
+    self.directory = str(self._dir)
     self.read_only = bool(read_only)
-    if self.read_only and not os.path.isdir(self.directory):
+    if self.read_only and not self._dir.is_dir():
       raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
     self._options = ocp.CheckpointManagerOptions(
         max_to_keep=int(max_to_keep),
@@ -146,7 +154,7 @@ class Checkpointer:
     self._manager = self._new_manager()
 
   def _new_manager(self) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(self.directory, options=self._options,
+    return ocp.CheckpointManager(self._dir, options=self._options,
                                  item_names=(_STATE, _DATA, _METADATA))
 
   # ------------------------------------------------------------------ save
@@ -179,20 +187,28 @@ class Checkpointer:
     return saved
 
   # ------------------------------------------------------------------ integrity
-  def _checksum_path(self, step: int) -> str:
-    return os.path.join(self.directory, _CHECKSUMS, f"{step}.json")
+  def _checksum_path(self, step: int) -> epath.Path:
+    path = self._dir / f"{_CHECKSUMS}-{step}.json"
+    legacy = self._dir / _CHECKSUMS / f"{step}.json"  # written by earlier versions
+    return legacy if not path.exists() and legacy.exists() else path
+
+  @staticmethod
+  def _file_sum(path: epath.Path) -> list[int]:
+    """[size in bytes, CRC-32] of one file, read in 4 MiB chunks."""
+    crc = size = 0
+    with path.open("rb") as f:
+      while chunk := f.read(1 << 22):
+        crc = zlib.crc32(chunk, crc)
+        size += len(chunk)
+    return [size, crc]
 
   def _step_files(self, step: int) -> dict[str, list[int]]:
-    root = os.path.join(self.directory, str(step))
+    root = self._dir / str(step)
     out = {}
-    for dirpath, _, files in os.walk(root):
+    for dirpath, _, files in root.walk():
       for name in files:
-        path = os.path.join(dirpath, name)
-        crc = 0
-        with open(path, "rb") as f:
-          while chunk := f.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-        out[os.path.relpath(path, root)] = [os.path.getsize(path), crc]
+        path = epath.Path(dirpath) / name
+        out[path.relative_to(root).as_posix()] = self._file_sum(path)
     return out
 
   def _finish_pending(self) -> None:
@@ -203,39 +219,36 @@ class Checkpointer:
     pending, self._pending = self._pending, []
     if jax.process_index() != 0:
       return
-    os.makedirs(os.path.join(self.directory, _CHECKSUMS), exist_ok=True)
     present = set(self._manager.all_steps())
     for step in pending:
       if step in present:
-        path = self._checksum_path(step)
-        with open(path + ".tmp", "w") as f:
-          json.dump(self._step_files(step), f)
-        os.replace(path + ".tmp", path)
-    for name in os.listdir(os.path.join(self.directory, _CHECKSUMS)):
-      stem = name.split(".")[0]
-      if stem.isdigit() and int(stem) not in present:  # The step was garbage-collected by max_to_keep.
-        os.remove(os.path.join(self.directory, _CHECKSUMS, name))
+        paths.write_json(self._dir / f"{_CHECKSUMS}-{step}.json", self._step_files(step))
+    for entry in self._dir.iterdir():
+      stem = entry.name[len(_CHECKSUMS) + 1:].split(".")[0]
+      if (entry.name.startswith(f"{_CHECKSUMS}-") and stem.isdigit()
+          and int(stem) not in present):  # The step was garbage-collected by max_to_keep.
+        entry.unlink()
 
   def _verify(self, step: int) -> None:
     """Raises IOError if a file of `step` is missing or differs from its manifest (process 0 checks)."""
     problem = ""
-    if jax.process_index() == 0 and os.path.isfile(self._checksum_path(step)):
-      with open(self._checksum_path(step)) as f:
-        want = json.load(f)
-      root = os.path.join(self.directory, str(step))
+    if jax.process_index() == 0 and self._checksum_path(step).exists():
+      want = json.loads(self._checksum_path(step).read_text())
+      root = self._dir / str(step)
+      bad = []
       for rel, (size, crc) in want.items():
-        path = os.path.join(root, rel)
-        if not os.path.isfile(path):
+        path = root / rel
+        if not path.exists():
           problem = f"missing file {rel}"
           break
-        if os.path.getsize(path) != size:
-          problem = f"file {rel} has {os.path.getsize(path)} bytes, expected {size}"
+        got_size, got_crc = self._file_sum(path)
+        if got_size != size:
+          problem = f"file {rel} has {got_size} bytes, expected {size}"
           break
-      if not problem:
-        got = self._step_files(step)
-        bad = sorted(rel for rel, v in want.items() if got.get(rel, [None, None])[1] != v[1])
-        if bad:
-          problem = f"checksum mismatch in {', '.join(bad)}"
+        if got_crc != crc:
+          bad.append(rel)
+      if not problem and bad:
+        problem = f"checksum mismatch in {', '.join(sorted(bad))}"
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       problem = bytes(multihost_utils.broadcast_one_to_all(
@@ -257,8 +270,8 @@ class Checkpointer:
                                               restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))}
     else:
       items = {_STATE: ocp.args.StandardRestore(abstract)}
-    step_dir = os.path.join(self.directory, str(step))
-    has_data = os.path.isdir(os.path.join(step_dir, _DATA))
+    step_dir = self._dir / str(step)
+    has_data = (step_dir / _DATA).is_dir()
     if data_iterator is not None and has_data:
       items[_DATA] = grain_checkpoint.CheckpointRestore(data_iterator)
     out = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -273,7 +286,7 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     handler = ocp.PyTreeCheckpointHandler()
     try:
-      meta = handler.metadata(epath.Path(self.directory) / str(step) / _STATE)
+      meta = handler.metadata(self._dir / str(step) / _STATE)
     finally:
       handler.close()
     return getattr(meta, "tree", meta)
@@ -304,7 +317,7 @@ class Checkpointer:
     failed: list[int] = []
     first_error: Optional[BaseException] = None
     for step in steps:
-      step_dir = os.path.join(self.directory, str(step))
+      step_dir = self._dir / str(step)
       try:
         restored = self._restore_step(step, abstract, data_iterator, partial)
       except MemoryError:
@@ -330,21 +343,21 @@ class Checkpointer:
     if jax.process_index() == 0:
       stamp = time.strftime("%Y%m%d-%H%M%S")
       for step in steps:
-        src = os.path.join(self.directory, str(step))
-        dst = f"{src}.corrupt-{stamp}"
-        if os.path.isdir(src):
-          os.rename(src, dst)
+        src = self._dir / str(step)
+        dst = self._dir / f"{step}.corrupt-{stamp}"
+        if src.is_dir():
+          # Locally an atomic rename; on an object store a copy then a delete. An interrupted move leaves `src`
+          # without some files: its manifest then fails and it is moved aside again on the next restore.
+          src.rename(dst)
           log.warning("Moved unreadable checkpoint %s to %s", src, dst)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices("ctxrq_checkpoint_quarantine")
+    paths.barrier("ctxrq_checkpoint_quarantine")
     self._manager.close()
     self._manager = self._new_manager()
 
   def read_metadata(self, step: Optional[int] = None) -> Optional[dict[str, Any]]:
     """The JSON metadata saved with `step` (default: latest), or None if there is none."""
     step = self.latest_step() if step is None else int(step)
-    if step is None or not os.path.isdir(os.path.join(self.directory, str(step), _METADATA)):
+    if step is None or not (self._dir / str(step) / _METADATA).is_dir():
       return None
     return self._manager.restore(step, args=ocp.args.Composite(**{_METADATA: ocp.args.JsonRestore()}))[_METADATA]
 

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from ctxrq_jax.core import paths
+
 
 class ConfigError(ValueError):
   """A configuration that cannot run; the message names the offending key."""
@@ -90,26 +92,22 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
 
 def save_snapshot(config: ml_collections.ConfigDict, workdir: str, *, write: bool = True) -> str:
   """Writes the config as JSON into `workdir/config.json` atomically (only where `write`, i.e. process 0)."""
-  path = os.path.join(workdir, SNAPSHOT)
+  path = paths.path(workdir) / SNAPSHOT
   if write:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, path)
-  return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    paths.write_text(path, config.to_json_best_effort(indent=2, sort_keys=True))
+  return str(path)
 
 
 def load_snapshot(workdir: str) -> ml_collections.ConfigDict:
   """Reads a config written by `save_snapshot`; a clear error names a missing or unreadable file."""
-  path = os.path.join(workdir, SNAPSHOT)
-  if not os.path.isdir(workdir):
+  path = paths.path(workdir) / SNAPSHOT
+  if not path.parent.is_dir():
     raise FileNotFoundError(f"workdir {workdir} does not exist")
-  if not os.path.isfile(path):
+  if not path.exists():
     raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of a training run?")
   try:
-    with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f"config snapshot {path} is unreadable: {e}") from e
 
@@ -120,6 +118,6 @@ def absolute_paths(config: ml_collections.ConfigDict, section: str, keys: tuple[
   with config.unlocked():
     for key in keys:
       path = config[section][key]
-      if path and "://" not in path:
-        config[section][key] = os.path.abspath(path)
+      if path:
+        config[section][key] = paths.name(path)
   return config

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 from PIL import Image
+
+from ctxrq_jax.core import paths
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -32,6 +34,16 @@ def make_grid(images: np.ndarray, ncols: int, pad: int = 2, pad_value: int = 255
   return grid
 
 
+def _save_png(path: str, img: Image.Image) -> str:
+  """Writes `img` as a PNG at `path` (local or a bucket), atomically: a reader never sees half a PNG."""
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  target = paths.path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  paths.write_bytes(target, buf.getvalue())
+  return path
+
+
 def save_grid(path: str, images: np.ndarray, ncols: int, scale: int = 1) -> str:
   """Writes a PNG grid of [B, H, W, C] images (C = 1 or 3); `scale` enlarges small images (nearest)."""
   grid = make_grid(images, ncols)
@@ -40,11 +52,7 @@ def save_grid(path: str, images: np.ndarray, ncols: int, scale: int = 1) -> str:
   img = Image.fromarray(grid)
   if scale > 1:
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.png"
-  img.save(tmp)
-  os.replace(tmp, path)  # atomic: a reader never sees half a PNG
-  return path
+  return _save_png(path, img)
 
 
 def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:
@@ -107,8 +115,4 @@ def captioned_grid(images: np.ndarray, captions: list[str], ncols: int, scale: i
 def save_captioned_grid(path: str, images: np.ndarray, captions: list[str], ncols: int, scale: int = 1) -> str:
   """Writes `captioned_grid` as a PNG (atomically); returns the path."""
   grid = captioned_grid(images, captions, ncols, scale)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.png"
-  Image.fromarray(grid).save(tmp)
-  os.replace(tmp, path)
-  return path
+  return _save_png(path, Image.fromarray(grid))

@@ -94,9 +94,11 @@ class EventWriter:
     import socket  # pylint: disable=g-import-not-at-top
     from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
     from tensorboard.summary.writer.record_writer import RecordWriter  # pylint: disable=g-import-not-at-top
-    os.makedirs(logdir, exist_ok=True)
-    self.path = os.path.join(logdir, f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}")
-    self._file = open(self.path, "wb")  # pylint: disable=consider-using-with
+    from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
+    directory = paths.path(logdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    self.path = str(directory / f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}")
+    self._file = paths.path(self.path).open("wb")  # local or a bucket (gfile uploads the object on flush/close)
     self._records = RecordWriter(self._file)
     self._event = event_pb2.Event
     self._records.write(self._event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())

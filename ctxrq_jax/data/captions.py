@@ -23,15 +23,15 @@ silently and none of them stops the run.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import io
-import os
+import posixpath
 import tarfile
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
+from ctxrq_jax.core import paths as fs
 from ctxrq_jax.data import images as image_data
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -89,7 +89,7 @@ def shard_paths(patterns: str | Sequence[str]) -> list[str]:
     patterns = [p for p in patterns.split(",") if p.strip()]
   paths = []
   for pattern in patterns:
-    found = sorted(glob.glob(os.path.expanduser(pattern.strip())))
+    found = fs.glob(pattern.strip())  # local or a bucket
     if not found:
       raise ValueError(f"no webdataset shards match {pattern!r}")
     paths.extend(found)
@@ -102,15 +102,15 @@ def iter_webdataset(patterns: str | Sequence[str], stats: CaptionStats) -> Itera
     current: dict[str, Any] = {}
     key = None
     try:
-      with tarfile.open(path, mode="r|*") as tar:
+      with fs.path(path).open("rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for member in tar:
           if not member.isfile():
             continue
-          base = os.path.basename(member.name)
+          base = posixpath.basename(member.name)  # member names are '/'-separated
           if "." not in base:
             continue
           stem, ext = base.split(".", 1)
-          member_key = os.path.join(os.path.dirname(member.name), stem)
+          member_key = posixpath.join(posixpath.dirname(member.name), stem)
           if member_key != key:
             if key is not None:
               yield from _webdataset_example(path, key, current, stats)
@@ -127,7 +127,7 @@ def iter_webdataset(patterns: str | Sequence[str], stats: CaptionStats) -> Itera
 def _webdataset_example(path: str, key: str, parts: dict[str, Any],
                         stats: CaptionStats) -> Iterator[CaptionExample]:
   stats.read += 1
-  where = f"{os.path.basename(path)}:{key}"
+  where = f"{fs.path(path).name}:{key}"
   image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
   caption = _text(parts[CAPTION_EXTENSION]).strip() if CAPTION_EXTENSION in parts else ""
   if image is None:
@@ -145,7 +145,7 @@ def iter_parquet(patterns: str | Sequence[str], stats: CaptionStats, *, image_co
 
   for path in shard_paths(patterns):
     try:
-      shard = pq.ParquetFile(path)
+      shard = pq.ParquetFile(path if fs.is_local(path) else fs.path(path).open("rb"))  # a bucket's: a seekable gfile
     except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid / OSError on a damaged file
       stats.note("bad_shards", path, f"not a readable parquet file ({type(e).__name__}: {e})")
       continue
@@ -163,7 +163,7 @@ def iter_parquet(patterns: str | Sequence[str], stats: CaptionStats, *, image_co
         keys = data.get(key_column) or [str(row + i) for i in range(batch.num_rows)]
         for key, image, text in zip(keys, data[image_column], data[text_column]):
           stats.read += 1
-          where = f"{os.path.basename(path)}:{key}"
+          where = f"{fs.path(path).name}:{key}"
           caption = _text(text).strip() if text is not None else ""
           if not image:
             stats.note("missing_image", where, "no image (a failed download)")

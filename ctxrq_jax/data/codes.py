@@ -2,7 +2,8 @@
 
 A code dataset is a directory:
 
-  metadata.json   written last, atomically (temp file + rename): its presence marks a complete data set.
+  metadata.json   written last, atomically (`core.paths`: temp file + rename locally, one object upload on a
+                  bucket): the commit marker, its presence marks a complete data set.
                   {"format": "ctxrq_codes", "version": 1 | 2, "code_shape": [h, w, D], "codebook_size": K,
                    "embed_dim": n_z, "code_dtype": "int16" | "int32", "num_classes": C, "cond_length": L,
                    "cond_vocab_size": V, "source": ..., "views": [names] (version 2 only), "record_layout": ...,
@@ -11,6 +12,10 @@ A code dataset is a directory:
   {split}-{s:05d}-of-{n:05d}.array_record
                   n ArrayRecord shards per split. Example i (in write order) is record i // n of shard i % n, so
                   reading is in write order whatever the number of shards.
+
+Storage: the directory may be local or a bucket (`gs://...`). array_record's writer writes local files only, so each
+shard is written to a local temp file and copied into place when the split is closed; its reader opens `gs://` objects
+itself (array_record >= 0.8 reads through riegeli's GCS reader), so grain reads the shards straight from the bucket.
 
 Record layout (fixed, little-endian, no padding): the condition, L tokens as int32 (bytes 0..4L-1); then the
 V*h*w*D codes in C order ([V, h, w, D], depth fastest) as int16 when K <= 32767, else int32. So a record is
@@ -33,15 +38,15 @@ same bytes.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import os
 import re
-import tempfile
 from typing import Any, Mapping
 
 import grain
 import numpy as np
 
+from ctxrq_jax.core import paths
 from ctxrq_jax.data import pipeline
 
 FORMAT = "ctxrq_codes"
@@ -143,21 +148,6 @@ def _check_code_shape(code_shape: Any) -> tuple[int, int, int]:
   return tuple(int(d) for d in shape)
 
 
-def _atomic_write(path: str, write_fn: Any, mode: str) -> None:
-  directory = os.path.dirname(path)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, mode) as f:
-      write_fn(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 class CodeDatasetWriter:
   """Writes a code dataset; `.write()` batches in order, then `.close()` (or leave a `with` block).
 
@@ -205,7 +195,7 @@ class CodeDatasetWriter:
       json.dumps(source)
     except TypeError as e:
       raise ValueError(f"source must be JSON-serialisable: {e}") from e
-    self._dir = os.fspath(out_dir)
+    self._dir = paths.name(out_dir)
     self._codebook = codebook.astype(np.float32)
     self._num_classes = int(num_classes)
     self._cond_length = int(cond_length)
@@ -214,14 +204,15 @@ class CodeDatasetWriter:
     self._num_shards = int(num_shards)
     self._dtype = code_dtype(len(codebook))
     self._writers: dict[str, list[Any]] = {}
+    self._staging: dict[str, list[Any]] = {}  # split -> the open `paths.local_file` contexts of its shards
     self._counts: dict[str, int] = {}
     self._closed = False
-    meta_path = os.path.join(self._dir, METADATA_FILE)
-    if os.path.exists(meta_path):
+    meta_path = paths.path(self._dir) / METADATA_FILE
+    if meta_path.exists():
       if not overwrite:
         raise ValueError(f"{self._dir} already holds a code dataset; pass overwrite=True to replace it")
-      os.remove(meta_path)  # First, so a crash below cannot leave old metadata describing new shards.
-    os.makedirs(self._dir, exist_ok=True)
+      meta_path.unlink()  # First, so a crash below cannot leave old metadata describing new shards.
+    paths.path(self._dir).mkdir(parents=True, exist_ok=True)
 
   @property
   def num_written(self) -> dict[str, int]:
@@ -272,19 +263,29 @@ class CodeDatasetWriter:
   def _open(self, split: str) -> list[Any]:
     if split not in self._writers:
       from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+      # Each shard goes to a local file first (the writer needs one), moved or copied into place on close.
+      staging = [paths.local_file(paths.path(self._dir) / shard_name(split, s, self._num_shards))
+                 for s in range(self._num_shards)]
+      self._staging[split] = staging
       # group_size:1 makes every record its own chunk: cheap random access for shuffled reads.
-      self._writers[split] = [
-          array_record_module.ArrayRecordWriter(
-              os.path.join(self._dir, shard_name(split, s, self._num_shards)), "group_size:1")
-          for s in range(self._num_shards)]
+      self._writers[split] = [array_record_module.ArrayRecordWriter(st.__enter__(), "group_size:1")
+                              for st in staging]
       self._counts[split] = 0
     return self._writers[split]
 
-  def _close_files(self) -> None:
+  def _close_files(self, exc: BaseException | None = None) -> None:
+    """Closes the shard writers, then publishes their files (or, after `exc`, discards them)."""
     for writers in self._writers.values():
       for w in writers:
         if w.is_open():
           w.close()
+    for staging in self._staging.values():
+      for st in staging:
+        if exc is None:
+          st.__exit__(None, None, None)
+        else:
+          st.__exit__(type(exc), exc, exc.__traceback__)
+    self._staging.clear()
 
   def close(self) -> CodeMetadata:
     """Finishes the shards, then writes codebook.npy and metadata.json atomically; returns the metadata."""
@@ -300,9 +301,8 @@ class CodeDatasetWriter:
         cond_vocab_size=self._cond_range, views=self._views,
         splits={split: (n, tuple(shard_name(split, s, self._num_shards) for s in range(self._num_shards)))
                 for split, n in self._counts.items()})
-    _atomic_write(os.path.join(self._dir, CODEBOOK_FILE), lambda f: np.save(f, self._codebook), "wb")
-    _atomic_write(os.path.join(self._dir, METADATA_FILE),
-                  lambda f: f.write(json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n"), "w")
+    paths.write_with(paths.path(self._dir) / CODEBOOK_FILE, lambda f: np.save(f, self._codebook))
+    paths.write_text(paths.path(self._dir) / METADATA_FILE, json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n")
     return meta
 
   def __enter__(self) -> CodeDatasetWriter:
@@ -313,17 +313,16 @@ class CodeDatasetWriter:
       self.close()
     else:
       self._closed = True
-      self._close_files()
+      self._close_files(exc)
 
 
 def read_metadata(codes_dir: str) -> CodeMetadata:
   """Reads and validates `codes_dir/metadata.json`; raises ValueError naming what is missing or wrong."""
-  path = os.path.join(os.fspath(codes_dir), METADATA_FILE)
-  if not os.path.isfile(path):
+  path = paths.path(codes_dir) / METADATA_FILE
+  if not path.exists():
     raise ValueError(f"{path} not found: not a code dataset, or its writing never finished")
   try:
-    with open(path) as f:
-      raw = json.load(f)
+    raw = json.loads(path.read_bytes())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{path} is corrupt: {e}") from e
   if not isinstance(raw, dict) or raw.get("format") != FORMAT:
@@ -361,7 +360,7 @@ def read_metadata(codes_dir: str) -> CodeMetadata:
   for split, info in raw["splits"].items():
     ok = (isinstance(info, dict) and isinstance(info.get("num_examples"), int) and info["num_examples"] >= 0
           and isinstance(info.get("shards"), list) and info["shards"]
-          and all(isinstance(s, str) and os.path.basename(s) == s for s in info["shards"]))
+          and all(isinstance(s, str) and s and "/" not in s for s in info["shards"]))
     if not ok:
       raise ValueError(f"{path}: split {split!r} needs num_examples >= 0 and a list of shard file names, "
                        f"got {info!r}")
@@ -374,9 +373,10 @@ def read_metadata(codes_dir: str) -> CodeMetadata:
 def load_codebook(codes_dir: str, metadata: CodeMetadata | None = None) -> np.ndarray:
   """Returns the codebook float32 [K, n_z], checked against the metadata."""
   meta = metadata or read_metadata(codes_dir)
-  path = os.path.join(os.fspath(codes_dir), CODEBOOK_FILE)
+  path = paths.path(codes_dir) / CODEBOOK_FILE
   try:
-    codebook = np.load(path, allow_pickle=False)
+    with path.open("rb") as f:
+      codebook = np.load(io.BytesIO(f.read()), allow_pickle=False)
   except (OSError, ValueError) as e:
     raise ValueError(f"cannot read codebook {path}: {e}") from e
   if codebook.shape != (meta.codebook_size, meta.embed_dim) or codebook.dtype != np.float32:
@@ -395,11 +395,11 @@ class CodeSource(grain.sources.RandomAccessDataSource):
     self._num_shards = len(files)
     self._shards = []
     for s, name in enumerate(files):
-      path = os.path.join(os.fspath(codes_dir), name)
-      if not os.path.isfile(path):
+      path = paths.path(codes_dir) / name
+      if not path.exists():
         raise ValueError(f"code dataset shard {path} is missing")
-      try:
-        shard = grain.sources.ArrayRecordDataSource([path])
+      try:  # a local file, or a gs:// object read by array_record's own GCS reader
+        shard = grain.sources.ArrayRecordDataSource([str(path)])
         length = len(shard)
       except RuntimeError as e:
         raise ValueError(f"code dataset shard {path} is corrupt: {e}") from e

@@ -18,11 +18,12 @@ deterministic.
 
 from __future__ import annotations
 
-import glob
 import os
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from ctxrq_jax.core import paths
 
 PAD = "[PAD]"
 UNK = "[UNK]"
@@ -47,11 +48,11 @@ def default_prefix(vocab_size: int) -> str:
 def find_files(directory: str) -> tuple[str, str]:
   """The (vocab.json, merges.txt) pair in `directory`; ValueError unless there is exactly one pair."""
   directory = os.fspath(directory)
-  if not os.path.isdir(directory):
+  if not paths.path(directory).is_dir():
     raise ValueError(f"tokenizer directory {directory} does not exist")
-  vocabs = sorted(glob.glob(os.path.join(glob.escape(directory), "*" + VOCAB_SUFFIX)))
+  vocabs = sorted(str(p) for p in paths.path(directory).iterdir() if p.name.endswith(VOCAB_SUFFIX))
   pairs = [(v, v[:-len(VOCAB_SUFFIX)] + MERGES_SUFFIX) for v in vocabs]
-  pairs = [p for p in pairs if os.path.isfile(p[1])]
+  pairs = [p for p in pairs if paths.path(p[1]).exists()]
   if len(pairs) != 1:
     raise ValueError(f"{directory} must hold exactly one '<prefix>{VOCAB_SUFFIX}' + '<prefix>{MERGES_SUFFIX}' pair "
                      f"(e.g. bpe-16k-vocab.json, bpe-16k-merges.txt), found {len(pairs)}")
@@ -75,7 +76,7 @@ class CaptionTokenizer:
     if not 0.0 <= float(bpe_dropout) < 1.0:
       raise ValueError(f"bpe_dropout must be in [0, 1), got {bpe_dropout}")
     for path in (vocab_file, merges_file):
-      if not os.path.isfile(path):
+      if not paths.path(path).exists():
         raise ValueError(f"tokenizer file {path} does not exist")
     self.context_length = int(context_length)
     self.bpe_dropout = float(bpe_dropout)
@@ -94,7 +95,8 @@ class CaptionTokenizer:
       raise ValueError(f"{vocab_file}: ids are not the contiguous range [0, {self.vocab_size})")
 
   def _build(self, cls, dropout):
-    tok = cls.from_file(self.files[0], self.files[1], unk_token=UNK, lowercase=True, dropout=dropout)
+    # The tokenizers library reads local files: a bucket's pair is fetched once (`paths.local_copy`).
+    tok = cls.from_file(paths.local_copy(self.files[0]), paths.local_copy(self.files[1]), unk_token=UNK, lowercase=True, dropout=dropout)
     tok.add_special_tokens([PAD])
     tok.enable_padding(length=self.context_length, pad_id=PAD_ID, pad_token=PAD)
     tok.enable_truncation(max_length=self.context_length)
@@ -135,14 +137,13 @@ class CaptionTokenizer:
 def read_captions(path: str) -> list[str]:
   """One caption per line (UTF-8); blank lines are skipped. A tab-separated line keeps its last field, so the
   official `<split>_list.txt` layout (image path, tab, caption) reads as captions too."""
-  if not os.path.isfile(path):
+  if not paths.path(path).exists():
     raise ValueError(f"caption file {path} does not exist")
   out = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      line = line.rstrip("\n").split("\t")[-1].strip()
-      if line:
-        out.append(line)
+  for line in paths.path(path).read_bytes().decode("utf-8").splitlines():
+    line = line.split("\t")[-1].strip()
+    if line:
+      out.append(line)
   if not out:
     raise ValueError(f"caption file {path} holds no captions")
   return out
@@ -166,15 +167,18 @@ def train_tokenizer(captions: Iterable[str], out_dir: str, *, vocab_size: int = 
   if not captions:
     raise ValueError("no captions to train a tokenizer on")
   prefix = prefix or default_prefix(int(vocab_size))
-  os.makedirs(out_dir, exist_ok=True)
-  existing = glob.glob(os.path.join(glob.escape(os.fspath(out_dir)), "*" + VOCAB_SUFFIX))
+  out = paths.path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  existing = sorted(p.name for p in out.iterdir() if p.name.endswith(VOCAB_SUFFIX))
   if existing:
-    raise ValueError(f"{out_dir} already holds a tokenizer ({os.path.basename(existing[0])}); choose another --out")
+    raise ValueError(f"{out_dir} already holds a tokenizer ({existing[0]}); choose another --out")
   tok = CharBPETokenizer(unk_token=UNK, lowercase=True)
   # Special tokens first, in this order, so [PAD] = 0 and [UNK] = 1 as in the official vocabulary.
   tok.train_from_iterator(captions, vocab_size=int(vocab_size), min_frequency=int(min_frequency),
                           special_tokens=[PAD, UNK], show_progress=False)
-  files = tok.save_model(os.fspath(out_dir), prefix)
+  with paths.scratch_dir() as scratch:  # the library writes local files; they are then put in place
+    files = [str(paths.write_bytes(out / paths.path(f).name, paths.path(f).read_bytes()))
+             for f in tok.save_model(scratch, prefix)]
   vocab = next(f for f in files if f.endswith(VOCAB_SUFFIX))
   merges = next(f for f in files if f.endswith(MERGES_SUFFIX))
   return vocab, merges

@@ -16,14 +16,14 @@ that run are what M revisions give, and the M = 0 ... max curve comes for free. 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+import io
 import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
 
+from ctxrq_jax.core import paths as fs
 from ctxrq_jax.core import reporting
 from ctxrq_jax.evaluation import digits
 from ctxrq_jax.sampling import logits
@@ -251,8 +251,10 @@ def plot(results: dict[str, Any], out_dir: str) -> list[str]:
     axes[0].legend(fontsize=7)
     fig.suptitle(t["title"], fontsize=10)
     fig.tight_layout()
-    path = os.path.join(out_dir, f"{name}.png")
-    fig.savefig(path, dpi=110)
+    path = str(fs.path(out_dir) / f"{name}.png")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    fs.write_bytes(path, buf.getvalue())
     plt.close(fig)
     paths.append(path)
   return paths
@@ -260,13 +262,9 @@ def plot(results: dict[str, Any], out_dir: str) -> list[str]:
 
 def write(results: dict[str, Any], out_dir: str) -> dict[str, str]:
   """ablation.md (the tables), ablation.json (the numbers) and the plots under `out_dir`; returns their paths."""
-  os.makedirs(out_dir, exist_ok=True)
-  md = os.path.join(out_dir, "ablation.md")
-  with open(md, "w") as f:
-    f.write(format_report(results, markdown=True) + "\n")
-  js = os.path.join(out_dir, "ablation.json")
-  with open(js, "w") as f:
-    json.dump(results, f, indent=1)
+  fs.path(out_dir).mkdir(parents=True, exist_ok=True)
+  md = str(fs.write_text(fs.path(out_dir) / "ablation.md", format_report(results, markdown=True) + "\n"))
+  js = str(fs.write_json(fs.path(out_dir) / "ablation.json", results, indent=1))
   out = {"markdown": md, "json": js}
-  out.update({os.path.splitext(os.path.basename(p))[0]: p for p in plot(results, out_dir)})
+  out.update({fs.path(p).stem: p for p in plot(results, out_dir)})
   return out

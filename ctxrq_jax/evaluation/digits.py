@@ -19,7 +19,6 @@ and slant by the pixel measurements that wrote the captions.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Mapping, Optional, Sequence
 
 import chex
@@ -29,6 +28,7 @@ import numpy as np
 import optax
 
 from ctxrq_jax.core import config as configlib
+from ctxrq_jax.core import paths
 from ctxrq_jax.core import reporting
 from ctxrq_jax.data import codes as code_data
 from ctxrq_jax.data import digit_captions
@@ -172,7 +172,7 @@ class SampleEvaluator:
     self.loaded = loader.Stage2Model(workdir)
     if self.loaded.model.is_text:
       raise ValueError(f"{workdir} is a text-to-image run; use `evaluate text_samples`")
-    stage1_cfg = configlib.load_snapshot(os.path.dirname(os.path.abspath(self.loaded.config.data.stage1_dir)))
+    stage1_cfg = configlib.load_snapshot(str(paths.path(self.loaded.config.data.stage1_dir).parent))
     data_cfg = stage1_cfg.data
     self.num_classes = int(self.loaded.config.model.num_classes)
     self.per_class = int(per_class)
@@ -279,7 +279,7 @@ def evaluate_text_samples(workdir: str, *, num_prompts: int = 100, samples_per_p
   loaded = loader.Stage2Model(workdir)
   if not loaded.model.is_text:
     raise ValueError(f"{workdir} is a class-conditional run; use `evaluate samples`")
-  stage1_cfg = configlib.load_snapshot(os.path.dirname(os.path.abspath(loaded.config.data.stage1_dir)))
+  stage1_cfg = configlib.load_snapshot(str(paths.path(loaded.config.data.stage1_dir).parent))
   data_cfg = stage1_cfg.data
 
   x_tr, y_tr = load_split(data_cfg, data_cfg.train_split)

@@ -11,12 +11,14 @@ them, otherwise statistics of its `arr_0` images; precision/recall always use th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Iterable, Optional
 
 import numpy as np
 
+from ctxrq_jax.core import paths
 from ctxrq_jax.core import reporting
 from ctxrq_jax.evaluation import frechet
 from ctxrq_jax.evaluation import inception_features as features_lib
@@ -157,11 +159,13 @@ def build_reference(extractor: features_lib.InceptionFeatureExtractor, batches: 
 
   `mu`/`sigma` (and `mu_s`/`sigma_s`) are statistics of every image, folded in batch by batch; `arr_0` holds the
   first `keep_images` images (ADM's reference batches keep 10,000 for precision/recall), staged in a memory-mapped
-  scratch file beside `path`. Host memory is a batch of images and features plus the two covariance sums, whatever
+  scratch file (beside a local `path`, in a temp dir for a bucket). Host memory is a batch of images and features plus the two covariance sums, whatever
   the number of images. Returns {'num_images', 'kept_images'}.
   """
   path = os.fspath(path)
-  scratch = path + ".images.npy"
+  scratch_dir = contextlib.ExitStack()
+  scratch = (path + ".images.npy" if paths.is_local(path)
+             else os.path.join(scratch_dir.enter_context(paths.scratch_dir()), "images.npy"))
   pool = spatial = None
   kept = None
   done = 0
@@ -193,8 +197,9 @@ def build_reference(extractor: features_lib.InceptionFeatureExtractor, batches: 
                                  spatial_stats=None if spatial is None else (spatial.mu, spatial.sigma))
   finally:
     del kept
-    if os.path.exists(scratch):
+    if os.path.exists(scratch):  # a local scratch file
       os.remove(scratch)
+    scratch_dir.close()
   return {"num_images": done, "kept_images": n_kept}
 
 

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctxrq_jax.core import paths
 from ctxrq_jax.models import inception
 
 IMAGE_SIZE = 299
@@ -202,9 +203,10 @@ def npz_keys(path: str | os.PathLike) -> list[str]:
 
 
 def _existing(path: str | os.PathLike) -> str:
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"npz file {path} does not exist")
+  """The local file to read `path` from (a bucket's npz is fetched once: zip members need random access)."""
+  if not paths.path(path).exists():
+    raise FileNotFoundError(f"npz file {os.fspath(path)} does not exist")
+  path = paths.local_copy(path)
   if not zipfile.is_zipfile(path):
     raise ValueError(f"{path} is not an .npz (zip) file")
   return path
@@ -306,6 +308,7 @@ def read_reference(path: str | os.PathLike) -> Reference:
   Raises:
     FileNotFoundError, or ValueError naming the key with a wrong shape or dtype, or a file with neither layout.
   """
+  name = os.fspath(path)  # as the user named it (a bucket's file is read from a local copy)
   path = _existing(path)
   keys = set(npz_keys(path))
   num_images = image_shape = None
@@ -314,7 +317,7 @@ def read_reference(path: str | os.PathLike) -> Reference:
     if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
       raise ValueError(f"{path}: {IMAGES_KEY} must be uint8 [N, H, W, 3], got {np.dtype(dtype).name} {list(shape)}")
     num_images, image_shape = shape[0], tuple(shape[1:])
-  ref = Reference(path, num_images, image_shape)
+  ref = Reference(name, num_images, image_shape)
   with np.load(path) as z:
     for mu_key, sigma_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
       if (mu_key in keys) != (sigma_key in keys):
@@ -342,7 +345,5 @@ def write_reference(path: str | os.PathLike, *, images: Optional[np.ndarray] = N
       arrays[mu_key], arrays[sigma_key] = np.asarray(value[0]), np.asarray(value[1])
   if not arrays:
     raise ValueError("write_reference needs images or statistics")
-  path = os.fspath(path)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  with paths.local_file(path, suffix=".npz") as tmp:
+    np.savez(tmp, **arrays)

@@ -22,6 +22,7 @@ import numpy as np
 
 from ctxrq_jax.core import config as configlib
 from ctxrq_jax.core import grids
+from ctxrq_jax.core import paths
 from ctxrq_jax.models.rqvae import RQVAE
 from ctxrq_jax.models import variables_files
 from ctxrq_jax.models.rqvae import init_variables
@@ -51,7 +52,7 @@ def save_artifact(
     variables: {'params', 'quantizer'} (other collections are dropped).
     overwrite: replace an existing artifact instead of raising.
   """
-  directory = os.path.abspath(os.fspath(directory))
+  directory = paths.name(directory)
   cfg = _config_to_dict(model_config)
   model = RQVAE.from_config(cfg)
   for c in ("params", "quantizer"):
@@ -84,11 +85,11 @@ def load_artifact(directory: str | os.PathLike) -> tuple[RQVAE, dict[str, Any]]:
   Raises:
     FileNotFoundError / ValueError naming the path and what is missing or wrong.
   """
-  directory = os.path.abspath(os.fspath(directory))
-  if not os.path.isdir(directory):
+  directory = paths.name(directory)
+  if not paths.path(directory).is_dir():
     raise FileNotFoundError(f"stage-1 artifact directory {directory} does not exist")
-  cfg_path = os.path.join(directory, _CONFIG_FILE)
-  if not os.path.isfile(cfg_path):
+  cfg_path = paths.path(directory) / _CONFIG_FILE
+  if not cfg_path.exists():
     raise FileNotFoundError(f"stage-1 artifact {directory} has no {_CONFIG_FILE}")
   meta = variables_files.read_json(cfg_path, "stage-1 artifact config")
   if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT or not isinstance(meta.get("model"), dict):

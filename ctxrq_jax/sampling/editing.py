@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import chex
@@ -44,6 +43,7 @@ import numpy as np
 from PIL import Image
 
 from ctxrq_jax.core import grids
+from ctxrq_jax.core import paths as fs
 from ctxrq_jax.data import captions as captions_lib
 from ctxrq_jax.data import images as image_data
 from ctxrq_jax.models import rqvae
@@ -59,10 +59,10 @@ REGION_GREY = 128  # the regenerated cells in the strip's mask panel
 # ------------------------------------------------------------------------------------------------ files and geometry
 def read_image(path: str, what: str = "image") -> np.ndarray:
   """uint8 [H, W, 3] of an image file; FileNotFoundError / ValueError naming the file."""
-  if not os.path.isfile(path):
+  source = fs.path(path)
+  if not source.is_file():
     raise FileNotFoundError(f"{what} file {path} does not exist")
-  with open(path, "rb") as f:
-    data = f.read()
+  data = source.read_bytes()
   try:
     return captions_lib.decode_image(data)
   except ValueError as e:
@@ -303,21 +303,21 @@ def strip(loaded: Any, edit: Edit, images: np.ndarray | None = None) -> np.ndarr
 
 def write_edit(loaded: Any, edit: Edit, out_dir: str, *, composite: bool = False) -> dict[str, str]:
   """Writes inpainted.png, strip.png and inpaint.npz (module doc) into `out_dir`; returns their paths."""
-  os.makedirs(out_dir, exist_ok=True)
   images = phase_images(loaded, edit, composite=composite)
   rows = strip(loaded, edit, images)
   samples, cols = rows.shape[:2]
   res = images.shape[-2]
   scale = max(1, 128 // res)
   h, w, depth = loaded.decoder.model.code_shape
-  paths = {"inpainted_png": grids.save_grid(os.path.join(out_dir, "inpainted.png"), images[-1], samples, scale),
-           "strip_png": grids.save_grid(os.path.join(out_dir, "strip.png"),
-                                        rows.reshape(samples * cols, *rows.shape[2:]), cols, scale)}
-  path = os.path.join(out_dir, "inpaint.npz")
-  np.savez(path + ".tmp.npz", images=images[-1], codes=edit.history[-1].reshape(samples, h, w, depth),
-           history=edit.history.reshape(*edit.history.shape[:2], h, w, depth), input=grids.to_uint8(edit.image),
-           input_codes=edit.codes.reshape(h, w, depth), mask=edit.mask, region=edit.region.reshape(h, w))
-  os.replace(path + ".tmp.npz", path)
+  out = fs.path(out_dir)
+  paths = {"inpainted_png": grids.save_grid(str(out / "inpainted.png"), images[-1], samples, scale),
+           "strip_png": grids.save_grid(str(out / "strip.png"), rows.reshape(samples * cols, *rows.shape[2:]), cols,
+                                        scale)}
+  path = str(out / "inpaint.npz")
+  with fs.local_file(path, suffix=".npz") as tmp:  # atomic, local or a bucket
+    np.savez(tmp, images=images[-1], codes=edit.history[-1].reshape(samples, h, w, depth),
+             history=edit.history.reshape(*edit.history.shape[:2], h, w, depth), input=grids.to_uint8(edit.image),
+             input_codes=edit.codes.reshape(h, w, depth), mask=edit.mask, region=edit.region.reshape(h, w))
   paths["inpaint_npz"] = path
   return paths
 

@@ -9,7 +9,6 @@ read-only: sampling from a run that is still training never touches its checkpoi
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -20,6 +19,7 @@ import numpy as np
 
 from ctxrq_jax.core import checkpoint
 from ctxrq_jax.core import config as configlib
+from ctxrq_jax.core import paths
 from ctxrq_jax.core import sharding
 from ctxrq_jax.data import codes as codes_lib
 from ctxrq_jax.models import artifact
@@ -46,8 +46,8 @@ def restore_params(workdir: str, config: ml_collections.ConfigDict, mesh: jax.sh
 
   Only the parameters are read; see the module doc.
   """
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  directory = paths.path(workdir) / "checkpoints"
+  if not directory.is_dir():
     raise FileNotFoundError(f"no stage-2 checkpoints in {workdir} (expected {directory})")
   ckpt = checkpoint.Checkpointer(directory, max_to_keep=1, save_interval_steps=1, read_only=True)
   try:

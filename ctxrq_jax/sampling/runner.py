@@ -17,14 +17,16 @@ and `cond` (int32 [M, L], the caption tokens).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ctxrq_jax.core import grids
+from ctxrq_jax.core import paths as fs
 from ctxrq_jax.core import reporting
 from ctxrq_jax.core import sharding
 from ctxrq_jax.sampling import decoder
@@ -119,7 +121,7 @@ def write_outputs(loaded: loader.Stage2Model, history: np.ndarray, labels: np.nd
   """
   paths = write_previews(loaded, history, labels, out_dir, ncols, preview_per_class=preview_per_class,
                          preview_classes=preview_classes, prompts=prompts)
-  paths["samples_npz"] = write_samples_npz(loaded, history[-1], labels, os.path.join(out_dir, "samples.npz"),
+  paths["samples_npz"] = write_samples_npz(loaded, history[-1], labels, str(fs.path(out_dir) / "samples.npz"),
                                            prompts=prompts, cond=cond)
   return paths
 
@@ -129,24 +131,24 @@ def write_previews(loaded: loader.Stage2Model, history: np.ndarray, labels: np.n
                    prompts: Sequence[str] | None = None) -> dict[str, str]:
   """samples.png (final samples) and phases.png (draft and each revision side by side) of a capped preview; with
   `prompts`, each image's prompt under it."""
-  os.makedirs(out_dir, exist_ok=True)
+  fs.path(out_dir).mkdir(parents=True, exist_ok=True)
   labels = np.asarray(labels, np.int32)
   preview = preview_indices(labels, per_class=preview_per_class, max_classes=preview_classes)
   phases = [loaded.images(h[preview], uint8=True) for h in history]  # each [P, R, R, C]
   ncols = max(1, min(ncols, preview_per_class))
   scale = max(1, 128 // phases[0].shape[1])
   if prompts is None:
-    paths = {"samples_png": grids.save_grid(os.path.join(out_dir, "samples.png"), phases[-1], ncols, scale)}
+    paths = {"samples_png": grids.save_grid(str(fs.path(out_dir) / "samples.png"), phases[-1], ncols, scale)}
     panels = [grids.make_grid(p, ncols) for p in phases]
   else:
     captions = [prompts[i] for i in labels[preview]]
-    paths = {"samples_png": grids.save_captioned_grid(os.path.join(out_dir, "samples.png"), phases[-1], captions,
+    paths = {"samples_png": grids.save_captioned_grid(str(fs.path(out_dir) / "samples.png"), phases[-1], captions,
                                                       ncols, scale)}
     panels = [grids.captioned_grid(p, captions, ncols, scale) for p in phases]
     scale = 1
   sep = np.full((panels[0].shape[0], 8, panels[0].shape[2]), 128, np.uint8)  # grey bar between the phases
   side_by_side = np.concatenate([x for p in panels for x in (p, sep)][:-1], axis=1)
-  paths["phases_png"] = grids.save_grid(os.path.join(out_dir, "phases.png"), side_by_side[None], 1, scale)
+  paths["phases_png"] = grids.save_grid(str(fs.path(out_dir) / "phases.png"), side_by_side[None], 1, scale)
   return paths
 
 
@@ -160,12 +162,9 @@ def write_samples_npz(loaded: loader.Stage2Model, codes: np.ndarray, labels: np.
   The images are decoded chunk by chunk into a uint8 memory-mapped scratch file, so host memory stays at a chunk of
   float images plus the uint8 array's page cache, whatever the number of samples.
   """
-  out_dir = os.path.dirname(os.path.abspath(path))
-  os.makedirs(out_dir, exist_ok=True)
   res = loaded.images(codes[:1], uint8=True).shape[1]
-  scratch = os.path.join(out_dir, f".{os.path.basename(path)}.uint8.npy")
-  final = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(len(labels), res, res, 3))
-  try:
+  with _scratch_file(path) as scratch:
+    final = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(len(labels), res, res, 3))
     loaded.images(codes, out=final)
     final.flush()
     arrays = dict(arr_0=final, labels=np.asarray(labels, np.int32),
@@ -174,12 +173,27 @@ def write_samples_npz(loaded: loader.Stage2Model, codes: np.ndarray, labels: np.
       arrays["indices"] = np.asarray(indices, np.int64)
     if prompts is not None:
       arrays.update(prompts=np.asarray(list(prompts), dtype=str), cond=np.asarray(cond, np.int32))
-    np.savez(path + ".tmp.npz", **arrays)
-    os.replace(path + ".tmp.npz", path)  # atomic: an earlier file stays whole until the new one is
-  finally:
-    del final
-    os.remove(scratch)
+    with fs.local_file(path, suffix=".npz") as tmp:  # atomic: an earlier file stays whole until the new one is
+      np.savez(tmp, **arrays)
+    del final, arrays
   return path
+
+
+@contextlib.contextmanager
+def _scratch_file(path: str) -> Iterator[str]:
+  """A local file for a memory-mapped intermediate of `path`: beside it when local, in a temp dir otherwise."""
+  target = fs.path(path)
+  if fs.is_local(target):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = str(target.parent / f".{target.name}.uint8.npy")
+    try:
+      yield scratch
+    finally:
+      if os.path.exists(scratch):  # a local scratch file, never a user-named location
+        os.remove(scratch)
+  else:
+    with fs.scratch_dir() as d:
+      yield os.path.join(d, f"{target.name}.uint8.npy")
 
 
 SHARD_DIR = "shards"
@@ -187,7 +201,7 @@ SHARD_DIR = "shards"
 
 def shard_path(out_dir: str, process_index: int, process_count: int) -> str:
   """OUT/shards/samples-00003-of-00008.npz: host 3 of 8's part of a sample set."""
-  return os.path.join(out_dir, SHARD_DIR, f"samples-{process_index:05d}-of-{process_count:05d}.npz")
+  return str(fs.path(out_dir) / SHARD_DIR / f"samples-{process_index:05d}-of-{process_count:05d}.npz")
 
 
 def merge_shards(out_dir: str) -> str:
@@ -196,9 +210,9 @@ def merge_shards(out_dir: str) -> str:
   Checks that the shards are one complete set (all P of P present, their indices exactly 0 ... S-1 once each);
   holds one shard's images in memory at a time.
   """
-  shard_dir = os.path.join(out_dir, SHARD_DIR)
-  names = sorted(n for n in (os.listdir(shard_dir) if os.path.isdir(shard_dir) else [])
-                 if n.startswith("samples-") and n.endswith(".npz"))
+  shard_dir = fs.path(out_dir) / SHARD_DIR
+  names = sorted(p.name for p in (shard_dir.iterdir() if shard_dir.is_dir() else [])
+                 if p.name.startswith("samples-") and p.name.endswith(".npz"))
   if not names:
     raise FileNotFoundError(f"no sample shards (samples-*-of-*.npz) in {shard_dir}")
   counts = {n.rsplit("-of-", 1)[1][:-len(".npz")] for n in names}
@@ -210,7 +224,7 @@ def merge_shards(out_dir: str) -> str:
     raise ValueError(f"{shard_dir}: shards of hosts {missing} (of {count}) are missing")
   parts = []
   for n in names:
-    with np.load(os.path.join(shard_dir, n)) as z:
+    with (shard_dir / n).open("rb") as f, np.load(f) as z:
       parts.append((n, z["indices"], z["labels"], z["codes"], z["arr_0"].shape))
   indices = np.concatenate([p[1] for p in parts])
   total = len(indices)
@@ -219,19 +233,16 @@ def merge_shards(out_dir: str) -> str:
   order = np.argsort(indices)
   labels = np.concatenate([p[2] for p in parts])[order]
   codes = np.concatenate([p[3] for p in parts])[order]
-  path = os.path.join(out_dir, "samples.npz")
-  scratch = os.path.join(out_dir, ".samples.npz.uint8.npy")
-  images = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(total, *parts[0][4][1:]))
-  try:
+  path = str(fs.path(out_dir) / "samples.npz")
+  with _scratch_file(path) as scratch:
+    images = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(total, *parts[0][4][1:]))
     for n, idx, *_ in parts:
-      with np.load(os.path.join(shard_dir, n)) as z:
+      with (shard_dir / n).open("rb") as f, np.load(f) as z:
         images[idx] = z["arr_0"]
     images.flush()
-    np.savez(path + ".tmp.npz", arr_0=images, labels=labels, codes=codes)
-    os.replace(path + ".tmp.npz", path)
-  finally:
+    with fs.local_file(path, suffix=".npz") as tmp:
+      np.savez(tmp, arr_0=images, labels=labels, codes=codes)
     del images
-    os.remove(scratch)
   return path
 
 
@@ -254,10 +265,9 @@ def read_prompts(spec: str | None = None, path: str | None = None) -> list[str]:
   """Prompts from ';'-separated text and/or a file (one prompt per line, blank lines skipped), in that order."""
   prompts = [p.strip() for p in (spec or "").split(";") if p.strip()]
   if path:
-    if not os.path.isfile(path):
+    if not fs.path(path).exists():
       raise ValueError(f"prompts file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-      prompts += [line.strip() for line in f if line.strip()]
+    prompts += [line.strip() for line in fs.path(path).read_bytes().decode("utf-8").splitlines() if line.strip()]
   if not prompts:
     raise ValueError("no prompts: pass --prompts='a red bus;a dog' or --prompts_file=FILE")
   return prompts

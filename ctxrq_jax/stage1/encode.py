@@ -17,7 +17,6 @@ times the encoding time and V times the code bytes per record (plus the 4-byte l
 from __future__ import annotations
 
 import itertools
-import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ctxrq_jax.core import paths
 from ctxrq_jax.core import reporting
 from ctxrq_jax.data import captions as captions_lib
 from ctxrq_jax.data import codes as code_data
@@ -32,6 +32,14 @@ from ctxrq_jax.data import images as image_data
 from ctxrq_jax.data import tokenizer as tokenizer_lib
 from ctxrq_jax.models import artifact
 from ctxrq_jax.models import rqvae
+
+
+def _check_single_process() -> None:
+  """One process writes a code dataset (its shards are not split by host): a multi-host job would write each file
+  from every host."""
+  if jax.process_count() > 1:
+    raise ValueError(f"encoding writes one code dataset from one process, but this job has {jax.process_count()}; "
+                     "run encode on a single host (its --out may still be a gs:// bucket)")
 
 
 def encode_dataset(artifact_dir: str, data_cfg: ml_collections.ConfigDict, out_dir: str, splits: Sequence[str], *,
@@ -55,6 +63,7 @@ def encode_dataset(artifact_dir: str, data_cfg: ml_collections.ConfigDict, out_d
   Returns:
     the written metadata.
   """
+  _check_single_process()
   model, variables = artifact.load_artifact(artifact_dir)
   if int(data_cfg.image_size) != model.resolution or int(data_cfg.channels) != model.in_channels:
     raise ValueError(
@@ -64,7 +73,7 @@ def encode_dataset(artifact_dir: str, data_cfg: ml_collections.ConfigDict, out_d
   codebook = np.asarray(variables["quantizer"]["codebook"])
   encode_fn = jax.jit(lambda v, x: model.apply(v, model.apply(v, x, method=rqvae.RQVAE.encode),
                                                method=rqvae.RQVAE.quantize)[1])
-  source = {"dataset": str(data_cfg.name), "stage1_artifact": os.path.abspath(artifact_dir),
+  source = {"dataset": str(data_cfg.name), "stage1_artifact": paths.name(artifact_dir),
             "splits": list(splits)}
   if len(views) > 1:
     source.update(views=list(views), view_seed=int(view_seed))
@@ -137,12 +146,13 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
   Returns:
     (the written metadata, {split: stats}).
   """
+  _check_single_process()
   model, variables = artifact.load_artifact(artifact_dir)
   codebook = np.asarray(variables["quantizer"]["codebook"])
   encode_fn = jax.jit(lambda v, x: model.apply(v, model.apply(v, x, method=rqvae.RQVAE.encode),
                                                method=rqvae.RQVAE.quantize)[1])
-  description = {"captions": source_description, "stage1_artifact": os.path.abspath(artifact_dir),
-                 "splits": list(sources), "tokenizer": [os.path.abspath(f) for f in tokenizer.files],
+  description = {"captions": source_description, "stage1_artifact": paths.name(artifact_dir),
+                 "splits": list(sources), "tokenizer": [paths.name(f) for f in tokenizer.files],
                  "context_length": tokenizer.context_length, "bpe_dropout_splits": list(train_splits),
                  "bpe_dropout": tokenizer.bpe_dropout}
   all_stats: dict[str, captions_lib.CaptionStats] = {}
@@ -158,8 +168,8 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
       progress = reporting.Progress(f"encode {split}", min(total, max_examples or total), unit="images")
       batches = captions_lib.image_batches(examples, stats, image_size=model.resolution,
                                            channels=model.in_channels, batch_size=batch_size, resize=resize)
-      caption_path = os.path.join(out_dir, CAPTIONS_FILE.format(split=split))
-      with open(caption_path + ".tmp", "w", encoding="utf-8") as caption_file:
+      caption_path = paths.path(out_dir) / CAPTIONS_FILE.format(split=split)
+      with paths.local_file(caption_path) as caption_tmp, open(caption_tmp, "w", encoding="utf-8") as caption_file:
         for x, captions, _ in batches:
           n = x.shape[0]
           if n < batch_size:  # one compiled shape for every batch, the padded tail is dropped below
@@ -171,7 +181,6 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
           writer.write(split, np.repeat(codes, repeats, axis=0), tokens)
           caption_file.write("".join(f"{c}\n" for c in flat))
           progress.update(stats.decoded)
-      os.replace(caption_path + ".tmp", caption_path)
       progress.close()
       if stats.decoded == 0:
         raise ValueError(f"split {split!r} has no decodable image/caption pairs ({stats.summary()})")
@@ -180,8 +189,7 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
 
 def read_captions(codes_dir: str, split: str) -> list[str]:
   """The captions `encode_captions` wrote for `split`, one per record in record order."""
-  path = os.path.join(os.fspath(codes_dir), CAPTIONS_FILE.format(split=split))
-  if not os.path.isfile(path):
+  path = paths.path(codes_dir) / CAPTIONS_FILE.format(split=split)
+  if not path.exists():
     raise ValueError(f"{path} not found: {codes_dir} is not a caption code dataset, or has no split {split!r}")
-  with open(path, encoding="utf-8") as f:
-    return [line.rstrip("\n") for line in f]
+  return [line.rstrip("\n") for line in path.read_bytes().decode("utf-8").splitlines()]

@@ -15,7 +15,6 @@ from `workdir`, SIGTERM/SIGINT save and exit cleanly. At the end the model is ex
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import flax
@@ -31,6 +30,7 @@ from ctxrq_jax.core import grids
 from ctxrq_jax.core import host
 from ctxrq_jax.core import loop
 from ctxrq_jax.core import optim
+from ctxrq_jax.core import paths
 from ctxrq_jax.core import reporting
 from ctxrq_jax.core import sharding
 from ctxrq_jax.data import images as image_data
@@ -270,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ConfigError: a bad config (before anything is compiled).
   """
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)
   configlib.save_snapshot(config, workdir, write=host.is_chief())
   trainer = Stage1Trainer(config)
   mesh = sharding.make_mesh(config.mesh)
@@ -285,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   state = jax.jit(trainer.init, out_shardings=replicated)(jax.random.key(int(config.seed)))
   log.info("RQ-VAE parameters: %s (+ codebook %d x %d)", f"{common.count_params(state.params):,}",
                trainer.model.codebook_size, trainer.model.embed_dim)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = checkpoint.Checkpointer(paths.path(workdir) / "checkpoints",
                                  max_to_keep=int(config.train.keep_checkpoints),
                                  save_interval_steps=int(config.train.ckpt_every))
   restored, step = ckpt.restore(state, data_iterator=train_iter)
@@ -309,7 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     recon, _ = recon_fn(state.params, state.quantizer, x)
     both = np.concatenate([np.asarray(x), np.asarray(recon)], axis=0)
     if host.is_chief():
-      grids.save_grid(os.path.join(workdir, "images", f"recon_{step:07d}.png"), both, ncols=16, scale=2)
+      grids.save_grid(str(paths.path(workdir) / "images" / f"recon_{step:07d}.png"), both, ncols=16, scale=2)
     writer.write_images(step, {"reconstructions": grids.make_grid(both, ncols=16)[None]})
     return {"eval_batch/psnr": float(np.mean(losses.psnr(x, recon)))}
 
@@ -324,8 +324,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   state = result.state
   variables = rqvae.with_codebook_state({"params": jax.device_get(state.params)}, jax.device_get(state.quantizer))
-  if host.is_chief():
-    artifact.save_artifact(os.path.join(workdir, ARTIFACT_DIR), config.model, variables, overwrite=True)
+  # Every process: orbax's save is collective (process 0 writes the shared files, then all pass a barrier).
+  artifact.save_artifact(paths.path(workdir) / ARTIFACT_DIR, config.model, variables, overwrite=True)
   # LPIPS is reported when the run has its weights at hand (the perceptual loss is on); `evaluate rqvae` always can.
   results = reconstruction.evaluate_rqvae(trainer.model, variables, config.data, split=config.data.eval_split,
                                           num_examples=int(config.data.eval_examples),

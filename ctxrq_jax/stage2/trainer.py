@@ -36,7 +36,6 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import os
 from typing import Any, Callable, Iterator, Optional
 
 import flax
@@ -52,6 +51,7 @@ from ctxrq_jax.core import config as configlib
 from ctxrq_jax.core import host
 from ctxrq_jax.core import loop
 from ctxrq_jax.core import optim
+from ctxrq_jax.core import paths
 from ctxrq_jax.core import reporting
 from ctxrq_jax.core import sharding
 from ctxrq_jax.core.config import ConfigError
@@ -168,13 +168,13 @@ _SHAPE_KEYS = tuple(f"model.{k}" for k in ("width", "num_heads", "spatial_layers
 
 def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Raises ConfigError when `workdir`'s saved config.json describes a different model or code shape."""
-  if not os.path.isfile(os.path.join(workdir, "config.json")):
+  if not (paths.path(workdir) / configlib.SNAPSHOT).exists():
     return
   saved = configlib.load_snapshot(workdir)
   diffs = configlib.changed_keys(saved, config, _SHAPE_KEYS)
   if diffs:
     raise ConfigError(f"{workdir} holds a stage-2 run of another shape ({'; '.join(diffs)}); resume it with its own "
-                      f"config ({os.path.join(workdir, 'config.json')}) or train in a new --workdir")
+                      f"config ({paths.path(workdir) / configlib.SNAPSHOT}) or train in a new --workdir")
 
 
 def build_model(config: ml_collections.ConfigDict) -> transformer.ContextualRQTransformer:
@@ -385,12 +385,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   model = build_model(config)
   tx = make_optimizer(config)
   t = config.train
-  os.makedirs(workdir, exist_ok=True)
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)
 
   codebook = jax.device_put(codes_lib.load_codebook(config.data.codes_dir, meta).astype(np.float32),
                             sharding.replicated(mesh))
   train_iter = _code_iterator(config, config.data.train_split, global_batch // jax.process_count(), train=True)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
+  ckpt = checkpoint.Checkpointer(paths.path(workdir) / "checkpoints", max_to_keep=int(t.keep_checkpoints),
                                  save_interval_steps=int(t.ckpt_every))
   if ckpt.latest_step() is not None:
     check_resume_config(config, workdir)  # Before config.json is overwritten.

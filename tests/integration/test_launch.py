@@ -240,6 +240,14 @@ def test_tpu_all_and_logs_dry_run(tmp_path: Path) -> None:
     assert "--worker=0" in ssh and "tail" in _flag(ssh, "--command")
 
 
+def test_tpu_single_host_slice_takes_a_local_workdir(tmp_path: Path) -> None:
+    for accel in ("v4-8", "v5p-8", "v5litepod-8", "v6e-4"):
+        out = _run(TPU, "train", "-n", "one", "-z", "z", "-t", accel, CONFIG, "--workdir=runs/821m", "--dry-run",
+                   env=_env(tmp_path))
+        assert out.returncode == 0, (accel, out.stderr)
+        assert "--workdir=runs/821m" in _flag(_commands(out.stdout)[0], "--command")
+
+
 def test_tpu_real_run_calls_gcloud(tmp_path: Path, fakebin: Path) -> None:
     out = _run(TPU, "create", "-n", "real", "-z", "us-central2-b", "-t", "v4-16", env=_env(tmp_path, fakebin))
     assert out.returncode == 0, out.stderr
@@ -273,6 +281,10 @@ def test_tpu_delete_requires_yes_when_not_interactive(tmp_path: Path, fakebin: P
         (["-n", "x", "-z", "y"], "missing subcommand"),
         (["create", "-n", "x", "-z", "y", "--spot", "--preemptible"], "mutually exclusive"),
         (["train", "-n", "x", "-z", "y", "--env", "NOEQUALS"], "KEY=VALUE"),
+        (["train", "-n", "x", "-z", "y", "-t", "v4-32", CONFIG, "--workdir=runs/821m"],
+         "a multi-host slice (v4-32) needs --workdir=gs://BUCKET/"),
+        (["all", "-n", "x", "-z", "y", "-t", "v5litepod-16", "--", "--workdir", "/data/run"],
+         "'/data/run' would be a separate local directory on every host"),
     ],
 )
 def test_tpu_errors(tmp_path: Path, fakebin: Path, args: list[str], message: str) -> None:

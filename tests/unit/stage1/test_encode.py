@@ -49,6 +49,15 @@ def test_mismatched_data_config_is_a_clear_error(tmp_path):
   assert not (tmp_path / "codes").exists()
 
 
+def test_encode_refuses_a_multi_process_job(tmp_path, monkeypatch):
+  # Its shards are not split by host: every process would write every file of the data set.
+  monkeypatch.setattr(encode.jax, "process_count", lambda: 4)
+  with pytest.raises(ValueError, match="this job has 4; run encode on a single host"):
+    encode.encode_dataset(str(tmp_path / "artifact"), helpers.tiny_stage1_config().data, str(tmp_path / "codes"),
+                          ["test"])
+  assert not (tmp_path / "codes").exists()
+
+
 @pytest.mark.slow  # ~17 s on a loaded 2-core CPU: two compiles of the tiny RQ-VAE
 def test_encode_captions_writes_token_conditions(tmp_path):
   from ctxrq_jax.data import captions as captions_lib  # pylint: disable=g-import-not-at-top
