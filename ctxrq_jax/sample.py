@@ -18,6 +18,20 @@ the npz adds `prompts` and `cond` (the caption tokens). Sample i depends on the 
 only, so sets drawn with different batch sizes or device counts agree. On a multi-host slice every host draws its
 block of the (class-conditional) sample indices into OUT/shards/ and host 0 merges them into OUT/samples.npz
 (`--merge` redoes that merge alone).
+
+Inpainting and outpainting from pixels (library: ctxrq_jax/sampling/editing.py, whose doc has the details):
+
+  python -m ctxrq_jax.sample inpaint --workdir=runs/demo/stage2 --image=digit.png --mask=mask.png --class=3 \
+      --out=runs/demo/inpaint [--num_samples=4] [--resize=crop|pad] [--composite]
+  python -m ctxrq_jax.sample inpaint --workdir=runs/cc3m --image=photo.jpg --mask=mask.png \
+      --prompt="a red bus on a city street"      (text-to-image runs)
+
+The image is fitted to the RQ-VAE's resolution (--resize), the mask (same size as the image in pixels, white =
+regenerate) marks the code cells to redraw: a code position is regenerated when its f x f pixel cell (f = the
+downsampling factor) overlaps the mask; every other code is kept exactly. A mask on a border outpaints. Writes
+OUT/inpainted.png (each sample's result), OUT/strip.png (per sample: input, mask, draft, each revision) and
+OUT/inpaint.npz (default OUT: WORKDIR/inpaint). T_draft and T_revise default to the run's, capped at the number of
+regenerated positions.
 """
 
 from absl import app
@@ -27,6 +41,8 @@ from ctxrq_jax.core import cli
 
 FLAGS = flags.FLAGS
 DRAFT_MODES = ("random", "confidence")  # ctxrq_jax.sampling.decoder.DRAFT_MODES (a test keeps them equal)
+EDIT_RESIZE = ("crop", "pad")  # ctxrq_jax.sampling.editing.RESIZE_MODES (a test keeps them equal)
+SUBCOMMANDS = ("inpaint",)
 
 
 def define_flags() -> None:
@@ -56,6 +72,15 @@ def define_flags() -> None:
   flags.DEFINE_integer("preview_classes", 16, "At most this many classes (prompts) in the PNG grids (the npz has all).")
   flags.DEFINE_bool("merge", False, "Only merge OUT/shards/samples-*-of-*.npz (one per host of a multi-host run) "
                     "into OUT/samples.npz.")
+  flags.DEFINE_string("image", None, "inpaint: the image file to edit.")
+  flags.DEFINE_string("mask", None, "inpaint: the mask file, the image's size; white marks what to regenerate.")
+  flags.DEFINE_integer("class", None, "inpaint, class-conditional runs: the class id to paint.")
+  flags.DEFINE_string("prompt", None, "inpaint, text-to-image runs: the caption to paint.")
+  flags.DEFINE_integer("num_samples", 4, "inpaint: completions drawn of the one image.")
+  flags.DEFINE_enum("resize", "crop", list(EDIT_RESIZE), "inpaint: fit the image to the RQ-VAE resolution by "
+                    "scaling its shorter side and cropping the centre (crop), or centring a smaller square image on "
+                    "black (pad, e.g. 28x28 digits).")
+  flags.DEFINE_bool("composite", False, "inpaint: paste the input's pixels back outside the mask.")
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -70,9 +95,49 @@ def _phase(phase: str, default):
   return logits.PhaseSettings.from_config(values)
 
 
+def _read_inpaint_inputs():
+  """The inpaint flags and files a user can get wrong, checked before the model is loaded: (image, mask) arrays."""
+  from ctxrq_jax.sampling import editing  # pylint: disable=g-import-not-at-top
+  for name in ("image", "mask"):
+    if not getattr(FLAGS, name):
+      raise app.UsageError(f"inpaint needs --{name}=FILE")
+  if FLAGS.num_samples < 1:
+    raise app.UsageError(f"--num_samples must be >= 1, got {FLAGS.num_samples}")
+  return editing.read_inputs(FLAGS.image, FLAGS.mask)
+
+
+def _inpaint(loaded, settings: dict, inputs, out_dir: str, write: bool) -> None:
+  """`sample inpaint`: one image, its mask, --num_samples completions written to `out_dir`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.sampling import editing  # pylint: disable=g-import-not-at-top
+  stage1 = loaded.decoder.model
+  image, mask = editing.fit_inputs(*inputs, resolution=stage1.resolution, channels=stage1.in_channels,
+                                   resize=FLAGS.resize)
+  loaded.tokenizer_dir = FLAGS.tokenizer_dir  # text-to-image runs: None keeps the run's config.data.tokenizer_dir
+  cond = editing.condition(loaded, class_id=FLAGS["class"].value, prompt=FLAGS.prompt)
+  size = int(editing.mask_to_region(mask, stage1.latent_size).sum())
+  s = loaded.config.sample
+  steps = dict(t_draft=editing.default_steps(FLAGS.t_draft, s.T_draft, size),
+               t_revise=editing.default_steps(FLAGS.t_revise, s.T_revise, size))
+  kwargs = {k: v for k, v in {**settings, **steps}.items() if k != "batch_size"}  # one batch of num_samples
+  edit = editing.inpaint(loaded, image, mask, cond, jax.random.key(FLAGS.seed), num_samples=FLAGS.num_samples,
+                         **kwargs)
+  if not write:
+    return
+  paths = editing.write_edit(loaded, edit, out_dir, composite=FLAGS.composite)
+  h, w, _ = stage1.code_shape
+  print(f"{FLAGS.num_samples} completions of {size} of {h * w} code positions of {FLAGS.image} from {FLAGS.workdir} "
+        f"(step {loaded.step}, {loaded.params_name}; T_draft {steps['t_draft']}, T_revise {steps['t_revise']}, "
+        f"M {settings['num_revisions']})")
+  for name, path in paths.items():
+    print(f"{name}: {path}")
+
+
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if len(argv) > 2 or (len(argv) == 2 and argv[1] not in SUBCOMMANDS):
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}; usage: python -m ctxrq_jax.sample "
+                         "[inpaint] --workdir=DIR ...")
+  edit_inputs = _read_inpaint_inputs() if len(argv) == 2 else None
   if FLAGS.num_per_class < 1:
     raise app.UsageError(f"--num_per_class must be >= 1, got {FLAGS.num_per_class}")
   import jax  # pylint: disable=g-import-not-at-top
@@ -93,6 +158,9 @@ def main(argv: list[str]) -> None:
   settings = dict(batch_size=int(pick(FLAGS.batch_size, s.batch_size)), t_draft=int(pick(FLAGS.t_draft, s.T_draft)),
                   t_revise=int(pick(FLAGS.t_revise, s.T_revise)), num_revisions=int(pick(FLAGS.num_revisions, s.M)),
                   draft=_phase("draft", s.draft), revise=_phase("revise", s.revise), draft_mode=FLAGS.draft_mode)
+  if edit_inputs is not None:  # every host runs the edit (the parameters may span them); process 0 writes it
+    _inpaint(loaded, settings, edit_inputs, FLAGS.out or str(paths.path(FLAGS.workdir) / "inpaint"), host.is_chief())
+    return
   out = out_dir
   if loaded.model.is_text:
     loaded.tokenizer_dir = FLAGS.tokenizer_dir

@@ -1,12 +1,15 @@
-"""Held-out reconstruction quality of an RQ-VAE: PSNR, MSE, LPIPS (VGG16), and codebook usage / perplexity per depth.
+"""Held-out reconstruction quality of an RQ-VAE: PSNR, MSE, LPIPS (VGG16), and codebook usage / perplexity per depth;
+coarse-to-fine reconstructions from the first 1, 2, ..., D codes of every stack.
 
 Run at the end of stage-1 training and by `python -m ctxrq_jax.evaluate rqvae`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +18,7 @@ from ctxrq_jax.core import reporting
 from ctxrq_jax.data import images as image_data
 from ctxrq_jax.models import lpips
 from ctxrq_jax.models import rq
+from ctxrq_jax.models import rqvae
 from ctxrq_jax.stage1 import losses
 
 
@@ -58,6 +62,31 @@ def evaluate_rqvae(model: Any, variables: Mapping[str, Any], data_cfg: Any, *, s
   stats = rq.codebook_stats(jnp.asarray(codes_all), int(model.codebook_size))
   results.update({k: float(v) for k, v in stats.items()})
   return results
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _coarse_to_fine(model: rqvae.RQVAE, variables: Any, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  _, codes, _, partial_sums = model.apply(variables, model.apply(variables, x, method=rqvae.RQVAE.encode),
+                                          method=rqvae.RQVAE.quantize)
+  depth, batch = partial_sums.shape[-2], x.shape[0]
+  latents = jnp.moveaxis(partial_sums, -2, 0).reshape(depth * batch, *partial_sums.shape[1:3], -1)  # [D B, h, w, n_z]
+  recon = model.apply(variables, latents, method=rqvae.RQVAE.decode)
+  return jnp.clip(recon.reshape(depth, batch, *recon.shape[1:]), -1.0, 1.0), codes
+
+
+def coarse_to_fine(model: rqvae.RQVAE, variables: Mapping[str, Any], images: Any) -> tuple[np.ndarray, np.ndarray]:
+  """Reconstructions of images float [B, R, R, C] in [-1, 1] from the first d codes of every stack, d = 1 ... D.
+
+  Residual quantization makes each depth a refinement: the latent decoded at depth d is the partial sum of the first
+  d code embeddings, so d = D is the model's reconstruction and d = 1 its coarsest (one code per position).
+
+  Returns:
+    (reconstructions float32 [D, B, R, R, C_out] clipped to [-1, 1], codes int32 [B, h, w, D]).
+  """
+  x = jnp.asarray(images, jnp.float32)
+  chex.assert_rank(x, 4)
+  recon, codes = _coarse_to_fine(model, variables, x)
+  return np.asarray(recon), np.asarray(codes)
 
 
 def format_rqvae_results(results: Mapping[str, Any]) -> str:

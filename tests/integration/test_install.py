@@ -6,7 +6,9 @@ checks of what a user sees: its outputs, its quiet progress lines, and one-line 
 
 import pathlib
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests import helpers
 
@@ -62,3 +64,35 @@ def test_misspelt_config_key_and_traceback_on_request(smoke, installed):
   assert len(out.stderr.strip().splitlines()) == 1
   out = _run(["-m", "ctxrq_jax.sample", "--workdir=w/stage2", "--classes=12", "--verbosity=1"], site, work)
   assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_inpaint_from_the_wheel(smoke, installed):
+  # `sample inpaint` on the smoke run: a 28 x 28 digit padded to 32 (--resize=pad), its top 10 rows masked, i.e.
+  # pixel rows 2 ... 11 of the 32 x 32 image -> code rows 0 ... 2 of the 8 x 8 map (cells of 4 x 4 pixels).
+  site, work = installed
+  edit = work / "edit"
+  edit.mkdir(exist_ok=True)
+  digit = np.zeros((28, 28), np.uint8)
+  digit[4:24, 12:16] = 255
+  mask = np.zeros((28, 28), np.uint8)
+  mask[:10] = 255
+  for name, array in (("digit.png", digit), ("mask.png", mask), ("mask_small.png", mask[:20])):
+    Image.fromarray(array).save(edit / name)
+  args = ["-m", "ctxrq_jax.sample", "inpaint", "--workdir=w/stage2", "--image=edit/digit.png", "--resize=pad",
+          "--num_samples=2"]
+  out = _run([*args, "--mask=edit/mask.png", "--class=1", "--out=edit/out"], site, work)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "2 completions of 24 of 64 code positions" in out.stdout
+  with np.load(edit / "out" / "inpaint.npz") as f:
+    want = np.zeros((8, 8), bool)
+    want[:3] = True
+    np.testing.assert_array_equal(f["region"], want)
+    assert f["codes"].shape == (2, 8, 8, 4) and f["images"].shape == (2, 32, 32, 1)
+    for codes in f["codes"]:  # every code below the mask is the input's
+      np.testing.assert_array_equal(codes[~want], f["input_codes"][~want])
+  assert Image.open(edit / "out" / "strip.png").size[0] > Image.open(edit / "out" / "inpainted.png").size[0]
+  for extra, message in ((["--mask=edit/mask_small.png", "--class=1"], "is 28x20 pixels but image"),
+                         (["--mask=edit/mask.png", "--class=10"], "class id 10 is outside [0, 10)")):
+    out = _run([*args, *extra], site, work)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [out.stderr.strip()], out.stderr[-2000:]
+    assert out.stderr.startswith("error: ") and message in out.stderr, out.stderr

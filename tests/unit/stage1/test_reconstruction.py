@@ -1,11 +1,15 @@
-"""Held-out reconstruction metrics (ctxrq_jax/stage1/reconstruction.py): LPIPS beside PSNR."""
+"""Held-out reconstruction metrics (ctxrq_jax/stage1/reconstruction.py): LPIPS beside PSNR; coarse-to-fine
+reconstructions from the first d codes."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ctxrq_jax.models import lpips
 from ctxrq_jax.models import lpips_weights
+from ctxrq_jax.models import rq
+from ctxrq_jax.models import rqvae
 from ctxrq_jax.stage1 import reconstruction
 from tests import helpers
 
@@ -30,3 +34,23 @@ def test_evaluate_rqvae_reports_lpips_beside_psnr(tiny_rqvae):
                            for b in batches])
   assert got["lpips"] == pytest.approx(float(direct.mean()), rel=1e-4) and got["lpips"] > 0
   assert f"{got['lpips']:.4f}" in reconstruction.format_rqvae_results(got)
+
+
+def test_coarse_to_fine_decodes_partial_sums_of_the_codes(tiny_rqvae):
+  model, variables, x = tiny_rqvae
+  recon, codes = reconstruction.coarse_to_fine(model, variables, x)
+  depth = model.code_depth
+  assert recon.shape == (depth, *x.shape) and codes.shape == (x.shape[0], *model.code_shape)
+  codebook = variables["quantizer"]["codebook"]
+
+  @jax.jit
+  def reference(v, x, codes):  # the model's pass, and the decoder on the sum of the first d code embeddings
+    decode = lambda d: model.apply(v, rq.embed_codes(codes[..., :d], codebook), method=rqvae.RQVAE.decode)
+    return model.apply(v, x), [decode(d) for d in range(1, depth)]
+
+  full, partial = reference(variables, x, jnp.asarray(codes))
+  np.testing.assert_array_equal(codes, full["codes"])
+  np.testing.assert_allclose(recon[-1], np.clip(full["recon"], -1, 1), atol=1e-5)  # all D codes: the model's own
+  for d in range(1, depth):
+    np.testing.assert_allclose(recon[d - 1], np.clip(partial[d - 1], -1, 1), atol=1e-5)
+  assert not np.allclose(recon[0], recon[-1])
