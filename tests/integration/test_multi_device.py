@@ -1,5 +1,5 @@
-"""On 8 fake CPU devices (in a subprocess, so XLA_FLAGS takes effect before jax starts): one train step under data=8,
-fsdp=8 and data=2 x fsdp=2 x tensor=2 equals the single-device step, fsdp=8 leaves at most 2% of the parameters
+"""On 8 fake CPU devices (in a subprocess, so XLA_FLAGS takes effect before jax starts): one train step under fsdp=8
+and data=2 x fsdp=2 x tensor=2 (every mesh axis; the batch split over data and fsdp) equals the single-device step, fsdp=8 leaves at most 2% of the parameters
 replicated, and the sampler with its batch sharded equals the unsharded sampler."""
 
 import os
@@ -42,7 +42,7 @@ _MULTI_DEVICE = textwrap.dedent("""
     ref, ref_metrics = jax.jit(train.make_train_step(model, tx, base))(state1, batch, codebook)
     ref = jax.device_get(ref.params)
 
-    for dims in [(8, 1, 1), (1, 8, 1), (2, 2, 2)]:
+    for dims in [(1, 8, 1), (2, 2, 2)]:
       c = config(*dims)
       mesh, rules = sharding.make_mesh(c.mesh), sharding.logical_rules(c)
       _, shardings = train.abstract_train_state(model, tx, c, mesh, rules)
@@ -100,4 +100,4 @@ def test_multi_device_step_matches_single_device():
   proc = subprocess.run([sys.executable, "-c", _MULTI_DEVICE], cwd=helpers.REPO, env=env, capture_output=True,
                         text=True, timeout=900)
   assert proc.returncode == 0 and "ALL OK" in proc.stdout, (proc.stdout[-3000:], proc.stderr[-5000:])
-  assert proc.stdout.count("ok (") == 3
+  assert proc.stdout.count("ok (") == 2

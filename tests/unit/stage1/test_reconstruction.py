@@ -29,9 +29,8 @@ def test_evaluate_rqvae_reports_lpips_beside_psnr(tiny_rqvae):
   # The same images and reconstructions scored directly (batches of 3: the shapes already compiled above).
   from ctxrq_jax.data import images as image_data  # pylint: disable=g-import-not-at-top
   batches = helpers.take(image_data.make_image_iterator(data, split="test", batch_size=3, seed=0, train=False), 2)
-  dist = jax.jit(lpips.lpips_distance)
-  direct = np.concatenate([np.asarray(dist(lpips_variables, b["image"], model.apply(variables, b["image"])["recon"]))
-                           for b in batches])
+  dist = jax.jit(lambda lv, v, x: lpips.lpips_distance(lv, x, model.apply(v, x)["recon"]))
+  direct = np.concatenate([np.asarray(dist(lpips_variables, variables, b["image"])) for b in batches])
   assert got["lpips"] == pytest.approx(float(direct.mean()), rel=1e-4) and got["lpips"] > 0
   assert f"{got['lpips']:.4f}" in reconstruction.format_rqvae_results(got)
 
