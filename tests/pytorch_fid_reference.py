@@ -5,32 +5,21 @@ exactly as it does (torchvision's Inception3 with the FID blocks patched in) but
 instead of the download, so every conv and BatchNorm tensor, running statistics included, is random and a swapped or
 mis-transposed tensor shows in the outputs.
 
-torchvision's PyPI wheels are CUDA builds; next to a CPU-only torch their compiled ops (nms, roi_align, ...) cannot
-load, and `import torchvision` then fails while registering fake kernels for those ops. The Inception model is pure
-Python and needs none of them, so `import_pytorch_fid` retries the import with that one registration module stubbed.
+torchvision is imported through `helpers.import_torchvision` (a CUDA torchvision wheel beside a CPU torch).
 """
 
 from __future__ import annotations
 
-import sys
-import types
 
 import numpy as np
 import pytest
 
+from tests import helpers
+
 
 def import_pytorch_fid():
   """pytorch_fid.inception (skips the calling test when torch, torchvision or pytorch-fid is not installed)."""
-  pytest.importorskip("torch")
-  try:
-    import torchvision  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    pytest.skip("torchvision is not installed")
-  except RuntimeError:  # a CUDA torchvision wheel beside a CPU torch: its compiled ops are missing
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-      del sys.modules[name]
-    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
-    import torchvision  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import,reimported
+  helpers.import_torchvision()
   return pytest.importorskip("pytorch_fid.inception")
 
 

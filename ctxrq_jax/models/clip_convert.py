@@ -45,6 +45,7 @@ import numpy as np
 
 from ctxrq_jax.core import paths
 from ctxrq_jax.models import clip
+from ctxrq_jax.models import torch_layout
 from ctxrq_jax.models import variables_files
 
 WEIGHTS_FILENAME = "ViT-B-32.pt"
@@ -87,12 +88,7 @@ class _Entry:
   kind: str  # 'conv' (OIHW -> HWIO), 'dense' ((out, in) -> (in, out)) or 'copy'
 
   def source_shape(self) -> tuple[int, ...]:
-    if self.kind == "conv":
-      h, w, i, o = self.shape
-      return (o, i, h, w)
-    if self.kind == "dense":
-      return tuple(reversed(self.shape))
-    return self.shape
+    return torch_layout.torch_shape(self.shape, self.kind)
 
 
 def _torch_key(path: tuple[str, ...], ndim: int) -> tuple[str, str]:
@@ -253,12 +249,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: Optional[clip.CLIP
   named = _named(state_dict)
   flat = {}
   for e in _plan(config):
-    a = _to_numpy(named[e.source])
-    if e.kind == "conv":
-      a = np.transpose(a, (2, 3, 1, 0))
-    elif e.kind == "dense":
-      a = a.T
-    flat[e.target] = np.array(a, order="C", copy=None)  # (ascontiguousarray would make the 0-d logit_scale 1-d)
+    flat[e.target] = torch_layout.to_flax(_to_numpy(named[e.source]), e.kind)
   return {"params": traverse_util.unflatten_dict(flat)["params"]}
 
 
@@ -309,12 +300,7 @@ def load_torch_state_dict(path: str | os.PathLike, *, check_hash: bool = True) -
     state = state["state_dict"]
   if not isinstance(state, Mapping):
     raise CLIPConversionError(f"{path} holds a {type(state).__name__}, not a state dict")
-  out = {}
-  for name, value in state.items():
-    if not isinstance(value, torch.Tensor):
-      raise CLIPConversionError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
-    out[name] = value.detach().cpu().float().numpy() if value.is_floating_point() else value.detach().cpu().numpy()
-  return out
+  return torch_layout.tensors_to_numpy(state, str(path), CLIPConversionError)
 
 
 def save_artifact(directory: str | os.PathLike, config: clip.CLIPConfig, params: Mapping[str, Any], *,

@@ -35,6 +35,7 @@ import numpy as np
 
 from ctxrq_jax.core import paths
 from ctxrq_jax.models import inception
+from ctxrq_jax.models import torch_layout
 from ctxrq_jax.models import variables_files
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -75,12 +76,7 @@ class _Entry:
   kind: str  # 'conv' (OIHW -> HWIO), 'dense' ((out, in) -> (in, out)) or 'copy'
 
   def source_shape(self) -> tuple[int, ...]:
-    if self.kind == "conv":
-      h, w, i, o = self.shape
-      return (o, i, h, w)
-    if self.kind == "dense":
-      return tuple(reversed(self.shape))
-    return self.shape
+    return torch_layout.torch_shape(self.shape, self.kind)
 
 
 _LEAF_TO_TORCH = {
@@ -172,12 +168,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], *, template: Mapping[str, 
     raise InceptionConversionError("not pytorch-fid's FID Inception state dict: " + " | ".join(problems))
   flat = {}
   for e in plan:
-    a = arrays[e.source].astype(np.float32)
-    if e.kind == "conv":
-      a = np.transpose(a, (2, 3, 1, 0))
-    elif e.kind == "dense":
-      a = a.T
-    flat[e.target] = np.ascontiguousarray(a)
+    flat[e.target] = torch_layout.to_flax(arrays[e.source].astype(np.float32), e.kind)
   variables = traverse_util.unflatten_dict(flat)
   return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 

@@ -34,6 +34,7 @@ from ctxrq_jax.core import paths
 from ctxrq_jax.models import artifact
 from ctxrq_jax.models import rq
 from ctxrq_jax.models import rqvae
+from ctxrq_jax.models import torch_layout
 
 CONVERSION_FILE = "conversion.json"
 _MAX_LISTED = 20  # keys listed per category in an error message
@@ -182,14 +183,9 @@ class _Entry:
 
   def source_shape(self) -> tuple[int, ...]:
     """The shape each source must have, in PyTorch layout."""
-    if self.kind == "conv":
-      h, w, i, o = self.shape
-      return (o, i, h, w)
-    if self.kind == "dense":
-      return tuple(reversed(self.shape))
     if self.kind == "codebook":
       return (self.shape[0] + 1, self.shape[1])
-    return self.shape
+    return torch_layout.torch_shape(self.shape, self.kind)
 
 
 def _torch_module_path(path: Sequence[str]) -> str:
@@ -356,8 +352,8 @@ def _drop_padding_row(key: str, weight: np.ndarray) -> np.ndarray:
 
 _TRANSFORMS: dict[str, Callable[[str, np.ndarray], np.ndarray]] = {
     "copy": lambda key, a: np.array(a),
-    "conv": lambda key, a: np.ascontiguousarray(np.transpose(a, (2, 3, 1, 0))),  # OIHW -> HWIO
-    "dense": lambda key, a: np.ascontiguousarray(a.T),  # (out, in) -> (in, out)
+    "conv": lambda key, a: torch_layout.to_flax(a, "conv"),  # OIHW -> HWIO
+    "dense": lambda key, a: torch_layout.to_flax(a, "dense"),  # (out, in) -> (in, out)
     "codebook": _drop_padding_row,
 }
 
@@ -399,12 +395,7 @@ def load_torch_state_dict(
   state = ckpt[key]
   if not isinstance(state, Mapping):
     raise ConversionError(f"checkpoint {path}: {key!r} is a {type(state).__name__}, not a state dict")
-  out = {}
-  for name, value in state.items():
-    if not isinstance(value, torch.Tensor):
-      raise ConversionError(f"checkpoint {path}: {key}[{name!r}] is a {type(value).__name__}, not a tensor")
-    out[name] = value.detach().cpu().float().numpy() if value.is_floating_point() else value.detach().cpu().numpy()
-  return out
+  return torch_layout.tensors_to_numpy(state, f"checkpoint {path}: {key}", ConversionError)
 
 
 def run(
