@@ -54,7 +54,6 @@ WEIGHTS_SHA256 = "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950
 WEIGHTS_URL = f"https://openaipublic.azureedge.net/clip/models/{WEIGHTS_SHA256}/{WEIGHTS_FILENAME}"
 ARTIFACT_FORMAT = "ctxrq_jax.clip/1"
 _META_FILE = "clip.json"
-_MAX_LISTED = 20
 # Not weights: the scalars OpenAI's archive holds beside them (its own loader deletes them too), and the causal mask
 # buffer a traced open_clip model adds.
 _METADATA_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
@@ -129,12 +128,6 @@ def _plan(config: clip.CLIPConfig) -> tuple[_Entry, ...]:
 def reference_state_dict_shapes(config: clip.CLIPConfig = clip.VIT_B_32) -> dict[str, tuple[int, ...]]:
   """The state-dict keys (PyTorch layouts) of an OpenAI-format CLIP of `config`, metadata scalars excluded."""
   return {e.source: e.source_shape() for e in _plan(config)}
-
-
-def _listing(keys: Sequence[str]) -> str:
-  keys = sorted(keys)
-  shown = ", ".join(keys[:_MAX_LISTED])
-  return shown + (f", ... ({len(keys)} in all)" if len(keys) > _MAX_LISTED else "")
 
 
 def _named(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -216,15 +209,9 @@ def check_state_dict(state_dict: Mapping[str, Any], config: Optional[clip.CLIPCo
   bad_shapes = [f"{e.source}: {_shape(named[e.source])} (expected {e.source_shape()})"
                 for e in plan if e.source in named and _shape(named[e.source]) != e.source_shape()]
   bad_dtypes = [e.source for e in plan if e.source in named and not _is_float(named[e.source])]
-  problems = []
-  if missing:
-    problems.append(f"missing keys: {_listing(missing)}")
-  if unexpected:
-    problems.append(f"unexpected keys: {_listing(unexpected)}")
-  if bad_shapes:
-    problems.append("mis-shaped keys: " + "; ".join(sorted(bad_shapes)[:_MAX_LISTED]))
+  problems = torch_layout.key_problems(missing, unexpected, bad_shapes)
   if bad_dtypes:
-    problems.append(f"non-float keys: {_listing(bad_dtypes)}")
+    problems.append(f"non-float keys: {torch_layout.listing(bad_dtypes)}")
   if problems:
     raise CLIPConversionError("not an OpenAI-format CLIP state dict of this architecture: " + " | ".join(problems))
   return config

@@ -45,7 +45,6 @@ WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_we
 WEIGHTS_SHA256_PREFIX = "6726825d"
 ARTIFACT_FORMAT = "ctxrq_jax.fid_inception/1"
 _META_FILE = "inception.json"
-_MAX_LISTED = 20
 _OPTIONAL_SUFFIX = ".num_batches_tracked"
 
 
@@ -116,12 +115,6 @@ def reference_state_dict_shapes() -> dict[str, tuple[int, ...]]:
   return {e.source: e.source_shape() for e in _plan()}
 
 
-def _listing(keys: Sequence[str]) -> str:
-  keys = sorted(keys)
-  shown = ", ".join(keys[:_MAX_LISTED])
-  return shown + (f", ... ({len(keys)} in all)" if len(keys) > _MAX_LISTED else "")
-
-
 def convert_state_dict(state_dict: Mapping[str, Any], *, template: Mapping[str, Any] | None = None
                        ) -> dict[str, Any]:
   """pytorch-fid FID Inception state dict (numpy or torch arrays, PyTorch layouts) -> FIDInceptionV3 variables.
@@ -155,15 +148,9 @@ def convert_state_dict(state_dict: Mapping[str, Any], *, template: Mapping[str, 
                 for e in plan if e.source in arrays and tuple(arrays[e.source].shape) != e.source_shape()]
   bad_dtypes = [f"{e.source}: dtype {arrays[e.source].dtype}" for e in plan
                 if e.source in arrays and arrays[e.source].dtype.kind != "f"]
-  problems = []
-  if missing:
-    problems.append(f"missing keys: {_listing(missing)}")
-  if unexpected:
-    problems.append(f"unexpected keys: {_listing(unexpected)}")
-  if bad_shapes:
-    problems.append("mis-shaped keys: " + "; ".join(sorted(bad_shapes)[:_MAX_LISTED]))
+  problems = torch_layout.key_problems(missing, unexpected, bad_shapes)
   if bad_dtypes:
-    problems.append("non-float keys: " + "; ".join(sorted(bad_dtypes)[:_MAX_LISTED]))
+    problems.append("non-float keys: " + "; ".join(sorted(bad_dtypes)[:torch_layout.MAX_LISTED]))
   if problems:
     raise InceptionConversionError("not pytorch-fid's FID Inception state dict: " + " | ".join(problems))
   flat = {}

@@ -9,11 +9,12 @@ A converted variable is one of three kinds:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 KINDS = ("conv", "dense", "copy")
+MAX_LISTED = 20  # keys named in one conversion error, at most
 
 
 def torch_shape(flax_shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
@@ -50,3 +51,23 @@ def tensors_to_numpy(state: Mapping[str, Any], where: str, error: type[Exception
     value = value.detach().cpu()
     out[name] = value.float().numpy() if value.is_floating_point() else value.numpy()
   return out
+
+
+def listing(keys: Iterable[str]) -> str:
+  """Sorted keys, comma-separated, at most MAX_LISTED of them and the count when there are more."""
+  keys = sorted(keys)
+  shown = ", ".join(keys[:MAX_LISTED])
+  return shown + (f", ... ({len(keys)} in all)" if len(keys) > MAX_LISTED else "")
+
+
+def key_problems(missing: Iterable[str], unexpected: Iterable[str], mis_shaped: Iterable[str]) -> list[str]:
+  """The parts of a conversion error about keys: missing and unexpected keys, and 'key: shape (expected ...)' lines."""
+  missing, unexpected, mis_shaped = list(missing), list(unexpected), list(mis_shaped)
+  problems = []
+  if missing:
+    problems.append(f"missing keys: {listing(missing)}")
+  if unexpected:
+    problems.append(f"unexpected keys: {listing(unexpected)}")
+  if mis_shaped:
+    problems.append("mis-shaped keys: " + "; ".join(sorted(mis_shaped)[:MAX_LISTED]))
+  return problems
