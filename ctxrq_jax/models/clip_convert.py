@@ -37,7 +37,7 @@ import dataclasses
 import functools
 import os
 import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 from flax import traverse_util
 import flax.core
