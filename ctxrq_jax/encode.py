@@ -59,7 +59,7 @@ def define_flags() -> None:
   flags.DEFINE_float("bpe_dropout", 0.1, "captions: BPE dropout of the --train_splits (the official 0.1).")
   flags.DEFINE_integer("caption_variants", 8, "captions: BPE-dropout tokenizations stored per training caption; "
                        "training with data.random_caption draws one per example and epoch.")
-  flags.DEFINE_integer("max_examples", None, "captions: at most this many images per split.")
+  flags.DEFINE_integer("max_examples", None, "At most this many images per split (encode: the first ones).")
 
 
 def main(argv: list[str]) -> None:
@@ -67,6 +67,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("usage: python -m ctxrq_jax.encode {encode|captions|decode} --artifact=DIR --out=PATH ...")
   if not FLAGS.artifact or not FLAGS.out:
     raise app.UsageError("--artifact and --out are required")
+  from ctxrq_jax.core import host  # pylint: disable=g-import-not-at-top
+  host.setup_host()
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.core import grids  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.data import codes as code_data  # pylint: disable=g-import-not-at-top
@@ -81,7 +83,7 @@ def main(argv: list[str]) -> None:
       raise app.UsageError("encode needs --config (a stage-1 config file, for its data section)")
     meta = encode.encode_dataset(FLAGS.artifact, FLAGS.config.data, FLAGS.out, FLAGS.splits,
                                  batch_size=FLAGS.batch_size, num_shards=FLAGS.num_shards, overwrite=FLAGS.overwrite,
-                                 views=FLAGS.views, view_seed=FLAGS.view_seed)
+                                 views=FLAGS.views, view_seed=FLAGS.view_seed, max_examples=FLAGS.max_examples)
     print(f"wrote code dataset {FLAGS.out}: code shape {meta.code_shape}, K={meta.codebook_size}, "
           + ", ".join(f"{s}: {meta.num_examples(s)}" for s in FLAGS.splits)
           + (f"; views {', '.join(meta.views)}" if meta.num_views > 1 else ""))
@@ -106,6 +108,7 @@ def _parse_webdataset(spec: str) -> dict[str, str]:
 
 
 def _captions() -> None:
+  import jax  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.data import captions  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.stage1 import encode  # pylint: disable=g-import-not-at-top
@@ -119,14 +122,16 @@ def _captions() -> None:
   if FLAGS.webdataset or FLAGS.parquet:
     kind = "webdataset" if FLAGS.webdataset else "parquet"
     shards = _parse_webdataset(FLAGS.webdataset or FLAGS.parquet)
-    for split, pattern in shards.items():
-      captions.shard_paths(pattern)  # a pattern matching nothing fails now, before the RQ-VAE loads
+    # This process's files (every file on one host); a pattern matching nothing fails now, before the RQ-VAE loads.
+    files = {split: captions.host_shard_paths(pattern, jax.process_index(), jax.process_count())
+             for split, pattern in shards.items()}
     reader = captions.iter_webdataset if FLAGS.webdataset else captions.iter_parquet
-    sources = {split: (lambda stats, p=pattern: reader(p, stats)) for split, pattern in shards.items()}
+    sources = {split: (lambda stats, f=f: reader(f, stats)) for split, f in files.items()}
     described = {kind: shards}
   else:
-    sources = {split: (lambda stats, s=split: captions.iter_tfds(FLAGS.tfds, s, stats, image_key=FLAGS.image_key,
-                                                                 text_key=FLAGS.text_key, data_dir=FLAGS.data_dir))
+    sources = {split: (lambda stats, s=split: captions.iter_tfds(
+        FLAGS.tfds, s, stats, image_key=FLAGS.image_key, text_key=FLAGS.text_key, data_dir=FLAGS.data_dir,
+        process_index=jax.process_index(), process_count=jax.process_count()))
                for split in FLAGS.splits}
     described = {"tfds": FLAGS.tfds, "image_key": FLAGS.image_key, "text_key": FLAGS.text_key}
   meta, stats = encode.encode_captions(FLAGS.artifact, sources, FLAGS.out, tok, train_splits=FLAGS.train_splits,

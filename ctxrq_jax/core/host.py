@@ -26,7 +26,7 @@ def distributed_requested() -> bool:
   True when any of:
     * `CTXRQ_DISTRIBUTED=1` (explicit; then `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` or a
       cluster that jax auto-detects supply the details);
-    * `JAX_COORDINATOR_ADDRESS` is set (jax reads it with JAX_NUM_PROCESSES / JAX_PROCESS_ID);
+    * `JAX_COORDINATOR_ADDRESS` is set (with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`, passed to jax);
     * a SLURM job step with more than one task (`SLURM_NTASKS` > 1; jax auto-detects SLURM);
     * Open MPI with more than one rank (`OMPI_COMM_WORLD_SIZE` > 1);
     * a multi-host Cloud TPU slice (`TPU_WORKER_HOSTNAMES` lists more than one host).
@@ -50,7 +50,17 @@ def maybe_initialize_distributed() -> bool:
   """
   if not distributed_requested() or jax.distributed.is_initialized():
     return False
-  jax.distributed.initialize()
+  # jax reads JAX_COORDINATOR_ADDRESS itself but not the process count and id; launch/gpu.sh and hand-made jobs
+  # export them (a cluster jax detects, such as SLURM or a TPU slice, needs neither).
+  kwargs = {}
+  for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+    value = os.environ.get(env, "").strip()
+    if value:
+      try:
+        kwargs[key] = int(value)
+      except ValueError:
+        raise ValueError(f"{env} must be an integer, got {value!r}") from None
+  jax.distributed.initialize(**kwargs)
   log.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
@@ -64,3 +74,11 @@ def setup_host() -> None:
 def is_chief() -> bool:
   """Process 0 writes logs, images, configs and checkpoint metadata; the others only read."""
   return jax.process_index() == 0
+
+
+def host_range(total: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """[start, stop) of `total` ordered items that process `process_index` of `process_count` takes: contiguous, sizes
+  differing by at most one, so the processes' shares one after the other are all items in order."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index must lie in [0, process_count={process_count}), got {process_index}")
+  return total * process_index // process_count, total * (process_index + 1) // process_count

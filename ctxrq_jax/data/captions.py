@@ -31,6 +31,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from ctxrq_jax.core import host
 from ctxrq_jax.core import paths as fs
 from ctxrq_jax.data import images as image_data
 
@@ -183,8 +184,19 @@ def _lookup(record: Any, path: str) -> Any:
   return value
 
 
+def host_shard_paths(patterns: str | Sequence[str], process_index: int, process_count: int) -> list[str]:
+  """This process's share of the shard files `patterns` match: files p, p + P, ... of the sorted list (each process
+  of a multi-host `encode captions` reads its own files). ValueError when there are fewer files than processes."""
+  files = shard_paths(patterns)
+  if len(files) < process_count:
+    raise ValueError(f"{len(files)} shard file(s) match {patterns!r}, fewer than the job's {process_count} processes: "
+                     "each process encodes whole files; split the data into more shards or use fewer processes")
+  return files[process_index::process_count]
+
+
 def iter_tfds(name: str, split: str, stats: CaptionStats, *, image_key: str = "image",
-              text_key: str = "captions/text", data_dir: str | None = None) -> Iterator[CaptionExample]:
+              text_key: str = "captions/text", data_dir: str | None = None,
+              process_index: int = 0, process_count: int = 1) -> Iterator[CaptionExample]:
   """Streams (image, captions) of a tfds data set prepared as ArrayRecord, in index order.
 
   Args:
@@ -194,6 +206,7 @@ def iter_tfds(name: str, split: str, stats: CaptionStats, *, image_key: str = "i
     image_key: the image feature.
     text_key: the text feature, '/' for nested features; a sequence of texts gives several captions per image.
     data_dir: tfds data directory.
+    process_index, process_count: read only this process's contiguous share of the split (`core.host.host_range`).
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy; only tfds sources need it)
   try:
@@ -202,7 +215,7 @@ def iter_tfds(name: str, split: str, stats: CaptionStats, *, image_key: str = "i
   except Exception as e:  # tfds raises many types: add context
     raise ValueError(f"cannot open tfds data set {name!r} split {split!r} as ArrayRecord (data_dir={data_dir!r}): "
                      f"{e}") from e
-  for index in range(len(source)):
+  for index in range(*host.host_range(len(source), process_index, process_count)):
     stats.read += 1
     where = f"{name}[{split}] example {index}"
     try:

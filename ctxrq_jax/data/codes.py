@@ -8,11 +8,21 @@ A code dataset is a directory:
                    "embed_dim": n_z, "code_dtype": "int16" | "int32", "num_classes": C, "cond_length": L,
                    "cond_vocab_size": V, "source": ..., "views": [names] (versions 2 and 3), "record_layout": ...,
                    "splits": {split: {"num_examples": M, "shards": [file names],
-                                      "cond_variants": T (version 3 only)}}}
+                                      "cond_variants": T (versions 3 and 4),
+                                      "parts": [m_0, ..., m_{P-1}] (version 4 only)}}}
   codebook.npy    float32 [K, n_z], the RQ-VAE codebook the codes index.
   {split}-{s:05d}-of-{n:05d}.array_record
                   n ArrayRecord shards per split. Example i (in write order) is record i // n of shard i % n, so
                   reading is in write order whatever the number of shards.
+
+Multi-host writing (version 4): in a job of P processes each host writes its own part of every split, examples
+[start_p, start_p + m_p) in write order, into its own k shards named
+  {split}-part{p:05d}of{P:05d}-{s:05d}-of-{k:05d}.array_record
+(round-robin within the part, as above: example j of part p is record j // k of its shard j % k); the split's
+"parts" lists m_0..m_{P-1} and its "shards" the P*k files part by part. Each host writes `_part-{p}-of-{P}.json` (its
+counts) and waits at a barrier; process 0 checks the parts agree, writes codebook.npy and metadata.json and removes
+the part files; a second barrier lets every host return with the data set committed. Reading follows the parts, so
+the records come in write order (the concatenation of the parts) whatever P and k were.
 
 Storage: the directory may be local or a bucket (`gs://...`). array_record's writer writes local files only, so each
 shard is written to a local temp file and copied into place when the split is closed; its reader opens `gs://` objects
@@ -34,7 +44,8 @@ Caption variants (BPE dropout per epoch): a caption split may hold T tokenizatio
 deterministic tokenization for the others). Variant 0 is what `load_codes` and a training iterator without
 `random_caption` read; with `random_caption=True` a training iterator draws one variant per example and epoch, as
 `random_view` draws a view. A data set whose splits all have T = 1 is written as version 1 or 2 as before; T > 1 in
-any split makes it version 3 (`views` and every split's `cond_variants` present).
+any split makes it version 3 (`views` and every split's `cond_variants` present); a data set written by several
+processes is version 4 (version 3's keys plus every split's `parts`).
 
 Two kinds of condition share the layout:
   class label   num_classes = C >= 1, L = 1, ids in [0, C) (cond_vocab_size = C). Batches hold 'label' int32 [B].
@@ -62,6 +73,8 @@ FORMAT = "ctxrq_codes"
 VERSION = 1  # one view per record
 VIEWS_VERSION = 2  # V >= 1 views per record; `views` in the metadata
 VARIANTS_VERSION = 3  # T >= 1 caption tokenizations per record of a split; `cond_variants` in each split
+PARTS_VERSION = 4  # written by P > 1 processes: `parts` (examples per process) in each split
+PART_FILE = "_part-{index:05d}-of-{count:05d}.json"
 METADATA_FILE = "metadata.json"
 CODEBOOK_FILE = "codebook.npy"
 RECORD_LAYOUT = ("little-endian int32 condition tokens [T, cond_length] (T = the split's cond_variants, 1 without "
@@ -78,8 +91,20 @@ def code_dtype(codebook_size: int) -> np.dtype:
   return np.dtype("<i2") if codebook_size <= _INT16_MAX_K else np.dtype("<i4")
 
 
-def shard_name(split: str, shard: int, num_shards: int) -> str:
-  return f"{split}-{shard:05d}-of-{num_shards:05d}.array_record"
+def shard_name(split: str, shard: int, num_shards: int, part: int = 0, num_parts: int = 1) -> str:
+  """Shard `shard` of `num_shards` of `split`, of process `part`'s part when `num_parts` processes write it."""
+  owner = f"-part{part:05d}of{num_parts:05d}" if num_parts > 1 else ""
+  return f"{split}{owner}-{shard:05d}-of-{num_shards:05d}.array_record"
+
+
+def _locate(sizes: tuple[int, ...], num_shards: int, index: int) -> tuple[int, int]:
+  """(shard position in the split's file list, record within it) of example `index` of a split whose parts hold
+  `sizes` examples, each part round-robin over `num_shards` files."""
+  for part, size in enumerate(sizes):
+    if index < size:
+      return part * num_shards + index % num_shards, index // num_shards
+    index -= size
+  raise IndexError(index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +120,7 @@ class CodeMetadata:
   cond_vocab_size: int | None = None  # None -> num_classes
   views: tuple[str, ...] = ("center",)
   cond_variants: Mapping[str, int] = dataclasses.field(default_factory=dict)  # split -> T; absent: 1
+  parts: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # split -> m_p per process; absent: 1 part
 
   @property
   def num_views(self) -> int:
@@ -132,6 +158,10 @@ class CodeMetadata:
   def num_examples(self, split: str) -> int:
     return self._split(split)[0]
 
+  def part_sizes(self, split: str) -> tuple[int, ...]:
+    """Examples of `split` written by each process, in write order (one part unless several processes wrote it)."""
+    return tuple(self.parts.get(split, (self._split(split)[0],)))
+
   def shard_files(self, split: str) -> tuple[str, ...]:
     return self._split(split)[1]
 
@@ -141,10 +171,15 @@ class CodeMetadata:
     return self.splits[split]
 
   def to_json(self) -> dict[str, Any]:
-    variants = any(t > 1 for t in self.cond_variants.values())
+    parts = any(len(sizes) > 1 for sizes in self.parts.values())
+    variants = parts or any(t > 1 for t in self.cond_variants.values())
+    if parts:
+      version = PARTS_VERSION
+    else:
+      version = VARIANTS_VERSION if variants else (VERSION if self.num_views == 1 else VIEWS_VERSION)
     out = {
         "format": FORMAT,
-        "version": VARIANTS_VERSION if variants else (VERSION if self.num_views == 1 else VIEWS_VERSION),
+        "version": version,
         "code_shape": list(self.code_shape),
         "codebook_size": self.codebook_size, "embed_dim": self.embed_dim, "code_dtype": self.code_dtype.name,
         "num_classes": self.num_classes, "cond_length": self.cond_length, "cond_vocab_size": self.cond_range,
@@ -156,6 +191,9 @@ class CodeMetadata:
     if variants:
       for split, info in out["splits"].items():
         info["cond_variants"] = self.num_cond_variants(split)
+    if parts:
+      for split, info in out["splits"].items():
+        info["parts"] = list(self.part_sizes(split))
     return out
 
 
@@ -180,11 +218,16 @@ class CodeDatasetWriter:
 
   Leaving a `with` block through an exception closes the shard files without writing metadata.json, so a
   half-written data set is never mistaken for a complete one.
+
+  In a job of `process_count` > 1 processes every process makes its own writer over the same `out_dir` and writes
+  its part of each split (the module docstring's version 4); `close()` is then collective (two barriers) and must be
+  reached by every process.
   """
 
   def __init__(self, out_dir: str, *, code_shape: Any, codebook: np.ndarray, num_classes: int, source: Any,
                num_shards: int = 1, overwrite: bool = False, cond_length: int = 1,
-               cond_vocab_size: int | None = None, views: Any = ("center",)):
+               cond_vocab_size: int | None = None, views: Any = ("center",), process_index: int = 0,
+               process_count: int = 1):
     """Validates the description and prepares `out_dir`; shard files are opened on a split's first write.
 
     Args:
@@ -198,6 +241,8 @@ class CodeDatasetWriter:
       cond_length: condition tokens L per example (1 for class labels).
       cond_vocab_size: captions only: token ids must lie in [0, cond_vocab_size).
       views: names of the V views each record holds, 'center' first.
+      process_index, process_count: this process and the number of processes writing the data set together
+        (`jax.process_index(), jax.process_count()`); each writes its own part of every split.
     """
     self._code_shape = _check_code_shape(code_shape)
     self._views = check_views(views)
@@ -218,6 +263,11 @@ class CodeDatasetWriter:
       raise ValueError(f"caption conditions (num_classes 0) need a positive cond_vocab_size, got {cond_vocab_size!r}")
     if isinstance(num_shards, bool) or not isinstance(num_shards, (int, np.integer)) or num_shards < 1:
       raise ValueError(f"num_shards must be a positive integer, got {num_shards!r}")
+    if (isinstance(process_count, bool) or not isinstance(process_count, (int, np.integer)) or process_count < 1
+        or isinstance(process_index, bool) or not isinstance(process_index, (int, np.integer))
+        or not 0 <= process_index < process_count):
+      raise ValueError(f"process_index must lie in [0, process_count) with process_count >= 1, got "
+                       f"{process_index!r} of {process_count!r}")
     try:
       json.dumps(source)
     except TypeError as e:
@@ -229,6 +279,7 @@ class CodeDatasetWriter:
     self._cond_range = int(num_classes) if num_classes > 0 else int(cond_vocab_size)
     self._source = source
     self._num_shards = int(num_shards)
+    self._process_index, self._process_count = int(process_index), int(process_count)
     self._dtype = code_dtype(len(codebook))
     self._writers: dict[str, list[Any]] = {}
     self._staging: dict[str, list[Any]] = {}  # split -> the open `paths.local_file` contexts of its shards
@@ -239,7 +290,8 @@ class CodeDatasetWriter:
     if meta_path.exists():
       if not overwrite:
         raise ValueError(f"{self._dir} already holds a code dataset; pass overwrite=True to replace it")
-      meta_path.unlink()  # First, so a crash below cannot leave old metadata describing new shards.
+      if self._process_index == 0:
+        meta_path.unlink()  # First, so a crash below cannot leave old metadata describing new shards.
     paths.path(self._dir).mkdir(parents=True, exist_ok=True)
 
   @property
@@ -298,12 +350,22 @@ class CodeDatasetWriter:
       count += 1
     self._counts[split] = count
 
+  def open_split(self, split: str) -> None:
+    """Creates `split`'s shards before its first write, so a split (or, in a multi-process job, this process's part
+    of it) may stay empty."""
+    if not isinstance(split, str) or not _SPLIT_NAME.match(split):
+      raise ValueError(f"split name must match [A-Za-z0-9_]+, got {split!r}")
+    self._open(split)
+
+  def _shard_names(self, split: str, part: int) -> list[str]:
+    return [shard_name(split, s, self._num_shards, part, self._process_count) for s in range(self._num_shards)]
+
   def _open(self, split: str) -> list[Any]:
     if split not in self._writers:
       from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
       # Each shard goes to a local file first (the writer needs one), moved or copied into place on close.
-      staging = [paths.local_file(paths.path(self._dir) / shard_name(split, s, self._num_shards))
-                 for s in range(self._num_shards)]
+      staging = [paths.local_file(paths.path(self._dir) / name)
+                 for name in self._shard_names(split, self._process_index)]
       self._staging[split] = staging
       # group_size:1 makes every record its own chunk: cheap random access for shuffled reads.
       self._writers[split] = [array_record_module.ArrayRecordWriter(st.__enter__(), "group_size:1")
@@ -331,15 +393,52 @@ class CodeDatasetWriter:
       raise ValueError("CodeDatasetWriter is already closed")
     self._closed = True
     self._close_files()
-    if not self._counts:
-      raise ValueError(f"no examples were written to {self._dir}")
+    if self._process_count == 1:
+      if not any(self._counts.values()):
+        raise ValueError(f"no examples were written to {self._dir}")
+      return self._commit({split: (n,) for split, n in self._counts.items()}, dict(self._variants))
+    # Several processes: publish this part's counts, wait for every part, process 0 commits, everyone returns.
+    root = paths.path(self._dir)
+    paths.write_json(root / PART_FILE.format(index=self._process_index, count=self._process_count),
+                     {split: {"num_examples": n, "cond_variants": self._variants.get(split, 1)}
+                      for split, n in self._counts.items()})
+    paths.barrier(f"ctxrq_codes_parts_written:{self._dir}")
+    # Every process reads and checks the parts, so a bad combination fails on all of them alike (none left waiting).
+    part_files = [root / PART_FILE.format(index=p, count=self._process_count) for p in range(self._process_count)]
+    parts = [paths.read_json(f) for f in part_files]
+    splits = sorted(parts[0])
+    for p, part in enumerate(parts):
+      if sorted(part) != splits:
+        raise ValueError(f"process {p} wrote splits {sorted(part)} of {self._dir} but process 0 wrote {splits}")
+    variants = {}
+    for split in splits:
+      ts = {part[split]["cond_variants"] for part in parts if part[split]["num_examples"]}
+      if len(ts) > 1:
+        raise ValueError(f"the processes wrote split {split!r} with different tokenizations per caption {sorted(ts)}")
+      variants[split] = ts.pop() if ts else 1
+    sizes = {split: tuple(int(part[split]["num_examples"]) for part in parts) for split in splits}
+    empty = [split for split, n in sizes.items() if not sum(n)]
+    if empty:
+      raise ValueError(f"no process wrote any example of split(s) {', '.join(empty)} of {self._dir}")
+    if self._process_index == 0:
+      self._commit(sizes, variants)
+    paths.barrier(f"ctxrq_codes_committed:{self._dir}")
+    if self._process_index == 0:
+      for f in part_files:
+        f.unlink()
+    return read_metadata(self._dir)
+
+  def _commit(self, sizes: Mapping[str, tuple[int, ...]], variants: Mapping[str, int]) -> CodeMetadata:
+    """Writes codebook.npy, then metadata.json (the commit marker) for splits whose parts hold `sizes` examples."""
+    num_parts = self._process_count
     meta = CodeMetadata(
         code_shape=self._code_shape, codebook_size=len(self._codebook), embed_dim=self._codebook.shape[1],
         num_classes=self._num_classes, source=self._source, cond_length=self._cond_length,
         cond_vocab_size=self._cond_range, views=self._views,
-        cond_variants={split: t for split, t in self._variants.items() if t > 1},
-        splits={split: (n, tuple(shard_name(split, s, self._num_shards) for s in range(self._num_shards)))
-                for split, n in self._counts.items()})
+        cond_variants={split: t for split, t in variants.items() if t > 1},
+        parts={split: n for split, n in sizes.items() if num_parts > 1},
+        splits={split: (sum(n), tuple(name for p in range(num_parts) for name in self._shard_names(split, p)))
+                for split, n in sizes.items()})
     paths.write_with(paths.path(self._dir) / CODEBOOK_FILE, lambda f: np.save(f, self._codebook))
     paths.write_text(paths.path(self._dir) / METADATA_FILE, json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n")
     return meta
@@ -366,9 +465,9 @@ def read_metadata(codes_dir: str) -> CodeMetadata:
     raise ValueError(f"{path} is corrupt: {e}") from e
   if not isinstance(raw, dict) or raw.get("format") != FORMAT:
     raise ValueError(f"{path} is not a {FORMAT} metadata file")
-  if raw.get("version") not in (VERSION, VIEWS_VERSION, VARIANTS_VERSION):
+  if raw.get("version") not in (VERSION, VIEWS_VERSION, VARIANTS_VERSION, PARTS_VERSION):
     raise ValueError(f"{path} has format version {raw.get('version')!r}; this reader understands {VERSION}, "
-                     f"{VIEWS_VERSION} and {VARIANTS_VERSION}")
+                     f"{VIEWS_VERSION}, {VARIANTS_VERSION} and {PARTS_VERSION}")
   try:
     views = check_views(raw["views"]) if raw["version"] != VERSION else ("center",)
   except (KeyError, ValueError) as e:
@@ -395,7 +494,7 @@ def read_metadata(codes_dir: str) -> CodeMetadata:
     raise ValueError(f"{path}: code_dtype {raw['code_dtype']!r} does not match codebook_size {raw['codebook_size']}")
   if not isinstance(raw["splits"], dict) or not raw["splits"]:
     raise ValueError(f"{path}: splits must be a non-empty mapping")
-  splits, variants = {}, {}
+  splits, variants, parts = {}, {}, {}
   for split, info in raw["splits"].items():
     ok = (isinstance(info, dict) and isinstance(info.get("num_examples"), int) and info["num_examples"] >= 0
           and isinstance(info.get("shards"), list) and info["shards"]
@@ -404,17 +503,26 @@ def read_metadata(codes_dir: str) -> CodeMetadata:
       raise ValueError(f"{path}: split {split!r} needs num_examples >= 0 and a list of shard file names, "
                        f"got {info!r}")
     splits[split] = (info["num_examples"], tuple(info["shards"]))
-    if raw["version"] == VARIANTS_VERSION:
+    if raw["version"] in (VARIANTS_VERSION, PARTS_VERSION):
       t = info.get("cond_variants")
       if isinstance(t, bool) or not isinstance(t, int) or t < 1 or (t > 1 and raw["num_classes"] > 0):
-        raise ValueError(f"{path}: version {VARIANTS_VERSION} needs each split's cond_variants, a positive integer "
+        raise ValueError(f"{path}: version {raw['version']} needs each split's cond_variants, a positive integer "
                          f"(1 for class labels), got {t!r} for split {split!r}")
       if t > 1:
         variants[split] = t
+    if raw["version"] == PARTS_VERSION:
+      sizes = info.get("parts")
+      ok = (isinstance(sizes, list) and sizes and all(isinstance(m, int) and not isinstance(m, bool) and m >= 0
+                                                      for m in sizes)
+            and sum(sizes) == info["num_examples"] and len(info["shards"]) % len(sizes) == 0)
+      if not ok:
+        raise ValueError(f"{path}: version {PARTS_VERSION} needs each split's parts, examples per process summing to "
+                         f"num_examples, with shards a multiple of their number; got {sizes!r} for split {split!r}")
+      parts[split] = tuple(sizes)
   return CodeMetadata(code_shape=code_shape, codebook_size=raw["codebook_size"], embed_dim=raw["embed_dim"],
                       num_classes=raw["num_classes"], source=raw["source"], splits=splits,
                       cond_length=raw["cond_length"], cond_vocab_size=raw["cond_vocab_size"], views=views,
-                      cond_variants=variants)
+                      cond_variants=variants, parts=parts)
 
 
 def load_codebook(codes_dir: str, metadata: CodeMetadata | None = None) -> np.ndarray:
@@ -439,9 +547,10 @@ class CodeSource(grain.sources.RandomAccessDataSource):
     self.metadata = meta = metadata or read_metadata(codes_dir)
     self._num_examples = meta.num_examples(split)
     files = meta.shard_files(split)
-    self._num_shards = len(files)
+    self._sizes = meta.part_sizes(split)
+    self._num_shards = len(files) // len(self._sizes)  # per part
     self._shards = []
-    for s, name in enumerate(files):
+    for i, name in enumerate(files):
       path = paths.path(codes_dir) / name
       if not path.exists():
         raise ValueError(f"code dataset shard {path} is missing")
@@ -450,7 +559,7 @@ class CodeSource(grain.sources.RandomAccessDataSource):
         length = len(shard)
       except RuntimeError as e:
         raise ValueError(f"code dataset shard {path} is corrupt: {e}") from e
-      expected = len(range(s, self._num_examples, self._num_shards))
+      expected = len(range(i % self._num_shards, self._sizes[i // self._num_shards], self._num_shards))
       if length != expected:
         raise ValueError(f"code dataset shard {path} holds {length} records; metadata implies {expected}")
       self._shards.append(shard)
@@ -461,18 +570,26 @@ class CodeSource(grain.sources.RandomAccessDataSource):
   def __getitem__(self, index: int) -> bytes:
     if not 0 <= index < self._num_examples:
       raise IndexError(f"record {index} out of range [0, {self._num_examples})")
-    return self._shards[index % self._num_shards][index // self._num_shards]
+    if len(self._sizes) == 1:
+      return self._shards[index % self._num_shards][index // self._num_shards]
+    shard, record = _locate(self._sizes, self._num_shards, index)
+    return self._shards[shard][record]
 
   def read_all(self) -> list[bytes]:
     """All records in write order, read shard by shard."""
     out: list[bytes] = [b""] * self._num_examples
-    for s, shard in enumerate(self._shards):
-      if len(shard):
-        out[s::self._num_shards] = shard.__getitems__(list(range(len(shard))))
+    start = 0
+    for part, size in enumerate(self._sizes):
+      for s in range(self._num_shards):
+        shard = self._shards[part * self._num_shards + s]
+        if len(shard):
+          out[start + s:start + size:self._num_shards] = shard.__getitems__(list(range(len(shard))))
+      start += size
     return out
 
   def __repr__(self) -> str:
-    return f"CodeSource(num_examples={self._num_examples}, num_shards={self._num_shards})"
+    return (f"CodeSource(num_examples={self._num_examples}, num_shards={len(self._shards)}"
+            + (f", parts={list(self._sizes)})" if len(self._sizes) > 1 else ")"))
 
 
 def decode_record_variants(record: bytes, index: int, metadata: CodeMetadata, where: str = "",

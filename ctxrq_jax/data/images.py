@@ -228,6 +228,7 @@ def make_image_iterator(
     worker_count: int = 0,
     num_threads: int = 2,
     views: Any = None,
+    example_range: tuple[int, int] | None = None,
 ) -> grain.DatasetIterator:
   """Iterator of `{'image': float32 [B, S, S, C] in [-1, 1], 'label': int32 [B]}` with get_state()/set_state().
 
@@ -244,6 +245,8 @@ def make_image_iterator(
     num_threads: reader threads in this process.
     views: None, or a sequence of names from VIEWS ('center' first) for eval-order encoding (`train` must be False):
       then 'image' is float32 [B, V, S, S, C], the views of each example in the order given.
+    example_range: with `train=False`: only examples [start, stop) of the pass, preprocessed exactly as in the
+      whole pass (`pipeline.build_iterator`).
   """
   opts = _options(data_cfg)
   if views is not None:
@@ -283,4 +286,4 @@ def make_image_iterator(
       random_transform=random_views if views is not None else (random_crop or random_flip),
       batch_size=batch_size, seed=seed, train=train, shard_index=shard_index, shard_count=shard_count,
       num_epochs=num_epochs, drop_remainder=drop_remainder, worker_count=worker_count, num_threads=num_threads,
-      description=f"{opts['name']} split {split!r}")
+      description=f"{opts['name']} split {split!r}", example_range=example_range)

@@ -61,6 +61,7 @@ def build_iterator(
     num_threads: int = 2,
     prefetch_buffer_size: int = 4,
     description: str = "data set",
+    example_range: tuple[int, int] | None = None,
 ) -> grain.DatasetIterator:
   """Builds a checkpointable iterator of batches over a random-access `source`.
 
@@ -79,6 +80,9 @@ def build_iterator(
     num_threads: reader threads in this process (0 reads synchronously).
     prefetch_buffer_size: batches read ahead by the threads.
     description: names the data in errors.
+    example_range: one pass without shuffling only: keep examples [start, stop) of the shard, transformed exactly
+      as in the whole pass (their random draws depend on their index in the shard, not in the range); for splitting
+      one ordered pass between processes (`encode`).
 
   Returns:
     A `grain.DatasetIterator` of batches (dicts of arrays with a leading [B] axis) with `get_state()` /
@@ -105,6 +109,12 @@ def build_iterator(
     ds = ds.random_map(transform)
   else:
     ds = ds.map(lambda example: transform(example, None))
+  if example_range is not None:
+    start, stop = (int(i) for i in example_range)
+    if train or epochs != 1 or not 0 <= start <= stop <= len(ds):
+      raise ValueError(f"example_range must be [start, stop) within the {len(ds)} examples of one unshuffled pass "
+                       f"over {description}, got {tuple(example_range)} with train={train}, num_epochs={epochs}")
+    ds = ds[start:stop]
   ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
   if epochs is not None and len(ds) == 0:
     raise ValueError(f"shard {shard_index} of {shard_count} of {description} has fewer examples than one batch "

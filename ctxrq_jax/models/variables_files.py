@@ -59,7 +59,9 @@ def read_json(path: str, label: str) -> Any:
 
 
 def restore(directory: str, abstract: Any, *, what: str, label: str) -> Any:
-  """Restores `directory/variables/` into the structure of `abstract` (ShapeDtypeStructs).
+  """Restores `directory/variables/` into the structure of `abstract` (ShapeDtypeStructs), whole on this process's
+  first local device: in a multi-host job every host gets its own full copy (orbax needs the target sharding; the
+  one recorded in the checkpoint names the devices of the job that saved it).
 
   Raises FileNotFoundError naming `what` when there is no checkpoint, ValueError `{label} ... could not be restored`
   when orbax cannot read it.
@@ -67,8 +69,10 @@ def restore(directory: str, abstract: Any, *, what: str, label: str) -> Any:
   ckpt_dir = paths.path(directory) / VARIABLES_DIR
   if not ckpt_dir.is_dir():
     raise FileNotFoundError(f"{what} {directory} has no checkpoint directory {VARIABLES_DIR}/")
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      return ckptr.restore(ckpt_dir, abstract)
+      return ckptr.restore(ckpt_dir, target)
   except Exception as e:  # orbax raises assorted types for truncated/corrupt files
     raise ValueError(f"{label} {ckpt_dir} could not be restored: {type(e).__name__}: {e}") from e

@@ -8,6 +8,12 @@ Encoding is deterministic: examples are read in dataset order without augmentati
 with the artifact's codebook, and written in the same order (see `data.codes` for the file format). The code
 dataset carries the codebook, so stage 2 needs nothing else from stage 1 to train.
 
+Multi-host: in a job of P processes (`jax.process_count()`) each process encodes its share and writes its own part of
+the code dataset (`data.codes`, version 4). `encode_dataset` gives process p the contiguous examples `host_range` of
+each split (`core.host.host_range`), so the data set reads back in the same order with the same codes as a one-process encode.
+`encode_captions` encodes what each process's sources yield (the command gives process p every P-th input shard file);
+its captions file is written per part. Process 0 commits the metadata once every part is written.
+
 Stage-2 augmentation: with `views=('center', 'flip', ...)` every record also holds the codes of the listed views of
 its image (`data.images.VIEWS`: the horizontal flip, random crops as the training transform draws them, seeded by
 `view_seed`), and stage 2 with `data.random_view` trains on one view per example drawn each epoch. The cost is V
@@ -24,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ctxrq_jax.core import host
 from ctxrq_jax.core import paths
 from ctxrq_jax.core import reporting
 from ctxrq_jax.data import captions as captions_lib
@@ -32,14 +39,6 @@ from ctxrq_jax.data import images as image_data
 from ctxrq_jax.data import tokenizer as tokenizer_lib
 from ctxrq_jax.models import artifact
 from ctxrq_jax.models import rqvae
-
-
-def _check_single_process() -> None:
-  """One process writes a code dataset (its shards are not split by host): a multi-host job would write each file
-  from every host."""
-  if jax.process_count() > 1:
-    raise ValueError(f"encoding writes one code dataset from one process, but this job has {jax.process_count()}; "
-                     "run encode on a single host (its --out may still be a gs:// bucket)")
 
 
 def encode_dataset(artifact_dir: str, data_cfg: ml_collections.ConfigDict, out_dir: str, splits: Sequence[str], *,
@@ -63,7 +62,7 @@ def encode_dataset(artifact_dir: str, data_cfg: ml_collections.ConfigDict, out_d
   Returns:
     the written metadata.
   """
-  _check_single_process()
+  process_index, process_count = jax.process_index(), jax.process_count()
   model, variables = artifact.load_artifact(artifact_dir)
   if int(data_cfg.image_size) != model.resolution or int(data_cfg.channels) != model.in_channels:
     raise ValueError(
@@ -77,41 +76,50 @@ def encode_dataset(artifact_dir: str, data_cfg: ml_collections.ConfigDict, out_d
             "splits": list(splits)}
   if len(views) > 1:
     source.update(views=list(views), view_seed=int(view_seed))
+  totals = {}
+  for split in splits:
+    totals[split] = image_data.dataset_info(data_cfg, split)[0]
+    if max_examples is not None:
+      totals[split] = min(totals[split], max_examples)
+    if totals[split] <= 0:
+      raise ValueError(f"split {split!r} of {data_cfg.name} has no examples to encode")
   with code_data.CodeDatasetWriter(out_dir, code_shape=model.code_shape, codebook=codebook,
                                    num_classes=int(data_cfg.num_classes), source=source, num_shards=num_shards,
-                                   overwrite=overwrite, views=views) as writer:
+                                   overwrite=overwrite, views=views, process_index=process_index,
+                                   process_count=process_count) as writer:
     for split in splits:
+      writer.open_split(split)
+      start, stop = host.host_range(totals[split], process_index, process_count)
       count = 0
-      total = image_data.dataset_info(data_cfg, split)[0]
-      if max_examples is not None:
-        total = min(total, max_examples)
-      progress = reporting.Progress(f"encode {split}", total, unit="images")
-      it = image_data.make_image_iterator(data_cfg, split=split, batch_size=batch_size, seed=int(view_seed),
-                                          train=False, drop_remainder=False, views=views)
-      for batch in it:
-        x = np.asarray(batch["image"])  # [B, V, S, S, C]
-        n = x.shape[0]
-        if max_examples is not None:
-          n = min(n, max_examples - count)
-        if n <= 0:
-          break
-        pad = batch_size - x.shape[0]
-        if pad:  # one compiled shape for every batch, the padded tail is dropped below
-          x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-        b, v = x.shape[:2]
-        codes = np.asarray(encode_fn(variables, jnp.asarray(x.reshape(b * v, *x.shape[2:]))))
-        codes = codes.reshape(b, v, *codes.shape[1:])[:n]
-        writer.write(split, codes, np.asarray(batch["label"])[:n])
-        count += n
-        progress.update(count)
+      progress = reporting.Progress(f"encode {split}", stop - start, unit="images")
+      if stop > start:
+        it = image_data.make_image_iterator(data_cfg, split=split, batch_size=batch_size, seed=int(view_seed),
+                                            train=False, drop_remainder=False, views=views,
+                                            example_range=(start, stop))
+        for batch in it:
+          x = np.asarray(batch["image"])  # [B, V, S, S, C]
+          n = x.shape[0]
+          if n < batch_size:  # one compiled shape for every batch, the padded tail is dropped below
+            x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
+          b, v = x.shape[:2]
+          codes = np.asarray(encode_fn(variables, jnp.asarray(x.reshape(b * v, *x.shape[2:]))))
+          codes = codes.reshape(b, v, *codes.shape[1:])[:n]
+          writer.write(split, codes, np.asarray(batch["label"]))
+          count += n
+          progress.update(count)
       progress.close()
-      if count == 0:
-        raise ValueError(f"split {split!r} of {data_cfg.name} has no examples to encode")
   # Leaving the `with` block wrote metadata.json last (atomically); a failure above leaves no metadata.
   return code_data.read_metadata(out_dir)
 
 
 CAPTIONS_FILE = "captions-{split}.txt"
+
+
+def captions_file(split: str, process_index: int = 0, process_count: int = 1) -> str:
+  """The captions file of `split`, or of process `process_index`'s part of it when `process_count` > 1."""
+  if process_count == 1:
+    return CAPTIONS_FILE.format(split=split)
+  return f"captions-{split}-part{process_index:05d}of{process_count:05d}.txt"
 # Tokenizations of each training caption stored per record (BPE dropout per epoch, approximated by T stored draws).
 CAPTION_VARIANTS = 8
 
@@ -151,7 +159,7 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
   Returns:
     (the written metadata, {split: stats}).
   """
-  _check_single_process()
+  process_index, process_count = jax.process_index(), jax.process_count()
   if isinstance(caption_variants, bool) or not isinstance(caption_variants, (int, np.integer)) or caption_variants < 1:
     raise ValueError(f"caption_variants must be a positive integer, got {caption_variants!r}")
   variants = int(caption_variants) if tokenizer.bpe_dropout > 0 else 1  # without dropout every draw is the same
@@ -166,8 +174,10 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
   all_stats: dict[str, captions_lib.CaptionStats] = {}
   with code_data.CodeDatasetWriter(out_dir, code_shape=model.code_shape, codebook=codebook, num_classes=0,
                                    cond_length=tokenizer.context_length, cond_vocab_size=tokenizer.vocab_size,
-                                   source=description, num_shards=num_shards, overwrite=overwrite) as writer:
+                                   source=description, num_shards=num_shards, overwrite=overwrite,
+                                   process_index=process_index, process_count=process_count) as writer:
     for split, make_examples in sources.items():
+      writer.open_split(split)
       stats = all_stats[split] = captions_lib.CaptionStats()
       examples = make_examples(stats)
       if max_examples is not None:
@@ -176,7 +186,7 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
       progress = reporting.Progress(f"encode {split}", min(total, max_examples or total), unit="images")
       batches = captions_lib.image_batches(examples, stats, image_size=model.resolution,
                                            channels=model.in_channels, batch_size=batch_size, resize=resize)
-      caption_path = paths.path(out_dir) / CAPTIONS_FILE.format(split=split)
+      caption_path = paths.path(out_dir) / captions_file(split, process_index, process_count)
       with paths.local_file(caption_path) as caption_tmp, open(caption_tmp, "w", encoding="utf-8") as caption_file:
         for x, captions, _ in batches:
           n = x.shape[0]
@@ -193,14 +203,24 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
           caption_file.write("".join(f"{c}\n" for c in flat))
           progress.update(stats.decoded)
       progress.close()
-      if stats.decoded == 0:
+      if stats.decoded == 0 and process_count == 1:  # several processes: the writer checks the split as a whole
         raise ValueError(f"split {split!r} has no decodable image/caption pairs ({stats.summary()})")
   return code_data.read_metadata(out_dir), all_stats
 
 
 def read_captions(codes_dir: str, split: str) -> list[str]:
   """The captions `encode_captions` wrote for `split`, one per record in record order."""
-  path = paths.path(codes_dir) / CAPTIONS_FILE.format(split=split)
-  if not path.exists():
-    raise ValueError(f"{path} not found: {codes_dir} is not a caption code dataset, or has no split {split!r}")
-  return [line.rstrip("\n") for line in path.read_bytes().decode("utf-8").splitlines()]
+  try:
+    sizes = code_data.read_metadata(codes_dir).part_sizes(split)
+  except ValueError:
+    sizes = (None,)  # named below as a missing captions file
+  out = []
+  for part, size in enumerate(sizes):
+    path = paths.path(codes_dir) / captions_file(split, part, len(sizes))
+    if not path.exists():
+      raise ValueError(f"{path} not found: {codes_dir} is not a caption code dataset, or has no split {split!r}")
+    lines = [line.rstrip("\n") for line in path.read_bytes().decode("utf-8").splitlines()]
+    if size is not None and len(sizes) > 1 and len(lines) != size:
+      raise ValueError(f"{path} holds {len(lines)} captions; the metadata gives part {part} {size} records")
+    out.extend(lines)
+  return out

@@ -319,3 +319,96 @@ def test_caption_variants_metadata_errors_and_older_versions(tmp_path):
     with codes_lib.CodeDatasetWriter(tmp_path / "labels", code_shape=(1, 2, 2), codebook=np.ones((8, 2)),
                                      num_classes=3, source="x") as w:
       w.write("train", np.zeros((2, 1, 2, 2), np.int64), np.ones((2, 2, 1), np.int64))
+
+
+def _write_in_parts(out_dir, parts, *, num_shards, monkeypatch, **kwargs):
+  """Writes `parts` ([(codes, labels)] per process and split) as P processes do: one writer per process, each in
+  its own thread, with `paths.barrier` a barrier of those threads (the collective close of a multi-host job)."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
+
+  barrier = threading.Barrier(len(parts), timeout=60)
+  monkeypatch.setattr(paths, "barrier", lambda tag: barrier.wait())
+  results, errors = [None] * len(parts), []
+
+  def run(p):
+    try:
+      with codes_lib.CodeDatasetWriter(out_dir, num_shards=num_shards, process_index=p, process_count=len(parts),
+                                       **kwargs) as w:
+        for split, (c, y) in parts[p].items():
+          w.open_split(split)
+          for i in range(0, len(c), 3):  # several writes per part
+            w.write(split, c[i:i + 3], y[i:i + 3])
+      results[p] = codes_lib.read_metadata(out_dir)
+    except Exception as e:  # noqa: BLE001 - re-raised in the test thread
+      errors.append(e)
+      barrier.abort()
+
+  threads = [threading.Thread(target=run, args=(p,)) for p in range(len(parts))]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  if errors:
+    raise errors[0]
+  return results
+
+
+def test_processes_write_parts_that_read_back_in_order(tmp_path, monkeypatch):
+  rng = np.random.default_rng(3)
+  codebook = rng.normal(size=(50, 3)).astype(np.float32)
+  kw = dict(code_shape=(2, 2, 3), codebook=codebook, num_classes=5, source={"dataset": "synthetic"})
+  data = {split: (rng.integers(0, 50, (n, 2, 2, 3)), rng.integers(0, 5, (n,))) for split, n in
+          (("train", 11), ("test", 2))}
+  # Three processes, two shards each: train parts of 3, 4, 4 examples; process 0's test part is empty.
+  bounds = {"train": (0, 3, 7, 11), "test": (0, 0, 1, 2)}
+  parts = [{split: (c[bounds[split][p]:bounds[split][p + 1]], y[bounds[split][p]:bounds[split][p + 1]])
+            for split, (c, y) in data.items()} for p in range(3)]
+  metas = _write_in_parts(tmp_path / "parts", parts, num_shards=2, monkeypatch=monkeypatch, **kw)
+  assert all(m == metas[0] for m in metas)
+  meta = metas[0]
+  assert meta.part_sizes("train") == (3, 4, 4) and meta.part_sizes("test") == (0, 1, 1)
+  assert meta.num_examples("train") == 11 and len(meta.shard_files("train")) == 6
+  assert meta.shard_files("train")[3] == "train-part00001of00003-00001-of-00002.array_record"
+  raw = json.loads((tmp_path / "parts" / codes_lib.METADATA_FILE).read_text())
+  assert raw["version"] == codes_lib.PARTS_VERSION and raw["splits"]["train"]["parts"] == [3, 4, 4]
+  assert sorted(os.listdir(tmp_path / "parts")) == sorted(
+      [codes_lib.METADATA_FILE, codes_lib.CODEBOOK_FILE] + list(meta.shard_files("train"))
+      + list(meta.shard_files("test")))  # the per-process part files are gone
+  for split, (c, y) in data.items():  # read in write order: whole, by index, and batched
+    got_c, got_y = codes_lib.load_codes(tmp_path / "parts", split)
+    np.testing.assert_array_equal(got_c, c)
+    np.testing.assert_array_equal(got_y, y)
+  source = codes_lib.CodeSource(str(tmp_path / "parts"), "train")
+  assert [source[i] for i in range(11)] == source.read_all()
+  batches = list(codes_lib.make_code_iterator(tmp_path / "parts", split="train", batch_size=4, seed=0, train=False))
+  np.testing.assert_array_equal(np.concatenate([b["codes"] for b in batches]), data["train"][0])
+  # A one-process data set of the same records reads the same.
+  with codes_lib.CodeDatasetWriter(tmp_path / "one", num_shards=2, **kw) as w:
+    for split, (c, y) in data.items():
+      w.write(split, c, y)
+  for split in data:
+    np.testing.assert_array_equal(codes_lib.load_codes(tmp_path / "one", split)[0],
+                                  codes_lib.load_codes(tmp_path / "parts", split)[0])
+
+
+def test_parts_errors(tmp_path, monkeypatch):
+  kw = dict(code_shape=(1, 1, 1), codebook=np.ones((4, 2), np.float32), num_classes=2, source="x")
+  one = (np.zeros((2, 1, 1, 1), np.int64), np.zeros((2,), np.int64))
+  with pytest.raises(ValueError, match=r"process 1 wrote splits \['test', 'train'\] .* but process 0 wrote \['train'\]"):
+    _write_in_parts(tmp_path / "a", [{"train": one}, {"train": one, "test": one}], num_shards=1,
+                    monkeypatch=monkeypatch, **kw)
+  assert not (tmp_path / "a" / codes_lib.METADATA_FILE).exists()
+  empty = (one[0][:0], one[1][:0])
+  with pytest.raises(ValueError, match="no process wrote any example of split.s. test"):
+    _write_in_parts(tmp_path / "b", [{"train": one, "test": empty}, {"train": one, "test": empty}], num_shards=1,
+                    monkeypatch=monkeypatch, **kw)
+  with pytest.raises(ValueError, match=r"process_index must lie in \[0, process_count\)"):
+    codes_lib.CodeDatasetWriter(tmp_path / "c", process_index=2, process_count=2, **kw)
+  _write_in_parts(tmp_path / "d", [{"train": one}, {"train": one}], num_shards=1, monkeypatch=monkeypatch, **kw)
+  path = tmp_path / "d" / codes_lib.METADATA_FILE
+  raw = json.loads(path.read_text())
+  raw["splits"]["train"]["parts"] = [2, 1]
+  path.write_text(json.dumps(raw))
+  with pytest.raises(ValueError, match="version 4 needs each split's parts, examples per process summing to"):
+    codes_lib.read_metadata(tmp_path / "d")

@@ -49,13 +49,17 @@ def test_mismatched_data_config_is_a_clear_error(tmp_path):
   assert not (tmp_path / "codes").exists()
 
 
-def test_encode_refuses_a_multi_process_job(tmp_path, monkeypatch):
-  # Its shards are not split by host: every process would write every file of the data set.
-  monkeypatch.setattr(encode.jax, "process_count", lambda: 4)
-  with pytest.raises(ValueError, match="this job has 4; run encode on a single host"):
-    encode.encode_dataset(str(tmp_path / "artifact"), helpers.tiny_stage1_config().data, str(tmp_path / "codes"),
-                          ["test"])
-  assert not (tmp_path / "codes").exists()
+def test_host_ranges_split_a_pass_in_order():
+  from ctxrq_jax.core import host  # pylint: disable=g-import-not-at-top
+  for total in (0, 1, 5, 37):
+    for count in (1, 2, 3, 8):
+      ranges = [host.host_range(total, p, count) for p in range(count)]
+      assert ranges[0][0] == 0 and ranges[-1][1] == total
+      assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, in process order
+      assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
+  assert host.host_range(37, 1, 2) == (18, 37)
+  with pytest.raises(ValueError, match=r"process_index must lie in \[0, process_count=2\)"):
+    host.host_range(10, 2, 2)
 
 
 @pytest.mark.slow  # ~20 s on a loaded 2-core CPU: compiles of the tiny RQ-VAE
