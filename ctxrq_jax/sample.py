@@ -141,7 +141,6 @@ def main(argv: list[str]) -> None:
   if FLAGS.num_per_class < 1:
     raise app.UsageError(f"--num_per_class must be >= 1, got {FLAGS.num_per_class}")
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.core import host  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.sampling import loader  # pylint: disable=g-import-not-at-top
@@ -158,7 +157,7 @@ def main(argv: list[str]) -> None:
   settings = dict(batch_size=int(pick(FLAGS.batch_size, s.batch_size)), t_draft=int(pick(FLAGS.t_draft, s.T_draft)),
                   t_revise=int(pick(FLAGS.t_revise, s.T_revise)), num_revisions=int(pick(FLAGS.num_revisions, s.M)),
                   draft=_phase("draft", s.draft), revise=_phase("revise", s.revise), draft_mode=FLAGS.draft_mode)
-  if edit_inputs is not None:  # every host runs the edit (the parameters may span them); process 0 writes it
+  if edit_inputs is not None:  # every host runs the same edit on its own devices; process 0 writes it
     _inpaint(loaded, settings, edit_inputs, FLAGS.out or str(paths.path(FLAGS.workdir) / "inpaint"), host.is_chief())
     return
   out = out_dir
@@ -169,6 +168,8 @@ def main(argv: list[str]) -> None:
     paths = runner.sample_prompts(loaded, prompts, out, per_prompt=per_prompt, rng=jax.random.key(FLAGS.seed),
                                   preview_per_prompt=FLAGS.preview_per_class,
                                   preview_prompts=FLAGS.preview_classes, **settings)
+    if not paths:  # another host: process 0 merged the shards and reports
+      return
     print(f"{len(prompts) * per_prompt} samples of {len(prompts)} prompts from {FLAGS.workdir} (step {loaded.step}, "
           f"{loaded.params_name})")
     for name, path in paths.items():
@@ -177,25 +178,12 @@ def main(argv: list[str]) -> None:
   if FLAGS.prompts or FLAGS.prompts_file:
     raise app.UsageError(f"{FLAGS.workdir} is a class-conditional run: use --classes, not --prompts")
   ids = runner.parse_classes(FLAGS.classes, int(loaded.config.model.num_classes))
-  labels = np.repeat(np.asarray(ids, np.int32), FLAGS.num_per_class)
-  # Each host draws its block of the sample indices; sample i depends on (seed, i, settings) only.
-  index, count = jax.process_index(), jax.process_count()
-  mine = runner.shard_indices(len(labels), index, count)
-  history = runner.sample_codes(loaded, labels[mine], jax.random.key(FLAGS.seed), indices=mine, **settings)
-  preview = dict(ncols=FLAGS.num_per_class, preview_per_class=FLAGS.preview_per_class,
-                 preview_classes=FLAGS.preview_classes)
-  if count == 1:
-    paths = runner.write_outputs(loaded, history, labels, out_dir, **preview)
-  else:  # every host writes its shard; host 0 merges them and draws the previews from its own block
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    runner.write_samples_npz(loaded, history[-1], labels[mine], runner.shard_path(out_dir, index, count),
-                             indices=mine)
-    multihost_utils.sync_global_devices("sample shards written")
-    if index != 0:
-      return
-    paths = runner.write_previews(loaded, history, labels[mine], out_dir, **preview)
-    paths["samples_npz"] = runner.merge_shards(out_dir)
-  print(f"{len(labels)} samples of {len(ids)} classes from {FLAGS.workdir} (step {loaded.step}, {loaded.params_name})")
+  paths = runner.sample_classes(loaded, ids, out_dir, per_class=FLAGS.num_per_class, rng=jax.random.key(FLAGS.seed),
+                                preview_per_class=FLAGS.preview_per_class, preview_classes=FLAGS.preview_classes,
+                                **settings)
+  if not paths:  # another host: process 0 merged the shards and reports
+    return
+  print(f"{len(ids) * FLAGS.num_per_class} samples of {len(ids)} classes from {FLAGS.workdir} (step {loaded.step}, {loaded.params_name})")
   for name, path in paths.items():
     print(f"{name}: {path}")
 

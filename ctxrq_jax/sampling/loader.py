@@ -27,8 +27,10 @@ from ctxrq_jax.models import transformer
 
 
 def inference_mesh() -> jax.sharding.Mesh:
-  """Sampling runs on whatever devices are here, data parallel (whatever mesh the run trained on)."""
-  return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  """Sampling runs data parallel on this process's devices (whatever mesh the run trained on): in a multi-host job
+  each host restores its own copy of the parameters and draws its own block of samples (`runner.shard_indices`)
+  or evaluates on its own, with no traffic between hosts."""
+  return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
 
 
 def params_target(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Any:

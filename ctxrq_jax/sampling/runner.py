@@ -222,10 +222,14 @@ def merge_shards(out_dir: str) -> str:
   missing = sorted(set(range(count)) - {int(n[len("samples-"):].split("-of-")[0]) for n in names})
   if missing:
     raise ValueError(f"{shard_dir}: shards of hosts {missing} (of {count}) are missing")
-  parts = []
+  parts, text = [], []
   for n in names:
     with (shard_dir / n).open("rb") as f, np.load(f) as z:
       parts.append((n, z["indices"], z["labels"], z["codes"], z["arr_0"].shape))
+      if "prompts" in z.files:  # text-to-image: the prompts (the same in every shard) and caption tokens
+        text.append((tuple(z["prompts"].tolist()), z["cond"]))
+  if text and (len(text) != len(parts) or len({t[0] for t in text}) != 1):
+    raise ValueError(f"{shard_dir}: the shards do not all hold the same prompts")
   indices = np.concatenate([p[1] for p in parts])
   total = len(indices)
   if not np.array_equal(np.sort(indices), np.arange(total)):
@@ -233,6 +237,9 @@ def merge_shards(out_dir: str) -> str:
   order = np.argsort(indices)
   labels = np.concatenate([p[2] for p in parts])[order]
   codes = np.concatenate([p[3] for p in parts])[order]
+  extra = {}
+  if text:
+    extra = dict(prompts=np.asarray(list(text[0][0]), dtype=str), cond=np.concatenate([t[1] for t in text])[order])
   path = str(fs.path(out_dir) / "samples.npz")
   with _scratch_file(path) as scratch:
     images = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(total, *parts[0][4][1:]))
@@ -241,9 +248,50 @@ def merge_shards(out_dir: str) -> str:
         images[idx] = z["arr_0"]
     images.flush()
     with fs.local_file(path, suffix=".npz") as tmp:
-      np.savez(tmp, arr_0=images, labels=labels, codes=codes)
+      np.savez(tmp, arr_0=images, labels=labels, codes=codes, **extra)
     del images
   return path
+
+
+def write_sample_set(loaded: loader.Stage2Model, history: np.ndarray, labels: np.ndarray, out_dir: str, *,
+                     indices: np.ndarray, ncols: int, preview_per_class: int = 10, preview_classes: int = 16,
+                     prompts: Sequence[str] | None = None, cond: np.ndarray | None = None) -> dict[str, str]:
+  """Writes the sample set this host drew (`shard_indices`): history int [M+1, S_p, N, D], labels int [S_p] and
+  (text) cond int [S_p, L] of the samples `indices` [S_p].
+
+  One host: `write_outputs`. Several: each host writes its shard OUT/shards/samples-I-of-N.npz, then (after a
+  barrier) process 0 writes the previews from its own block and merges the shards into OUT/samples.npz (equal to the
+  one a single host writes). Returns the written paths on process 0, {} on the other hosts.
+  """
+  index, count = jax.process_index(), jax.process_count()
+  preview = dict(preview_per_class=preview_per_class, preview_classes=preview_classes, prompts=prompts)
+  if count == 1:
+    return write_outputs(loaded, history, labels, out_dir, ncols, cond=cond, **preview)
+  write_samples_npz(loaded, history[-1], labels, shard_path(out_dir, index, count), indices=indices, prompts=prompts,
+                    cond=cond)
+  fs.barrier(f"ctxrq_sample_shards:{out_dir}")
+  if index != 0:
+    return {}
+  paths = write_previews(loaded, history, labels, out_dir, ncols, **preview)
+  paths["samples_npz"] = merge_shards(out_dir)
+  return paths
+
+
+def sample_classes(loaded: loader.Stage2Model, ids: Sequence[int], out_dir: str, *, per_class: int, rng: jax.Array,
+                   batch_size: int, t_draft: int, t_revise: int, num_revisions: int, draft: logits.PhaseSettings,
+                   revise: logits.PhaseSettings, draft_mode: str = "random", preview_per_class: int = 10,
+                   preview_classes: int = 16) -> dict[str, str]:
+  """`per_class` Draft-and-Revise samples of each class id, drawn across the hosts (each its block of the sample
+  indices; sample i depends on (rng, i, settings) only) and written by `write_sample_set`."""
+  if per_class < 1:
+    raise ValueError(f"samples per class must be >= 1, got {per_class}")
+  labels = np.repeat(np.asarray(ids, np.int32), per_class)
+  mine = shard_indices(len(labels), jax.process_index(), jax.process_count())
+  history = sample_codes(loaded, labels[mine], rng, indices=mine, batch_size=batch_size, t_draft=t_draft,
+                         t_revise=t_revise, num_revisions=num_revisions, draft=draft, revise=revise,
+                         draft_mode=draft_mode)
+  return write_sample_set(loaded, history, labels[mine], out_dir, indices=mine, ncols=per_class,
+                          preview_per_class=preview_per_class, preview_classes=preview_classes)
 
 
 def sample_all_classes(workdir: str, out_dir: str, *, samples_per_class: int, seed: int = 0,
@@ -254,11 +302,10 @@ def sample_all_classes(workdir: str, out_dir: str, *, samples_per_class: int, se
   loaded = loader.Stage2Model(workdir)
   s = loaded.config.sample
   ids = parse_classes(classes, int(loaded.config.model.num_classes))
-  labels = np.repeat(np.asarray(ids, np.int32), samples_per_class)
-  history = sample_codes(loaded, labels, jax.random.key(seed), batch_size=int(s.batch_size),
-                         t_draft=int(s.T_draft), t_revise=int(s.T_revise), num_revisions=int(s.M),
-                         draft=logits.PhaseSettings.from_config(s.draft), revise=logits.PhaseSettings.from_config(s.revise))
-  return write_outputs(loaded, history, labels, out_dir, ncols=samples_per_class)
+  return sample_classes(loaded, ids, out_dir, per_class=samples_per_class, rng=jax.random.key(seed),
+                        batch_size=int(s.batch_size), t_draft=int(s.T_draft), t_revise=int(s.T_revise),
+                        num_revisions=int(s.M), draft=logits.PhaseSettings.from_config(s.draft),
+                        revise=logits.PhaseSettings.from_config(s.revise))
 
 
 def read_prompts(spec: str | None = None, path: str | None = None) -> list[str]:
@@ -292,7 +339,10 @@ def sample_prompts(loaded: loader.Stage2Model, prompts: Sequence[str], out_dir: 
   if not loaded.model.is_text:
     raise ValueError(f"{loaded.workdir} is a class-conditional run; sample it with class ids, not prompts")
   labels, cond = prompt_conditions(loaded, prompts, per_prompt)
-  history = sample_codes(loaded, cond, rng, batch_size=batch_size, t_draft=t_draft, t_revise=t_revise,
-                         num_revisions=num_revisions, draft=draft, revise=revise, draft_mode=draft_mode)
-  return write_outputs(loaded, history, labels, out_dir, ncols=per_prompt, preview_per_class=preview_per_prompt,
-                       preview_classes=preview_prompts, prompts=list(prompts), cond=cond)
+  mine = shard_indices(len(labels), jax.process_index(), jax.process_count())
+  history = sample_codes(loaded, cond[mine], rng, indices=mine, batch_size=batch_size, t_draft=t_draft,
+                         t_revise=t_revise, num_revisions=num_revisions, draft=draft, revise=revise,
+                         draft_mode=draft_mode)
+  return write_sample_set(loaded, history, labels[mine], out_dir, indices=mine, ncols=per_prompt,
+                          preview_per_class=preview_per_prompt, preview_classes=preview_prompts,
+                          prompts=list(prompts), cond=cond[mine])

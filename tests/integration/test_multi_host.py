@@ -1,6 +1,10 @@
-"""Encoding as a multi-host job: two real JAX processes (jax.distributed on CPU, a coordinator on localhost) each
-encode their share into one code dataset; it reads back equal, record for record, to a one-process encode."""
+"""The pipeline as a multi-host job: two real JAX processes (jax.distributed on CPU, a coordinator on localhost).
 
+They encode their shares into one code dataset (it reads back equal, record for record, to a one-process encode),
+train stage 2 on it for one step and stop, resume to two steps (each host's data-iterator state in the
+checkpoint), and draw a sample set, each host its block (equal to the set one process draws)."""
+
+import os
 import socket
 import subprocess
 import sys
@@ -14,6 +18,7 @@ from ctxrq_jax.data import codes as code_data
 from ctxrq_jax.data import tokenizer as tokenizer_lib
 from ctxrq_jax.models import artifact as artifact_lib
 from ctxrq_jax.models import rqvae
+from ctxrq_jax.sampling import runner
 from ctxrq_jax.stage1 import encode
 from tests import helpers
 from tests.unit.data import test_captions
@@ -36,7 +41,20 @@ _PROCESS = textwrap.dedent("""
     files = captions.host_shard_paths(tmp + "/wds/*.tar", jax.process_index(), jax.process_count())
     tok = tokenizer.CaptionTokenizer.from_directory(tmp + "/bpe", context_length=6)
     encode.encode_captions(tmp + "/artifact", {"val": lambda stats: captions.iter_webdataset(files, stats)},
-                           tmp + "/captions2", tok, train_splits=(), batch_size=4)
+                           tmp + "/captions2", tok, train_splits=(), batch_size=16)
+
+    from ctxrq_jax.sampling import runner
+    from ctxrq_jax.stage2 import trainer
+    config = helpers.tiny_demo_stage2_config()
+    with config.unlocked():
+      config.data.codes_dir, config.data.stage1_dir = tmp + "/codes2", tmp + "/artifact"
+      config.data.train_split = config.data.eval_split = "test"
+      config.train.num_steps, config.train.ckpt_every, config.train.eval_every = 2, 1, 100
+    first = trainer.train_and_evaluate(config, tmp + "/run", stop_after_steps=1)
+    assert first["step"] == 1 and first["stopped"], first
+    resumed = trainer.train_and_evaluate(config, tmp + "/run")
+    assert resumed["step"] == 2 and [s for s, _ in resumed["history"]] == [2], resumed["history"]
+    runner.sample_all_classes(tmp + "/run", tmp + "/samples2", samples_per_class=1, classes="0,1,2")
 """)
 
 
@@ -46,7 +64,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_encode_one_dataset_equal_to_one_process(tmp_path, subprocess_env):
+def test_two_processes_encode_train_resume_and_sample(tmp_path, subprocess_env):
   config = helpers.tiny_stage1_config()
   model = rqvae.RQVAE.from_config(config.model)
   variables = jax.jit(rqvae.init_variables, static_argnums=0)(model, jax.random.key(3))
@@ -86,3 +104,14 @@ def test_two_processes_encode_one_dataset_equal_to_one_process(tmp_path, subproc
   tok = tokenizer_lib.CaptionTokenizer.from_directory(str(tmp_path / "bpe"), context_length=6)
   np.testing.assert_array_equal(code_data.load_codes(str(tmp_path / "captions2"), "val")[1],
                                 tok.encode(texts[:6] + texts[7:]))
+
+  # Stage 2: every host's data-iterator position is in the checkpoint; the sample set equals one drawn by one process.
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints" / "2" / "data")) == [
+      "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+  assert sorted(os.listdir(tmp_path / "samples2" / "shards")) == ["samples-00000-of-00002.npz",
+                                                                   "samples-00001-of-00002.npz"]
+  runner.sample_all_classes(str(tmp_path / "run"), str(tmp_path / "samples1"), samples_per_class=1, classes="0,1,2")
+  with np.load(tmp_path / "samples2" / "samples.npz") as two, np.load(tmp_path / "samples1" / "samples.npz") as one:
+    assert sorted(two.files) == sorted(one.files)
+    for key in one.files:
+      np.testing.assert_array_equal(two[key], one[key])
