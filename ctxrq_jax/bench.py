@@ -105,7 +105,7 @@ def main(argv: list[str]) -> None:
     print(speed.format_train(result, official))
   else:
     from ctxrq_jax.core import config as configlib  # pylint: disable=g-import-not-at-top
-    check = configlib.load_config_file('imagenet', 'tiny')
+    check = FLAGS.check_config or configlib.load_config_file('imagenet', 'tiny')
     out = speed.bench_device(config, batch=FLAGS.batch_size, t_drafts=_ints('t_draft'), t_revise=FLAGS.t_revise,
                              num_revisions=FLAGS.num_revisions, train_batches=_ints('train_batches'),
                              check_config=check, check_batch=FLAGS.check_batch, deadline_s=FLAGS.deadline_s,
@@ -140,6 +140,8 @@ def define_flags() -> None:
   flags.DEFINE_float('memory_limit_gb', 0.0, "device: a training batch fits when XLA's memory estimate of the step "
                      "is within this many GiB (0: the device's own limit, none on a CPU).")
   flags.DEFINE_integer('check_batch', 8, 'device: batch of the bf16-vs-fp32 check on the tiny config.')
+  config_flags.DEFINE_config_file('check_config', None, 'device: config of the bf16-vs-fp32 check (default '
+                                  'configs/imagenet.py:tiny; overrides as for --config, e.g. a smaller one on a CPU).')
   flags.DEFINE_float('deadline_s', 420.0, 'device: checks not started within this many seconds are skipped.')
   flags.DEFINE_integer('seed', 0, 'Seed of the random weights and of sampling.')
   flags.DEFINE_string('workdir', None, 'fid: directory for the random images and the random-weight Inception.')

@@ -16,14 +16,20 @@ def tiny():
   return configlib.load_config_file("imagenet", "tiny")  # 4x4x4 codes: N = 16
 
 
-@pytest.mark.slow
-def test_bench_sample_rows_agree_and_count_flops(tiny):
-  # One layer per stack and depth D = 2: fewer programs to compile; N = 16 positions.
+@pytest.fixture(scope="module")
+def small(tiny):
+  """One layer per stack and depth D = 2 (N = 16 positions): smaller programs to compile. The configs that
+  tests/unit/benchmarks/test_device_bench.py gives bench/device.sh (the same programs at the same batches)."""
   config = tiny.copy_and_resolve_references()
   with config.unlocked():
     config.model.spatial_layers = config.model.depth_layers = 1
     config.data.code_shape = (4, 4, 2)
-  rows = speed.bench_sample(config, batch=2, t_drafts=[4, 32], t_revise=2, num_revisions=1, repeats=1,
+  return config
+
+
+@pytest.mark.slow
+def test_bench_sample_rows_agree_and_count_flops(small):
+  rows = speed.bench_sample(small, batch=2, t_drafts=[4, 32], t_revise=2, num_revisions=1, repeats=1,
                             reference=True, seed=0)
   ok, skipped = rows
   assert ok["t_draft"] == 4 and ok["same_codes"]
@@ -57,8 +63,8 @@ def test_cached_depth_flops_are_d_token_passes(tiny):
   assert cached < guided < 2 * cached
 
 
-def test_bench_train_reports_mfu(tiny):
-  result = speed.bench_train(tiny, batch=4, repeats=1, seed=0)
+def test_bench_train_reports_mfu(small):
+  result = speed.bench_train(small, batch=4, repeats=1, seed=0)
   assert result["step_s"] > 0 and result["model_flops"] > 0 and result["probe_flops"] > 0
   assert np.isfinite(result["loss"])
   # XLA's count of the whole step (backward and update included) exceeds one forward pass (model_flops / 3).

@@ -14,15 +14,24 @@ from ctxrq_jax.models import inception_convert as conv
 from tests import pytorch_fid_reference as ref
 
 
-def _random_state_dict(seed=0):
-  """A state dict of the right keys and shapes drawn from the converter's own key list (no torch needed)."""
-  rng = np.random.default_rng(seed)
+@pytest.fixture(scope="module")
+def random_arrays():
+  """A state dict of the right keys and shapes drawn from the converter's own key list (no torch needed), drawn once
+  for the file (23M numbers); tests take a shallow copy and replace entries, never edit them in place."""
+  rng = np.random.default_rng(0)
   return {k: rng.normal(size=s).astype(np.float32) for k, s in conv.reference_state_dict_shapes().items()}
 
 
-def test_key_list_is_pytorch_fids():
+@pytest.fixture(scope="module")
+def torch_model():
+  """pytorch-fid's network with random weights, built once for the file."""
+  pytest.importorskip("torch")
+  return ref.build_fid_inception(seed=3)
+
+
+def test_key_list_is_pytorch_fids(torch_model):
   torch = pytest.importorskip("torch")
-  model = ref.build_fid_inception(seed=0)
+  model = torch_model
   theirs = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
   assert conv.reference_state_dict_shapes() == theirs
   assert len(theirs) == 94 * 5 + 2  # 94 conv+BN units (weight, bn weight/bias/mean/var) and fc weight/bias
@@ -30,9 +39,9 @@ def test_key_list_is_pytorch_fids():
 
 
 @pytest.mark.slow
-def test_round_trip_through_the_pth_file_and_the_artifact(tmp_path):
+def test_round_trip_through_the_pth_file_and_the_artifact(tmp_path, torch_model):
   torch = pytest.importorskip("torch")
-  model = ref.build_fid_inception(seed=3)
+  model = torch_model
   path = tmp_path / conv.WEIGHTS_FILENAME
   torch.save(model.state_dict(), path)
   with pytest.raises(conv.InceptionConversionError, match="SHA-256"):  # not the released file
@@ -60,8 +69,8 @@ def test_round_trip_through_the_pth_file_and_the_artifact(tmp_path):
     conv.save_artifact(tmp_path / "art", direct)
 
 
-def test_layouts_and_optional_keys():
-  sd = _random_state_dict()
+def test_layouts_and_optional_keys(random_arrays):
+  sd = dict(random_arrays)
   v = conv.convert_state_dict(sd)
   w = sd["Mixed_6b.branch7x7_2.conv.weight"]  # [O, I, 1, 7]
   k = v["params"]["Mixed_6b"]["branch7x7_2"]["conv"]["kernel"]  # [1, 7, I, O]
@@ -77,8 +86,8 @@ def test_layouts_and_optional_keys():
   np.testing.assert_array_equal(v2["params"]["fc"]["bias"], v["params"]["fc"]["bias"])
 
 
-def test_errors_name_missing_unexpected_and_misshaped_keys():
-  sd = _random_state_dict()
+def test_errors_name_missing_unexpected_and_misshaped_keys(random_arrays):
+  sd = dict(random_arrays)
   del sd["Mixed_5b.branch_pool.bn.running_mean"]
   sd["AuxLogits.fc.weight"] = np.zeros((1008, 768), np.float32)
   sd["Mixed_7a.branch3x3_2.conv.weight"] = sd["Mixed_7a.branch3x3_2.conv.weight"].transpose(1, 0, 2, 3)
@@ -88,7 +97,7 @@ def test_errors_name_missing_unexpected_and_misshaped_keys():
   assert "missing keys: Mixed_5b.branch_pool.bn.running_mean" in msg
   assert "unexpected keys: AuxLogits.fc.weight" in msg
   assert "Mixed_7a.branch3x3_2.conv.weight: (192, 320, 3, 3) (expected (320, 192, 3, 3))" in msg
-  bad = _random_state_dict()
+  bad = dict(random_arrays)
   bad["fc.bias"] = bad["fc.bias"].astype(np.int32)
   with pytest.raises(conv.InceptionConversionError, match="non-float keys: fc.bias"):
     conv.convert_state_dict(bad)

@@ -47,21 +47,24 @@ def test_inpaint_equals_reference(setup):
   region[0, 3:9] = True
   region[1, [0, 5, 10, 12, 15]] = True
   region[2, :] = True
-  kw = {**STEPS, "draft": DRAFT, "revise": REVISE}
-  out = decoder.inpaint(model, params, codebook, codes, region, cond, jax.random.key(21), **kw)
-  ref = reference.reference_draft_and_revise(model, params, codebook, cond, jax.random.key(21), codes=codes,
-                                             region=region, **kw)
+  # With the history: the program of test_fast_sampler_equals_reference[revise] (region 2 is all N positions).
+  kw = {**STEPS, "draft": DRAFT, "revise": REVISE, "return_history": True}
+  out, hist = decoder.inpaint(model, params, codebook, codes, region, cond, jax.random.key(21), **kw)
+  ref, ref_hist = reference.reference_draft_and_revise(model, params, codebook, cond, jax.random.key(21), codes=codes,
+                                                       region=region, **kw)
   np.testing.assert_array_equal(np.asarray(out)[~region], np.asarray(codes)[~region])
   np.testing.assert_array_equal(out, ref)
+  np.testing.assert_array_equal(hist, ref_hist)
   assert not np.array_equal(np.asarray(out)[region], np.asarray(codes)[region])
 
 
 def test_guidance_scale_zero_equals_tiny_scale(setup):
-  """Scale 0 skips the uncond branch; a negligible scale runs it and guides the features: same codes."""
+  """Scale 0 skips the uncond branch; a negligible scale runs it and guides the features: same codes.
+  (The programs of test_fast_sampler_equals_reference[none] and [revise]: nothing new to compile.)"""
   model, params, codebook, cond = setup
-  kw = {**STEPS, "draft": DRAFT}
-  a = decoder.draft_and_revise(model, params, codebook, cond, jax.random.key(5),
-                               revise=dataclasses.replace(REVISE, guidance_scale=0.0), **kw)
-  b = decoder.draft_and_revise(model, params, codebook, cond, jax.random.key(5),
-                               revise=dataclasses.replace(REVISE, guidance_scale=1e-30), **kw)
+  kw = {**STEPS, "draft": DRAFT, "return_history": True}
+  a, _ = decoder.draft_and_revise(model, params, codebook, cond, jax.random.key(5),
+                                  revise=dataclasses.replace(REVISE, guidance_scale=0.0), **kw)
+  b, _ = decoder.draft_and_revise(model, params, codebook, cond, jax.random.key(5),
+                                  revise=dataclasses.replace(REVISE, guidance_scale=1e-30), **kw)
   np.testing.assert_array_equal(a, b)

@@ -142,7 +142,9 @@ def test_edits_keep_every_code_outside_their_regions(loaded, tmp_path):
   # Two edits of different region sizes in one batch (one compiled program), two samples each.
   edits = editing.inpaint_many(loaded, np.stack([image, image]), np.stack([inner, border]), np.array([[1], [2]]),
                                jax.random.key(0), num_samples=2, **KW)
-  codes = editing.encode_images(loaded.decoder.model, loaded.decoder.variables, image[None])[0].reshape(64, 3)
+  # The input's codes, encoded in a batch of two as inpaint_many encodes it (the same compiled encoder).
+  codes = editing.encode_images(loaded.decoder.model, loaded.decoder.variables,
+                                np.stack([image, image]))[0].reshape(64, 3)
   for edit, want in zip(edits, (want_inner, want_border)):
     np.testing.assert_array_equal(edit.region, want.reshape(-1))
     np.testing.assert_array_equal(edit.codes, codes)

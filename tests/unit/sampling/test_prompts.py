@@ -73,6 +73,7 @@ def test_sample_prompts_end_to_end(tmp_path, monkeypatch):
   with config.unlocked():
     config.data.update(codes_dir=codes_dir, stage1_dir=artifact, tokenizer_dir=tok_dir, code_shape=(4, 4, 2),
                        vocab_size=16, embed_dim=8)
+    config.model.update(spatial_layers=1, depth_layers=1)  # one layer per stack: smaller programs to compile
   workdir = str(tmp_path / "stage2")
   configlib.save_snapshot(config, workdir)
   model = transformer.from_run_config(config)
