@@ -130,9 +130,12 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, *, method: str = 
   """
   s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
   if method == "svd":
+    if s2 is s1 or np.array_equal(s1, s2):
+      # S^{1/2} S^{1/2} = S: the singular values are S's eigenvalues (negative round-off clipped, as above), so no
+      # eigenvectors and no SVD are needed (4-5x less work at d = 2048).
+      return float(np.sum(np.clip(np.linalg.eigvalsh((s1 + s1.T) / 2), 0, None)))
     a = _sqrt_psd(s1)
-    b = a if s2 is s1 or np.array_equal(s1, s2) else _sqrt_psd(s2)
-    return float(np.sum(np.linalg.svd(a @ b, compute_uv=False)))
+    return float(np.sum(np.linalg.svd(a @ _sqrt_psd(s2), compute_uv=False)))
   if method == "sqrtm":
     covmean = scipy.linalg.sqrtm(s1 @ s2)
     if not np.all(np.isfinite(covmean)):

@@ -217,3 +217,13 @@ def test_precision_recall_errors():
     frechet.manifold_radii(np.zeros((3, 2)), k=3)
   with pytest.raises(ValueError, match="feature sizes"):
     frechet.precision_recall(np.zeros((5, 2)), np.zeros((5, 3)))
+
+
+def test_equal_covariances_take_the_eigenvalue_path_with_the_svd_result():
+  # trace sqrt(S S) for S == S is the sum of S's (clipped) eigenvalues; checked against sqrt_psd + SVD, rank-deficient.
+  x = np.random.default_rng(0).normal(size=(20, 50))
+  s = np.cov(x, rowvar=False)  # rank 19 of 50: round-off gives tiny negative eigenvalues
+  a = frechet._sqrt_psd(s)
+  want = float(np.sum(np.linalg.svd(a @ a, compute_uv=False)))
+  assert frechet.trace_sqrt_product(s, s.copy()) == pytest.approx(want, rel=1e-9)
+  assert frechet.trace_sqrt_product(s, s) == pytest.approx(want, rel=1e-9)
