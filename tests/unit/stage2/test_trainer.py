@@ -12,14 +12,33 @@ from ctxrq_jax.core import checkpoint
 from ctxrq_jax.core import sharding
 from ctxrq_jax.core.config import ConfigError
 from ctxrq_jax.data import codes as codes_lib
+from ctxrq_jax.stage2 import masking
 from ctxrq_jax.stage2 import trainer as train
 from tests import helpers
 
+# One layer per stack: nothing proven here (validation, learning, resume, non-finite handling, accumulation) depends
+# on the depth of the stacks, while every layer adds to the tracing and compiling of each program. The object-store
+# and preemption tests train the same model.
+ONE_LAYER = dict(model__spatial_layers=1, model__depth_layers=1)
+
 
 def _config(codes_dir, **overrides):
-  config = helpers.tiny_stage2_config(codes_dir, **overrides)
+  config = helpers.tiny_stage2_config(codes_dir, **{**ONE_LAYER, **overrides})
   config.lock()
   return config
+
+
+def _count_traces(monkeypatch) -> list[int]:
+  """A list that grows by one whenever a train or eval step is traced (each draws its masks once per trace)."""
+  traced = []
+  real = masking.sample_mask
+
+  def spy(*args, **kwargs):
+    traced.append(1)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(masking, "sample_mask", spy)
+  return traced
 
 
 def test_bad_config_fails_before_compiling(stage2_codes_dir, tmp_path):
@@ -46,8 +65,35 @@ def test_bad_config_fails_before_compiling(stage2_codes_dir, tmp_path):
   assert not any((tmp_path / n).exists() for n in "abcdefg")
 
 
+def test_programs_are_kept_per_config_and_prng(stage2_codes_dir):
+  """What `train_and_evaluate` reuses within a process: the same functions (so JAX's caches serve their traces and
+  executables) for configs differing in loop-only keys, new ones when anything a program reads changes."""
+  config = _config(stage2_codes_dir)
+  kept = train._programs(config)  # pylint: disable=protected-access
+  assert train._programs(_config(stage2_codes_dir)) is kept  # pylint: disable=protected-access
+  loop_only = _config(os.path.join(stage2_codes_dir, "elsewhere"), train__log_every=3, train__eval_every=5,
+                      train__ckpt_every=7, train__keep_checkpoints=9, train__nonfinite="skip", data__stage1_dir="x")
+  assert train._programs(loop_only) is kept  # pylint: disable=protected-access
+  seeded = _config(stage2_codes_dir)
+  with seeded.unlocked():
+    seeded.seed = 1
+  for other in (_config(stage2_codes_dir, train__num_steps=7), _config(stage2_codes_dir, optim__learning_rate=0.5),
+                _config(stage2_codes_dir, train__grad_accum_steps=2), _config(stage2_codes_dir, model__depth_layers=2),
+                seeded):
+    assert train._programs(config) is kept  # pylint: disable=protected-access  (and the most recently used)
+    assert train._programs(other) is not kept  # pylint: disable=protected-access
+  # The PRNG implementation is part of the key: the init and the step draw keys with it, and JAX's trace cache
+  # would hand an 'rbg' trace to a threefry run.
+  before = jax.config.jax_default_prng_impl
+  jax.config.update("jax_default_prng_impl", "threefry2x32" if before == "rbg" else "rbg")
+  try:
+    assert train._programs(config) is not kept  # pylint: disable=protected-access
+  finally:
+    jax.config.update("jax_default_prng_impl", before)
+
+
 @pytest.mark.slow
-def test_learns_and_resumes_bit_exact(stage2_codes_dir, tmp_path):
+def test_learns_and_resumes_bit_exact(stage2_codes_dir, tmp_path, monkeypatch):
   codes_dir = stage2_codes_dir
   config = _config(codes_dir)
   # Augmented records: each example's view is drawn per epoch, so the resume below also restores those draws.
@@ -59,10 +105,13 @@ def test_learns_and_resumes_bit_exact(stage2_codes_dir, tmp_path):
   assert "eval/loss" in full["eval"] and np.isfinite(full["eval"]["eval/loss"])
   assert os.path.isfile(tmp_path / "full" / "config.json")
 
+  traced = _count_traces(monkeypatch)
   part = train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_after_steps=3)
   assert part["stopped"] and part["step"] == 3
   rest = train.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert rest["step"] == 6
+  # The process kept the programs of the uninterrupted run: the stopped and the resumed run traced nothing.
+  assert not traced
   helpers.assert_trees_equal(rest["state"].params, full["state"].params)
   helpers.assert_trees_equal(rest["state"].opt_state, full["state"].opt_state)
   helpers.assert_trees_equal(rest["state"].rng, full["state"].rng)
@@ -82,9 +131,7 @@ def test_resume_is_bit_exact_under_the_production_prng(stage2_codes_dir, tmp_pat
   """The suite runs on 'rbg'; production runs on JAX's default threefry. Save, resume and finish bit-identical to an
   uninterrupted run there too, EMA included."""
   assert jax.config.jax_default_prng_impl == threefry == "threefry2x32"
-  # One layer per stack: threefry programs take the longest to compile.
-  config = _config(stage2_codes_dir, train__num_steps=4, train__eval_every=4, train__ema_decay=0.5,
-                   model__spatial_layers=1, model__depth_layers=1)
+  config = _config(stage2_codes_dir, train__num_steps=4, train__eval_every=4, train__ema_decay=0.5)
   full = train.train_and_evaluate(config, str(tmp_path / "full"))
   # The run's base key is threefry key data (uint32 [2]; an 'rbg' key holds 4 words).
   assert full["state"].rng.shape == (2,) and full["state"].rng.dtype == jnp.uint32
@@ -164,6 +211,7 @@ def test_trains_on_caption_codes(tmp_path):
   codes_dir = _write_caption_codes(tmp_path / "codes")
   config = configlib.load_config_file("cc3m", "tiny")
   with config.unlocked():
+    config.model.spatial_layers = config.model.depth_layers = 1  # as ONE_LAYER
     config.data.codes_dir = codes_dir
     config.train.num_steps = 4
     config.train.eval_every = 4
