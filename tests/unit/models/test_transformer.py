@@ -32,7 +32,9 @@ def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def tiny_model(**overrides) -> tr.ContextualRQTransformer:
-  fields = dict(vocab_size=K, code_depth=D, num_positions=N, embed_dim=NZ, width=W, num_heads=4, spatial_layers=2,
+  # One spatial layer (every property here holds for one; each layer adds to every compile), two depth layers so
+  # causality is checked through a stack of them.
+  fields = dict(vocab_size=K, code_depth=D, num_positions=N, embed_dim=NZ, width=W, num_heads=4, spatial_layers=1,
                 depth_layers=2, num_classes=CLASSES)
   fields.update(overrides)
   return tr.ContextualRQTransformer(**fields)
