@@ -356,7 +356,8 @@ def _programs(config: ml_collections.ConfigDict) -> _Programs:
   `train_and_evaluate` of a config in one process (a time-boxed run resumed in a loop or a notebook, a test's
   uninterrupted twin) dispatches the compiled programs at once instead of tracing, lowering and loading them again.
   Keyed by the config without `_LOOP_ONLY_KEYS`, and by the default PRNG implementation: the init and the step draw
-  keys with it, and JAX's trace cache does not tell implementations apart.
+  keys with it, and JAX's trace cache does not tell implementations apart. Neither does it see flax's logical axis
+  rules: trace the steps under the config's rules, as `train_and_evaluate` does.
   """
   fields = config.to_dict()
   for section, name in _LOOP_ONLY_KEYS:
@@ -471,8 +472,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_step = jax.jit(programs.train_step, donate_argnums=(0,),
                        in_shardings=(state_shardings, data_sharding, replicated),
                        out_shardings=(state_shardings, replicated))
-  eval_step = jax.jit(programs.eval_step, in_shardings=(state_shardings.params, data_sharding, replicated,
-                                                           replicated), out_shardings=replicated)
+  eval_step = jax.jit(programs.eval_step, in_shardings=(state_shardings.params, data_sharding, replicated, replicated),
+                      out_shardings=replicated)
 
   def run_eval(step: int, state: TrainState) -> dict[str, float]:
     params = state.ema_params if state.ema_params is not None else state.params

@@ -111,7 +111,7 @@ def test_learns_and_resumes_bit_exact(stage2_codes_dir, tmp_path, monkeypatch):
   assert part["stopped"] and part["step"] == 3
   rest = train.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert rest["step"] == 6
-  # The process kept the programs of the uninterrupted run: the stopped and the resumed run traced nothing.
+  # The process kept the programs of the uninterrupted run: the stopped and the resumed run traced no step.
   assert not traced
   helpers.assert_trees_equal(rest["state"].params, full["state"].params)
   helpers.assert_trees_equal(rest["state"].opt_state, full["state"].opt_state)
