@@ -215,7 +215,7 @@ def _write_caption_codes(out_dir, *, cond_length=8, vocab=64, variants=3):
   return str(out_dir)
 
 
-@pytest.mark.slow  # ~35 s on a loaded 2-core CPU (a 4-step run with eval and a checkpoint, and its resumed twin)
+@pytest.mark.slow  # ~8 CPU-s (a 4-step run with eval and a checkpoint, and its resumed twin)
 def test_trains_on_caption_codes(tmp_path):
   from ctxrq_jax.core import config as configlib  # pylint: disable=g-import-not-at-top
   codes_dir = _write_caption_codes(tmp_path / "codes")
