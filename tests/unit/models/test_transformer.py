@@ -32,9 +32,7 @@ def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def tiny_model(**overrides) -> tr.ContextualRQTransformer:
-  # One spatial layer (every property here holds for one; each layer adds to every compile), two depth layers so
-  # causality is checked through a stack of them.
-  fields = dict(vocab_size=K, code_depth=D, num_positions=N, embed_dim=NZ, width=W, num_heads=4, spatial_layers=1,
+  fields = dict(vocab_size=K, code_depth=D, num_positions=N, embed_dim=NZ, width=W, num_heads=4, spatial_layers=2,
                 depth_layers=2, num_classes=CLASSES)
   fields.update(overrides)
   return tr.ContextualRQTransformer(**fields)
