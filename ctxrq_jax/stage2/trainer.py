@@ -9,7 +9,8 @@ Everything is validated before anything is compiled (config keys against ctxrq_j
 dataset's code shape / K / n_z / classes against the config, the mesh against the devices, the batch against the
 data-parallel size). Parameters are born sharded: `jax.eval_shape` of the init gives the logical partitioning,
 `config.sharding_rules` turns it into NamedShardings, and the init is jitted with those `out_shardings`. The train
-step is jitted once with the state donated.
+step is jitted once with the state donated; a process keeps the jitted programs of its last few configs, so running
+the same config again (a resumed time-boxed run) neither traces nor compiles.
 
 One step:
   * rng_t = fold_in(base_key, t), so a resumed run replays exactly the masks, condition drops and dropout of an
@@ -33,10 +34,12 @@ SIGTERM/SIGINT saves the current step and returns cleanly; running the same comm
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
+import json
 import logging
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import flax
 import flax.linen as nn
@@ -203,17 +206,25 @@ def _init_fn(model: transformer.ContextualRQTransformer, tx: optax.GradientTrans
 def create_train_state(model, tx, config, mesh, rules) -> tuple[TrainState, Any]:
   """Initialises the state directly into its shardings; returns (state, state_shardings)."""
   init = _init_fn(model, tx, int(config.seed), float(config.train.ema_decay) > 0)
-  # No mesh context here: out_shardings place the outputs, and flax's init-time constraints on reshaped kernels
-  # (DenseGeneral) would be applied to the wrong rank.
-  abstract = jax.eval_shape(init)
-  shardings = sharding.logical_to_shardings(abstract, mesh, rules)
-  state = jax.jit(lambda: nn.meta.unbox(init()), out_shardings=shardings)()
-  return state, shardings
+  return _create_state(init, lambda: nn.meta.unbox(init()), mesh, rules)
 
 
 def abstract_train_state(model, tx, config, mesh, rules) -> tuple[TrainState, Any]:
   """(ShapeDtypeStruct state with shardings, state_shardings) without allocating anything."""
-  init = _init_fn(model, tx, int(config.seed), float(config.train.ema_decay) > 0)
+  return _abstract_state(_init_fn(model, tx, int(config.seed), float(config.train.ema_decay) > 0), mesh, rules)
+
+
+def _create_state(init: Callable[[], TrainState], init_unboxed: Callable[[], TrainState], mesh,
+                  rules) -> tuple[TrainState, Any]:
+  """`init` (boxed) gives the shardings, `init_unboxed` (the same state, unboxed) is jitted into them."""
+  # No mesh context here: out_shardings place the outputs, and flax's init-time constraints on reshaped kernels
+  # (DenseGeneral) would be applied to the wrong rank.
+  shardings = sharding.logical_to_shardings(jax.eval_shape(init), mesh, rules)
+  state = jax.jit(init_unboxed, out_shardings=shardings)()
+  return state, shardings
+
+
+def _abstract_state(init: Callable[[], TrainState], mesh, rules) -> tuple[TrainState, Any]:
   abstract = jax.eval_shape(init)
   shardings = sharding.logical_to_shardings(abstract, mesh, rules)
   shapes = nn.meta.unbox(abstract)
@@ -321,6 +332,50 @@ def _eval_key(seed: int, index: int) -> Array:
   return jax.random.key_data(jax.random.fold_in(jax.random.key(seed ^ 0x5EED), index))
 
 
+class _Programs(NamedTuple):
+  """A config's model and optimizer, and the Python functions `train_and_evaluate` jits."""
+  model: transformer.ContextualRQTransformer
+  tx: optax.GradientTransformation
+  init: Callable[[], TrainState]  # the state with logically boxed leaves (for its shardings)
+  init_unboxed: Callable[[], TrainState]
+  train_step: Callable[..., tuple[TrainState, Any]]
+  eval_step: Callable[..., Any]
+
+
+_PROGRAMS_KEPT = 4
+_programs_cache: "collections.OrderedDict[tuple[str, str], _Programs]" = collections.OrderedDict()
+# Config keys that only the loop and the data pipeline read: runs differing in them share their programs.
+_LOOP_ONLY_KEYS = (("data", "codes_dir"), ("data", "stage1_dir"), ("train", "log_every"), ("train", "eval_every"),
+                   ("train", "ckpt_every"), ("train", "keep_checkpoints"), ("train", "nonfinite"))
+
+
+def _programs(config: ml_collections.ConfigDict) -> _Programs:
+  """The `_Programs` of `config`, built once per process (those of the last `_PROGRAMS_KEPT` configs are kept).
+
+  JAX caches traces, lowerings and executables per Python function: given the same functions, a second
+  `train_and_evaluate` of a config in one process (a time-boxed run resumed in a loop or a notebook, a test's
+  uninterrupted twin) dispatches the compiled programs at once instead of tracing, lowering and loading them again.
+  Keyed by the config without `_LOOP_ONLY_KEYS`, and by the default PRNG implementation: the init and the step draw
+  keys with it, and JAX's trace cache does not tell implementations apart. Neither does it see flax's logical axis
+  rules: trace the steps under the config's rules, as `train_and_evaluate` does.
+  """
+  fields = config.to_dict()
+  for section, name in _LOOP_ONLY_KEYS:
+    fields.get(section, {}).pop(name, None)
+  key = (json.dumps(fields, sort_keys=True, default=repr), str(jax.config.jax_default_prng_impl))
+  if key in _programs_cache:
+    _programs_cache.move_to_end(key)
+    return _programs_cache[key]
+  model, tx = build_model(config), make_optimizer(config)
+  init = _init_fn(model, tx, int(config.seed), float(config.train.ema_decay) > 0)
+  programs = _Programs(model=model, tx=tx, init=init, init_unboxed=lambda: nn.meta.unbox(init()),
+                       train_step=make_train_step(model, tx, config), eval_step=make_eval_step(model))
+  _programs_cache[key] = programs
+  while len(_programs_cache) > _PROGRAMS_KEPT:
+    _programs_cache.popitem(last=False)
+  return programs
+
+
 # ------------------------------------------------------------------------------------------- loop
 def _code_iterator(config, split: str, batch_size: int, train: bool) -> Iterator[Any]:
   """Training draws one stored view per example when `data.random_view`, and one stored tokenization of its caption
@@ -387,8 +442,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   sharding.check_batch_size(global_batch, mesh)
   sharding.check_batch_size(global_batch // int(config.train.grad_accum_steps), mesh,
                             "config.train.batch_size / grad_accum_steps")
-  model = build_model(config)
-  tx = make_optimizer(config)
+  programs = _programs(config)
   t = config.train
   paths.path(workdir).mkdir(parents=True, exist_ok=True)
 
@@ -402,10 +456,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   configlib.save_snapshot(config, workdir, write=host.is_chief())
 
   # ---- state: restored into its shardings, or initialised sharded
-  abstract, state_shardings = abstract_train_state(model, tx, config, mesh, rules)
+  abstract, state_shardings = _abstract_state(programs.init, mesh, rules)
   state, restored_step = ckpt.restore(abstract, data_iterator=train_iter)
   if state is None:
-    state, state_shardings = create_train_state(model, tx, config, mesh, rules)
+    state, state_shardings = _create_state(programs.init, programs.init_unboxed, mesh, rules)
     log.info("Initialised a new stage-2 model in %s", workdir)
   else:
     log.info("Resumed stage 2 from step %d in %s", restored_step, workdir)
@@ -415,11 +469,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   data_sharding = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
-  train_step = jax.jit(make_train_step(model, tx, config), donate_argnums=(0,),
+  train_step = jax.jit(programs.train_step, donate_argnums=(0,),
                        in_shardings=(state_shardings, data_sharding, replicated),
                        out_shardings=(state_shardings, replicated))
-  eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params, data_sharding, replicated,
-                                                           replicated), out_shardings=replicated)
+  eval_step = jax.jit(programs.eval_step, in_shardings=(state_shardings.params, data_sharding, replicated, replicated),
+                      out_shardings=replicated)
 
   def run_eval(step: int, state: TrainState) -> dict[str, float]:
     params = state.ema_params if state.ema_params is not None else state.params

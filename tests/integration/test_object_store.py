@@ -166,8 +166,10 @@ def test_encode_train_resume_fallback_and_sample_in_a_bucket(gcs, monkeypatch):
   for a, b in zip(from_bucket, from_disk):
     np.testing.assert_array_equal(a, b)
 
-  # Stage 2 as stage2/test_trainer.py trains it (the same programs), with its codes and workdir in the bucket.
-  config = helpers.tiny_stage2_config(helpers.write_stage2_codes(gcs.url("codes")), data__stage1_dir=artifact)
+  # Stage 2 as stage2/test_trainer.py trains it (the same programs: one layer per stack), with its codes and workdir
+  # in the bucket.
+  config = helpers.tiny_stage2_config(helpers.write_stage2_codes(gcs.url("codes")), data__stage1_dir=artifact,
+                                      model__spatial_layers=1, model__depth_layers=1)
   config.lock()
   full = stage2_trainer.train_and_evaluate(config, gcs.url("full"))
   workdir = gcs.url("stage2")

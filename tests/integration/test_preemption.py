@@ -37,14 +37,16 @@ def _final_state(workdir, config):
 
 
 def test_sigterm_saves_and_exits_zero_then_resume_matches(stage2_codes_dir, tmp_path, subprocess_env):
+  # One layer per stack, as stage2/test_trainer.py trains the tiny model: fewer programs to trace and compile.
   overrides = dict(train__num_steps=NUM_STEPS, train__ckpt_every=CKPT_EVERY, train__log_every=NUM_STEPS,
-                   train__eval_every=NUM_STEPS)
+                   train__eval_every=NUM_STEPS, model__spatial_layers=1, model__depth_layers=1)
   config = helpers.tiny_stage2_config(stage2_codes_dir, **overrides)
   workdir = str(tmp_path / "preempted")
   cmd = [sys.executable, "-m", "ctxrq_jax.train", "--config=configs/imagenet.py:tiny", f"--workdir={workdir}",
          f"--config.data.codes_dir={stage2_codes_dir}", f"--config.train.num_steps={NUM_STEPS}",
          f"--config.train.ckpt_every={CKPT_EVERY}", f"--config.train.log_every={NUM_STEPS}",
-         f"--config.train.eval_every={NUM_STEPS}", f"--config.optim.learning_rate={config.optim.learning_rate}"]
+         f"--config.train.eval_every={NUM_STEPS}", f"--config.optim.learning_rate={config.optim.learning_rate}",
+         "--config.model.spatial_layers=1", "--config.model.depth_layers=1"]
   proc = subprocess.Popen(cmd, cwd=helpers.REPO, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   try:
     # A finished checkpoint directory exists only once the loop (and so the signal handler) is running.

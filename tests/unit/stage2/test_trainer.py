@@ -3,6 +3,7 @@ non-finite handling and gradient accumulation. SIGTERM in a real process: tests/
 
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,14 +13,33 @@ from ctxrq_jax.core import checkpoint
 from ctxrq_jax.core import sharding
 from ctxrq_jax.core.config import ConfigError
 from ctxrq_jax.data import codes as codes_lib
+from ctxrq_jax.stage2 import masking
 from ctxrq_jax.stage2 import trainer as train
 from tests import helpers
 
+# One layer per stack: nothing proven here (validation, learning, resume, non-finite handling, accumulation) depends
+# on the depth of the stacks, while every layer adds to the tracing and compiling of each program. The object-store
+# and preemption tests train the same model.
+ONE_LAYER = dict(model__spatial_layers=1, model__depth_layers=1)
+
 
 def _config(codes_dir, **overrides):
-  config = helpers.tiny_stage2_config(codes_dir, **overrides)
+  config = helpers.tiny_stage2_config(codes_dir, **{**ONE_LAYER, **overrides})
   config.lock()
   return config
+
+
+def _count_traces(monkeypatch) -> list[int]:
+  """A list that grows by one whenever a train or eval step is traced (each draws its masks once per trace)."""
+  traced = []
+  real = masking.sample_mask
+
+  def spy(*args, **kwargs):
+    traced.append(1)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(masking, "sample_mask", spy)
+  return traced
 
 
 def test_bad_config_fails_before_compiling(stage2_codes_dir, tmp_path):
@@ -46,8 +66,35 @@ def test_bad_config_fails_before_compiling(stage2_codes_dir, tmp_path):
   assert not any((tmp_path / n).exists() for n in "abcdefg")
 
 
+def test_programs_are_kept_per_config_and_prng(stage2_codes_dir):
+  """What `train_and_evaluate` reuses within a process: the same functions (so JAX's caches serve their traces and
+  executables) for configs differing in loop-only keys, new ones when anything a program reads changes."""
+  config = _config(stage2_codes_dir)
+  kept = train._programs(config)  # pylint: disable=protected-access
+  assert train._programs(_config(stage2_codes_dir)) is kept  # pylint: disable=protected-access
+  loop_only = _config(os.path.join(stage2_codes_dir, "elsewhere"), train__log_every=3, train__eval_every=5,
+                      train__ckpt_every=7, train__keep_checkpoints=9, train__nonfinite="skip", data__stage1_dir="x")
+  assert train._programs(loop_only) is kept  # pylint: disable=protected-access
+  seeded = _config(stage2_codes_dir)
+  with seeded.unlocked():
+    seeded.seed = 1
+  for other in (_config(stage2_codes_dir, train__num_steps=7), _config(stage2_codes_dir, optim__learning_rate=0.5),
+                _config(stage2_codes_dir, train__grad_accum_steps=2), _config(stage2_codes_dir, model__depth_layers=2),
+                seeded):
+    assert train._programs(config) is kept  # pylint: disable=protected-access  (and the most recently used)
+    assert train._programs(other) is not kept  # pylint: disable=protected-access
+  # The PRNG implementation is part of the key: the init and the step draw keys with it, and JAX's trace cache
+  # would hand an 'rbg' trace to a threefry run.
+  before = jax.config.jax_default_prng_impl
+  jax.config.update("jax_default_prng_impl", "threefry2x32" if before == "rbg" else "rbg")
+  try:
+    assert train._programs(config) is not kept  # pylint: disable=protected-access
+  finally:
+    jax.config.update("jax_default_prng_impl", before)
+
+
 @pytest.mark.slow
-def test_learns_and_resumes_bit_exact(stage2_codes_dir, tmp_path):
+def test_learns_and_resumes_bit_exact(stage2_codes_dir, tmp_path, monkeypatch):
   codes_dir = stage2_codes_dir
   config = _config(codes_dir)
   # Augmented records: each example's view is drawn per epoch, so the resume below also restores those draws.
@@ -59,10 +106,13 @@ def test_learns_and_resumes_bit_exact(stage2_codes_dir, tmp_path):
   assert "eval/loss" in full["eval"] and np.isfinite(full["eval"]["eval/loss"])
   assert os.path.isfile(tmp_path / "full" / "config.json")
 
+  traced = _count_traces(monkeypatch)
   part = train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_after_steps=3)
   assert part["stopped"] and part["step"] == 3
   rest = train.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert rest["step"] == 6
+  # The process kept the programs of the uninterrupted run: the stopped and the resumed run traced no step.
+  assert not traced
   helpers.assert_trees_equal(rest["state"].params, full["state"].params)
   helpers.assert_trees_equal(rest["state"].opt_state, full["state"].opt_state)
   helpers.assert_trees_equal(rest["state"].rng, full["state"].rng)
@@ -82,9 +132,7 @@ def test_resume_is_bit_exact_under_the_production_prng(stage2_codes_dir, tmp_pat
   """The suite runs on 'rbg'; production runs on JAX's default threefry. Save, resume and finish bit-identical to an
   uninterrupted run there too, EMA included."""
   assert jax.config.jax_default_prng_impl == threefry == "threefry2x32"
-  # One layer per stack: threefry programs take the longest to compile.
-  config = _config(stage2_codes_dir, train__num_steps=4, train__eval_every=4, train__ema_decay=0.5,
-                   model__spatial_layers=1, model__depth_layers=1)
+  config = _config(stage2_codes_dir, train__num_steps=4, train__eval_every=4, train__ema_decay=0.5)
   full = train.train_and_evaluate(config, str(tmp_path / "full"))
   # The run's base key is threefry key data (uint32 [2]; an 'rbg' key holds 4 words).
   assert full["state"].rng.shape == (2,) and full["state"].rng.dtype == jnp.uint32
@@ -119,23 +167,32 @@ def test_grad_accumulation_matches_full_batch(stage2_codes_dir):
   codes_dir = stage2_codes_dir
   config = _config(codes_dir)
   config_accum = _config(codes_dir, train__grad_accum_steps=2)
-  model, tx = train.build_model(config), train.make_optimizer(config)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config)
-  state, shardings = train.create_train_state(model, tx, config, mesh, rules)
+  # The functions train_and_evaluate jits, jitted as it jits them, under its logical axis rules: where this process
+  # has trained the config already (the learning test), nothing is traced or compiled again.
+  programs = train._programs(config)  # pylint: disable=protected-access
+  state, shardings = train._create_state(  # pylint: disable=protected-access
+      programs.init, programs.init_unboxed, mesh, rules)
+  host_state = jax.device_get(state)  # each step below gets its own copy (the state is donated)
   batch = next(iter(codes_lib.make_code_iterator(codes_dir, split="train", batch_size=4, seed=0, train=False)))
   batch = sharding.host_local_batch_to_global(batch, mesh)
   rep = sharding.replicated(mesh)
   codebook = jax.device_put(codes_lib.load_codebook(codes_dir).astype(np.float32), rep)
 
-  def step(c):  # jitted as train_and_evaluate jits it (the compilation cache then serves both)
-    return jax.jit(train.make_train_step(model, tx, c), donate_argnums=(0,),
-                   in_shardings=(shardings, sharding.batch_sharding(mesh), rep), out_shardings=(shardings, rep))
+  def step(c):
+    fn = jax.jit(train._programs(c).train_step, donate_argnums=(0,),  # pylint: disable=protected-access
+                 in_shardings=(shardings, sharding.batch_sharding(mesh), rep), out_shardings=(shardings, rep))
+    with nn.logical_axis_rules(rules):
+      return fn(jax.device_put(host_state, shardings), batch, codebook)
 
-  copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (the state is donated)
-  s1, m1 = step(config)(copy(state), batch, codebook)
-  s2, m2 = step(config_accum)(copy(state), batch, codebook)
+  s1, m1 = step(config)
+  s2, m2 = step(config_accum)
   np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
+  # The accumulated gradient itself: the update of step 1 is scaled by the warmup's learning rate of 0, so the
+  # parameters compared below would agree whatever the gradients were.
+  np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-5)
+  assert float(m1["grad_norm"]) > 0
   for a, b in zip(helpers.leaves(s1.params), helpers.leaves(s2.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
@@ -158,12 +215,13 @@ def _write_caption_codes(out_dir, *, cond_length=8, vocab=64, variants=3):
   return str(out_dir)
 
 
-@pytest.mark.slow  # ~35 s on a loaded 2-core CPU (a 4-step run with eval and a checkpoint, and its resumed twin)
+@pytest.mark.slow  # ~8 CPU-s (a 4-step run with eval and a checkpoint, and its resumed twin)
 def test_trains_on_caption_codes(tmp_path):
   from ctxrq_jax.core import config as configlib  # pylint: disable=g-import-not-at-top
   codes_dir = _write_caption_codes(tmp_path / "codes")
   config = configlib.load_config_file("cc3m", "tiny")
   with config.unlocked():
+    config.model.spatial_layers = config.model.depth_layers = 1  # as ONE_LAYER
     config.data.codes_dir = codes_dir
     config.train.num_steps = 4
     config.train.eval_every = 4
