@@ -48,9 +48,10 @@ def main(argv: list[str]) -> None:
   if text and not FLAGS["stage2_config"].present:
     stage2 = demo.default_text_configs()[1]
   samples_per_class, max_examples = FLAGS.samples_per_class, FLAGS.max_examples
-  if max_examples is not None and (text or max_examples < 1):
-    raise app.UsageError(f"--max_examples must be >= 1 and is for --task=class, got {max_examples}"
-                         + (" with --task=text" if text else ""))
+  if max_examples is not None and text:
+    raise app.UsageError("--max_examples is for --task=class; the text demo encodes every digit")
+  if max_examples is not None and max_examples < 1:
+    raise app.UsageError(f"--max_examples must be >= 1, got {max_examples}")
   if FLAGS.smoke:
     if FLAGS["stage1_config"].present or FLAGS["stage2_config"].present:
       raise app.UsageError("--smoke uses the demo's own smoke configs; leave out --stage1_config/--stage2_config")
