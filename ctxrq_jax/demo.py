@@ -30,8 +30,9 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", "runs/demo", "Where every stage writes its outputs.")
   flags.DEFINE_integer("samples_per_class", 10, "Samples drawn for each class (--task=text: each prompt) in the "
                        "final grids.")
-  flags.DEFINE_integer("max_examples", None, "Encode only the first this many digits of each split, and train stage 2 "
-                       "on them (default: all; --smoke: 500, the held-out split's size). --task=class only.")
+  flags.DEFINE_integer("max_examples", None, lower_bound=1,
+                       help="Encode only the first this many digits of each split, and train stage 2 on them "
+                       "(default: all; --smoke: 500, the held-out split's size). --task=class only.")
   flags.DEFINE_bool("smoke", False, "Run every stage for a few steps (the configs' 'smoke' variants) to check an "
                     "install in about a minute; the samples are noise.")
 
@@ -50,8 +51,6 @@ def main(argv: list[str]) -> None:
   samples_per_class, max_examples = FLAGS.samples_per_class, FLAGS.max_examples
   if max_examples is not None and text:
     raise app.UsageError("--max_examples is for --task=class; the text demo encodes every digit")
-  if max_examples is not None and max_examples < 1:
-    raise app.UsageError(f"--max_examples must be >= 1, got {max_examples}")
   if FLAGS.smoke:
     if FLAGS["stage1_config"].present or FLAGS["stage2_config"].present:
       raise app.UsageError("--smoke uses the demo's own smoke configs; leave out --stage1_config/--stage2_config")
