@@ -30,6 +30,9 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", "runs/demo", "Where every stage writes its outputs.")
   flags.DEFINE_integer("samples_per_class", 10, "Samples drawn for each class (--task=text: each prompt) in the "
                        "final grids.")
+  flags.DEFINE_integer("max_examples", None, lower_bound=1,
+                       help="Encode only the first this many digits of each split, and train stage 2 on them "
+                       "(default: all; --smoke: 500, the held-out split's size). --task=class only.")
   flags.DEFINE_bool("smoke", False, "Run every stage for a few steps (the configs' 'smoke' variants) to check an "
                     "install in about a minute; the samples are noise.")
 
@@ -45,13 +48,20 @@ def main(argv: list[str]) -> None:
   stage1, stage2 = FLAGS.stage1_config, FLAGS.stage2_config
   if text and not FLAGS["stage2_config"].present:
     stage2 = demo.default_text_configs()[1]
-  samples_per_class = FLAGS.samples_per_class
+  samples_per_class, max_examples = FLAGS.samples_per_class, FLAGS.max_examples
+  if max_examples is not None and text:
+    raise app.UsageError("--max_examples is for --task=class; the text demo encodes every digit")
   if FLAGS.smoke:
     if FLAGS["stage1_config"].present or FLAGS["stage2_config"].present:
       raise app.UsageError("--smoke uses the demo's own smoke configs; leave out --stage1_config/--stage2_config")
     stage1, stage2 = (demo.default_text_configs if text else demo.default_configs)(smoke=True)
     samples_per_class = 2 if not FLAGS["samples_per_class"].present else samples_per_class
-  summary = (demo.run_text if text else demo.run)(stage1, stage2, FLAGS.workdir, samples_per_class)
+    if not text and max_examples is None:
+      max_examples = demo.SMOKE_MAX_EXAMPLES
+  if text:
+    summary = demo.run_text(stage1, stage2, FLAGS.workdir, samples_per_class)
+  else:
+    summary = demo.run(stage1, stage2, FLAGS.workdir, samples_per_class, max_examples=max_examples)
   if "stopped_at" in summary:
     print(f"stopped at step {summary['stopped_at']}; run the same command to resume")
     return

@@ -82,6 +82,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sample.revise = ml_collections.ConfigDict(dict(temperature=0.8, guidance=1.8, top_k=0, top_p=1.0))
 
   if arg == "smoke":  # every stage for a few steps: checks an install, not a model
+    # One layer of each stack: the same code paths, and about a third of the programs to trace and compile for
+    # training, evaluation and sampling (compiles are most of the smoke run's and its tests' time).
+    c.model.spatial_layers = 1
+    c.model.depth_layers = 1
     c.train.num_steps = 8
     c.train.log_every = 4
     c.train.eval_every = 8

@@ -4,6 +4,7 @@ One smoke run (`python -m ctxrq_jax.demo --smoke` from the installed wheel, test
 checks of what a user sees: its outputs, its quiet progress lines, and one-line errors for the usual mistakes.
 """
 
+import json
 import pathlib
 
 import numpy as np
@@ -34,6 +35,9 @@ def test_smoke_demo_runs_every_stage_from_the_wheel(smoke):
   for path in ("stage1/rqvae/model_config.json", "codes/metadata.json", "stage2/config.json",
                "samples/samples.png", "samples/phases.png", "samples/samples.npz"):
     assert (workdir / path).exists(), path
+  # --smoke encodes the first 500 digits of each split (recipes/demo.SMOKE_MAX_EXAMPLES): the whole held-out split.
+  splits = json.loads((workdir / "codes/metadata.json").read_text())["splits"]
+  assert {k: v["num_examples"] for k, v in splits.items()} == {"train": 500, "test": 500}
   # Quiet: one progress line per stage, no dependency chatter (orbax, absl, TensorFlow) on stderr.
   lines = [l for l in result.stderr.splitlines() if l.strip()]
   stages = ("stage 1 (RQ-VAE):", "encode train:", "encode test:", "stage 2 (Contextual RQ-Transformer):", "sample:")
@@ -47,6 +51,7 @@ def test_smoke_demo_runs_every_stage_from_the_wheel(smoke):
     (["-m", "ctxrq_jax.sample", "--workdir=missing/stage2"], "missing/stage2 does not exist"),
     (["-m", "ctxrq_jax.evaluate", "stage2", "--workdir=w/codes"], "config.json not found"),
     (["-m", "ctxrq_jax.train", "--config=w/stage2/config.json", "--workdir=x"], "a --config must be a Python file"),
+    (["-m", "ctxrq_jax.demo", "--workdir=x", "--max_examples=0"], "--max_examples=0: 0 is not a positive integer"),
 ])
 def test_user_mistakes_print_one_error_line_and_exit_2(smoke, installed, args, message):
   site, work = installed

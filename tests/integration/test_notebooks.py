@@ -7,6 +7,7 @@ import pathlib
 import jax
 import nbformat
 from nbclient import NotebookClient
+from nbclient.util import run_sync
 import pytest
 
 from tests import helpers
@@ -34,24 +35,43 @@ def test_there_are_notebooks_stored_without_outputs():
     assert "pip" in install and "install" in install and "git+https://" in install and " -e" not in install, path.name
 
 
+@pytest.fixture(scope="module")
+def kernel(installed, tmp_path_factory):
+  """One Jupyter kernel for the notebooks, run one after another as a user would in one session. Each notebook starts
+  from an empty namespace (`%reset -f`), so a missing import or parameter still fails; what carries over is the
+  imported modules and JAX's compiled programs (the kernel's start and imports were a fifth of the notebooks' time)."""
+  site, _ = installed
+  starter = NotebookClient(nbformat.v4.new_notebook(), kernel_name="python3")
+  starter.km = starter.create_kernel_manager()
+  env = dict(helpers.installed_env(site), JAX_DEFAULT_PRNG_IMPL=jax.config.jax_default_prng_impl)
+  starter.start_new_kernel(env=env, cwd=str(tmp_path_factory.mktemp("kernel")))
+  yield starter.km
+  run_sync(starter.km.shutdown_kernel)(now=True)
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("wheel")
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs_on_smoke_settings(path, installed, smoke, tmp_path):
+def test_notebook_runs_on_smoke_settings(path, kernel, smoke, tmp_path):
   # The kernel imports the installed wheel (not this checkout), as in Colab. The notebooks read the wheel's smoke run
   # (no notebook trains). The kernel draws with this process's PRNG, so the programs that the demo tests compiled on
   # the same run (test_demo.py: the same sampling settings, likelihood and digit judge) come from the suite's
   # compilation cache; the notebooks only check that every cell runs, never particular numbers.
   result, workdir = smoke
   assert result.returncode == 0, result.stderr[-3000:]
-  site, _ = installed
   nb = nbformat.read(path, as_version=4)
   for cell in nb.cells:
     if "parameters" in cell.metadata.get("tags", []):  # appended, as papermill injects parameters
       cell.source += (f"\n# the test's settings\nSMOKE = True\nWORKDIR = {str(workdir)!r}\n"
                       f"OUT = {str(tmp_path / 'out')!r}\n")
-  client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
-  client.execute(env=dict(helpers.installed_env(site), JAX_DEFAULT_PRNG_IMPL=jax.config.jax_default_prng_impl))
+  # The shared kernel as a fresh one: no names from the notebook before, the working directory this test's.
+  nb.cells.insert(0, nbformat.v4.new_code_cell(f"%reset -f\n__import__('os').chdir({str(tmp_path)!r})"))
+  client = NotebookClient(nb, km=kernel, timeout=600, kernel_name="python3")
+  try:
+    client.execute()
+  finally:
+    if client.kc is not None:
+      client.kc.stop_channels()
   outputs = [o for c in _code(nb) for o in c.outputs]
   errors = [f"{o.ename}: {o.evalue}" for o in outputs if o.output_type == "error"]
   assert not errors, errors
