@@ -75,8 +75,9 @@ def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, precision: Any = l
   A map smaller than the kernel (H or W < 3: VGG's fourth and fifth blocks on images under 48 pixels, e.g. the 16x16
   images of a small stage-1 run) is convolved as one matmul of the nine shifted windows of the padded map with the
   kernel, the same sums in another order. As a convolution, XLA's CPU compiler swaps its operands (the kernel is the
-  larger) into a form no convolution library takes and emits it as plain loops: the LPIPS loss and its gradient on
-  16x16 images ran ~15x slower that way (and ~30x slower at XLA's backend optimisation level 0).
+  larger) into a form no convolution library takes and emits it as plain loops. Measured on a 2-core CPU: LPIPS and its
+  gradient on 16 images of 32x32 ran ~6x slower that way with XLA's default settings, on 4 images of 16x16 ~15-20x
+  slower at backend optimisation level 0 (the tests' setting).
   """
   h, w = x.shape[1], x.shape[2]
   if min(h, w) >= kernel.shape[0]:
