@@ -74,7 +74,6 @@ def test_encode_captions_writes_token_conditions(tiny_artifact, tmp_path):
   from ctxrq_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from tests.unit.data import test_captions  # pylint: disable=g-import-not-at-top
 
-  config = helpers.tiny_stage1_config()
   model, variables, artifact = tiny_artifact
   texts = [f"a {c} {t} in the park" for c in ("red", "blue", "green") for t in ("dog", "cat", "bus")]
   pairs = [(f"{i:09d}", t) for i, t in enumerate(texts)]
