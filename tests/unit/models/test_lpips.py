@@ -63,9 +63,25 @@ def test_gradients_are_finite_at_identical_and_constant_images(variables):
   a = jnp.asarray(np.stack([x, x, const]))
   b = jnp.asarray(np.stack([const, x, const]))
   # Finite everywhere, ~zero where the pair is identical (the minimum), non-zero elsewhere.
-  g = np.asarray(jax.jit(jax.grad(lambda p, q: lpips.lpips_distance(variables, p, q).sum()))(a, b))
+  # The weights are an argument, not closed over: as constants they would be compiled into the program.
+  g = np.asarray(jax.jit(jax.grad(lambda p, q, v: lpips.lpips_distance(v, p, q).sum()))(a, b, variables))
   assert np.all(np.isfinite(g))
   assert np.abs(g[1:]).max() < 1e-6 * np.abs(g[0]).max()
+
+
+@pytest.mark.parametrize("h, w", [(1, 1), (2, 2), (2, 5), (4, 3)])
+def test_conv3x3_matches_a_padded_correlation_on_maps_smaller_and_larger_than_the_kernel(h, w):
+  # Maps under 3 pixels take the windows-matmul path, the others lax's convolution; both are torch's padding-1 conv.
+  rng = np.random.default_rng(h * 10 + w)
+  x = rng.normal(size=(2, h, w, 3)).astype(np.float32)
+  kernel = rng.normal(size=(3, 3, 3, 5)).astype(np.float32)
+  bias = rng.normal(size=(5,)).astype(np.float32)
+  xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  want = bias + sum(np.einsum("bhwi,io->bhwo", xp[:, i:i + h, j:j + w], kernel[i, j]) for i in range(3)
+                    for j in range(3))
+  got = np.asarray(jax.jit(lpips.conv3x3)(x, kernel, bias))
+  assert got.shape == (2, h, w, 5)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_inputs():

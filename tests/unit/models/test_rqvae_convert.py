@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -135,12 +136,13 @@ def test_converted_model_matches_torch(converted):
     tzq, tcodes = tmodel.quantizer.quantize(torch.from_numpy(tz))
     trecon = tmodel.decode(tzq).permute(0, 2, 3, 1).numpy()
     tdec = tmodel.decode_codes(tcodes).permute(0, 2, 3, 1).numpy()
-  z = np.asarray(model.apply(variables, jnp.asarray(x), method=model.encode))
+  apply = jax.jit(model.apply, static_argnames="method")  # four programs, not the model op by op
+  z = np.asarray(apply(variables, jnp.asarray(x), method=model.encode))
   assert z.shape == (2, 8, 8, 16)
   assert _rel_err(z, tz) < 1e-4
 
   # Quantize the torch latents so both sides see identical inputs; codes must agree except at exact-distance ties.
-  _, codes, _, _ = model.apply(variables, jnp.asarray(tz), method=model.quantize)
+  _, codes, _, _ = apply(variables, jnp.asarray(tz), method=model.quantize)
   codes, tcodes = np.asarray(codes), tcodes.numpy()
   mismatch = codes != tcodes
   if mismatch.any():
@@ -152,9 +154,9 @@ def test_converted_model_matches_torch(converted):
       assert abs(dist[codes[b, i, j, d]] - dist[tcodes[b, i, j, d]]) < 1e-4 * dist.max(), (b, i, j, d)
   assert mismatch.mean() < 0.02
 
-  recon = np.asarray(model.apply(variables, tzq.numpy(), method=model.decode))
+  recon = np.asarray(apply(variables, tzq.numpy(), method=model.decode))
   assert _rel_err(recon, trecon) < 1e-4
-  dec = np.asarray(model.apply(variables, jnp.asarray(tcodes, jnp.int32), method=model.decode_codes))
+  dec = np.asarray(apply(variables, jnp.asarray(tcodes, jnp.int32), method=model.decode_codes))
   assert _rel_err(dec, tdec) < 1e-4
 
 

@@ -12,12 +12,21 @@ from ctxrq_jax.stage1 import encode
 from tests import helpers
 
 
-def test_encode_then_decode_round_trip(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory):
+  """(model, variables, artifact directory) of the tiny stage-1 config's RQ-VAE with random weights, saved once for
+  the tests of this module (they only read it)."""
   config = helpers.tiny_stage1_config()
   model = rqvae.RQVAE.from_config(config.model)
   variables = jax.jit(rqvae.init_variables, static_argnums=0)(model, jax.random.key(3))
-  artifact = str(tmp_path / "artifact")
+  artifact = str(tmp_path_factory.mktemp("encode") / "artifact")
   artifact_lib.save_artifact(artifact, config.model, variables)
+  return model, variables, artifact
+
+
+def test_encode_then_decode_round_trip(tiny_artifact, tmp_path):
+  config = helpers.tiny_stage1_config()
+  model, variables, artifact = tiny_artifact
   meta = encode.encode_dataset(artifact, config.data, str(tmp_path / "codes"), ["test"], batch_size=32,
                                max_examples=40)
   assert meta.code_shape == (4, 4, 2) and meta.num_examples("test") == 40
@@ -36,12 +45,9 @@ def test_encode_then_decode_round_trip(tmp_path):
     artifact_lib.CodeDecoder(artifact).images(np.full((1, 4, 4, 2), 99))
 
 
-def test_mismatched_data_config_is_a_clear_error(tmp_path):
+def test_mismatched_data_config_is_a_clear_error(tiny_artifact, tmp_path):
   config = helpers.tiny_stage1_config()
-  model = rqvae.RQVAE.from_config(config.model)
-  artifact = str(tmp_path / "artifact")
-  variables = jax.jit(rqvae.init_variables, static_argnums=0)(model, jax.random.key(0))
-  artifact_lib.save_artifact(artifact, config.model, variables)
+  _, _, artifact = tiny_artifact
   with config.unlocked():
     config.data.image_size = 32
   with pytest.raises(ValueError, match=r"gives 32x32x1 images but the RQ-VAE at .* expects 16x16x1"):
@@ -63,16 +69,12 @@ def test_host_ranges_split_a_pass_in_order():
 
 
 @pytest.mark.slow  # ~20 s on a loaded 2-core CPU: compiles of the tiny RQ-VAE
-def test_encode_captions_writes_token_conditions(tmp_path):
+def test_encode_captions_writes_token_conditions(tiny_artifact, tmp_path):
   from ctxrq_jax.data import captions as captions_lib  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from tests.unit.data import test_captions  # pylint: disable=g-import-not-at-top
 
-  config = helpers.tiny_stage1_config()
-  model = rqvae.RQVAE.from_config(config.model)
-  variables = jax.jit(rqvae.init_variables, static_argnums=0)(model, jax.random.key(3))
-  artifact = str(tmp_path / "artifact")
-  artifact_lib.save_artifact(artifact, config.model, variables)
+  model, variables, artifact = tiny_artifact
   texts = [f"a {c} {t} in the park" for c in ("red", "blue", "green") for t in ("dog", "cat", "bus")]
   pairs = [(f"{i:09d}", t) for i, t in enumerate(texts)]
   (tmp_path / "train").mkdir()
@@ -125,15 +127,10 @@ def test_encode_captions_writes_token_conditions(tmp_path):
   assert sorted(batch) == ["codes", "cond"] and batch["cond"].shape == (3, 6)
 
 
-def test_encode_views_flip_and_crops(tmp_path):
+def test_encode_views_flip_and_crops(tiny_artifact, tmp_path):
   """Stage-2 augmentation: view 0 is the plain encoding, 'flip' the codes of the mirrored image, crops seeded."""
   config = helpers.tiny_stage1_config()  # 28x28 digits resized to 16 then cropped: random crops really move
-  with config.unlocked():
-    config.data.image_size = config.model.resolution = 16
-  model = rqvae.RQVAE.from_config(config.model)
-  variables = jax.jit(rqvae.init_variables, static_argnums=0)(model, jax.random.key(3))
-  artifact = str(tmp_path / "artifact")
-  artifact_lib.save_artifact(artifact, config.model, variables)
+  model, variables, artifact = tiny_artifact
   views = ("center", "flip", "crop")
   meta = encode.encode_dataset(artifact, config.data, str(tmp_path / "codes"), ["test"], batch_size=8,
                                max_examples=12, views=views, view_seed=1)

@@ -26,11 +26,13 @@ def test_evaluate_rqvae_reports_lpips_beside_psnr(tiny_rqvae):
   got = reconstruction.evaluate_rqvae(model, variables, data, split="test", num_examples=6, batch_size=3,
                                       lpips_variables=lpips_variables)
   assert got["psnr"] == plain["psnr"] and got["num_examples"] == 6
-  # The same images and reconstructions scored directly (batches of 3: the shapes already compiled above).
+  # The same images and reconstructions scored directly (batches of 3, and the model and LPIPS jitted apart: the
+  # programs already compiled above).
   from ctxrq_jax.data import images as image_data  # pylint: disable=g-import-not-at-top
   batches = helpers.take(image_data.make_image_iterator(data, split="test", batch_size=3, seed=0, train=False), 2)
-  dist = jax.jit(lambda lv, v, x: lpips.lpips_distance(lv, x, model.apply(v, x)["recon"]))
-  direct = np.concatenate([np.asarray(dist(lpips_variables, variables, b["image"])) for b in batches])
+  recon, dist = jax.jit(lambda v, x: model.apply(v, x)), jax.jit(lpips.lpips_distance)
+  direct = np.concatenate([np.asarray(dist(lpips_variables, b["image"], recon(variables, b["image"])["recon"]))
+                           for b in batches])
   assert got["lpips"] == pytest.approx(float(direct.mean()), rel=1e-4) and got["lpips"] > 0
   assert f"{got['lpips']:.4f}" in reconstruction.format_rqvae_results(got)
 
