@@ -62,8 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict()
   c.loss.recon = "mse"
-  # LPIPS on 32x32 digits (repeated to RGB) makes a step ~20x slower on a 2-core CPU (0.13 vs 2.7 steps/s): off in
-  # the demo (README, "Stage-1 recipe on the demo", has its measured effect). --config.loss.perceptual=True turns it on.
+  # LPIPS on 32x32 digits (repeated to RGB) makes a step ~4x slower on a 2-core CPU (0.96 vs 0.23 s): off in the
+  # demo (README, "Stage-1 recipe on the demo", has its measured effect). --config.loss.perceptual=True turns it on.
   c.loss.perceptual = False
   c.loss.perceptual_weight = 1.0
   c.loss.perceptual_weights_path = config_dict.placeholder(str)
