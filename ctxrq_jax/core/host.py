@@ -78,7 +78,10 @@ def is_chief() -> bool:
 
 def host_range(total: int, process_index: int, process_count: int) -> tuple[int, int]:
   """[start, stop) of `total` ordered items that process `process_index` of `process_count` takes: contiguous, sizes
-  differing by at most one, so the processes' shares one after the other are all items in order."""
+  differing by at most one (the first `total % process_count` processes take one more, as `np.array_split`), so the
+  processes' shares one after the other are all items in order."""
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index must lie in [0, process_count={process_count}), got {process_index}")
-  return total * process_index // process_count, total * (process_index + 1) // process_count
+    raise ValueError(f"process_index {process_index} is outside [0, {process_count})")
+  size, extra = divmod(total, process_count)
+  start = process_index * size + min(process_index, extra)
+  return start, start + size + (process_index < extra)

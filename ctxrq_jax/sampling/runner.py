@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ctxrq_jax.core import grids
+from ctxrq_jax.core import host
 from ctxrq_jax.core import paths as fs
 from ctxrq_jax.core import reporting
 from ctxrq_jax.core import sharding
@@ -93,10 +94,8 @@ def sample_codes(loaded: loader.Stage2Model, labels: Sequence[int] | np.ndarray,
 
 
 def shard_indices(num_samples: int, process_index: int, process_count: int) -> np.ndarray:
-  """The contiguous block of sample indices host `process_index` of `process_count` draws (sizes differ by <= 1)."""
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} is outside [0, {process_count})")
-  return np.array_split(np.arange(num_samples), process_count)[process_index]
+  """The contiguous block of sample indices host `process_index` of `process_count` draws (`core.host.host_range`)."""
+  return np.arange(*host.host_range(num_samples, process_index, process_count))
 
 
 def preview_indices(labels: np.ndarray, *, per_class: int, max_classes: int) -> np.ndarray:

@@ -9,8 +9,8 @@ with the artifact's codebook, and written in the same order (see `data.codes` fo
 dataset carries the codebook, so stage 2 needs nothing else from stage 1 to train.
 
 Multi-host: in a job of P processes (`jax.process_count()`) each process encodes its share and writes its own part of
-the code dataset (`data.codes`, version 4). `encode_dataset` gives process p the contiguous examples `host_range` of
-each split (`core.host.host_range`), so the data set reads back in the same order with the same codes as a one-process encode.
+the code dataset (`data.codes`, version 4). `encode_dataset` gives process p a contiguous block of each split
+(`core.host.host_range`), so the data set reads back in the same order with the same codes as a one-process encode.
 `encode_captions` encodes what each process's sources yield (the command gives process p every P-th input shard file);
 its captions file is written per part. Process 0 commits the metadata once every part is written.
 

@@ -86,9 +86,9 @@ def test_two_processes_encode_train_resume_and_sample(tmp_path, subprocess_env):
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, "\n=====\n".join(o[-2500:] for o in outputs)
 
-  # Class codes: process p encoded examples [37p/2, 37(p+1)/2), random crops drawn as in one pass over the split.
+  # Class codes: process 0 encoded examples [0, 19), process 1 [19, 37), random crops drawn as in one pass.
   parts = code_data.read_metadata(str(tmp_path / "codes2"))
-  assert parts.part_sizes("test") == (18, 19) and len(parts.shard_files("test")) == 4
+  assert parts.part_sizes("test") == (19, 18) and len(parts.shard_files("test")) == 4
   one = encode.encode_dataset(str(tmp_path / "artifact"), config.data, str(tmp_path / "codes1"), ["test"],
                               batch_size=16, num_shards=2, max_examples=37, views=("center", "crop"))
   assert one.num_examples("test") == 37 and one.part_sizes("test") == (37,)

@@ -63,8 +63,8 @@ def test_host_ranges_split_a_pass_in_order():
       assert ranges[0][0] == 0 and ranges[-1][1] == total
       assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, in process order
       assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
-  assert host.host_range(37, 1, 2) == (18, 37)
-  with pytest.raises(ValueError, match=r"process_index must lie in \[0, process_count=2\)"):
+  assert host.host_range(37, 0, 2) == (0, 19) and host.host_range(37, 1, 2) == (19, 37)
+  with pytest.raises(ValueError, match=r"process_index 2 is outside \[0, 2\)"):
     host.host_range(10, 2, 2)
 
 
