@@ -88,12 +88,9 @@ def load_artifact(directory: str | os.PathLike) -> tuple[RQVAE, dict[str, Any]]:
   directory = paths.name(directory)
   if not paths.path(directory).is_dir():
     raise FileNotFoundError(f"stage-1 artifact directory {directory} does not exist")
-  cfg_path = paths.path(directory) / _CONFIG_FILE
-  if not cfg_path.exists():
-    raise FileNotFoundError(f"stage-1 artifact {directory} has no {_CONFIG_FILE}")
-  meta = variables_files.read_json(cfg_path, "stage-1 artifact config")
-  if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT or not isinstance(meta.get("model"), dict):
-    raise ValueError(f"stage-1 artifact config {cfg_path} is not a {ARTIFACT_FORMAT} file")
+  cfg_path, meta = variables_files.read_meta(directory, _CONFIG_FILE, ARTIFACT_FORMAT, section="model",
+                                             missing=f"stage-1 artifact {directory} has no {_CONFIG_FILE}",
+                                             label="stage-1 artifact config", prefix="stage-1 artifact config ")
   try:
     model = RQVAE.from_config(meta["model"])
   except configlib.ConfigError as e:

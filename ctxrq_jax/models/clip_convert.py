@@ -315,12 +315,9 @@ def load_artifact(directory: str | os.PathLike) -> tuple[clip.CLIPConfig, dict[s
     FileNotFoundError / ValueError naming the path and what is missing or wrong.
   """
   directory = paths.name(directory)
-  meta_path = paths.path(directory) / _META_FILE
-  if not meta_path.exists():
-    raise FileNotFoundError(f"{directory} is not a CLIP artifact (no {_META_FILE})")
-  meta = variables_files.read_json(meta_path, "CLIP artifact metadata")
-  if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT or not isinstance(meta.get("config"), dict):
-    raise ValueError(f"{meta_path} is not a {ARTIFACT_FORMAT} file")
+  _, meta = variables_files.read_meta(directory, _META_FILE, ARTIFACT_FORMAT, section="config",
+                                      missing=f"{directory} is not a CLIP artifact (no {_META_FILE})",
+                                      label="CLIP artifact metadata")
   config = clip.CLIPConfig.from_dict(meta["config"])
   abstract = clip.abstract_params(config)
   params = variables_files.restore(directory, abstract, what="CLIP artifact", label="CLIP checkpoint")

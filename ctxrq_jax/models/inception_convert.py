@@ -233,12 +233,9 @@ def load_artifact(directory: str | os.PathLike) -> dict[str, Any]:
     FileNotFoundError / ValueError naming the path and what is missing or wrong.
   """
   directory = paths.name(directory)
-  meta_path = paths.path(directory) / _META_FILE
-  if not meta_path.exists():
-    raise FileNotFoundError(f"{directory} is not an Inception artifact (no {_META_FILE})")
-  meta = variables_files.read_json(meta_path, "Inception artifact metadata")
-  if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
-    raise ValueError(f"{meta_path} is not a {ARTIFACT_FORMAT} file")
+  variables_files.read_meta(directory, _META_FILE, ARTIFACT_FORMAT,
+                            missing=f"{directory} is not an Inception artifact (no {_META_FILE})",
+                            label="Inception artifact metadata")
   abstract = _abstract_variables()
   variables = variables_files.restore(directory, abstract, what="Inception artifact", label="Inception checkpoint")
   _check_tree(variables, abstract, f"load_artifact({directory})")

@@ -58,6 +58,23 @@ def read_json(path: str, label: str) -> Any:
     raise ValueError(f"{label} {path} is unreadable: {e}") from e
 
 
+def read_meta(directory: str, meta_file: str, fmt: str, *, missing: str, label: str, section: str | None = None,
+              prefix: str = "") -> tuple[Any, dict[str, Any]]:
+  """(path, parsed JSON) of an artifact's `directory/meta_file`, checked to be a `fmt` file (with a mapping under
+  `section` when given).
+
+  Raises FileNotFoundError(`missing`) when the file is absent, ValueError `{label} ... is unreadable` when it is not
+  JSON and `{prefix}{path} is not a {fmt} file` when it is not one.
+  """
+  meta_path = paths.path(directory) / meta_file
+  if not meta_path.exists():
+    raise FileNotFoundError(missing)
+  meta = read_json(meta_path, label)
+  if not isinstance(meta, dict) or meta.get("format") != fmt or (section and not isinstance(meta.get(section), dict)):
+    raise ValueError(f"{prefix}{meta_path} is not a {fmt} file")
+  return meta_path, meta
+
+
 def restore(directory: str, abstract: Any, *, what: str, label: str) -> Any:
   """Restores `directory/variables/` into the structure of `abstract` (ShapeDtypeStructs), whole on this process's
   first local device: in a multi-host job every host gets its own full copy (orbax needs the target sharding; the
