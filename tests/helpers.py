@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -164,6 +164,18 @@ def take(it: Any, n: int) -> list[Any]:
 def same_batches(a: list[Mapping[str, Any]], b: list[Mapping[str, Any]]) -> bool:
   """Whether two equally long lists of dict batches hold equal arrays under every key."""
   return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
+
+
+def resumes_exactly(make_iterator: Callable[[], Any], *, skip: int, check: int) -> bool:
+  """Whether a fresh iterator given the state of one that has yielded `skip` batches yields the `check` batches that
+  one yields next (grain's get_state / set_state)."""
+  it = make_iterator()
+  take(it, skip)
+  state = it.get_state()
+  expected = take(it, check)
+  resumed = make_iterator()
+  resumed.set_state(state)
+  return same_batches(take(resumed, check), expected)
 
 
 # ------------------------------------------------------------------------------------------------ trees
