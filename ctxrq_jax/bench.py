@@ -99,10 +99,18 @@ def main(argv: list[str]) -> None:
       from ctxrq_jax.benchmarks import official as official_lib  # pylint: disable=g-import-not-at-top
       official = official_lib.time_train_step(official_src, config, batch=FLAGS.batch_size, repeats=FLAGS.repeats,
                                               seed=FLAGS.seed)
-      official['model_flops'] = result['model_flops']  # same dims: the same model FLOPs per step
+      official['model_flops'] = result['all_positions_flops']  # same dims; its loss reads every position
     print(f'Stage-2 training step (forward + backward + AdamW), batch {FLAGS.batch_size}, {platform}, '
           f'{config.model.dtype}, remat {config.model.remat}, random codes')
     print(speed.format_train(result, official))
+    if FLAGS.all_positions and int(config.train.mask_group) > 1:
+      plain = config.copy_and_resolve_references()
+      with plain.unlocked():
+        plain.train.mask_group = 1
+      every = speed.bench_train(plain, batch=FLAGS.batch_size, repeats=FLAGS.repeats, seed=FLAGS.seed, probe=False)
+      print(f"every position through the depth transformer (train.mask_group 1): {every['step_s']:.4f} s/step; "
+            f"mask groups of {config.train.mask_group}: {result['step_s']:.4f} s/step, "
+            f"{every['step_s'] / result['step_s']:.2f}x faster")
   else:
     from ctxrq_jax.core import config as configlib  # pylint: disable=g-import-not-at-top
     check = FLAGS.check_config or configlib.load_config_file('imagenet', 'tiny')
@@ -132,6 +140,8 @@ def define_flags() -> None:
   flags.DEFINE_integer('num_revisions', 2, 'Number of revisions M.')
   flags.DEFINE_integer('repeats', 2, 'Timed calls per setting (after one warm-up call).')
   flags.DEFINE_bool('reference', True, 'Also time the plain reference implementation (sample).')
+  flags.DEFINE_bool('all_positions', False, 'train: also time the step with every position through the depth '
+                    'transformer (train.mask_group 1) in the same run, and print the ratio.')
   flags.DEFINE_bool('probe', True, 'Measure a matmul probe at the model MLP shape in the same run (GFLOP/s, MFU).')
   flags.DEFINE_string('baseline', '', "'official': also time the official PyTorch RQ-Transformer (sample, train).")
   flags.DEFINE_string('baseline_src', '', 'Checkout of kakaobrain/rq-vae-transformer for --baseline=official.')

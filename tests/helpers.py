@@ -83,6 +83,7 @@ def tiny_demo_stage2_config() -> ml_collections.ConfigDict:
     c.data.vocab_size = 16
     c.data.embed_dim = 8
     c.train.batch_size = 8
+    c.train.mask_group = 8
     c.train.num_steps = 2
     c.train.log_every = 1
     c.train.eval_every = 2

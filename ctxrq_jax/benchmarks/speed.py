@@ -292,10 +292,18 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
-def forward_flops(model: transformer.ContextualRQTransformer, variables: Any, codebook: jax.Array, batch: int) -> float:
-  """FLOPs of one training forward pass (spatial + teacher-forced depth over all N positions, logits) at `batch`."""
+def forward_flops(model: transformer.ContextualRQTransformer, variables: Any, codebook: jax.Array, batch: int,
+                  group: int = 1) -> float:
+  """FLOPs of one training forward pass at `batch` (logits, no loss): spatial over all N positions, then the
+  teacher-forced depth transformer and head over all of them (`group` 1) or over the masked-first slots of mask
+  groups of `group` examples, as the trainer runs them (`stage2.trainer.training_logits`)."""
+  from ctxrq_jax.stage2 import masking  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.stage2 import trainer  # pylint: disable=g-import-not-at-top
   codes, mask, cond, _ = transformer.init_inputs(model, batch)
-  return _flops(lambda v, c, m, y, e: model.apply(v, c, m, y, e), variables, codes, mask, cond, codebook)
+  capacity = masking.group_capacity(group, model.num_positions) if group > 1 else None
+  return _flops(lambda v, c, m, y, e: trainer.training_logits(model, v['params'], c, m, y, e, group=group,
+                                                              capacity=capacity)[0],
+                variables, codes, mask, cond, codebook)
 
 
 def _is_out_of_memory(err: BaseException) -> bool:
@@ -321,9 +329,12 @@ def bench_train(config: Any, *, batch: int, repeats: int, seed: int, probe: bool
   """Times one stage-2 training step (forward + backward + AdamW update, `stage2.trainer.make_train_step`, jitted
   with the state donated, as in training) on random codes; returns a dict.
 
-  Keys: batch, step_s (seconds of the fastest of `repeats` steps after a warm-up), model_flops (3 x the forward FLOPs: the usual MFU convention, whatever
-  remat recomputes), xla_flops (XLA's count of the compiled step, remat and optimizer included), memory_bytes (XLA's
-  estimate of the step's arguments + outputs + temporaries), probe_flops (with `probe`: FLOP/s of `model_probe` at the
+  Keys: batch, step_s (seconds of the fastest of `repeats` steps after a warm-up), mask_group (the config's),
+  model_flops (3 x the forward FLOPs as trained, `forward_flops` with the mask group: the usual MFU convention,
+  whatever remat recomputes), all_positions_flops (the same with every position through the depth transformer and
+  head, as without mask groups and as the official autoregressive step), xla_flops (XLA's count of the compiled
+  step, remat and optimizer included), memory_bytes (XLA's estimate of the step's arguments + outputs +
+  temporaries), probe_flops (with `probe`: FLOP/s of `model_probe` at the
   training batch, best of one before and one after) and peak_flops (the device's bf16 peak, None if unknown).
   MFU is model_flops / step_s / probe_flops (or / peak_flops).
 
@@ -380,7 +391,10 @@ def bench_train(config: Any, *, batch: int, repeats: int, seed: int, probe: bool
       jax.block_until_ready((state, metrics))
       step_s = min(step_s, time.perf_counter() - start)
   variables = {'params': state.params}
-  out = {'batch': batch, 'step_s': step_s, 'model_flops': 3.0 * forward_flops(model, variables, codebook, batch),
+  group = int(config.train.mask_group)
+  out = {'batch': batch, 'step_s': step_s, 'mask_group': group,
+         'model_flops': 3.0 * forward_flops(model, variables, codebook, batch, group),
+         'all_positions_flops': 3.0 * forward_flops(model, variables, codebook, batch),
          'xla_flops': float(cost.get('flops', math.nan)) if cost else math.nan, 'memory_bytes': memory,
          'peak_flops': device_peak_flops(), 'loss': float(metrics['loss'])}
   del state, variables, batches
@@ -410,7 +424,8 @@ def format_train(result: dict[str, Any], official: Optional[dict[str, Any]] = No
   if r.get('probe_flops'):
     lines.append(f"matmul probe (same run, best of the model MLP and head shapes at this batch): "
                  f"{r['probe_flops'] / 1e9:.1f} GFLOP/s; "
-                 'model FLOPs = 3 x forward')
+                 f"model FLOPs = 3 x forward as trained (mask group {r['mask_group']}: "
+                 f"{r['model_flops'] / r['all_positions_flops']:.0%} of all positions' FLOPs)")
   return '\n'.join(lines)
 
 

@@ -81,6 +81,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.batch_size = 4 if tiny else 2048
   c.train.num_steps = 2 if tiny else 62_500
   c.train.grad_accum_steps = 1
+  # Examples per mask group: the depth transformer, head and softmax run on a group's masked positions only, the
+  # group's mask ratios drawn stratified (each example's mask still as eq. 10; stage2/masking.py). 8 packs 70% of
+  # the positions at N = 64 and keeps groups within a device for up to 256-way data parallelism at batch 2048
+  # (it must divide batch_size / grad_accum_steps, and should divide that per device). 1: all positions, i.i.d.
+  c.train.mask_group = 1 if tiny else 8
   c.train.cond_drop_rate = 0.1  # classifier-free guidance training (paper silent; the usual 10%)
   c.train.label_smoothing = 0.0
   c.train.log_every = 1 if tiny else 100

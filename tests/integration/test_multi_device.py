@@ -26,6 +26,7 @@ _MULTI_DEVICE = textwrap.dedent("""
       c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
       c.model.spatial_layers = c.model.depth_layers = 1  # every kind of parameter, half the programs to compile
       c.train.batch_size = 8
+      c.train.mask_group = 4  # the depth pass on masked positions only, groups split across devices
       c.lock()
       return c
 

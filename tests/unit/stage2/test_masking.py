@@ -67,6 +67,48 @@ def test_mask_fraction_follows_the_cosine_schedule():
   assert np.any(counts == n)
 
 
+def test_group_capacity_known_values():
+  # clip(ceil(cos(pi i / (2 G)) N), 1, N) summed over the G strata.
+  assert [masking.group_capacity(g, 64) for g in (1, 2, 4, 8, 32)] == [64, 110, 195, 361, 1352]
+  np.testing.assert_array_equal(masking.group_bounds(4, 64), [64, 60, 46, 25])
+  assert masking.group_capacity(3, 1) == 3  # every example masks its one position
+
+
+def test_stratified_counts_keep_eq10_per_example_and_bound_each_group():
+  n, group, groups = 64, 8, 1000
+  counts = np.asarray(masking.sample_mask(jax.random.key(5), group * groups, n, group=group).sum(-1))
+  per_group = counts.reshape(groups, group)
+  assert per_group.sum(-1).max() <= masking.group_capacity(group, n)
+  # Each example's count, wherever it sits in its group, is distributed as under eq. 10 (KS at alpha = 0.001).
+  cdf = _exact_count_cdf(n)
+  for slot in (0, 5):
+    x = per_group[:, slot]
+    empirical = np.searchsorted(np.sort(x), np.arange(n + 1), side="right") / groups
+    assert np.max(np.abs(empirical - cdf)) < 1.95 / math.sqrt(groups)
+  # One example per stratum: sorted within a group, the i-th largest count lies in stratum i's range.
+  ranked = -np.sort(-per_group, axis=-1)
+  r = np.arange(group + 1) / group
+  hi = np.clip(np.ceil(np.cos(np.pi * r[:-1] / 2) * n), 1, n)
+  lo = np.clip(np.ceil(np.cos(np.pi * r[1:] / 2) * n), 1, n)
+  assert np.all((ranked <= hi) & (ranked >= lo))
+  # The group total varies far less than a sum of 8 independent counts would (its sd is ~8x smaller).
+  independent = np.asarray(masking.sample_mask(jax.random.key(6), group * groups, n).sum(-1)).reshape(groups, group)
+  assert per_group.sum(-1).std() * 4 < independent.sum(-1).std()
+  with pytest.raises(ValueError, match="multiple of the mask group 8"):
+    masking.sample_stratified_counts(jax.random.key(0), 12, n, 8)
+
+
+def test_masked_first_and_gather_groups():
+  mask = jnp.array([[0, 1, 0], [1, 0, 1], [0, 0, 0], [1, 1, 0]], bool)  # groups of 2: 3 and 2 masked
+  index, valid = masking.masked_first(mask, 2, 4)
+  np.testing.assert_array_equal(index, [[1, 3, 5, 0], [3, 4, 0, 1]])
+  np.testing.assert_array_equal(valid, [[1, 1, 1, 0], [1, 1, 0, 0]])
+  x = jnp.arange(4 * 3 * 2).reshape(4, 3, 2)
+  np.testing.assert_array_equal(masking.gather_groups(x, index, 2), np.asarray(x).reshape(2, 6, 2)[[[0], [1]], index])
+  with pytest.raises(ValueError, match="capacity 7"):
+    masking.masked_first(mask, 2, 7)
+
+
 def test_mask_positions_are_uniform():
   n, k, draws = 8, 3, 8000
   mask = np.asarray(masking.mask_with_counts(jax.random.key(7), jnp.full((draws,), k), n))

@@ -165,6 +165,8 @@ def test_nonfinite_stop_and_skip(stage2_codes_dir, tmp_path):
 
 def test_grad_accumulation_matches_full_batch(stage2_codes_dir):
   codes_dir = stage2_codes_dir
+  # Independent masks (the tiny config's mask_group 1): with groups, the rows of a group depend on how the batch is
+  # split, so the two runs would draw different masks (test_mask_groups_... checks the split layout).
   config = _config(codes_dir)
   config_accum = _config(codes_dir, train__grad_accum_steps=2)
   mesh = sharding.make_mesh(config.mesh)
@@ -195,6 +197,44 @@ def test_grad_accumulation_matches_full_batch(stage2_codes_dir):
   assert float(m1["grad_norm"]) > 0
   for a, b in zip(helpers.leaves(s1.params), helpers.leaves(s2.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_mask_groups_change_the_cost_not_the_loss():
+  """The packed path (depth transformer, head and loss on each group's masked-first slots) gives the loss and
+  gradients of the plain one on the same masks; the step's layout keeps each micro-batch's groups within capacity."""
+  config = helpers.tiny_stage2_config("unused", **ONE_LAYER)
+  model = train.build_model(config)
+  h, w, d = config.data.code_shape
+  n, b, group = h * w, 8, 4
+  key = jax.random.key(3)
+  codes = jax.random.randint(key, (b, n, d), 0, config.data.vocab_size)
+  cond = jax.random.randint(jax.random.fold_in(key, 1), (b, 1), 0, 10)
+  codebook = jax.random.normal(jax.random.fold_in(key, 2), (config.data.vocab_size, config.data.embed_dim))
+  params = model.init(jax.random.fold_in(key, 3), codes, jnp.zeros((b, n), bool), cond, codebook)["params"]
+  mask = masking.sample_mask(jax.random.fold_in(key, 4), b, n, group=group)
+  capacity = masking.group_capacity(group, n)
+  assert capacity < group * n
+
+  def loss(p, cap):  # label smoothing 0.1: the smoothed term reads every logit of a slot
+    return train._weighted_loss(  # pylint: disable=protected-access
+        model, p, codes, mask, cond, codebook, 0.1, None, False, group, cap)
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (plain, m_plain), g_plain = grad(params, None)
+  (packed, m_packed), g_packed = grad(params, capacity)
+  np.testing.assert_allclose(float(packed), float(plain), rtol=1e-6)
+  assert float(m_packed["num_masked_codes"]) == float(m_plain["num_masked_codes"]) == float(mask.sum()) * d
+  for k in ("nll", "accuracy", "nll_depth1"):
+    np.testing.assert_allclose(float(m_packed[k]), float(m_plain[k]), rtol=1e-6)
+  for a, c in zip(helpers.leaves(g_packed), helpers.leaves(g_plain)):  # float32 sums in another order
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6 * np.abs(c).max())
+
+  for accum in (1, 2):
+    step_mask = np.asarray(train.draw_mask(key, b, n, group, accum))
+    drawn = np.asarray(masking.sample_mask(key, b, n, group=group))
+    for a in range(accum):
+      micro = step_mask[a::accum]  # the step's micro-batch a
+      np.testing.assert_array_equal(micro, drawn[a * (b // accum):(a + 1) * (b // accum)])
+      assert micro.reshape(-1, group * n).sum(-1).max() <= capacity
 
 
 def _write_caption_codes(out_dir, *, cond_length=8, vocab=64, variants=3):
