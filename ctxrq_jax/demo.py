@@ -37,6 +37,11 @@ def define_flags() -> None:
                     "install in about a minute; the samples are noise.")
 
 
+def _overridden(config_flag: str) -> bool:
+  """Whether the command line overrides a key of `config_flag` (--NAME.section.key=value)."""
+  return any(name.startswith(config_flag + ".") and FLAGS[name].present for name in FLAGS)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -47,12 +52,15 @@ def main(argv: list[str]) -> None:
   text = FLAGS.task == "text"
   stage1, stage2 = FLAGS.stage1_config, FLAGS.stage2_config
   if text and not FLAGS["stage2_config"].present:
+    if _overridden("stage2_config"):
+      raise app.UsageError("--stage2_config.KEY=VALUE overrides apply to configs/demo.py unless a config is given; "
+                           "for --task=text pass --stage2_config=configs/demo_text.py before them")
     stage2 = demo.default_text_configs()[1]
   samples_per_class, max_examples = FLAGS.samples_per_class, FLAGS.max_examples
   if max_examples is not None and text:
     raise app.UsageError("--max_examples is for --task=class; the text demo encodes every digit")
   if FLAGS.smoke:
-    if FLAGS["stage1_config"].present or FLAGS["stage2_config"].present:
+    if any(FLAGS[name].present or _overridden(name) for name in ("stage1_config", "stage2_config")):
       raise app.UsageError("--smoke uses the demo's own smoke configs; leave out --stage1_config/--stage2_config")
     stage1, stage2 = (demo.default_text_configs if text else demo.default_configs)(smoke=True)
     samples_per_class = 2 if not FLAGS["samples_per_class"].present else samples_per_class

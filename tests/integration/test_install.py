@@ -52,6 +52,10 @@ def test_smoke_demo_runs_every_stage_from_the_wheel(smoke):
     (["-m", "ctxrq_jax.evaluate", "stage2", "--workdir=w/codes"], "config.json not found"),
     (["-m", "ctxrq_jax.train", "--config=w/stage2/config.json", "--workdir=x"], "a --config must be a Python file"),
     (["-m", "ctxrq_jax.demo", "--workdir=x", "--max_examples=0"], "--max_examples=0: 0 is not a positive integer"),
+    (["-m", "ctxrq_jax.demo", "--workdir=x", "--smoke", "--stage2_config.train.num_steps=9"],
+     "--smoke uses the demo's own smoke configs"),
+    (["-m", "ctxrq_jax.demo", "--workdir=x", "--task=text", "--stage2_config.train.num_steps=9"],
+     "for --task=text pass --stage2_config=configs/demo_text.py"),
 ])
 def test_user_mistakes_print_one_error_line_and_exit_2(smoke, installed, args, message):
   site, work = installed
