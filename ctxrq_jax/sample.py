@@ -183,7 +183,8 @@ def main(argv: list[str]) -> None:
                                 **settings)
   if not paths:  # another host: process 0 merged the shards and reports
     return
-  print(f"{len(ids) * FLAGS.num_per_class} samples of {len(ids)} classes from {FLAGS.workdir} (step {loaded.step}, {loaded.params_name})")
+  print(f"{len(ids) * FLAGS.num_per_class} samples of {len(ids)} classes from {FLAGS.workdir} (step {loaded.step}, "
+        f"{loaded.params_name})")
   for name, path in paths.items():
     print(f"{name}: {path}")
 

@@ -297,12 +297,9 @@ def forward_flops(model: transformer.ContextualRQTransformer, variables: Any, co
   """FLOPs of one training forward pass at `batch` (logits, no loss): spatial over all N positions, then the
   teacher-forced depth transformer and head over all of them (`group` 1) or over the masked-first slots of mask
   groups of `group` examples, as the trainer runs them (`stage2.trainer.training_logits`)."""
-  from ctxrq_jax.stage2 import masking  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.stage2 import trainer  # pylint: disable=g-import-not-at-top
   codes, mask, cond, _ = transformer.init_inputs(model, batch)
-  capacity = masking.group_capacity(group, model.num_positions) if group > 1 else None
-  return _flops(lambda v, c, m, y, e: trainer.training_logits(model, v['params'], c, m, y, e, group=group,
-                                                              capacity=capacity)[0],
+  return _flops(lambda v, c, m, y, e: trainer.training_logits(model, v['params'], c, m, y, e, group=group)[0],
                 variables, codes, mask, cond, codebook)
 
 
@@ -392,9 +389,9 @@ def bench_train(config: Any, *, batch: int, repeats: int, seed: int, probe: bool
       step_s = min(step_s, time.perf_counter() - start)
   variables = {'params': state.params}
   group = int(config.train.mask_group)
-  out = {'batch': batch, 'step_s': step_s, 'mask_group': group,
-         'model_flops': 3.0 * forward_flops(model, variables, codebook, batch, group),
-         'all_positions_flops': 3.0 * forward_flops(model, variables, codebook, batch),
+  all_positions = 3.0 * forward_flops(model, variables, codebook, batch)
+  out = {'batch': batch, 'step_s': step_s, 'mask_group': group, 'all_positions_flops': all_positions,
+         'model_flops': 3.0 * forward_flops(model, variables, codebook, batch, group) if group > 1 else all_positions,
          'xla_flops': float(cost.get('flops', math.nan)) if cost else math.nan, 'memory_bytes': memory,
          'peak_flops': device_peak_flops(), 'loss': float(metrics['loss'])}
   del state, variables, batches

@@ -108,9 +108,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   req(int(t.grad_accum_steps) >= 1, f"train.grad_accum_steps must be >= 1, got {t.grad_accum_steps}")
   req(int(t.batch_size) % int(t.grad_accum_steps) == 0,
       f"train.batch_size {t.batch_size} is not divisible by train.grad_accum_steps {t.grad_accum_steps}")
-  req(int(t.mask_group) >= 1 and (int(t.batch_size) // int(t.grad_accum_steps)) % int(t.mask_group) == 0,
-      f"train.mask_group must be >= 1 and divide train.batch_size / grad_accum_steps "
-      f"({int(t.batch_size) // max(int(t.grad_accum_steps), 1)}), got {t.mask_group}")
+  micro_batch = int(t.batch_size) // int(t.grad_accum_steps)
+  req(int(t.mask_group) >= 1 and micro_batch % int(t.mask_group) == 0,
+      f"train.mask_group must be >= 1 and divide train.batch_size / grad_accum_steps ({micro_batch}), "
+      f"got {t.mask_group}")
   req(0.0 <= float(t.cond_drop_rate) <= 1.0, f"train.cond_drop_rate must be in [0, 1], got {t.cond_drop_rate}")
   req(0.0 <= float(t.label_smoothing) < 1.0, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
   req(0.0 <= float(t.ema_decay) < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
@@ -234,18 +235,19 @@ def _abstract_state(init: Callable[[], TrainState], mesh, rules) -> tuple[TrainS
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings), shardings
 
 
-def training_logits(model, params, codes, mask, cond, codebook, *, train=False, dropout_rng=None, group=1,
-                    capacity=None) -> tuple[Array, Array, Array]:
+def training_logits(model, params, codes, mask, cond, codebook, *, train=False, dropout_rng=None,
+                    group=1) -> tuple[Array, Array, Array]:
   """The forward pass of eq. 11: (logits float32 [B', M, D, K], their targets int [B', M, D], scored bool [B', M]).
 
-  Without a `capacity`: every position, [B, N] (the loss reads the masked ones). With one, the depth transformer and
-  head run on each group's `capacity` masked-first slots (`masking.masked_first`), [B / G, C]: the same loss and
-  gradients, as long as no group has more masked positions than `capacity`.
+  `group` 1: every position, [B, N] (the loss reads the masked ones). `group` G > 1, for masks of
+  `masking.sample_mask(..., group=G)`: the depth transformer and head run on each group's
+  `masking.group_capacity(G, N)` masked-first slots (`masking.masked_first`), [B / G, C], with the same loss and
+  gradients.
   """
   rngs = {"dropout": dropout_rng} if train else None
-  if capacity is None:
+  if group == 1:
     return model.apply({"params": params}, codes, mask, cond, codebook, train=train, rngs=rngs), codes, mask
-  index, scored = masking.masked_first(mask, group, capacity)  # [B / G, C]
+  index, scored = masking.masked_first(mask, group, masking.group_capacity(group, mask.shape[1]))  # [B / G, C]
   targets = masking.gather_groups(codes, index, group)  # [B / G, C, D]
 
   def forward(module, codes, mask, cond, codebook):
@@ -256,11 +258,10 @@ def training_logits(model, params, codes, mask, cond, codebook, *, train=False, 
   return logits, targets, scored
 
 
-def _weighted_loss(model, params, codes, mask, cond, codebook, label_smoothing, dropout_rng, train, group=1,
-                   capacity=None):
+def _weighted_loss(model, params, codes, mask, cond, codebook, label_smoothing, dropout_rng, train, group=1):
   """Eq. 11 over `mask` (see `training_logits`), times the masked-code count."""
   logits, targets, scored = training_logits(model, params, codes, mask, cond, codebook, train=train,
-                                            dropout_rng=dropout_rng, group=group, capacity=capacity)
+                                            dropout_rng=dropout_rng, group=group)
   loss, metrics = masking.masked_nll(logits, targets, scored, label_smoothing)
   # Weighted by the masked-code count so micro-batch sums give the whole-batch eq. 11 mean.
   return loss * metrics["num_masked_codes"], metrics
@@ -277,7 +278,7 @@ def draw_mask(key: Array, batch: int, num_positions: int, group: int, accum: int
   """The training masks bool [B, N] of one step: `masking.sample_mask` with mask groups of `group` consecutive rows
   of each micro-batch (micro-batch a of `accum` is rows a, a + accum, ..., as the step splits the batch)."""
   mask = masking.sample_mask(key, batch, num_positions, group=group)
-  if group == 1:
+  if group == 1:  # independent rows: kept in the order drawn (the previous releases' masks, row for row)
     return mask
   return mask.reshape(accum, batch // accum, num_positions).swapaxes(0, 1).reshape(batch, num_positions)
 
@@ -302,12 +303,10 @@ def make_train_step(model: transformer.ContextualRQTransformer, tx: optax.Gradie
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     mask_key, cond_key, dropout_key = jax.random.split(key, 3)
     mask = draw_mask(mask_key, b, n, group, accum)
-    capacity = masking.group_capacity(group, n) if group > 1 else None
     cond = masking.drop_condition(cond_key, batch_condition(batch), drop_rate, null_id)
 
     grad_fn = jax.value_and_grad(
-        functools.partial(_weighted_loss, model, label_smoothing=smoothing, train=True, group=group,
-                          capacity=capacity), has_aux=True)
+        functools.partial(_weighted_loss, model, label_smoothing=smoothing, train=True, group=group), has_aux=True)
 
     def micro(carry, xs):
       grads_acc, sums = carry

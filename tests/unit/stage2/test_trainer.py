@@ -215,12 +215,12 @@ def test_mask_groups_change_the_cost_not_the_loss():
   capacity = masking.group_capacity(group, n)
   assert capacity < group * n
 
-  def loss(p, cap):  # label smoothing 0.1: the smoothed term reads every logit of a slot
+  def loss(p, g):  # label smoothing 0.1: the smoothed term reads every logit of a slot
     return train._weighted_loss(  # pylint: disable=protected-access
-        model, p, codes, mask, cond, codebook, 0.1, None, False, group, cap)
+        model, p, codes, mask, cond, codebook, 0.1, None, False, g)
   grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
-  (plain, m_plain), g_plain = grad(params, None)
-  (packed, m_packed), g_packed = grad(params, capacity)
+  (plain, m_plain), g_plain = grad(params, 1)
+  (packed, m_packed), g_packed = grad(params, group)
   np.testing.assert_allclose(float(packed), float(plain), rtol=1e-6)
   assert float(m_packed["num_masked_codes"]) == float(m_plain["num_masked_codes"]) == float(mask.sum()) * d
   for k in ("nll", "accuracy", "nll_depth1"):
