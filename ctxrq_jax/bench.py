@@ -11,6 +11,9 @@
   python -m ctxrq_jax.bench sample --config=configs/cc3m.py:333m --batch_size=8 --t_draft=64 --noreference
   python -m ctxrq_jax.bench train --config=configs/cc3m.py:333m --batch_size=8
       the same for a text-to-image config: each condition is L = 32 random tokens of the 16,384-token caption vocabulary
+  python -m ctxrq_jax.bench stage1 --config=configs/rqvae_imagenet.py --batch_size=2
+      one stage-1 (RQ-VAE) training step for the recipe's cumulative loss terms (recon, + LPIPS, + GAN with the
+      adaptive weight): XLA FLOPs and seconds per step, so each term's cost is one row minus the row above
   python -m ctxrq_jax.bench device --config=configs/imagenet.py:821m
       the accelerator checks of bench/device.sh: Table 4 in bf16 at batch 100, one training step at the largest
       batch that fits, and bf16 against fp32 on the tiny config, within --deadline_s
@@ -31,7 +34,7 @@ from ctxrq_jax.core import cli
 
 FLAGS = flags.FLAGS
 _USAGE = ('usage: python -m ctxrq_jax.bench {sample|train|device} --config=configs/imagenet.py:bench512 [flags] '
-          '| params | fid --workdir=DIR')
+          '| stage1 --config=configs/rqvae_imagenet.py | params | fid --workdir=DIR')
 
 
 def _log(message: str) -> None:
@@ -54,7 +57,7 @@ def _ints(name: str) -> list[int]:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) != 2 or argv[1] not in ('sample', 'train', 'device', 'params', 'fid'):
+  if len(argv) != 2 or argv[1] not in ('sample', 'train', 'device', 'stage1', 'params', 'fid'):
     raise app.UsageError(_USAGE)
   command = argv[1]
   if command == 'fid':
@@ -65,6 +68,17 @@ def main(argv: list[str]) -> None:
                               image_size=FLAGS.fid_image_size, batch_size=FLAGS.fid_batch_size, seed=FLAGS.seed,
                               log=_log)
     print(fid_cost.format_table(rows))
+    return
+  if command == 'stage1':
+    if FLAGS.config is None or 'quantizer' not in FLAGS.config:
+      raise app.UsageError('stage1 needs --config=<a stage-1 config>, e.g. --config=configs/rqvae_imagenet.py')
+    import jax  # pylint: disable=g-import-not-at-top
+    from ctxrq_jax.benchmarks import stage1_step  # pylint: disable=g-import-not-at-top
+    rows = stage1_step.bench_stage1(FLAGS.config, batch=FLAGS.batch_size, repeats=FLAGS.repeats, seed=FLAGS.seed)
+    print(f"Stage-1 training step (forward + backward + Adam + codebook EMA; the discriminator's update with the GAN "
+          f"term), {FLAGS.config.model.resolution}x{FLAGS.config.model.resolution} random images, "
+          f"{jax.devices()[0].platform}, random weights")
+    print(stage1_step.format_table(rows))
     return
   from ctxrq_jax.benchmarks import speed  # pylint: disable=g-import-not-at-top
   if command == 'params':
@@ -134,7 +148,8 @@ def main(argv: list[str]) -> None:
 def define_flags() -> None:
   """Command-line flags, defined only when run as a program (so modules import together)."""
   config_flags.DEFINE_config_file('config', None, 'Stage-2 config file (e.g. configs/imagenet.py:bench512).')
-  flags.DEFINE_integer('batch_size', 100, 'Samples per batch (the paper uses 100); the training batch for `train`.')
+  flags.DEFINE_integer('batch_size', 100, 'Samples per batch (the paper uses 100); the training batch for `train` '
+                       'and `stage1`.')
   flags.DEFINE_list('t_draft', ['8', '32', '64'], 'T_draft values to time.')
   flags.DEFINE_integer('t_revise', 2, 'T_revise.')
   flags.DEFINE_integer('num_revisions', 2, 'Number of revisions M.')

@@ -33,7 +33,7 @@ def pytest_configure(config):
     config._ctxrq_cache_dir = tempfile.mkdtemp(prefix="ctxrq_jax_test_cache_")  # pylint: disable=protected-access
     os.environ[_CACHE_ENV] = config._ctxrq_cache_dir  # pylint: disable=protected-access
   jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", helpers.CACHE_MIN_COMPILE_SECS)
   jax.config.update("jax_compilation_cache_max_size", _CACHE_MAX_BYTES)
 
 
@@ -90,12 +90,14 @@ def tiny_rqvae():
 def pytest_collection_modifyitems(config, items):
   """Longest first: the tests sharing the installed wheel, then the other slow ones. Under the README's
   `-n 2 --dist loadgroup` the wheel's tests (xdist_group "wheel") run in one worker, so the wheel is built and its
-  smoke demo run once, while the other worker takes the other slow tests; short tests fill the end."""
+  smoke demo run once, while the other worker takes the other slow tests (and the smaller groups, whose tests share
+  a module fixture that one worker then builds once); short tests fill the end."""
   del config
 
   def rank(item):
-    if item.get_closest_marker("xdist_group"):
+    group = item.get_closest_marker("xdist_group")
+    if group and group.args and group.args[0] == "wheel":
       return 0
-    return 1 if item.get_closest_marker("slow") else 2
+    return 1 if group or item.get_closest_marker("slow") else 2
 
   items.sort(key=rank)  # stable: collection order within each rank

@@ -246,6 +246,10 @@ def xla_flags(extra: str = "") -> str:
 # The suite's persistent compilation cache (tests/conftest.py): the controller names its directory in this variable.
 CACHE_ENV = "CTXRQ_TEST_COMPILATION_CACHE"
 CACHE_MAX_BYTES = 4 << 30
+# Programs that compile faster than this are not written to the cache: with a maximum size, every write scans the
+# whole cache directory under its lock (JAX's LRU eviction), and the suite's eager ops alone would make thousands
+# of tiny entries (a third of the time of op-by-op test files went to those writes).
+CACHE_MIN_COMPILE_SECS = 0.5
 
 
 def compilation_cache_env() -> dict[str, str]:
@@ -253,7 +257,7 @@ def compilation_cache_env() -> dict[str, str]:
   cache = os.environ.get(CACHE_ENV)
   if not cache:
     return {}
-  return {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  return {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": str(CACHE_MIN_COMPILE_SECS),
           "JAX_COMPILATION_CACHE_MAX_SIZE": str(CACHE_MAX_BYTES)}
 
 

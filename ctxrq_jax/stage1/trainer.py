@@ -5,7 +5,8 @@ optionally the LPIPS perceptual loss (ctxrq_jax/models/lpips.py, VGG16 weights f
 optionally the PatchGAN loss with the VQGAN adaptive weight, as the reference RQ-VAE trainer combines them:
   L_G = recon + commitment_weight * commitment + perceptual_weight * LPIPS + g_weight * disc_weight * (-D(recon))
   L_D = disc_weight * hinge(D(x), D(recon))
-where g_weight = ||grad_last (recon + perceptual_weight * LPIPS)|| / (||grad_last (-D(recon))|| + 1e-4), clipped.
+where g_weight = ||grad_last (recon + perceptual_weight * LPIPS)|| / (||grad_last (-D(recon))|| + 1e-4), clipped,
+both gradients w.r.t. the decoder's last convolution, read from the step's own backward (`loss_and_grads`).
 The codebook follows EMA updates (`rq.ema_update`, `rq.restart_dead_codes`) outside the gradient. The run goes
 through the shared loop (ctxrq_jax/core/loop.py): checkpoints with the data-iterator position, automatic resume
 from `workdir`, SIGTERM/SIGINT save and exit cleanly. At the end the model is exported as a stage-1 artifact in `workdir/rqvae`
@@ -106,13 +107,6 @@ def _last_layer(params: Any) -> jax.Array:
   return params["decoder"]["conv_out"]["kernel"]
 
 
-def _with_last_layer(params: Any, kernel: jax.Array) -> Any:
-  params = flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict) else params
-  dec = dict(params["decoder"])
-  dec["conv_out"] = {**dec["conv_out"], "kernel": kernel}
-  return {**params, "decoder": dec}
-
-
 class Stage1Trainer:
   """Builds the jitted init / train / eval functions for one config. Pure functions of (state, batch)."""
 
@@ -176,18 +170,7 @@ class Stage1Trainer:
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
     drop_key, restart_key = jax.random.split(key)
 
-    def loss_fn(params):
-      out = self.model.apply(self._variables(params, state.quantizer), x, train=True, rngs={"dropout": drop_key})
-      nll, terms = self.nll(x, out["recon"], lpips_variables)
-      loss = nll + float(cfg.quantizer.commitment_weight) * out["commitment_loss"]
-      aux = {"out": out, "terms": terms, "gan_weight": jnp.zeros(()), "g_loss": jnp.zeros(())}
-      if self.use_gan:
-        g_weight, g_loss = self._gan_generator_terms(params, state, out, x, lpips_variables)
-        loss = loss + g_weight * g_loss
-        aux.update(gan_weight=g_weight, g_loss=g_loss)
-      return loss, aux
-
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    loss, aux, grads = self.loss_and_grads(state, x, lpips_variables, drop_key)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
@@ -213,27 +196,41 @@ class Stage1Trainer:
                               disc_params=disc_params, disc_opt_state=disc_opt_state)
     return new_state, metrics
 
-  def _gan_generator_terms(self, params, state, out, x, lpips_variables):
-    """Adaptive-weighted generator loss; the weight compares gradients at the decoder's last conv."""
+  def loss_and_grads(self, state: Stage1State, x: jax.Array, lpips_variables: Any,
+                     drop_key: jax.Array) -> tuple[jax.Array, dict[str, Any], Any]:
+    """The generator's loss L_G on images x [B, R, R, C], its terms, and its gradient w.r.t. `state.params`.
+
+    One forward of the RQ-VAE and one backward: the loss terms are differentiated w.r.t. the reconstruction first
+    (LPIPS and the discriminator once each), and the adaptive weight's two last-layer gradients are read from the
+    RQ-VAE's backward with those cotangents (under jit, XLA keeps only the last convolution's part of them), as the
+    reference takes them from its autograd graph: the decoder is not run again for them.
+    Returns (loss, {'out': the RQ-VAE's outputs, 'terms', 'gan_weight', 'g_loss'}, grads).
+    """
     cfg = self.config
-    step_factor = losses.disc_factor(state.step, int(cfg.loss.disc_start))
-    logits_fake = self.disc.apply({"params": state.disc_params}, out["recon"])
-    g_loss = losses.generator_loss(logits_fake)
-    # Gradients w.r.t. the last layer only: re-decode from the (fixed) quantized latents with that kernel swapped.
-    z_q = jax.lax.stop_gradient(rq.embed_codes(out["codes"], state.quantizer.codebook))
-    other = jax.lax.stop_gradient(params)
+    commitment_weight = float(cfg.quantizer.commitment_weight)
 
-    def decode_with(kernel):
-      return self.model.apply(self._variables(_with_last_layer(other, kernel), state.quantizer), z_q,
-                              method=rqvae.RQVAE.decode)
+    def forward(params):
+      out = self.model.apply(self._variables(params, state.quantizer), x, train=True, rngs={"dropout": drop_key})
+      return (out["recon"], out["commitment_loss"]), out
 
-    kernel = jax.lax.stop_gradient(_last_layer(params))
-    nll_grad = jax.grad(lambda k: self.nll(x, decode_with(k), lpips_variables)[0])(kernel)
-    g_grad = jax.grad(lambda k: losses.generator_loss(
-        self.disc.apply({"params": state.disc_params}, decode_with(k))))(kernel)
-    weight = losses.adaptive_weight(nll_grad, g_grad, float(cfg.loss.adaptive_max_weight))
-    weight = weight * float(cfg.loss.disc_weight) * step_factor
-    return weight, g_loss
+    (recon, commitment), model_vjp, out = jax.vjp(forward, state.params, has_aux=True)
+    nll, nll_vjp, terms = jax.vjp(lambda r: self.nll(x, r, lpips_variables), recon, has_aux=True)
+    (d_recon,) = nll_vjp(jnp.ones_like(nll))
+    loss = nll + commitment_weight * commitment
+    g_weight = g_loss = jnp.zeros((), jnp.float32)
+    if self.use_gan:
+      g_loss, g_vjp = jax.vjp(
+          lambda r: losses.generator_loss(self.disc.apply({"params": state.disc_params}, r)), recon)
+      (d_recon_g,) = g_vjp(jnp.ones_like(g_loss))
+      no_commitment = jnp.zeros_like(commitment)
+      last_grad = lambda d: _last_layer(model_vjp((d, no_commitment))[0])  # noqa: E731
+      g_weight = losses.adaptive_weight(last_grad(d_recon), last_grad(d_recon_g),
+                                        float(cfg.loss.adaptive_max_weight))
+      g_weight = g_weight * float(cfg.loss.disc_weight) * losses.disc_factor(state.step, int(cfg.loss.disc_start))
+      loss = loss + g_weight * g_loss
+      d_recon = d_recon + g_weight * d_recon_g
+    (grads,) = model_vjp((d_recon, jnp.full_like(commitment, commitment_weight)))
+    return loss, {"out": out, "terms": terms, "gan_weight": g_weight, "g_loss": g_loss}, grads
 
   def _disc_update(self, state, x, recon):
     factor = losses.disc_factor(state.step, int(self.config.loss.disc_start))

@@ -25,6 +25,7 @@ def judge_and_data():
   return judge, images, labels
 
 
+@pytest.mark.xdist_group("digits_judge")  # the tests of `judge_and_data` in one worker: one judge
 def test_the_reference_itself_scores_perfectly(judge_and_data):
   judge, images, labels = judge_and_data
   m = judge.score(images, labels)
@@ -33,6 +34,7 @@ def test_the_reference_itself_scores_perfectly(judge_and_data):
   assert m["accuracy"] > 0.9  # bars are easy
 
 
+@pytest.mark.xdist_group("digits_judge")
 def test_collapse_keeps_precision_and_accuracy_but_loses_recall_and_distance(judge_and_data):
   # The failure a class-accuracy-only judge cannot see: one prototype per class, repeated.
   judge, images, labels = judge_and_data
@@ -44,6 +46,7 @@ def test_collapse_keeps_precision_and_accuracy_but_loses_recall_and_distance(jud
   assert col["fd"] > full["fd"] + 1.0
 
 
+@pytest.mark.xdist_group("digits_judge")
 def test_balanced_sets_and_bad_input(judge_and_data):
   judge, images, labels = judge_and_data
   np.testing.assert_array_equal(digits.balanced_labels(3, 2), [0, 0, 1, 1, 2, 2])

@@ -4,6 +4,7 @@ bit-exact resume, the GAN step, and config validation before anything is built."
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -13,6 +14,7 @@ from ctxrq_jax.core import config as configlib
 from ctxrq_jax.core import sharding
 from ctxrq_jax.models import artifact
 from ctxrq_jax.models import rqvae
+from ctxrq_jax.stage1 import losses
 from ctxrq_jax.stage1 import trainer as train_rqvae
 from tests import helpers
 
@@ -50,6 +52,7 @@ def mock_run(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("stage1_mock_run")  # the tests of `mock_run` in one worker: the run is made once
 def test_mock_tfds_run_writes_artifact_and_images(mock_run):
   _, _, workdir, results = mock_run
   assert np.isfinite(results["psnr"])
@@ -88,6 +91,7 @@ def test_training_updates_codebook():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("stage1_mock_run")
 def test_resume_is_bit_exact(mock_run, tmp_path):
   # Stopped after step 1 and resumed (state, EMA codebook and tfds iterator position restored), the run ends as the
   # uninterrupted one does.
@@ -138,6 +142,45 @@ def test_all_stage1_loss_terms_present_and_finite():
   # The zero counts were re-seeded from data at the first step: every count is >= 1 or has grown past it since.
   assert np.all(np.asarray(state.quantizer.cluster_size_ema) > 0.9)
   assert any(not np.allclose(a, b) for a, b in zip(disc_before, helpers.leaves(state.disc_params)))
+
+
+@pytest.mark.slow
+def test_gan_loss_gradient_is_the_plain_gradient_with_the_adaptive_weight_held():
+  """`loss_and_grads` (one forward and one backward of the RQ-VAE) equals the plain formulation on the same
+  training graph (dropout on, the same key): g_weight = ||d nll / d W|| / (||d g / d W|| + 1e-4) * disc_weight for the
+  decoder's last kernel W, each gradient taken over the whole model, and the gradient of L_G with g_weight fixed."""
+  config = tiny_config()
+  with config.unlocked():
+    config.loss.gan = True  # LPIPS off (compiles faster): with it, the nll takes the same path
+    config.loss.disc_start = 0
+    config.loss.disc_ndf = 8
+    config.loss.disc_layers = 1
+    config.model.dropout = 0.1
+  trainer = train_rqvae.Stage1Trainer(config)
+  state = jax.jit(trainer.init)(jax.random.key(0))
+  x, lp, drop_key = _random_batch()["image"], trainer.lpips_variables, jax.random.key(5)
+  loss, aux, grads = jax.jit(trainer.loss_and_grads)(state, x, lp, drop_key)
+
+  @jax.jit
+  def plain(params):
+    def terms(p):  # [nll, commitment, generator loss] of the training forward
+      out = trainer.model.apply(rqvae.with_codebook_state({"params": p}, state.quantizer), x, train=True,
+                                rngs={"dropout": drop_key})
+      g = losses.generator_loss(trainer.disc.apply({"params": state.disc_params}, out["recon"]))
+      return jnp.stack([trainer.nll(x, out["recon"], lp)[0], out["commitment_loss"], g])
+    values, jac = terms(params), jax.jacrev(terms)(params)  # each term's gradient over the whole model
+    last = jac["decoder"]["conv_out"]["kernel"].reshape(3, -1)
+    weight = jnp.linalg.norm(last[0]) / (jnp.linalg.norm(last[2]) + 1e-4) * 0.75
+    coef = jnp.concatenate([jnp.array([1.0, 0.25]), weight[None]])  # L_G = nll + 0.25 commitment + weight g
+    return weight, values @ coef, jax.tree.map(lambda j: jnp.tensordot(coef, j, 1), jac)
+
+  weight, want_loss, want_grads = plain(state.params)
+  assert 0 < float(weight) < float(config.loss.adaptive_max_weight)  # not clipped: the ratio itself is compared
+  np.testing.assert_allclose(float(aux["gan_weight"]), float(weight), rtol=1e-5)
+  np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+  scale = max(np.abs(g).max() for g in helpers.leaves(want_grads))  # (biases before a GroupNorm: ~0 +- rounding)
+  for got, want in zip(helpers.leaves(grads), helpers.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * scale)
 
 
 def test_perceptual_loss_config_errors(tmp_path):

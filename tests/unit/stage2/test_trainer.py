@@ -210,8 +210,8 @@ def test_mask_groups_change_the_cost_not_the_loss():
   codes = jax.random.randint(key, (b, n, d), 0, config.data.vocab_size)
   cond = jax.random.randint(jax.random.fold_in(key, 1), (b, 1), 0, 10)
   codebook = jax.random.normal(jax.random.fold_in(key, 2), (config.data.vocab_size, config.data.embed_dim))
-  params = model.init(jax.random.fold_in(key, 3), codes, jnp.zeros((b, n), bool), cond, codebook)["params"]
-  mask = masking.sample_mask(jax.random.fold_in(key, 4), b, n, group=group)
+  params = jax.jit(model.init)(jax.random.fold_in(key, 3), codes, jnp.zeros((b, n), bool), cond, codebook)["params"]
+  mask = jax.jit(lambda k: masking.sample_mask(k, b, n, group=group))(jax.random.fold_in(key, 4))
   capacity = masking.group_capacity(group, n)
   assert capacity < group * n
 
