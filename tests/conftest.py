@@ -20,7 +20,8 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 jax.config.update("jax_default_prng_impl", "rbg")
 
 # Compiles dominate the suite on a small CPU. One persistent compilation cache for the whole run (both xdist workers
-# and every `python -m ctxrq_jax...` subprocess) makes each re-compilation of the same program a file read: trainers
+# and every `python -m ctxrq_jax...` subprocess) makes each re-compilation of the same program (one that took
+# `helpers.CACHE_MIN_COMPILE_SECS` or more; eager ops are left out) a file read: trainers
 # build new jitted functions per call, so a resumed run, a second run of one config, or a subprocess would otherwise
 # compile everything again. It changes how often a program is compiled, never what is compiled. A maximum size turns
 # on JAX's file lock around every cache read and write, so processes never see each other's half-written entries.
