@@ -38,13 +38,8 @@ def recipe_variants(config: Any) -> list[tuple[str, Any]]:
   return out
 
 
-def step_flops(config: Any, batch: int) -> float:
-  """XLA's FLOP count of one compiled stage-1 training step at `batch` images (nothing is run)."""
-  compiled, _, _ = _compile(config, batch)
-  return _cost(compiled)
-
-
 def _compile(config: Any, batch: int) -> tuple[Any, Any, Any]:
+  """(the step compiled for `batch` random images, its trainer, the images' shape) on the default device."""
   trainer = stage1_trainer.Stage1Trainer(config)
   res, channels = int(config.model.resolution), int(config.model.in_channels)
   abstract_state = jax.eval_shape(trainer.init, jax.random.key(0))
