@@ -54,11 +54,33 @@ def _flops(fn: Callable[..., Any], *args: Any) -> float:
     cost = lowered.cost_analysis()
   except Exception:  # pylint: disable=broad-except - fall back to the compiled program's count
     cost = None
-  if not cost:
-    cost = lowered.compile().cost_analysis()
+  return _cost_flops(cost) if cost else compiled_flops(lowered.compile())
+
+
+def _cost_flops(cost: Any) -> float:
   if isinstance(cost, (list, tuple)):  # older jax returns one dict per program
-    cost = cost[0]
-  return float(cost.get('flops', float('nan'))) if cost else float('nan')
+    cost = cost[0] if cost else None
+  return float(cost.get('flops', math.nan)) if cost else math.nan
+
+
+def compiled_flops(compiled: Any) -> float:
+  """XLA's FLOP count of a compiled program (after XLA's optimisations, dead code removed); nan if unknown."""
+  return _cost_flops(compiled.cost_analysis())
+
+
+def time_donated_steps(step: Callable[..., tuple[Any, Any]], state: Any, batches: Sequence[Any],
+                       *args: Any) -> tuple[Any, Any, float]:
+  """`state, metrics = step(state, batch, *args)` over `batches` (the state donated, as in training): the first a
+  warm-up, then the seconds of the fastest of the others. Returns (state, last metrics, seconds)."""
+  state, metrics = step(state, batches[0], *args)
+  jax.block_until_ready(metrics)
+  best = math.inf
+  for b in batches[1:]:
+    start = time.perf_counter()
+    state, metrics = step(state, b, *args)
+    jax.block_until_ready((state, metrics))
+    best = min(best, time.perf_counter() - start)
+  return state, metrics, best
 
 
 def _time(fn: Callable[[int], Any], repeats: int) -> float:
@@ -358,8 +380,6 @@ def bench_train(config: Any, *, batch: int, repeats: int, seed: int, probe: bool
                  in_shardings=(shardings, data, rep), out_shardings=(shardings, rep))
   with nn.logical_axis_rules(rules):
     compiled = step.lower(abstract_state, abstract_batch, codebook).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   memory = math.nan
   try:
     m = compiled.memory_analysis()
@@ -379,20 +399,13 @@ def bench_train(config: Any, *, batch: int, repeats: int, seed: int, probe: bool
 
   batches = [jax.device_put(batch_of(i), data) for i in range(repeats + 1)]
   with nn.logical_axis_rules(rules):
-    state, metrics = compiled(state, batches[0], codebook)  # warm up
-    jax.block_until_ready(metrics)
-    step_s = math.inf
-    for i in range(repeats):
-      start = time.perf_counter()
-      state, metrics = compiled(state, batches[i + 1], codebook)
-      jax.block_until_ready((state, metrics))
-      step_s = min(step_s, time.perf_counter() - start)
+    state, metrics, step_s = time_donated_steps(compiled, state, batches, codebook)
   variables = {'params': state.params}
   group = int(config.train.mask_group)
   all_positions = 3.0 * forward_flops(model, variables, codebook, batch)
   out = {'batch': batch, 'step_s': step_s, 'mask_group': group, 'all_positions_flops': all_positions,
          'model_flops': 3.0 * forward_flops(model, variables, codebook, batch, group) if group > 1 else all_positions,
-         'xla_flops': float(cost.get('flops', math.nan)) if cost else math.nan, 'memory_bytes': memory,
+         'xla_flops': compiled_flops(compiled), 'memory_bytes': memory,
          'peak_flops': device_peak_flops(), 'loss': float(metrics['loss'])}
   del state, variables, batches
   if probe:

@@ -10,13 +10,12 @@ between two rows of one run. Weights are random; LPIPS uses the shipped VGG16 we
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from ctxrq_jax.benchmarks import speed
 from ctxrq_jax.stage1 import trainer as stage1_trainer
 
 
@@ -49,12 +48,6 @@ def _compile(config: Any, batch: int) -> tuple[Any, Any, Any]:
   return compiled, trainer, images
 
 
-def _cost(compiled: Any) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', math.nan)) if cost else math.nan
-
-
 def bench_stage1(config: Any, *, batch: int, repeats: int, seed: int) -> list[dict[str, Any]]:
   """One row per `recipe_variants` entry: name, batch, flops (XLA, per step), step_s (fastest of `repeats`)."""
   rows = []
@@ -64,15 +57,8 @@ def bench_stage1(config: Any, *, batch: int, repeats: int, seed: int) -> list[di
     state = jax.jit(trainer.init)(key)
     batches = [{'image': jax.random.uniform(jax.random.fold_in(key, i), images.shape, minval=-1.0, maxval=1.0)}
                for i in range(repeats + 1)]
-    state, metrics = compiled(state, batches[0], trainer.lpips_variables)  # warm up
-    jax.block_until_ready(metrics)
-    step_s = math.inf
-    for b in batches[1:]:
-      start = time.perf_counter()
-      state, metrics = compiled(state, b, trainer.lpips_variables)
-      jax.block_until_ready((state, metrics))
-      step_s = min(step_s, time.perf_counter() - start)
-    rows.append({'name': name, 'batch': batch, 'flops': _cost(compiled), 'step_s': step_s,
+    state, metrics, step_s = speed.time_donated_steps(compiled, state, batches, trainer.lpips_variables)
+    rows.append({'name': name, 'batch': batch, 'flops': speed.compiled_flops(compiled), 'step_s': step_s,
                  'loss': float(metrics['loss'])})
     del state, batches
   return rows
