@@ -8,6 +8,8 @@
   python -m ctxrq_jax.bench train --config=configs/imagenet.py:bench512 --batch_size=32
       one stage-2 training step (forward + backward + AdamW): seconds and MFU against the probe (and the device's
       peak when known); with --baseline=official the official RQ-Transformer training step at the same dims
+  python -m ctxrq_jax.bench train --config=configs/demo.py --batch_size=32 --one_step_per_call
+      the step as the config's trainer runs it (train.steps_per_call steps per compiled call), and one step per call
   python -m ctxrq_jax.bench sample --config=configs/cc3m.py:333m --batch_size=8 --t_draft=64 --noreference
   python -m ctxrq_jax.bench train --config=configs/cc3m.py:333m --batch_size=8
       the same for a text-to-image config: each condition is L = 32 random tokens of the 16,384-token caption vocabulary
@@ -114,8 +116,10 @@ def main(argv: list[str]) -> None:
       official = official_lib.time_train_step(official_src, config, batch=FLAGS.batch_size, repeats=FLAGS.repeats,
                                               seed=FLAGS.seed)
       official['model_flops'] = result['all_positions_flops']  # same dims; its loss reads every position
+    per_call = int(config.train.steps_per_call)
     print(f'Stage-2 training step (forward + backward + AdamW), batch {FLAGS.batch_size}, {platform}, '
-          f'{config.model.dtype}, remat {config.model.remat}, random codes')
+          f'{config.model.dtype}, remat {config.model.remat}, random codes'
+          + (f', {per_call} steps per call (s/step = s/call / {per_call})' if per_call > 1 else ''))
     print(speed.format_train(result, official))
     if FLAGS.all_positions and int(config.train.mask_group) > 1:
       plain = config.copy_and_resolve_references()
@@ -125,6 +129,14 @@ def main(argv: list[str]) -> None:
       print(f"every position through the depth transformer (train.mask_group 1): {every['step_s']:.4f} s/step; "
             f"mask groups of {config.train.mask_group}: {result['step_s']:.4f} s/step, "
             f"{every['step_s'] / result['step_s']:.2f}x faster")
+    if FLAGS.one_step_per_call and per_call > 1:
+      single = config.copy_and_resolve_references()
+      with single.unlocked():
+        single.train.steps_per_call = 1
+      one = speed.bench_train(single, batch=FLAGS.batch_size, repeats=FLAGS.repeats * per_call, seed=FLAGS.seed,
+                              probe=False)
+      print(f"one step per call (train.steps_per_call 1): {one['step_s']:.4f} s/step; {per_call} steps per call: "
+            f"{result['step_s']:.4f} s/step, {one['step_s'] / result['step_s']:.2f}x faster")
   else:
     from ctxrq_jax.core import config as configlib  # pylint: disable=g-import-not-at-top
     check = FLAGS.check_config or configlib.load_config_file('imagenet', 'tiny')
@@ -158,6 +170,8 @@ def define_flags() -> None:
   flags.DEFINE_bool('all_positions', False, 'train: also time the step with every position through the depth '
                     'transformer (train.mask_group 1) in the same run, and print the ratio.')
   flags.DEFINE_bool('probe', True, 'Measure a matmul probe at the model MLP shape in the same run (GFLOP/s, MFU).')
+  flags.DEFINE_bool('one_step_per_call', False, "train: with the config's train.steps_per_call k > 1, also time one "
+                    'step per call in the same run, and print the ratio.')
   flags.DEFINE_string('baseline', '', "'official': also time the official PyTorch RQ-Transformer (sample, train).")
   flags.DEFINE_string('baseline_src', '', 'Checkout of kakaobrain/rq-vae-transformer for --baseline=official.')
   flags.DEFINE_list('train_batches', ['1024', '512', '256', '128', '64', '32'],

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ctxrq_jax.core import config as configlib
+from ctxrq_jax.core import loop
 from ctxrq_jax.models import common
 from ctxrq_jax.models import rqvae
 from ctxrq_jax.models import transformer
@@ -348,7 +349,10 @@ def bench_train(config: Any, *, batch: int, repeats: int, seed: int, probe: bool
   """Times one stage-2 training step (forward + backward + AdamW update, `stage2.trainer.make_train_step`, jitted
   with the state donated, as in training) on random codes; returns a dict.
 
-  Keys: batch, step_s (seconds of the fastest of `repeats` steps after a warm-up), mask_group (the config's),
+  With the config's `train.steps_per_call` k > 1 the step is run as the trainer runs it, k steps in one compiled
+  call (`loop.scan_steps`) on k stacked batches, and step_s is the fastest call's seconds / k.
+
+  Keys: batch, step_s (seconds of the fastest of `repeats` steps after a warm-up), steps_per_call, mask_group (the config's),
   model_flops (3 x the forward FLOPs as trained, `forward_flops` with the mask group: the usual MFU convention,
   whatever remat recomputes), all_positions_flops (the same with every position through the depth transformer and
   head, as without mask groups and as the official autoregressive step), xla_flops (XLA's count of the compiled
@@ -373,10 +377,15 @@ def bench_train(config: Any, *, batch: int, repeats: int, seed: int, probe: bool
   data = sharding.batch_sharding(mesh)
   rep = sharding.replicated(mesh)
   abstract_state, shardings = trainer.abstract_train_state(model, tx, config, mesh, rules)
-  abstract_batch = {'codes': jax.ShapeDtypeStruct((batch, h, w, d), jnp.int32, sharding=data),
-                    **jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=data),
+  per_call = int(config.train.steps_per_call)
+  lead = (per_call,) if per_call > 1 else ()
+  if per_call > 1:
+    data = sharding.stacked_batch_sharding(mesh)
+  abstract_batch = {'codes': jax.ShapeDtypeStruct((*lead, batch, h, w, d), jnp.int32, sharding=data),
+                    **jax.tree.map(lambda x: jax.ShapeDtypeStruct((*lead, *x.shape), x.dtype, sharding=data),
                                    jax.eval_shape(lambda k: training_conditions(model, k, batch), key))}
-  step = jax.jit(trainer.make_train_step(model, tx, config), donate_argnums=(0,),
+  step_fn = trainer.make_train_step(model, tx, config)
+  step = jax.jit(loop.scan_steps(step_fn) if per_call > 1 else step_fn, donate_argnums=(0,),
                  in_shardings=(shardings, data, rep), out_shardings=(shardings, rep))
   with nn.logical_axis_rules(rules):
     compiled = step.lower(abstract_state, abstract_batch, codebook).compile()
@@ -392,19 +401,26 @@ def bench_train(config: Any, *, batch: int, repeats: int, seed: int, probe: bool
   probes = [model_probe(model, batch)] if probe else []
   state, _ = trainer.create_train_state(model, tx, config, mesh, rules)
 
-  def batch_of(i: int) -> dict[str, jax.Array]:
+  def batch_of(i: int) -> dict[str, jax.Array]:  # [B, ...] leaves, or [k, B, ...] for k steps per call
     k = jax.random.fold_in(key, 100 + i)
-    return {'codes': jax.random.randint(k, (batch, h, w, d), 0, int(config.data.vocab_size), jnp.int32),
-            **training_conditions(model, jax.random.fold_in(k, 1), batch)}
+    conds = jax.vmap(lambda kk: training_conditions(model, kk, batch))(jax.random.split(jax.random.fold_in(k, 1),
+                                                                                       per_call))
+    return {'codes': jax.random.randint(k, (*lead, batch, h, w, d), 0, int(config.data.vocab_size), jnp.int32),
+            **(conds if lead else jax.tree.map(lambda x: x[0], conds))}
 
   batches = [jax.device_put(batch_of(i), data) for i in range(repeats + 1)]
   with nn.logical_axis_rules(rules):
-    state, metrics, step_s = time_donated_steps(compiled, state, batches, codebook)
+    state, metrics, call_s = time_donated_steps(compiled, state, batches, codebook)
+  step_s = call_s / per_call
+  if lead:
+    metrics = jax.tree.map(lambda x: x[-1], metrics)
   variables = {'params': state.params}
   group = int(config.train.mask_group)
   all_positions = 3.0 * forward_flops(model, variables, codebook, batch)
-  out = {'batch': batch, 'step_s': step_s, 'mask_group': group, 'all_positions_flops': all_positions,
+  out = {'batch': batch, 'step_s': step_s, 'steps_per_call': per_call, 'mask_group': group,
+         'all_positions_flops': all_positions,
          'model_flops': 3.0 * forward_flops(model, variables, codebook, batch, group) if group > 1 else all_positions,
+         # A scanned call's count is one step's: XLA's cost analysis counts a loop body once (tested).
          'xla_flops': compiled_flops(compiled), 'memory_bytes': memory,
          'peak_flops': device_peak_flops(), 'loss': float(metrics['loss'])}
   del state, variables, batches

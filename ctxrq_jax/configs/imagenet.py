@@ -86,6 +86,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # the positions at N = 64 and keeps groups within a device for up to 256-way data parallelism at batch 2048
   # (it must divide batch_size / grad_accum_steps, and should divide that per device). 1: all positions, i.i.d.
   c.train.mask_group = 1 if tiny else 8
+  # Training steps per compiled call (a lax.scan over stacked batches; core/loop.py): per-call costs (dispatch, the
+  # step's temporary buffers) paid once per k steps. 1 here; the CPU demo uses 10 (docs/speed.md).
+  c.train.steps_per_call = 1
   c.train.cond_drop_rate = 0.1  # classifier-free guidance training (paper silent; the usual 10%)
   c.train.label_smoothing = 0.0
   c.train.log_every = 1 if tiny else 100

@@ -132,6 +132,7 @@ class Checkpointer:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
     self._dir = paths.path(directory)
     self.directory = str(self._dir)
+    self.save_interval_steps = int(save_interval_steps)
     self.read_only = bool(read_only)
     if self.read_only and not self._dir.is_dir():
       raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")

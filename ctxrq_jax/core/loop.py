@@ -13,6 +13,15 @@ Per step t (from the state's step + 1 to `num_steps`): `state, metrics = train_s
   * SIGTERM / SIGINT (any host, see `PreemptionGuard`) or `stop_after_steps` steps in this call save a checkpoint
     with the data-iterator position and return early (`stopped`); re-running the same command resumes bit for bit;
   * checkpoints are saved on the checkpointer's interval and at the last step, never past an unchecked step.
+
+Several steps per call (`StepsPerCall`, e.g. `train.steps_per_call` of stage 2): one compiled program runs up to k
+steps (`scan_steps`) on k batches stacked on a leading axis, so per-call costs are paid once per k steps. On a CPU
+the largest of them is the step's temporary buffer, which the allocator maps afresh (and the kernel zero-fills
+page by page) at every call (docs/speed.md). A call ends at the next multiple of k, or earlier at the next multiple
+of `log_every`, the checkpoint interval or a periodic cadence, and at `num_steps` (`call_end`): every step listed
+above still happens at its step, and the calls depend only on the config, never on where a run was interrupted,
+so a resumed run repeats the uninterrupted run's calls. Signals and `stop_after_steps` take effect at the end of a
+call; a non-finite step is named exactly.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import logging
 from typing import Any, Callable, Optional, Sequence
 
 import jax
+import numpy as np
 
 from ctxrq_jax.core import checkpoint
 from ctxrq_jax.core import reporting
@@ -35,6 +45,36 @@ class Periodic:
   name: str
   every: int
   fn: Callable[[int, Any], Optional[dict[str, float]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepsPerCall:
+  """Up to `count` steps per call: `train_steps(state, next_batches(n)) -> (state, metrics)`, the n batches stacked
+  on a leading axis and each metric stacked [n] (`scan_steps` of the one-step function builds `train_steps`)."""
+  count: int
+  train_steps: Callable[[Any, Any], tuple[Any, Any]]
+  next_batches: Callable[[int], Any]
+
+
+def scan_steps(step_fn: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple[Any, Any]]:
+  """`step_fn(state, batch, *args) -> (state, metrics)` -> `fn(state, batches, *args) -> (state, metrics)` running
+  it on each batch of `batches` (every leaf with a leading [n] axis) in turn, in one `lax.scan`; metrics [n, ...]."""
+
+  def steps(state: Any, batches: Any, *args: Any) -> tuple[Any, Any]:
+    return jax.lax.scan(lambda s, batch: step_fn(s, batch, *args), state, batches)
+
+  return steps
+
+
+def call_end(step: int, *, num_steps: int, steps_per_call: int, cadences: Sequence[int] = ()) -> int:
+  """The last step of the call after `step`: the next multiple of `steps_per_call`, or of any of `cadences` (log,
+  checkpoint and periodic intervals) if one comes first, and at most `num_steps`."""
+  end = int(num_steps)
+  for every in (int(steps_per_call), *(int(c) for c in cadences)):
+    if every < 1:
+      raise ValueError(f"steps per call and cadences must be >= 1, got {every}")
+    end = min(end, (int(step) // every + 1) * every)
+  return end
 
 
 @dataclasses.dataclass
@@ -51,43 +91,55 @@ class Result:
 def run(state: Any, *, name: str, train_step: Callable[[Any, Any], tuple[Any, Any]], next_batch: Callable[[], Any],
         checkpointer: checkpoint.Checkpointer, data_iterator: Any, num_steps: int, log_every: int, writer: Any,
         periodic: Sequence[Periodic] = (), nonfinite: Optional[str] = None,
-        stop_after_steps: Optional[int] = None) -> Result:
+        stop_after_steps: Optional[int] = None, steps_per_call: Optional[StepsPerCall] = None) -> Result:
   """Trains from `state.step` to `num_steps` (see the module doc); returns a `Result`."""
   if nonfinite not in (None, "stop", "skip"):
     raise ValueError(f"nonfinite must be None, 'stop' or 'skip', got {nonfinite!r}")
+  per_call = 1 if steps_per_call is None else int(steps_per_call.count)
+  if per_call < 1:
+    raise ValueError(f"steps per call must be >= 1, got {per_call}")
+  cadences = [int(log_every), checkpointer.save_interval_steps, *(int(p.every) for p in periodic)]
   start_step = int(jax.device_get(state.step))
   result = Result(state=state, step=start_step, stopped=False)
-  pending: Optional[tuple[int, Any]] = None  # (step, finite flag), checked one step late
+  pending: Optional[tuple[int, Any]] = None  # (first step of a call, its finite flag(s)), checked one call late
 
   def check_finite() -> None:
     nonlocal pending
     if pending is None:
       return
-    step, flag = pending
+    first, flags = pending
     pending = None
-    if bool(jax.device_get(flag)):
+    bad = [first + int(i) for i in np.flatnonzero(np.atleast_1d(jax.device_get(flags)) == 0)]
+    if not bad:
       return
     if nonfinite == "stop":
       checkpointer.close()
       raise FloatingPointError(
-          f"non-finite loss or gradient at step {step}; the update was not applied and training stopped "
+          f"non-finite loss or gradient at step {bad[0]}; the update was not applied and training stopped "
           f"(train.nonfinite='stop'). Latest checkpoint: step {checkpointer.latest_step()} in "
           f"{checkpointer.directory}.")
-    result.skipped_steps += 1
-    log.warning("non-finite loss or gradient at step %d: update skipped (%d so far)", step, result.skipped_steps)
+    result.skipped_steps += len(bad)
+    for step in bad:
+      log.warning("non-finite loss or gradient at step %d: update skipped (%d so far)", step, result.skipped_steps)
 
   step = start_step
   with checkpoint.PreemptionGuard() as guard, reporting.Progress(name, num_steps, start=start_step) as progress:
-    for step in range(start_step + 1, num_steps + 1):
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, metrics = train_step(state, next_batch())
+    while step < num_steps:
+      first = step + 1
+      end = call_end(step, num_steps=num_steps, steps_per_call=per_call, cadences=cadences)
+      with jax.profiler.StepTraceAnnotation("train", step_num=first):
+        if end == first:
+          state, metrics = train_step(state, next_batch())
+        else:  # metrics stacked [end - first + 1]; the logged values are the last step's
+          state, metrics = steps_per_call.train_steps(state, steps_per_call.next_batches(end - first + 1))
+      step = end
       if nonfinite is not None:
         check_finite()
-        pending = (step, metrics["finite"])
+        pending = (first, metrics["finite"])
       last = step == num_steps
       if step % log_every == 0 or last:
         check_finite()
-        scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+        scalars = {f"train/{k}": float(np.atleast_1d(v)[-1]) for k, v in jax.device_get(metrics).items()}
         writer.write_scalars(step, scalars)
         result.train = scalars
         if "train/loss" in scalars:

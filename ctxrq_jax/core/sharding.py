@@ -195,25 +195,34 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches stacked on a leading steps axis ([S, B, ...], several training steps per call): the steps axis
+  replicated, the batch dimension split as in `batch_sharding`."""
+  return NamedSharding(mesh, P(None, BATCH_AXES))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def host_local_batch_to_global(batch: Any, mesh: Mesh) -> Any:
+def host_local_batch_to_global(batch: Any, mesh: Mesh, *, stacked: bool = False) -> Any:
   """This process's slice of the global batch (numpy, leading dim B / process_count) -> global sharded arrays.
+  `stacked`: every leaf is [S, B / process_count, ...], S batches of consecutive steps (`stacked_batch_sharding`).
 
   Raises ValueError when the global batch cannot be split evenly over the data-parallel shards.
   """
-  sharding = batch_sharding(mesh)
+  sharding = stacked_batch_sharding(mesh) if stacked else batch_sharding(mesh)
   dp = data_parallel_size(mesh)
+  axis = 1 if stacked else 0
 
   def put(x):
     x = np.asarray(x)
-    if x.ndim == 0:
-      raise ValueError("batch leaves need a leading batch dimension, got a scalar")
-    global_size = x.shape[0] * jax.process_count()
+    if x.ndim <= axis:
+      raise ValueError("batch leaves need a leading batch dimension, got a scalar" if not stacked else
+                       f"stacked batch leaves need [steps, batch, ...] dimensions, got shape {x.shape}")
+    global_size = x.shape[axis] * jax.process_count()
     if global_size % dp:
-      raise ValueError(f"global batch {global_size} ({x.shape[0]} per process x {jax.process_count()}) is not "
+      raise ValueError(f"global batch {global_size} ({x.shape[axis]} per process x {jax.process_count()}) is not "
                        f"divisible by the data-parallel size data x fsdp = {dp}")
     return jax.make_array_from_process_local_data(sharding, x)
 
@@ -223,4 +232,4 @@ def host_local_batch_to_global(batch: Any, mesh: Mesh) -> Any:
 __all__ = ["BATCH_AXES", "MESH_AXES", "batch_sharding", "check_batch_size", "data_parallel_size",
            "fraction_replicated", "host_local_batch_to_global", "logical_rules",
            "logical_to_shardings", "make_mesh", "mesh_context", "mesh_shape",
-           "replicated"]
+           "replicated", "stacked_batch_sharding"]

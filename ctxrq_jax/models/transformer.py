@@ -73,6 +73,7 @@ DepthCache = tuple[KVCache, ...]
 
 _LN_EPS = 1e-5
 _INIT_STD = 0.02
+_SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
 
 
 def _normal(names: tuple[Optional[str], ...]) -> Callable[..., Any]:
@@ -85,6 +86,17 @@ def _zeros(names: tuple[Optional[str], ...]) -> Callable[..., Any]:
 
 def _ones(names: tuple[Optional[str], ...]) -> Callable[..., Any]:
   return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+def gelu(x: Array) -> Array:
+  """Exact GELU, x * Phi(x) = x (1 + erf(x / sqrt 2)) / 2 (torch's `F.gelu`, the reference's activation), elementwise.
+
+  Written with `erf` rather than `jax.nn.gelu(approximate=False)`, whose erfc form XLA:CPU expands into branches:
+  forward + backward of a [5408, 128] -> 512 -> 128 MLP took 49.6 ms with it, 24.2 ms with this form and 20.2 ms
+  with no activation at all (2-core CPU; 2-4% of the demo's training step). Within 1.1e-6 of float64 over
+  [-10, 10] (tests/unit/models/test_transformer.py).
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * _SQRT_HALF))  # Python floats: keeps x's dtype
 
 
 def _layer_norm(dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
@@ -171,7 +183,7 @@ class Block(nn.Module):
     y = _layer_norm(self.dtype, self.param_dtype, "ln_mlp")(x)
     y = nn.Dense(self.mlp_ratio * width, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=_normal(("embed", "mlp")), bias_init=_zeros(("mlp",)), name="fc_in")(y)
-    y = nn.with_logical_constraint(nn.gelu(y, approximate=False), ("batch", self.length_axis, "mlp"))
+    y = nn.with_logical_constraint(gelu(y), ("batch", self.length_axis, "mlp"))
     y = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=_normal(("mlp", "embed")), bias_init=_zeros(("embed",)), name="fc_out")(y)
     x = x + nn.Dropout(self.dropout)(y, deterministic=not train)

@@ -116,7 +116,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   req(0.0 <= float(t.label_smoothing) < 1.0, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
   req(0.0 <= float(t.ema_decay) < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
   req(t.nonfinite in ("stop", "skip"), f"train.nonfinite must be 'stop' or 'skip', got {t.nonfinite!r}")
-  for key in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
+  for key in ("steps_per_call", "log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
     req(int(t[key]) >= 1, f"train.{key} must be >= 1, got {t[key]}")
   optim.validate(o)
   req(int(config.model.num_classes) >= 0, f"model.num_classes must be >= 0 (0 for captions), got "
@@ -377,6 +377,7 @@ class _Programs(NamedTuple):
   init: Callable[[], TrainState]  # the state with logically boxed leaves (for its shardings)
   init_unboxed: Callable[[], TrainState]
   train_step: Callable[..., tuple[TrainState, Any]]
+  train_steps: Callable[..., tuple[TrainState, Any]]  # `loop.scan_steps(train_step)`: stacked batches, one call
   eval_step: Callable[..., Any]
 
 
@@ -384,7 +385,8 @@ _PROGRAMS_KEPT = 4
 _programs_cache: "collections.OrderedDict[tuple[str, str], _Programs]" = collections.OrderedDict()
 # Config keys that only the loop and the data pipeline read: runs differing in them share their programs.
 _LOOP_ONLY_KEYS = (("data", "codes_dir"), ("data", "stage1_dir"), ("train", "log_every"), ("train", "eval_every"),
-                   ("train", "ckpt_every"), ("train", "keep_checkpoints"), ("train", "nonfinite"))
+                   ("train", "ckpt_every"), ("train", "keep_checkpoints"), ("train", "nonfinite"),
+                   ("train", "steps_per_call"))
 
 
 def _programs(config: ml_collections.ConfigDict) -> _Programs:
@@ -406,8 +408,10 @@ def _programs(config: ml_collections.ConfigDict) -> _Programs:
     return _programs_cache[key]
   model, tx = build_model(config), make_optimizer(config)
   init = _init_fn(model, tx, int(config.seed), float(config.train.ema_decay) > 0)
+  train_step = make_train_step(model, tx, config)
   programs = _Programs(model=model, tx=tx, init=init, init_unboxed=lambda: nn.meta.unbox(init()),
-                       train_step=make_train_step(model, tx, config), eval_step=make_eval_step(model))
+                       train_step=train_step, train_steps=loop.scan_steps(train_step),
+                       eval_step=make_eval_step(model))
   _programs_cache[key] = programs
   while len(_programs_cache) > _PROGRAMS_KEPT:
     _programs_cache.popitem(last=False)
@@ -512,6 +516,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        out_shardings=(state_shardings, replicated))
   eval_step = jax.jit(programs.eval_step, in_shardings=(state_shardings.params, data_sharding, replicated, replicated),
                       out_shardings=replicated)
+  steps_per_call = None
+  if int(t.steps_per_call) > 1:
+    train_steps = jax.jit(programs.train_steps, donate_argnums=(0,),
+                          in_shardings=(state_shardings, sharding.stacked_batch_sharding(mesh), replicated),
+                          out_shardings=(state_shardings, replicated))
+    steps_per_call = loop.StepsPerCall(
+        int(t.steps_per_call), train_steps=lambda s, b: train_steps(s, b, codebook),
+        next_batches=lambda n: sharding.host_local_batch_to_global(
+            jax.tree.map(lambda *xs: np.stack(xs), *(next(train_iter) for _ in range(n))), mesh, stacked=True))
 
   def run_eval(step: int, state: TrainState) -> dict[str, float]:
     params = state.ema_params if state.ema_params is not None else state.params
@@ -527,6 +540,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         next_batch=lambda: sharding.host_local_batch_to_global(next(train_iter), mesh), checkpointer=ckpt,
         data_iterator=train_iter, num_steps=int(t.num_steps), log_every=int(t.log_every),
         writer=reporting.metric_writer(workdir), periodic=[loop.Periodic("eval", int(t.eval_every), run_eval)],
-        nonfinite=str(t.nonfinite), stop_after_steps=stop_after_steps)
+        nonfinite=str(t.nonfinite), stop_after_steps=stop_after_steps, steps_per_call=steps_per_call)
   return {"state": result.state, "step": result.step, "stopped": result.stopped, "train": result.train,
           "eval": result.periodic.get("eval", {}), "history": result.history, "skipped_steps": result.skipped_steps}

@@ -1,6 +1,7 @@
 """On 8 fake CPU devices (in a subprocess, so XLA_FLAGS takes effect before jax starts): one train step under fsdp=8
 and data=2 x fsdp=2 x tensor=2 (every mesh axis; the batch split over data and fsdp) equals the single-device step, fsdp=8 leaves at most 2% of the parameters
-replicated, and the sampler with its batch sharded equals the unsharded sampler."""
+replicated, two steps in one call (batches stacked, split over the mesh) equal two single-device steps, and the
+sampler with its batch sharded equals the unsharded sampler."""
 
 import os
 import subprocess
@@ -40,8 +41,9 @@ _MULTI_DEVICE = textwrap.dedent("""
     mesh1 = sharding.make_mesh(base.mesh, jax.devices()[:1])
     state1, _ = train.create_train_state(model, tx, base, mesh1, sharding.logical_rules(base))
     host_state = jax.device_get(state1)
-    ref, ref_metrics = jax.jit(train.make_train_step(model, tx, base))(state1, batch, codebook)
-    ref = jax.device_get(ref.params)
+    ref_step = jax.jit(train.make_train_step(model, tx, base))
+    ref_state, ref_metrics = ref_step(state1, batch, codebook)
+    ref = jax.device_get(ref_state.params)
 
     for dims in [(1, 8, 1), (2, 2, 2)]:
       c = config(*dims)
@@ -65,6 +67,26 @@ _MULTI_DEVICE = textwrap.dedent("""
       for a, b in zip(jax.tree.leaves(jax.device_get(new.params)), jax.tree.leaves(ref)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
       print("ok", dims, f"replicated={frac:.4f}")
+
+    # Two steps in one call (train.steps_per_call): stacked batches [2, B] split over data x fsdp, the steps axis
+    # replicated, equal two single-device steps.
+    from ctxrq_jax.core import loop
+    c = config(2, 2, 2)
+    mesh, rules = sharding.make_mesh(c.mesh), sharding.logical_rules(c)
+    _, shardings = train.abstract_train_state(model, tx, c, mesh, rules)
+    rep = sharding.replicated(mesh)
+    stacked = sharding.host_local_batch_to_global(jax.tree.map(lambda x: np.stack([x, x]), batch), mesh, stacked=True)
+    assert stacked["codes"].sharding == sharding.stacked_batch_sharding(mesh)
+    steps = jax.jit(loop.scan_steps(train.make_train_step(model, tx, c)), donate_argnums=(0,),
+                    in_shardings=(shardings, sharding.stacked_batch_sharding(mesh), rep), out_shardings=(shardings, rep))
+    with nn.logical_axis_rules(rules):
+      new, metrics = steps(jax.device_put(host_state, shardings), stacked, jax.device_put(codebook, rep))
+    ref2, ref2_metrics = ref_step(ref_state, batch, codebook)
+    np.testing.assert_allclose(np.asarray(metrics["loss"]), [float(ref_metrics["loss"]), float(ref2_metrics["loss"])],
+                               rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(jax.device_get(new.params)), jax.tree.leaves(jax.device_get(ref2.params))):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # two Adam updates: round-off near zero grows
+    print("ok two steps per call")
 
     try:
       sharding.check_batch_size(12, sharding.make_mesh(config(1, 8, 1).mesh))
@@ -101,4 +123,4 @@ def test_multi_device_step_matches_single_device():
   proc = subprocess.run([sys.executable, "-c", _MULTI_DEVICE], cwd=helpers.REPO, env=env, capture_output=True,
                         text=True, timeout=900)
   assert proc.returncode == 0 and "ALL OK" in proc.stdout, (proc.stdout[-3000:], proc.stderr[-5000:])
-  assert proc.stdout.count("ok (") == 2
+  assert proc.stdout.count("ok (") == 2 and "ok two steps per call" in proc.stdout

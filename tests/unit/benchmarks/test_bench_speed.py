@@ -72,6 +72,15 @@ def test_bench_train_reports_mfu(small):
   table = speed.format_train(result, {"batch": 4, "step_s": 2 * result["step_s"],
                                       "model_flops": result["model_flops"]})
   assert "MFU probe" in table and "official / ctxrq_jax step time: 2.00" in table
+  # Three steps per call (one compiled scan over stacked batches), as train.steps_per_call runs them: the time is
+  # per step, and XLA counts the scanned program's loop body once, one step's FLOPs.
+  scanned = small.copy_and_resolve_references()
+  with scanned.unlocked():
+    scanned.train.steps_per_call = 3
+  calls = speed.bench_train(scanned, batch=4, repeats=1, seed=0, probe=False)
+  assert calls["steps_per_call"] == 3 and calls["step_s"] > 0 and np.isfinite(calls["loss"])
+  assert calls["model_flops"] == result["model_flops"]
+  np.testing.assert_allclose(calls["xla_flops"], result["xla_flops"], rtol=0.1)
 
 
 def test_probe_and_peak():

@@ -159,3 +159,77 @@ def test_nonfinite_skip_counts_and_finishes(tmp_path):
 def test_nonfinite_setting_is_checked(tmp_path):
   with pytest.raises(ValueError, match="nonfinite must be None, 'stop' or 'skip', got 'ignore'"):
     _run(tmp_path / "ckpt", nonfinite="ignore")
+
+
+# ------------------------------------------------------------------ several steps per call
+def test_call_end_stops_at_every_cadence_and_the_last_step():
+  ends, step = [], 0
+  while step < 20:
+    step = loop.call_end(step, num_steps=20, steps_per_call=4, cadences=(6, 10))
+    ends.append(step)
+  assert ends == [4, 6, 8, 10, 12, 16, 18, 20]
+  assert loop.call_end(5, num_steps=20, steps_per_call=1, cadences=(6,)) == 6  # one step per call
+  assert loop.call_end(7, num_steps=9, steps_per_call=10) == 9
+  with pytest.raises(ValueError, match="steps per call and cadences must be >= 1, got 0"):
+    loop.call_end(0, num_steps=9, steps_per_call=0)
+
+
+def _calls(bad_batches=()):
+  """`loop.StepsPerCall` arguments of the toy step: the jitted `scan_steps` of a traceable twin of `_step`, and a
+  record of the number of steps in each call."""
+  bad = jnp.asarray(bad_batches, jnp.float32)
+
+  def step(state, batch):
+    finite = ~jnp.any(batch == bad)
+    w = jnp.where(finite, state.w + batch, state.w)
+    return Toy(step=state.step + 1, w=w), {"loss": jnp.where(finite, w, jnp.nan), "finite": finite.astype(jnp.float32)}
+
+  sizes = []
+  steps = jax.jit(loop.scan_steps(step))
+
+  def train_steps(state, batches):
+    sizes.append(int(batches.shape[0]))
+    return steps(state, batches)
+
+  return train_steps, sizes
+
+
+def _run_calls(directory, per_call, bad_batches=(), **kw):
+  it = _iterator()
+  train_steps, sizes = _calls(bad_batches)
+  spc = loop.StepsPerCall(per_call, train_steps=train_steps,
+                          next_batches=lambda n: np.stack([np.float32(next(it)) for _ in range(n)]))
+  return _run(directory, it=it, steps_per_call=spc, train_step=_step(bad_batches), **kw), sizes
+
+
+def test_steps_per_call_keeps_every_step_cadence_and_result(tmp_path):
+  writer, calls = Writer(), []
+  result, sizes = _run_calls(tmp_path / "ckpt", 4, writer=writer, log_every=3, save_every=5,
+                             periodic=[loop.Periodic("p", 4, lambda step, state: calls.append((step, int(state.step))))])
+  # Calls end at multiples of 4 and at every log (3), checkpoint (5) and periodic (4) step: steps 1-3, 4, 5, 6,
+  # 7-8, 9, 10; a one-step call runs the one-step function.
+  assert sizes == [3, 2]
+  assert writer.steps_with("train/") == [3, 6, 9, 10]
+  assert result.history == [(3, 3.0), (6, 15.0), (9, 36.0), (10, 45.0)]
+  assert calls == [(4, 4), (8, 8), (10, 10)] and _saved_steps(tmp_path / "ckpt") == [5, 10]
+  assert int(result.state.step) == 10 and float(result.state.w) == 45.0
+
+
+def test_steps_per_call_stop_and_resume_repeat_the_uninterrupted_calls(tmp_path):
+  full, full_sizes = _run_calls(tmp_path / "full", 4, log_every=10)
+  assert full_sizes == [4, 4, 2]
+  part, part_sizes = _run_calls(tmp_path / "split", 4, log_every=10, stop_after_steps=3)
+  assert part.stopped and part.step == 4 and part_sizes == [4]  # at the end of the call that reached step 3
+  assert _saved_steps(tmp_path / "split") == [4]
+  rest, rest_sizes = _run_calls(tmp_path / "split", 4, log_every=10)
+  assert rest_sizes == [4, 2] and rest.step == NUM_STEPS
+  helpers.assert_trees_equal(rest.state, full.state)
+
+
+def test_steps_per_call_names_the_nonfinite_step(tmp_path):
+  # Batch 5 is step 6's, inside the call of steps 5-8: 'stop' names step 6 and saves nothing after step 4.
+  with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step 6; .*Latest checkpoint: step 4"):
+    _run_calls(tmp_path / "stop", 4, bad_batches=(5,), nonfinite="stop", save_every=4)
+  assert _saved_steps(tmp_path / "stop") == [4]
+  result, _ = _run_calls(tmp_path / "skip", 4, bad_batches=(1, 2, 9), nonfinite="skip")
+  assert result.skipped_steps == 3 and float(result.state.w) == 45.0 - 1 - 2 - 9

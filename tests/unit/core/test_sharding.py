@@ -47,5 +47,11 @@ def test_default_rules_single_device_mesh_and_batches():
   assert batch["x"].sharding == sharding.batch_sharding(mesh)
   with pytest.raises(ValueError, match="scalar"):
     sharding.host_local_batch_to_global({"x": np.float32(1.0)}, mesh)
+  # Batches of 3 steps stacked on a leading axis: the batch is the second dimension.
+  stacked = sharding.host_local_batch_to_global({"x": np.stack([x, x + 1, x + 2])}, mesh, stacked=True)
+  np.testing.assert_array_equal(np.asarray(stacked["x"]), np.stack([x, x + 1, x + 2]))
+  assert stacked["x"].sharding == sharding.stacked_batch_sharding(mesh)
+  with pytest.raises(ValueError, match=r"stacked batch leaves need \[steps, batch, ...\] dimensions, got shape \(4,\)"):
+    sharding.host_local_batch_to_global({"x": x}, mesh, stacked=True)
   with pytest.raises(ConfigError, match="config.train.batch_size=0 must be a positive multiple"):
     sharding.check_batch_size(0, mesh)

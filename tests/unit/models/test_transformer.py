@@ -414,3 +414,19 @@ def test_caption_condition_with_32_tokens():
     tr.check_inputs(model, cond=np.full((2, 32), 40))
   with pytest.raises(ValueError, match=r"cond must be \[B, L=32\]"):
     tr.check_inputs(model, cond=np.zeros((2, 31), np.int32))
+
+
+def test_gelu_is_the_exact_erf_gelu():
+  """The MLP's activation is torch's `F.gelu` (the reference's): x * Phi(x), written with erf; its values and
+  gradient agree with float64 and with jax's erfc form, and it keeps bfloat16 inputs bfloat16."""
+  import math  # pylint: disable=g-import-not-at-top
+  x = np.linspace(-10.0, 10.0, 20001)
+  exact = 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+  got = np.asarray(jax.jit(tr.gelu)(jnp.asarray(x, jnp.float32)), np.float64)
+  np.testing.assert_allclose(got, exact, rtol=0, atol=2e-6)
+  slope = 0.5 * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0))) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+  grad = np.asarray(jax.jit(jax.vmap(jax.grad(tr.gelu)))(jnp.asarray(x, jnp.float32)), np.float64)
+  np.testing.assert_allclose(grad, slope, rtol=0, atol=2e-6)
+  xs = jnp.asarray(x, jnp.float32)
+  np.testing.assert_allclose(tr.gelu(xs), nn.gelu(xs, approximate=False), rtol=0, atol=2e-6)
+  assert tr.gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16

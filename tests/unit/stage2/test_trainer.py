@@ -73,7 +73,8 @@ def test_programs_are_kept_per_config_and_prng(stage2_codes_dir):
   kept = train._programs(config)  # pylint: disable=protected-access
   assert train._programs(_config(stage2_codes_dir)) is kept  # pylint: disable=protected-access
   loop_only = _config(os.path.join(stage2_codes_dir, "elsewhere"), train__log_every=3, train__eval_every=5,
-                      train__ckpt_every=7, train__keep_checkpoints=9, train__nonfinite="skip", data__stage1_dir="x")
+                      train__ckpt_every=7, train__keep_checkpoints=9, train__nonfinite="skip", data__stage1_dir="x",
+                      train__steps_per_call=3)
   assert train._programs(loop_only) is kept  # pylint: disable=protected-access
   seeded = _config(stage2_codes_dir)
   with seeded.unlocked():
@@ -235,6 +236,29 @@ def test_mask_groups_change_the_cost_not_the_loss():
       micro = step_mask[a::accum]  # the step's micro-batch a
       np.testing.assert_array_equal(micro, drawn[a * (b // accum):(a + 1) * (b // accum)])
       assert micro.reshape(-1, group * n).sum(-1).max() <= capacity
+
+
+@pytest.mark.slow  # ~10 CPU-s: three 6-step runs (one of them stopped and resumed)
+def test_steps_per_call_trains_the_same_steps_and_resumes_bit_exact(stage2_codes_dir, tmp_path):
+  """Three steps per call (one compiled lax.scan over stacked batches) run the one-step runs' steps: the same
+  batches, masks and updates (float32 round-off apart: another program), and a run stopped inside a call stops at
+  its end and resumes bit for bit."""
+  cadence = dict(train__num_steps=6, train__log_every=3, train__ckpt_every=3)
+  single = train.train_and_evaluate(_config(stage2_codes_dir, **cadence), str(tmp_path / "single"))
+  config = _config(stage2_codes_dir, train__steps_per_call=3, **cadence)
+  full = train.train_and_evaluate(config, str(tmp_path / "full"))
+  assert full["step"] == 6 and [s for s, _ in full["history"]] == [3, 6]
+  np.testing.assert_allclose([l for _, l in full["history"]], [l for _, l in single["history"]], rtol=1e-5)
+  for a, b in zip(helpers.leaves(full["state"].params), helpers.leaves(single["state"].params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  part = train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_after_steps=2)
+  assert part["stopped"] and part["step"] == 3
+  rest = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert rest["step"] == 6
+  helpers.assert_trees_equal(rest["state"], full["state"])
+  assert rest["history"] == full["history"][1:]
+  with pytest.raises(ConfigError, match="train.steps_per_call must be >= 1, got 0"):
+    train.train_and_evaluate(_config(stage2_codes_dir, train__steps_per_call=0), str(tmp_path / "bad"))
 
 
 def _write_caption_codes(out_dir, *, cond_length=8, vocab=64, variants=3):
