@@ -116,7 +116,7 @@ def main(argv: list[str]) -> None:
       official = official_lib.time_train_step(official_src, config, batch=FLAGS.batch_size, repeats=FLAGS.repeats,
                                               seed=FLAGS.seed)
       official['model_flops'] = result['all_positions_flops']  # same dims; its loss reads every position
-    per_call = int(config.train.steps_per_call)
+    per_call = result['steps_per_call']
     print(f'Stage-2 training step (forward + backward + AdamW), batch {FLAGS.batch_size}, {platform}, '
           f'{config.model.dtype}, remat {config.model.remat}, random codes'
           + (f', {per_call} steps per call (s/step = s/call / {per_call})' if per_call > 1 else ''))

@@ -374,16 +374,23 @@ def bench_train(config: Any, *, batch: int, repeats: int, seed: int, probe: bool
   h, w, d = (int(v) for v in config.data.code_shape)
   key = jax.random.key(seed)
   codebook = jax.random.normal(jax.random.fold_in(key, 1), (config.data.vocab_size, config.data.embed_dim))
-  data = sharding.batch_sharding(mesh)
   rep = sharding.replicated(mesh)
   abstract_state, shardings = trainer.abstract_train_state(model, tx, config, mesh, rules)
   per_call = int(config.train.steps_per_call)
-  lead = (per_call,) if per_call > 1 else ()
-  if per_call > 1:
-    data = sharding.stacked_batch_sharding(mesh)
-  abstract_batch = {'codes': jax.ShapeDtypeStruct((*lead, batch, h, w, d), jnp.int32, sharding=data),
-                    **jax.tree.map(lambda x: jax.ShapeDtypeStruct((*lead, *x.shape), x.dtype, sharding=data),
-                                   jax.eval_shape(lambda k: training_conditions(model, k, batch), key))}
+  data = sharding.stacked_batch_sharding(mesh) if per_call > 1 else sharding.batch_sharding(mesh)
+
+  def one_batch(k: jax.Array) -> dict[str, jax.Array]:
+    return {'codes': jax.random.randint(k, (batch, h, w, d), 0, int(config.data.vocab_size), jnp.int32),
+            **training_conditions(model, jax.random.fold_in(k, 1), batch)}
+
+  def batch_of(i: int) -> dict[str, jax.Array]:  # one step's batch, or k of them stacked [k, B, ...]
+    k = jax.random.fold_in(key, 100 + i)
+    if per_call == 1:
+      return one_batch(k)
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *(one_batch(jax.random.fold_in(k, j)) for j in range(per_call)))
+
+  abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=data),
+                                jax.eval_shape(batch_of, 0))
   step_fn = trainer.make_train_step(model, tx, config)
   step = jax.jit(loop.scan_steps(step_fn) if per_call > 1 else step_fn, donate_argnums=(0,),
                  in_shardings=(shardings, data, rep), out_shardings=(shardings, rep))
@@ -400,19 +407,11 @@ def bench_train(config: Any, *, batch: int, repeats: int, seed: int, probe: bool
                      f'{memory_limit / 2**30:.2f} GiB')
   probes = [model_probe(model, batch)] if probe else []
   state, _ = trainer.create_train_state(model, tx, config, mesh, rules)
-
-  def batch_of(i: int) -> dict[str, jax.Array]:  # [B, ...] leaves, or [k, B, ...] for k steps per call
-    k = jax.random.fold_in(key, 100 + i)
-    conds = jax.vmap(lambda kk: training_conditions(model, kk, batch))(jax.random.split(jax.random.fold_in(k, 1),
-                                                                                       per_call))
-    return {'codes': jax.random.randint(k, (*lead, batch, h, w, d), 0, int(config.data.vocab_size), jnp.int32),
-            **(conds if lead else jax.tree.map(lambda x: x[0], conds))}
-
   batches = [jax.device_put(batch_of(i), data) for i in range(repeats + 1)]
   with nn.logical_axis_rules(rules):
     state, metrics, call_s = time_donated_steps(compiled, state, batches, codebook)
   step_s = call_s / per_call
-  if lead:
+  if per_call > 1:  # metrics stacked [k]: the last step's
     metrics = jax.tree.map(lambda x: x[-1], metrics)
   variables = {'params': state.params}
   group = int(config.train.mask_group)

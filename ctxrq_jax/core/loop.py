@@ -118,8 +118,8 @@ def run(state: Any, *, name: str, train_step: Callable[[Any, Any], tuple[Any, An
           f"non-finite loss or gradient at step {bad[0]}; the update was not applied and training stopped "
           f"(train.nonfinite='stop'). Latest checkpoint: step {checkpointer.latest_step()} in "
           f"{checkpointer.directory}.")
-    result.skipped_steps += len(bad)
     for step in bad:
+      result.skipped_steps += 1
       log.warning("non-finite loss or gradient at step %d: update skipped (%d so far)", step, result.skipped_steps)
 
   step = start_step
