@@ -66,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.spatial_layers = spatial_layers
   c.model.depth_layers = depth_layers
   c.model.mlp_ratio = 4
-  c.model.dropout = 0.0 if tiny else 0.1  # the official resid_pdrop
+  c.model.dropout = 0.0 if tiny else 0.1  # the official resid_pdrop (ours drops embeddings too: README)
   c.model.num_classes = 0  # 0: the condition is a caption, not a class
   c.model.cond_length = 8 if tiny else 32  # text tokens (official context_length 32)
   c.model.cond_vocab_size = 64 if tiny else 16384  # the tokenizer's vocabulary ([PAD] = 0, [UNK] = 1)

@@ -49,6 +49,17 @@ def learning_rate_schedule(optim_cfg: Mapping[str, Any], num_steps: int,
                                             end_value=peak * float(optim_cfg["end_lr_ratio"]))
 
 
+def applied_updates(opt_state: Any) -> jax.Array:
+  """int32 []: the updates the optimizer has applied, the step its learning-rate schedule is at (the count of
+  optax's schedule state). A step skipped for a non-finite loss (`train.nonfinite='skip'`) keeps the optimizer
+  state, so it advances neither this count nor the schedule."""
+  count = optax.tree_utils.tree_get(
+      opt_state, "count", filtering=lambda path, _: getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState")
+  if count is None:
+    raise ValueError("the optimizer state has no learning-rate schedule count (not built by make_optimizer?)")
+  return count
+
+
 def decay_mask(params: Any) -> Any:
   """True for parameters that get weight decay: kernels, not biases, norms, embeddings or positions."""
 

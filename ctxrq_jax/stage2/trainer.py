@@ -24,7 +24,9 @@ One step:
   * AdamW (weight decay on kernels only: no biases, LayerNorms, embeddings, position tables) after global-norm
     clipping, linear warmup then cosine decay; optional EMA of the weights;
   * a non-finite loss or gradient norm never touches the state (the update is dropped on device). With
-    `train.nonfinite='skip'` training continues (skipped steps are counted and logged); with 'stop' the loop raises
+    `train.nonfinite='skip'` training continues (skipped steps are counted and logged; as with optax's
+    `apply_if_finite`, a skipped step does not advance the learning-rate schedule, and the logged rate is the one the
+    update used); with 'stop' the loop raises
     FloatingPointError naming the step without saving, so the last good checkpoint stays the latest.
 
 The loop is the shared one (ctxrq_jax/core/loop.py): checkpoints every `train.ckpt_every` steps and at the end hold
@@ -343,7 +345,9 @@ def make_train_step(model: transformer.ContextualRQTransformer, tx: optax.Gradie
                            opt_state=keep(opt_state, state.opt_state),
                            ema_params=None if ema is None else keep(ema, state.ema_params), rng=state.rng)
     metrics.update(grad_norm=grad_norm, param_norm=optax.global_norm(new_state.params),
-                   learning_rate=optim.learning_rate_schedule(config.optim, int(config.train.num_steps))(state.step), finite=finite.astype(jnp.float32))
+                   # The rate this step's update used: skipped steps do not advance the optimizer's schedule.
+                   learning_rate=optim.learning_rate_schedule(config.optim, int(config.train.num_steps))(
+                       optim.applied_updates(state.opt_state)), finite=finite.astype(jnp.float32))
     return new_state, metrics
 
   return step_fn

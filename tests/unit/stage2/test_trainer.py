@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ctxrq_jax.core import checkpoint
+from ctxrq_jax.core import optim
 from ctxrq_jax.core import sharding
 from ctxrq_jax.core.config import ConfigError
 from ctxrq_jax.data import codes as codes_lib
@@ -158,10 +159,18 @@ def test_nonfinite_stop_and_skip(stage2_codes_dir, tmp_path):
   with checkpoint.Checkpointer(ckpt_dir, max_to_keep=3, save_interval_steps=2) as c:
     assert c.latest_step() in (None, 2)
 
-  result = train.train_and_evaluate(_config(codes_dir, optim__learning_rate=1e30, optim__warmup_steps=0,
-                                            train__num_steps=4, train__nonfinite="skip"), str(tmp_path / "skip"))
+  config_skip = _config(codes_dir, optim__learning_rate=1e30, optim__warmup_steps=0, train__num_steps=4,
+                        train__nonfinite="skip")
+  result = train.train_and_evaluate(config_skip, str(tmp_path / "skip"))
   assert result["step"] == 4 and result["skipped_steps"] >= 1
   assert all(np.all(np.isfinite(x)) for x in helpers.leaves(result["state"].params))
+  # Skipped steps leave the optimizer state alone: its schedule has counted the applied updates only.
+  applied = int(optim.applied_updates(result["state"].opt_state))
+  assert applied == 4 - result["skipped_steps"]
+  # The logged rate is the one the last step's update used (or would have used, had it been finite).
+  schedule = optim.learning_rate_schedule(config_skip.optim, 4)
+  used = applied - int(result["train"]["train/finite"])
+  np.testing.assert_allclose(result["train"]["train/learning_rate"], float(schedule(used)), rtol=1e-6)
 
 
 def test_grad_accumulation_matches_full_batch(stage2_codes_dir):
