@@ -1,5 +1,6 @@
 """Held-out likelihood of a stage-2 run: masked-code NLL under the training mask distribution (eq. 10-11), against
-the unigram cross-entropy of the codes (what a model that ignores context would score)."""
+the unigram cross-entropy of the codes (what a model that ignores context would score) and against the same model
+given the null condition (what it does without the class or caption)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from ctxrq_jax.core import reporting
 from ctxrq_jax.data import codes as code_data
+from ctxrq_jax.sampling import decoder
 from ctxrq_jax.sampling import loader
 from ctxrq_jax.stage2 import masking
 
@@ -81,14 +83,23 @@ def masked_code_nll(model: Any, params: Any, codebook: jax.Array, codes: np.ndar
 
 
 def evaluate_stage2(workdir: str, *, num_draws: int = 4, seed: int = 0) -> dict[str, float]:
-  """Held-out masked-code NLL of a stage-2 run against the unigram entropy of its codes (nats per code)."""
+  """Held-out masked-code NLL of a stage-2 run against the unigram entropy of its codes (nats per code), and the
+  same NLL with every example's condition replaced by the null condition (no class / the empty caption, the one
+  condition dropout trains), on the same masks: `condition_gain` = null - conditioned is what the condition tells
+  the model about the masked codes."""
   loaded = loader.Stage2Model(workdir)
   cfg = loaded.config.data
   eval_codes, eval_labels = code_data.load_codes(cfg.codes_dir, cfg.eval_split)
   train_codes, _ = code_data.load_codes(cfg.codes_dir, cfg.train_split)
   m, depth = eval_codes.shape[0], eval_codes.shape[-1]
-  results = masked_code_nll(loaded.model, loaded.params, loaded.codebook, eval_codes.reshape(m, -1, depth),
-                            eval_labels, num_draws=num_draws, seed=seed)
+  codes = eval_codes.reshape(m, -1, depth)
+  results = masked_code_nll(loaded.model, loaded.params, loaded.codebook, codes, eval_labels, num_draws=num_draws,
+                            seed=seed)
+  null_labels = np.asarray(decoder.null_cond(loaded.model, jnp.asarray(eval_labels)))
+  null = masked_code_nll(loaded.model, loaded.params, loaded.codebook, codes, null_labels, num_draws=num_draws,
+                         seed=seed)
+  results["nll_null_condition"] = null["nll"]
+  results["condition_gain"] = null["nll"] - results["nll"]
   results.update(unigram_cross_entropy(train_codes, eval_codes, int(cfg.vocab_size)))
   results["nll_over_unigram"] = results["nll"] / results["unigram_per_depth"]
   results["step"] = int(loaded.step)
@@ -102,6 +113,8 @@ def format_stage2_results(r: Mapping[str, Any]) -> str:
   rows += [[f"  depth {d}", f"{r[f'nll_d{d}']:.3f}"] for d in depths]
   rows += [["unigram cross-entropy, per depth", f"{r['unigram_per_depth']:.3f}"],
            ["unigram cross-entropy, pooled", f"{r['unigram_pooled']:.3f}"],
-           ["NLL / per-depth unigram", f"{100 * r['nll_over_unigram']:.1f}%"]]
+           ["NLL / per-depth unigram", f"{100 * r['nll_over_unigram']:.1f}%"],
+           ["masked-code NLL, null condition", f"{r['nll_null_condition']:.3f}"],
+           ["what the condition adds (null - conditioned)", f"{r['condition_gain']:.3f}"]]
   return (f"stage-2 step {r['step']}, {r['masked_codes']} held-out masked codes\n"
           + reporting.table(rows, ["held-out", "nats/code"]))

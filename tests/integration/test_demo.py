@@ -38,6 +38,8 @@ def test_demo_outputs_evaluate(smoke, tmp_path):
   assert np.isfinite(stage2["nll"]) and stage2["masked_codes"] > 0
   assert 0 < stage2["unigram_per_depth"] <= stage2["unigram_pooled"] + 1e-6 <= np.log(codebook_size) + 1e-6
   assert "NLL / per-depth unigram" in likelihood.format_stage2_results(stage2)
+  assert np.isfinite(stage2["nll_null_condition"])
+  assert stage2["condition_gain"] == pytest.approx(stage2["nll_null_condition"] - stage2["nll"])
 
   evaluator = digits.SampleEvaluator(stage2_dir, per_class=2, classifier_steps=5)
   fidelity = digits.score_run(evaluator)

@@ -66,11 +66,12 @@ def test_masked_code_nll_of_a_uniform_model_is_log_k(uniform_model):
 
 def test_format_stage2_results():
   r = {"nll": 1.5, "nll_d1": 1.0, "nll_d2": 2.0, "unigram_per_depth": 3.0, "unigram_pooled": 3.5,
-       "nll_over_unigram": 0.5, "step": 7, "masked_codes": 100}
+       "nll_over_unigram": 0.5, "step": 7, "masked_codes": 100, "nll_null_condition": 1.75, "condition_gain": 0.25}
   lines = likelihood.format_stage2_results(r).splitlines()
   assert lines[0] == "stage-2 step 7, 100 held-out masked codes"
   assert lines[1].split() == ["held-out", "nats/code"] and set(lines[2]) == {"-", " "}
   rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in lines[3:])
   assert rows == {"masked-code NLL (all depths)": "1.500", "depth 1": "1.000", "depth 2": "2.000",
                   "unigram cross-entropy, per depth": "3.000", "unigram cross-entropy, pooled": "3.500",
-                  "NLL / per-depth unigram": "50.0%"}, lines
+                  "NLL / per-depth unigram": "50.0%", "masked-code NLL, null condition": "1.750",
+                  "what the condition adds (null - conditioned)": "0.250"}, lines
