@@ -119,10 +119,24 @@ def iter_webdataset(patterns: str | Sequence[str], stats: CaptionStats) -> Itera
           ext = ext.lower()
           if ext in IMAGE_EXTENSIONS or ext == CAPTION_EXTENSION:
             current[ext] = tar.extractfile(member).read()
+        complete = _ends_with_end_of_archive(tar)
       if key is not None:
         yield from _webdataset_example(path, key, current, stats)
+      if not complete:
+        stats.note("bad_shards", path, "shard ends early (cut at or inside a member header: no end-of-archive "
+                   "blocks; the examples after the cut are missing)")
     except (tarfile.TarError, EOFError, OSError) as e:
       stats.note("bad_shards", path, f"shard ends early or is not a tar file ({type(e).__name__}: {e})")
+
+
+def _ends_with_end_of_archive(tar: tarfile.TarFile) -> bool:
+  """Whether a streamed tar, read to its end, ended at its end-of-archive marker (two zero blocks) rather than at a
+  cut. `tarfile` stops without an error when a file is cut at or inside a member header: then the header read at
+  `tar.offset` came back short, or no zero block follows it."""
+  block = tarfile.BLOCKSIZE
+  if tar.fileobj.tell() - tar.offset != block:  # the last header read was short: the file ends there
+    return False
+  return tar.fileobj.read(block) == tarfile.NUL * block  # the second zero block (a full, non-zero one: garbage)
 
 
 def _webdataset_example(path: str, key: str, parts: dict[str, Any],

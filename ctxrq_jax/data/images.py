@@ -7,7 +7,7 @@ Data config fields (a ConfigDict or a mapping):
   channels (required): 1 or 3; grayscale sources are repeated to RGB, RGB sources reduced by ITU-R 601 luma.
   num_classes (required): labels must lie in [0, num_classes); a label outside raises naming the example.
   resize: 'pad' (centre a square image no larger than image_size on a black canvas: MNIST 28 → 32) or 'crop'
-    (bicubic-resize the shorter side to image_size, then centre-crop, or random-crop when training: ImageNet).
+    (bilinear-resize the shorter side to image_size, then centre-crop, or random-crop when training: ImageNet).
     Default 'pad' for embedded_mnist, 'crop' otherwise.
   random_flip: random horizontal flips when training (default False).
   data_dir, manual_dir: tfds data directory and manual download directory (imagenet2012's tar files).
@@ -161,8 +161,10 @@ def preprocess_image(image: np.ndarray, *, image_size: int, channels: int, resiz
                      random_flip: bool = False) -> np.ndarray:
   """Maps a uint8 image [H, W, C] to float32 [image_size, image_size, channels] in [-1, 1].
 
-  'pad' centres the image on a zero (black → -1) canvas; 'crop' resizes the shorter side to image_size (bicubic,
-  antialiased) and crops a square at the centre, or at a uniformly random offset when `random_crop`.
+  'pad' centres the image on a zero (black → -1) canvas; 'crop' resizes the shorter side to image_size and crops a
+  square at the centre, or at a uniformly random offset when `random_crop`: the reference RQ-VAE's transform
+  (torchvision `Resize(image_size)`: PIL bilinear, antialiased, the longer side int(image_size * long / short);
+  then `CenterCrop` / `RandomCrop`), so converted weights see the images they were trained on.
   `random_flip` mirrors the image horizontally with probability 1/2. Both random options draw from `rng`.
   """
   if (random_crop or random_flip) and rng is None:
@@ -176,13 +178,13 @@ def preprocess_image(image: np.ndarray, *, image_size: int, channels: int, resiz
     canvas[top:top + h, top:top + w] = image
     image = canvas
   elif resize == "crop":
-    scale = image_size / min(h, w)
-    new_h, new_w = max(image_size, round(h * scale)), max(image_size, round(w * scale))
+    new_long = int(image_size * max(h, w) / min(h, w))
+    new_h, new_w = (image_size, new_long) if h <= w else (new_long, image_size)
     if (new_h, new_w) != (h, w):
       pil = Image.fromarray(image[..., 0] if c == 1 else image)
-      image = np.asarray(pil.resize((new_w, new_h), Image.Resampling.BICUBIC)).reshape(new_h, new_w, c)
-    if not random_crop:
-      top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
+      image = np.asarray(pil.resize((new_w, new_h), Image.Resampling.BILINEAR)).reshape(new_h, new_w, c)
+    if not random_crop:  # torchvision's CenterCrop offsets
+      top, left = int(round((new_h - image_size) / 2.0)), int(round((new_w - image_size) / 2.0))
     else:
       top, left = int(rng.integers(0, new_h - image_size + 1)), int(rng.integers(0, new_w - image_size + 1))
     image = image[top:top + image_size, left:left + image_size]

@@ -75,6 +75,27 @@ def test_webdataset_shards_stream_examples_and_report_what_they_skip(tmp_path):
   assert any("00002.tar" in p and "ends early" in p for p in stats.problems)
 
 
+def test_a_shard_cut_at_or_inside_a_member_header_is_reported(tmp_path):
+  """tarfile ends a stream cut at a header without an error; the missing end-of-archive blocks give it away."""
+  pairs = [(f"{i:09d}", f"caption number {i}") for i in range(3)]
+  write_shard(tmp_path / "whole.tar", webdataset_members(pairs))
+  raw = (tmp_path / "whole.tar").read_bytes()
+  with tarfile.open(tmp_path / "whole.tar") as tar:
+    headers = {m.name: m.offset for m in tar.getmembers()}
+  cuts = {"at_a_header": headers["000000001.jpg"], "inside_a_header": headers["000000001.txt"] + 100,
+          "inside_the_end_blocks": len(raw.rstrip(b"\0")) + 512, "whole": len(raw)}
+  for name, cut in cuts.items():
+    (tmp_path / f"{name}.tar").write_bytes(raw[:cut])
+  for name, want_read, want_bad in [("at_a_header", 1, 1), ("inside_a_header", 2, 1),
+                                    ("inside_the_end_blocks", 3, 1), ("whole", 3, 0)]:
+    stats = captions.CaptionStats()
+    examples = list(captions.iter_webdataset(str(tmp_path / f"{name}.tar"), stats))
+    assert (stats.read, stats.bad_shards) == (want_read, want_bad), name
+    assert [e.captions for e in examples if e.image is not None and e.captions][:1] == [("caption number 0",)], name
+    if want_bad:
+      assert any(f"{name}.tar" in p and "ends early" in p for p in stats.problems), (name, stats.problems)
+
+
 def test_shard_patterns_and_bad_images_are_named(tmp_path):
   with pytest.raises(ValueError, match="no webdataset shards match"):
     captions.shard_paths(str(tmp_path / "*.tar"))

@@ -44,6 +44,21 @@ def test_preprocess_crop():
   np.testing.assert_allclose(same, image[:20, :20] / 127.5 - 1.0, atol=1e-6)
 
 
+def test_crop_is_the_reference_rq_vae_transform():
+  """'crop' equals the reference RQ-VAE's eval transform (torchvision Resize(s), CenterCrop(s), ToTensor,
+  Normalize(0.5, 0.5)) on landscape, portrait and odd-sized images, down- and upsampled."""
+  helpers.import_torchvision()
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import torchvision.transforms as T  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  for shape, size in [((40, 60, 3), 20), ((61, 37, 3), 20), ((33, 47, 3), 32), ((24, 30, 3), 32)]:
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    reference = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    want = reference(Image.fromarray(image)).numpy().transpose(1, 2, 0)
+    got = images.preprocess_image(image, image_size=size, channels=3, resize="crop")
+    np.testing.assert_allclose(got, want, atol=1e-6, err_msg=str(shape))
+
+
 # ------------------------------------------------------------------------------------------- image pipeline
 
 

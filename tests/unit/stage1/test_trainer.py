@@ -11,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from ctxrq_jax.core import config as configlib
+from ctxrq_jax.core import optim
 from ctxrq_jax.core import sharding
 from ctxrq_jax.models import artifact
 from ctxrq_jax.models import rqvae
@@ -109,12 +110,12 @@ def test_resume_is_bit_exact(mock_run, tmp_path):
 @pytest.mark.slow
 def test_all_stage1_loss_terms_present_and_finite():
   """The reference's recipe on the tiny config: recon + commitment + LPIPS + adaptive-weighted GAN, D hinge loss;
-  the codebook EMA starting from the reference's zero counts; the discriminator learns."""
+  the codebook EMA starting from the reference's zero counts; the discriminator starts at disc_start, then learns."""
   config = tiny_config()
   with config.unlocked():
     config.loss.perceptual = True
     config.loss.gan = True
-    config.loss.disc_start = 0
+    config.loss.disc_start = 1
     config.loss.disc_ndf = 8
     config.loss.disc_layers = 1
     config.quantizer.init_cluster_size = 0.0
@@ -130,8 +131,14 @@ def test_all_stage1_loss_terms_present_and_finite():
   batch = sharding.host_local_batch_to_global(_random_batch(), mesh)
   lp = jax.device_put(trainer.lpips_variables, rep)
   disc_before = helpers.leaves(state.disc_params)  # state is donated to the step
-  for _ in range(2):  # the warmup gives learning rate 0 at the first step, the second one learns
+  disc_opt_before = helpers.leaves(state.disc_opt_state)
+  state, metrics = step(state, batch, lp)  # step 0 < disc_start: the discriminator and its optimizer stay put
+  assert float(metrics["d_loss"]) == 0.0 and float(metrics["gan_weight"]) == 0.0
+  helpers.assert_trees_equal(disc_before, helpers.leaves(state.disc_params))
+  helpers.assert_trees_equal(disc_opt_before, helpers.leaves(state.disc_opt_state))
+  for _ in range(2):  # from disc_start: its warmup gives learning rate 0 at its first step, the second one learns
     state, metrics = step(state, batch, lp)
+  assert int(optim.applied_updates(state.disc_opt_state)) == 2
   m = {k: float(v) for k, v in metrics.items()}
   for term in ("recon_loss", "commitment_loss", "perceptual_loss", "g_loss", "gan_weight", "d_loss"):
     assert term in m and np.isfinite(m[term]), term
