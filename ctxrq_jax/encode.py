@@ -59,7 +59,8 @@ def define_flags() -> None:
   flags.DEFINE_float("bpe_dropout", 0.1, "captions: BPE dropout of the --train_splits (the official 0.1).")
   flags.DEFINE_integer("caption_variants", 8, "captions: BPE-dropout tokenizations stored per training caption; "
                        "training with data.random_caption draws one per example and epoch.")
-  flags.DEFINE_integer("max_examples", None, "At most this many images per split (encode: the first ones).")
+  flags.DEFINE_integer("max_examples", None, "At most this many images per split (encode: the first ones; "
+                       "captions: per process, each reading its own shards).")
 
 
 def main(argv: list[str]) -> None:

@@ -150,7 +150,8 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
     batch_size: images per jitted encode call (the last batch is padded, so one compilation).
     num_shards: ArrayRecord files per split.
     overwrite: replace an existing code dataset.
-    max_examples: at most this many images per split (None: all).
+    max_examples: at most this many images per split and process (None: all): each process reads its own shards,
+      so a job of P processes encodes up to P x max_examples.
     source_description: JSON-serialisable description stored in metadata.json.
     totals: images per split when known (progress lines only; streaming sources may not know).
     resize: 'crop' (photos: shorter side to the RQ-VAE's resolution, centre crop) or 'pad' (small square images).
