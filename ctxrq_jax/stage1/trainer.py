@@ -246,8 +246,7 @@ class Stage1Trainer:
     # Before disc_start the discriminator is not trained: its parameters and optimizer state (Adam's moments and the
     # schedule's count) stay as they were, so its warmup starts with it, as the reference steps its discriminator's
     # optimizer and scheduler only from then on.
-    active = state.step >= int(self.config.loss.disc_start)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)  # noqa: E731
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(factor > 0, a, b), new, old)  # noqa: E731
     return (keep(optax.apply_updates(state.disc_params, updates), state.disc_params),
             keep(d_opt, state.disc_opt_state), {"d_loss": d_loss})
 
