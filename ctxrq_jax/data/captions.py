@@ -14,7 +14,7 @@ Three sources:
               may be nested ('captions/text' of coco_captions) and may hold several captions per image.
 
 Every example is (key, image, captions): the image as encoded bytes or a uint8 array, and one or more captions.
-`image_batches` decodes and preprocesses (resize the shorter side bicubic, centre crop, [-1, 1]) and yields fixed-size
+`image_batches` decodes and preprocesses (resize the shorter side bilinear, centre crop, [-1, 1]) and yields fixed-size
 batches. An image that cannot be decoded (truncated, not an image, empty), an example without an image or without
 a caption, and a tar shard that ends early are counted in `CaptionStats`, skipped and reported; nothing is dropped
 silently and none of them stops the run.

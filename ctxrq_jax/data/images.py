@@ -156,6 +156,15 @@ def validate_example(record: Any, index: int, *, image_key: str = "image", label
   return image, int(label)
 
 
+def crop_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+  """(resized height, width, top, left) of 'crop' for an h x w image: torchvision's `Resize(size)` (the shorter side
+  to `size`, the longer one int(size * long / short)), then `CenterCrop(size)`'s offsets. Shared by the images and
+  the editing masks that must follow them."""
+  new_long = int(size * max(h, w) / min(h, w))
+  new_h, new_w = (size, new_long) if h <= w else (new_long, size)
+  return new_h, new_w, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+
+
 def preprocess_image(image: np.ndarray, *, image_size: int, channels: int, resize: str,
                      rng: np.random.Generator | None = None, random_crop: bool = False,
                      random_flip: bool = False) -> np.ndarray:
@@ -178,14 +187,11 @@ def preprocess_image(image: np.ndarray, *, image_size: int, channels: int, resiz
     canvas[top:top + h, top:top + w] = image
     image = canvas
   elif resize == "crop":
-    new_long = int(image_size * max(h, w) / min(h, w))
-    new_h, new_w = (image_size, new_long) if h <= w else (new_long, image_size)
+    new_h, new_w, top, left = crop_geometry(h, w, image_size)
     if (new_h, new_w) != (h, w):
       pil = Image.fromarray(image[..., 0] if c == 1 else image)
       image = np.asarray(pil.resize((new_w, new_h), Image.Resampling.BILINEAR)).reshape(new_h, new_w, c)
-    if not random_crop:  # torchvision's CenterCrop offsets
-      top, left = int(round((new_h - image_size) / 2.0)), int(round((new_w - image_size) / 2.0))
-    else:
+    if random_crop:
       top, left = int(rng.integers(0, new_h - image_size + 1)), int(rng.integers(0, new_w - image_size + 1))
     image = image[top:top + image_size, left:left + image_size]
   else:

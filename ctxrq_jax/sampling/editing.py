@@ -10,7 +10,7 @@ decodes the draft and every revision.
   bright stroke of any colour on black, or a greyscale drawing all work. An empty mask, a mask of another size and
   a file that is not an image are errors that name the file.
 * Size. The result has the RQ-VAE's resolution R (32 for the demo, 256 for ImageNet). `resize='crop'` (the default)
-  scales the shorter side to R (bicubic, as the stage-1 evaluation preprocessing `data.images.preprocess_image`)
+  scales the shorter side to R (bilinear, as the stage-1 evaluation preprocessing `data.images.preprocess_image`)
   and crops the centre square; `resize='pad'` centres a square image no larger than R on a black canvas (the demo's
   28x28 digits, as stage 1 saw them). An R x R image is used as it is either way. The mask follows the same
   geometry, and a fitted mask pixel is set when any input mask pixel it covers is set (a box filter > 0), so
@@ -74,14 +74,6 @@ def read_mask(path: str) -> np.ndarray:
   return read_image(path, "mask").max(axis=-1) >= MASK_THRESHOLD
 
 
-def _crop_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
-  """(resized height, width, top, left) of 'crop': the shorter side to `size`, then the centre square (the
-  arithmetic of `data.images.preprocess_image`)."""
-  scale = size / min(h, w)
-  new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-  return new_h, new_w, (new_h - size) // 2, (new_w - size) // 2
-
-
 def _check_pad(h: int, w: int, size: int) -> None:
   if h != w or h > size:
     raise ValueError(f"resize='pad' needs a square image no larger than {size}x{size}, got {h}x{w}; "
@@ -110,7 +102,7 @@ def fit_mask(mask: np.ndarray, *, resolution: int, resize: str = "crop") -> np.n
     return out
   if resize != "crop":
     raise ValueError(f"unknown resize mode {resize!r}; expected one of {RESIZE_MODES}")
-  new_h, new_w, top, left = _crop_geometry(h, w, resolution)
+  new_h, new_w, top, left = image_data.crop_geometry(h, w, resolution)
   if (new_h, new_w) != (h, w):  # box weights are >= 0, so > 0 means "overlaps a set pixel"
     mask = np.asarray(Image.fromarray(mask.astype(np.float32)).resize((new_w, new_h), Image.Resampling.BOX)) > 0
   return mask[top:top + resolution, left:left + resolution]

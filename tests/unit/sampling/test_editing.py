@@ -51,6 +51,14 @@ def test_fit_mask_follows_the_image_geometry():
   x, m = editing.fit_inputs(image, block, resolution=16, channels=1, resize="crop")
   assert x.shape == (16, 16, 1) and m.sum() == 4
   np.testing.assert_array_equal(x[..., 0] > 0, m)
+  # An odd margin: 64 x 94 -> 32 x 47, 15 columns to crop; torchvision's CenterCrop rounds 7.5 to 8 (not 15 // 2):
+  # image and mask take the same offset (one geometry, `data.images.crop_geometry`).
+  wide = np.zeros((64, 94), bool)
+  wide[16:24, 40:48] = True  # resized columns 20 ... 23 -> cropped 12 ... 15
+  x, m = editing.fit_inputs(np.repeat((wide * 255).astype(np.uint8)[..., None], 3, axis=-1), wide, resolution=32,
+                            channels=1, resize="crop")
+  assert sorted({int(c) for c in np.argwhere(m)[:, 1]}) == [12, 13, 14, 15]
+  np.testing.assert_array_equal(x[..., 0] > 0, m)
   # crop, enlarging: 8 x 8 -> 16 x 16, a pixel becomes its 2 x 2 block.
   small = np.zeros((8, 8), bool)
   small[3, 3] = True
