@@ -14,10 +14,17 @@ condition of classifier-free guidance (`EMPTY_CAPTION_ID`).
 BPE dropout is drawn by the `tokenizers` library's own (unseeded) random generator: ids with dropout are not
 reproducible run to run, which is why only the training split uses them; `encode(..., train=False)` is
 deterministic.
+
+`CaptionTokenizer.fingerprint` names the tokenizer by what it does (its id of every token and its merges in order,
+not the files' bytes): the caption encoder records it in the code dataset, and sampling refuses a tokenizer whose
+fingerprint differs from the one the model's captions were encoded with (`data.codes.check_tokenizer`).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 from typing import Iterable, Sequence
 
@@ -101,6 +108,21 @@ class CaptionTokenizer:
     tok.enable_padding(length=self.context_length, pad_id=PAD_ID, pad_token=PAD)
     tok.enable_truncation(max_length=self.context_length)
     return tok
+
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    """SHA-256 (hex) of the tokenizer's behaviour: its tokens in id order and its merges in order.
+
+    Two tokenizers with the same fingerprint give every caption the same ids; re-serialising the vocabulary JSON
+    (key order, spacing) or the merges file's version header and line endings leaves it unchanged. Context length
+    and BPE dropout are not part of it (the code dataset records those separately).
+    """
+    vocab = self._eval.get_vocab()
+    tokens = sorted(vocab, key=vocab.__getitem__)  # ids are the contiguous range [0, vocab_size) (checked)
+    lines = paths.path(self.files[1]).read_bytes().decode("utf-8").splitlines()
+    merges = [line.strip() for line in lines if line.strip() and not line.startswith("#version")]
+    content = json.dumps({"tokens": tokens, "merges": merges, "lowercase": True}, ensure_ascii=False)
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()
 
   @classmethod
   def from_directory(cls, directory: str, **kwargs) -> CaptionTokenizer:

@@ -31,6 +31,7 @@ import optax
 from ctxrq_jax.core import config as configlib
 from ctxrq_jax.core import paths
 from ctxrq_jax.core import reporting
+from ctxrq_jax.data import code_captions
 from ctxrq_jax.data import codes as code_data
 from ctxrq_jax.data import digit_captions
 from ctxrq_jax.data import images as image_data
@@ -299,7 +300,6 @@ def evaluate_text_samples(workdir: str, *, num_prompts: int = 100, samples_per_p
   spaced over the eval split (the floor), their RQ-VAE reconstructions (the ceiling), then the draft and each
   revision; accuracy is the fraction labelled as the digit of their caption.
   """
-  from ctxrq_jax.stage1 import encode as encode_lib  # pylint: disable=g-import-not-at-top
   if num_prompts < 1 or samples_per_prompt < 1:
     raise ValueError(f"num_prompts and samples_per_prompt must be >= 1, got {num_prompts}, {samples_per_prompt}")
   loaded = loader.Stage2Model(workdir)
@@ -308,7 +308,7 @@ def evaluate_text_samples(workdir: str, *, num_prompts: int = 100, samples_per_p
   stage1_cfg = configlib.load_snapshot(str(paths.path(loaded.config.data.stage1_dir).parent))
   data_cfg = stage1_cfg.data
   codes_dir, split = loaded.config.data.codes_dir, loaded.config.data.eval_split
-  eval_captions = encode_lib.read_captions(codes_dir, split)
+  eval_captions = code_captions.read_captions(codes_dir, split)
   num_prompts = min(num_prompts, len(eval_captions))
   num_samples = num_prompts * samples_per_prompt
   if num_samples > len(eval_captions):

@@ -21,6 +21,7 @@ from ctxrq_jax.core import checkpoint
 from ctxrq_jax.core import config as configlib
 from ctxrq_jax.core import paths
 from ctxrq_jax.core import sharding
+from ctxrq_jax.data import code_captions
 from ctxrq_jax.data import codes as codes_lib
 from ctxrq_jax.models import artifact
 from ctxrq_jax.models import transformer
@@ -88,7 +89,8 @@ class Stage2Model:
 
   def tokenizer(self) -> Any:
     """The run's caption tokenizer (`config.data.tokenizer_dir`, or `tokenizer_dir` set on this object),
-    deterministic, L = model.cond_length."""
+    deterministic, L = model.cond_length; ValueError unless it is the tokenizer the run's caption codes were encoded
+    with (`data.code_captions.check_tokenizer`)."""
     from ctxrq_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
     if not self.model.is_text:
       raise ValueError(f"{self.workdir} is conditioned on class labels, not captions")
@@ -100,6 +102,8 @@ class Stage2Model:
                                                         bpe_dropout=0.0)
     if tok.vocab_size > self.model.cond_vocab:
       raise ValueError(f"tokenizer {directory} has {tok.vocab_size} tokens, the model embeds {self.model.cond_vocab}")
+    # A different tokenizer of the same size would silently turn every prompt into other words' ids.
+    code_captions.check_tokenizer(self.config.data.codes_dir, tok)
     return tok
 
   def images(self, codes: np.ndarray, *, uint8: bool = False, out: Optional[np.ndarray] = None) -> np.ndarray:

@@ -34,6 +34,7 @@ from ctxrq_jax.core import host
 from ctxrq_jax.core import paths
 from ctxrq_jax.core import reporting
 from ctxrq_jax.data import captions as captions_lib
+from ctxrq_jax.data import code_captions
 from ctxrq_jax.data import codes as code_data
 from ctxrq_jax.data import images as image_data
 from ctxrq_jax.data import tokenizer as tokenizer_lib
@@ -112,14 +113,6 @@ def encode_dataset(artifact_dir: str, data_cfg: ml_collections.ConfigDict, out_d
   return code_data.read_metadata(out_dir)
 
 
-CAPTIONS_FILE = "captions-{split}.txt"
-
-
-def captions_file(split: str, process_index: int = 0, process_count: int = 1) -> str:
-  """The captions file of `split`, or of process `process_index`'s part of it when `process_count` > 1."""
-  if process_count == 1:
-    return CAPTIONS_FILE.format(split=split)
-  return f"captions-{split}-part{process_index:05d}of{process_count:05d}.txt"
 # Tokenizations of each training caption stored per record (BPE dropout per epoch, approximated by T stored draws).
 CAPTION_VARIANTS = 8
 
@@ -137,8 +130,8 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
   caption of `train_splits` is tokenized `caption_variants` times with the tokenizer's BPE dropout (T independent
   draws stored in its record, from which training with `data.random_caption` picks one per epoch; T = 1 when the
   tokenizer has no dropout), the others once, deterministically. Beside the shards,
-  `captions-<split>.txt` holds each record's caption (one line per record, in record order) for CLIP score and
-  prompts. Undecodable images and examples without an image or caption are counted, skipped and reported in the
+  `captions-<split>.txt` holds each record's caption (one line per record, in record order; `data.code_captions`)
+  for CLIP score and prompts, and the metadata records the tokenizer's fingerprint (checked when sampling). Undecodable images and examples without an image or caption are counted, skipped and reported in the
   returned stats (`CaptionStats.summary()`).
 
   Args:
@@ -170,6 +163,7 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
                                                method=rqvae.RQVAE.quantize)[1])
   description = {"captions": source_description, "stage1_artifact": paths.name(artifact_dir),
                  "splits": list(sources), "tokenizer": [paths.name(f) for f in tokenizer.files],
+                 code_captions.FINGERPRINT_KEY: tokenizer.fingerprint,
                  "context_length": tokenizer.context_length, "bpe_dropout_splits": list(train_splits),
                  "bpe_dropout": tokenizer.bpe_dropout, "caption_variants": variants}
   all_stats: dict[str, captions_lib.CaptionStats] = {}
@@ -187,7 +181,7 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
       progress = reporting.Progress(f"encode {split}", min(total, max_examples or total), unit="images")
       batches = captions_lib.image_batches(examples, stats, image_size=model.resolution,
                                            channels=model.in_channels, batch_size=batch_size, resize=resize)
-      caption_path = paths.path(out_dir) / captions_file(split, process_index, process_count)
+      caption_path = paths.path(out_dir) / code_captions.captions_file(split, process_index, process_count)
       with paths.local_file(caption_path) as caption_tmp, open(caption_tmp, "w", encoding="utf-8") as caption_file:
         for x, captions, _ in batches:
           n = x.shape[0]
@@ -207,21 +201,3 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
       if stats.decoded == 0 and process_count == 1:  # several processes: the writer checks the split as a whole
         raise ValueError(f"split {split!r} has no decodable image/caption pairs ({stats.summary()})")
   return code_data.read_metadata(out_dir), all_stats
-
-
-def read_captions(codes_dir: str, split: str) -> list[str]:
-  """The captions `encode_captions` wrote for `split`, one per record in record order."""
-  try:
-    sizes = code_data.read_metadata(codes_dir).part_sizes(split)
-  except ValueError:
-    sizes = (None,)  # named below as a missing captions file
-  out = []
-  for part, size in enumerate(sizes):
-    path = paths.path(codes_dir) / captions_file(split, part, len(sizes))
-    if not path.exists():
-      raise ValueError(f"{path} not found: {codes_dir} is not a caption code dataset, or has no split {split!r}")
-    lines = [line.rstrip("\n") for line in path.read_bytes().decode("utf-8").splitlines()]
-    if size is not None and len(sizes) > 1 and len(lines) != size:
-      raise ValueError(f"{path} holds {len(lines)} captions; the metadata gives part {part} {size} records")
-    out.extend(lines)
-  return out

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from ctxrq_jax.data import code_captions
 from ctxrq_jax.data import codes as code_data
 from ctxrq_jax.data import tokenizer as tokenizer_lib
 from ctxrq_jax.models import artifact as artifact_lib
@@ -100,7 +101,7 @@ def test_two_processes_encode_train_resume_and_sample(tmp_path, subprocess_env):
   # Captions: each process read its own tar file; records and captions in file order, the bad image skipped.
   caps = code_data.read_metadata(str(tmp_path / "captions2"))
   assert caps.part_sizes("val") == (4, 4)
-  assert encode.read_captions(str(tmp_path / "captions2"), "val") == texts[:6] + texts[7:]
+  assert code_captions.read_captions(str(tmp_path / "captions2"), "val") == texts[:6] + texts[7:]
   tok = tokenizer_lib.CaptionTokenizer.from_directory(str(tmp_path / "bpe"), context_length=6)
   np.testing.assert_array_equal(code_data.load_codes(str(tmp_path / "captions2"), "val")[1],
                                 tok.encode(texts[:6] + texts[7:]))

@@ -71,6 +71,41 @@ def test_eval_ids_are_deterministic_and_dropout_only_in_training(tok_dir):
   np.testing.assert_array_equal(no_dropout.encode(caption * 5, train=True), np.repeat(eval_ids, 5, 0))
 
 
+def _write_pair(directory, vocab, merges_text, prefix="x"):
+  directory.mkdir()
+  (directory / f"{prefix}-vocab.json").write_text(vocab if isinstance(vocab, str) else json.dumps(vocab))
+  (directory / f"{prefix}-merges.txt").write_bytes(merges_text.encode("utf-8"))
+  return tokenizer.CaptionTokenizer.from_directory(str(directory), context_length=8)
+
+
+def test_fingerprint_names_the_behaviour_not_the_bytes(tmp_path, tok_dir):
+  tok = tokenizer.CaptionTokenizer.from_directory(tok_dir, context_length=8)
+  assert len(tok.fingerprint) == 64 and int(tok.fingerprint, 16) >= 0
+  assert tokenizer.CaptionTokenizer.from_directory(tok_dir, context_length=32, bpe_dropout=0.0).fingerprint == (
+      tok.fingerprint)  # context length and dropout are recorded apart
+  with open(os.path.join(tok_dir, "bpe-120-vocab.json")) as f:
+    vocab = json.load(f)
+  with open(os.path.join(tok_dir, "bpe-120-merges.txt")) as f:
+    merges_text = f.read()
+  lines = merges_text.splitlines()
+  # Re-serialised: keys in reverse order with indentation, merges with CRLF, no version header, another prefix.
+  same = _write_pair(tmp_path / "same", json.dumps(dict(reversed(list(vocab.items()))), indent=2),
+                     "\r\n".join(lines[1:]) + "\r\n", prefix="bpe-16k")
+  assert same.fingerprint == tok.fingerprint
+  # Two tokens' ids swapped, or two merges in the other order: other ids for some caption, another fingerprint.
+  swapped = dict(vocab)
+  a, b = [t for t in sorted(vocab, key=vocab.get) if t.endswith("</w>") and len(t) > 6][:2]  # two whole words
+  swapped[a], swapped[b] = vocab[b], vocab[a]
+  other_ids = _write_pair(tmp_path / "ids", swapped, merges_text)
+  reordered = _write_pair(tmp_path / "merges", vocab, "\n".join([lines[0], lines[2], lines[1], *lines[3:]]) + "\n")
+  trained = tmp_path / "trained"
+  tokenizer.train_tokenizer([c.replace("a ", "the ") for c in _captions()], str(trained), vocab_size=120)
+  others = [other_ids, reordered, tokenizer.CaptionTokenizer.from_directory(str(trained), context_length=8)]
+  assert len({tok.fingerprint, *(t.fingerprint for t in others)}) == 4
+  caption = [f"{a[:-4]} {b[:-4]}"]
+  assert (other_ids.encode(caption) != tok.encode(caption)).any()
+
+
 def test_bad_files_and_inputs_are_named(tmp_path, tok_dir):
   with pytest.raises(ValueError, match="exactly one"):
     tokenizer.find_files(str(tmp_path))

@@ -97,7 +97,7 @@ def test_evaluate_text_samples_end_to_end(tmp_path, monkeypatch):
   from ctxrq_jax.core import config as configlib  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.data import codes as codes_lib  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.data import digit_captions  # pylint: disable=g-import-not-at-top
-  from ctxrq_jax.stage1 import encode as encode_lib  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.data import code_captions  # pylint: disable=g-import-not-at-top
   from tests import helpers  # pylint: disable=g-import-not-at-top
 
   s1 = helpers.tiny_stage1_config()
@@ -111,7 +111,7 @@ def test_evaluate_text_samples_end_to_end(tmp_path, monkeypatch):
                                    num_classes=0, cond_length=1, cond_vocab_size=n, source="test") as w:
     w.write(s1.data.eval_split, np.arange(n)[:, None, None, None] * np.ones((1, 4, 4, 2), np.int64),
             np.arange(n)[:, None])
-  (codes_dir / encode_lib.CAPTIONS_FILE.format(split=s1.data.eval_split)).write_text("".join(
+  (codes_dir / code_captions.CAPTIONS_FILE.format(split=s1.data.eval_split)).write_text("".join(
       f"{c}\n" for c in captions))
   config = configlib.load_config_file("cc3m", "tiny")
   with config.unlocked():

@@ -1,6 +1,7 @@
 """Text-to-image sampling (ctxrq_jax/sampling/runner.py): prompts in, Draft-and-Revise images out with each prompt
 written under its images; the empty caption as the unconditional branch; inpainting with a prompt."""
 
+import json
 import os
 
 import flax.linen as nn
@@ -12,6 +13,7 @@ from PIL import Image
 from ctxrq_jax.core import config as configlib
 from ctxrq_jax.core import grids
 from ctxrq_jax.core import sharding
+from ctxrq_jax.data import code_captions
 from ctxrq_jax.data import codes as codes_lib
 from ctxrq_jax.data import tokenizer as tokenizer_lib
 from ctxrq_jax.models import artifact as artifact_lib
@@ -64,7 +66,7 @@ def test_sample_prompts_end_to_end(tmp_path, monkeypatch):
   codes_dir = str(tmp_path / "codes")
   with codes_lib.CodeDatasetWriter(codes_dir, code_shape=(4, 4, 2), codebook=np.asarray(
       variables["quantizer"]["codebook"]), num_classes=0, cond_length=8, cond_vocab_size=tok.vocab_size,
-                                   source="test") as w:
+                                   source={code_captions.FINGERPRINT_KEY: tok.fingerprint}) as w:
     w.write("train", rng.integers(0, 16, (8, 4, 4, 2)), tok.encode(CAPTIONS[:8], train=True))
     w.write("validation", rng.integers(0, 16, (4, 4, 4, 2)), tok.encode(CAPTIONS[8:]))
   # Stage 2: a configs/cc3m.py:tiny run on those codes, with freshly initialised parameters in place of a
@@ -82,6 +84,19 @@ def test_sample_prompts_end_to_end(tmp_path, monkeypatch):
 
   loaded = loader.Stage2Model(workdir)
   assert loaded.model.is_text
+  # --tokenizer_dir naming another tokenizer of the same size is refused before any prompt is tokenized.
+  # (Here: the same files with the ids of "dog" and "bus" swapped.)
+  vocab_file, merges_file = tok.files
+  vocab = json.loads(open(vocab_file).read())
+  vocab["dog</w>"], vocab["bus</w>"] = vocab["bus</w>"], vocab["dog</w>"]
+  other_dir = tmp_path / "other_bpe"
+  other_dir.mkdir()
+  (other_dir / os.path.basename(vocab_file)).write_text(json.dumps(vocab))
+  (other_dir / os.path.basename(merges_file)).write_text(open(merges_file).read())
+  loaded.tokenizer_dir = str(other_dir)
+  with pytest.raises(ValueError, match="is not the one .* was encoded with"):
+    loaded.tokenizer()
+  loaded.tokenizer_dir = None
   np.testing.assert_array_equal(decoder.null_cond(loaded.model, np.ones((2, 8), np.int32)), np.zeros((2, 8)))
   prompts = ["a red dog", "a green house"]
   revise = logits.PhaseSettings(temperature=0.8, guidance_scale=1.5)

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from ctxrq_jax.data import code_captions
 from ctxrq_jax.data import codes as code_data
 from ctxrq_jax.data import images as image_data
 from ctxrq_jax.models import artifact as artifact_lib
@@ -94,9 +95,12 @@ def test_encode_captions_writes_token_conditions(tiny_artifact, tmp_path):
   codes, tokens = code_data.load_codes(out, "validation")
   assert tokens.shape == (3, 6)
   np.testing.assert_array_equal(tokens, tok.encode(texts[6:]))  # validation: deterministic ids
-  assert encode.read_captions(out, "validation") == texts[6:]
+  assert code_captions.read_captions(out, "validation") == texts[6:]
+  # The metadata names the tokenizer by its fingerprint; sampling checks the tokenizer it is given against it.
+  assert meta.source[code_captions.FINGERPRINT_KEY] == tok.fingerprint
+  assert code_captions.check_tokenizer(out, tok) == "fingerprint"
   train_texts = [texts[i] for i in (0, 1, 3, 4, 5)]
-  assert encode.read_captions(out, "train") == train_texts
+  assert code_captions.read_captions(out, "train") == train_texts
   _, train_tokens = code_data.load_codes(out, "train")
   assert tok.decode(train_tokens) == [t[:len(d)] for t, d in zip(train_texts, tok.decode(train_tokens))]
   # BPE dropout per epoch: each training record holds CAPTION_VARIANTS independent draws of the caption's dropout
