@@ -72,12 +72,14 @@ def check_tokenizer(codes_dir: str, tokenizer: Any, *, num_records: int = CHECK_
     raise ValueError(f"the tokenizer's context length is {tokenizer.context_length}; {codes_dir} holds "
                      f"{meta.cond_length} tokens per caption")
   recorded = source.get(FINGERPRINT_KEY)
-  names = " / ".join(paths.name(f) for f in tokenizer.files)
+  names = str(paths.path(tokenizer.files[0]).parent)
   if recorded:
     if recorded != tokenizer.fingerprint:
-      raise ValueError(f"tokenizer {names} is not the one {codes_dir} was encoded with (fingerprint "
-                       f"{tokenizer.fingerprint[:12]}, the dataset records {recorded[:12]}, files "
-                       f"{source.get('tokenizer')}); pass the BPE files the model was trained on (--tokenizer_dir)")
+      encoded_with = source.get("tokenizer") or ["?"]
+      raise ValueError(f"the tokenizer in {names} is not the one {codes_dir} was encoded with (fingerprint "
+                       f"{tokenizer.fingerprint[:12]}; the data set records {recorded[:12]}, of "
+                       f"{paths.path(encoded_with[0]).parent}); pass --tokenizer_dir=DIR of the BPE files the model "
+                       "was trained on")
     return "fingerprint"
   dropout_splits = set(source.get("bpe_dropout_splits", ())) if source.get("bpe_dropout", 0.0) else set()
   for split in meta.splits:
@@ -96,11 +98,11 @@ def check_tokenizer(codes_dir: str, tokenizer: Any, *, num_records: int = CHECK_
     wrong = np.flatnonzero(np.any(ids != stored, axis=1))
     if wrong.size:
       i = int(wrong[0])
-      raise ValueError(f"tokenizer {names} is not the one {codes_dir} was encoded with: it gives {wrong.size} of "
-                       f"{len(captions)} {split!r} captions other ids than the stored ones (record {i}: "
-                       f"{captions[i]!r}); pass the BPE files the model was trained on (--tokenizer_dir)")
+      raise ValueError(f"the tokenizer in {names} is not the one {codes_dir} was encoded with: it gives {wrong.size} "
+                       f"of {len(captions)} {split!r} captions other ids than the stored ones (record {i}: "
+                       f"{captions[i]!r}); pass --tokenizer_dir=DIR of the BPE files the model was trained on")
     return "ids"
-  log.warning("cannot check tokenizer %s against %s: the dataset records no tokenizer fingerprint and has no "
+  log.warning("cannot check the tokenizer in %s against %s: the dataset records no tokenizer fingerprint and has no "
               "split tokenized without BPE dropout", names, codes_dir)
   return "unchecked"
 

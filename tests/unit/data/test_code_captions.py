@@ -69,7 +69,7 @@ def test_older_datasets_are_checked_by_their_stored_ids(tmp_path, tokenizers, ca
   unchecked = _write(tmp_path / "dropout", tok, fingerprint=False, dropout_splits=("train", "validation"))
   with caplog.at_level(logging.WARNING):
     assert code_captions.check_tokenizer(unchecked, other) == "unchecked"
-  assert "cannot check tokenizer" in caplog.text
+  assert "cannot check the tokenizer" in caplog.text
   no_files = _write(tmp_path / "nofiles", tok, fingerprint=False, captions_files=False)
   assert code_captions.check_tokenizer(no_files, other) == "unchecked"
 
