@@ -47,7 +47,7 @@ SUBCOMMANDS = ("inpaint",)
 
 def define_flags() -> None:
   """Command-line flags; unset phase settings fall back to the run's config.sample."""
-  flags.DEFINE_string("workdir", None, "Stage-2 workdir (config.json + checkpoints).")
+  flags.DEFINE_string("workdir", None, "Stage-2 workdir (config.json + checkpoints); required but with --merge --out.")
   flags.DEFINE_string("out", None, "Output directory (default WORKDIR/samples).")
   flags.DEFINE_string("classes", "all", "'all' or comma-separated class ids.")
   flags.DEFINE_integer("num_per_class", 10, "Samples per class (or per prompt).")
@@ -81,7 +81,6 @@ def define_flags() -> None:
                     "scaling its shorter side and cropping the centre (crop), or centring a smaller square image on "
                     "black (pad, e.g. 28x28 digits).")
   flags.DEFINE_bool("composite", False, "inpaint: paste the input's pixels back outside the mask.")
-  flags.mark_flags_as_required(["workdir"])
 
 
 def _phase(phase: str, default):
@@ -137,6 +136,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 2 or (len(argv) == 2 and argv[1] not in SUBCOMMANDS):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}; usage: python -m ctxrq_jax.sample "
                          "[inpaint] --workdir=DIR ...")
+  if not FLAGS.workdir and not (FLAGS.merge and FLAGS.out):
+    raise app.UsageError("--workdir=DIR is required (only --merge with --out=DIR goes without it)")
   edit_inputs = _read_inpaint_inputs() if len(argv) == 2 else None
   if FLAGS.num_per_class < 1:
     raise app.UsageError(f"--num_per_class must be >= 1, got {FLAGS.num_per_class}")

@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.channels = 3
   # 'crop': shorter side -> image_size, random crop (train) / centre crop (eval); 'pad': centre on a black canvas.
   c.data.resize = "crop"
-  c.data.random_flip = False
+  c.data.random_flip = True  # [ref] rqvae/img_datasets/transforms.py imagenet256x256 train: RandomHorizontalFlip(p=0.5)
   c.data.num_classes = 1000
   c.data.eval_examples = 50_000
 

@@ -164,7 +164,9 @@ def run(state: Any, *, name: str, train_step: Callable[[Any, Any], tuple[Any, An
         check_finite()  # never checkpoint past an unchecked step
         checkpointer.save(step, state, data_iterator=data_iterator, force=last)
     check_finite()
-  checkpointer.close()
-  writer.flush()
+    # Still inside the guard: close() waits for the last (asynchronous) save, which a SIGTERM arriving now must not
+    # kill half-written.
+    checkpointer.close()
+    writer.flush()
   result.state, result.step = state, int(jax.device_get(state.step))
   return result

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Callable, Iterator, Union
@@ -34,12 +35,28 @@ def is_local(p: PathLike) -> bool:
   return "://" not in os.fspath(p)
 
 
+# A location that looks like a mistyped URL: `gs:/bucket` (one slash) would otherwise become the local directory
+# `<cwd>/gs:/bucket`, and epath refuses an upper-case scheme with a bare KeyError.
+_MALFORMED_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/(?!/)")
+
+
 def path(p: PathLike) -> epath.Path:
-  """`p` as an epath.Path: local paths absolute (so a snapshot works from any directory), URLs unchanged."""
+  """`p` as an epath.Path: local paths absolute (so a snapshot works from any directory), URLs unchanged.
+
+  Raises ValueError naming `p` for a mistyped URL (`gs:/bucket`, one slash) or a scheme epath does not know.
+  """
   if isinstance(p, epath.Path) and not is_local(p):
     return p
   s = os.fspath(p)
-  return epath.Path(os.path.abspath(os.path.expanduser(s)) if is_local(s) else s)
+  if is_local(s):
+    if _MALFORMED_URL.match(s):
+      raise ValueError(f"{s!r} looks like a mistyped URL (scheme:/ with one slash); write scheme://bucket/...")
+    return epath.Path(os.path.abspath(os.path.expanduser(s)))
+  try:
+    return epath.Path(s)
+  except KeyError:
+    raise ValueError(f"{s!r}: unknown storage scheme {s.split('://', 1)[0]!r}:// (lower-case gs:// or s3://, or a "
+                     "local path)") from None
 
 
 def name(p: PathLike) -> str:

@@ -1,5 +1,6 @@
 """Every command answers --help without importing JAX, and every flag the README shows exists."""
 
+import os
 import pathlib
 import re
 import shlex
@@ -67,4 +68,19 @@ def test_every_readme_flag_exists(index):
         assert key in node, f"README: {module} {arg}: no key {key!r} in {config_file}"
         node = node[key]
     else:
-      assert re.search(rf"--(\[no\])?{re.escape(name)}\b", helpfull), f"README: {module} has no flag --{name}"
+      # A flag's definition line (`  --name: ...`, `  --[no]name: ...`), not any mention (e.g. in a docstring).
+      definition = rf"^\s+--(\[no\])?{re.escape(name.removeprefix('no'))}:"
+      assert re.search(definition, helpfull, re.M) or re.search(rf"^\s+--{re.escape(name)}:", helpfull, re.M), (
+          f"README: {module} has no flag --{name}")
+
+
+def test_sample_merge_needs_no_workdir(tmp_path):
+  # `sample --merge --out=DIR` only merges the shards in DIR (here: none, named in one line); without --out it needs
+  # the run's workdir to find them.
+  run = lambda *a: subprocess.run([sys.executable, "-m", "ctxrq_jax.sample", *a], capture_output=True,  # noqa: E731
+                                  text=True, timeout=120, check=False, cwd=REPO, env={**os.environ,
+                                                                                   "JAX_PLATFORMS": "cpu"})
+  out = run("--merge", f"--out={tmp_path}")
+  assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("error: no sample shards"), out.stderr
+  out = run("--merge")
+  assert out.returncode == 2 and "--workdir=DIR is required" in out.stderr, out.stderr

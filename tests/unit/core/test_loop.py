@@ -140,6 +140,28 @@ def test_sigterm_stops_after_the_step_and_saves(tmp_path):
   assert rest.step == NUM_STEPS and float(rest.state.w) == 45.0
 
 
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="signal handlers need the main thread")
+def test_a_signal_while_the_last_save_completes_does_not_kill_it(tmp_path, monkeypatch):
+  # close() waits for the last asynchronous save; a preemption notice arriving then must not kill the process with
+  # the checkpoint half-written (the default SIGTERM action), so the guard is still installed while it runs.
+  real_close = checkpoint.Checkpointer.close
+
+  def close(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    real_close(self)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "close", close)
+  outside = []  # what the process's own handler (here a recorder, by default: death) received
+  before = signal.signal(signal.SIGTERM, lambda signum, frame: outside.append(signum))
+  try:
+    result = _run(tmp_path / "ckpt")
+  finally:
+    signal.signal(signal.SIGTERM, before)
+  assert not outside, "SIGTERM reached the process's own handler while the last checkpoint was being completed"
+  assert result.step == NUM_STEPS and _saved_steps(tmp_path / "ckpt") == [NUM_STEPS]
+
+
 def test_nonfinite_stop_raises_naming_the_step_without_saving_it(tmp_path):
   # Batch 4 is used by step 5: its flag is checked one step late, at step 6, which raises before saving 6.
   with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step 5; .*Latest checkpoint: step 4"):

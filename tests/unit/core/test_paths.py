@@ -118,3 +118,14 @@ def test_names_and_atomic_local_writes(tmp_path, monkeypatch):
     Path(tmp).write_text("half")
     raise RuntimeError("interrupted")
   assert target.read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_mistyped_urls_are_named_not_made_local(tmp_path):
+  # `gs:/bucket` (one slash) would have become the local directory <cwd>/gs:/bucket, silently; an upper-case scheme
+  # was a bare KeyError from epath.
+  with pytest.raises(ValueError, match=r"'gs:/bucket/run' looks like a mistyped URL"):
+    paths.path("gs:/bucket/run")
+  with pytest.raises(ValueError, match=r"unknown storage scheme 'GS'://"):
+    paths.path("GS://bucket/run")
+  assert os.fspath(paths.path("gs://bucket/run")) == "gs://bucket/run"
+  assert paths.path(tmp_path / "a:b") == paths.path(str(tmp_path / "a:b"))  # a colon inside a local name is fine
