@@ -177,6 +177,10 @@ class Checkpointer:
     self._finish_pending()
     if step in self._manager.all_steps():
       return False
+    if jax.process_index() == 0:  # a manifest left by an earlier `step` (moved aside, or deleted by hand) is stale
+      for stale in (self._dir / f"{_CHECKSUMS}-{step}.json", self._dir / _CHECKSUMS / f"{step}.json"):
+        if stale.exists():
+          stale.unlink()
     items = {_STATE: ocp.args.StandardSave(_keys_to_data(state))}
     if data_iterator is not None:
       items[_DATA] = grain_checkpoint.CheckpointSave(data_iterator)
@@ -346,10 +350,16 @@ class Checkpointer:
       for step in steps:
         src = self._dir / str(step)
         dst = self._dir / f"{step}.corrupt-{stamp}"
+        n = 1
+        while dst.exists():  # the same step moved aside twice within a second
+          dst, n = self._dir / f"{step}.corrupt-{stamp}-{n}", n + 1
         if src.is_dir():
           # Locally an atomic rename; on an object store a copy then a delete. An interrupted move leaves `src`
           # without some files: its manifest then fails and it is moved aside again on the next restore.
+          manifest = self._checksum_path(step)
           src.rename(dst)
+          if manifest.exists():  # it goes with its step: a later save of this step number gets its own
+            manifest.rename(dst / "_checksums.json")
           log.warning("Moved unreadable checkpoint %s to %s", src, dst)
     paths.barrier("ctxrq_checkpoint_quarantine")
     self._manager.close()

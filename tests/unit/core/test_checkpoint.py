@@ -151,6 +151,33 @@ def test_corrupt_latest_falls_back(tmp_path, caplog, corrupt):
   assert _steps(tmp_path) == [1, 2]
 
 
+def test_a_step_saved_again_is_never_checked_against_its_predecessors_manifest(tmp_path, monkeypatch):
+  # Step 2 is corrupt and moved aside, twice within the same second (distinct names, each with its manifest).
+  monkeypatch.setattr(checkpoint.time, "strftime", lambda fmt: "20261202-120000")
+  ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=5, save_interval_steps=1)
+  ckpt.save(1, _state(1))
+  ckpt.close()
+  for attempt in range(2):
+    with checkpoint.Checkpointer(tmp_path, max_to_keep=5, save_interval_steps=1) as ckpt:
+      assert ckpt.save(2, _state(20 + attempt))
+    _corrupt_garbage(str(tmp_path / "2"))
+    with checkpoint.Checkpointer(tmp_path, max_to_keep=5, save_interval_steps=1) as ckpt:
+      assert ckpt.restore(_state(0))[1] == 1
+  moved = sorted(n for n in os.listdir(tmp_path) if n.startswith("2.corrupt-"))
+  assert moved == ["2.corrupt-20261202-120000", "2.corrupt-20261202-120000-1"]
+  assert all(os.path.isfile(tmp_path / n / "_checksums.json") for n in moved)
+  # Training saves step 2 again and dies before that save's manifest is written (killed between orbax's commit and
+  # the checksums): the new step 2 restores (unverified), it is not judged by a manifest of a step moved aside.
+  ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=5, save_interval_steps=1)
+  assert ckpt.restore(_state(0))[1] == 1 and ckpt.save(2, _state(30))
+  ckpt._manager.wait_until_finished()  # committed; no close(): the process died
+  del ckpt
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=5, save_interval_steps=1) as ckpt:
+    restored, step = ckpt.restore(_state(0))
+  assert step == 2
+  helpers.assert_trees_equal(restored, _state(30))
+
+
 def test_read_only_reader_leaves_a_live_run_alone(tmp_path):
   ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=3, save_interval_steps=1)
   for s in (1, 2):
