@@ -96,6 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.ckpt_every = 5_000
   c.train.keep_checkpoints = 3
   c.train.image_every = 5_000
+  c.train.nonfinite = "stop"  # 'stop' | 'skip': what to do with a non-finite loss or gradient (as stage 2)
 
   c.mesh = common.mesh()  # stage 1 is data parallel: parameters replicated, batch over ('data', 'fsdp')
 

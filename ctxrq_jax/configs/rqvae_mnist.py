@@ -88,6 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.ckpt_every = 180
   c.train.keep_checkpoints = 2
   c.train.image_every = 180
+  c.train.nonfinite = "stop"
 
   c.mesh = common.mesh()
 

@@ -80,6 +80,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   # Intervals are used as `step % every` and by the checkpointer: 0 is not "off", it would fail mid-run.
   for key in ("log_every", "image_every", "ckpt_every", "keep_checkpoints"):
     req(int(t[key]) >= 1, f"train.{key} must be >= 1, got {t[key]}")
+  req(t.nonfinite in ("stop", "skip"), f"train.nonfinite must be 'stop' or 'skip', got {t.nonfinite!r}")
   req(int(config.data.eval_examples) >= 1, f"data.eval_examples must be >= 1, got {config.data.eval_examples}")
   req(0.0 <= float(config.quantizer.ema_decay) < 1.0, "quantizer.ema_decay must be in [0, 1)")
   optim.validate(o)
@@ -189,11 +190,19 @@ class Stage1Trainer:
     }
     metrics.update(rq.codebook_stats(out["codes"], self.model.codebook_size))
     disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
+    finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
     if self.use_gan:
       disc_params, disc_opt_state, d_metrics = self._disc_update(state, x, out["recon"])
       metrics.update(d_metrics, gan_weight=aux["gan_weight"], g_loss=aux["g_loss"])
-    new_state = state.replace(step=state.step + 1, params=params, quantizer=quantizer, opt_state=opt_state,
-                              disc_params=disc_params, disc_opt_state=disc_opt_state)
+      finite = finite & jnp.isfinite(d_metrics["d_loss"])
+    # A non-finite loss or gradient changes nothing but the step count (the loop stops or counts it,
+    # `train.nonfinite`): parameters, codebook, both optimizers and the discriminator keep their values.
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              quantizer=keep(quantizer, state.quantizer), opt_state=keep(opt_state, state.opt_state),
+                              disc_params=keep(disc_params, state.disc_params),
+                              disc_opt_state=keep(disc_opt_state, state.disc_opt_state))
+    metrics["finite"] = finite.astype(jnp.float32)
     return new_state, metrics
 
   def loss_and_grads(self, state: Stage1State, x: jax.Array, lpips_variables: Any,
@@ -320,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       next_batch=lambda: sharding.host_local_batch_to_global(next(train_iter), mesh), checkpointer=ckpt,
       data_iterator=train_iter, num_steps=num_steps, log_every=int(config.train.log_every), writer=writer,
       periodic=[loop.Periodic("images", int(config.train.image_every), write_reconstructions)],
-      stop_after_steps=stop_after_steps)
+      nonfinite=str(config.train.nonfinite), stop_after_steps=stop_after_steps)
   if result.stopped:
     return {"stopped_at": result.step}
 

@@ -89,6 +89,15 @@ def test_training_updates_codebook():
   assert np.all(np.isfinite(np.asarray(metrics["loss"])))
   # The EMA moved the codebook; counts of used codes grew relative to unused ones.
   assert not np.allclose(np.asarray(state1.quantizer.codebook), codebook0)
+  assert float(metrics["finite"]) == 1.0
+  # A batch that makes the loss non-finite changes nothing but the step count (the loop then stops or counts it,
+  # train.nonfinite): parameters, codebook and optimizer state keep their values, never NaN.
+  before = jax.device_get(state1)
+  nan_batch = {"image": np.array(_random_batch()["image"])}
+  nan_batch["image"][0, 0, 0, 0] = np.nan
+  state2, metrics = step(state1, place(nan_batch))
+  assert int(state2.step) == 2 and float(metrics["finite"]) == 0.0 and not np.isfinite(float(metrics["loss"]))
+  helpers.assert_trees_equal(before.replace(step=None), jax.device_get(state2).replace(step=None))
 
 
 @pytest.mark.slow
@@ -268,4 +277,11 @@ def test_zero_interval_or_count_is_a_config_error(tmp_path, key):
   section, name = key.split(".")
   config[section][name] = 0
   with pytest.raises(configlib.ConfigError, match=f"{key} must be >= 1, got 0"):
+    train_rqvae.train_and_evaluate(config, str(tmp_path / "wd"))
+
+
+def test_nonfinite_policy_is_a_config_key(tmp_path):
+  config = tiny_config()
+  config.train.nonfinite = "ignore"
+  with pytest.raises(configlib.ConfigError, match="train.nonfinite must be 'stop' or 'skip', got 'ignore'"):
     train_rqvae.train_and_evaluate(config, str(tmp_path / "wd"))
