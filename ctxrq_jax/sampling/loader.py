@@ -106,6 +106,11 @@ class Stage2Model:
     code_captions.check_tokenizer(self.config.data.codes_dir, tok)
     return tok
 
+  @property
+  def resolution(self) -> int:
+    """R: the decoded images are R x R."""
+    return int(self.decoder.model.resolution)
+
   def images(self, codes: np.ndarray, *, uint8: bool = False, out: Optional[np.ndarray] = None) -> np.ndarray:
     """codes int [B, N, D] (or [B, h, w, D]) -> images [B, R, R, C] (see `CodeDecoder.images`)."""
     return self.decoder.images(codes, uint8=uint8, out=out)

@@ -75,6 +75,9 @@ def sample_codes(loaded: loader.Stage2Model, labels: Sequence[int] | np.ndarray,
   n_dev = loaded.mesh.shape["data"]
   if batch_size % n_dev:
     raise ValueError(f"batch_size {batch_size} is not divisible by the {n_dev} devices")
+  if not len(labels):  # e.g. a host of a multi-host job when there are fewer samples than hosts
+    h, w, d = loaded.code_shape
+    return np.zeros((num_revisions + 1, 0, h * w, d), np.int32)
   batch_sharding = sharding.batch_sharding(loaded.mesh)
   progress = reporting.Progress("sample", len(labels), unit="samples")
   out = []
@@ -118,11 +121,20 @@ def write_outputs(loaded: loader.Stage2Model, history: np.ndarray, labels: np.nd
     prompts: text-to-image: the P prompts, `labels` [S] indexing them; each grid image gets its prompt under it.
     cond: text-to-image: the caption tokens int [S, L], stored in the npz.
   """
+  # The whole set first: it is what took the time, and a preview that cannot be drawn must not lose it.
+  npz = write_samples_npz(loaded, history[-1], labels, str(fs.path(out_dir) / "samples.npz"), prompts=prompts,
+                          cond=cond)
   paths = write_previews(loaded, history, labels, out_dir, ncols, preview_per_class=preview_per_class,
                          preview_classes=preview_classes, prompts=prompts)
-  paths["samples_npz"] = write_samples_npz(loaded, history[-1], labels, str(fs.path(out_dir) / "samples.npz"),
-                                           prompts=prompts, cond=cond)
+  paths["samples_npz"] = npz
   return paths
+
+
+def check_preview(preview_per_class: int, preview_classes: int) -> None:
+  """ValueError unless the preview grids would show at least one sample (checked before any sample is drawn)."""
+  for name, value in (("preview_per_class", preview_per_class), ("preview_classes", preview_classes)):
+    if value < 1:
+      raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def write_previews(loaded: loader.Stage2Model, history: np.ndarray, labels: np.ndarray, out_dir: str, ncols: int, *,
@@ -130,6 +142,7 @@ def write_previews(loaded: loader.Stage2Model, history: np.ndarray, labels: np.n
                    prompts: Sequence[str] | None = None) -> dict[str, str]:
   """samples.png (final samples) and phases.png (draft and each revision side by side) of a capped preview; with
   `prompts`, each image's prompt under it."""
+  check_preview(preview_per_class, preview_classes)
   fs.path(out_dir).mkdir(parents=True, exist_ok=True)
   labels = np.asarray(labels, np.int32)
   preview = preview_indices(labels, per_class=preview_per_class, max_classes=preview_classes)
@@ -161,7 +174,7 @@ def write_samples_npz(loaded: loader.Stage2Model, codes: np.ndarray, labels: np.
   The images are decoded chunk by chunk into a uint8 memory-mapped scratch file, so host memory stays at a chunk of
   float images plus the uint8 array's page cache, whatever the number of samples.
   """
-  res = loaded.images(codes[:1], uint8=True).shape[1]
+  res = loaded.resolution
   with _scratch_file(path) as scratch:
     final = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(len(labels), res, res, 3))
     loaded.images(codes, out=final)
@@ -203,20 +216,25 @@ def shard_path(out_dir: str, process_index: int, process_count: int) -> str:
   return str(fs.path(out_dir) / SHARD_DIR / f"samples-{process_index:05d}-of-{process_count:05d}.npz")
 
 
-def merge_shards(out_dir: str) -> str:
+def merge_shards(out_dir: str, process_count: Optional[int] = None) -> str:
   """Merges OUT/shards/samples-*-of-*.npz (every host's part) into OUT/samples.npz, ordered by sample index.
 
+  `process_count` P (the job that just wrote them): only the shards `-of-P` are read, so shards an earlier job with
+  another host count left in OUT are ignored. None (`sample --merge`): the shards must all be of one host count.
   Checks that the shards are one complete set (all P of P present, their indices exactly 0 ... S-1 once each);
   holds one shard's images in memory at a time.
   """
   shard_dir = fs.path(out_dir) / SHARD_DIR
   names = sorted(p.name for p in (shard_dir.iterdir() if shard_dir.is_dir() else [])
                  if p.name.startswith("samples-") and p.name.endswith(".npz"))
+  if process_count is not None:
+    names = [n for n in names if n.endswith(f"-of-{process_count:05d}.npz")]
   if not names:
     raise FileNotFoundError(f"no sample shards (samples-*-of-*.npz) in {shard_dir}")
   counts = {n.rsplit("-of-", 1)[1][:-len(".npz")] for n in names}
   if len(counts) != 1:
-    raise ValueError(f"{shard_dir} mixes shards of different host counts: {sorted(counts)}")
+    raise ValueError(f"{shard_dir} mixes shards of different host counts: {sorted(counts)}; remove the stale ones "
+                     "(an earlier job's)")
   count = int(counts.pop())
   missing = sorted(set(range(count)) - {int(n[len("samples-"):].split("-of-")[0]) for n in names})
   if missing:
@@ -271,8 +289,9 @@ def write_sample_set(loaded: loader.Stage2Model, history: np.ndarray, labels: np
   fs.barrier(f"ctxrq_sample_shards:{out_dir}")
   if index != 0:
     return {}
+  npz = merge_shards(out_dir, count)
   paths = write_previews(loaded, history, labels, out_dir, ncols, **preview)
-  paths["samples_npz"] = merge_shards(out_dir)
+  paths["samples_npz"] = npz
   return paths
 
 
@@ -284,6 +303,7 @@ def sample_classes(loaded: loader.Stage2Model, ids: Sequence[int], out_dir: str,
   indices; sample i depends on (rng, i, settings) only) and written by `write_sample_set`."""
   if per_class < 1:
     raise ValueError(f"samples per class must be >= 1, got {per_class}")
+  check_preview(preview_per_class, preview_classes)
   labels = np.repeat(np.asarray(ids, np.int32), per_class)
   mine = shard_indices(len(labels), jax.process_index(), jax.process_count())
   history = sample_codes(loaded, labels[mine], rng, indices=mine, batch_size=batch_size, t_draft=t_draft,
@@ -337,6 +357,7 @@ def sample_prompts(loaded: loader.Stage2Model, prompts: Sequence[str], out_dir: 
   under each image."""
   if not loaded.model.is_text:
     raise ValueError(f"{loaded.workdir} is a class-conditional run; sample it with class ids, not prompts")
+  check_preview(preview_per_prompt, preview_prompts)
   labels, cond = prompt_conditions(loaded, prompts, per_prompt)
   mine = shard_indices(len(labels), jax.process_index(), jax.process_count())
   history = sample_codes(loaded, cond[mine], rng, indices=mine, batch_size=batch_size, t_draft=t_draft,

@@ -34,7 +34,7 @@ def loaded():
   model, params, codebook = helpers.tiny_sampling_model(code_depth=D, num_positions=N, vocab_size=K)
   dec = _Decoder()
   return types.SimpleNamespace(model=model, params=params, codebook=codebook, mesh=loader.inference_mesh(),
-                               code_shape=(4, 4, D), images=dec.images)
+                               code_shape=(4, 4, D), images=dec.images, resolution=8)
 
 
 KW = dict(t_draft=4, t_revise=2, num_revisions=1, draft=PhaseSettings(), revise=PhaseSettings(temperature=0.8))
@@ -79,3 +79,41 @@ def test_shard_indices_and_incomplete_sets(loaded, tmp_path):
     runner.merge_shards(out)
   with pytest.raises(ValueError, match=r"indices \(3,\) must match labels \(2,\)"):
     runner.sample_codes(loaded, [0, 1], jax.random.key(0), batch_size=2, indices=[0, 1, 2], **KW)
+
+
+def test_a_host_with_no_samples_writes_an_empty_shard(loaded, tmp_path):
+  # Fewer samples than hosts (3 samples, 4 hosts): host 3 draws nothing, writes an empty shard, and the merge is
+  # the whole set; no host fails before the barrier the others wait at.
+  labels = np.array([0, 1, 2], np.int32)
+  rng = jax.random.key(5)
+  out = str(tmp_path / "out")
+  for host in range(4):
+    mine = runner.shard_indices(len(labels), host, 4)
+    hist = runner.sample_codes(loaded, labels[mine], rng, batch_size=2, indices=mine, **KW)
+    assert hist.shape == (2, len(mine), N, D)
+    runner.write_samples_npz(loaded, hist[-1], labels[mine], runner.shard_path(out, host, 4), indices=mine)
+  # A stale shard of an earlier job with another host count is ignored by the job that wrote these ...
+  os.rename(runner.shard_path(out, 3, 4), runner.shard_path(out, 3, 4) + ".keep")
+  runner.write_samples_npz(loaded, np.zeros((1, N, D), np.int32), labels[:1], runner.shard_path(out, 0, 2),
+                           indices=[0])
+  os.rename(runner.shard_path(out, 3, 4) + ".keep", runner.shard_path(out, 3, 4))
+  with np.load(runner.merge_shards(out, 4)) as merged:
+    assert merged["arr_0"].shape == (3, 8, 8, 3) and merged["labels"].tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(merged["codes"].reshape(3, N, D),
+                                  runner.sample_codes(loaded, labels, rng, batch_size=4, **KW)[-1])
+  # ... while `sample --merge` (no host count given) names the mix.
+  with pytest.raises(ValueError, match=r"mixes shards of different host counts: \['00002', '00004'\]; remove"):
+    runner.merge_shards(out)
+
+
+def test_previews_that_show_nothing_are_refused_and_never_cost_the_samples(loaded, tmp_path):
+  with pytest.raises(ValueError, match="preview_classes must be >= 1, got 0"):
+    runner.sample_classes(loaded, [0, 1], str(tmp_path / "a"), per_class=1, rng=jax.random.key(0), batch_size=2,
+                          preview_classes=0, **KW)
+  assert not os.path.exists(tmp_path / "a")  # refused before anything was drawn
+  # Called with the samples already drawn, the set is written before the previews are attempted.
+  history = np.zeros((2, 2, N, D), np.int32)
+  with pytest.raises(ValueError, match="preview_per_class must be >= 1, got 0"):
+    runner.write_outputs(loaded, history, np.array([0, 1]), str(tmp_path / "b"), 1, preview_per_class=0)
+  with np.load(tmp_path / "b" / "samples.npz") as f:
+    assert f["arr_0"].shape == (2, 8, 8, 3)
