@@ -97,6 +97,19 @@ def _data_to_keys(target: Any, restored: Any) -> Any:
   return jax.tree.map(wrap, target, restored)
 
 
+def _path_name(path: tuple[Any, ...]) -> str:
+  """A pytree path as orbax names the saved leaf: 'opt_state.1.0.mu.head.kernel'."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return ".".join(parts)
+
+
 def _is_grain_iterator(it: Any) -> bool:
   types = [grain.DatasetIterator]
   loader_it = getattr(getattr(grain, "python", None), "DataLoaderIterator", None)
@@ -295,6 +308,31 @@ class Checkpointer:
     finally:
       handler.close()
     return getattr(meta, "tree", meta)
+
+  def differences(self, target: Any, step: Optional[int] = None, *, limit: int = 3) -> list[str]:
+    """How the saved state at `step` (default: latest) differs from `target` (arrays or ShapeDtypeStructs; typed
+    keys count as their key data): leaves only one side has, and leaves of another shape or dtype. Reads metadata
+    only. Empty when they agree (or there is no checkpoint); at most `limit` items, then a count of the rest.
+
+    Restoring casts a leaf of another dtype silently, and a leaf that only one side has fails deep inside orbax:
+    trainers check this before resuming (and before they overwrite the run's config snapshot).
+    """
+    if (self.latest_step() if step is None else step) is None:
+      return []
+    saved = {_path_name(p): (tuple(x.shape), np.dtype(x.dtype))
+             for p, x in jax.tree_util.tree_flatten_with_path(self.saved_structure(step))[0]}
+    wanted = {_path_name(p): (tuple(x.shape), np.dtype(x.dtype))
+              for p, x in jax.tree_util.tree_flatten_with_path(jax.tree.map(_abstract_leaf, target))[0]}
+    out = []
+    for name in sorted(set(saved) | set(wanted)):
+      if name not in wanted:
+        out.append(f"{name} is in the checkpoint only")
+      elif name not in saved:
+        out.append(f"{name} is not in the checkpoint")
+      elif saved[name] != wanted[name]:
+        (s_shape, s_dtype), (w_shape, w_dtype) = saved[name], wanted[name]
+        out.append(f"{name}: saved {list(s_shape)} {s_dtype.name}, now {list(w_shape)} {w_dtype.name}")
+    return out[:limit] + ([f"{len(out) - limit} more"] if len(out) > limit else [])
 
   def restore(self, target: Any, data_iterator: Any = None, *, partial: bool = False) -> tuple[Any, Optional[int]]:
     """Restores the newest good checkpoint into `target`'s structure, dtypes and shardings.

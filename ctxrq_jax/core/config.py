@@ -90,6 +90,17 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
   return module.get_config(arg) if arg is not None else module.get_config()
 
 
+def check_resumable(checkpointer: Any, target: Any, workdir: str) -> None:
+  """ConfigError when `workdir`'s latest checkpoint holds another state than this config makes (`target`, arrays or
+  ShapeDtypeStructs): another structure (e.g. EMA or gradient clipping turned on or off), shape or dtype. Call it
+  before the config snapshot is overwritten; a run without a checkpoint passes."""
+  differences = checkpointer.differences(target)
+  if differences:
+    raise ConfigError(f"{workdir} holds a checkpoint (step {checkpointer.latest_step()}) of another state than this "
+                      f"config makes ({'; '.join(differences)}); resume it with its own config "
+                      f"({paths.path(workdir) / SNAPSHOT}) or train in a new --workdir")
+
+
 def save_snapshot(config: ml_collections.ConfigDict, workdir: str, *, write: bool = True) -> str:
   """Writes the config as JSON into `workdir/config.json` atomically (only where `write`, i.e. process 0)."""
   path = paths.path(workdir) / SNAPSHOT

@@ -282,7 +282,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   validate_config(config)
   paths.path(workdir).mkdir(parents=True, exist_ok=True)
-  configlib.save_snapshot(config, workdir, write=host.is_chief())
   trainer = Stage1Trainer(config)
   mesh = sharding.make_mesh(config.mesh)
   replicated = sharding.replicated(mesh)
@@ -299,6 +298,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt = checkpoint.Checkpointer(paths.path(workdir) / "checkpoints",
                                  max_to_keep=int(config.train.keep_checkpoints),
                                  save_interval_steps=int(config.train.ckpt_every))
+  configlib.check_resumable(ckpt, state, workdir)  # before config.json is overwritten
+  configlib.save_snapshot(config, workdir, write=host.is_chief())
   restored, step = ckpt.restore(state, data_iterator=train_iter)
   if restored is not None:
     state = restored

@@ -497,12 +497,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_iter = _code_iterator(config, config.data.train_split, global_batch // jax.process_count(), train=True)
   ckpt = checkpoint.Checkpointer(paths.path(workdir) / "checkpoints", max_to_keep=int(t.keep_checkpoints),
                                  save_interval_steps=int(t.ckpt_every))
-  if ckpt.latest_step() is not None:
-    check_resume_config(config, workdir)  # Before config.json is overwritten.
+  abstract, state_shardings = _abstract_state(programs.init, mesh, rules)
+  if ckpt.latest_step() is not None:  # before config.json is overwritten
+    check_resume_config(config, workdir)
+    configlib.check_resumable(ckpt, abstract, workdir)
   configlib.save_snapshot(config, workdir, write=host.is_chief())
 
   # ---- state: restored into its shardings, or initialised sharded
-  abstract, state_shardings = _abstract_state(programs.init, mesh, rules)
   state, restored_step = ckpt.restore(abstract, data_iterator=train_iter)
   if state is None:
     state, state_shardings = _create_state(programs.init, programs.init_unboxed, mesh, rules)

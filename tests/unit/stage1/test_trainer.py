@@ -114,6 +114,14 @@ def test_resume_is_bit_exact(mock_run, tmp_path):
   _, v_full = artifact.load_artifact(str(full_dir / train_rqvae.ARTIFACT_DIR))
   _, v_split = artifact.load_artifact(str(tmp_path / "split" / train_rqvae.ARTIFACT_DIR))
   helpers.assert_trees_equal(v_full, v_split)
+  # Resuming with a config that makes another state (here a larger codebook) is refused, naming the difference,
+  # before the run's config.json is overwritten.
+  saved = (tmp_path / "split" / "config.json").read_text()
+  bigger = _mock_tfds_config()
+  bigger.model.codebook_size = 2 * config.model.codebook_size
+  with pytest.raises(configlib.ConfigError, match=r"another state than this config makes \(.*quantizer\.\S+: saved "):
+    _on_mock_tfds(tfds_dir, train_rqvae.train_and_evaluate, bigger, split)
+  assert (tmp_path / "split" / "config.json").read_text() == saved
 
 
 @pytest.mark.slow

@@ -126,6 +126,14 @@ def test_learns_and_resumes_bit_exact(stage2_codes_dir, tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match=r"another shape \(model.width: 32 -> 48\)"):
     train.train_and_evaluate(_config(codes_dir, model__width=48), str(tmp_path / "full"))
   assert (tmp_path / "full" / "config.json").read_text() == saved
+  # So is another state structure or dtype: EMA turned on (the checkpoint has no EMA parameters), or float32
+  # parameters resumed as bfloat16 (which the restore would have cast silently).
+  with pytest.raises(ConfigError, match=r"another state than this config makes \(ema_params\.\S+ is not in the "
+                                        r"checkpoint; .* more\)"):
+    train.train_and_evaluate(_config(codes_dir, train__ema_decay=0.99), str(tmp_path / "full"))
+  with pytest.raises(ConfigError, match=r"opt_state\.\S+: saved \[[\d, ]*\] float32, now \[[\d, ]*\] bfloat16"):
+    train.train_and_evaluate(_config(codes_dir, model__param_dtype="bfloat16"), str(tmp_path / "full"))
+  assert (tmp_path / "full" / "config.json").read_text() == saved
   assert '"codes_dir": "%s"' % os.path.abspath(codes_dir) in saved  # usable from any directory
 
 
