@@ -1,7 +1,7 @@
 """Demo stage 2 on the embedded MNIST digits: a small Contextual RQ-Transformer on 8x8x4 codes of the MNIST RQ-VAE.
 
 Same sections and keys as configs/imagenet.py (the trainer treats them alike). Sized to train in under 8 minutes on
-two CPU cores: width 128 with 4 spatial / 2 depth layers is 1.2M parameters and runs ~2-3.5 steps/s at batch 32
+two CPU cores: width 128 with 4 spatial / 2 depth layers is 1.2M parameters and runs ~3.5-4 steps/s at batch 32
 (float32, idle 2-core CPU, the depth transformer on each batch's masked positions only, ten steps per compiled
 call), so 750 steps; with `pip install` on a fresh machine the whole demo stays under 15 minutes.
 

@@ -1,6 +1,6 @@
 """Tiny stage-1 RQ-VAE on the embedded MNIST digits: 32x32x1 images (28 zero-padded to 32), codes [8, 8, 4].
 
-Small enough to train in about 3.5 minutes on two CPU cores (360 steps at ~2.2 steps/s, batch 32); used by the demo.
+Small enough to train in about 2 minutes on two idle CPU cores (360 steps at ~3 steps/s, batch 32); used by the demo.
 K = 64 keeps more than half of the codes in use at every depth on held-out digits (K = 256 left depth 1 at 34%).
 
 Usage: --config=configs/rqvae_mnist.py (or configs/rqvae_mnist.py:smoke for the install check)
@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.resolution = 32
   c.model.in_channels = 1
   c.model.out_channels = 1
-  # Sized for CPU: ~2 train steps/s at batch 32 on an idle 2-core CPU.
+  # Sized for CPU: ~3 train steps/s at batch 32 on an idle 2-core CPU.
   c.model.ch = 16
   c.model.ch_mult = (1, 2, 2)  # 2 downsamplings: 32 -> 8
   c.model.num_res_blocks = 1
