@@ -108,6 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.ema_decay = 0.0
   c.train.nonfinite = "stop"
 
+  # Warmup 5,000 steps: ours, as configs/imagenet.py (the official CC-3M yaml has none, `warmup.epoch: 0`; README).
   c.optim = common.optim(learning_rate=5e-4, b1=0.9, b2=0.95, weight_decay=1e-4, warmup_steps=1 if tiny else 5000,
                          end_lr_ratio=0.0, grad_clip=1.0)
 

@@ -279,7 +279,7 @@ def image_batches(examples: Iterable[CaptionExample], stats: CaptionStats, *, im
                   batch_size: int, resize: str = "crop") -> Iterator[tuple[np.ndarray, list[tuple[str, ...]],
                                                                            list[str]]]:
   """Decodes and preprocesses examples into batches, streaming (`resize` as in data/images.py: 'crop' for photos,
-  'pad' for the small square digits).
+  'pad' for the small square digits, 'squash' for the official text-to-image evaluation's whole-image resize).
 
   Yields (images float32 [B, S, S, C] in [-1, 1], captions per image, keys); B = batch_size except the last batch.
   Undecodable images are counted in `stats.corrupt_images` and skipped.

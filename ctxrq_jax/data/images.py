@@ -7,7 +7,8 @@ Data config fields (a ConfigDict or a mapping):
   channels (required): 1 or 3; grayscale sources are repeated to RGB, RGB sources reduced by ITU-R 601 luma.
   num_classes (required): labels must lie in [0, num_classes); a label outside raises naming the example.
   resize: 'pad' (centre a square image no larger than image_size on a black canvas: MNIST 28 → 32) or 'crop'
-    (bilinear-resize the shorter side to image_size, then centre-crop, or random-crop when training: ImageNet).
+    (bilinear-resize the shorter side to image_size, then centre-crop, or random-crop when training: ImageNet) or
+    'squash' (the whole image bilinear-resized to image_size x image_size: the official CC-3M evaluation's).
     Default 'pad' for embedded_mnist, 'crop' otherwise.
   random_flip: random horizontal flips when training (default False).
   data_dir, manual_dir: tfds data directory and manual download directory (imagenet2012's tar files).
@@ -38,7 +39,7 @@ from ctxrq_jax.data import mnist
 from ctxrq_jax.data import pipeline
 
 EMBEDDED_MNIST = "embedded_mnist"
-RESIZE_MODES = ("pad", "crop")
+RESIZE_MODES = ("pad", "crop", "squash")
 VIEWS = ("center", "flip", "crop", "crop_flip")
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 _MISSING = object()
@@ -173,7 +174,9 @@ def preprocess_image(image: np.ndarray, *, image_size: int, channels: int, resiz
   'pad' centres the image on a zero (black → -1) canvas; 'crop' resizes the shorter side to image_size and crops a
   square at the centre, or at a uniformly random offset when `random_crop`: the reference RQ-VAE's transform
   (torchvision `Resize(image_size)`: PIL bilinear, antialiased, the longer side int(image_size * long / short);
-  then `CenterCrop` / `RandomCrop`), so converted weights see the images they were trained on.
+  then `CenterCrop` / `RandomCrop`), so converted weights see the images they were trained on. 'squash' resizes the
+  whole image to image_size x image_size whatever its aspect (torchvision `Resize((s, s))`, PIL bilinear): the
+  official text-to-image evaluation's transform (CC-3M validation images; `random_crop` has no room there).
   `random_flip` mirrors the image horizontally with probability 1/2. Both random options draw from `rng`.
   """
   if (random_crop or random_flip) and rng is None:
@@ -194,6 +197,11 @@ def preprocess_image(image: np.ndarray, *, image_size: int, channels: int, resiz
     if random_crop:
       top, left = int(rng.integers(0, new_h - image_size + 1)), int(rng.integers(0, new_w - image_size + 1))
     image = image[top:top + image_size, left:left + image_size]
+  elif resize == "squash":
+    if (h, w) != (image_size, image_size):
+      pil = Image.fromarray(image[..., 0] if c == 1 else image)
+      image = np.asarray(pil.resize((image_size, image_size), Image.Resampling.BILINEAR)).reshape(
+          image_size, image_size, c)
   else:
     raise ValueError(f"unknown resize mode {resize!r}; expected one of {RESIZE_MODES}")
   if random_flip and rng.random() < 0.5:

@@ -52,7 +52,7 @@ from ctxrq_jax.sampling import logits
 from ctxrq_jax.sampling import runner
 
 MASK_THRESHOLD = 128  # a mask pixel is set when its brightest channel reaches this (white = regenerate)
-RESIZE_MODES = image_data.RESIZE_MODES
+RESIZE_MODES = ("crop", "pad")  # the image modes whose geometry `fit_mask` follows (not 'squash')
 REGION_GREY = 128  # the regenerated cells in the strip's mask panel
 
 

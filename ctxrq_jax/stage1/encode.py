@@ -147,7 +147,8 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
       so a job of P processes encodes up to P x max_examples.
     source_description: JSON-serialisable description stored in metadata.json.
     totals: images per split when known (progress lines only; streaming sources may not know).
-    resize: 'crop' (photos: shorter side to the RQ-VAE's resolution, centre crop) or 'pad' (small square images).
+    resize: 'crop' (photos: shorter side to the RQ-VAE's resolution, centre crop), 'pad' (small square images) or
+      'squash' (the whole image resized to R x R, the official text-to-image evaluation's transform).
     caption_variants: T, BPE-dropout tokenizations stored per training caption.
 
   Returns:

@@ -57,6 +57,11 @@ def test_crop_is_the_reference_rq_vae_transform():
     want = reference(Image.fromarray(image)).numpy().transpose(1, 2, 0)
     got = images.preprocess_image(image, image_size=size, channels=3, resize="crop")
     np.testing.assert_allclose(got, want, atol=1e-6, err_msg=str(shape))
+    # 'squash': the official text-to-image evaluation's Resize((s, s)), the whole image at any aspect.
+    reference = T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    want = reference(Image.fromarray(image)).numpy().transpose(1, 2, 0)
+    got = images.preprocess_image(image, image_size=size, channels=3, resize="squash")
+    np.testing.assert_allclose(got, want, atol=1e-6, err_msg=f"squash {shape}")
 
 
 # ------------------------------------------------------------------------------------------- image pipeline
