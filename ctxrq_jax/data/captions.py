@@ -30,6 +30,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 
 from ctxrq_jax.core import host
 from ctxrq_jax.core import paths as fs
@@ -253,15 +254,22 @@ def iter_tfds(name: str, split: str, stats: CaptionStats, *, image_key: str = "i
     yield CaptionExample(where, image, captions)
 
 
-def decode_image(image: bytes | np.ndarray) -> np.ndarray:
-  """Encoded bytes or an array -> uint8 [H, W, 3]; ValueError when it cannot be decoded."""
+def decode_image(image: bytes | np.ndarray, *, mode: str = "RGB", orient: bool = False) -> np.ndarray:
+  """Encoded bytes or an array -> uint8 [H, W, 3]; ValueError when it cannot be decoded.
+
+  For encoded bytes, `mode` 'RGBA' gives [H, W, 4] (alpha 255 where the file has none), and `orient` applies the
+  file's EXIF orientation (a phone photo shown upright): user-supplied images for editing. Data sets are decoded
+  as stored (as the reference's loaders read them).
+  """
+  if mode not in ("RGB", "RGBA"):
+    raise ValueError(f"mode must be 'RGB' or 'RGBA', got {mode!r}")
   if isinstance(image, (bytes, bytearray)):
     if not image:
       raise ValueError("empty image file")
     try:
       with Image.open(io.BytesIO(image)) as pil:
         pil.load()  # decodes now: a truncated file fails here, not later
-        array = np.asarray(pil.convert("RGB"))
+        array = np.asarray((ImageOps.exif_transpose(pil) if orient else pil).convert(mode))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
       raise ValueError(f"not a decodable image ({type(e).__name__}: {e})") from e
   else:

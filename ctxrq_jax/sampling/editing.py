@@ -6,8 +6,9 @@ the mask touches with Draft-and-Revise (`decoder.inpaint`: every other stack is 
 decodes the draft and every revision.
 
 * Files. Any image PIL reads (PNG, JPEG, ...). The mask must have the image's size in pixels; white marks what to
-  regenerate: a mask pixel is set when its brightest channel is >= MASK_THRESHOLD (128), so a black-and-white PNG, a
-  bright stroke of any colour on black, or a greyscale drawing all work. An empty mask, a mask of another size and
+  regenerate: a mask pixel is set when its brightest channel is >= MASK_THRESHOLD (128) and it is not transparent
+  (alpha >= 128), so a black-and-white PNG, a bright stroke of any colour on black or on a transparent layer, or a
+  greyscale drawing all work. A photo's EXIF orientation is applied (both files are read upright, as shown). An empty mask, a mask of another size and
   a file that is not an image are errors that name the file.
 * Size. The result has the RQ-VAE's resolution R (32 for the demo, 256 for ImageNet). `resize='crop'` (the default)
   scales the shorter side to R (bilinear, as the stage-1 evaluation preprocessing `data.images.preprocess_image`)
@@ -57,21 +58,24 @@ REGION_GREY = 128  # the regenerated cells in the strip's mask panel
 
 
 # ------------------------------------------------------------------------------------------------ files and geometry
-def read_image(path: str, what: str = "image") -> np.ndarray:
-  """uint8 [H, W, 3] of an image file; FileNotFoundError / ValueError naming the file."""
+def read_image(path: str, what: str = "image", mode: str = "RGB") -> np.ndarray:
+  """uint8 [H, W, 3] (mode 'RGBA': [H, W, 4]) of an image file, upright as its EXIF orientation says (as viewers show
+  it, and as a mask drawn on it is drawn); FileNotFoundError / ValueError naming the file."""
   source = fs.path(path)
   if not source.is_file():
     raise FileNotFoundError(f"{what} file {path} does not exist")
   data = source.read_bytes()
   try:
-    return captions_lib.decode_image(data)
+    return captions_lib.decode_image(data, mode=mode, orient=True)
   except ValueError as e:
     raise ValueError(f"{what} file {path} is {e}" if str(e).startswith("not ") else f"{what} file {path}: {e}") from e
 
 
 def read_mask(path: str) -> np.ndarray:
-  """bool [H, W] of a mask file: set where the brightest channel is >= MASK_THRESHOLD."""
-  return read_image(path, "mask").max(axis=-1) >= MASK_THRESHOLD
+  """bool [H, W] of a mask file: set where the brightest channel is >= MASK_THRESHOLD and the pixel is not
+  transparent (alpha >= MASK_THRESHOLD: an editor's transparent background is unset whatever colour it stores)."""
+  rgba = read_image(path, "mask", mode="RGBA")
+  return (rgba[..., :3].max(axis=-1) >= MASK_THRESHOLD) & (rgba[..., 3] >= MASK_THRESHOLD)
 
 
 def _check_pad(h: int, w: int, size: int) -> None:

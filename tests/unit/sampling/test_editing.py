@@ -92,6 +92,19 @@ def test_bad_inputs_are_clear_errors(tmp_path):
   red[0, 0, 0] = 255  # a bright stroke of any colour counts; dim grey does not
   red[1, 1] = 100
   assert np.argwhere(editing.read_mask(_png(tmp_path / "red.png", red))).tolist() == [[0, 0]]
+  # A stroke on a transparent layer: transparent pixels are unset whatever colour they store (here white).
+  layer = np.zeros((16, 16, 4), np.uint8)
+  layer[..., :3] = 255
+  layer[2, 3, 3] = 255
+  assert np.argwhere(editing.read_mask(_png(tmp_path / "layer.png", layer))).tolist() == [[2, 3]]
+  # A photo stored sideways with an EXIF orientation is read upright, as it is shown and as its mask is drawn.
+  stored = np.zeros((8, 16, 3), np.uint8)
+  stored[0, 0] = 255
+  exif = Image.Exif()
+  exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+  Image.fromarray(stored).save(tmp_path / "phone.png", exif=exif)
+  upright = editing.read_image(str(tmp_path / "phone.png"))
+  assert upright.shape == (16, 8, 3) and upright[0, 7].min() == 255
   (tmp_path / "empty_file.png").write_bytes(b"")
   (tmp_path / "zeros.png").write_bytes(bytes(64))
   cases = [
