@@ -195,13 +195,15 @@ class Stage1Trainer:
       disc_params, disc_opt_state, d_metrics = self._disc_update(state, x, out["recon"])
       metrics.update(d_metrics, gan_weight=aux["gan_weight"], g_loss=aux["g_loss"])
       finite = finite & jnp.isfinite(d_metrics["d_loss"])
-    # A non-finite loss or gradient changes nothing but the step count (the loop stops or counts it,
-    # `train.nonfinite`): parameters, codebook, both optimizers and the discriminator keep their values.
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              quantizer=keep(quantizer, state.quantizer), opt_state=keep(opt_state, state.opt_state),
-                              disc_params=keep(disc_params, state.disc_params),
-                              disc_opt_state=keep(disc_opt_state, state.disc_opt_state))
+    new_state = state.replace(step=state.step + 1, params=params, quantizer=quantizer, opt_state=opt_state,
+                              disc_params=disc_params, disc_opt_state=disc_opt_state)
+    if cfg.train.nonfinite == "skip":
+      # A non-finite loss or gradient changes nothing but the step count (the loop counts it): parameters,
+      # codebook, both optimizers and the discriminator keep their values. With 'stop' the loop raises at that step
+      # before anything is saved, so the step needs no select (which changes how XLA fuses the update: the demo's
+      # published figures come from the step without it).
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+      new_state = keep(new_state.replace(step=state.step), state).replace(step=state.step + 1)
     metrics["finite"] = finite.astype(jnp.float32)
     return new_state, metrics
 

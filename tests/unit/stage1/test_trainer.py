@@ -10,6 +10,7 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
+from ctxrq_jax.core import checkpoint
 from ctxrq_jax.core import config as configlib
 from ctxrq_jax.core import optim
 from ctxrq_jax.core import sharding
@@ -79,7 +80,7 @@ def _random_batch():
 
 
 def test_training_updates_codebook():
-  config = tiny_config(num_steps=2)
+  config = tiny_config(num_steps=2, nonfinite="skip")
   trainer = train_rqvae.Stage1Trainer(config)
   init, step, place = _jitted(trainer, config)
   state0 = init(jax.random.key(0))
@@ -90,8 +91,8 @@ def test_training_updates_codebook():
   # The EMA moved the codebook; counts of used codes grew relative to unused ones.
   assert not np.allclose(np.asarray(state1.quantizer.codebook), codebook0)
   assert float(metrics["finite"]) == 1.0
-  # A batch that makes the loss non-finite changes nothing but the step count (the loop then stops or counts it,
-  # train.nonfinite): parameters, codebook and optimizer state keep their values, never NaN.
+  # With train.nonfinite='skip' a batch that makes the loss non-finite changes nothing but the step count (the loop
+  # counts it): parameters, codebook and optimizer state keep their values, never NaN.
   before = jax.device_get(state1)
   nan_batch = {"image": np.array(_random_batch()["image"])}
   nan_batch["image"][0, 0, 0, 0] = np.nan
@@ -293,3 +294,16 @@ def test_nonfinite_policy_is_a_config_key(tmp_path):
   config.train.nonfinite = "ignore"
   with pytest.raises(configlib.ConfigError, match="train.nonfinite must be 'stop' or 'skip', got 'ignore'"):
     train_rqvae.train_and_evaluate(config, str(tmp_path / "wd"))
+
+
+def test_a_diverged_run_stops_before_saving_a_nonfinite_checkpoint(tmp_path):
+  # train.nonfinite='stop' (the default): the run stops naming the step, and every checkpoint left is finite.
+  config = tiny_config(num_steps=6, ckpt_every=1, keep_checkpoints=2, log_every=1)
+  config.optim.learning_rate = 1e30
+  with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step (\d+); .*Latest checkpoint"):
+    train_rqvae.train_and_evaluate(config, str(tmp_path / "wd"))
+  ckpt = checkpoint.Checkpointer(tmp_path / "wd" / "checkpoints", max_to_keep=2, save_interval_steps=1, read_only=True)
+  target = jax.eval_shape(train_rqvae.Stage1Trainer(config).init, jax.random.key(0))
+  state, step = ckpt.restore(target)  # what a resumed run would start from
+  assert step is not None and step < 6
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves((state.params, state.quantizer)))
