@@ -114,6 +114,7 @@ def run(state: Any, *, name: str, train_step: Callable[[Any, Any], tuple[Any, An
       return
     if nonfinite == "stop":
       checkpointer.close()
+      writer.flush()
       raise FloatingPointError(
           f"non-finite loss or gradient at step {bad[0]}; the update was not applied and training stopped "
           f"(train.nonfinite='stop'). Latest checkpoint: step {checkpointer.latest_step()} in "
@@ -156,6 +157,7 @@ def run(state: Any, *, name: str, train_step: Callable[[Any, Any], tuple[Any, An
                                         and not last):
         check_finite()
         checkpointer.save(step, state, data_iterator=data_iterator, force=True)
+        writer.flush()
         log.warning("%s stopped at step %d (signal or stop_after_steps); checkpoint saved. Re-run the same "
                         "command to resume.", name, step)
         result.stopped = not last
@@ -163,6 +165,8 @@ def run(state: Any, *, name: str, train_step: Callable[[Any, Any], tuple[Any, An
       if checkpointer.should_save(step) or last:
         check_finite()  # never checkpoint past an unchecked step
         checkpointer.save(step, state, data_iterator=data_iterator, force=last)
+        # The metrics reach the event file at the checkpoint cadence too (on a bucket it is uploaded on flush).
+        writer.flush()
     check_finite()
     # Still inside the guard: close() waits for the last (asynchronous) save, which a SIGTERM arriving now must not
     # kill half-written.

@@ -103,7 +103,8 @@ def test_log_periodic_and_checkpoint_cadence(tmp_path):
   assert writer.steps_with("p/") == [4, 8, 10] and result.periodic == {"p": {"p/step": 10.0}}
   # Checkpoints on the interval and at the last step.
   assert _saved_steps(tmp_path / "ckpt") == [4, 8, 10]
-  assert int(result.state.step) == 10 and float(result.state.w) == 45.0 and writer.flushed >= 1
+  assert int(result.state.step) == 10 and float(result.state.w) == 45.0
+  assert writer.flushed >= 3  # at every checkpoint: a killed run's event file (a bucket object) keeps its metrics
 
 
 def test_stop_after_steps_saves_and_resume_continues_bit_for_bit(tmp_path):
