@@ -97,6 +97,16 @@ def _data_to_keys(target: Any, restored: Any) -> Any:
   return jax.tree.map(wrap, target, restored)
 
 
+def _all_processes_agree(ok: bool) -> bool:
+  """Whether `ok` holds on every process (one tiny all-gather; `ok` itself with one process). A step that one host
+  could not read (a transient read error, a file only it sees damaged) is then skipped by all of them, instead of
+  hosts resuming from different steps and waiting forever in their first collective."""
+  if jax.process_count() == 1:
+    return bool(ok)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
 def _path_name(path: tuple[Any, ...]) -> str:
   """A pytree path as orbax names the saved leaf: 'opt_state.1.0.mu.head.kernel'."""
   parts = []
@@ -361,16 +371,21 @@ class Checkpointer:
     first_error: Optional[BaseException] = None
     for step in steps:
       step_dir = self._dir / str(step)
+      error: Optional[BaseException] = None
       try:
         restored = self._restore_step(step, abstract, data_iterator, partial)
       except MemoryError:
         raise  # the host, not the checkpoint, is the problem
       except Exception as e:  # noqa: BLE001 - any read/decode failure means this step is unusable.
-        log.warning("Checkpoint %s could not be restored (%s: %s)%s", step_dir, type(e).__name__,
-                        str(e).splitlines()[0] if str(e) else "",
+        error = e
+      if not _all_processes_agree(error is None) and error is None:
+        error = IOError("another process could not restore it")  # all hosts must resume from the same step
+      if error is not None:
+        log.warning("Checkpoint %s could not be restored (%s: %s)%s", step_dir, type(error).__name__,
+                        str(error).splitlines()[0] if str(error) else "",
                         "; trying the previous one." if step != steps[-1] else ".")
         failed.append(step)
-        first_error = first_error or e
+        first_error = first_error or error
         continue
       if failed and not self.read_only:
         self._quarantine(failed)

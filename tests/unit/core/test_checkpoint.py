@@ -246,3 +246,27 @@ def test_saved_structure_and_partial_restore(tmp_path):
     restored, step = ckpt.restore({"params": _state(0)["params"]}, partial=True)
   assert step == 2 and sorted(restored) == ["params"]
   helpers.assert_trees_equal(restored["params"], _state(2)["params"])
+
+
+def test_hosts_agree_on_the_step_they_resume_from(tmp_path, monkeypatch):
+  # Another process cannot read the newest step (a transient error on its side only): this one, which can, falls
+  # back with it to the previous step instead of resuming from another step than its peer.
+  ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=3, save_interval_steps=1)
+  for s in (1, 2):
+    ckpt.save(s, _state(s))
+  ckpt.close()
+  votes = []
+
+  def agree(ok):  # the all-gather of two processes, the peer failing at the first step tried
+    votes.append(ok)
+    return ok and len(votes) > 1
+
+  monkeypatch.setattr(checkpoint, "_all_processes_agree", agree)
+  ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=3, save_interval_steps=1, read_only=True)
+  restored, step = ckpt.restore(_state(0))
+  assert votes == [True, True] and step == 1
+  helpers.assert_trees_equal(restored, _state(1))
+
+
+def test_one_process_agrees_with_itself():
+  assert checkpoint._all_processes_agree(True) and not checkpoint._all_processes_agree(False)
