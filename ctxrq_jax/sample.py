@@ -139,8 +139,8 @@ def main(argv: list[str]) -> None:
   if not FLAGS.workdir and not (FLAGS.merge and FLAGS.out):
     raise app.UsageError("--workdir=DIR is required (only --merge with --out=DIR goes without it)")
   edit_inputs = _read_inpaint_inputs() if len(argv) == 2 else None
-  for name in ("num_per_class", "preview_per_class", "preview_classes"):
-    if FLAGS[name].value < 1:
+  for name in ("num_per_class", "preview_per_class", "preview_classes", "batch_size", "num_per_prompt"):
+    if FLAGS[name].value is not None and FLAGS[name].value < 1:
       raise app.UsageError(f"--{name} must be >= 1, got {FLAGS[name].value}")
   if not 0 <= FLAGS.seed < 2**32:  # JAX keys keep 32 bits of the seed: larger ones would repeat smaller ones' samples
     raise app.UsageError(f"--seed must be in [0, 2**32), got {FLAGS.seed}")

@@ -87,7 +87,8 @@ def test_sample_merge_needs_no_workdir(tmp_path):
 
 
 @pytest.mark.parametrize("flag, message", [("--seed=4294967297", r"--seed must be in \[0, 2\*\*32\)"),
-                                           ("--preview_classes=0", "--preview_classes must be >= 1, got 0")])
+                                           ("--preview_classes=0", "--preview_classes must be >= 1, got 0"),
+                                           ("--batch_size=0", "--batch_size must be >= 1, got 0")])
 def test_sample_refuses_settings_that_would_repeat_or_lose_samples(tmp_path, flag, message):
   # Seed 2**32 + 1 would draw seed 1's samples (JAX keeps 32 bits); a preview of nothing used to fail after drawing.
   out = subprocess.run([sys.executable, "-m", "ctxrq_jax.sample", f"--workdir={tmp_path}", flag],
