@@ -39,9 +39,10 @@ def define_flags() -> None:
   flags.DEFINE_list("splits", ["train", "test"], "encode: dataset splits to encode.")
   flags.DEFINE_integer("batch_size", 256, "Images per jitted call.")
   flags.DEFINE_integer("num_shards", 1, "encode: ArrayRecord shards per split.")
-  flags.DEFINE_list("views", ["center"], "encode: views stored per image, 'center' first: center, flip, crop "
-                    "(a random crop, as stage-1 training draws it), crop_flip; e.g. center,flip.")
-  flags.DEFINE_integer("view_seed", 0, "encode: seed of the random crops.")
+  flags.DEFINE_list("views", ["center"], "encode, captions: views stored per image, 'center' first: center, flip, "
+                    "crop (a random crop, as stage-1 training draws it), crop_flip, dalle (the official "
+                    "text-to-image training crop); e.g. center,flip or center,dalle,dalle,dalle.")
+  flags.DEFINE_integer("view_seed", 0, "encode, captions: seed of the random views.")
   flags.DEFINE_bool("overwrite", False, "encode: replace an existing code dataset.")
   flags.DEFINE_string("codes_dir", None, "decode: code dataset to read.")
   flags.DEFINE_string("split", "test", "decode: split to read.")
@@ -138,7 +139,8 @@ def _captions() -> None:
   meta, stats = encode.encode_captions(FLAGS.artifact, sources, FLAGS.out, tok, train_splits=FLAGS.train_splits,
                                        batch_size=FLAGS.batch_size, num_shards=FLAGS.num_shards,
                                        overwrite=FLAGS.overwrite, max_examples=FLAGS.max_examples,
-                                       source_description=described, caption_variants=FLAGS.caption_variants)
+                                       source_description=described, caption_variants=FLAGS.caption_variants,
+                                       views=FLAGS.views, view_seed=FLAGS.view_seed)
   for split, s in stats.items():
     print(f"{split}: {s.summary()}")
   print(f"wrote caption code dataset {FLAGS.out}: code shape {meta.code_shape}, K={meta.codebook_size}, "

@@ -83,7 +83,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.code_shape = (4, 4, 4) if tiny else (8, 8, 4)
   c.data.vocab_size = 64 if tiny else 16384
   c.data.embed_dim = 16 if tiny else 256
-  c.data.random_view = False  # `encode captions` stores one view per image (the centre crop)
+  # One of the stored views per example and epoch: `encode captions --views=center,dalle,...` stores draws of the
+  # official training crop (AugmentationDALLE + RandomCrop); with the default one view this is the centre crop.
+  c.data.random_view = True
   # One of the T BPE-dropout tokenizations `encode captions` stores per training caption, drawn per example and epoch.
   c.data.random_caption = True
 

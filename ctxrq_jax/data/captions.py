@@ -26,6 +26,7 @@ import dataclasses
 import io
 import posixpath
 import tarfile
+import zlib
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -284,12 +285,15 @@ def decode_image(image: bytes | np.ndarray, *, mode: str = "RGB", orient: bool =
 
 
 def image_batches(examples: Iterable[CaptionExample], stats: CaptionStats, *, image_size: int, channels: int = 3,
-                  batch_size: int, resize: str = "crop") -> Iterator[tuple[np.ndarray, list[tuple[str, ...]],
-                                                                           list[str]]]:
+                  batch_size: int, resize: str = "crop", views: Sequence[str] | None = None,
+                  view_seed: int = 0) -> Iterator[tuple[np.ndarray, list[tuple[str, ...]], list[str]]]:
   """Decodes and preprocesses examples into batches, streaming (`resize` as in data/images.py: 'crop' for photos,
   'pad' for the small square digits, 'squash' for the official text-to-image evaluation's whole-image resize).
 
   Yields (images float32 [B, S, S, C] in [-1, 1], captions per image, keys); B = batch_size except the last batch.
+  With `views` (names of `data.images.VIEWS`, 'center' first) images are [B, V, S, S, C], one per view; the random
+  views of an example are drawn from a generator seeded by (`view_seed`, its key), so they do not depend on the
+  batch size, the order or the host that reads it.
   Undecodable images are counted in `stats.corrupt_images` and skipped.
   """
   if batch_size < 1 or image_size < 1:
@@ -302,7 +306,12 @@ def image_batches(examples: Iterable[CaptionExample], stats: CaptionStats, *, im
       stats.note("corrupt_images", ex.key, str(e))
       continue
     try:
-      images.append(image_data.preprocess_image(array, image_size=image_size, channels=channels, resize=resize))
+      if views is None:
+        images.append(image_data.preprocess_image(array, image_size=image_size, channels=channels, resize=resize))
+      else:
+        rng = np.random.default_rng([int(view_seed), zlib.crc32(ex.key.encode("utf-8"))])
+        images.append(image_data.preprocess_views(array, views, image_size=image_size, channels=channels,
+                                                  resize=resize, rng=rng))
     except ValueError as e:  # e.g. 'pad' with an image larger than image_size
       stats.note("corrupt_images", ex.key, str(e))
       continue

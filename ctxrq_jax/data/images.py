@@ -20,7 +20,8 @@ Other fields (train_split, eval_split, ...) are ignored here; callers pass the s
 Views (for encoding augmented code datasets, `make_image_iterator(..., views=...)`): each example becomes a stack
 of V preprocessed images, one per name in VIEWS: 'center' (the eval view), 'flip' (it mirrored), 'crop' (a random
 crop, as the training transform draws it; with resize='pad' the same as 'center'), 'crop_flip' (a random crop
-mirrored). Random views are drawn from grain's per-example rng, so a given seed gives the same views every time.
+mirrored), 'dalle' (the official text-to-image training transform, `dalle_view`; with resize='pad' the centre).
+Random views are drawn from grain's per-example rng, so a given seed gives the same views every time.
 
 tfds sources are read with `tfds.data_source(..., builder_kwargs={'file_format': 'array_record'})`, the
 random-access reader grain needs; a data set prepared earlier as TFRecord must be re-prepared as ArrayRecord.
@@ -40,7 +41,7 @@ from ctxrq_jax.data import pipeline
 
 EMBEDDED_MNIST = "embedded_mnist"
 RESIZE_MODES = ("pad", "crop", "squash")
-VIEWS = ("center", "flip", "crop", "crop_flip")
+VIEWS = ("center", "flip", "crop", "crop_flip", "dalle")
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 _MISSING = object()
 
@@ -214,6 +215,36 @@ def preprocess_image(image: np.ndarray, *, image_size: int, channels: int, resiz
   return x / 127.5 - 1.0
 
 
+def dalle_draw(h: int, w: int, size: int, rng: np.random.Generator) -> tuple[int, int, int, int, int]:
+  """The random numbers of the official text-to-image training transform for an h x w image (kakaobrain's
+  `AugmentationDALLE(size)` then `RandomCrop(size)`): (top, left) of a square crop of the shorter side s drawn
+  uniformly from [3/8, 5/8) of the slack (its near-centre third), its resized side t uniform in
+  [size, max(min(s, round(9/8 size)), size)], and the (top, left) of the final size x size crop of the t x t image."""
+  s = min(h, w)
+
+  def offset(extent: int) -> int:
+    low = 3 * (extent - s) // 8
+    return int(rng.integers(low, max(low + 1, 5 * (extent - s) // 8)))
+
+  off_h, off_w = offset(h), offset(w)
+  t_max = max(min(s, round(9 / 8 * size)), size)
+  t = int(rng.integers(size, t_max + 1))
+  return off_h, off_w, t, int(rng.integers(0, t - size + 1)), int(rng.integers(0, t - size + 1))
+
+
+def dalle_view(image: np.ndarray, size: int, draw: tuple[int, int, int, int, int]) -> np.ndarray:
+  """uint8 [H, W, C] -> uint8 [size, size, C]: the square crop, bilinear resize (PIL, as torchvision's resize of a PIL
+  image) and final crop of `draw` (`dalle_draw`)."""
+  off_h, off_w, t, top, left = draw
+  s = min(image.shape[:2])
+  c = image.shape[-1]
+  square = image[off_h:off_h + s, off_w:off_w + s]
+  if (s, s) != (t, t):
+    pil = Image.fromarray(square[..., 0] if c == 1 else square)
+    square = np.asarray(pil.resize((t, t), Image.Resampling.BILINEAR)).reshape(t, t, c)
+  return square[top:top + size, left:left + size]
+
+
 def preprocess_views(image: np.ndarray, views: Any, *, image_size: int, channels: int, resize: str,
                      rng: np.random.Generator | None = None) -> np.ndarray:
   """uint8 image [H, W, C] -> float32 [V, image_size, image_size, channels] in [-1, 1], one per name in `views`
@@ -223,6 +254,12 @@ def preprocess_views(image: np.ndarray, views: Any, *, image_size: int, channels
   for view in views:
     if view not in VIEWS:
       raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
+    if view == "dalle" and resize == "crop":
+      if rng is None:
+        raise ValueError("the 'dalle' view needs an rng")
+      crop = dalle_view(image, image_size, dalle_draw(*image.shape[:2], image_size, rng))
+      out.append(preprocess_image(crop, image_size=image_size, channels=channels, resize="crop"))
+      continue
     crop = view.startswith("crop") and resize == "crop"
     x = preprocess_image(image, image_size=image_size, channels=channels, resize=resize, rng=rng if crop else None,
                          random_crop=crop)
@@ -296,7 +333,7 @@ def make_image_iterator(
                          resize=opts["resize"], rng=rng)
     return {"image": x, "label": np.int32(label)}
 
-  random_views = views is not None and any(v.startswith("crop") for v in views)
+  random_views = views is not None and any(v.startswith("crop") or v == "dalle" for v in views)
   return pipeline.build_iterator(
       _source(opts, split), decode=decode, transform=transform if views is None else view_transform,
       random_transform=random_views if views is not None else (random_crop or random_flip),

@@ -123,7 +123,9 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
                     train_splits: Sequence[str] = ("train",), batch_size: int = 256, num_shards: int = 1,
                     overwrite: bool = False, max_examples: int | None = None,
                     source_description: Any = None, resize: str = "crop",
-                    totals: Mapping[str, int] | None = None, caption_variants: int = CAPTION_VARIANTS) -> tuple[code_data.CodeMetadata, dict[str, captions_lib.CaptionStats]]:
+                    totals: Mapping[str, int] | None = None, caption_variants: int = CAPTION_VARIANTS,
+                    views: Sequence[str] = ("center",), view_seed: int = 0,
+                    ) -> tuple[code_data.CodeMetadata, dict[str, captions_lib.CaptionStats]]:
   """Encodes image/caption pairs into a code dataset whose condition is the caption's L tokens (streaming).
 
   Each image is encoded once; an image with several captions becomes one record per caption (same codes). Each
@@ -150,6 +152,9 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
     resize: 'crop' (photos: shorter side to the RQ-VAE's resolution, centre crop), 'pad' (small square images) or
       'squash' (the whole image resized to R x R, the official text-to-image evaluation's transform).
     caption_variants: T, BPE-dropout tokenizations stored per training caption.
+    views: the views stored per image, 'center' first (`data.images.VIEWS`; 'dalle' is the official text-to-image
+      training crop), in every split's records (evaluation reads view 0).
+    view_seed: seed of the random views (with each example's key: `captions.image_batches`).
 
   Returns:
     (the written metadata, {split: stats}).
@@ -158,6 +163,7 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
   if isinstance(caption_variants, bool) or not isinstance(caption_variants, (int, np.integer)) or caption_variants < 1:
     raise ValueError(f"caption_variants must be a positive integer, got {caption_variants!r}")
   variants = int(caption_variants) if tokenizer.bpe_dropout > 0 else 1  # without dropout every draw is the same
+  views = code_data.check_views(list(views))
   model, variables = artifact.load_artifact(artifact_dir)
   codebook = np.asarray(variables["quantizer"]["codebook"])
   encode_fn = jax.jit(lambda v, x: model.apply(v, model.apply(v, x, method=rqvae.RQVAE.encode),
@@ -167,10 +173,12 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
                  code_captions.FINGERPRINT_KEY: tokenizer.fingerprint,
                  "context_length": tokenizer.context_length, "bpe_dropout_splits": list(train_splits),
                  "bpe_dropout": tokenizer.bpe_dropout, "caption_variants": variants}
+  if len(views) > 1:
+    description.update(views=list(views), view_seed=int(view_seed))
   all_stats: dict[str, captions_lib.CaptionStats] = {}
   with code_data.CodeDatasetWriter(out_dir, code_shape=model.code_shape, codebook=codebook, num_classes=0,
                                    cond_length=tokenizer.context_length, cond_vocab_size=tokenizer.vocab_size,
-                                   source=description, num_shards=num_shards, overwrite=overwrite,
+                                   source=description, num_shards=num_shards, overwrite=overwrite, views=views,
                                    process_index=process_index, process_count=process_count) as writer:
     for split, make_examples in sources.items():
       writer.open_split(split)
@@ -181,14 +189,19 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
       total = (totals or {}).get(split) or max_examples or 0
       progress = reporting.Progress(f"encode {split}", min(total, max_examples or total), unit="images")
       batches = captions_lib.image_batches(examples, stats, image_size=model.resolution,
-                                           channels=model.in_channels, batch_size=batch_size, resize=resize)
+                                           channels=model.in_channels, batch_size=batch_size, resize=resize,
+                                           views=views if len(views) > 1 else None, view_seed=view_seed)
       caption_path = paths.path(out_dir) / code_captions.captions_file(split, process_index, process_count)
       with paths.local_file(caption_path) as caption_tmp, open(caption_tmp, "w", encoding="utf-8") as caption_file:
         for x, captions, _ in batches:
           n = x.shape[0]
           if n < batch_size:  # one compiled shape for every batch, the padded tail is dropped below
             x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
-          codes = np.asarray(encode_fn(variables, jnp.asarray(x)))[:n]
+          if len(views) > 1:  # [B, V, S, S, C] -> codes [B, V, h, w, D]
+            codes = np.asarray(encode_fn(variables, jnp.asarray(x.reshape(-1, *x.shape[2:]))))
+            codes = codes.reshape(batch_size, len(views), *codes.shape[1:])[:n]
+          else:
+            codes = np.asarray(encode_fn(variables, jnp.asarray(x)))[:n]
           repeats = np.array([len(c) for c in captions])
           flat = [" ".join(c.split()) for cs in captions for c in cs]
           if split in train_splits and variants > 1:  # [B, T, L]: T independent draws of BPE dropout per caption

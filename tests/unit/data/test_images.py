@@ -64,6 +64,29 @@ def test_crop_is_the_reference_rq_vae_transform():
     np.testing.assert_allclose(got, want, atol=1e-6, err_msg=f"squash {shape}")
 
 
+def test_dalle_view_is_the_official_text_to_image_training_crop():
+  """'dalle': kakaobrain's AugmentationDALLE (a square of the shorter side near the centre, resized to t x t) then
+  RandomCrop: for given draws equal to torchvision's crop / resize / crop, and the draws span the official ranges."""
+  helpers.import_torchvision()
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import torchvision.transforms.functional as F  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  h, w, size = 40, 64, 32
+  image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+  draws = [images.dalle_draw(h, w, size, rng) for _ in range(400)]
+  off_h, off_w, t, top, left = (np.array(v) for v in zip(*draws))
+  # s = 40: the square's left edge in [3 * 24 // 8, 5 * 24 // 8) = [9, 15); no slack vertically; t in [32, 36].
+  assert set(off_h) == {0} and set(off_w) == set(range(9, 15)) and set(t) == set(range(32, 37))
+  assert (top >= 0).all() and (top <= t - size).all() and (left <= t - size).all() and top.max() == 4
+  for draw in draws[:6]:
+    oh, ow, tt, tp, lf = draw
+    want = F.crop(F.resize(F.crop(Image.fromarray(image), oh, ow, 40, 40), [tt, tt]), tp, lf, size, size)
+    np.testing.assert_array_equal(images.dalle_view(image, size, draw), np.asarray(want), err_msg=str(draw))
+  views = images.preprocess_views(image, ["center", "dalle", "dalle"], image_size=size, channels=3, resize="crop",
+                                  rng=np.random.default_rng(0))
+  assert views.shape == (3, size, size, 3) and not np.array_equal(views[1], views[2])
+
+
 # ------------------------------------------------------------------------------------------- image pipeline
 
 

@@ -131,6 +131,35 @@ def test_encode_captions_writes_token_conditions(tiny_artifact, tmp_path):
   assert sorted(batch) == ["codes", "cond"] and batch["cond"].shape == (3, 6)
 
 
+def test_encode_captions_stores_views_of_the_official_training_crop(tiny_artifact, tmp_path):
+  from ctxrq_jax.data import captions as captions_lib  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from tests.unit.data import test_captions  # pylint: disable=g-import-not-at-top
+
+  _, _, artifact = tiny_artifact
+  texts = [f"a {c} dog" for c in ("red", "blue", "green", "black", "white")]
+  test_captions.write_shard(tmp_path / "00000.tar",
+                            test_captions.webdataset_members([(f"{i:09d}", t) for i, t in enumerate(texts)]))
+  tokenizer_lib.train_tokenizer(texts * 3, str(tmp_path / "bpe"), vocab_size=40)
+  tok = tokenizer_lib.CaptionTokenizer.from_directory(str(tmp_path / "bpe"), context_length=4, bpe_dropout=0.0)
+  source = {"train": lambda stats: captions_lib.iter_webdataset(str(tmp_path / "*.tar"), stats)}
+  views = ("center", "dalle", "dalle")
+  meta, _ = encode.encode_captions(artifact, source, str(tmp_path / "v"), tok, batch_size=2, views=views,
+                                   view_seed=7)
+  assert meta.views == views and meta.source["views"] == list(views) and meta.source["view_seed"] == 7
+  encode.encode_captions(artifact, source, str(tmp_path / "one"), tok, batch_size=4)
+  center, _ = code_data.load_codes(str(tmp_path / "one"), "train")
+  np.testing.assert_array_equal(code_data.load_codes(str(tmp_path / "v"), "train")[0], center)  # view 0
+  # The random views depend on the seed and each example's key only, not on the batch size.
+  again, _ = encode.encode_captions(artifact, source, str(tmp_path / "again"), tok, batch_size=3, views=views,
+                                    view_seed=7)
+  for view in (1, 2):
+    np.testing.assert_array_equal(code_data.load_codes(str(tmp_path / "again"), "train", view=view)[0],
+                                  code_data.load_codes(str(tmp_path / "v"), "train", view=view)[0])
+  assert any(not np.array_equal(code_data.load_codes(str(tmp_path / "v"), "train", view=1)[0][i], center[i])
+             for i in range(len(texts)))
+
+
 def test_encode_views_flip_and_crops(tiny_artifact, tmp_path):
   """Stage-2 augmentation: view 0 is the plain encoding, 'flip' the codes of the mirrored image, crops seeded."""
   config = helpers.tiny_stage1_config()  # 28x28 digits resized to 16 then cropped: random crops really move
