@@ -43,12 +43,12 @@ local
       --process-id I       JAX_PROCESS_ID
 
 slurm
-  -N, --nodes N            number of nodes                   [SLURM_NODES] (1)
-  -G, --gpus-per-node G    GPUs per node                     [SLURM_GPUS_PER_NODE] (8)
-  -c, --cpus-per-task C    CPUs per node process             [SLURM_CPUS_PER_TASK] (32)
-      --time T             wall-clock limit                  [SLURM_TIME] (48:00:00)
-      --partition P        partition                         [SLURM_PARTITION]
-      --account A          account                           [SLURM_ACCOUNT]
+  -N, --nodes N            number of nodes                   [CTXRQ_SLURM_NODES] (1)
+  -G, --gpus-per-node G    GPUs per node                     [CTXRQ_SLURM_GPUS_PER_NODE] (8)
+  -c, --cpus-per-task C    CPUs per node process             [CTXRQ_SLURM_CPUS_PER_TASK] (32)
+      --time T             wall-clock limit                  [CTXRQ_SLURM_TIME] (48:00:00)
+      --partition P        partition                         [CTXRQ_SLURM_PARTITION]
+      --account A          account                           [CTXRQ_SLURM_ACCOUNT]
       --job-name J         job name                          (ctxrq)
       --output PATTERN     log file pattern                  (slurm-%x-%j.out)
       --chdir DIR          working directory of the job      (this checkout)
@@ -77,12 +77,12 @@ GPUS=""
 COORDINATOR=""
 NUM_PROCESSES=""
 PROCESS_ID=""
-NODES=${SLURM_NODES:-1}
-GPUS_PER_NODE=${SLURM_GPUS_PER_NODE:-8}
-CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-32}
-TIME=${SLURM_TIME:-48:00:00}
-PARTITION=${SLURM_PARTITION:-}
-ACCOUNT=${SLURM_ACCOUNT:-}
+NODES=${CTXRQ_SLURM_NODES:-1}
+GPUS_PER_NODE=${CTXRQ_SLURM_GPUS_PER_NODE:-8}
+CPUS_PER_TASK=${CTXRQ_SLURM_CPUS_PER_TASK:-32}
+TIME=${CTXRQ_SLURM_TIME:-48:00:00}
+PARTITION=${CTXRQ_SLURM_PARTITION:-}
+ACCOUNT=${CTXRQ_SLURM_ACCOUNT:-}
 JOB_NAME=ctxrq
 OUTPUT='slurm-%x-%j.out'
 CHDIR=$REPO_ROOT

@@ -265,8 +265,11 @@ do_setup() {
       # shellcheck disable=SC2064  # expand now: the path is fixed
       trap "rm -f '$tarball'" EXIT
     fi
+    # Not the local runs (the checkout's .gitignore'd /runs/, /workdir*/, /build/): unpacked on a worker they would
+    # overwrite its own run of the same name.
     run tar -czf "$tarball" -C "$REPO" --exclude=.git --exclude=__pycache__ --exclude='*.egg-info' \
-      --exclude=.venv --exclude=venv --exclude=.pytest_cache --exclude=.mypy_cache .
+      --exclude=.venv --exclude=venv --exclude=.pytest_cache --exclude=.mypy_cache \
+      --exclude=./runs --exclude='./workdir*' --exclude=./build .
     run gcloud compute tpus tpu-vm scp "$tarball" "$NAME:ctxrq_jax_src.tar.gz" "${GFLAGS[@]}" --worker=all
     steps+=("mkdir -p $REMOTE_DIR")
     steps+=("tar -xzf ~/ctxrq_jax_src.tar.gz -C $REMOTE_DIR")
@@ -285,8 +288,11 @@ do_setup() {
 
 train_command() {
   local envs="" args
+  # Every worker joins the job (jax.distributed.initialize() finds the slice's hosts in the TPU VM's metadata; a
+  # TPU VM sets no variable that says it is one host of several). A --env CTXRQ_DISTRIBUTED=... given later wins.
+  envs="env CTXRQ_DISTRIBUTED=1 "
   if [[ ${#ENVS[@]} -gt 0 ]]; then
-    envs="env $(shjoin "${ENVS[@]}") "
+    envs="env CTXRQ_DISTRIBUTED=1 $(shjoin "${ENVS[@]}") "
   fi
   args=$(shjoin "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}")
   local full="cd $REMOTE_DIR && $envs$VENV/bin/python -m $MODULE${args:+ $args}"

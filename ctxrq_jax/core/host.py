@@ -27,9 +27,12 @@ def distributed_requested() -> bool:
     * `CTXRQ_DISTRIBUTED=1` (explicit; then `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` or a
       cluster that jax auto-detects supply the details);
     * `JAX_COORDINATOR_ADDRESS` is set (with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`, passed to jax);
-    * a SLURM job step with more than one task (`SLURM_NTASKS` > 1; jax auto-detects SLURM);
+    * a SLURM job step with more than one task (`SLURM_STEP_NUM_TASKS` > 1, which `srun` sets; jax auto-detects
+      SLURM). Not `SLURM_NTASKS`: salloc and a batch script set it for the whole allocation, where a process
+      started without srun is alone;
     * Open MPI with more than one rank (`OMPI_COMM_WORLD_SIZE` > 1);
-    * a multi-host Cloud TPU slice (`TPU_WORKER_HOSTNAMES` lists more than one host).
+    * a multi-host Cloud TPU slice on GKE (`TPU_WORKER_HOSTNAMES` lists more than one host). A TPU VM sets no such
+      variable: launch/tpu.sh runs every worker with `CTXRQ_DISTRIBUTED=1`.
   `CTXRQ_DISTRIBUTED=0` forces single-process.
   """
   explicit = os.environ.get("CTXRQ_DISTRIBUTED")
@@ -37,7 +40,7 @@ def distributed_requested() -> bool:
     return explicit.strip().lower() in ("1", "true", "yes")
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     return True
-  if _int_env("SLURM_NTASKS") > 1 or _int_env("OMPI_COMM_WORLD_SIZE") > 1:
+  if _int_env("SLURM_STEP_NUM_TASKS") > 1 or _int_env("OMPI_COMM_WORLD_SIZE") > 1:
     return True
   hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
   return len(hosts) > 1

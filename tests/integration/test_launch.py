@@ -167,6 +167,7 @@ def test_tpu_setup_local_source_dry_run(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     tar, scp, ssh = _commands(out.stdout)
     assert tar[0] == "tar" and str(ROOT) in tar
+    assert {"--exclude=./runs", "--exclude=./workdir*", "--exclude=./build"} <= set(tar)  # never a local run
     assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]
     assert "--worker=all" in scp and "ctxrq-test:ctxrq_jax_src.tar.gz" in scp
     assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "ctxrq-test"]
@@ -202,6 +203,8 @@ def test_tpu_train_dry_run_passes_args(tmp_path: Path) -> None:
     assert "python -m ctxrq_jax.train " in remote
     assert CONFIG in remote and WORKDIR in remote and "--config.batch_size=64" in remote
     assert "TFDS_DATA_DIR=gs://my-bucket/tfds" in remote
+    # Every worker joins the job: a TPU VM exports nothing that says it is one host of several.
+    assert "env CTXRQ_DISTRIBUTED=1 " in remote
     assert "tee -a" in remote  # streamed and kept in a log
     _bash_syntax_ok(remote)
 

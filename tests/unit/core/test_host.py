@@ -4,16 +4,21 @@ from ctxrq_jax.core import host
 
 
 def test_distributed_requested_from_environment(monkeypatch):
-  for k in ("CTXRQ_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
-            "TPU_WORKER_HOSTNAMES"):
+  for k in ("CTXRQ_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS",
+            "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
     monkeypatch.delenv(k, raising=False)
   assert not host.distributed_requested()
+  # Inside an allocation of 4 tasks (salloc, a batch script) a process started without srun is alone ...
   monkeypatch.setenv("SLURM_NTASKS", "4")
+  assert not host.distributed_requested()
+  # ... and an srun job step of 4 tasks is one job.
+  monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
   assert host.distributed_requested()
   monkeypatch.setenv("CTXRQ_DISTRIBUTED", "0")
   assert not host.distributed_requested()
   monkeypatch.delenv("CTXRQ_DISTRIBUTED")
   monkeypatch.delenv("SLURM_NTASKS")
+  monkeypatch.delenv("SLURM_STEP_NUM_TASKS")
   monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "h0,h1")
   assert host.distributed_requested()
 
