@@ -58,6 +58,7 @@ same bytes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import re
@@ -538,6 +539,42 @@ def load_codebook(codes_dir: str, metadata: CodeMetadata | None = None) -> np.nd
     raise ValueError(f"{path} holds {codebook.dtype} {codebook.shape}; metadata says float32 "
                      f"[{meta.codebook_size}, {meta.embed_dim}]")
   return codebook
+
+
+TRAINED_CODEBOOK_FILE = "codebook.json"  # in a stage-2 workdir: which codebook its model was trained on
+
+
+def codebook_fingerprint(codebook: np.ndarray) -> str:
+  """SHA-256 (hex) of a codebook's float32 values [K, n_z]."""
+  return hashlib.sha256(np.ascontiguousarray(codebook, np.float32).tobytes()).hexdigest()
+
+
+def record_trained_codebook(workdir: str, codebook: np.ndarray, codes_dir: str) -> None:
+  """Writes WORKDIR/codebook.json: the fingerprint of the codebook a stage-2 run trains on (`check_trained_codebook`)."""
+  paths.write_json(paths.path(workdir) / TRAINED_CODEBOOK_FILE,
+                   {"sha256": codebook_fingerprint(codebook), "codes_dir": paths.name(codes_dir)})
+
+
+def check_trained_codebook(workdir: str, codebook: np.ndarray, codes_dir: str) -> bool:
+  """ValueError unless `codebook` (of `codes_dir`) is the one the stage-2 model in `workdir` was trained on; False
+  when the run records none (a run from before this check), True when it matches.
+
+  Re-encoding a code dataset with another stage-1 model (a stage 1 trained further, another artifact) keeps its
+  shape and K, so nothing else notices: the model would resume on codes whose ids now mean other vectors, and
+  sampling would decode its codes with another RQ-VAE. The stage-2 trainer records the fingerprint
+  (`record_trained_codebook`); the trainer, when it resumes, and the sampler compare it.
+  """
+  path = paths.path(workdir) / TRAINED_CODEBOOK_FILE
+  if not path.exists():
+    return False
+  saved = json.loads(path.read_text())
+  fingerprint = codebook_fingerprint(codebook)
+  if saved.get("sha256") != fingerprint:
+    raise ValueError(f"the codebook of {codes_dir} is not the one the stage-2 model in {workdir} was trained on "
+                     f"(it was {saved.get('codes_dir')}'s, fingerprint {str(saved.get('sha256'))[:12]}; now "
+                     f"{fingerprint[:12]}): the codes were re-encoded with another stage-1 model. Train stage 2 "
+                     "anew in another workdir, or point data.codes_dir at the codes it was trained on")
+  return True
 
 
 class CodeSource(grain.sources.RandomAccessDataSource):

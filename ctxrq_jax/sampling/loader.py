@@ -76,7 +76,9 @@ class Stage2Model:
     self.model = transformer.from_run_config(self.config)
     self.mesh = mesh if mesh is not None else inference_mesh()
     self.params, self.step, self.params_name = restore_params(workdir, self.config, self.mesh, use_ema=use_ema)
-    self.codebook = jnp.asarray(codes_lib.load_codebook(self.config.data.codes_dir), jnp.float32)
+    codebook = codes_lib.load_codebook(self.config.data.codes_dir)
+    codes_lib.check_trained_codebook(workdir, codebook, self.config.data.codes_dir)
+    self.codebook = jnp.asarray(codebook, jnp.float32)
     self.code_shape = tuple(int(v) for v in self.config.data.code_shape)
     self.decoder = artifact.CodeDecoder(self.config.data.stage1_dir, batch_size=decode_batch_size)
     if self.decoder.code_shape != self.code_shape:
@@ -86,6 +88,11 @@ class Stage2Model:
     if self.decoder.model.codebook_size != vocab:
       raise ValueError(f"stage-1 artifact {self.config.data.stage1_dir} has K={self.decoder.model.codebook_size} "
                        f"codes, the stage-2 run was trained on K={vocab}")
+    decoder_codebook = np.asarray(self.decoder.variables["quantizer"]["codebook"], np.float32)
+    if codes_lib.codebook_fingerprint(decoder_codebook) != codes_lib.codebook_fingerprint(codebook):
+      raise ValueError(f"stage-1 artifact {self.config.data.stage1_dir} is not the RQ-VAE that encoded "
+                       f"{self.config.data.codes_dir} (their codebooks differ): its decoder would draw other images "
+                       "from the sampled codes")
 
   def tokenizer(self) -> Any:
     """The run's caption tokenizer (`config.data.tokenizer_dir`, or `tokenizer_dir` set on this object),

@@ -492,15 +492,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   t = config.train
   paths.path(workdir).mkdir(parents=True, exist_ok=True)
 
-  codebook = jax.device_put(codes_lib.load_codebook(config.data.codes_dir, meta).astype(np.float32),
-                            sharding.replicated(mesh))
+  host_codebook = codes_lib.load_codebook(config.data.codes_dir, meta).astype(np.float32)
+  codebook = jax.device_put(host_codebook, sharding.replicated(mesh))
   train_iter = _code_iterator(config, config.data.train_split, global_batch // jax.process_count(), train=True)
   ckpt = checkpoint.Checkpointer(paths.path(workdir) / "checkpoints", max_to_keep=int(t.keep_checkpoints),
                                  save_interval_steps=int(t.ckpt_every))
   abstract, state_shardings = _abstract_state(programs.init, mesh, rules)
-  if ckpt.latest_step() is not None:  # before config.json is overwritten
+  resuming = ckpt.latest_step() is not None
+  if resuming:  # before config.json is overwritten
     check_resume_config(config, workdir)
     configlib.check_resumable(ckpt, abstract, workdir)
+  known = resuming and codes_lib.check_trained_codebook(workdir, host_codebook, config.data.codes_dir)
+  if not known and host.is_chief():
+    codes_lib.record_trained_codebook(workdir, host_codebook, config.data.codes_dir)
   configlib.save_snapshot(config, workdir, write=host.is_chief())
 
   # ---- state: restored into its shardings, or initialised sharded

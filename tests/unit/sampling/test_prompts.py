@@ -97,6 +97,15 @@ def test_sample_prompts_end_to_end(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="is not the one .* was encoded with"):
     loaded.tokenizer()
   loaded.tokenizer_dir = None
+  # A stage-1 artifact other than the one that encoded the codes (another codebook) would decode other images.
+  other_variables = jax.jit(rqvae.init_variables, static_argnums=0)(model1, jax.random.key(1))
+  artifact_lib.save_artifact(str(tmp_path / "other_rqvae"), s1.model, other_variables)
+  mismatched = config.copy_and_resolve_references()
+  with mismatched.unlocked():
+    mismatched.data.stage1_dir = str(tmp_path / "other_rqvae")
+  configlib.save_snapshot(mismatched, str(tmp_path / "mismatched"))
+  with pytest.raises(ValueError, match="is not the RQ-VAE that encoded"):
+    loader.Stage2Model(str(tmp_path / "mismatched"))
   np.testing.assert_array_equal(decoder.null_cond(loaded.model, np.ones((2, 8), np.int32)), np.zeros((2, 8)))
   prompts = ["a red dog", "a green house"]
   revise = logits.PhaseSettings(temperature=0.8, guidance_scale=1.5)

@@ -1,7 +1,9 @@
 """Stage-2 trainer: validation before compiling, learning, bit-exact resume (also under the production threefry PRNG),
 non-finite handling and gradient accumulation. SIGTERM in a real process: tests/integration/test_preemption.py."""
 
+import json
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -134,6 +136,18 @@ def test_learns_and_resumes_bit_exact(stage2_codes_dir, tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match=r"opt_state\.\S+: saved \[[\d, ]*\] float32, now \[[\d, ]*\] bfloat16"):
     train.train_and_evaluate(_config(codes_dir, model__param_dtype="bfloat16"), str(tmp_path / "full"))
   assert (tmp_path / "full" / "config.json").read_text() == saved
+  # So are codes re-encoded with another stage-1 model (same shape and K, another codebook), and the sampler
+  # refuses them too.
+  other = tmp_path / "reencoded"
+  shutil.copytree(codes_dir, other)
+  codebook = codes_lib.load_codebook(str(other))
+  np.save(other / codes_lib.CODEBOOK_FILE, codebook + np.float32(0.5))
+  with pytest.raises(ValueError, match=r"the codebook of .*reencoded is not the one the stage-2 model in .*full was "
+                                       r"trained on"):
+    train.train_and_evaluate(_config(str(other)), str(tmp_path / "full"))
+  assert (tmp_path / "full" / "config.json").read_text() == saved
+  assert json.loads((tmp_path / "full" / codes_lib.TRAINED_CODEBOOK_FILE).read_text())["sha256"] == (
+      codes_lib.codebook_fingerprint(codebook))
   assert '"codes_dir": "%s"' % os.path.abspath(codes_dir) in saved  # usable from any directory
 
 
