@@ -129,13 +129,16 @@ def write_code_dataset(out_dir: Any, *, code_shape=(2, 3, 4), codebook_size: int
   return codebook, data
 
 
-def write_stage2_codes(out_dir: Any) -> str:
+def write_stage2_codes(out_dir: Any, codebook: Any = None) -> str:
   """The code dataset `tiny_stage2_config` trains on: 4x4x4 codes, K 64, n_z 16, 10 classes; 8 training examples
   (two batches of 4, so a run sees the same few examples again and again) and 4 validation examples. Each record
   holds two views, the codes and their mirror image ('center', 'flip'): the tiny config's `data.random_view` draws
-  one per example (stage-2 augmentation), evaluation reads the first."""
+  one per example (stage-2 augmentation), evaluation reads the first. `codebook` [64, 16]: a stage-1 model's (so
+  its decoder may decode the samples); default random (the same codes either way)."""
   rng = np.random.default_rng(0)
-  with codes_lib.CodeDatasetWriter(out_dir, code_shape=(4, 4, 4), codebook=rng.normal(size=(64, 16)).astype(np.float32),
+  random_codebook = rng.normal(size=(64, 16)).astype(np.float32)
+  codebook = random_codebook if codebook is None else np.asarray(codebook, np.float32)
+  with codes_lib.CodeDatasetWriter(out_dir, code_shape=(4, 4, 4), codebook=codebook,
                                    num_classes=10, source="synthetic", views=("center", "flip")) as w:
     for split, n in (("train", 8), ("validation", 4)):
       codes = rng.integers(0, 64, (n, 4, 4, 4))

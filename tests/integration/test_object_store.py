@@ -92,8 +92,10 @@ def test_checkpoint_commit_marker_checksums_and_fallback(gcs):
 
 
 class _StubDecoder:
-  """What `runner.write_samples_npz` needs of a loaded run: code_shape and images (a fixed function of the codes)."""
+  """What `runner.write_samples_npz` needs of a loaded run: code_shape, resolution and images (a fixed function of
+  the codes)."""
   code_shape = (2, 2, 1)
+  resolution = 2
 
   def images(self, codes, *, uint8=False, out=None):
     img = np.repeat(np.asarray(codes).reshape(len(codes), 2, 2, 1), 3, -1).astype(np.uint8)
@@ -168,7 +170,8 @@ def test_encode_train_resume_fallback_and_sample_in_a_bucket(gcs, monkeypatch):
 
   # Stage 2 as stage2/test_trainer.py trains it (the same programs: one layer per stack), with its codes and workdir
   # in the bucket.
-  config = helpers.tiny_stage2_config(helpers.write_stage2_codes(gcs.url("codes")), data__stage1_dir=artifact,
+  codes = helpers.write_stage2_codes(gcs.url("codes"), codebook=variables["quantizer"]["codebook"])
+  config = helpers.tiny_stage2_config(codes, data__stage1_dir=artifact,
                                       model__spatial_layers=1, model__depth_layers=1)
   config.lock()
   full = stage2_trainer.train_and_evaluate(config, gcs.url("full"))
