@@ -69,14 +69,38 @@ def error(message: Any, code: int = _ERROR_EXIT) -> None:
   sys.exit(code)
 
 
+def _last_line(text: Any) -> str:
+  lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+  return lines[-1] if lines else ""
+
+
+def _check_config_flags(argv: Sequence[str]) -> None:
+  """ml_collections defers a config file's load error until the config is first used (a traceback deep inside the
+  command, after hours of stage-1 training in the demo's case): report it now, naming the flag and the file."""
+  for name in flags.FLAGS:
+    flag = flags.FLAGS[name]
+    value = getattr(flag, "_value", None)
+    if type(value).__name__ == "_ErrorConfig":  # ml_collections' placeholder for a config that failed to load
+      given = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")), "")
+      error(f"--{name}={given} could not be loaded: {_last_line(getattr(value, '_error', ''))}")
+
+
 def _parse_flags(argv: Sequence[str]) -> list[str]:
   try:
-    return flags.FLAGS(list(argv))
+    rest = flags.FLAGS(list(argv))
   except flags.Error as e:
+    text = str(e)
+    if "Traceback (most recent call last)" in text:  # a config file's own error: the flag, then what it raised
+      error(f"{text.splitlines()[0]} {_last_line(text)}")
     error(e)
+  except (AttributeError, KeyError) as e:  # a --config.a.b=... override naming no key of the (locked) config
+    error(f"a config override names no config key: {' '.join(str(e).replace(chr(92) + 'n', ' ').split())}")
   except Exception as e:  # noqa: BLE001 - e.g. a --config file that is not Python fails inside its parser
-    error(f"could not parse the command line ({type(e).__name__}: {e}); a --config must be a Python file "
-          "with get_config(), e.g. configs/demo.py")
+    error(f"could not parse the command line ({type(e).__name__}: {_last_line(e)}); a --config must be a Python "
+          "file with get_config(), e.g. configs/demo.py")
+  else:
+    _check_config_flags(argv)
+    return rest
   return []
 
 

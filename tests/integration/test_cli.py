@@ -94,3 +94,14 @@ def test_sample_refuses_settings_that_would_repeat_or_lose_samples(tmp_path, fla
   out = subprocess.run([sys.executable, "-m", "ctxrq_jax.sample", f"--workdir={tmp_path}", flag],
                        capture_output=True, text=True, timeout=60, check=False, cwd=REPO)
   assert out.returncode == 2 and re.search(message, out.stderr.strip().splitlines()[-1]), out.stderr
+
+
+@pytest.mark.parametrize("config, message", [
+    ("/no/such/config.py", r"^error: --config=/no/such/config.py could not be loaded: \[Errno 2\] No such file"),
+    ("configs/rqvae_mnist.py:nope", r"^error: flag --config=configs/rqvae_mnist.py:nope: .*unknown argument 'nope'")])
+def test_a_config_that_cannot_load_is_one_line_before_any_work(config, message):
+  # ml_collections defers a missing file's error to the config's first use (a traceback after stage 1 in the demo).
+  out = subprocess.run([sys.executable, "-m", "ctxrq_jax.train_rqvae", f"--config={config}", "--workdir=x"],
+                       capture_output=True, text=True, timeout=60, check=False, cwd=REPO)
+  assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+  assert re.search(message, out.stderr.strip()), out.stderr
