@@ -43,10 +43,10 @@ def define_flags() -> None:
                     "crop (a random crop, as stage-1 training draws it), crop_flip, dalle (the official "
                     "text-to-image training crop); e.g. center,flip or center,dalle,dalle,dalle.")
   flags.DEFINE_integer("view_seed", 0, "encode, captions: seed of the random views.")
-  flags.DEFINE_bool("overwrite", False, "encode: replace an existing code dataset.")
+  flags.DEFINE_bool("overwrite", False, "encode, captions: replace an existing code dataset; decode: an existing PNG.")
   flags.DEFINE_string("codes_dir", None, "decode: code dataset to read.")
   flags.DEFINE_string("split", "test", "decode: split to read.")
-  flags.DEFINE_integer("num", 64, "decode: how many code maps to decode into the grid.")
+  flags.DEFINE_integer("num", 64, "decode: how many code maps to decode into the grid.", lower_bound=1)
   flags.DEFINE_string("tokenizer", None, "captions: tokenizer directory (a bpe-16k-vocab.json/merges.txt pair).")
   flags.DEFINE_string("webdataset", None, "captions: 'split=GLOB[,GLOB];split=GLOB' tar shards from img2dataset.")
   flags.DEFINE_string("parquet", None, "captions: 'split=GLOB;split=GLOB' parquet shards from img2dataset "
@@ -73,6 +73,7 @@ def main(argv: list[str]) -> None:
   host.setup_host()
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.core import grids  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.data import codes as code_data  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.models import artifact  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.stage1 import encode  # pylint: disable=g-import-not-at-top
@@ -83,6 +84,9 @@ def main(argv: list[str]) -> None:
   if argv[1] == "encode":
     if FLAGS.config is None:
       raise app.UsageError("encode needs --config (a stage-1 config file, for its data section)")
+    if "image_size" not in FLAGS.config.get("data", {}):
+      raise app.UsageError("--config must be a stage-1 config (its data section describes the images: "
+                           "e.g. configs/rqvae_imagenet.py); this one has no data.image_size")
     meta = encode.encode_dataset(FLAGS.artifact, FLAGS.config.data, FLAGS.out, FLAGS.splits,
                                  batch_size=FLAGS.batch_size, num_shards=FLAGS.num_shards, overwrite=FLAGS.overwrite,
                                  views=FLAGS.views, view_seed=FLAGS.view_seed, max_examples=FLAGS.max_examples)
@@ -92,6 +96,10 @@ def main(argv: list[str]) -> None:
     return
   if not FLAGS.codes_dir:
     raise app.UsageError("decode needs --codes_dir")
+  if not FLAGS.out or not FLAGS.out.lower().endswith(".png"):
+    raise app.UsageError(f"decode writes a PNG: --out must name a .png file, got {FLAGS.out!r}")
+  if paths.path(FLAGS.out).exists() and not FLAGS.overwrite:
+    raise app.UsageError(f"{FLAGS.out} exists; pass --overwrite to replace it")
   codes, _ = code_data.load_codes(FLAGS.codes_dir, FLAGS.split)
   images = artifact.CodeDecoder(FLAGS.artifact, batch_size=FLAGS.batch_size).images(codes[:FLAGS.num])
   print("wrote", grids.save_grid(FLAGS.out, images, ncols=int(np.ceil(np.sqrt(len(images)))), scale=2))
@@ -119,6 +127,9 @@ def _captions() -> None:
     raise app.UsageError("captions needs --tokenizer (train one with `python -m ctxrq_jax.tokenize train`)")
   if sum(map(bool, (FLAGS.webdataset, FLAGS.parquet, FLAGS.tfds))) != 1:
     raise app.UsageError("captions needs exactly one of --webdataset, --parquet and --tfds")
+  if FLAGS["splits"].present and not FLAGS.tfds:
+    raise app.UsageError("--splits is for --tfds; with --webdataset / --parquet the splits are named in that flag "
+                         "('split=GLOB;split=GLOB')")
   tok = tokenizer.CaptionTokenizer.from_directory(FLAGS.tokenizer, context_length=FLAGS.context_length,
                                                   bpe_dropout=FLAGS.bpe_dropout)
   if FLAGS.webdataset or FLAGS.parquet:

@@ -54,7 +54,9 @@ def define_flags() -> None:
   flags.DEFINE_enum("resize", "pytorch_fid", ["pytorch_fid", "adm_tf1"], "fid/reference-stats: input resizing "
                     "(adm_tf1 against statistics the ADM evaluator computed).")
   flags.DEFINE_integer("batch_size", 64, "fid/reference-stats/clip: images per Inception or CLIP call (split over "
-                       "devices).")
+                       "devices).", lower_bound=1)
+  flags.DEFINE_bool("overwrite", False, "reference-stats/fid/clip/ablation: replace an existing output (the "
+                    "reference npz, the results JSON, ablation.json and its tables and plots).")
   flags.DEFINE_string("out_json", None, "fid/clip: where the results go (default SAMPLES with .fid.json / "
                       ".clip.json).")
   flags.DEFINE_string("weights", None, "clip: OpenAI's CLIP ViT-B-32.pt, or its converted directory "
@@ -64,28 +66,31 @@ def define_flags() -> None:
   flags.DEFINE_string("captions_file", None, "clip: one caption per line, line i for image i of --samples (instead "
                       "of the samples file's prompts).")
   flags.DEFINE_string("split", None, "reference-stats: the split of --config's data section (default eval_split).")
-  flags.DEFINE_integer("num_images", None, "reference-stats: at most this many images (default: the whole split).")
-  flags.DEFINE_integer("keep_images", 10_000, "reference-stats: images stored as arr_0 (precision/recall).")
+  flags.DEFINE_integer("num_images", None, "reference-stats: at most this many images (default: the whole split).",
+                       lower_bound=2)
+  flags.DEFINE_integer("keep_images", 10_000, "reference-stats: images stored as arr_0 (precision/recall).",
+                       lower_bound=0)
   flags.DEFINE_string("out", None, "reference-stats: the reference npz to write.")
   flags.DEFINE_string("workdir", None, "stage2/samples/ablation: stage-2 workdir.")
-  flags.DEFINE_integer("num_draws", 4, "stage2: masks drawn per held-out example.")
+  flags.DEFINE_integer("num_draws", 4, "stage2: masks drawn per held-out example.", lower_bound=1)
   flags.DEFINE_integer("samples_per_class", None, "samples/ablation: images per class in every scored set "
-                       "(default 50 for samples, 20 for ablation; at most the held-out digits per class, 50).")
+                       "(default 50 for samples, 20 for ablation; at most the held-out digits per class, 50).",
+                       lower_bound=1)
   flags.DEFINE_integer("classifier_steps", 400, "samples/ablation/text_samples: training steps of the digit CNN "
-                       "judge.")
+                       "judge.", lower_bound=1)
   flags.DEFINE_string("out_dir", None, "ablation: where ablation.md, ablation.json and the plots go "
                       "(default WORKDIR/../ablation).")
   flags.DEFINE_list("t_drafts", ["4", "8", "16", "32", "64"], "ablation: T_draft values of Fig. 4a.")
   flags.DEFINE_list("timed_t_drafts", ["8", "32", "64"], "ablation: T_draft values of Table 4 (timed).")
   flags.DEFINE_list("t_revises", ["1", "2", "4", "8"], "ablation: T_revise values of Fig. 4c.")
-  flags.DEFINE_integer("max_revisions", 4, "ablation: M runs from 0 to this in Fig. 4b.")
+  flags.DEFINE_integer("max_revisions", 4, "ablation: M runs from 0 to this in Fig. 4b.", lower_bound=0)
   flags.DEFINE_list("guidance_scales", ["0", "0.5", "1", "1.8", "3"], "ablation: revise guidance scales.")
   flags.DEFINE_list("revise_temperatures", [], "ablation: the guidance sweep at each of these revise temperatures "
                     "(default: the run's).")
   flags.DEFINE_list("tables", ["table3", "table4", "fig4a", "fig4b", "fig4c", "guidance"],
                     "ablation: which tables to make.")
-  flags.DEFINE_integer("num_prompts", 100, "text_samples: held-out captions used as prompts.")
-  flags.DEFINE_integer("samples_per_prompt", 2, "text_samples: samples per prompt.")
+  flags.DEFINE_integer("num_prompts", 100, "text_samples: held-out captions used as prompts.", lower_bound=1)
+  flags.DEFINE_integer("samples_per_prompt", 2, "text_samples: samples per prompt.", lower_bound=1)
   flags.DEFINE_integer("seed", 0, "Seed for masks / sampling.")
 
 
@@ -98,6 +103,9 @@ def main(argv: list[str]) -> None:
   if argv[1] == "rqvae":
     if not FLAGS.artifact or FLAGS.config is None:
       raise app.UsageError("rqvae needs --artifact and --config (a stage-1 config, for its data section)")
+    _require_stage1_config()
+    if int(FLAGS.config.data.eval_examples) < 1:
+      raise app.UsageError(f"config.data.eval_examples must be >= 1, got {FLAGS.config.data.eval_examples}")
     from ctxrq_jax.models import artifact  # pylint: disable=g-import-not-at-top
     from ctxrq_jax.stage1 import reconstruction  # pylint: disable=g-import-not-at-top
     from ctxrq_jax.models import lpips_weights  # pylint: disable=g-import-not-at-top
@@ -128,7 +136,8 @@ def main(argv: list[str]) -> None:
   elif argv[1] == "samples":
     from ctxrq_jax.evaluation import digits  # pylint: disable=g-import-not-at-top
     print(digits.format_sample_results(digits.evaluate_samples(
-        FLAGS.workdir, samples_per_class=FLAGS.samples_per_class or 50, seed=FLAGS.seed,
+        FLAGS.workdir, samples_per_class=50 if FLAGS.samples_per_class is None else FLAGS.samples_per_class,
+        seed=FLAGS.seed,
         classifier_steps=FLAGS.classifier_steps)))
   else:
     from ctxrq_jax.evaluation import ablation  # pylint: disable=g-import-not-at-top
@@ -137,11 +146,13 @@ def main(argv: list[str]) -> None:
                              t_revises=_ints(FLAGS.t_revises), max_revisions=FLAGS.max_revisions,
                              guidance_scales=_floats(FLAGS.guidance_scales), tables=FLAGS.tables,
                              revise_temperatures=_floats(FLAGS.revise_temperatures))
-    evaluator = digits.SampleEvaluator(FLAGS.workdir, per_class=FLAGS.samples_per_class or 20,
-                                       classifier_steps=FLAGS.classifier_steps, seed=FLAGS.seed)
-    results = ablation.run(evaluator, sweeps, seed=FLAGS.seed)
     from ctxrq_jax.core import paths as fs  # pylint: disable=g-import-not-at-top
     out_dir = FLAGS.out_dir or str(fs.path(FLAGS.workdir).parent / "ablation")
+    _refuse_existing(str(fs.path(out_dir) / "ablation.json"))
+    evaluator = digits.SampleEvaluator(FLAGS.workdir,
+                                       per_class=20 if FLAGS.samples_per_class is None else FLAGS.samples_per_class,
+                                       classifier_steps=FLAGS.classifier_steps, seed=FLAGS.seed)
+    results = ablation.run(evaluator, sweeps, seed=FLAGS.seed)
     paths = ablation.write(results, out_dir)
     print(ablation.format_report(results))
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))
@@ -161,6 +172,12 @@ def _fid_commands(command: str) -> None:
     missing.append("--config")
   if missing:
     raise app.UsageError(f"{command} needs {', '.join(missing)}")
+  if command == "reference-stats":
+    _require_stage1_config()
+    _refuse_existing(FLAGS.out)
+  else:
+    out_json = FLAGS.out_json or os.path.splitext(FLAGS.samples)[0] + ".fid.json"  # a string: also for gs://
+    _refuse_existing(out_json)
   extractor = inception_features.InceptionFeatureExtractor(inception_convert.load_variables(FLAGS.inception),
                                                            batch_size=FLAGS.batch_size, resize=FLAGS.resize)
   if command == "fid":
@@ -169,7 +186,6 @@ def _fid_commands(command: str) -> None:
     progress = reporting.Progress("inception features", total, unit="images")
     results = fid.evaluate(extractor, FLAGS.samples, FLAGS.reference, progress=progress.update)
     progress.close()
-    out_json = FLAGS.out_json or os.path.splitext(FLAGS.samples)[0] + ".fid.json"  # a string: also for gs://
     paths.write_json(out_json, {"samples": FLAGS.samples, "reference": FLAGS.reference, "resize": FLAGS.resize,
                                 **results}, indent=1)
     print(fid.format_results(results, samples=FLAGS.samples, reference=FLAGS.reference))
@@ -180,7 +196,7 @@ def _fid_commands(command: str) -> None:
   data = FLAGS.config.data
   split = FLAGS.split or data.eval_split
   total = image_data.dataset_info(data, split)[0]
-  if FLAGS.num_images:
+  if FLAGS.num_images is not None:
     total = min(total, FLAGS.num_images)
   progress = reporting.Progress("reference-stats", total, unit="images")
 
@@ -215,6 +231,8 @@ def _clip_command() -> None:
     raise app.UsageError("clip needs --samples (a samples npz)")
   if not FLAGS.weights:
     raise app.UsageError("clip needs --weights: " + clip_convert.weights_missing_message("(not given)"))
+  out_json = FLAGS.out_json or os.path.splitext(FLAGS.samples)[0] + ".clip.json"
+  _refuse_existing(out_json)
   vocab = clip_tokenizer.require_vocab_file(FLAGS.clip_vocab)
   config, params = clip_convert.load_variables(FLAGS.weights)
   tokenizer = clip_tokenizer.CLIPTokenizer(vocab, context_length=config.context_length)
@@ -224,11 +242,24 @@ def _clip_command() -> None:
   results = clip_score.evaluate(embedder, tokenizer, FLAGS.samples, captions_file=FLAGS.captions_file,
                                 progress=progress.update)
   progress.close()
-  out_json = FLAGS.out_json or os.path.splitext(FLAGS.samples)[0] + ".clip.json"
   paths.write_json(out_json, {"samples": FLAGS.samples, "weights": FLAGS.weights,
                               "captions_file": FLAGS.captions_file, **results}, indent=1)
   print(clip_score.format_results(results, samples=FLAGS.samples))
   print(f"json: {out_json}")
+
+
+def _refuse_existing(path: str) -> None:
+  """UsageError when `path` exists and --overwrite is off: an earlier result is never replaced unasked."""
+  from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
+  if paths.path(path).exists() and not FLAGS.overwrite:
+    raise app.UsageError(f"{path} exists (an earlier result); pass --overwrite to replace it, or choose another "
+                         "output")
+
+
+def _require_stage1_config() -> None:
+  if "image_size" not in FLAGS.config.get("data", {}):
+    raise app.UsageError("--config must be a stage-1 config (its data section describes the images: "
+                         "e.g. configs/rqvae_imagenet.py); this one has no data.image_size")
 
 
 def _ints(values: list[str]) -> list[int]:

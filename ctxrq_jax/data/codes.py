@@ -290,7 +290,7 @@ class CodeDatasetWriter:
     meta_path = paths.path(self._dir) / METADATA_FILE
     if meta_path.exists():
       if not overwrite:
-        raise ValueError(f"{self._dir} already holds a code dataset; pass overwrite=True to replace it")
+        raise ValueError(f"{self._dir} already holds a code dataset; pass overwrite=True (--overwrite) to replace it")
       if self._process_index == 0:
         meta_path.unlink()  # First, so a crash below cannot leave old metadata describing new shards.
     paths.path(self._dir).mkdir(parents=True, exist_ok=True)

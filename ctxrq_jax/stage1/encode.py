@@ -42,6 +42,14 @@ from ctxrq_jax.models import artifact
 from ctxrq_jax.models import rqvae
 
 
+def _check_counts(**counts: Any) -> None:
+  """ValueError naming the first count that is not a positive integer (None allowed): checked before the writer
+  replaces an existing data set, so a mistyped flag never costs the old one."""
+  for name, value in counts.items():
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def encode_dataset(artifact_dir: str, data_cfg: ml_collections.ConfigDict, out_dir: str, splits: Sequence[str], *,
                    batch_size: int = 256, num_shards: int = 1, overwrite: bool = False,
                    max_examples: int | None = None, views: Sequence[str] = ("center",),
@@ -63,6 +71,9 @@ def encode_dataset(artifact_dir: str, data_cfg: ml_collections.ConfigDict, out_d
   Returns:
     the written metadata.
   """
+  _check_counts(batch_size=batch_size, num_shards=num_shards, max_examples=max_examples)
+  if len(set(splits)) != len(splits):
+    raise ValueError(f"splits must be distinct, got {list(splits)}")
   process_index, process_count = jax.process_index(), jax.process_count()
   model, variables = artifact.load_artifact(artifact_dir)
   if int(data_cfg.image_size) != model.resolution or int(data_cfg.channels) != model.in_channels:
@@ -162,6 +173,11 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
   process_index, process_count = jax.process_index(), jax.process_count()
   if isinstance(caption_variants, bool) or not isinstance(caption_variants, (int, np.integer)) or caption_variants < 1:
     raise ValueError(f"caption_variants must be a positive integer, got {caption_variants!r}")
+  _check_counts(batch_size=batch_size, num_shards=num_shards, max_examples=max_examples)
+  unknown = sorted(set(train_splits) - set(sources))
+  if unknown:
+    raise ValueError(f"train_splits {unknown} are not among the splits encoded ({sorted(sources)}): their captions "
+                     "would get no BPE dropout")
   variants = int(caption_variants) if tokenizer.bpe_dropout > 0 else 1  # without dropout every draw is the same
   views = code_data.check_views(list(views))
   model, variables = artifact.load_artifact(artifact_dir)
