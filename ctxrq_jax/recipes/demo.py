@@ -27,6 +27,7 @@ from ctxrq_jax.core import config as configlib
 from ctxrq_jax.core import paths as fs
 from ctxrq_jax.core import reporting
 from ctxrq_jax.data import captions as captions_lib
+from ctxrq_jax.data import codes as code_data
 from ctxrq_jax.data import digit_captions
 from ctxrq_jax.data import images as image_data
 from ctxrq_jax.data import mnist
@@ -74,6 +75,35 @@ def _stage2(stage2_config: ml_collections.ConfigDict, stage2_dir: str, data: Any
   return stage2_trainer.train_and_evaluate(stage2_config, stage2_dir), stage2_dir, time.time() - t0
 
 
+def _check_replaceable_codes(codes_dir: str, artifact_dir: str, *, text: bool) -> None:
+  """The demo re-encodes its codes every run (stage 1 may have trained further); it replaces only a code dataset it
+  wrote itself, from this workdir's stage-1 artifact. ValueError for anything else found there."""
+  if not (fs.path(codes_dir) / code_data.METADATA_FILE).exists():
+    return
+  meta = code_data.read_metadata(codes_dir)
+  source = meta.source if isinstance(meta.source, dict) else {}
+  if source.get("stage1_artifact") != fs.name(artifact_dir) or meta.is_text != text:
+    raise ValueError(f"{codes_dir} holds a code dataset the demo did not write (from "
+                     f"{source.get('stage1_artifact', 'another source')}); move it or use another --workdir")
+
+
+def _clear_demo_tokenizer(tokenizer_dir: str, vocab_size: int) -> None:
+  """Removes the demo's own BPE pair from `tokenizer_dir` (retrained each run from the same captions: the same
+  files); ValueError when the directory holds anything else."""
+  directory = fs.path(tokenizer_dir)
+  if not directory.is_dir():
+    return
+  prefix = tokenizer_lib.default_prefix(vocab_size)
+  ours = {prefix + tokenizer_lib.VOCAB_SUFFIX, prefix + tokenizer_lib.MERGES_SUFFIX}
+  other = sorted(p.name for p in directory.iterdir() if p.name not in ours)
+  if other:
+    raise ValueError(f"{tokenizer_dir} holds files the demo did not write ({', '.join(other[:3])}); move them or "
+                     "use another --workdir")
+  for name in ours:
+    if (directory / name).exists():
+      (directory / name).unlink()
+
+
 def run(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collections.ConfigDict, workdir: str,
         samples_per_class: int, views: tuple[str, ...] = ("center",),
         max_examples: int | None = None) -> dict[str, Any]:
@@ -93,6 +123,7 @@ def run(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collections.
   t0 = time.time()
   codes_dir = str(fs.path(workdir) / "codes")
   d = stage1_config.data
+  _check_replaceable_codes(codes_dir, artifact_dir, text=False)
   encode.encode_dataset(artifact_dir, d, codes_dir, [d.train_split, d.eval_split], overwrite=True, views=views,
                         max_examples=max_examples)
   timings["encode"] = time.time() - t0
@@ -170,8 +201,9 @@ def run_text(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collect
   texts = {split: digit_captions.captions(labels, digit_captions.attribute_bins(pre, thresholds))
            for split, (_, pre, labels) in splits.items()}
   tokenizer_dir = str(fs.path(workdir) / TOKENIZER)
-  if fs.path(tokenizer_dir).is_dir():
-    fs.path(tokenizer_dir).rmtree()  # retrained each run from the same captions: the same files
+  codes_dir = str(fs.path(workdir) / TEXT_CODES)
+  _check_replaceable_codes(codes_dir, artifact_dir, text=True)
+  _clear_demo_tokenizer(tokenizer_dir, int(stage2_config.model.cond_vocab_size))
   tokenizer_lib.train_tokenizer(texts[d.train_split], tokenizer_dir,
                                 vocab_size=int(stage2_config.model.cond_vocab_size))
   tok = tokenizer_lib.CaptionTokenizer.from_directory(tokenizer_dir,
@@ -182,7 +214,6 @@ def run_text(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collect
     return lambda stats: (captions_lib.CaptionExample(f"{split}[{i}]", raw[i], (texts[split][i],))
                           for i in range(len(raw)))
 
-  codes_dir = str(fs.path(workdir) / TEXT_CODES)
   encode.encode_captions(artifact_dir, {s: source(s) for s in splits}, codes_dir, tok, train_splits=(d.train_split,),
                          overwrite=True, resize=str(d.resize), totals={s: len(v[0]) for s, v in splits.items()},
                          source_description={"digits": "embedded_mnist", "thresholds": thresholds.to_json()})

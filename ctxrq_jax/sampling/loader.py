@@ -73,6 +73,8 @@ class Stage2Model:
     self.workdir = workdir
     self.tokenizer_dir: Optional[str] = None  # overrides config.data.tokenizer_dir (text-to-image runs)
     self.config = configlib.load_snapshot(workdir)
+    if "code_shape" not in self.config.get("data", {}):
+      raise ValueError(f"{workdir} is not a stage-2 run (its config has no data.code_shape: a stage-1 workdir?)")
     self.model = transformer.from_run_config(self.config)
     self.mesh = mesh if mesh is not None else inference_mesh()
     self.params, self.step, self.params_name = restore_params(workdir, self.config, self.mesh, use_ema=use_ema)

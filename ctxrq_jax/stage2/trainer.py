@@ -475,6 +475,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ---- validate everything before compiling
   validate_config(config)
   config = configlib.absolute_paths(config, "data", ("codes_dir", "stage1_dir"))
+  if config.data.stage1_dir and not paths.path(config.data.stage1_dir).exists():
+    raise ConfigError(f"config.data.stage1_dir {config.data.stage1_dir} does not exist (the RQ-VAE artifact that "
+                      "decodes this run's samples)")
   meta = codes_lib.read_metadata(config.data.codes_dir)
   if config.data.random_view:
     log.info("Training on one of %d stored view(s) per example: %s", meta.num_views, ", ".join(meta.views))

@@ -65,8 +65,11 @@ def test_bad_config_fails_before_compiling(stage2_codes_dir, tmp_path):
     train.train_and_evaluate(_config(codes_dir, train__nonfinite="ignore"), str(tmp_path / "f"))
   with pytest.raises(ConfigError, match="config.data.codes_dir is empty"):
     train.train_and_evaluate(_config("", ), str(tmp_path / "g"))
+  # A misspelt RQ-VAE path used to surface only when the finished run was sampled.
+  with pytest.raises(ConfigError, match=r"config.data.stage1_dir .*rqvea does not exist"):
+    train.train_and_evaluate(_config(codes_dir, data__stage1_dir=str(tmp_path / "rqvea")), str(tmp_path / "h"))
   # Nothing was compiled or written: validation precedes the workdir.
-  assert not any((tmp_path / n).exists() for n in "abcdefg")
+  assert not any((tmp_path / n).exists() for n in "abcdefgh")
 
 
 def test_programs_are_kept_per_config_and_prng(stage2_codes_dir):
