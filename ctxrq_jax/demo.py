@@ -57,6 +57,8 @@ def main(argv: list[str]) -> None:
                            "for --task=text pass --stage2_config=configs/demo_text.py before them")
     stage2 = demo.default_text_configs()[1]
   samples_per_class, max_examples = FLAGS.samples_per_class, FLAGS.max_examples
+  if samples_per_class < 1:  # checked now, not after the training stages
+    raise app.UsageError(f"--samples_per_class must be >= 1, got {samples_per_class}")
   if max_examples is not None and text:
     raise app.UsageError("--max_examples is for --task=class; the text demo encodes every digit")
   if FLAGS.smoke:

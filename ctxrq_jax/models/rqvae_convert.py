@@ -413,6 +413,8 @@ def run(
     overwrite: replace an existing artifact.
   """
   checkpoint = paths.name(checkpoint)
+  if not paths.path(checkpoint).is_file():
+    raise ConversionError(f"checkpoint {checkpoint} does not exist")
   if config_path is None:
     config_path = str(paths.path(checkpoint).parent / "config.yaml")
   ref_config = read_reference_config(config_path)

@@ -38,7 +38,7 @@ def save(directory: str, state: Any, *, meta_file: str, meta: dict[str, Any], wh
   root = paths.path(directory)
   ckpt_dir = root / VARIABLES_DIR
   if ckpt_dir.exists() and not overwrite:
-    raise FileExistsError(f"{what} already exists at {directory} (pass overwrite=True to replace it)")
+    raise FileExistsError(f"{what} already exists at {directory} (pass overwrite=True, --overwrite, to replace it)")
   if jax.process_index() == 0 and (root / meta_file).exists():
     (root / meta_file).unlink()  # first: a failure below leaves no marker describing the new variables
   root.mkdir(parents=True, exist_ok=True)
