@@ -116,7 +116,7 @@ def run(state: Any, *, name: str, train_step: Callable[[Any, Any], tuple[Any, An
       checkpointer.close()
       writer.flush()
       raise FloatingPointError(
-          f"non-finite loss or gradient at step {bad[0]}; the update was not applied and training stopped "
+          f"non-finite loss or gradient at step {bad[0]}; training stopped without saving it "
           f"(train.nonfinite='stop'). Latest checkpoint: step {checkpointer.latest_step()} in "
           f"{checkpointer.directory}.")
     for step in bad:
