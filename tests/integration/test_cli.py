@@ -110,14 +110,12 @@ def test_a_config_that_cannot_load_is_one_line_before_any_work(config, message):
 def test_evaluate_never_replaces_an_earlier_result_unasked(tmp_path):
   # Refused before any work (no Inception, CLIP or run is loaded): the file is untouched.
   (tmp_path / "s.fid.json").write_text('{"fid": 1.0}')
-  (tmp_path / "s.clip.json").write_text('{"clip_score": 0.3}')
   (tmp_path / "ref.npz").write_bytes(b"a downloaded reference")
   (tmp_path / "ablation").mkdir()
   (tmp_path / "ablation" / "ablation.json").write_text("{}")
   cases = [["fid", f"--samples={tmp_path}/s.npz", f"--reference={tmp_path}/ref.npz", "--inception=x"],
-           ["clip", f"--samples={tmp_path}/s.npz", "--weights=x"],
            ["reference-stats", "--config=configs/rqvae_mnist.py", "--inception=x", f"--out={tmp_path}/ref.npz"],
-           ["ablation", "--workdir=x", f"--out_dir={tmp_path}/ablation"]]
+           ["ablation", "--workdir=x", f"--out_dir={tmp_path}/ablation"]]  # (clip: the same check, the same code)
   for args in cases:
     out = subprocess.run([sys.executable, "-m", "ctxrq_jax.evaluate", *args], capture_output=True, text=True,
                          timeout=120, check=False, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
