@@ -84,9 +84,8 @@ def main(argv: list[str]) -> None:
   if argv[1] == "encode":
     if FLAGS.config is None:
       raise app.UsageError("encode needs --config (a stage-1 config file, for its data section)")
-    if "image_size" not in FLAGS.config.get("data", {}):
-      raise app.UsageError("--config must be a stage-1 config (its data section describes the images: "
-                           "e.g. configs/rqvae_imagenet.py); this one has no data.image_size")
+    from ctxrq_jax.stage1 import trainer as stage1_trainer  # pylint: disable=g-import-not-at-top
+    stage1_trainer.require_stage1_config(FLAGS.config)
     meta = encode.encode_dataset(FLAGS.artifact, FLAGS.config.data, FLAGS.out, FLAGS.splits,
                                  batch_size=FLAGS.batch_size, num_shards=FLAGS.num_shards, overwrite=FLAGS.overwrite,
                                  views=FLAGS.views, view_seed=FLAGS.view_seed, max_examples=FLAGS.max_examples)

@@ -257,9 +257,8 @@ def _refuse_existing(path: str) -> None:
 
 
 def _require_stage1_config() -> None:
-  if "image_size" not in FLAGS.config.get("data", {}):
-    raise app.UsageError("--config must be a stage-1 config (its data section describes the images: "
-                         "e.g. configs/rqvae_imagenet.py); this one has no data.image_size")
+  from ctxrq_jax.stage1 import trainer as stage1_trainer  # pylint: disable=g-import-not-at-top
+  stage1_trainer.require_stage1_config(FLAGS.config)
 
 
 def _ints(values: list[str]) -> list[int]:

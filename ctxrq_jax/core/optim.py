@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from ctxrq_jax.core.config import ConfigError
@@ -47,6 +48,12 @@ def learning_rate_schedule(optim_cfg: Mapping[str, Any], num_steps: int,
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup])
   return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps=warmup, decay_steps=max(int(num_steps), warmup + 1),
                                             end_value=peak * float(optim_cfg["end_lr_ratio"]))
+
+
+def keep_where(ok: jax.Array, new: Any, old: Any) -> Any:
+  """`new` where the bool scalar `ok` holds, else `old`, leaf by leaf (two trees of one structure): an update that is
+  applied only when its step was finite, or only once a loss term is in use."""
+  return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
 def applied_updates(opt_state: Any) -> jax.Array:

@@ -167,6 +167,16 @@ def crop_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
   return new_h, new_w, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
 
 
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """uint8 [H, W, C] -> uint8 [height, width, C] by PIL's antialiased bilinear resize (torchvision's resize of a PIL
+  image); the image itself when it has that size already."""
+  h, w, c = image.shape
+  if (h, w) == (height, width):
+    return image
+  pil = Image.fromarray(image[..., 0] if c == 1 else image)
+  return np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR)).reshape(height, width, c)
+
+
 def preprocess_image(image: np.ndarray, *, image_size: int, channels: int, resize: str,
                      rng: np.random.Generator | None = None, random_crop: bool = False,
                      random_flip: bool = False) -> np.ndarray:
@@ -192,17 +202,12 @@ def preprocess_image(image: np.ndarray, *, image_size: int, channels: int, resiz
     image = canvas
   elif resize == "crop":
     new_h, new_w, top, left = crop_geometry(h, w, image_size)
-    if (new_h, new_w) != (h, w):
-      pil = Image.fromarray(image[..., 0] if c == 1 else image)
-      image = np.asarray(pil.resize((new_w, new_h), Image.Resampling.BILINEAR)).reshape(new_h, new_w, c)
+    image = _resize(image, new_h, new_w)
     if random_crop:
       top, left = int(rng.integers(0, new_h - image_size + 1)), int(rng.integers(0, new_w - image_size + 1))
     image = image[top:top + image_size, left:left + image_size]
   elif resize == "squash":
-    if (h, w) != (image_size, image_size):
-      pil = Image.fromarray(image[..., 0] if c == 1 else image)
-      image = np.asarray(pil.resize((image_size, image_size), Image.Resampling.BILINEAR)).reshape(
-          image_size, image_size, c)
+    image = _resize(image, image_size, image_size)
   else:
     raise ValueError(f"unknown resize mode {resize!r}; expected one of {RESIZE_MODES}")
   if random_flip and rng.random() < 0.5:
@@ -237,11 +242,7 @@ def dalle_view(image: np.ndarray, size: int, draw: tuple[int, int, int, int, int
   image) and final crop of `draw` (`dalle_draw`)."""
   off_h, off_w, t, top, left = draw
   s = min(image.shape[:2])
-  c = image.shape[-1]
-  square = image[off_h:off_h + s, off_w:off_w + s]
-  if (s, s) != (t, t):
-    pil = Image.fromarray(square[..., 0] if c == 1 else square)
-    square = np.asarray(pil.resize((t, t), Image.Resampling.BILINEAR)).reshape(t, t, c)
+  square = _resize(image[off_h:off_h + s, off_w:off_w + s], t, t)
   return square[top:top + size, left:left + size]
 
 

@@ -17,7 +17,7 @@ deterministic.
 
 `CaptionTokenizer.fingerprint` names the tokenizer by what it does (its id of every token and its merges in order,
 not the files' bytes): the caption encoder records it in the code dataset, and sampling refuses a tokenizer whose
-fingerprint differs from the one the model's captions were encoded with (`data.codes.check_tokenizer`).
+fingerprint differs from the one the model's captions were encoded with (`data.code_captions.check_tokenizer`).
 """
 
 from __future__ import annotations

@@ -90,8 +90,7 @@ class Stage2Model:
     if self.decoder.model.codebook_size != vocab:
       raise ValueError(f"stage-1 artifact {self.config.data.stage1_dir} has K={self.decoder.model.codebook_size} "
                        f"codes, the stage-2 run was trained on K={vocab}")
-    decoder_codebook = np.asarray(self.decoder.variables["quantizer"]["codebook"], np.float32)
-    if codes_lib.codebook_fingerprint(decoder_codebook) != codes_lib.codebook_fingerprint(codebook):
+    if not np.array_equal(np.asarray(self.decoder.variables["quantizer"]["codebook"], np.float32), codebook):
       raise ValueError(f"stage-1 artifact {self.config.data.stage1_dir} is not the RQ-VAE that encoded "
                        f"{self.config.data.codes_dir} (their codebooks differ): its decoder would draw other images "
                        "from the sampled codes")

@@ -69,6 +69,14 @@ def reference_config() -> ml_collections.ConfigDict:
   return configlib.load_config_file(REFERENCE_CONFIG)
 
 
+def require_stage1_config(config: ml_collections.ConfigDict) -> None:
+  """ConfigError unless `config` is a stage-1 config (its data section describes images); what a command checks
+  before it reads `config.data` for images (a stage-2 config there used to end in an AttributeError)."""
+  if "image_size" not in config.get("data", {}):
+    raise configlib.ConfigError("--config must be a stage-1 config (its data section describes the images: "
+                      "e.g. configs/rqvae_imagenet.py); this one has no data.image_size")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks the config's keys, and values that would otherwise fail deep inside a run; ConfigError names the key."""
   configlib.check_keys(config, reference_config())
@@ -202,8 +210,7 @@ class Stage1Trainer:
       # codebook, both optimizers and the discriminator keep their values. With 'stop' the loop raises at that step
       # before anything is saved, so the step needs no select (which changes how XLA fuses the update: the demo's
       # published figures come from the step without it).
-      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-      new_state = keep(new_state.replace(step=state.step), state).replace(step=state.step + 1)
+      new_state = optim.keep_where(finite, new_state, state.replace(step=new_state.step))
     metrics["finite"] = finite.astype(jnp.float32)
     return new_state, metrics
 
@@ -257,9 +264,9 @@ class Stage1Trainer:
     # Before disc_start the discriminator is not trained: its parameters and optimizer state (Adam's moments and the
     # schedule's count) stay as they were, so its warmup starts with it, as the reference steps its discriminator's
     # optimizer and scheduler only from then on.
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(factor > 0, a, b), new, old)  # noqa: E731
-    return (keep(optax.apply_updates(state.disc_params, updates), state.disc_params),
-            keep(d_opt, state.disc_opt_state), {"d_loss": d_loss})
+    in_use = factor > 0
+    return (optim.keep_where(in_use, optax.apply_updates(state.disc_params, updates), state.disc_params),
+            optim.keep_where(in_use, d_opt, state.disc_opt_state), {"d_loss": d_loss})
 
   # ---------------------------------------------------------------- eval
   def reconstruct(self, params: Any, quantizer: rq.CodebookState, x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -340,7 +340,7 @@ def make_train_step(model: transformer.ContextualRQTransformer, tx: optax.Gradie
       ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda a, c: jnp.where(finite, a, c), new, old)  # noqa: E731
+    keep = functools.partial(optim.keep_where, finite)
     new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                            opt_state=keep(opt_state, state.opt_state),
                            ema_params=None if ema is None else keep(ema, state.ema_params), rng=state.rng)
