@@ -51,11 +51,15 @@ def _official_src() -> str | None:
   return FLAGS.baseline_src if FLAGS.baseline == 'official' else None
 
 
-def _ints(name: str) -> list[int]:
+def _ints(name: str, minimum: int = 1) -> list[int]:
+  """The integers of list flag `name`; UsageError unless each is >= `minimum` (and there is at least one)."""
   try:
-    return [int(t) for t in FLAGS[name].value]
+    values = [int(t) for t in FLAGS[name].value]
   except ValueError:
     raise app.UsageError(f'--{name} must be integers, got {FLAGS[name].value}') from None
+  if not values or min(values) < minimum:
+    raise app.UsageError(f'--{name} must be integers >= {minimum}, got {FLAGS[name].value}')
+  return values
 
 
 def main(argv: list[str]) -> None:
@@ -66,7 +70,7 @@ def main(argv: list[str]) -> None:
     if not FLAGS.workdir:
       raise app.UsageError('fid needs --workdir (where the random images and weights are written)')
     from ctxrq_jax.benchmarks import fid_cost  # pylint: disable=g-import-not-at-top
-    rows = fid_cost.bench_fid(FLAGS.workdir, sample_counts=_ints('fid_samples'), reference_count=FLAGS.fid_reference,
+    rows = fid_cost.bench_fid(FLAGS.workdir, sample_counts=_ints('fid_samples', minimum=2), reference_count=FLAGS.fid_reference,
                               image_size=FLAGS.fid_image_size, batch_size=FLAGS.fid_batch_size, seed=FLAGS.seed,
                               log=_log)
     print(fid_cost.format_table(rows))
@@ -76,6 +80,10 @@ def main(argv: list[str]) -> None:
       raise app.UsageError('stage1 needs --config=<a stage-1 config>, e.g. --config=configs/rqvae_imagenet.py')
     import jax  # pylint: disable=g-import-not-at-top
     from ctxrq_jax.benchmarks import stage1_step  # pylint: disable=g-import-not-at-top
+    from ctxrq_jax.stage1 import trainer as stage1_trainer  # pylint: disable=g-import-not-at-top
+    # The checks `train_rqvae` makes, before anything is built (a ConfigError is a one-line user error).
+    stage1_trainer.require_stage1_config(FLAGS.config)
+    stage1_trainer.validate_config(FLAGS.config)
     rows = stage1_step.bench_stage1(FLAGS.config, batch=FLAGS.batch_size, repeats=FLAGS.repeats, seed=FLAGS.seed)
     print(f"Stage-1 training step (forward + backward + Adam + codebook EMA; the discriminator's update with the GAN "
           f"term), {FLAGS.config.model.resolution}x{FLAGS.config.model.resolution} random images, "
@@ -161,11 +169,11 @@ def define_flags() -> None:
   """Command-line flags, defined only when run as a program (so modules import together)."""
   config_flags.DEFINE_config_file('config', None, 'Stage-2 config file (e.g. configs/imagenet.py:bench512).')
   flags.DEFINE_integer('batch_size', 100, 'Samples per batch (the paper uses 100); the training batch for `train` '
-                       'and `stage1`.')
+                       'and `stage1`.', lower_bound=1)
   flags.DEFINE_list('t_draft', ['8', '32', '64'], 'T_draft values to time.')
-  flags.DEFINE_integer('t_revise', 2, 'T_revise.')
-  flags.DEFINE_integer('num_revisions', 2, 'Number of revisions M.')
-  flags.DEFINE_integer('repeats', 2, 'Timed calls per setting (after one warm-up call).')
+  flags.DEFINE_integer('t_revise', 2, 'T_revise.', lower_bound=1)
+  flags.DEFINE_integer('num_revisions', 2, 'Number of revisions M.', lower_bound=0)
+  flags.DEFINE_integer('repeats', 2, 'Timed calls per setting (after one warm-up call).', lower_bound=1)
   flags.DEFINE_bool('reference', True, 'Also time the plain reference implementation (sample).')
   flags.DEFINE_bool('all_positions', False, 'train: also time the step with every position through the depth '
                     'transformer (train.mask_group 1) in the same run, and print the ratio.')
@@ -177,17 +185,20 @@ def define_flags() -> None:
   flags.DEFINE_list('train_batches', ['1024', '512', '256', '128', '64', '32'],
                     'device: training batches to try, the largest that fits is timed.')
   flags.DEFINE_float('memory_limit_gb', 0.0, "device: a training batch fits when XLA's memory estimate of the step "
-                     "is within this many GiB (0: the device's own limit, none on a CPU).")
-  flags.DEFINE_integer('check_batch', 8, 'device: batch of the bf16-vs-fp32 check on the tiny config.')
+                     "is within this many GiB (0: the device's own limit, none on a CPU).", lower_bound=0.0)
+  flags.DEFINE_integer('check_batch', 8, 'device: batch of the bf16-vs-fp32 check on the tiny config.',
+                       lower_bound=1)
   config_flags.DEFINE_config_file('check_config', None, 'device: config of the bf16-vs-fp32 check (default '
                                   'configs/imagenet.py:tiny; overrides as for --config, e.g. a smaller one on a CPU).')
-  flags.DEFINE_float('deadline_s', 420.0, 'device: checks not started within this many seconds are skipped.')
-  flags.DEFINE_integer('seed', 0, 'Seed of the random weights and of sampling.')
+  flags.DEFINE_float('deadline_s', 420.0, 'device: checks not started within this many seconds are skipped.',
+                     lower_bound=0.0)
+  flags.DEFINE_integer('seed', 0, 'Seed of the random weights and of sampling.', lower_bound=0)
   flags.DEFINE_string('workdir', None, 'fid: directory for the random images and the random-weight Inception.')
   flags.DEFINE_list('fid_samples', ['1000', '5000'], 'fid: sample-set sizes, each timed in its own process.')
-  flags.DEFINE_integer('fid_reference', 1000, 'fid: images in the reference file.')
-  flags.DEFINE_integer('fid_image_size', 64, 'fid: side of the random images (the network sees them at 299).')
-  flags.DEFINE_integer('fid_batch_size', 64, 'fid: images per Inception call.')
+  flags.DEFINE_integer('fid_reference', 1000, 'fid: images in the reference file.', lower_bound=2)
+  flags.DEFINE_integer('fid_image_size', 64, 'fid: side of the random images (the network sees them at 299).',
+                       lower_bound=1)
+  flags.DEFINE_integer('fid_batch_size', 64, 'fid: images per Inception call.', lower_bound=1)
 
 
 if __name__ == '__main__':

@@ -124,6 +124,15 @@ if [[ ${#TRAIN_ARGS[@]} -eq 0 ]]; then
 fi
 
 # ---------------------------------------------------------------- local
+# Whether --env gave variable $1.
+has_env() {
+  local kv
+  for kv in "${ENVS[@]+"${ENVS[@]}"}"; do
+    [[ ${kv%%=*} == "$1" ]] && return 0
+  done
+  return 1
+}
+
 do_local() {
   [[ -z $GPUS || $GPUS =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--gpus expects a list like 0,1,2,3, got '$GPUS'"
   local envs=("${ENVS[@]+"${ENVS[@]}"}")
@@ -136,6 +145,21 @@ do_local() {
       die "--process-id must be in [0, $NUM_PROCESSES)"
     envs+=("JAX_COORDINATOR_ADDRESS=$COORDINATOR" "JAX_NUM_PROCESSES=$NUM_PROCESSES"
            "JAX_PROCESS_ID=$PROCESS_ID")
+    # Inside a SLURM allocation JAX's SLURM detection would give this process only the GPU numbered SLURM_LOCALID
+    # (one process per GPU); this process drives all of its node's GPUs, so they are named, as the slurm batch
+    # script names them (--env JAX_LOCAL_DEVICE_IDS=... chooses others).
+    if [[ -n ${SLURM_JOB_ID:-} && -z ${JAX_LOCAL_DEVICE_IDS:-} ]] && ! has_env JAX_LOCAL_DEVICE_IDS; then
+      local visible=${GPUS:-${CUDA_VISIBLE_DEVICES:-}} count
+      if [[ -n $visible ]]; then
+        count=$(($(tr -cd , <<<"$visible" | wc -c) + 1))
+      elif command -v nvidia-smi >/dev/null; then
+        count=$(nvidia-smi -L | grep -c '^GPU ')
+      else
+        die "inside a SLURM allocation JAX would give this process only GPU \$SLURM_LOCALID; name the GPUs with --gpus"
+      fi
+      ((count > 0)) || die "no GPU found (nvidia-smi -L lists none); name them with --gpus"
+      envs+=("JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((count - 1)))")
+    fi
   fi
   local cmd=()
   [[ ${#envs[@]} -gt 0 ]] && cmd+=(env "${envs[@]}")

@@ -36,6 +36,8 @@ Options (environment variable in brackets)
       --preemptible        create preemptible VMs                [TPU_PREEMPTIBLE=1]
       --queued             create/delete through 'queued-resources' and, for 'all',
                            wait until the request is ACTIVE      [TPU_QUEUED=1]
+                           (polled every TPU_POLL_S seconds (30); TPU_POLL_RETRIES (10)
+                            failed polls in a row end the wait)
   -r, --repo SRC           project source: a local directory (packed with tar and
                            scp'd) or a git URL (cloned on each worker)
                                                                  [CTXRQ_REPO]  (this checkout)
@@ -99,6 +101,8 @@ VERSION=${TPU_VERSION:-}
 SPOT=${TPU_SPOT:-0}
 PREEMPTIBLE=${TPU_PREEMPTIBLE:-0}
 QUEUED=${TPU_QUEUED:-0}
+POLL_S=${TPU_POLL_S:-30}
+POLL_RETRIES=${TPU_POLL_RETRIES:-10}
 REPO=${CTXRQ_REPO:-$DEFAULT_REPO}
 REF=${CTXRQ_REF:-HEAD}
 # '~' stays literal here: it is expanded by the shell on the workers.
@@ -183,6 +187,8 @@ check_subcommand create setup train logs delete all
 [[ $SPOT == 1 && $PREEMPTIBLE == 1 ]] && die "--spot and --preemptible are mutually exclusive"
 [[ $WORKER == all || $WORKER =~ ^[0-9]+$ ]] || die "--worker must be a number or 'all', got '$WORKER'"
 [[ $LINES =~ ^[0-9]+$ ]] || die "--lines must be a number, got '$LINES'"
+[[ $POLL_S =~ ^[0-9]+$ ]] || die "TPU_POLL_S must be a number of seconds, got '$POLL_S'"
+[[ $POLL_RETRIES =~ ^[1-9][0-9]*$ ]] || die "TPU_POLL_RETRIES must be a number >= 1, got '$POLL_RETRIES'"
 check_module_and_envs
 [[ $CMD == train || $CMD == all ]] && check_workdir
 check_remote_path --remote-dir "$REMOTE_DIR"
@@ -227,22 +233,30 @@ do_create() {
   fi
 }
 
-# A queued resource is only usable once it is ACTIVE.
+# A queued resource is only usable once it is ACTIVE. The wait can take hours: a describe call that fails (a network
+# blip, an API quota) is retried, and only $POLL_RETRIES failures in a row end it, naming how to carry on.
 wait_active() {
   local describe=(gcloud compute tpus queued-resources describe "$NAME" "${GFLAGS[@]}" "--format=value(state.state)")
   if [[ $DRY_RUN == 1 ]]; then
     run "${describe[@]}"
     return
   fi
-  local state
+  local state failures=0
   while true; do
-    state=$("${describe[@]}")
-    echo "$PROG: queued resource $NAME is ${state:-UNKNOWN}" >&2
-    case $state in
-      ACTIVE) return ;;
-      FAILED|SUSPENDED|SUSPENDING) die "queued resource $NAME is $state" ;;
-    esac
-    sleep 30
+    if state=$("${describe[@]}"); then
+      failures=0
+      echo "$PROG: queued resource $NAME is ${state:-UNKNOWN}" >&2
+      case $state in
+        ACTIVE) return ;;
+        FAILED|SUSPENDED|SUSPENDING) die "queued resource $NAME is $state" ;;
+      esac
+    else
+      failures=$((failures + 1))
+      ((failures < POLL_RETRIES)) || die "could not read the state of queued resource $NAME ($failures describe" \
+        "calls failed in a row); the request stands: once it is ACTIVE, run '$PROG setup' and '$PROG train'"
+      echo "$PROG: describing queued resource $NAME failed ($failures in a row); trying again" >&2
+    fi
+    sleep "$POLL_S"
   done
 }
 

@@ -243,6 +243,33 @@ def test_tpu_all_and_logs_dry_run(tmp_path: Path) -> None:
     assert "--worker=0" in ssh and "tail" in _flag(ssh, "--command")
 
 
+@pytest.mark.parametrize("failures, retries, ok", [(2, 3, True), (3, 3, False)])
+def test_tpu_all_waits_through_failed_describe_calls(tmp_path: Path, failures: int, retries: int, ok: bool) -> None:
+    # A queued request can wait for hours: a few failed `describe` calls in a row (a network blip) used to end
+    # `all` (set -e) with the request left standing; now only TPU_POLL_RETRIES failures in a row do, naming what next.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    _write_exe(
+        bindir / "gcloud",
+        '#!/bin/sh\nfor a in "$@"; do printf "%s\\0" "$a"; done >> "$GCLOUD_LOG"\nprintf "\\n" >> "$GCLOUD_LOG"\n'
+        'case "$*" in *"queued-resources describe"*)\n'
+        '  n=$(cat "$GCLOUD_LOG.n" 2>/dev/null || echo 0); echo $((n + 1)) > "$GCLOUD_LOG.n"\n'
+        f'  [ "$n" -ge {failures} ] || exit 1; echo ACTIVE ;;\nesac\n',
+    )
+    env = _env(tmp_path, bindir, TPU_POLL_S="0", TPU_POLL_RETRIES=str(retries))
+    out = _run(TPU, "all", "-n", "q", "-z", "z", "-t", "v4-8", "--queued", "--repo", "https://example.com/x.git",
+               CONFIG, WORKDIR, env=env)
+    describes = [c for c in _gcloud_calls(tmp_path) if c[:4] == ["compute", "tpus", "queued-resources", "describe"]]
+    assert "failed (2 in a row); trying again" in out.stderr, out.stderr
+    if ok:
+        assert out.returncode == 0, out.stderr
+        assert len(describes) == failures + 1 and "queued resource q is ACTIVE" in out.stderr
+        assert any("ctxrq_jax.train" in a for a in _gcloud_calls(tmp_path)[-1])  # went on to set up and train
+    else:
+        assert out.returncode == 2 and len(describes) == retries, out.stderr
+        assert "3 describe calls failed in a row" in out.stderr and "run 'tpu.sh setup'" in out.stderr
+
+
 def test_tpu_single_host_slice_takes_a_local_workdir(tmp_path: Path) -> None:
     for accel in ("v4-8", "v5p-8", "v5litepod-8", "v6e-4"):
         out = _run(TPU, "train", "-n", "one", "-z", "z", "-t", accel, CONFIG, "--workdir=runs/821m", "--dry-run",
@@ -327,6 +354,24 @@ def test_gpu_local_multinode_env(tmp_path: Path) -> None:
     assert cmd[-3:] == ["-m", "ctxrq_jax.train_rqvae", "--config=configs/rqvae_imagenet.py"]
     out = _run(GPU, "local", "--coordinator", "node0:1", "--dry-run", env=_env(tmp_path))
     assert out.returncode != 0 and "--num-processes" in out.stderr
+
+
+@pytest.mark.parametrize("extra, env, ids", [
+    (["--gpus", "2,3,5"], {}, "0,1,2"),  # indices within CUDA_VISIBLE_DEVICES
+    ([], {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, "0,1,2,3"),  # what the allocation gave (--gres)
+    (["--env", "JAX_LOCAL_DEVICE_IDS=1"], {}, "1"),  # the user's own choice, untouched
+    ([], {}, None),  # nothing says how many: an error, not one GPU per process
+])
+def test_gpu_local_multinode_inside_slurm_names_every_gpu(tmp_path: Path, extra, env, ids) -> None:
+    # Started on each node of an allocation, JAX's SLURM detection would give the process only GPU SLURM_LOCALID.
+    out = _run(GPU, "local", "--coordinator", "node0:1", "--num-processes", "2", "--process-id", "0", *extra,
+               "--dry-run", CONFIG, env=_env(tmp_path, SLURM_JOB_ID="7", SLURM_LOCALID="0", **env))
+    if ids is None:
+        assert out.returncode == 2 and "name the GPUs with --gpus" in out.stderr, out.stderr
+        return
+    assert out.returncode == 0, out.stderr
+    (cmd,) = _commands(out.stdout)
+    assert [a for a in cmd if a.startswith("JAX_LOCAL_DEVICE_IDS=")] == [f"JAX_LOCAL_DEVICE_IDS={ids}"]
 
 
 def test_gpu_local_runs_command(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """`bench stage1` on a tiny RQ-VAE: the recipe's loss terms one row each, and what the GAN term costs."""
 
+import os
 import subprocess
 import sys
 
@@ -34,7 +35,15 @@ def test_rows_add_one_term_each_and_the_gan_term_does_not_run_the_decoder_again(
   assert [name for name, _ in stage1_step.recipe_variants(full)] == ["recon", "+ LPIPS", "+ GAN"]
 
 
-def test_a_stage2_config_is_a_usage_error():
-  out = subprocess.run([sys.executable, "-m", "ctxrq_jax.bench", "stage1", "--config=configs/imagenet.py:tiny"],
-                       capture_output=True, text=True, timeout=120, check=False, cwd=helpers.REPO)
-  assert out.returncode != 0 and "stage1 needs --config=<a stage-1 config>" in out.stderr, out.stderr[-2000:]
+@pytest.mark.parametrize("args, message", [
+    (["stage1", "--config=configs/imagenet.py:tiny"], "stage1 needs --config=<a stage-1 config>"),
+    # Checked as `train_rqvae` checks it, before anything is compiled.
+    (["stage1", "--config=configs/rqvae_mnist.py", "--config.train.nonfinite=ignore"],
+     "error: train.nonfinite must be 'stop' or 'skip', got 'ignore'"),
+    # Numbers the bench cannot time are refused before any work (as absl refuses --repeats=0).
+    (["sample", "--config=configs/imagenet.py:tiny", "--t_draft=8,0"], "--t_draft must be integers >= 1"),
+])
+def test_bad_input_is_a_one_line_usage_error(args, message):
+  out = subprocess.run([sys.executable, "-m", "ctxrq_jax.bench", *args], capture_output=True, text=True, timeout=120,
+                       check=False, cwd=helpers.REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
