@@ -43,6 +43,10 @@ def define_flags() -> None:
                     "crop (a random crop, as stage-1 training draws it), crop_flip, dalle (the official "
                     "text-to-image training crop); e.g. center,flip or center,dalle,dalle,dalle.")
   flags.DEFINE_integer("view_seed", 0, "encode, captions: seed of the random views.")
+  flags.DEFINE_enum("resize", "crop", ["crop", "squash"], "captions: how an image becomes the 'center' view: crop "
+                    "(shorter side to the RQ-VAE's resolution, centre crop) or squash (the whole image resized to R x R, "
+                    "the official CC-3M evaluation's transform); 'dalle' views are the official training crop either "
+                    "way.")
   flags.DEFINE_bool("overwrite", False, "encode, captions: replace an existing code dataset; decode: an existing PNG.")
   flags.DEFINE_string("codes_dir", None, "decode: code dataset to read.")
   flags.DEFINE_string("split", "test", "decode: split to read.")
@@ -150,7 +154,7 @@ def _captions() -> None:
                                        batch_size=FLAGS.batch_size, num_shards=FLAGS.num_shards,
                                        overwrite=FLAGS.overwrite, max_examples=FLAGS.max_examples,
                                        source_description=described, caption_variants=FLAGS.caption_variants,
-                                       views=FLAGS.views, view_seed=FLAGS.view_seed)
+                                       views=FLAGS.views, view_seed=FLAGS.view_seed, resize=FLAGS.resize)
   for split, s in stats.items():
     print(f"{split}: {s.summary()}")
   print(f"wrote caption code dataset {FLAGS.out}: code shape {meta.code_shape}, K={meta.codebook_size}, "

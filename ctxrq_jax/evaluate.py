@@ -53,6 +53,9 @@ def define_flags() -> None:
                       "or its converted artifact (python -m ctxrq_jax.convert inception).")
   flags.DEFINE_enum("resize", "pytorch_fid", ["pytorch_fid", "adm_tf1"], "fid/reference-stats: input resizing "
                     "(adm_tf1 against statistics the ADM evaluator computed).")
+  flags.DEFINE_bool("is_file_order", False, "fid: Inception Score over consecutive splits in the file's own order, as "
+                    "ADM's evaluator does (only right for files in random class order, as ADM's batches; `sample` "
+                    "writes its npz sorted by class, so by default the rows are shuffled with a fixed seed first).")
   flags.DEFINE_integer("batch_size", 64, "fid/reference-stats/clip: images per Inception or CLIP call (split over "
                        "devices).", lower_bound=1)
   flags.DEFINE_bool("overwrite", False, "reference-stats/fid/clip/ablation: replace an existing output (the "
@@ -162,6 +165,7 @@ def _fid_commands(command: str) -> None:
   from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.core import reporting  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.evaluation import fid  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.evaluation import frechet  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.evaluation import inception_features  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.models import inception_convert  # pylint: disable=g-import-not-at-top
   if not FLAGS.inception:
@@ -184,10 +188,13 @@ def _fid_commands(command: str) -> None:
     total = sum(inception_features.npz_array_info(p)[0][0] for p in (FLAGS.samples, FLAGS.reference)
                 if inception_features.IMAGES_KEY in inception_features.npz_keys(p))
     progress = reporting.Progress("inception features", total, unit="images")
-    results = fid.evaluate(extractor, FLAGS.samples, FLAGS.reference, progress=progress.update)
+    shuffle_seed = None if FLAGS.is_file_order else frechet.IS_SHUFFLE_SEED
+    results = fid.evaluate(extractor, FLAGS.samples, FLAGS.reference, is_shuffle_seed=shuffle_seed,
+                           progress=progress.update)
     progress.close()
     paths.write_json(out_json, {"samples": FLAGS.samples, "reference": FLAGS.reference, "resize": FLAGS.resize,
-                                **results}, indent=1)
+                                "inception_score_order": "file" if shuffle_seed is None else
+                                f"shuffled (seed {shuffle_seed})", **results}, indent=1)
     print(fid.format_results(results, samples=FLAGS.samples, reference=FLAGS.reference))
     print(f"json: {out_json}")
     return

@@ -250,12 +250,15 @@ def preprocess_views(image: np.ndarray, views: Any, *, image_size: int, channels
                      rng: np.random.Generator | None = None) -> np.ndarray:
   """uint8 image [H, W, C] -> float32 [V, image_size, image_size, channels] in [-1, 1], one per name in `views`
   (VIEWS; 'crop' views draw their offsets from `rng` in order, and need it when resize='crop'). A square image has
-  no room to crop after resizing: its crops are the centre view, as the training transform's are."""
+  no room to crop after resizing: its crops are the centre view, as the training transform's are, and so are they
+  after 'pad' or 'squash'. `resize` makes the 'center', 'flip' and 'crop' views; 'dalle' is the official training
+  crop of the original image whatever `resize` is (the official CC-3M recipe trains on it and evaluates on squashed
+  images)."""
   out = []
   for view in views:
     if view not in VIEWS:
       raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
-    if view == "dalle" and resize == "crop":
+    if view == "dalle":
       if rng is None:
         raise ValueError("the 'dalle' view needs an rng")
       crop = dalle_view(image, image_size, dalle_draw(*image.shape[:2], image_size, rng))

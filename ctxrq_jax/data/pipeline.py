@@ -1,13 +1,14 @@
 """The one grain pipeline behind every iterator: image batches and code batches differ only in their source and
 per-example transform.
 
-    source ─► map_with_index(decode + validate) ─► shard slice ─► seed ─► shuffle (train) ─► repeat
-           ─► map / random_map(transform) ─► batch ─► to_iter_dataset(threads) ─► [mp_prefetch(workers)]
+    source ─► map_with_index(decode + validate) ─► seed ─► shuffle (train) ─► repeat
+           ─► map / random_map(transform) ─► host slice ─► batch ─► to_iter_dataset(threads) ─► [mp_prefetch(workers)]
 
 Decoding and validation run against the index in the source, so an error names the record that is wrong whatever
-the shuffle. Shards are strided slices taken before the shuffle, so hosts see disjoint examples. Randomness comes
-only from grain's per-index, per-epoch seeding, so the iterator's `get_state()` (a position) fully determines all
-later batches and `set_state()` reproduces them exactly.
+the shuffle. Every host builds the same global stream (one shuffle per epoch, one random draw per position) and
+takes its strided slice of it, so within an epoch hosts see disjoint examples and together a uniform shuffle, each
+example with its own draw. Randomness comes only from grain's per-index, per-epoch seeding, so the iterator's
+`get_state()` (a position) fully determines all later batches and `set_state()` reproduces them exactly.
 """
 
 from __future__ import annotations
@@ -73,15 +74,17 @@ def build_iterator(
     batch_size: examples per batch (per host).
     seed: shuffle and augmentation seed, in [0, 2**32 - 1].
     train: shuffle, and (by default) repeat forever and drop the last partial batch.
-    shard_index, shard_count: this host's strided shard (`jax.process_index(), jax.process_count()`).
-    num_epochs: passes over the shard; None means forever when `train` else one pass.
+    shard_index, shard_count: this host's strided slice of the global stream (`jax.process_index(),
+      jax.process_count()`).
+    num_epochs: passes over the source (each host reads its share of each); None means forever when `train` else
+      one pass.
     drop_remainder: drop a final partial batch; None means `train`.
     worker_count: grain worker processes (0 keeps everything in this process).
     num_threads: reader threads in this process (0 reads synchronously).
     prefetch_buffer_size: batches read ahead by the threads.
     description: names the data in errors.
     example_range: one pass without shuffling only: keep examples [start, stop) of the shard, transformed exactly
-      as in the whole pass (their random draws depend on their index in the shard, not in the range); for splitting
+      as in the whole pass (their random draws depend on their index in the source, not in the range); for splitting
       one ordered pass between processes (`encode`).
 
   Returns:
@@ -96,10 +99,13 @@ def build_iterator(
   if len(ds) == 0:
     raise ValueError(f"{description} is empty")
   ds = ds.map_with_index(decode)
-  ds = ds[shard_index::shard_count]
-  if len(ds) == 0:
+  if shard_index >= len(ds):
     raise ValueError(f"shard {shard_index} of {shard_count} of {description} is empty "
                      f"({len(source)} examples in all); use fewer shards")
+  # One global order and one set of random draws, of which each host takes its strided share: the hosts' examples
+  # of a step are a uniform shuffle, each with its own draw. (Shuffling each host's shard with the same seed gave every
+  # host the same permutation and the same draws at each position, so a global batch held P-tuples of neighbouring
+  # records and B/P augmentation draws.) With one host the slice is the whole stream: the same batches as before.
   ds = ds.seed(int(seed))
   if train:
     ds = ds.shuffle()
@@ -109,6 +115,7 @@ def build_iterator(
     ds = ds.random_map(transform)
   else:
     ds = ds.map(lambda example: transform(example, None))
+  ds = ds[shard_index::shard_count]
   if example_range is not None:
     start, stop = (int(i) for i in example_range)
     if train or epochs != 1 or not 0 <= start <= stop <= len(ds):

@@ -6,7 +6,8 @@ them (openai/guided-diffusion `evaluations/evaluator.py`).
 
 Per ADM: the reference's precomputed `mu`/`sigma` (`mu_s`/`sigma_s`) are used for FID (sFID) when the file has
 them, otherwise statistics of its `arr_0` images; precision/recall always use the reference images' pool features
-(skipped, with None, when the reference has no images); the Inception Score is of the samples alone.
+(skipped, with None, when the reference has no images); the Inception Score is of the samples alone, over splits of
+their rows shuffled with a fixed seed (`frechet.IS_SHUFFLE_SEED`: `sample` writes them sorted by class).
 """
 
 from __future__ import annotations
@@ -109,14 +110,19 @@ def reference_statistics(reference: features_lib.Reference, activations: Optiona
 
 def metrics(samples: Activations, reference: features_lib.Reference, reference_activations: Optional[Activations],
             *, k: int = frechet.PR_NEIGHBOURS, split_size: int = frechet.IS_SPLIT_SIZE,
-            pr_block_size: int = frechet.PR_BLOCK_SIZE, fid_method: str = "svd") -> dict[str, Optional[float]]:
-  """{'inception_score', 'fid', 'sfid', 'precision', 'recall'}; a metric whose inputs are missing is None."""
+            pr_block_size: int = frechet.PR_BLOCK_SIZE, fid_method: str = "svd",
+            is_shuffle_seed: Optional[int] = frechet.IS_SHUFFLE_SEED) -> dict[str, Optional[float]]:
+  """{'inception_score', 'fid', 'sfid', 'precision', 'recall'}; a metric whose inputs are missing is None.
+
+  The Inception Score's splits are of the samples' rows permuted with `is_shuffle_seed` (None: in their order).
+  """
   (mu, sigma), spatial = reference_statistics(reference, reference_activations)
   if mu.shape[0] != samples.pool_stats.dim:
     raise ValueError(f"reference statistics {reference.path} have {mu.shape[0]} dimensions, the samples' pool "
                      f"features {samples.pool_stats.dim}")
   results: dict[str, Optional[float]] = {
-      "inception_score": frechet.inception_score(samples.logits, split_size=split_size),
+      "inception_score": frechet.inception_score(samples.logits, split_size=split_size,
+                                                 shuffle_seed=is_shuffle_seed),
       "fid": frechet.frechet_distance(samples.pool_stats.mu, samples.pool_stats.sigma, mu, sigma, method=fid_method),
       "sfid": None, "precision": None, "recall": None,
   }
@@ -136,7 +142,8 @@ def metrics(samples: Activations, reference: features_lib.Reference, reference_a
 def evaluate(extractor: features_lib.InceptionFeatureExtractor, samples_npz: str | os.PathLike,
              reference_npz: str | os.PathLike, *, k: int = frechet.PR_NEIGHBOURS,
              split_size: int = frechet.IS_SPLIT_SIZE, pr_block_size: int = frechet.PR_BLOCK_SIZE,
-             fid_method: str = "svd", progress=None) -> dict[str, Optional[float]]:
+             fid_method: str = "svd", is_shuffle_seed: Optional[int] = frechet.IS_SHUFFLE_SEED,
+             progress=None) -> dict[str, Optional[float]]:
   """ADM's readout for `samples_npz` (`arr_0` uint8) against `reference_npz` (`arr_0` and/or `mu`/`sigma`).
 
   `progress(n)`, if given, is called with the number of images done over both files (the reference's first).
@@ -150,7 +157,7 @@ def evaluate(extractor: features_lib.InceptionFeatureExtractor, samples_npz: str
   sample_acts = npz_activations(extractor, samples_npz,
                                 progress=None if progress is None else (lambda n: progress(offset + n)))
   return metrics(sample_acts, reference, ref_acts, k=k, split_size=split_size, pr_block_size=pr_block_size,
-                 fid_method=fid_method)
+                 fid_method=fid_method, is_shuffle_seed=is_shuffle_seed)
 
 
 def build_reference(extractor: features_lib.InceptionFeatureExtractor, batches: Iterable[np.ndarray],

@@ -160,8 +160,9 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
       so a job of P processes encodes up to P x max_examples.
     source_description: JSON-serialisable description stored in metadata.json.
     totals: images per split when known (progress lines only; streaming sources may not know).
-    resize: 'crop' (photos: shorter side to the RQ-VAE's resolution, centre crop), 'pad' (small square images) or
-      'squash' (the whole image resized to R x R, the official text-to-image evaluation's transform).
+    resize: how an image becomes the 'center' view: 'crop' (photos: shorter side to the RQ-VAE's resolution, centre
+      crop), 'pad' (small square images) or 'squash' (the whole image resized to R x R, the official text-to-image
+      evaluation's transform); 'dalle' views are the official training crop whatever it is.
     caption_variants: T, BPE-dropout tokenizations stored per training caption.
     views: the views stored per image, 'center' first (`data.images.VIEWS`; 'dalle' is the official text-to-image
       training crop), in every split's records (evaluation reads view 0).
@@ -188,7 +189,7 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
                  "splits": list(sources), "tokenizer": [paths.name(f) for f in tokenizer.files],
                  code_captions.FINGERPRINT_KEY: tokenizer.fingerprint,
                  "context_length": tokenizer.context_length, "bpe_dropout_splits": list(train_splits),
-                 "bpe_dropout": tokenizer.bpe_dropout, "caption_variants": variants}
+                 "bpe_dropout": tokenizer.bpe_dropout, "caption_variants": variants, "resize": resize}
   if len(views) > 1:
     description.update(views=list(views), view_seed=int(view_seed))
   all_stats: dict[str, captions_lib.CaptionStats] = {}

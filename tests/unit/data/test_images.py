@@ -129,6 +129,34 @@ def test_image_iterator_host_shards_disjoint():
   assert len(a) == len(b) == 250 and not a & b
 
 
+def test_hosts_share_one_shuffled_stream_with_a_draw_per_example():
+  # Each host takes its strided slice of one global stream (shuffle, repeat, random draws): the hosts' batches of a
+  # step together are that stream's next P * B examples. Shuffling every host's own shard with the same seed gave all
+  # hosts the same permutation and the same draws at each position (a global batch of P-tuples of neighbours).
+  n, hosts, batch = 64, 4, 4
+  transform = lambda x, rng: {"x": np.int64(x), "draw": rng.integers(2**62)}  # noqa: E731
+
+  def stream(shard_index, shard_count, steps):
+    it = pipeline.build_iterator(list(range(n)), decode=lambda i, r: r, transform=transform, random_transform=True,
+                                 batch_size=batch, seed=7, train=True, shard_index=shard_index,
+                                 shard_count=shard_count, num_threads=0)
+    return [next(it) for _ in range(steps)]
+
+  steps = 3 * n // (hosts * batch)  # three epochs
+  whole = stream(0, 1, steps * hosts)
+  xs = np.concatenate([b["x"] for b in whole]).reshape(steps, batch, hosts)  # position p of the stream: host p % P
+  draws = np.concatenate([b["draw"] for b in whole]).reshape(steps, batch, hosts)
+  for h in range(hosts):
+    mine = stream(h, hosts, steps)
+    np.testing.assert_array_equal(np.stack([b["x"] for b in mine]), xs[..., h])
+    np.testing.assert_array_equal(np.stack([b["draw"] for b in mine]), draws[..., h])
+  assert len(np.unique(draws)) == draws.size  # every example of every host its own draw
+  for epoch in xs.reshape(3, -1):  # each epoch: every example once, over all hosts together
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(n))
+  blocks = xs // hosts  # the old pipeline: every host's j-th example from the same block {kP, ..., kP + P - 1}
+  assert np.mean(blocks == blocks[..., :1]) < 0.5
+
+
 def test_image_iterator_bad_config_and_args():
   with pytest.raises(ConfigError, match="image_size"):
     images.make_image_iterator(dict(name="embedded_mnist", channels=1, num_classes=10), split="train",
@@ -216,3 +244,12 @@ def test_preprocess_views_crops_non_square_images():
   assert len(crops) >= 2 and crops != {center.tobytes()}  # offsets are drawn (17 possible), not fixed
   with pytest.raises(ValueError, match="unknown view 'rotate'"):
     images.preprocess_views(image, ("center", "rotate"), **kw)
+  # After 'squash' (the official CC-3M evaluation) the centre view is the whole image and 'crop' has nothing left to
+  # crop; 'dalle' is the official training crop of the original image whatever the resize (it used to become the
+  # centre view, so `encode captions --resize=squash --views=center,dalle,...` stored copies).
+  squash = dict(kw, resize="squash")
+  v = images.preprocess_views(image, ("center", "crop", "dalle"), rng=np.random.default_rng(2), **squash)
+  np.testing.assert_array_equal(v[0], images.preprocess_image(image, **squash))
+  np.testing.assert_array_equal(v[1], v[0])
+  np.testing.assert_array_equal(v[2], images.preprocess_views(image, ("dalle",), rng=np.random.default_rng(2), **kw)[0])
+  assert not np.array_equal(v[2], v[0])

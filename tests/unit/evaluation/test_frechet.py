@@ -133,6 +133,20 @@ def test_inception_score_known_values():
   assert len(frechet.inception_score_splits(np.zeros((50000, 4)))) == 10
 
 
+def test_inception_score_of_class_sorted_samples_is_shuffled_before_splitting():
+  # `sample` writes its npz sorted by class: consecutive splits of 100 would each see one of 10 classes and score 1
+  # however good the samples; shuffled with a fixed seed first, as the evaluator does, every split sees all of them.
+  n, classes, k = 1000, 1008, 10
+  logits = np.full((n, classes), -50.0)
+  logits[np.arange(n), np.arange(n) // (n // k)] = 50.0  # class-sorted: 100 of class 0, then 100 of class 1, ...
+  assert frechet.inception_score(logits, split_size=100) == pytest.approx(1.0, abs=1e-9)
+  shuffled = frechet.inception_score(logits, split_size=100, shuffle_seed=frechet.IS_SHUFFLE_SEED)
+  assert 0.9 * k < shuffled < k  # a random split of 100 misses a little of the balance
+  assert frechet.inception_score(logits[::-1], split_size=100, shuffle_seed=0) == pytest.approx(
+      frechet.inception_score(logits, split_size=100, shuffle_seed=0), rel=0.02)  # the order no longer matters
+  assert frechet.inception_score(logits, shuffle_seed=3) == pytest.approx(k, rel=1e-9)  # one split: no change
+
+
 def test_inception_score_matches_the_direct_formula():
   rng = np.random.default_rng(5)
   logits = rng.normal(size=(300, 20)) * 3

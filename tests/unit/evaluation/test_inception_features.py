@@ -278,8 +278,14 @@ def test_evaluate_npz_files(tmp_path):
   with_shift = fid.evaluate(extractor, tmp_path / "same.npz", tmp_path / "shifted.npz", split_size=5)
   assert with_shift["fid"] == pytest.approx(64.0, rel=1e-6)  # the file's mu, not the images', is used
   assert with_shift["precision"] == 1.0  # precision/recall still come from the reference images
-  want_is = frechet.inception_score(smp_acts.logits, split_size=5)
+  # The Inception Score's splits are of the rows shuffled with the fixed seed (`sample` writes them sorted by class);
+  # `is_shuffle_seed=None` keeps the file's order, as ADM does.
+  want_is = frechet.inception_score(smp_acts.logits, split_size=5, shuffle_seed=frechet.IS_SHUFFLE_SEED)
   assert other["inception_score"] == pytest.approx(want_is, rel=1e-9)
+  in_order = fid.metrics(smp_acts, feats.read_reference(tmp_path / "ref.npz"), ref_acts, split_size=5,
+                         is_shuffle_seed=None)["inception_score"]
+  assert in_order == pytest.approx(frechet.inception_score(smp_acts.logits, split_size=5), rel=1e-9)
+  assert in_order != pytest.approx(want_is, rel=1e-6)
   np.testing.assert_allclose(smp_acts.pool_stats.sigma, np.cov(smp_acts.pool.astype(np.float64), rowvar=False),
                              rtol=1e-8, atol=1e-10)
   with pytest.raises(ValueError, match="has no images"):

@@ -150,9 +150,11 @@ def test_encode_captions_stores_views_of_the_official_training_crop(tiny_artifac
   encode.encode_captions(artifact, source, str(tmp_path / "one"), tok, batch_size=4)
   center, _ = code_data.load_codes(str(tmp_path / "one"), "train")
   np.testing.assert_array_equal(code_data.load_codes(str(tmp_path / "v"), "train")[0], center)  # view 0
-  # The random views depend on the seed and each example's key only, not on the batch size.
+  # The random views depend on the seed and each example's key only, not on the batch size, nor on how the centre
+  # view is made ('squash': the official CC-3M evaluation's transform, recorded in the metadata).
   again, _ = encode.encode_captions(artifact, source, str(tmp_path / "again"), tok, batch_size=3, views=views,
-                                    view_seed=7)
+                                    view_seed=7, resize="squash")
+  assert again.source["resize"] == "squash" and meta.source["resize"] == "crop"
   for view in (1, 2):
     np.testing.assert_array_equal(code_data.load_codes(str(tmp_path / "again"), "train", view=view)[0],
                                   code_data.load_codes(str(tmp_path / "v"), "train", view=view)[0])
