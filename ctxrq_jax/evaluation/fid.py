@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 from typing import Iterable, Optional
 
@@ -23,6 +24,8 @@ from ctxrq_jax.core import paths
 from ctxrq_jax.core import reporting
 from ctxrq_jax.evaluation import frechet
 from ctxrq_jax.evaluation import inception_features as features_lib
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -139,6 +142,22 @@ def metrics(samples: Activations, reference: features_lib.Reference, reference_a
   return results
 
 
+def check_resize(reference: features_lib.Reference, resize: str) -> None:
+  """ValueError when `reference`'s statistics were computed with another resize mode than `resize` (they would be
+  compared with differently preprocessed samples); a warning when its statistics record none (a file made elsewhere:
+  ADM's reference batches come from its TF graph, `adm_tf1`; pytorch-fid's and the official RQ-Transformer's from
+  `pytorch_fid`). Images alone are re-featurised here, so any mode fits them."""
+  if not reference.has_stats:
+    return
+  if reference.resize is None:
+    log.warning("reference %s does not record how its statistics were made: ADM's reference batches need "
+                "--resize=adm_tf1, pytorch-fid's and the official RQ-Transformer's --resize=pytorch_fid (this run: "
+                "%s)", reference.path, resize)
+  elif reference.resize != resize:
+    raise ValueError(f"reference {reference.path} holds statistics computed with --resize={reference.resize}; "
+                     f"evaluate with the same (this run: --resize={resize})")
+
+
 def evaluate(extractor: features_lib.InceptionFeatureExtractor, samples_npz: str | os.PathLike,
              reference_npz: str | os.PathLike, *, k: int = frechet.PR_NEIGHBOURS,
              split_size: int = frechet.IS_SPLIT_SIZE, pr_block_size: int = frechet.PR_BLOCK_SIZE,
@@ -149,6 +168,7 @@ def evaluate(extractor: features_lib.InceptionFeatureExtractor, samples_npz: str
   `progress(n)`, if given, is called with the number of images done over both files (the reference's first).
   """
   reference = features_lib.read_reference(reference_npz)
+  check_resize(reference, extractor.resize)
   samples_ref = features_lib.read_reference(samples_npz)
   if not samples_ref.has_images:
     raise ValueError(f"samples file {samples_npz} has no images ({features_lib.IMAGES_KEY})")
@@ -201,7 +221,8 @@ def build_reference(extractor: features_lib.InceptionFeatureExtractor, batches: 
       raise ValueError("no images to build a reference from")
     n_kept = min(done, keep_images)
     features_lib.write_reference(path, images=kept[:n_kept] if n_kept else None, stats=(pool.mu, pool.sigma),
-                                 spatial_stats=None if spatial is None else (spatial.mu, spatial.sigma))
+                                 spatial_stats=None if spatial is None else (spatial.mu, spatial.sigma),
+                                 resize=extractor.resize)
   finally:
     del kept
     if os.path.exists(scratch):  # a local scratch file

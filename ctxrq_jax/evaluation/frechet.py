@@ -251,7 +251,9 @@ def _sq_norms(x: np.ndarray) -> np.ndarray:
 
 
 def _sq_distances(u: np.ndarray, v: np.ndarray, nu: np.ndarray, nv: np.ndarray) -> np.ndarray:
-  """Squared Euclidean distances [len(u), len(v)] (float32 like ADM's fp32 path), clipped at 0."""
+  """Squared Euclidean distances [len(u), len(v)] in float32, clipped at 0. (ADM's DistanceBlock computes them in
+  float16 first and falls back to float32 only where that overflows, so its precision/recall can differ from these
+  in the last digits.)"""
   d = nu[:, None] - 2.0 * (u @ v.T) + nv[None, :]
   return np.maximum(d, 0.0, out=d)
 

@@ -47,6 +47,7 @@ BATCH_SIZE = 64  # ADM evaluator's
 SFID_CHANNELS = 7
 RESIZE_MODES = ("pytorch_fid", "adm_tf1")
 IMAGES_KEY = "arr_0"
+RESIZE_KEY = "resize"  # a reference's record of the resize mode its statistics were computed with
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,6 +274,8 @@ class Reference:
     image_shape: (H, W, C) of `arr_0`, or None.
     mu, sigma: precomputed pool-feature statistics, or None.
     mu_s, sigma_s: precomputed sFID statistics, or None.
+    resize: the `resize` mode its statistics were computed with, when the file records it (references this package
+      writes do; ADM's and pytorch-fid's files do not).
   """
 
   path: str
@@ -282,6 +285,7 @@ class Reference:
   sigma: Optional[np.ndarray] = None
   mu_s: Optional[np.ndarray] = None
   sigma_s: Optional[np.ndarray] = None
+  resize: Optional[str] = None
 
   @property
   def has_images(self) -> bool:
@@ -328,6 +332,10 @@ def read_reference(path: str | os.PathLike) -> Reference:
           raise ValueError(f"{path}: {mu_key} {list(mu.shape)} / {sigma_key} {list(sigma.shape)} must be [d] / [d, d]")
         setattr(ref, mu_key, mu)
         setattr(ref, sigma_key, sigma)
+    if RESIZE_KEY in keys:
+      ref.resize = str(z[RESIZE_KEY])
+      if ref.resize not in RESIZE_MODES:
+        raise ValueError(f"{path}: {RESIZE_KEY} must be one of {RESIZE_MODES}, got {ref.resize!r}")
   if not ref.has_images and not ref.has_stats:
     raise ValueError(f"{path} has neither images ({IMAGES_KEY}) nor statistics (mu, sigma); keys: {sorted(keys)}")
   return ref
@@ -335,15 +343,21 @@ def read_reference(path: str | os.PathLike) -> Reference:
 
 def write_reference(path: str | os.PathLike, *, images: Optional[np.ndarray] = None,
                     stats: Optional[tuple[np.ndarray, np.ndarray]] = None,
-                    spatial_stats: Optional[tuple[np.ndarray, np.ndarray]] = None) -> None:
-  """Writes an ADM-layout reference npz: `arr_0` (uint8 images), `mu`/`sigma`, `mu_s`/`sigma_s`, whichever given."""
+                    spatial_stats: Optional[tuple[np.ndarray, np.ndarray]] = None,
+                    resize: Optional[str] = None) -> None:
+  """Writes an ADM-layout reference npz: `arr_0` (uint8 images), `mu`/`sigma`, `mu_s`/`sigma_s`, whichever given,
+  and `resize` (the mode the statistics were computed with; evaluation refuses another)."""
   arrays: dict[str, np.ndarray] = {}
+  if resize is not None:
+    if resize not in RESIZE_MODES:
+      raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    arrays[RESIZE_KEY] = np.array(resize)
   if images is not None:
     arrays[IMAGES_KEY] = check_images(images)
   for (mu_key, sigma_key), value in ((("mu", "sigma"), stats), (("mu_s", "sigma_s"), spatial_stats)):
     if value is not None:
       arrays[mu_key], arrays[sigma_key] = np.asarray(value[0]), np.asarray(value[1])
-  if not arrays:
+  if not set(arrays) - {RESIZE_KEY}:
     raise ValueError("write_reference needs images or statistics")
   with paths.local_file(path, suffix=".npz") as tmp:
     np.savez(tmp, **arrays)

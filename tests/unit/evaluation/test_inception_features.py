@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -133,6 +134,7 @@ def streamed_reference(extractor, x, out):
     assert info == {"num_images": 5, "kept_images": 4} and done == [2, 3, 5]
     ref = feats.read_reference(path)
     assert ref.num_images == 4 and sorted(os.listdir(d)) == ["ref.npz"]  # the scratch file is gone
+    assert ref.resize == extractor.resize  # recorded: evaluation with another mode is refused
     with np.load(path) as z:
       np.testing.assert_array_equal(z["arr_0"], x[:4])
     want = frechet.FeatureStats.from_features(out["pool"])
@@ -206,8 +208,11 @@ def test_reference_layouts(tmp_path):
   np.savez(tmp_path / "stats.npz", mu=mu.astype(np.float32), sigma=sigma.astype(np.float32))
   r = feats.read_reference(tmp_path / "stats.npz")
   assert not r.has_images and r.has_stats and not r.has_spatial_stats and r.mu.dtype == np.float64
+  assert r.resize is None  # a file made elsewhere records no resize mode
   with pytest.raises(ValueError, match="has no images"):
     r.batches()
+  feats.write_reference(tmp_path / "tf1.npz", stats=(mu, sigma), resize="adm_tf1")
+  assert feats.read_reference(tmp_path / "tf1.npz").resize == "adm_tf1"
 
 
 def test_reference_errors(tmp_path):
@@ -222,6 +227,11 @@ def test_reference_errors(tmp_path):
   np.savez(tmp_path / "other.npz", labels=np.arange(3))
   with pytest.raises(ValueError, match="neither images"):
     feats.read_reference(tmp_path / "other.npz")
+  np.savez(tmp_path / "bicubic.npz", mu=np.zeros(4), sigma=np.eye(4), resize=np.array("bicubic"))
+  with pytest.raises(ValueError, match="resize must be one of"):
+    feats.read_reference(tmp_path / "bicubic.npz")
+  with pytest.raises(ValueError, match="needs images or statistics"):
+    feats.write_reference(tmp_path / "empty.npz", resize="adm_tf1")
   (tmp_path / "text.npz").write_text("hello")
   with pytest.raises(ValueError, match="not an .npz"):
     feats.read_reference(tmp_path / "text.npz")
@@ -235,6 +245,7 @@ class _FakeExtractor:
   (fixed random projections of per-image pixel statistics)."""
 
   batch_size = 3
+  resize = "pytorch_fid"
 
   def __init__(self):
     rng = np.random.default_rng(0)
@@ -250,7 +261,7 @@ class _FakeExtractor:
         yield {"pool": z[:, :64], "logits": 5 * z[:, 64:1072], "spatial": z[:, 1072:]}
 
 
-def test_evaluate_npz_files(tmp_path):
+def test_evaluate_npz_files(tmp_path, caplog):
   extractor = _FakeExtractor()
   x = _images(12, 16, 16, seed=3)
   y = _images(10, 16, 16, seed=4) // 2  # darker
@@ -290,6 +301,14 @@ def test_evaluate_npz_files(tmp_path):
                              rtol=1e-8, atol=1e-10)
   with pytest.raises(ValueError, match="has no images"):
     fid.evaluate(extractor, tmp_path / "stats.npz", tmp_path / "ref.npz")
+  # Statistics computed with another resize mode than this run's are refused; unrecorded ones (ADM's file) warned of.
+  feats.write_reference(tmp_path / "tf1.npz", stats=shifted, resize="adm_tf1")
+  with pytest.raises(ValueError, match=r"computed with --resize=adm_tf1; evaluate with the same \(this run: "
+                                       r"--resize=pytorch_fid\)"):
+    fid.evaluate(extractor, tmp_path / "same.npz", tmp_path / "tf1.npz")
+  with caplog.at_level(logging.WARNING, logger=fid.__name__):
+    fid.evaluate(extractor, tmp_path / "same.npz", tmp_path / "stats.npz", split_size=5)
+  assert "does not record how its statistics were made: ADM's reference batches need --resize=adm_tf1" in caplog.text
   np.savez(tmp_path / "dim.npz", mu=np.zeros(2048), sigma=np.eye(2048))
   with pytest.raises(ValueError, match="2048 dimensions, the samples' pool features 64"):
     fid.evaluate(extractor, tmp_path / "same.npz", tmp_path / "dim.npz")
