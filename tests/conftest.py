@@ -88,12 +88,22 @@ def tiny_rqvae():
   return model, variables, x
 
 
+# Session fixtures whose tests run in one xdist group, so that one worker builds the fixture once (their tests are
+# spread over several modules).
+_SHARED_FIXTURE_GROUPS = {"tiny_rqvae": "tiny_rqvae"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
   """Longest first: the tests sharing the installed wheel, then the other slow ones. Under the README's
   `-n 2 --dist loadgroup` the wheel's tests (xdist_group "wheel") run in one worker, so the wheel is built and its
   smoke demo run once, while the other worker takes the other slow tests (and the smaller groups, whose tests share
-  a module fixture that one worker then builds once); short tests fill the end."""
+  a module or session fixture that one worker then builds once); short tests fill the end."""
   del config
+  for item in items:
+    shared = [g for f, g in _SHARED_FIXTURE_GROUPS.items() if f in item.fixturenames]
+    if shared and not item.get_closest_marker("xdist_group"):
+      item.add_marker(pytest.mark.xdist_group(shared[0]))
 
   def rank(item):
     group = item.get_closest_marker("xdist_group")

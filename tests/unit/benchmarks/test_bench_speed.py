@@ -10,6 +10,10 @@ from ctxrq_jax.core import config as configlib
 from ctxrq_jax.benchmarks import official
 from ctxrq_jax.benchmarks import speed
 
+# One worker runs the bench tests in file order, so bench/device.sh's child finds test_bench_speed's programs in the
+# compilation cache.
+pytestmark = pytest.mark.xdist_group("bench")
+
 
 @pytest.fixture(scope="module")
 def tiny():

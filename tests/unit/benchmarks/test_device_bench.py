@@ -10,6 +10,10 @@ import pytest
 
 from tests import helpers
 
+# One worker runs the bench tests in file order, so bench/device.sh's child finds test_bench_speed's programs in the
+# compilation cache.
+pytestmark = pytest.mark.xdist_group("bench")
+
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 
 

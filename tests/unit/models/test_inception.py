@@ -11,6 +11,10 @@ from ctxrq_jax.models import inception
 from ctxrq_jax.models import inception_convert
 from tests import pytorch_fid_reference as ref
 
+# One worker runs every test of pytorch-fid's torch Inception (here and in the other module), so each module builds
+# it once.
+pytestmark = pytest.mark.xdist_group("inception_torch")
+
 torch = pytest.importorskip("torch")
 
 

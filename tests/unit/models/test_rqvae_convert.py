@@ -24,6 +24,9 @@ from ctxrq_jax.models import rqvae_convert as convert
 from tests import helpers
 from tests import torch_rqvae_reference as ref
 
+# One worker runs the module, so its converted reference model (a module fixture) is built once.
+pytestmark = pytest.mark.xdist_group("rqvae_convert")
+
 REPO = helpers.REPO
 # A copy of shared/reference's key list, kept with the tests so a clean clone can run them.
 TSV = os.path.join(REPO, "tests", "data", "rqvae-imagenet256-8x8x4-state-dict.tsv")

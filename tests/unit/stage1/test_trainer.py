@@ -65,40 +65,8 @@ def test_mock_tfds_run_writes_artifact_and_images(mock_run):
   assert os.path.isfile(workdir / "config.json")
 
 
-def _jitted(trainer, config):
-  """The trainer's init and train step jitted exactly as `train_and_evaluate` jits them (one compilation for both,
-  through the compilation cache), and how it places a batch."""
-  mesh = sharding.make_mesh(config.mesh)
-  rep = sharding.replicated(mesh)
-  init = jax.jit(trainer.init, out_shardings=rep)
-  step = jax.jit(trainer.train_step, donate_argnums=(0,), out_shardings=(rep, rep))
-  return init, step, lambda batch: sharding.host_local_batch_to_global(batch, mesh)
-
-
 def _random_batch():
   return {"image": np.asarray(jax.random.uniform(jax.random.key(1), (4, 16, 16, 1), minval=-1, maxval=1))}
-
-
-def test_training_updates_codebook():
-  config = tiny_config(num_steps=2, nonfinite="skip")
-  trainer = train_rqvae.Stage1Trainer(config)
-  init, step, place = _jitted(trainer, config)
-  state0 = init(jax.random.key(0))
-  codebook0 = np.asarray(state0.quantizer.codebook)  # state0 is donated to the step
-  state1, metrics = step(state0, place(_random_batch()))
-  assert int(state1.step) == 1
-  assert np.all(np.isfinite(np.asarray(metrics["loss"])))
-  # The EMA moved the codebook; counts of used codes grew relative to unused ones.
-  assert not np.allclose(np.asarray(state1.quantizer.codebook), codebook0)
-  assert float(metrics["finite"]) == 1.0
-  # With train.nonfinite='skip' a batch that makes the loss non-finite changes nothing but the step count (the loop
-  # counts it): parameters, codebook and optimizer state keep their values, never NaN.
-  before = jax.device_get(state1)
-  nan_batch = {"image": np.array(_random_batch()["image"])}
-  nan_batch["image"][0, 0, 0, 0] = np.nan
-  state2, metrics = step(state1, place(nan_batch))
-  assert int(state2.step) == 2 and float(metrics["finite"]) == 0.0 and not np.isfinite(float(metrics["loss"]))
-  helpers.assert_trees_equal(before.replace(step=None), jax.device_get(state2).replace(step=None))
 
 
 @pytest.mark.slow
@@ -128,8 +96,9 @@ def test_resume_is_bit_exact(mock_run, tmp_path):
 @pytest.mark.slow
 def test_all_stage1_loss_terms_present_and_finite():
   """The reference's recipe on the tiny config: recon + commitment + LPIPS + adaptive-weighted GAN, D hinge loss;
-  the codebook EMA starting from the reference's zero counts; the discriminator starts at disc_start, then learns."""
-  config = tiny_config()
+  the codebook EMA starting from the reference's zero counts; the discriminator starts at disc_start, then learns;
+  with train.nonfinite='skip' a non-finite step changes nothing but the step count."""
+  config = tiny_config(nonfinite="skip")
   with config.unlocked():
     config.loss.perceptual = True
     config.loss.gan = True
@@ -146,6 +115,7 @@ def test_all_stage1_loss_terms_present_and_finite():
   step = jax.jit(trainer.train_step, donate_argnums=(0,), out_shardings=(rep, rep))
   state = init(jax.random.key(0))
   np.testing.assert_array_equal(np.asarray(state.quantizer.cluster_size_ema), 0.0)
+  codebook0 = np.asarray(state.quantizer.codebook)
   batch = sharding.host_local_batch_to_global(_random_batch(), mesh)
   lp = jax.device_put(trainer.lpips_variables, rep)
   disc_before = helpers.leaves(state.disc_params)  # state is donated to the step
@@ -164,9 +134,20 @@ def test_all_stage1_loss_terms_present_and_finite():
   # loss = recon + 0.25 commitment + 1.0 LPIPS + g_weight (already x disc_weight) * g_loss.
   expected = m["recon_loss"] + 0.25 * m["commitment_loss"] + m["perceptual_loss"] + m["gan_weight"] * m["g_loss"]
   assert m["loss"] == pytest.approx(expected, rel=1e-5)
-  # The zero counts were re-seeded from data at the first step: every count is >= 1 or has grown past it since.
+  assert m["finite"] == 1.0 and int(state.step) == 3
+  # The zero counts were re-seeded from data at the first step: every count is >= 1 or has grown past it since; the
+  # EMA moved the codebook.
   assert np.all(np.asarray(state.quantizer.cluster_size_ema) > 0.9)
+  assert not np.allclose(np.asarray(state.quantizer.codebook), codebook0)
   assert any(not np.allclose(a, b) for a, b in zip(disc_before, helpers.leaves(state.disc_params)))
+  # train.nonfinite='skip': a batch that makes the loss non-finite changes nothing but the step count (the loop counts
+  # it): parameters, codebook, both players' optimizer states keep their values, never NaN.
+  before = jax.device_get(state)
+  nan_batch = {"image": np.array(_random_batch()["image"])}
+  nan_batch["image"][0, 0, 0, 0] = np.nan
+  state, metrics = step(state, sharding.host_local_batch_to_global(nan_batch, mesh), lp)
+  assert int(state.step) == 4 and float(metrics["finite"]) == 0.0 and not np.isfinite(float(metrics["loss"]))
+  helpers.assert_trees_equal(before.replace(step=None), jax.device_get(state).replace(step=None))
 
 
 @pytest.mark.slow
