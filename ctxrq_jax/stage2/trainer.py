@@ -434,8 +434,13 @@ def _code_iterator(config, split: str, batch_size: int, train: bool) -> Iterator
 
 
 def evaluate(config, eval_fn, params, codebook, mesh, meta: codes_lib.CodeMetadata) -> dict[str, float]:
-  """Masked NLL over the eval split (whole global batches; fixed masks per batch index)."""
-  batch_size = int(config.train.batch_size)
+  """Masked NLL over the eval split (whole global batches; fixed masks per batch index).
+
+  The batches are the training micro-batch (train.batch_size / grad_accum_steps): the size whose forward pass one
+  training step is known to fit in memory (the eval's runs every position through the depth transformer), so an eval
+  at a checkpoint step cannot fail where training ran.
+  """
+  batch_size = int(config.train.batch_size) // int(config.train.grad_accum_steps)
   it = _code_iterator(config, config.data.eval_split, batch_size // jax.process_count(), train=False)
   # Every host runs the same number of (collective) eval steps, although strided host shards differ by one example.
   num_batches = meta.num_examples(config.data.eval_split) // batch_size
