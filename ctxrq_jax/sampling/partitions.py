@@ -18,8 +18,11 @@ def region_partitions(rng: Array, region: Array, num_steps: int) -> Array:
   """Uniformly random balanced partitions of each sample's region into `num_steps` update steps.
 
   Region positions are put in a uniformly random order (a random permutation, then a stable sort that brings region
-  positions first); the position of rank r among the R_b region positions of sample b is updated at step
-  floor(r * T / R_b), so step sizes differ by at most one and every step is non-empty when T <= R_b.
+  positions first); the position of rank r among the R_b region positions of sample b goes to set floor(r * T / R_b),
+  so set sizes differ by at most one and every set is non-empty when T <= R_b. When T does not divide R_b the sets
+  are then given to the steps in a uniformly random order, so which steps update one position more is random too
+  (uniform over all ordered balanced partitions); when it does, that relabelling changes nothing in distribution
+  and is skipped.
 
   Args:
     rng: PRNG key; sample b uses the b-th key of `jax.random.split(rng, B)`.
@@ -45,7 +48,11 @@ def region_partitions(rng: Array, region: Array, num_steps: int) -> Array:
   rows = jnp.arange(batch)[:, None]
   rank = jnp.zeros((batch, n), jnp.int32).at[rows, order].set(jnp.arange(n, dtype=jnp.int32)[None])
   size = jnp.maximum(region.sum(axis=1, keepdims=True, dtype=jnp.int32), 1)
-  return jnp.where(region, rank * num_steps // size, -1).astype(jnp.int32)
+  step = jnp.minimum(rank * num_steps // size, num_steps - 1)  # (outside the region: clipped, replaced below)
+  relabel = jax.vmap(lambda k: jax.random.permutation(k, num_steps))(
+      jax.random.split(jax.random.fold_in(rng, 1), batch))  # [B, T]
+  step = jnp.where(size % num_steps != 0, jnp.take_along_axis(relabel, step, axis=1), step)
+  return jnp.where(region, step, -1).astype(jnp.int32)
 
 
 def random_partitions(rng: Array, batch: int, num_positions: int, num_steps: int) -> Array:
