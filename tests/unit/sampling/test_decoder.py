@@ -1,6 +1,8 @@
-"""Draft-and-Revise decoding (ctxrq_jax/sampling/decoder.py) on a tiny Contextual RQ-Transformer (N=16, D=2, K=8,
-width 32). Its equality with the plain reference sampler (ctxrq_jax/sampling/reference.py) is asserted in
-tests/unit/sampling/test_decoder_cache.py, with the settings used here."""
+"""Draft-and-Revise decoding (ctxrq_jax/sampling/decoder.py) on a tiny Contextual RQ-Transformer (N=16, D=3, K=8,
+width 32, two depth layers: the `tiny_sampler` fixture of conftest.py). tests/unit/sampling/test_decoder_cache.py
+compares the same model, with the shared settings below, to the plain reference sampler
+(ctxrq_jax/sampling/reference.py) for full generation and inpainting: the programs that most tests here run (compiled
+once: both modules are in one xdist group)."""
 
 from __future__ import annotations
 
@@ -14,29 +16,22 @@ import pytest
 from ctxrq_jax.sampling import decoder as decode
 from ctxrq_jax.sampling import partitions
 from ctxrq_jax.sampling.logits import PhaseSettings
-from tests import helpers
 
-N, D, K, NZ, CLASSES, B = 16, 2, 8, 4, 3, 3
+N, D, K, CLASSES, B = 16, 3, 8, 3, 3  # the sizes of `tiny_sampler` (conftest.py)
 PS = PhaseSettings
+pytestmark = pytest.mark.xdist_group("sampler")  # with test_decoder_cache.py: one worker compiles the programs once
 
 
-# Shared settings: most tests reuse one compiled program (same static plan) to keep the suite fast on a small CPU.
+# Shared settings: most tests reuse one compiled program (same static plan) to keep the suite fast on a small CPU;
+# test_decoder_cache.py uses them too, and compares that program with the reference sampler.
 DRAFT = PS(temperature=1.0, top_k=5)
 REVISE = PS(temperature=0.8, top_p=0.9, guidance_scale=1.5)
 STEPS = {'t_draft': 4, 't_revise': 2, 'num_revisions': 2}
 
 
-@pytest.fixture(scope='module')
-def setup():
-  model, params, codebook = helpers.tiny_sampling_model(code_depth=D, num_positions=N, vocab_size=K, embed_dim=NZ,
-                                                        num_classes=CLASSES)
-  cond = jnp.array([[0], [1], [2]], jnp.int32)
-  return model, params, codebook, cond
-
-
-def _run(setup, rng=0, cond=None, fn=decode.draft_and_revise, **kw):
+def _run(tiny_sampler, rng=0, cond=None, fn=decode.draft_and_revise, **kw):
   """Draft-and-Revise with the shared settings (returns (codes, history) unless overridden)."""
-  model, params, codebook, cond0 = setup
+  model, params, codebook, cond0 = tiny_sampler
   kw = {**STEPS, 'draft': DRAFT, 'revise': REVISE, 'return_history': True, **kw}
   return fn(model, params, codebook, cond0 if cond is None else cond, jax.random.key(rng), **kw)
 
@@ -44,8 +39,8 @@ def _run(setup, rng=0, cond=None, fn=decode.draft_and_revise, **kw):
 # UPDATE (Algorithm 1).
 
 
-def test_update_pass_updates_every_position_once(setup):
-  model, params, codebook, cond = setup
+def test_update_pass_updates_every_position_once(tiny_sampler):
+  model, params, codebook, cond = tiny_sampler
   state = decode.init_state(jnp.zeros((B, N, D), jnp.int32), jnp.ones((B, N), bool))
   sampler = PS().sampler()
   part = partitions.random_partitions(jax.random.key(7), B, N, 5)  # 5 does not divide 16: steps of 3 or 4
@@ -70,63 +65,54 @@ def test_update_pass_updates_every_position_once(setup):
 # Draft-and-Revise (Algorithm 2).
 
 
-def test_fori_loop_sampler_history(setup):
-  # Equality with the plain reference sampler, for these very settings and for inpainting, is asserted in
-  # tests/unit/sampling/test_decoder_cache.py on a deeper model (D = 3, two depth layers): the same program there.
-  codes, hist = _run(setup, rng=11)
-  assert hist.shape == (3, B, N, D) and codes.dtype == jnp.int32
-  np.testing.assert_array_equal(hist[-1], codes)
-  assert not np.array_equal(hist[0], hist[1])  # revisions do change the draft
-  assert int(codes.min()) >= 0 and int(codes.max()) < K
-
-
-def test_history_draft_equals_no_revision_result(setup):
-  _, hist = _run(setup, rng=12)
-  draft_only = _run(setup, rng=12, num_revisions=0, return_history=False)
+def test_history_draft_equals_no_revision_result(tiny_sampler):
+  _, hist = _run(tiny_sampler, rng=12)
+  draft_only = _run(tiny_sampler, rng=12, num_revisions=0, return_history=False)
   np.testing.assert_array_equal(hist[0], draft_only)
 
 
-def test_seeds(setup):
-  (a, _), (b, _), (c, _) = _run(setup, rng=13), _run(setup, rng=13), _run(setup, rng=14)
+def test_seeds(tiny_sampler):
+  (a, _), (b, _), (c, _) = _run(tiny_sampler, rng=13), _run(tiny_sampler, rng=13), _run(tiny_sampler, rng=14)
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
 
 
-def test_guidance(setup):
-  model, _, _, cond = setup
+def test_guidance(tiny_sampler):
+  model, _, _, cond = tiny_sampler
   unguided = dataclasses.replace(REVISE, guidance_scale=0.0)
-  base, _ = _run(setup, rng=15, revise=unguided)
+  base, _ = _run(tiny_sampler, rng=15, revise=unguided)
   # Scale 0 (uncond pass skipped) equals the batched cond+uncond pass with a negligible scale.
-  np.testing.assert_array_equal(base, _run(setup, rng=15, revise=dataclasses.replace(REVISE, guidance_scale=1e-30))[0])
-  assert not np.array_equal(base, _run(setup, rng=15, revise=dataclasses.replace(REVISE, guidance_scale=4.0))[0])
+  tiny = dataclasses.replace(REVISE, guidance_scale=1e-30)
+  np.testing.assert_array_equal(base, _run(tiny_sampler, rng=15, revise=tiny)[0])
+  assert not np.array_equal(base, _run(tiny_sampler, rng=15, revise=dataclasses.replace(REVISE, guidance_scale=4.0))[0])
   # cond == uncond (the null id everywhere): guidance is a no-op.
   null = jnp.full_like(cond, model.num_classes)
   guided = dataclasses.replace(REVISE, guidance_scale=3.0)
-  np.testing.assert_array_equal(_run(setup, rng=15, cond=null, revise=unguided)[0],
-                                _run(setup, rng=15, cond=null, revise=guided)[0])
+  np.testing.assert_array_equal(_run(tiny_sampler, rng=15, cond=null, revise=unguided)[0],
+                                _run(tiny_sampler, rng=15, cond=null, revise=guided)[0])
 
 
-def test_temperature_zero_is_argmax(setup):
+def test_temperature_zero_is_argmax(tiny_sampler):
   def greedy(t):
     return dataclasses.replace(DRAFT, temperature=t), dataclasses.replace(REVISE, temperature=t)
-  a, _ = _run(setup, rng=16, **dict(zip(('draft', 'revise'), greedy(0.0))))
-  np.testing.assert_array_equal(a, _run(setup, rng=16, **dict(zip(('draft', 'revise'), greedy(1e-6))))[0])
-  assert not np.array_equal(a, _run(setup, rng=16)[0])
+  a, _ = _run(tiny_sampler, rng=16, **dict(zip(('draft', 'revise'), greedy(0.0))))
+  np.testing.assert_array_equal(a, _run(tiny_sampler, rng=16, **dict(zip(('draft', 'revise'), greedy(1e-6))))[0])
+  assert not np.array_equal(a, _run(tiny_sampler, rng=16)[0])
 
 
-def test_no_recompilation(setup):
-  _run(setup, rng=17)
+def test_no_recompilation(tiny_sampler):
+  _run(tiny_sampler, rng=17)
   before = decode._decode._cache_size()
   for seed, temp, scale in ((18, 0.7, 2.0), (19, 1.3, 0.5)):
     cond = jax.random.randint(jax.random.key(seed), (B, 1), 0, CLASSES + 1)
-    _run(setup, rng=seed, cond=cond, draft=dataclasses.replace(DRAFT, temperature=temp),
+    _run(tiny_sampler, rng=seed, cond=cond, draft=dataclasses.replace(DRAFT, temperature=temp),
          revise=dataclasses.replace(REVISE, temperature=temp, guidance_scale=scale, top_p=0.5))
   assert decode._decode._cache_size() == before
 
 
-def test_inpaint_keeps_context(setup):
+def test_inpaint_keeps_context(tiny_sampler):
   """(Equality with the reference sampler on this region: tests/unit/sampling/test_decoder_cache.py.)"""
-  model, params, codebook, cond = setup
+  model, params, codebook, cond = tiny_sampler
   codes = jax.random.randint(jax.random.key(20), (B, N, D), 0, K)
   region = np.zeros((B, N), bool)
   region[0, 3:9] = True
@@ -148,8 +134,8 @@ def test_inpaint_keeps_context(setup):
   assert bool(state.known.all())
 
 
-def test_confidence_draft(setup):
-  model, params, codebook, cond = setup
+def test_confidence_draft(tiny_sampler):
+  model, params, codebook, cond = tiny_sampler
   greedy = PS(temperature=0.0)
   a = decode.confidence_draft(model, params, codebook, cond, jax.random.key(24), t_draft=4, settings=greedy)
   b = decode.confidence_draft(model, params, codebook, cond, jax.random.key(25), t_draft=4, settings=greedy)
@@ -168,22 +154,22 @@ def test_confidence_draft(setup):
   np.testing.assert_array_equal(state.updates, np.ones((B, N)))
 
 
-def test_bad_inputs(setup):
-  model, params, codebook, cond = setup
+def test_bad_inputs(tiny_sampler):
+  model, params, codebook, cond = tiny_sampler
   with pytest.raises(ValueError, match='condition ids'):
-    _run(setup, cond=jnp.array([[0], [1], [CLASSES + 1]]))
+    _run(tiny_sampler, cond=jnp.array([[0], [1], [CLASSES + 1]]))
   with pytest.raises(ValueError, match='t_draft=17 exceeds N=16'):
-    _run(setup, t_draft=N + 1)
+    _run(tiny_sampler, t_draft=N + 1)
   with pytest.raises(ValueError, match='t_revise'):
-    _run(setup, t_revise=0)
+    _run(tiny_sampler, t_revise=0)
   with pytest.raises(ValueError, match='draft_mode'):
-    _run(setup, draft_mode='greedy')
+    _run(tiny_sampler, draft_mode='greedy')
   with pytest.raises(ValueError, match='temperature'):
     PS(temperature=-1.0)
   with pytest.raises(ValueError, match='top_p'):
     PS(top_p=0.0)
   with pytest.raises(ValueError, match='PhaseSettings'):
-    _run(setup, draft={'temperature': 1.0})
+    _run(tiny_sampler, draft={'temperature': 1.0})
   with pytest.raises(ValueError, match="'params' collection"):
     decode.draft_and_revise(model, {'params': params}, codebook, cond, jax.random.key(0), **STEPS, draft=DRAFT,
                             revise=REVISE)
@@ -207,8 +193,8 @@ def test_sample_command_offers_every_draft_mode():
 # One key per sample (large sample sets drawn piece by piece).
 
 
-def test_per_sample_keys_make_each_sample_independent_of_its_batch(setup):
-  model, params, codebook, _ = setup
+def test_per_sample_keys_make_each_sample_independent_of_its_batch(tiny_sampler):
+  model, params, codebook, _ = tiny_sampler
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(jnp.arange(4))
   cond = jnp.array([[0], [1], [2], [1]], jnp.int32)
   kw = {**STEPS, 'draft': DRAFT, 'revise': REVISE, 'return_history': True}

@@ -10,24 +10,17 @@ import pytest
 from ctxrq_jax.sampling import decoder
 from ctxrq_jax.sampling import reference
 from ctxrq_jax.sampling.logits import PhaseSettings
-from tests import helpers
 
-N, D, K, NZ, CLASSES, B = 16, 3, 8, 4, 3, 3
+N, D, K, B = 16, 3, 8, 3  # the sizes of `tiny_sampler` (conftest.py), the model of test_decoder.py too
+pytestmark = pytest.mark.xdist_group("sampler")  # with test_decoder.py: one worker compiles the programs once
 DRAFT = PhaseSettings(temperature=1.0, top_k=5)
 REVISE = PhaseSettings(temperature=0.8, top_p=0.9, guidance_scale=1.5)
 STEPS = {"t_draft": 4, "t_revise": 2, "num_revisions": 2}
 
 
-@pytest.fixture(scope="module")
-def setup():
-  model, params, codebook = helpers.tiny_sampling_model(code_depth=D, depth_layers=2, num_positions=N, vocab_size=K,
-                                                        embed_dim=NZ, num_classes=CLASSES)
-  return model, params, codebook, jnp.array([[0], [1], [2]], jnp.int32)
-
-
 @pytest.mark.parametrize("guided", ["revise", "both", "none"])
-def test_fast_sampler_equals_reference(setup, guided):
-  model, params, codebook, cond = setup
+def test_fast_sampler_equals_reference(tiny_sampler, guided):
+  model, params, codebook, cond = tiny_sampler
   draft = dataclasses.replace(DRAFT, guidance_scale=1.2) if guided == "both" else DRAFT
   revise = REVISE if guided != "none" else dataclasses.replace(REVISE, guidance_scale=0.0)
   kw = {**STEPS, "draft": draft, "revise": revise, "return_history": True}
@@ -36,12 +29,13 @@ def test_fast_sampler_equals_reference(setup, guided):
   np.testing.assert_array_equal(codes, ref)
   np.testing.assert_array_equal(hist, ref_hist)
   assert hist.shape == (3, B, N, D) and codes.dtype == jnp.int32
+  np.testing.assert_array_equal(hist[-1], codes)  # the history ends with the returned codes
   assert not np.array_equal(hist[0], hist[1])  # revisions do change the draft
   assert int(codes.min()) >= 0 and int(codes.max()) < K
 
 
-def test_inpaint_equals_reference(setup):
-  model, params, codebook, cond = setup
+def test_inpaint_equals_reference(tiny_sampler):
+  model, params, codebook, cond = tiny_sampler
   codes = jax.random.randint(jax.random.key(20), (B, N, D), 0, K)
   region = np.zeros((B, N), bool)
   region[0, 3:9] = True
@@ -58,10 +52,10 @@ def test_inpaint_equals_reference(setup):
   assert not np.array_equal(np.asarray(out)[region], np.asarray(codes)[region])
 
 
-def test_guidance_scale_zero_equals_tiny_scale(setup):
+def test_guidance_scale_zero_equals_tiny_scale(tiny_sampler):
   """Scale 0 skips the uncond branch; a negligible scale runs it and guides the features: same codes.
   (The programs of test_fast_sampler_equals_reference[none] and [revise]: nothing new to compile.)"""
-  model, params, codebook, cond = setup
+  model, params, codebook, cond = tiny_sampler
   kw = {**STEPS, "draft": DRAFT, "return_history": True}
   a, _ = decoder.draft_and_revise(model, params, codebook, cond, jax.random.key(5),
                                   revise=dataclasses.replace(REVISE, guidance_scale=0.0), **kw)
