@@ -1,5 +1,6 @@
 """Every command answers --help without importing JAX, and every flag the README shows exists."""
 
+import functools
 import os
 import pathlib
 import re
@@ -48,12 +49,19 @@ def test_help_is_fast_and_imports_no_jax(command):
   assert not heavy, f"--help of {command} imports {heavy[:5]}"
 
 
+@functools.cache
+def _helpfull(module):
+  """`python -m ctxrq_jax.<module> --helpfull`'s stdout, run once per module (and test process) for all the README's
+  commands of that module."""
+  return subprocess.run([sys.executable, "-m", f"ctxrq_jax.{module}", "--helpfull"], capture_output=True, text=True,
+                        timeout=60, check=False, cwd=REPO).stdout
+
+
 @pytest.mark.parametrize("index", range(len(README_COMMANDS)),
                          ids=[f"{m}-{i}" for i, (m, _) in enumerate(README_COMMANDS)])
 def test_every_readme_flag_exists(index):
   module, args = README_COMMANDS[index]
-  helpfull = subprocess.run([sys.executable, "-m", f"ctxrq_jax.{module}", "--helpfull"], capture_output=True,
-                            text=True, timeout=60, check=False, cwd=REPO).stdout
+  helpfull = _helpfull(module)
   config_file = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
   for arg in args:
     if not arg.startswith("--"):

@@ -1,0 +1,198 @@
+"""How a command ends (ctxrq_jax/core/cli.py `run`), in this process: a user's mistake is one `error: ...` line on
+stderr and exit 2, a diverged run one line and exit 1, anything else (a bug) a traceback; `--verbosity=1` gives the
+traceback of a mistake too. Then the mistakes the commands report, each through its command's own flags and `main`
+where that needs no trained run (tests/integration/test_install.py runs a few of them from the installed wheel).
+"""
+
+import logging as py_logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from absl.testing import flagsaver
+import numpy as np
+from PIL import Image
+import pytest
+
+from ctxrq_jax import demo
+from ctxrq_jax import evaluate
+from ctxrq_jax import sample
+from ctxrq_jax import train
+from ctxrq_jax.core import cli
+from ctxrq_jax.core import config as configlib
+from ctxrq_jax.sampling import runner
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+# What `run` changes beyond the flags: the loggers `quiet_dependencies` sets and the variables it sets by default.
+_DEPENDENCIES = ("jax", "orbax", "grain", "etils", "tensorflow")
+_LOGGERS = (*_DEPENDENCIES, "ctxrq_jax", "absl")
+_ENV = ("TF_CPP_MIN_LOG_LEVEL", "GRPC_VERBOSITY")
+
+
+@pytest.fixture()
+def run(monkeypatch, capsys):
+  """`run(main, define_flags, *args)`: `cli.run(main, define_flags)` as `python -m ... args` runs it -> (exit code,
+  stderr lines); an exception `run` lets through propagates. absl's flags are process-wide, so each call leaves them
+  as it found them (the command's flags deleted, values restored, unparsed again), and the loggers and environment too.
+  absl's once-per-process set-up (process name, a root log handler, faulthandler) is skipped: it is not `run`'s, and
+  it would change this test process."""
+  monkeypatch.setattr(app._run_init, "done", True)  # pylint: disable=protected-access
+
+  def call(main, define_flags, *args):
+    saved_flags, was_parsed = flagsaver.save_flag_values(), flags.FLAGS.is_parsed()
+    saved_loggers = {name: (lg.level, list(lg.handlers), lg.propagate)
+                     for name, lg in ((n, py_logging.getLogger(n)) for n in _LOGGERS)}
+    saved_env = {name: os.environ.get(name) for name in _ENV}
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["prog", *args])
+    try:
+      cli.run(main, define_flags)
+    except SystemExit as e:
+      return e.code, capsys.readouterr().err.splitlines()
+    finally:
+      flagsaver.restore_flag_values(saved_flags)
+      if not was_parsed:
+        flags.FLAGS.unparse_flags()
+      for name, (level, handlers, propagate) in saved_loggers.items():
+        lg = py_logging.getLogger(name)
+        lg.setLevel(level)
+        lg.handlers[:] = handlers
+        lg.propagate = propagate
+      for name, value in saved_env.items():
+        if value is None:
+          os.environ.pop(name, None)
+        else:
+          os.environ[name] = value
+    raise AssertionError("absl's app.run returned instead of exiting")
+
+  return call
+
+
+def _raising(exception):
+  def main(argv):
+    del argv
+    raise exception
+  return main
+
+
+# Every kind of exception `cli.USER_ERRORS` names (ConfigError is a ValueError), each as a command raises it.
+@pytest.mark.parametrize("exception", [
+    ValueError("t_draft=65 exceeds N=64"),
+    configlib.ConfigError("unknown config keys: train.batch_sise"),
+    FileNotFoundError("workdir missing/stage2 does not exist"),
+    FileExistsError("out exists"),
+    NotADirectoryError("codes is not a directory"),
+    IsADirectoryError("samples.npz is a directory"),
+    app.UsageError("--smoke uses the demo's own smoke configs"),
+    flags.IllegalFlagValueError("--seed must be in [0, 2**32)"),
+], ids=lambda e: type(e).__name__)
+def test_a_users_mistake_is_one_error_line_and_exit_2(run, exception):
+  assert run(_raising(exception), None) == (2, [f"error: {exception}"])
+
+
+def test_the_error_line_is_the_messages_first_line_or_the_exceptions_name(run):
+  assert run(_raising(ValueError("mask m.png is 28x20 pixels\n  but image i.png is 28x28")), None) == (
+      2, ["error: mask m.png is 28x20 pixels"])
+  assert run(_raising(ValueError()), None) == (2, ["error: ValueError"])
+
+
+def test_a_diverged_run_is_one_line_and_exit_1(run):
+  assert run(_raising(FloatingPointError("loss is nan at step 3")), None) == (1, ["error: loss is nan at step 3"])
+
+
+@pytest.mark.parametrize("exception", [RuntimeError("a bug"), KeyError("a bug"), TypeError("a bug")],
+                         ids=lambda e: type(e).__name__)
+def test_anything_else_is_a_traceback(run, capsys, exception):
+  # Not a SystemExit with one line: the exception itself leaves `run` (Python prints its traceback, exit 1).
+  with pytest.raises(type(exception), match="a bug"):
+    run(_raising(exception), None)
+  assert "error:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("exception", [ValueError("t_draft=65 exceeds N=64"),
+                                       FloatingPointError("loss is nan at step 3")], ids=lambda e: type(e).__name__)
+def test_verbosity_1_gives_the_traceback_of_a_mistake(run, capsys, exception):
+  with pytest.raises(type(exception), match=str(exception)):
+    run(_raising(exception), None, "--verbosity=1")
+  assert "error:" not in capsys.readouterr().err
+
+
+def test_a_command_that_succeeds_exits_0_with_its_arguments_and_quiet_dependencies(run):
+  seen = {}
+
+  def main(argv):
+    seen["argv"], seen["n"] = argv, flags.FLAGS.n
+    seen["levels"] = {name: py_logging.getLogger(name).getEffectiveLevel() for name in _DEPENDENCIES}
+    seen["absl"] = logging.get_verbosity()
+    py_logging.getLogger("ctxrq_jax.recipes.demo").warning("resuming from step %d", 4)
+
+  define = lambda: flags.DEFINE_integer("n", 1, "a number")  # noqa: E731
+  assert run(main, define, "stage2", "--n=3") == (None, ["warning: resuming from step 4"])
+  # The library's own warnings as plain lines, dependencies (absl's logger included) below ERROR silenced.
+  assert seen == {"argv": ["prog", "stage2"], "n": 3, "levels": dict.fromkeys(_DEPENDENCIES, py_logging.ERROR),
+                  "absl": logging.ERROR}
+  assert "n" not in flags.FLAGS  # the fixture's clean-up: the next call may define it again
+
+
+# ------------------------------------------------------------------------------- mistakes found parsing the flags
+def test_a_bad_flag_value_is_one_line(run):
+  define = lambda: flags.DEFINE_integer("max_examples", None, "digits", lower_bound=1)  # noqa: E731
+  assert run(_raising(AssertionError("main ran")), define, "--max_examples=0") == (
+      2, ["error: flag --max_examples=0: 0 is not a positive integer"])
+
+
+def test_a_misspelt_config_key_is_one_line_naming_it(run):
+  code, lines = run(train.main, train.define_flags, f"--config={REPO}/configs/demo.py", "--config.train.batch_sise=8",
+                    "--workdir=x")
+  assert code == 2 and len(lines) == 1, lines
+  assert lines[0].startswith("error: a config override names no config key: ") and "batch_sise" in lines[0], lines
+
+
+def test_a_json_config_is_one_line_asking_for_a_python_file(run, tmp_path):
+  # A run's config.json snapshot passed as --config (true/false/null make it no Python).
+  snapshot = configlib.save_snapshot(configlib.load_config_file("demo"), str(tmp_path))
+  code, lines = run(train.main, train.define_flags, f"--config={snapshot}", "--workdir=x")
+  assert code == 2 and len(lines) == 1, lines
+  assert lines[0].startswith("error: could not parse the command line (NameError: ") and lines[0].endswith(
+      "a --config must be a Python file with get_config(), e.g. configs/demo.py"), lines
+
+
+# ------------------------------------------------------------------------------- mistakes the commands' main finds
+def test_demo_refuses_config_overrides_it_would_ignore(run):
+  code, lines = run(demo.main, demo.define_flags, "--workdir=x", "--smoke", "--stage2_config.train.num_steps=9")
+  assert (code, lines) == (2, ["error: --smoke uses the demo's own smoke configs; leave out "
+                               "--stage1_config/--stage2_config"])
+  code, lines = run(demo.main, demo.define_flags, "--workdir=x", "--task=text", "--stage2_config.train.num_steps=9")
+  assert (code, lines) == (2, ["error: --stage2_config.KEY=VALUE overrides apply to configs/demo.py unless a config "
+                               "is given; for --task=text pass --stage2_config=configs/demo_text.py before them"])
+
+
+def test_sample_and_evaluate_name_a_workdir_that_is_no_run(run, tmp_path):
+  missing = tmp_path / "missing" / "stage2"
+  assert run(sample.main, sample.define_flags, f"--workdir={missing}") == (
+      2, [f"error: workdir {missing} does not exist"])
+  codes = tmp_path / "codes"  # a directory, but not a training run's
+  codes.mkdir()
+  assert run(evaluate.main, evaluate.define_flags, "stage2", f"--workdir={codes}") == (
+      2, [f"error: {codes / 'config.json'} not found: is {codes} the workdir of a training run?"])
+
+
+def test_sample_inpaint_names_a_mask_of_another_size(run, tmp_path):
+  # Read before the run is loaded (here: there is none); the message's text is test_editing's.
+  Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "digit.png")
+  Image.fromarray(np.full((20, 28), 255, np.uint8)).save(tmp_path / "mask.png")
+  image, mask = tmp_path / "digit.png", tmp_path / "mask.png"
+  assert run(sample.main, sample.define_flags, "inpaint", f"--workdir={tmp_path}/run", f"--image={image}",
+             f"--mask={mask}", "--class=1") == (
+      2, [f"error: mask {mask} is 28x20 pixels but image {image} is 28x28; draw the mask on the image's pixels"])
+
+
+def test_class_ids_outside_the_model_are_named():
+  # `sample --classes=3,12` on a 10-class run (which this needs: test_install checks it from the wheel).
+  assert runner.parse_classes("3,1", 10) == [3, 1] and runner.parse_classes("all", 3) == [0, 1, 2]
+  with pytest.raises(ValueError, match=r"^class ids \[12\] are outside \[0, 10\) for this model$"):
+    runner.parse_classes("3,12", 10)
+  with pytest.raises(ValueError, match=r"class ids ' , ' are outside"):
+    runner.parse_classes(" , ", 10)
