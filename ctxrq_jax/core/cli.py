@@ -6,7 +6,8 @@
 * Output: library chatter (absl INFO of orbax, jax, grain; TensorFlow's C++ log) is off unless `--verbosity` asks for
   it (`--verbosity=0` shows INFO, 1 adds DEBUG). What a command prints itself is its progress lines and results.
 * Errors: a mistake in what the user asked for (a misspelt config key, a class id out of range, a missing workdir,
-  T_draft > N, ...) prints one line `error: ...` on stderr and exits 2; the traceback only with `--verbosity=1`.
+  T_draft > N, ...) prints one line `error: ...` on stderr and exits 2; the traceback only with `--verbosity=1`
+  (absl itself reports a usage error, `app.UsageError`, with the command's usage and exit code 1 then).
 * Speed: this module imports no JAX; commands import the library inside `main`, so `--help` answers at once.
 """
 
@@ -94,6 +95,8 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
       error(f"{text.splitlines()[0]} {_last_line(text)}")
     error(e)
   except (AttributeError, KeyError) as e:  # a --config.a.b=... override naming no key of the (locked) config
+    if isinstance(e, AttributeError) and "get_config" in str(e):  # a file that parses as Python but defines none
+      error("a --config must be a Python file with get_config(), e.g. configs/demo.py; the one given defines none")
     error(f"a config override names no config key: {' '.join(str(e).replace(chr(92) + 'n', ' ').split())}")
   except Exception as e:  # noqa: BLE001 - e.g. a --config file that is not Python fails inside its parser
     error(f"could not parse the command line ({type(e).__name__}: {_last_line(e)}); a --config must be a Python "

@@ -150,13 +150,22 @@ def test_a_misspelt_config_key_is_one_line_naming_it(run):
   assert lines[0].startswith("error: a config override names no config key: ") and "batch_sise" in lines[0], lines
 
 
-def test_a_json_config_is_one_line_asking_for_a_python_file(run, tmp_path):
+def test_a_json_config_is_one_line_asking_for_a_python_file(run, tmp_path, monkeypatch):
   # A run's config.json snapshot passed as --config (true/false/null make it no Python).
   snapshot = configlib.save_snapshot(configlib.load_config_file("demo"), str(tmp_path))
   code, lines = run(train.main, train.define_flags, f"--config={snapshot}", "--workdir=x")
   assert code == 2 and len(lines) == 1, lines
   assert lines[0].startswith("error: could not parse the command line (NameError: ") and lines[0].endswith(
       "a --config must be a Python file with get_config(), e.g. configs/demo.py"), lines
+  # JSON without true/false/null is valid Python: it loads, and then has no get_config() (it used to be reported as
+  # a config override naming no key).
+  plain = tmp_path / "plain.json"
+  plain.write_text('{"seed": 0}')
+  # ml_collections executes a --config file into the module of that name, which an earlier test's config (loaded in
+  # this process) would still fill with its get_config(); a real command loads one config.
+  monkeypatch.delitem(sys.modules, "config_config", raising=False)
+  assert run(train.main, train.define_flags, f"--config={plain}", "--workdir=x") == (2, [
+      "error: a --config must be a Python file with get_config(), e.g. configs/demo.py; the one given defines none"])
 
 
 # ------------------------------------------------------------------------------- mistakes the commands' main finds
