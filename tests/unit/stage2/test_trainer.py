@@ -1,4 +1,4 @@
-"""Stage-2 trainer: validation before compiling, learning, bit-exact resume (also under the production threefry PRNG),
+"""Stage-2 trainer: validation before compiling, learning, bit-exact resume (production threefry PRNG, EMA on),
 non-finite handling and gradient accumulation. SIGTERM in a real process: tests/integration/test_preemption.py."""
 
 import json
@@ -101,43 +101,56 @@ def test_programs_are_kept_per_config_and_prng(stage2_codes_dir):
 
 
 @pytest.mark.slow
-def test_learns_and_resumes_bit_exact(stage2_codes_dir, tmp_path, monkeypatch):
+def test_learns_and_resumes_bit_exact(stage2_codes_dir, tmp_path, monkeypatch, threefry):
+  """Learns; stopped and resumed, finishes bit-identical to an uninterrupted run. Under the production PRNG (JAX's
+  default threefry; the suite runs on 'rbg') and with EMA, so the whole state (params, opt_state, ema_params, rng)
+  is resumed; a run's checkpoint refuses configs that make another state."""
+  assert jax.config.jax_default_prng_impl == threefry == "threefry2x32"
   codes_dir = stage2_codes_dir
-  config = _config(codes_dir)
+  config = _config(codes_dir, train__ema_decay=0.5)
   # Augmented records: each example's view is drawn per epoch, so the resume below also restores those draws.
   assert config.data.random_view and codes_lib.read_metadata(codes_dir).views == ("center", "flip")
   full = train.train_and_evaluate(config, str(tmp_path / "full"))
   assert full["step"] == 6 and not full["stopped"]
+  # The run's base key is threefry key data (uint32 [2]; an 'rbg' key holds 4 words).
+  assert full["state"].rng.shape == (2,) and full["state"].rng.dtype == jnp.uint32
+  assert full["state"].ema_params is not None
   losses = [l for _, l in full["history"]]
   assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.05, losses
-  assert "eval/loss" in full["eval"] and np.isfinite(full["eval"]["eval/loss"])
+  assert "eval/loss" in full["eval"] and np.isfinite(full["eval"]["eval/loss"])  # the last step evaluates
   assert os.path.isfile(tmp_path / "full" / "config.json")
 
   traced = _count_traces(monkeypatch)
   part = train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_after_steps=3)
   assert part["stopped"] and part["step"] == 3
   rest = train.train_and_evaluate(config, str(tmp_path / "resumed"))
-  assert rest["step"] == 6
+  assert rest["step"] == 6 and not rest["stopped"]
   # The process kept the programs of the uninterrupted run: the stopped and the resumed run traced no step.
   assert not traced
-  helpers.assert_trees_equal(rest["state"].params, full["state"].params)
-  helpers.assert_trees_equal(rest["state"].opt_state, full["state"].opt_state)
-  helpers.assert_trees_equal(rest["state"].rng, full["state"].rng)
-  # Same masks and data after the restart: the logged losses of steps 4..6 agree exactly.
+  helpers.assert_trees_equal(rest["state"], full["state"])  # step, params, opt_state, ema_params, rng
+  # Same masks and data after the restart: the logged losses of steps 4..6 agree exactly, and so does the final
+  # evaluation (of the EMA parameters).
   assert [l for s, l in rest["history"]] == losses[3:]
+  assert rest["eval"] == full["eval"]
 
   # Resuming with another model shape is refused before the run's config.json is touched.
   saved = (tmp_path / "full" / "config.json").read_text()
   with pytest.raises(ConfigError, match=r"another shape \(model.width: 32 -> 48\)"):
-    train.train_and_evaluate(_config(codes_dir, model__width=48), str(tmp_path / "full"))
+    train.train_and_evaluate(_config(codes_dir, train__ema_decay=0.5, model__width=48), str(tmp_path / "full"))
   assert (tmp_path / "full" / "config.json").read_text() == saved
-  # So is another state structure or dtype: EMA turned on (the checkpoint has no EMA parameters), or float32
-  # parameters resumed as bfloat16 (which the restore would have cast silently).
-  with pytest.raises(ConfigError, match=r"another state than this config makes \(ema_params\.\S+ is not in the "
+  # So is another state structure or dtype: EMA turned off (the checkpoint has EMA parameters the config would
+  # drop), gradient clipping turned off (the optimizer state the config makes has leaves the checkpoint lacks), or
+  # float32 parameters resumed as bfloat16 (which the restore would have cast silently).
+  with pytest.raises(ConfigError, match=r"another state than this config makes \(ema_params\.\S+ is in the "
+                                        r"checkpoint only; .* more\)"):
+    train.train_and_evaluate(_config(codes_dir), str(tmp_path / "full"))
+  with pytest.raises(ConfigError, match=r"another state than this config makes \(opt_state\.\S+ is not in the "
                                         r"checkpoint; .* more\)"):
-    train.train_and_evaluate(_config(codes_dir, train__ema_decay=0.99), str(tmp_path / "full"))
-  with pytest.raises(ConfigError, match=r"opt_state\.\S+: saved \[[\d, ]*\] float32, now \[[\d, ]*\] bfloat16"):
-    train.train_and_evaluate(_config(codes_dir, model__param_dtype="bfloat16"), str(tmp_path / "full"))
+    train.train_and_evaluate(_config(codes_dir, train__ema_decay=0.5, optim__grad_clip=0.0),
+                             str(tmp_path / "full"))
+  with pytest.raises(ConfigError, match=r"ema_params\.\S+: saved \[[\d, ]*\] float32, now \[[\d, ]*\] bfloat16"):
+    train.train_and_evaluate(_config(codes_dir, train__ema_decay=0.5, model__param_dtype="bfloat16"),
+                             str(tmp_path / "full"))
   assert (tmp_path / "full" / "config.json").read_text() == saved
   # So are codes re-encoded with another stage-1 model (same shape and K, another codebook), and the sampler
   # refuses them too.
@@ -147,30 +160,11 @@ def test_learns_and_resumes_bit_exact(stage2_codes_dir, tmp_path, monkeypatch):
   np.save(other / codes_lib.CODEBOOK_FILE, codebook + np.float32(0.5))
   with pytest.raises(ValueError, match=r"the codebook of .*reencoded is not the one the stage-2 model in .*full was "
                                        r"trained on"):
-    train.train_and_evaluate(_config(str(other)), str(tmp_path / "full"))
+    train.train_and_evaluate(_config(str(other), train__ema_decay=0.5), str(tmp_path / "full"))
   assert (tmp_path / "full" / "config.json").read_text() == saved
   assert json.loads((tmp_path / "full" / codes_lib.TRAINED_CODEBOOK_FILE).read_text())["sha256"] == (
       codes_lib.codebook_fingerprint(codebook))
   assert '"codes_dir": "%s"' % os.path.abspath(codes_dir) in saved  # usable from any directory
-
-
-@pytest.mark.slow
-def test_resume_is_bit_exact_under_the_production_prng(stage2_codes_dir, tmp_path, threefry):
-  """The suite runs on 'rbg'; production runs on JAX's default threefry. Save, resume and finish bit-identical to an
-  uninterrupted run there too, EMA included."""
-  assert jax.config.jax_default_prng_impl == threefry == "threefry2x32"
-  config = _config(stage2_codes_dir, train__num_steps=4, train__eval_every=4, train__ema_decay=0.5)
-  full = train.train_and_evaluate(config, str(tmp_path / "full"))
-  # The run's base key is threefry key data (uint32 [2]; an 'rbg' key holds 4 words).
-  assert full["state"].rng.shape == (2,) and full["state"].rng.dtype == jnp.uint32
-  assert full["step"] == 4 and not full["stopped"] and np.isfinite(full["eval"]["eval/loss"])
-  part = train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_after_steps=2)
-  assert part["stopped"] and part["step"] == 2
-  rest = train.train_and_evaluate(config, str(tmp_path / "resumed"))
-  assert rest["step"] == 4 and not rest["stopped"]
-  helpers.assert_trees_equal(rest["state"], full["state"])  # step, params, opt_state, ema_params, rng
-  assert [l for _, l in rest["history"]] == [l for s, l in full["history"] if s > 2]
-  assert rest["eval"] == full["eval"]
 
 
 def test_nonfinite_stop_and_skip(stage2_codes_dir, tmp_path):
@@ -207,7 +201,8 @@ def test_grad_accumulation_matches_full_batch(stage2_codes_dir):
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config)
   # The functions train_and_evaluate jits, jitted as it jits them, under its logical axis rules: where this process
-  # has trained the config already (the learning test), nothing is traced or compiled again.
+  # has trained the config already (the one-step run of the steps-per-call test, the object-store test), nothing is
+  # traced or compiled again.
   programs = train._programs(config)  # pylint: disable=protected-access
   state, shardings = train._create_state(  # pylint: disable=protected-access
       programs.init, programs.init_unboxed, mesh, rules)
