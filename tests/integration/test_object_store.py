@@ -30,7 +30,8 @@ from ctxrq_jax.stage2 import trainer as stage2_trainer
 from tests import fake_gcs
 from tests import helpers
 
-pytestmark = pytest.mark.slow
+# In the worker of stage2/test_trainer.py, whose one-layer programs it trains with.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stage2_one_layer")]
 
 
 @pytest.fixture()
@@ -168,8 +169,8 @@ def test_encode_train_resume_fallback_and_sample_in_a_bucket(gcs, monkeypatch):
   for a, b in zip(from_bucket, from_disk):
     np.testing.assert_array_equal(a, b)
 
-  # Stage 2 as stage2/test_trainer.py trains it (the same programs: one layer per stack), with its codes and workdir
-  # in the bucket.
+  # Stage 2 as stage2/test_trainer.py trains its plain config (the same programs: one layer per stack, 'rbg' keys),
+  # with its codes and workdir in the bucket.
   codes = helpers.write_stage2_codes(gcs.url("codes"), codebook=variables["quantizer"]["codebook"])
   config = helpers.tiny_stage2_config(codes, data__stage1_dir=artifact,
                                       model__spatial_layers=1, model__depth_layers=1)

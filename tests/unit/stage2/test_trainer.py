@@ -22,8 +22,10 @@ from tests import helpers
 
 # One layer per stack: nothing proven here (validation, learning, resume, non-finite handling, accumulation) depends
 # on the depth of the stacks, while every layer adds to the tracing and compiling of each program. The object-store
-# and preemption tests train the same model.
+# and preemption tests train the same model; the object-store test runs in this module's worker (one xdist group),
+# where the trainer's kept programs (`train._programs`) spare it the tracing and compiling.
 ONE_LAYER = dict(model__spatial_layers=1, model__depth_layers=1)
+pytestmark = pytest.mark.xdist_group("stage2_one_layer")
 
 
 def _config(codes_dir, **overrides):
