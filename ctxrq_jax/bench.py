@@ -70,9 +70,9 @@ def main(argv: list[str]) -> None:
     if not FLAGS.workdir:
       raise app.UsageError('fid needs --workdir (where the random images and weights are written)')
     from ctxrq_jax.benchmarks import fid_cost  # pylint: disable=g-import-not-at-top
-    rows = fid_cost.bench_fid(FLAGS.workdir, sample_counts=_ints('fid_samples', minimum=2), reference_count=FLAGS.fid_reference,
-                              image_size=FLAGS.fid_image_size, batch_size=FLAGS.fid_batch_size, seed=FLAGS.seed,
-                              log=_log)
+    rows = fid_cost.bench_fid(FLAGS.workdir, sample_counts=_ints('fid_samples', minimum=2),
+                              reference_count=FLAGS.fid_reference, image_size=FLAGS.fid_image_size,
+                              batch_size=FLAGS.fid_batch_size, seed=FLAGS.seed, log=_log)
     print(fid_cost.format_table(rows))
     return
   if command == 'stage1':

@@ -2,7 +2,8 @@
 per-example transform.
 
     source ─► map_with_index(decode + validate) ─► seed ─► shuffle (train) ─► repeat
-           ─► map / random_map(transform) ─► host slice ─► batch ─► to_iter_dataset(threads) ─► [mp_prefetch(workers)]
+           ─► map / random_map(transform) ─► host slice ─► batch ─► to_iter_dataset(threads)
+           ─► [mp_prefetch(workers)]
 
 Decoding and validation run against the index in the source, so an error names the record that is wrong whatever
 the shuffle. Every host builds the same global stream (one shuffle per epoch, one random draw per position) and

@@ -186,8 +186,9 @@ def build_reference(extractor: features_lib.InceptionFeatureExtractor, batches: 
 
   `mu`/`sigma` (and `mu_s`/`sigma_s`) are statistics of every image, folded in batch by batch; `arr_0` holds the
   first `keep_images` images (ADM's reference batches keep 10,000 for precision/recall), staged in a memory-mapped
-  scratch file (beside a local `path`, in a temp dir for a bucket). Host memory is a batch of images and features plus the two covariance sums, whatever
-  the number of images. Returns {'num_images', 'kept_images'}.
+  scratch file (beside a local `path`, in a temp dir for a bucket). Host memory is a batch of images and features
+  plus the two covariance sums, whatever the number of images. The file records the extractor's resize mode.
+  Returns {'num_images', 'kept_images'}.
   """
   path = os.fspath(path)
   scratch_dir = contextlib.ExitStack()

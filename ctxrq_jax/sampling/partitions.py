@@ -21,8 +21,8 @@ def region_partitions(rng: Array, region: Array, num_steps: int) -> Array:
   positions first); the position of rank r among the R_b region positions of sample b goes to set floor(r * T / R_b),
   so set sizes differ by at most one and every set is non-empty when T <= R_b. When T does not divide R_b the sets
   are then given to the steps in a uniformly random order, so which steps update one position more is random too
-  (uniform over all ordered balanced partitions); when it does, that relabelling changes nothing in distribution
-  and is skipped.
+  (uniform over all ordered balanced partitions); when it does, that relabelling would change nothing in
+  distribution and is not applied (the same partitions as without it).
 
   Args:
     rng: PRNG key; sample b uses the b-th key of `jax.random.split(rng, B)`.

@@ -144,7 +144,8 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
   draws stored in its record, from which training with `data.random_caption` picks one per epoch; T = 1 when the
   tokenizer has no dropout), the others once, deterministically. Beside the shards,
   `captions-<split>.txt` holds each record's caption (one line per record, in record order; `data.code_captions`)
-  for CLIP score and prompts, and the metadata records the tokenizer's fingerprint (checked when sampling). Undecodable images and examples without an image or caption are counted, skipped and reported in the
+  for CLIP score and prompts, and the metadata records the tokenizer's fingerprint (checked when sampling) and the
+  resize mode. Undecodable images and examples without an image or caption are counted, skipped and reported in the
   returned stats (`CaptionStats.summary()`).
 
   Args:

@@ -436,9 +436,9 @@ def _code_iterator(config, split: str, batch_size: int, train: bool) -> Iterator
 def evaluate(config, eval_fn, params, codebook, mesh, meta: codes_lib.CodeMetadata) -> dict[str, float]:
   """Masked NLL over the eval split (whole global batches; fixed masks per batch index).
 
-  The batches are the training micro-batch (train.batch_size / grad_accum_steps): the size whose forward pass one
-  training step is known to fit in memory (the eval's runs every position through the depth transformer), so an eval
-  at a checkpoint step cannot fail where training ran.
+  The batches are the training micro-batch (train.batch_size / grad_accum_steps), the size a training step's forward
+  pass runs at: with gradient accumulation set to fit memory, the eval (every position through the depth
+  transformer, no backward) does not need the whole global batch's activations at once.
   """
   batch_size = int(config.train.batch_size) // int(config.train.grad_accum_steps)
   it = _code_iterator(config, config.data.eval_split, batch_size // jax.process_count(), train=False)

@@ -148,7 +148,8 @@ def test_tpu_options_from_env_and_version_default(tmp_path: Path) -> None:
 
 def test_tpu_queued_create_and_delete(tmp_path: Path) -> None:
     env = _env(tmp_path)
-    out = _run(TPU, "create", "-n", "q1", "-z", "us-east5-a", "-t", "v6e-16", "--queued", "--spot", "--dry-run", env=env)
+    out = _run(TPU, "create", "-n", "q1", "-z", "us-east5-a", "-t", "v6e-16", "--queued", "--spot", "--dry-run",
+               env=env)
     assert out.returncode == 0, out.stderr
     (cmd,) = _commands(out.stdout)
     assert cmd[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "q1"]
@@ -338,7 +339,8 @@ def test_gpu_local_dry_run(tmp_path: Path) -> None:
     out = _run(GPU, "local", "--gpus", "0,1,2,3", CONFIG, "--workdir=/ckpt/run", "--dry-run", env=_env(tmp_path))
     assert out.returncode == 0, out.stderr
     (cmd,) = _commands(out.stdout)
-    assert cmd == ["env", "CUDA_VISIBLE_DEVICES=0,1,2,3", "python", "-m", "ctxrq_jax.train", CONFIG, "--workdir=/ckpt/run"]
+    assert cmd == ["env", "CUDA_VISIBLE_DEVICES=0,1,2,3", "python", "-m", "ctxrq_jax.train", CONFIG,
+                   "--workdir=/ckpt/run"]
     assert not any(c.startswith("JAX_") for c in cmd)
 
 
