@@ -62,6 +62,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_revisions", None, "M, the number of revisions.")
   flags.DEFINE_enum("draft_mode", "random", list(DRAFT_MODES), "Draft UPDATE: random partitions (paper) or "
                     "MaskGIT-style confidence.")
+  flags.DEFINE_float("confidence_noise", 0.0, "--draft_mode=confidence: scale of the Gumbel noise added to the "
+                     "confidences, annealed to 0 over the draft (MaskGIT uses 4.5; 0 = greedy).", lower_bound=0.0)
   for phase in ("draft", "revise"):
     flags.DEFINE_float(f"{phase}_temperature", None, f"{phase} temperature (0 = argmax).")
     flags.DEFINE_float(f"{phase}_guidance", None, f"{phase} classifier-free guidance scale s.")
@@ -160,7 +162,8 @@ def main(argv: list[str]) -> None:
   pick = lambda v, d: d if v is None else v  # noqa: E731
   settings = dict(batch_size=int(pick(FLAGS.batch_size, s.batch_size)), t_draft=int(pick(FLAGS.t_draft, s.T_draft)),
                   t_revise=int(pick(FLAGS.t_revise, s.T_revise)), num_revisions=int(pick(FLAGS.num_revisions, s.M)),
-                  draft=_phase("draft", s.draft), revise=_phase("revise", s.revise), draft_mode=FLAGS.draft_mode)
+                  draft=_phase("draft", s.draft), revise=_phase("revise", s.revise), draft_mode=FLAGS.draft_mode,
+                  confidence_noise=FLAGS.confidence_noise)
   if edit_inputs is not None:  # every host runs the same edit on its own devices; process 0 writes it
     _inpaint(loaded, settings, edit_inputs, FLAGS.out or str(paths.path(FLAGS.workdir) / "inpaint"), host.is_chief())
     return

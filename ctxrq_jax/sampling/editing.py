@@ -214,7 +214,7 @@ class Edit:
 
 def inpaint(loaded: Any, image: np.ndarray, mask: np.ndarray, cond: np.ndarray, rng: jax.Array, *, num_samples: int,
             t_draft: int, t_revise: int, num_revisions: int, draft: logits.PhaseSettings,
-            revise: logits.PhaseSettings, draft_mode: str = "random") -> Edit:
+            revise: logits.PhaseSettings, draft_mode: str = "random", confidence_noise: float = 0.0) -> Edit:
   """Encodes `image`, regenerates the cells `mask` touches with Draft-and-Revise, `num_samples` times.
 
   Args:
@@ -229,12 +229,13 @@ def inpaint(loaded: Any, image: np.ndarray, mask: np.ndarray, cond: np.ndarray, 
   """
   return inpaint_many(loaded, np.asarray(image)[None], np.asarray(mask)[None], np.asarray(cond).reshape(1, -1), rng,
                       num_samples=num_samples, t_draft=t_draft, t_revise=t_revise, num_revisions=num_revisions,
-                      draft=draft, revise=revise, draft_mode=draft_mode)[0]
+                      draft=draft, revise=revise, draft_mode=draft_mode, confidence_noise=confidence_noise)[0]
 
 
 def inpaint_many(loaded: Any, images: np.ndarray, masks: np.ndarray, conds: np.ndarray, rng: jax.Array, *,
                  num_samples: int, t_draft: int, t_revise: int, num_revisions: int, draft: logits.PhaseSettings,
-                 revise: logits.PhaseSettings, draft_mode: str = "random") -> list[Edit]:
+                 revise: logits.PhaseSettings, draft_mode: str = "random",
+                 confidence_noise: float = 0.0) -> list[Edit]:
   """`inpaint` of E edits in one batch of E x num_samples (one compiled program, whatever the regions' sizes).
 
   Args:
@@ -262,7 +263,7 @@ def inpaint_many(loaded: Any, images: np.ndarray, masks: np.ndarray, conds: np.n
       loaded.model, loaded.params, loaded.codebook, np.repeat(codes, num_samples, 0),
       np.repeat(regions, num_samples, 0), np.repeat(conds, num_samples, 0), keys, t_draft=t_draft,
       t_revise=t_revise, num_revisions=num_revisions, draft=draft, revise=revise, draft_mode=draft_mode,
-      return_history=True)
+      confidence_noise=confidence_noise, return_history=True)
   history = np.asarray(history).reshape(num_revisions + 1, edits, num_samples, h * w, depth)
   return [Edit(image=images[e], mask=masks[e], region=regions[e], codes=codes[e], history=history[:, e])
           for e in range(edits)]

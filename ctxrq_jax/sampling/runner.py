@@ -56,7 +56,7 @@ def sample_keys(rng: jax.Array, indices: np.ndarray) -> jax.Array:
 
 def sample_codes(loaded: loader.Stage2Model, labels: Sequence[int] | np.ndarray, rng: jax.Array, *, batch_size: int,
                  t_draft: int, t_revise: int, num_revisions: int, draft: logits.PhaseSettings,
-                 revise: logits.PhaseSettings, draft_mode: str = "random",
+                 revise: logits.PhaseSettings, draft_mode: str = "random", confidence_noise: float = 0.0,
                  indices: Optional[Sequence[int]] = None) -> np.ndarray:
   """Draft-and-Revise codes for each condition -> history int32 [M+1, S, N, D] (draft, then revisions).
 
@@ -64,7 +64,7 @@ def sample_codes(loaded: loader.Stage2Model, labels: Sequence[int] | np.ndarray,
   fold_in(rng, indices[j]) (indices default to 0, 1, ...): it depends on the seed, its index, its condition and the
   settings only, so a sample set comes out the same whatever the batch size, the number of devices, or how it is
   split over hosts (`shard_indices`). Batches are padded to `batch_size` (one compilation) and split over the
-  devices along the batch axis.
+  devices along the batch axis. `draft_mode` and `confidence_noise` as in `decoder.draft_and_revise`.
   """
   labels = np.asarray(labels, np.int32)
   if labels.ndim == 1:
@@ -89,7 +89,8 @@ def sample_codes(loaded: loader.Stage2Model, labels: Sequence[int] | np.ndarray,
                           batch_sharding)
     _, history = decoder.draft_and_revise(
         loaded.model, loaded.params, loaded.codebook, cond, keys, t_draft=t_draft, t_revise=t_revise,
-        num_revisions=num_revisions, draft=draft, revise=revise, draft_mode=draft_mode, return_history=True)
+        num_revisions=num_revisions, draft=draft, revise=revise, draft_mode=draft_mode,
+        confidence_noise=confidence_noise, return_history=True)
     out.append(np.asarray(history)[:, :len(chunk)])
     progress.update(i + len(chunk))
   progress.close()
@@ -297,8 +298,8 @@ def write_sample_set(loaded: loader.Stage2Model, history: np.ndarray, labels: np
 
 def sample_classes(loaded: loader.Stage2Model, ids: Sequence[int], out_dir: str, *, per_class: int, rng: jax.Array,
                    batch_size: int, t_draft: int, t_revise: int, num_revisions: int, draft: logits.PhaseSettings,
-                   revise: logits.PhaseSettings, draft_mode: str = "random", preview_per_class: int = 10,
-                   preview_classes: int = 16) -> dict[str, str]:
+                   revise: logits.PhaseSettings, draft_mode: str = "random", confidence_noise: float = 0.0,
+                   preview_per_class: int = 10, preview_classes: int = 16) -> dict[str, str]:
   """`per_class` Draft-and-Revise samples of each class id, drawn across the hosts (each its block of the sample
   indices; sample i depends on (rng, i, settings) only) and written by `write_sample_set`."""
   if per_class < 1:
@@ -308,7 +309,7 @@ def sample_classes(loaded: loader.Stage2Model, ids: Sequence[int], out_dir: str,
   mine = shard_indices(len(labels), jax.process_index(), jax.process_count())
   history = sample_codes(loaded, labels[mine], rng, indices=mine, batch_size=batch_size, t_draft=t_draft,
                          t_revise=t_revise, num_revisions=num_revisions, draft=draft, revise=revise,
-                         draft_mode=draft_mode)
+                         draft_mode=draft_mode, confidence_noise=confidence_noise)
   return write_sample_set(loaded, history, labels[mine], out_dir, indices=mine, ncols=per_class,
                           preview_per_class=preview_per_class, preview_classes=preview_classes)
 
@@ -352,7 +353,8 @@ def prompt_conditions(loaded: loader.Stage2Model, prompts: Sequence[str], per_pr
 def sample_prompts(loaded: loader.Stage2Model, prompts: Sequence[str], out_dir: str, *, per_prompt: int,
                    rng: jax.Array, batch_size: int, t_draft: int, t_revise: int, num_revisions: int,
                    draft: logits.PhaseSettings, revise: logits.PhaseSettings, draft_mode: str = "random",
-                   preview_per_prompt: int = 10, preview_prompts: int = 16) -> dict[str, str]:
+                   confidence_noise: float = 0.0, preview_per_prompt: int = 10,
+                   preview_prompts: int = 16) -> dict[str, str]:
   """Text-to-image: `per_prompt` Draft-and-Revise samples of each prompt, written by `write_outputs` with the prompt
   under each image."""
   if not loaded.model.is_text:
@@ -362,7 +364,7 @@ def sample_prompts(loaded: loader.Stage2Model, prompts: Sequence[str], out_dir: 
   mine = shard_indices(len(labels), jax.process_index(), jax.process_count())
   history = sample_codes(loaded, cond[mine], rng, indices=mine, batch_size=batch_size, t_draft=t_draft,
                          t_revise=t_revise, num_revisions=num_revisions, draft=draft, revise=revise,
-                         draft_mode=draft_mode)
+                         draft_mode=draft_mode, confidence_noise=confidence_noise)
   return write_sample_set(loaded, history, labels[mine], out_dir, indices=mine, ncols=per_prompt,
                           preview_per_class=preview_per_prompt, preview_classes=preview_prompts,
                           prompts=list(prompts), cond=cond[mine])

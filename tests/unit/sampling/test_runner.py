@@ -117,3 +117,28 @@ def test_previews_that_show_nothing_are_refused_and_never_cost_the_samples(loade
     runner.write_outputs(loaded, history, np.array([0, 1]), str(tmp_path / "b"), 1, preview_per_class=0)
   with np.load(tmp_path / "b" / "samples.npz") as f:
     assert f["arr_0"].shape == (2, 8, 8, 3)
+
+
+def test_draft_mode_and_confidence_noise_reach_the_decoder(loaded, tmp_path, monkeypatch):
+  # `sample --draft_mode=confidence --confidence_noise=4.5` (MaskGIT's draft) through every entry point: the class
+  # and prompt sample sets go through `sample_codes`, inpainting through `decoder.inpaint`.
+  from ctxrq_jax.sampling import decoder  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.sampling import editing  # pylint: disable=g-import-not-at-top
+  seen = []
+
+  def spy(*args, **kwargs):
+    seen.append((kwargs["draft_mode"], kwargs["confidence_noise"]))
+    raise StopIteration  # what was asked is all this test needs
+
+  monkeypatch.setattr(decoder, "draft_and_revise", spy)
+  monkeypatch.setattr(decoder, "inpaint", spy)
+  with pytest.raises(StopIteration):
+    runner.sample_classes(loaded, [0], str(tmp_path), per_class=1, rng=jax.random.key(0), batch_size=1,
+                          draft_mode="confidence", confidence_noise=4.5, **KW)
+  monkeypatch.setattr(editing, "encode_images", lambda model, variables, images: np.zeros((1, N, D), np.int32))
+  stage1 = types.SimpleNamespace(code_shape=(4, 4, D), resolution=8, in_channels=1)
+  edit_model = types.SimpleNamespace(**vars(loaded), decoder=types.SimpleNamespace(model=stage1, variables=None))
+  with pytest.raises(StopIteration):
+    editing.inpaint(edit_model, np.zeros((8, 8, 1)), np.ones((8, 8), bool), np.zeros(1), jax.random.key(0),
+                    num_samples=1, draft_mode="confidence", confidence_noise=2.0, **KW)
+  assert seen == [("confidence", 4.5), ("confidence", 2.0)]
