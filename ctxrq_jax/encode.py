@@ -45,8 +45,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("view_seed", 0, "encode, captions: seed of the random views.")
   flags.DEFINE_enum("resize", "crop", ["crop", "squash"], "captions: how an image becomes the 'center' view: crop "
                     "(shorter side to the RQ-VAE's resolution, centre crop) or squash (the whole image resized to "
-                    "R x R, the official CC-3M evaluation's transform); 'dalle' views are the official training crop "
-                    "either way.")
+                    "R x R, the official CC-3M evaluation's transform; the --train_splits keep crop); 'dalle' views "
+                    "are the official training crop either way.")
   flags.DEFINE_bool("overwrite", False, "encode, captions: replace an existing code dataset; decode: an existing PNG.")
   flags.DEFINE_string("codes_dir", None, "decode: code dataset to read.")
   flags.DEFINE_string("split", "test", "decode: split to read.")

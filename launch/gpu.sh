@@ -153,7 +153,7 @@ do_local() {
       if [[ -n $visible ]]; then
         count=$(($(tr -cd , <<<"$visible" | wc -c) + 1))
       elif command -v nvidia-smi >/dev/null; then
-        count=$(nvidia-smi -L | grep -c '^GPU ')
+        count=$(nvidia-smi -L | grep -c '^GPU ' || true)  # grep -c exits 1 when it counts none
       else
         die "inside a SLURM allocation JAX would give this process only GPU \$SLURM_LOCALID; name the GPUs with --gpus"
       fi

@@ -163,7 +163,8 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
     totals: images per split when known (progress lines only; streaming sources may not know).
     resize: how an image becomes the 'center' view: 'crop' (photos: shorter side to the RQ-VAE's resolution, centre
       crop), 'pad' (small square images) or 'squash' (the whole image resized to R x R, the official text-to-image
-      evaluation's transform); 'dalle' views are the official training crop whatever it is.
+      evaluation's transform: for the splits not in `train_splits`; those keep 'crop', as the official training never
+      squashes); 'dalle' views are the official training crop whatever it is. The metadata records each split's.
     caption_variants: T, BPE-dropout tokenizations stored per training caption.
     views: the views stored per image, 'center' first (`data.images.VIEWS`; 'dalle' is the official text-to-image
       training crop), in every split's records (evaluation reads view 0).
@@ -181,6 +182,7 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
     raise ValueError(f"train_splits {unknown} are not among the splits encoded ({sorted(sources)}): their captions "
                      "would get no BPE dropout")
   variants = int(caption_variants) if tokenizer.bpe_dropout > 0 else 1  # without dropout every draw is the same
+  resizes = {split: "crop" if resize == "squash" and split in train_splits else resize for split in sources}
   views = code_data.check_views(list(views))
   model, variables = artifact.load_artifact(artifact_dir)
   codebook = np.asarray(variables["quantizer"]["codebook"])
@@ -190,7 +192,7 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
                  "splits": list(sources), "tokenizer": [paths.name(f) for f in tokenizer.files],
                  code_captions.FINGERPRINT_KEY: tokenizer.fingerprint,
                  "context_length": tokenizer.context_length, "bpe_dropout_splits": list(train_splits),
-                 "bpe_dropout": tokenizer.bpe_dropout, "caption_variants": variants, "resize": resize}
+                 "bpe_dropout": tokenizer.bpe_dropout, "caption_variants": variants, "resize": resizes}
   if len(views) > 1:
     description.update(views=list(views), view_seed=int(view_seed))
   all_stats: dict[str, captions_lib.CaptionStats] = {}
@@ -207,7 +209,7 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
       total = (totals or {}).get(split) or max_examples or 0
       progress = reporting.Progress(f"encode {split}", min(total, max_examples or total), unit="images")
       batches = captions_lib.image_batches(examples, stats, image_size=model.resolution,
-                                           channels=model.in_channels, batch_size=batch_size, resize=resize,
+                                           channels=model.in_channels, batch_size=batch_size, resize=resizes[split],
                                            views=views if len(views) > 1 else None, view_seed=view_seed)
       caption_path = paths.path(out_dir) / code_captions.captions_file(split, process_index, process_count)
       with paths.local_file(caption_path) as caption_tmp, open(caption_tmp, "w", encoding="utf-8") as caption_file:

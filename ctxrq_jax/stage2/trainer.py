@@ -441,19 +441,19 @@ def evaluate(config, eval_fn, params, codebook, mesh, meta: codes_lib.CodeMetada
   transformer, no backward) does not need the whole global batch's activations at once.
   """
   batch_size = int(config.train.batch_size) // int(config.train.grad_accum_steps)
-  it = _code_iterator(config, config.data.eval_split, batch_size // jax.process_count(), train=False)
   # Every host runs the same number of (collective) eval steps, although strided host shards differ by one example.
   num_batches = meta.num_examples(config.data.eval_split) // batch_size
+  if not num_batches:  # (the iterator refuses a split smaller than one batch)
+    log.warning("eval split %r has fewer than one global batch (%d); eval skipped", config.data.eval_split,
+                batch_size)
+    return {}
+  it = _code_iterator(config, config.data.eval_split, batch_size // jax.process_count(), train=False)
   totals: dict[str, float] = {}
   for i, host_batch in enumerate(itertools.islice(it, num_batches)):
     batch = sharding.host_local_batch_to_global(host_batch, mesh)
     sums = jax.device_get(eval_fn(params, batch, codebook, _eval_key(int(config.seed), i)))
     for k, v in sums.items():
       totals[k] = totals.get(k, 0.0) + float(v)
-  if not totals:
-    log.warning("eval split %r has fewer than one global batch (%d); eval skipped", config.data.eval_split,
-                    batch_size)
-    return {}
   total = max(totals["num_masked_codes"], 1.0)
   return {f"eval/{k}": (v if k == "num_masked_codes" else v / total) for k, v in totals.items()
           if k != "mask_fraction"}

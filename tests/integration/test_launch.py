@@ -358,18 +358,23 @@ def test_gpu_local_multinode_env(tmp_path: Path) -> None:
     assert out.returncode != 0 and "--num-processes" in out.stderr
 
 
-@pytest.mark.parametrize("extra, env, ids", [
-    (["--gpus", "2,3,5"], {}, "0,1,2"),  # indices within CUDA_VISIBLE_DEVICES
-    ([], {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, "0,1,2,3"),  # what the allocation gave (--gres)
-    (["--env", "JAX_LOCAL_DEVICE_IDS=1"], {}, "1"),  # the user's own choice, untouched
-    ([], {}, None),  # nothing says how many: an error, not one GPU per process
+@pytest.mark.parametrize("extra, env, smi, ids", [
+    (["--gpus", "2,3,5"], {}, 8, "0,1,2"),  # indices within CUDA_VISIBLE_DEVICES
+    ([], {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, 8, "0,1,2,3"),  # what the allocation gave (--gres)
+    (["--env", "JAX_LOCAL_DEVICE_IDS=1"], {}, 8, "1"),  # the user's own choice, untouched
+    ([], {}, 2, "0,1"),  # every GPU nvidia-smi lists
+    ([], {}, 0, None),  # none listed: an error, not one GPU per process
 ])
-def test_gpu_local_multinode_inside_slurm_names_every_gpu(tmp_path: Path, extra, env, ids) -> None:
+def test_gpu_local_multinode_inside_slurm_names_every_gpu(tmp_path: Path, extra, env, smi, ids) -> None:
     # Started on each node of an allocation, JAX's SLURM detection would give the process only GPU SLURM_LOCALID.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    lines = "".join(f"GPU {i}: NVIDIA H200 (UUID: GPU-{i})\\n" for i in range(smi))
+    _write_exe(bindir / "nvidia-smi", f'#!/bin/sh\nprintf "{lines}"\n')
     out = _run(GPU, "local", "--coordinator", "node0:1", "--num-processes", "2", "--process-id", "0", *extra,
-               "--dry-run", CONFIG, env=_env(tmp_path, SLURM_JOB_ID="7", SLURM_LOCALID="0", **env))
+               "--dry-run", CONFIG, env=_env(tmp_path, bindir, SLURM_JOB_ID="7", SLURM_LOCALID="0", **env))
     if ids is None:
-        assert out.returncode == 2 and "name the GPUs with --gpus" in out.stderr, out.stderr
+        assert out.returncode == 2 and "no GPU found" in out.stderr, out.stderr
         return
     assert out.returncode == 0, out.stderr
     (cmd,) = _commands(out.stdout)

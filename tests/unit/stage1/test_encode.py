@@ -151,10 +151,16 @@ def test_encode_captions_stores_views_of_the_official_training_crop(tiny_artifac
   center, _ = code_data.load_codes(str(tmp_path / "one"), "train")
   np.testing.assert_array_equal(code_data.load_codes(str(tmp_path / "v"), "train")[0], center)  # view 0
   # The random views depend on the seed and each example's key only, not on the batch size, nor on how the centre
-  # view is made ('squash': the official CC-3M evaluation's transform, recorded in the metadata).
-  again, _ = encode.encode_captions(artifact, source, str(tmp_path / "again"), tok, batch_size=3, views=views,
+  # view is made: 'squash', the official CC-3M evaluation's transform, for the splits not trained on (the training
+  # split keeps 'crop': the official training never squashes), recorded in the metadata.
+  both = {"train": source["train"], "validation": source["train"]}
+  again, _ = encode.encode_captions(artifact, both, str(tmp_path / "again"), tok, batch_size=3, views=views,
                                     view_seed=7, resize="squash")
-  assert again.source["resize"] == "squash" and meta.source["resize"] == "crop"
+  assert again.source["resize"] == {"train": "crop", "validation": "squash"}
+  assert meta.source["resize"] == {"train": "crop"}
+  np.testing.assert_array_equal(code_data.load_codes(str(tmp_path / "again"), "train")[0], center)
+  squashed = code_data.load_codes(str(tmp_path / "again"), "validation")[0]
+  assert not np.array_equal(squashed, center)  # 20 x 12 images: the whole image, not its centre
   for view in (1, 2):
     np.testing.assert_array_equal(code_data.load_codes(str(tmp_path / "again"), "train", view=view)[0],
                                   code_data.load_codes(str(tmp_path / "v"), "train", view=view)[0])
