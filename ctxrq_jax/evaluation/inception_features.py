@@ -50,6 +50,13 @@ IMAGES_KEY = "arr_0"
 RESIZE_KEY = "resize"  # a reference's record of the resize mode its statistics were computed with
 
 
+def check_resize_mode(resize: Any, where: str = "resize") -> str:
+  """`resize` if it is one of RESIZE_MODES, else ValueError naming `where` (the argument or the file's key)."""
+  if resize not in RESIZE_MODES:
+    raise ValueError(f"{where} must be one of {RESIZE_MODES}, got {resize!r}")
+  return resize
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Preprocessing.
 
@@ -93,15 +100,14 @@ def preprocess(images: jax.Array, *, image_size: int = IMAGE_SIZE, resize: str =
   chex.assert_rank(images, 4)
   chex.assert_axis_dimension(images, -1, 3)
   chex.assert_type(images, jnp.uint8)
+  check_resize_mode(resize)
   b, _, _, c = images.shape
   x = images.astype(jnp.float32)
   if resize == "pytorch_fid":
     x = jax.image.resize(x / 255.0, (b, image_size, image_size, c), method="bilinear", antialias=False)
     return 2.0 * x - 1.0
-  if resize == "adm_tf1":
-    x = tf1_resize_bilinear(x, (image_size, image_size))
-    return (x - 128.0) / 128.0
-  raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+  x = tf1_resize_bilinear(x, (image_size, image_size))  # adm_tf1
+  return (x - 128.0) / 128.0
 
 
 def check_images(images: Any) -> np.ndarray:
@@ -134,8 +140,7 @@ class InceptionFeatureExtractor:
                resize: str = "pytorch_fid", spatial: bool = True):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if resize not in RESIZE_MODES:
-      raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    check_resize_mode(resize)
     if image_size < inception.MIN_SIZE:
       raise ValueError(f"image_size must be >= {inception.MIN_SIZE}, got {image_size}")
     # Data parallel over this host's devices: the weights replicated, each batch split along its first axis.
@@ -333,9 +338,7 @@ def read_reference(path: str | os.PathLike) -> Reference:
         setattr(ref, mu_key, mu)
         setattr(ref, sigma_key, sigma)
     if RESIZE_KEY in keys:
-      ref.resize = str(z[RESIZE_KEY])
-      if ref.resize not in RESIZE_MODES:
-        raise ValueError(f"{path}: {RESIZE_KEY} must be one of {RESIZE_MODES}, got {ref.resize!r}")
+      ref.resize = check_resize_mode(str(z[RESIZE_KEY]), f"{path}: {RESIZE_KEY}")
   if not ref.has_images and not ref.has_stats:
     raise ValueError(f"{path} has neither images ({IMAGES_KEY}) nor statistics (mu, sigma); keys: {sorted(keys)}")
   return ref
@@ -349,9 +352,7 @@ def write_reference(path: str | os.PathLike, *, images: Optional[np.ndarray] = N
   and `resize` (the mode the statistics were computed with; evaluation refuses another)."""
   arrays: dict[str, np.ndarray] = {}
   if resize is not None:
-    if resize not in RESIZE_MODES:
-      raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-    arrays[RESIZE_KEY] = np.array(resize)
+    arrays[RESIZE_KEY] = np.array(check_resize_mode(resize))
   if images is not None:
     arrays[IMAGES_KEY] = check_images(images)
   for (mu_key, sigma_key), value in ((("mu", "sigma"), stats), (("mu_s", "sigma_s"), spatial_stats)):
