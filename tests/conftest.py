@@ -88,9 +88,9 @@ def tiny_rqvae():
   return model, variables, x
 
 
-# Session fixtures whose tests run in one xdist group, so that one worker builds the fixture once (their tests are
-# spread over several modules).
-_SHARED_FIXTURE_GROUPS = {"tiny_rqvae": "tiny_rqvae"}
+# Session fixtures whose tests run in one xdist group named after the fixture, so that one worker builds it once
+# (their tests are spread over several modules).
+_SHARED_SESSION_FIXTURES = ("tiny_rqvae",)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
@@ -101,7 +101,7 @@ def pytest_collection_modifyitems(config, items):
   a module or session fixture that one worker then builds once); short tests fill the end."""
   del config
   for item in items:
-    shared = [g for f, g in _SHARED_FIXTURE_GROUPS.items() if f in item.fixturenames]
+    shared = [f for f in _SHARED_SESSION_FIXTURES if f in item.fixturenames]
     if shared and not item.get_closest_marker("xdist_group"):
       item.add_marker(pytest.mark.xdist_group(shared[0]))
 
