@@ -8,6 +8,8 @@
 #   e.g. on a CPU: bash bench/device.sh --config=configs/imagenet.py:tiny --batch_size=4 --t_draft=2,4 \
 #                    --train_batches=8,4
 # TIMEOUT_S (default 480) bounds the whole run; checks not started by --deadline_s (default 400) are skipped.
+# PYTHON (default python3) is the interpreter. On a machine without some dependencies, carry their wheels:
+# bench/device_wheels.sh (docs/speed.md, "Accelerator checks").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # A rerun on the same machine reuses the compiled programs.
@@ -17,5 +19,5 @@ config=(--config=configs/imagenet.py:821m)
 for arg in "$@"; do
   case "$arg" in --config=*) config=() ;; esac
 done
-exec timeout "${TIMEOUT_S:-480}" python -m ctxrq_jax.bench device "${config[@]}" \
+exec timeout "${TIMEOUT_S:-480}" "${PYTHON:-python3}" -m ctxrq_jax.bench device "${config[@]}" \
   --batch_size=100 --t_draft=8,32,64 --t_revise=2 --num_revisions=2 --deadline_s=400 "$@"

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -45,3 +46,62 @@ def test_device_script_on_cpu_with_the_tiny_config(tmp_path):
 
 def test_device_script_is_valid_bash():
   subprocess.run(["bash", "-n", str(ROOT / "bench" / "device.sh")], check=True)
+
+
+# The lent H200's image (the device tool's KINDS.md, read 2026-11-17): the Python distributions `bench device` may
+# import from it. Anything else it imports must be among bench/device_wheels.sh's wheels.
+_DEVICE_IMAGE = {
+    "absl-py", "attrs", "certifi", "chex", "cloudpickle", "etils", "filelock", "flatbuffers", "flax", "fsspec",
+    "humanize", "jax", "jaxlib", "ml-dtypes", "msgpack", "numpy", "opt-einsum", "optax", "orbax-checkpoint",
+    "pillow", "prometheus-client", "protobuf", "psutil", "pygments", "pyyaml", "rich", "setuptools", "simplejson",
+    "tensorstore", "toolz", "typing-extensions", "uvloop", "markdown-it-py", "mdurl", "zipp", "treescope", "scipy",
+    "matplotlib", "tokenizers",
+}
+
+
+def _wheel_packages() -> set[str]:
+  text = (ROOT / "bench" / "device_wheels.sh").read_text()
+  line = next(l for l in text.splitlines() if l.startswith("packages=("))
+  return set(line[len("packages=("):-1].split())
+
+
+def _normalized(name: str) -> str:
+  return name.lower().replace("_", "-")
+
+
+def test_device_wheels_cover_what_bench_device_imports_beyond_the_device_image():
+  # The distributions whose files `python -m ctxrq_jax.bench device` imports before it runs anything (by file, not
+  # by top-level name: a namespace such as google.* spans several distributions).
+  code = ("import os, sys, importlib.metadata as m\n"
+          "import ctxrq_jax.bench, ctxrq_jax.benchmarks.speed, ctxrq_jax.stage2.trainer, ctxrq_jax.sampling.decoder\n"
+          "owner = {os.path.realpath(d.locate_file(f)): d.metadata['Name'] for d in m.distributions()\n"
+          "         for f in (d.files or ()) if f.suffix in ('.py', '.so')}\n"
+          "files = {os.path.realpath(f) for f in (getattr(v, '__file__', None) for v in list(sys.modules.values())) if f}\n"
+          "print('\\n'.join(sorted({owner[f] for f in files if f in owner})))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
+  imported = {_normalized(d) for d in out.split()} - {"ctxrq-jax"}
+  carried = {_normalized(p) for p in _wheel_packages()}
+  assert imported - _DEVICE_IMAGE - carried == set()
+  assert carried <= imported  # nothing carried in vain
+
+
+def test_device_wheels_script_names_a_missing_package(tmp_path):
+  fake = tmp_path / "bin"
+  fake.mkdir()
+  (fake / "python3").write_text("#!/bin/sh\nexit 1\n")
+  (fake / "python3").chmod(0o755)
+  proc = subprocess.run(["bash", str(ROOT / "bench" / "device_wheels.sh"), str(tmp_path / "whl")], capture_output=True,
+                        text=True, env={**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"})
+  assert proc.returncode == 2
+  assert proc.stderr.strip() == "error: ml_collections is not installed here: install the project first (pip install -e .)"
+  assert not (tmp_path / "whl").exists()
+
+
+@pytest.mark.parametrize("script", ["device.sh", "device_wheels.sh"])
+def test_bench_scripts_are_shellcheck_clean(script):
+  shellcheck = shutil.which("shellcheck")
+  if shellcheck is None:
+    pytest.skip("shellcheck not installed")
+  result = subprocess.run([shellcheck, "--severity=style", str(ROOT / "bench" / script)], capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout + result.stderr
