@@ -16,7 +16,8 @@ with a marker file written last. The manifest below is one object written after 
 
 Integrity: orbax's array files carry no checksums (garbage bytes in a data file restore silently as garbage
 values), so once a save has completed process 0 records the size and CRC-32 of every file of the step in the file
-`_checksums-<step>.json` beside the step directories (outside the step directory, which orbax finalised atomically;
+`_checksums-<step>.json` beside the step directories (reading the step back: during the next periodic save, after
+a forced one has committed, so a preemption save never waits for it) (outside the step directory, which orbax finalised atomically;
 a file, not a sub-directory, because on an object store orbax deletes every sub-directory without a commit marker as
 an unfinished save). Manifests of older runs in `_checksums/<step>.json` are still read. `restore` verifies them
 first; a step saved without a manifest (killed between finalising and checksumming) is restored unverified.
@@ -26,6 +27,9 @@ reported with `logging.warning` naming its directory, and the previous step is t
 the failed newer ones are renamed to `<step>.corrupt-<time>` (never deleted) so they neither shadow the restored
 step when training saves that step number again nor count towards `max_to_keep`. If *no* step restores, nothing is
 renamed and the first error is raised: then the checkpoints are probably fine and the target (model config) wrong.
+
+Process count: a step saved by P processes resumes with P' processes when the saved data-iterator positions allow
+it (`_carried_iterator_state`); otherwise `ProcessCountMismatch` (a ValueError) says so.
 """
 
 from __future__ import annotations
@@ -134,6 +138,38 @@ def _check_iterator(it: Any) -> None:
                     f" got {type(it).__name__}")
 
 
+class ProcessCountMismatch(ValueError):
+  """A step saved by another number of processes whose data-iterator positions cannot be carried over."""
+
+
+def _carried_iterator_state(data_dir: epath.Path) -> Optional[dict[str, Any]]:
+  """The data-iterator state for this process from a step saved by another number of processes, or None when the
+  step holds this process's own file (grain's handler restores it).
+
+  Every process's iterator is a strided slice of one global stream batched by B / P (`data.pipeline`), and all
+  processes take the same number of batches, so a saved position {'next_index': k} is the global position k B for
+  any process count: when every saved process holds that same plain position, it is this process's position too.
+  Anything else (positions that differ, a worker pool's richer state, files missing) raises ProcessCountMismatch.
+  """
+  index, count = jax.process_index(), jax.process_count()
+  if (data_dir / f"process_{index}-of-{count}.json").exists():
+    return None
+  files = sorted(data_dir.glob("process_*-of-*.json"))
+  saved_counts = {f.name[:-len(".json")].split("-of-")[-1] for f in files}
+  states = [json.loads(f.read_text()) for f in files]
+  if (len(saved_counts) == 1 and len(files) == int(next(iter(saved_counts)))
+      and all(state == states[0] for state in states) and isinstance(states[0], dict)
+      and set(states[0]) == {"next_index"}):
+    log.info("Checkpoint %s was saved by %d process(es); this run has %d: every process resumes at the saved "
+             "position (%d batches into the global stream).", data_dir.parent, len(files), count,
+             states[0]["next_index"])
+    return states[0]
+  raise ProcessCountMismatch(
+      f"checkpoint {data_dir.parent} holds the data-iterator positions of {sorted(saved_counts) or 'no'} "
+      f"process(es), not of process {index} of {count}, and they cannot be carried over (they differ, or are not a "
+      f"plain position); resume with the saved number of processes")
+
+
 class Checkpointer:
   """Saves and restores (train state, data-iterator position, metadata) by step, keeping the newest N.
 
@@ -197,7 +233,12 @@ class Checkpointer:
     if self.read_only:
       raise RuntimeError(f"Checkpointer({self.directory}) was opened read-only; it cannot save step {step}")
     _check_iterator(data_iterator)
-    self._finish_pending()
+    # The previous background save must be complete (orbax would wait for it anyway), but its checksum manifest,
+    # which reads every byte of that step back, is not written first: a stop save after SIGTERM has seconds, and a
+    # large model's step is gigabytes in a bucket. A forced save (stop or final) leaves the earlier manifests to
+    # `wait` / `close`, after the new step is committed; a periodic save writes them while the new step is
+    # written in the background.
+    self._manager.wait_until_finished()
     if step in self._manager.all_steps():
       return False
     if jax.process_index() == 0:  # a manifest left by an earlier `step` (moved aside, or deleted by hand) is stale
@@ -210,6 +251,11 @@ class Checkpointer:
     if metadata is not None:
       items[_METADATA] = ocp.args.JsonSave(dict(metadata))
     saved = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+    earlier, self._pending = self._pending, []
+    if force:
+      self._pending = earlier
+    else:
+      self._write_manifests(earlier)
     if saved:
       self._pending.append(step)
     return saved
@@ -239,44 +285,64 @@ class Checkpointer:
         out[path.relative_to(root).as_posix()] = self._file_sum(path)
     return out
 
+  def _write_manifests(self, steps: list[int]) -> None:
+    """Process 0 writes the checksum manifest of each of `steps` that orbax still lists (completed saves)."""
+    if jax.process_index() != 0:
+      return
+    present = set(self._manager.all_steps())
+    for step in steps:
+      if step not in present:
+        continue
+      try:
+        files = self._step_files(step)
+      except FileNotFoundError:
+        if (self._dir / str(step)).exists():
+          raise
+        continue  # removed by max_to_keep (a save finishing in the background) while it was being read
+      paths.write_json(self._dir / f"{_CHECKSUMS}-{step}.json", files)
+
   def _finish_pending(self) -> None:
     """Waits for background saves, then (process 0) writes checksum manifests and drops stale ones."""
     if not self._pending:
       return
     self._manager.wait_until_finished()
     pending, self._pending = self._pending, []
+    self._write_manifests(pending)
     if jax.process_index() != 0:
       return
     present = set(self._manager.all_steps())
-    for step in pending:
-      if step in present:
-        paths.write_json(self._dir / f"{_CHECKSUMS}-{step}.json", self._step_files(step))
     for entry in self._dir.iterdir():
       stem = entry.name[len(_CHECKSUMS) + 1:].split(".")[0]
       if (entry.name.startswith(f"{_CHECKSUMS}-") and stem.isdigit()
           and int(stem) not in present):  # The step was garbage-collected by max_to_keep.
         entry.unlink()
 
+  def _manifest_problem(self, step: int) -> str:
+    """What is wrong with `step`'s files against its manifest ('' when they match or it has no manifest)."""
+    if not self._checksum_path(step).exists():
+      return ""
+    want = json.loads(self._checksum_path(step).read_text())
+    root = self._dir / str(step)
+    bad = []
+    for rel, (size, crc) in want.items():
+      path = root / rel
+      if not path.exists():
+        return f"missing file {rel}"
+      got_size, got_crc = self._file_sum(path)
+      if got_size != size:
+        return f"file {rel} has {got_size} bytes, expected {size}"
+      if got_crc != crc:
+        bad.append(rel)
+    return f"checksum mismatch in {', '.join(sorted(bad))}" if bad else ""
+
   def _verify(self, step: int) -> None:
     """Raises IOError if a file of `step` is missing or differs from its manifest (process 0 checks)."""
     problem = ""
-    if jax.process_index() == 0 and self._checksum_path(step).exists():
-      want = json.loads(self._checksum_path(step).read_text())
-      root = self._dir / str(step)
-      bad = []
-      for rel, (size, crc) in want.items():
-        path = root / rel
-        if not path.exists():
-          problem = f"missing file {rel}"
-          break
-        got_size, got_crc = self._file_sum(path)
-        if got_size != size:
-          problem = f"file {rel} has {got_size} bytes, expected {size}"
-          break
-        if got_crc != crc:
-          bad.append(rel)
-      if not problem and bad:
-        problem = f"checksum mismatch in {', '.join(sorted(bad))}"
+    if jax.process_index() == 0:
+      try:
+        problem = self._manifest_problem(step)
+      except Exception as e:  # noqa: BLE001 - every process must reach the broadcast below, whatever process 0 met
+        problem = f"could not check it against its manifest ({type(e).__name__}: {e})"
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       problem = bytes(multihost_utils.broadcast_one_to_all(
@@ -300,18 +366,21 @@ class Checkpointer:
       items = {_STATE: ocp.args.StandardRestore(abstract)}
     step_dir = self._dir / str(step)
     has_data = (step_dir / _DATA).is_dir()
+    carried = None
     if data_iterator is not None and has_data:
-      items[_DATA] = grain_checkpoint.CheckpointRestore(data_iterator)
+      carried = _carried_iterator_state(step_dir / _DATA)
+      if carried is None:
+        items[_DATA] = grain_checkpoint.CheckpointRestore(data_iterator)
     out = self._manager.restore(step, args=ocp.args.Composite(**items))
+    if carried is not None:
+      data_iterator.set_state(carried)
+      if hasattr(data_iterator, "start_prefetch"):  # as grain's handler does after set_state
+        data_iterator.start_prefetch()
     if data_iterator is not None and not has_data:
       log.warning("Checkpoint %s has no data-iterator state; the iterator starts from its beginning.", step_dir)
     return out[_STATE]
 
-  def saved_structure(self, step: Optional[int] = None) -> Any:
-    """The saved state's tree of array metadata at `step` (default: latest); reads no array data."""
-    step = self.latest_step() if step is None else int(step)
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+  def _read_structure(self, step: int) -> Any:
     handler = ocp.PyTreeCheckpointHandler()
     try:
       meta = handler.metadata(self._dir / str(step) / _STATE)
@@ -319,15 +388,41 @@ class Checkpointer:
       handler.close()
     return getattr(meta, "tree", meta)
 
+  def newest_readable_step(self) -> Optional[int]:
+    """The newest step whose saved-state metadata reads (None if none does). A newer step whose metadata is missing
+    or damaged is logged and passed over, as `restore` passes over a step it cannot restore."""
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        self._read_structure(step)
+      except Exception as e:  # noqa: BLE001 - any read/decode failure: restore skips this step too.
+        log.warning("Checkpoint %s has unreadable metadata (%s: %s); looking at the previous one.",
+                    self._dir / str(step), type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        continue
+      return step
+    return None
+
+  def saved_structure(self, step: Optional[int] = None) -> Any:
+    """The saved state's tree of array metadata at `step` (default: the newest readable step, see
+    `newest_readable_step`); reads no array data."""
+    if step is None:
+      step = self.newest_readable_step()
+      if step is None:
+        steps = self.all_steps()
+        raise FileNotFoundError(f"no checkpoint in {self.directory}" if not steps else
+                                f"none of the checkpoints {steps} in {self.directory} has readable metadata")
+    return self._read_structure(int(step))
+
   def differences(self, target: Any, step: Optional[int] = None, *, limit: int = 3) -> list[str]:
-    """How the saved state at `step` (default: latest) differs from `target` (arrays or ShapeDtypeStructs; typed
-    keys count as their key data): leaves only one side has, and leaves of another shape or dtype. Reads metadata
-    only. Empty when they agree (or there is no checkpoint); at most `limit` items, then a count of the rest.
+    """How the saved state at `step` (default: the newest readable step) differs from `target` (arrays or
+    ShapeDtypeStructs; typed keys count as their key data): leaves only one side has, and leaves of another shape or
+    dtype. Reads metadata only. Empty when they agree (or there is no readable checkpoint); at most `limit` items,
+    then a count of the rest.
 
     Restoring casts a leaf of another dtype silently, and a leaf that only one side has fails deep inside orbax:
     trainers check this before resuming (and before they overwrite the run's config snapshot).
     """
-    if (self.latest_step() if step is None else step) is None:
+    step = self.newest_readable_step() if step is None else int(step)
+    if step is None:
       return []
     saved = {_path_name(p): (tuple(x.shape), np.dtype(x.dtype))
              for p, x in jax.tree_util.tree_flatten_with_path(self.saved_structure(step))[0]}
@@ -374,8 +469,8 @@ class Checkpointer:
       error: Optional[BaseException] = None
       try:
         restored = self._restore_step(step, abstract, data_iterator, partial)
-      except MemoryError:
-        raise  # the host, not the checkpoint, is the problem
+      except (MemoryError, ProcessCountMismatch):
+        raise  # the host or the run's layout, not the checkpoint, is the problem
       except Exception as e:  # noqa: BLE001 - any read/decode failure means this step is unusable.
         error = e
       if not _all_processes_agree(error is None) and error is None:
@@ -510,4 +605,4 @@ class PreemptionGuard:
     self._old.clear()
 
 
-__all__ = ["Checkpointer", "PreemptionGuard"]
+__all__ = ["Checkpointer", "PreemptionGuard", "ProcessCountMismatch"]

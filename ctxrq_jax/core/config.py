@@ -94,9 +94,10 @@ def check_resumable(checkpointer: Any, target: Any, workdir: str) -> None:
   """ConfigError when `workdir`'s latest checkpoint holds another state than this config makes (`target`, arrays or
   ShapeDtypeStructs): another structure (e.g. EMA or gradient clipping turned on or off), shape or dtype. Call it
   before the config snapshot is overwritten; a run without a checkpoint passes."""
-  differences = checkpointer.differences(target)
+  step = checkpointer.newest_readable_step()  # a damaged newer step is restore's to report and move aside
+  differences = checkpointer.differences(target, step) if step is not None else []
   if differences:
-    raise ConfigError(f"{workdir} holds a checkpoint (step {checkpointer.latest_step()}) of another state than this "
+    raise ConfigError(f"{workdir} holds a checkpoint (step {step}) of another state than this "
                       f"config makes ({'; '.join(differences)}); resume it with its own config "
                       f"({paths.path(workdir) / SNAPSHOT}) or train in a new --workdir")
 

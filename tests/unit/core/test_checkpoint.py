@@ -270,3 +270,130 @@ def test_hosts_agree_on_the_step_they_resume_from(tmp_path, monkeypatch):
 
 def test_one_process_agrees_with_itself():
   assert checkpoint._all_processes_agree(True) and not checkpoint._all_processes_agree(False)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "missing"])
+def test_unreadable_metadata_of_the_newest_step_is_passed_over(tmp_path, caplog, damage):
+  # The config check before a resume reads the newest step's metadata: damaged, it must not end the run (restore
+  # moves such a step aside and resumes from the previous one).
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=3, save_interval_steps=1) as ckpt:
+    for s in (1, 2):
+      ckpt.save(s, _state(s))
+  meta = tmp_path / "2" / "state" / "_METADATA"
+  if damage == "garbage":
+    meta.write_text("garbage{")
+  elif damage == "truncated":
+    meta.write_bytes(meta.read_bytes()[:10])
+  else:
+    meta.unlink()
+  changed = _state(0)
+  changed["extra"] = jnp.zeros(3)
+  ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=3, save_interval_steps=1)
+  with caplog.at_level(logging.WARNING):
+    assert ckpt.newest_readable_step() == 1
+    assert ckpt.differences(_state(0)) == []
+    assert ckpt.differences(changed) == ["extra is not in the checkpoint"]
+    assert sorted(ckpt.saved_structure()) == sorted(_state())
+  assert any(str(tmp_path / "2") in r.getMessage() and "unreadable metadata" in r.getMessage() for r in caplog.records)
+  from ctxrq_jax.core import config as configlib  # pylint: disable=g-import-not-at-top
+  configlib.check_resumable(ckpt, _state(0), str(tmp_path))  # passes: step 1 holds this state
+  with pytest.raises(configlib.ConfigError, match=r"checkpoint \(step 1\) of another state"):
+    configlib.check_resumable(ckpt, changed, str(tmp_path))
+  restored, step = ckpt.restore(_state(0))
+  assert step == 1
+  helpers.assert_trees_equal(restored, _state(1))
+  ckpt.close()
+
+
+def test_a_forced_save_does_not_wait_for_the_previous_steps_checksums(tmp_path, monkeypatch):
+  # The preemption save (forced) must not first read the previous periodic save back for its manifest: that is
+  # gigabytes for a large model, against ~30 s between SIGTERM and the kill. It is written after the new step.
+  events = []
+  real_sum = checkpoint.Checkpointer._file_sum
+  monkeypatch.setattr(checkpoint.Checkpointer, "_file_sum",
+                      staticmethod(lambda path: events.append(("sum", path.relative_to(tmp_path).parts[0]))
+                                   or real_sum(path)))
+  ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=3, save_interval_steps=1)
+  real_save = ckpt._manager.save
+  monkeypatch.setattr(ckpt._manager, "save", lambda step, **kw: events.append(("save", str(step))) or
+                      real_save(step, **kw))
+  ckpt.save(1, _state(1))
+  ckpt.save(2, _state(2), force=True)
+  assert events == [("save", "1"), ("save", "2")]  # no file of step 1 read before step 2 was written
+  ckpt.close()  # then both manifests
+  assert {e for e in events if e[0] == "sum"} == {("sum", "1"), ("sum", "2")}
+  assert all(os.path.isfile(tmp_path / f"_checksums-{s}.json") for s in (1, 2))
+  # A periodic save writes the previous step's manifest after starting its own write.
+  events.clear()
+  ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=3, save_interval_steps=1)
+  real_save = ckpt._manager.save
+  monkeypatch.setattr(ckpt._manager, "save", lambda step, **kw: events.append(("save", str(step))) or
+                      real_save(step, **kw))
+  ckpt.save(3, _state(3))
+  ckpt.save(4, _state(4))
+  assert events[:2] == [("save", "3"), ("save", "4")] and {e[1] for e in events[2:]} == {"3"}
+  ckpt.close()
+  assert os.path.isfile(tmp_path / "_checksums-3.json") and os.path.isfile(tmp_path / "_checksums-4.json")
+  # The manifests still guard the steps.
+  _corrupt_garbage(str(tmp_path / "4"))
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=3, save_interval_steps=1) as ckpt:
+    assert ckpt.restore(_state(0))[1] == 3
+
+
+def test_a_manifest_that_cannot_be_read_skips_the_step_on_every_process(tmp_path, monkeypatch):
+  # Process 0's read error while checking a manifest must become the step's problem (broadcast to all), not an
+  # exception that leaves process 0 out of the broadcast the others wait in.
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=3, save_interval_steps=1) as ckpt:
+    for s in (1, 2):
+      ckpt.save(s, _state(s))
+  (tmp_path / "_checksums-2.json").write_text("{not json")
+  ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=3, save_interval_steps=1, read_only=True)
+  broadcasts = []
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  with monkeypatch.context() as m:  # process 0 of two, for the check alone
+    m.setattr(checkpoint.jax, "process_count", lambda: 2)
+    m.setattr(multihost_utils, "broadcast_one_to_all", lambda x: broadcasts.append(bytes(x)) or x)
+    with pytest.raises(IOError, match="could not check it against its manifest"):
+      ckpt._verify(2)
+  assert len(broadcasts) == 1 and broadcasts[0].startswith(b"could not check it against its manifest")
+  restored, step = ckpt.restore(_state(0))  # and one process falls back past it
+  assert step == 1
+  helpers.assert_trees_equal(restored, _state(1))
+  ckpt.close()
+
+
+def _save_as_processes(tmp_path, count, positions):
+  """Saves step 3 with the code iterator 3 batches in, then rewrites its data state as `count` processes would
+  (their `positions`); returns (the iterator factory, the batches after the save)."""
+  make_it = _code_iterator(tmp_path)
+  it = make_it()
+  for _ in range(3):
+    next(it)
+  with checkpoint.Checkpointer(tmp_path / "ckpt", max_to_keep=2, save_interval_steps=1, async_save=False) as ckpt:
+    ckpt.save(3, _state(3), data_iterator=it)
+  data = tmp_path / "ckpt" / "3" / "data"
+  (data / "process_0-of-1.json").unlink()
+  for i, position in enumerate(positions):
+    (data / f"process_{i}-of-{count}.json").write_text(f'{{"next_index": {position}}}')
+  os.remove(tmp_path / "ckpt" / "_checksums-3.json")  # the data files were rewritten on purpose
+  return make_it, [next(it) for _ in range(3)]
+
+
+def test_a_run_saved_by_more_processes_resumes_at_the_same_global_position(tmp_path):
+  make_it, expected = _save_as_processes(tmp_path, 2, [3, 3])
+  fresh = make_it()
+  with checkpoint.Checkpointer(tmp_path / "ckpt", max_to_keep=2, save_interval_steps=1) as ckpt:
+    restored, step = ckpt.restore(_state(0), data_iterator=fresh)
+  assert step == 3
+  helpers.assert_trees_equal(restored, _state(3))
+  for want in expected:
+    np.testing.assert_array_equal(next(fresh)["codes"], want["codes"])
+
+
+@pytest.mark.parametrize("count, positions", [(2, [3, 4]), (2, [3])])
+def test_positions_that_cannot_be_carried_over_are_a_clear_error(tmp_path, count, positions):
+  make_it, _ = _save_as_processes(tmp_path, count, positions)
+  with checkpoint.Checkpointer(tmp_path / "ckpt", max_to_keep=2, save_interval_steps=1) as ckpt:
+    with pytest.raises(checkpoint.ProcessCountMismatch, match="resume with the saved number of processes"):
+      ckpt.restore(_state(0), data_iterator=make_it())
+  assert _steps(tmp_path / "ckpt") == [3]  # nothing moved aside: the checkpoint is fine
