@@ -23,7 +23,8 @@ Usage: $PROG [options] SUBCOMMAND [options] [-- TRAINING ARGS...]
 Subcommands
   local    run on this host; JAX sees all of its GPUs (or those of --gpus).  For a
            multi-node run without SLURM, start it on every node with --coordinator,
-           --num-processes and --process-id.
+           --num-processes and --process-id.  It runs in this checkout, as the job
+           does (--chdir): relative --config and --workdir paths are taken from there.
   slurm    write an sbatch script for N nodes x G GPUs (one process per node,
            started with srun) and submit it with sbatch
 
@@ -47,6 +48,10 @@ slurm
   -G, --gpus-per-node G    GPUs per node                     [CTXRQ_SLURM_GPUS_PER_NODE] (8)
   -c, --cpus-per-task C    CPUs per node process             [CTXRQ_SLURM_CPUS_PER_TASK] (32)
       --time T             wall-clock limit                  [CTXRQ_SLURM_TIME] (48:00:00)
+      --signal-s S         SIGTERM the training processes S seconds before the
+                           limit, so they save a checkpoint and stop in time
+                           (SLURM's own SIGTERM comes at the limit, ~30 s before
+                           the kill); 0: none                [CTXRQ_SLURM_SIGNAL_S] (300)
       --partition P        partition                         [CTXRQ_SLURM_PARTITION]
       --account A          account                           [CTXRQ_SLURM_ACCOUNT]
       --job-name J         job name                          (ctxrq)
@@ -81,6 +86,7 @@ NODES=${CTXRQ_SLURM_NODES:-1}
 GPUS_PER_NODE=${CTXRQ_SLURM_GPUS_PER_NODE:-8}
 CPUS_PER_TASK=${CTXRQ_SLURM_CPUS_PER_TASK:-32}
 TIME=${CTXRQ_SLURM_TIME:-48:00:00}
+SIGNAL_S=${CTXRQ_SLURM_SIGNAL_S:-300}
 PARTITION=${CTXRQ_SLURM_PARTITION:-}
 ACCOUNT=${CTXRQ_SLURM_ACCOUNT:-}
 JOB_NAME=ctxrq
@@ -105,6 +111,7 @@ parse_option() {
     -G|--gpus-per-node) need_value "$1" $# "${2:-}"; GPUS_PER_NODE=$2; OPT_SHIFT=2 ;;
     -c|--cpus-per-task) need_value "$1" $# "${2:-}"; CPUS_PER_TASK=$2; OPT_SHIFT=2 ;;
     --time) need_value "$1" $# "${2:-}"; TIME=$2; OPT_SHIFT=2 ;;
+    --signal-s) need_value "$1" $# "${2:-}"; SIGNAL_S=$2; OPT_SHIFT=2 ;;
     --partition) need_value "$1" $# "${2:-}"; PARTITION=$2; OPT_SHIFT=2 ;;
     --account) need_value "$1" $# "${2:-}"; ACCOUNT=$2; OPT_SHIFT=2 ;;
     --job-name) need_value "$1" $# "${2:-}"; JOB_NAME=$2; OPT_SHIFT=2 ;;
@@ -196,6 +203,8 @@ slurm_script() {
   echo "#SBATCH --time=$TIME"
   echo "#SBATCH --output=$OUTPUT"
   echo "#SBATCH --chdir=$CHDIR"
+  # The job's steps (srun's tasks: the training processes) get SIGTERM this long before the time limit.
+  ((SIGNAL_S > 0)) && echo "#SBATCH --signal=TERM@$SIGNAL_S"
   [[ -n $PARTITION ]] && echo "#SBATCH --partition=$PARTITION"
   [[ -n $ACCOUNT ]] && echo "#SBATCH --account=$ACCOUNT"
   echo "set -euo pipefail"
@@ -225,6 +234,8 @@ do_slurm() {
   [[ $CPUS_PER_TASK =~ ^[1-9][0-9]*$ ]] || die "--cpus-per-task must be a positive integer, got '$CPUS_PER_TASK'"
   [[ -z $PORT || $PORT =~ ^[1-9][0-9]*$ ]] || die "--port must be a number, got '$PORT'"
   [[ $TIME =~ ^[0-9:-]+$ ]] || die "--time looks wrong: '$TIME'"
+  [[ $SIGNAL_S =~ ^[0-9]+$ && $SIGNAL_S -le 65535 ]] ||
+    die "--signal-s must be a number of seconds in [0, 65535], got '$SIGNAL_S'"
   [[ $CHDIR =~ ^[A-Za-z0-9_./+-]+$ ]] || die "--chdir must be a plain path, got '$CHDIR'"
   [[ $OUTPUT =~ ^[A-Za-z0-9_./%+-]+$ ]] || die "--output must be a plain path pattern, got '$OUTPUT'"
   local word

@@ -408,8 +408,12 @@ def test_gpu_slurm_dry_run(tmp_path: Path) -> None:
         "#SBATCH --time=12:00:00",
         "export JAX_NUM_PROCESSES=4",
         "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7",
+        "#SBATCH --signal=TERM@300",  # the processes' SIGTERM, in time to save before the limit
     ]:
         assert line in script.splitlines(), line
+    out = _run(GPU, "slurm", "--signal-s", "0", CONFIG, "--dry-run", env=_env(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "--signal" not in _sbatch_script(out.stdout)
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in script
     assert "JAX_COORDINATOR_ADDRESS=" in script and "JAX_PROCESS_ID=$SLURM_PROCID" in script
     assert "srun --nodes=4 --ntasks-per-node=1 --gpus-per-node=8" in script
@@ -468,6 +472,7 @@ def test_gpu_slurm_submits_with_sbatch(tmp_path: Path) -> None:
         (["slurm", "--nodes"], "--nodes requires a value"),
         (["slurm", "--nodes", "0"], "--nodes must be a positive integer"),
         (["slurm", "-G", "two"], "--gpus-per-node must be a positive integer"),
+        (["slurm", "--signal-s", "-5"], "--signal-s must be a number of seconds"),
         (["local", "--gpus", "a,b"], "--gpus expects"),
         (["cluster"], "unknown subcommand 'cluster'"),
         ([], "missing subcommand"),
