@@ -80,7 +80,9 @@ def load_artifact(directory: str | os.PathLike) -> tuple[RQVAE, dict[str, Any]]:
   """Reads a stage-1 artifact written by `save_artifact`.
 
   Returns:
-    (model, variables) with variables = {'params', 'quantizer'} as jax arrays.
+    (model, variables) with variables = {'params', 'quantizer'} as jax arrays. The model's convolutions and attention
+    run at 'highest' (float32) matmul precision: encoding, decoding and evaluation then follow the released float32
+    model on every backend (TPU's default is one bfloat16 pass, which moves the latents and so the codes).
 
   Raises:
     FileNotFoundError / ValueError naming the path and what is missing or wrong.
@@ -92,7 +94,7 @@ def load_artifact(directory: str | os.PathLike) -> tuple[RQVAE, dict[str, Any]]:
                                              missing=f"stage-1 artifact {directory} has no {_CONFIG_FILE}",
                                              label="stage-1 artifact config", prefix="stage-1 artifact config ")
   try:
-    model = RQVAE.from_config(meta["model"])
+    model = RQVAE.from_config(meta["model"]).clone(precision="highest")
   except configlib.ConfigError as e:
     raise ValueError(f"stage-1 artifact config {cfg_path} is invalid: {e}") from e
   abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))

@@ -33,15 +33,20 @@ from ctxrq_jax.models import common
 from ctxrq_jax.models import rq
 
 Dtype = Any
+# Matmul precision of the convolutions and attention: None (the backend's default: one bf16 pass on TPU, TF32 on
+# recent GPUs, as the reference trains) or 'highest' (float32; `load_artifact` uses it for encoding, decoding and
+# evaluation, so codes and pixels follow the released float32 model on every backend).
+Precision = Any
 
 
 
 def _conv(
-    features: int, kernel: int, dtype: Dtype, name: str | None = None, stride: int = 1, padding: Any = "SAME"
+    features: int, kernel: int, dtype: Dtype, name: str | None = None, stride: int = 1, padding: Any = "SAME",
+    precision: Precision = None,
 ) -> nn.Conv:
   return nn.Conv(
       features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype, param_dtype=jnp.float32,
-      name=name,
+      precision=precision, name=name,
   )
 
 
@@ -59,16 +64,17 @@ class ResnetBlock(nn.Module):
   dropout: float = 0.0
   norm_groups: int = 32
   dtype: Dtype = jnp.float32
+  precision: Precision = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     h = nn.silu(_norm(self.norm_groups, self.dtype, "norm1")(x))
-    h = _conv(self.out_channels, 3, self.dtype, "conv1")(h)
+    h = _conv(self.out_channels, 3, self.dtype, "conv1", precision=self.precision)(h)
     h = nn.silu(_norm(self.norm_groups, self.dtype, "norm2")(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = _conv(self.out_channels, 3, self.dtype, "conv2")(h)
+    h = _conv(self.out_channels, 3, self.dtype, "conv2", precision=self.precision)(h)
     if x.shape[-1] != self.out_channels:
-      x = _conv(self.out_channels, 1, self.dtype, "nin_shortcut")(x)
+      x = _conv(self.out_channels, 1, self.dtype, "nin_shortcut", precision=self.precision)(x)
     return x + h
 
 
@@ -77,40 +83,44 @@ class AttnBlock(nn.Module):
 
   norm_groups: int = 32
   dtype: Dtype = jnp.float32
+  precision: Precision = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, hh, ww, c = x.shape
+    p = self.precision
     h = _norm(self.norm_groups, self.dtype, "norm")(x)
-    q = _conv(c, 1, self.dtype, "q")(h).reshape(b, hh * ww, c)
-    k = _conv(c, 1, self.dtype, "k")(h).reshape(b, hh * ww, c)
-    v = _conv(c, 1, self.dtype, "v")(h).reshape(b, hh * ww, c)
-    logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) * (c**-0.5)
+    q = _conv(c, 1, self.dtype, "q", precision=p)(h).reshape(b, hh * ww, c)
+    k = _conv(c, 1, self.dtype, "k", precision=p)(h).reshape(b, hh * ww, c)
+    v = _conv(c, 1, self.dtype, "v", precision=p)(h).reshape(b, hh * ww, c)
+    logits = jnp.einsum("bqc,bkc->bqk", q, k, precision=p).astype(jnp.float32) * (c**-0.5)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # softmax in fp32 for low-precision dtypes
-    h = jnp.einsum("bqk,bkc->bqc", weights, v).reshape(b, hh, ww, c)
-    return x + _conv(c, 1, self.dtype, "proj_out")(h)
+    h = jnp.einsum("bqk,bkc->bqc", weights, v, precision=p).reshape(b, hh, ww, c)
+    return x + _conv(c, 1, self.dtype, "proj_out", precision=p)(h)
 
 
 class Downsample(nn.Module):
   """Pad bottom/right by one, then 3x3 stride-2 VALID conv (the reference's asymmetric padding). Halves H, W."""
 
   dtype: Dtype = jnp.float32
+  precision: Precision = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    return _conv(x.shape[-1], 3, self.dtype, "conv", stride=2, padding="VALID")(x)
+    return _conv(x.shape[-1], 3, self.dtype, "conv", stride=2, padding="VALID", precision=self.precision)(x)
 
 
 class Upsample(nn.Module):
   """Nearest-neighbour x2, then 3x3 conv. Doubles H, W."""
 
   dtype: Dtype = jnp.float32
+  precision: Precision = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return _conv(x.shape[-1], 3, self.dtype, "conv")(x)
+    return _conv(x.shape[-1], 3, self.dtype, "conv", precision=self.precision)(x)
 
 
 class _Level(nn.Module):
@@ -124,17 +134,19 @@ class _Level(nn.Module):
   dropout: float
   norm_groups: int
   dtype: Dtype
+  precision: Precision = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    p = self.precision
     for j in range(self.num_blocks):
-      x = ResnetBlock(self.out_channels, self.dropout, self.norm_groups, self.dtype, name=f"block_{j}")(x, train)
+      x = ResnetBlock(self.out_channels, self.dropout, self.norm_groups, self.dtype, p, name=f"block_{j}")(x, train)
       if self.use_attn:
-        x = AttnBlock(self.norm_groups, self.dtype, name=f"attn_{j}")(x)
+        x = AttnBlock(self.norm_groups, self.dtype, p, name=f"attn_{j}")(x)
     if self.resample == "down":
-      x = Downsample(self.dtype, name="downsample")(x)
+      x = Downsample(self.dtype, p, name="downsample")(x)
     elif self.resample == "up":
-      x = Upsample(self.dtype, name="upsample")(x)
+      x = Upsample(self.dtype, p, name="upsample")(x)
     return x
 
 
@@ -144,13 +156,14 @@ class _Mid(nn.Module):
   dropout: float
   norm_groups: int
   dtype: Dtype
+  precision: Precision = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    c = x.shape[-1]
-    x = ResnetBlock(c, self.dropout, self.norm_groups, self.dtype, name="block_1")(x, train)
-    x = AttnBlock(self.norm_groups, self.dtype, name="attn_1")(x)
-    return ResnetBlock(c, self.dropout, self.norm_groups, self.dtype, name="block_2")(x, train)
+    c, p = x.shape[-1], self.precision
+    x = ResnetBlock(c, self.dropout, self.norm_groups, self.dtype, p, name="block_1")(x, train)
+    x = AttnBlock(self.norm_groups, self.dtype, p, name="attn_1")(x)
+    return ResnetBlock(c, self.dropout, self.norm_groups, self.dtype, p, name="block_2")(x, train)
 
 
 class Encoder(nn.Module):
@@ -165,22 +178,23 @@ class Encoder(nn.Module):
   dropout: float = 0.0
   norm_groups: int = 32
   dtype: Dtype = jnp.float32
+  precision: Precision = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    levels = len(self.ch_mult)
-    h = _conv(self.ch, 3, self.dtype, "conv_in")(x)
+    levels, p = len(self.ch_mult), self.precision
+    h = _conv(self.ch, 3, self.dtype, "conv_in", precision=p)(x)
     res = self.resolution
     for i, mult in enumerate(self.ch_mult):
       h = _Level(
           self.ch * mult, self.num_res_blocks, res in self.attn_resolutions, "down" if i != levels - 1 else None,
-          self.dropout, self.norm_groups, self.dtype, name=f"down_{i}",
+          self.dropout, self.norm_groups, self.dtype, p, name=f"down_{i}",
       )(h, train)
       if i != levels - 1:
         res //= 2
-    h = _Mid(self.dropout, self.norm_groups, self.dtype, name="mid")(h, train)
+    h = _Mid(self.dropout, self.norm_groups, self.dtype, p, name="mid")(h, train)
     h = nn.silu(_norm(self.norm_groups, self.dtype, "norm_out")(h))
-    return _conv(self.z_channels, 3, self.dtype, "conv_out")(h)
+    return _conv(self.z_channels, 3, self.dtype, "conv_out", precision=p)(h)
 
 
 class Decoder(nn.Module):
@@ -195,22 +209,23 @@ class Decoder(nn.Module):
   dropout: float = 0.0
   norm_groups: int = 32
   dtype: Dtype = jnp.float32
+  precision: Precision = None
 
   @nn.compact
   def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
-    levels = len(self.ch_mult)
-    h = _conv(self.ch * self.ch_mult[-1], 3, self.dtype, "conv_in")(z)
-    h = _Mid(self.dropout, self.norm_groups, self.dtype, name="mid")(h, train)
+    levels, p = len(self.ch_mult), self.precision
+    h = _conv(self.ch * self.ch_mult[-1], 3, self.dtype, "conv_in", precision=p)(z)
+    h = _Mid(self.dropout, self.norm_groups, self.dtype, p, name="mid")(h, train)
     res = self.resolution // 2 ** (levels - 1)
     for i in reversed(range(levels)):
       h = _Level(
           self.ch * self.ch_mult[i], self.num_res_blocks + 1, res in self.attn_resolutions,
-          "up" if i != 0 else None, self.dropout, self.norm_groups, self.dtype, name=f"up_{i}",
+          "up" if i != 0 else None, self.dropout, self.norm_groups, self.dtype, p, name=f"up_{i}",
       )(h, train)
       if i != 0:
         res *= 2
     h = nn.silu(_norm(self.norm_groups, self.dtype, "norm_out")(h))
-    return _conv(self.out_channels, 3, self.dtype, "conv_out")(h)
+    return _conv(self.out_channels, 3, self.dtype, "conv_out", precision=p)(h)
 
 
 class RQVAE(nn.Module):
@@ -234,6 +249,7 @@ class RQVAE(nn.Module):
   norm_groups: int = 32
   dtype: Dtype = jnp.float32
   quant_chunk_size: int = rq.DEFAULT_CHUNK_SIZE
+  precision: Precision = None  # of the convolutions and attention (see `Precision`); the trainer keeps the default
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> "RQVAE":
@@ -282,13 +298,13 @@ class RQVAE(nn.Module):
     common = dict(
         ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
         attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution, dropout=self.dropout,
-        norm_groups=self.norm_groups, dtype=self.dtype,
+        norm_groups=self.norm_groups, dtype=self.dtype, precision=self.precision,
     )
     self.encoder = Encoder(z_channels=self.z_channels, **common)
     self.decoder = Decoder(out_channels=self.out_channels, **common)
     # setup() names submodules after their attributes: quant_conv, post_quant_conv, encoder, decoder.
-    self.quant_conv = _conv(self.embed_dim, 1, self.dtype)
-    self.post_quant_conv = _conv(self.z_channels, 1, self.dtype)
+    self.quant_conv = _conv(self.embed_dim, 1, self.dtype, precision=self.precision)
+    self.post_quant_conv = _conv(self.z_channels, 1, self.dtype, precision=self.precision)
     shape = (self.codebook_size, self.embed_dim)
     # N(0, 1) like the reference's nn.Embedding; EMA counts 1 and sums = codebook, so smoothing is a no-op at init.
     # The stage-1 trainer re-creates the EMA statistics with `quantizer.init_cluster_size` (the reference's is 0).

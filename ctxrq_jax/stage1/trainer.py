@@ -348,7 +348,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Every process: orbax's save is collective (process 0 writes the shared files, then all pass a barrier).
   artifact.save_artifact(paths.path(workdir) / ARTIFACT_DIR, config.model, variables, overwrite=True)
   # LPIPS is reported when the run has its weights at hand (the perceptual loss is on); `evaluate rqvae` always can.
-  results = reconstruction.evaluate_rqvae(trainer.model, variables, config.data, split=config.data.eval_split,
+  # At float32 matmul precision, as `evaluate rqvae` reads the artifact (models/artifact.load_artifact).
+  results = reconstruction.evaluate_rqvae(trainer.model.clone(precision="highest"), variables, config.data,
+                                          split=config.data.eval_split,
                                           num_examples=int(config.data.eval_examples),
                                           lpips_variables=trainer.lpips_variables)
   writer.write_scalars(num_steps, {f"eval/{k}": v for k, v in results.items() if np.ndim(v) == 0})

@@ -23,7 +23,7 @@ def test_artifact_round_trip(tiny, tmp_path):
   model, variables, x = tiny
   artifact.save_artifact(tmp_path / "art", TINY, variables)
   loaded_model, loaded = artifact.load_artifact(tmp_path / "art")
-  assert loaded_model == model
+  assert loaded_model == model.clone(precision="highest")
   helpers.assert_trees_equal(loaded, variables)
   with pytest.raises(FileExistsError, match="already exists"):
     artifact.save_artifact(tmp_path / "art", TINY, variables)
@@ -90,3 +90,35 @@ def test_check_code_range():
     artifact.check_code_range(np.array([-1, 3]), 16)
   with pytest.raises(ValueError, match=r"got range \[0, 16\]"):
     artifact.check_code_range(np.array([0, 16]), 16)
+
+
+def _matmul_precisions(fn, *args) -> list:
+  """The `precision` of every convolution and dot in the jaxpr of fn(*args), sub-jaxprs included."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+        found.append(eqn.params["precision"])
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_a_loaded_artifact_encodes_and_decodes_at_float32_precision(tiny, tmp_path):
+  # On TPU the default is one bf16 pass per matmul: the latents, and so the codes, would drift from the released
+  # float32 model's. Every convolution and dot of the loaded model's encode and decode names HIGHEST; the trainer's
+  # model keeps the backend default.
+  model, variables, x = tiny
+  artifact.save_artifact(tmp_path / "art", TINY, variables)
+  loaded_model, loaded = artifact.load_artifact(tmp_path / "art")
+  highest = jax.lax.Precision.HIGHEST
+  codes = loaded_model.apply(loaded, x)["codes"]
+  for fn, arg in [(lambda v, a: loaded_model.apply(v, a, method=rqvae.RQVAE.encode), x),
+                  (lambda v, a: loaded_model.apply(v, a, method=rqvae.RQVAE.decode_codes), codes)]:
+    precisions = _matmul_precisions(fn, loaded, arg)
+    assert len(precisions) > 10 and all(p in (highest, (highest, highest)) for p in precisions), precisions
+  trained = _matmul_precisions(lambda v, a: model.apply(v, a, method=rqvae.RQVAE.encode), variables, x)
+  assert None in trained  # the convolutions: the backend default, as the reference trains
