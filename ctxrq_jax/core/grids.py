@@ -56,7 +56,8 @@ def save_grid(path: str, images: np.ndarray, ncols: int, scale: int = 1) -> str:
 
 
 def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:
-  """Greedy word wrap of `text` into at most `max_lines` lines of at most `width` pixels (the last one cut with …)."""
+  """Greedy word wrap of `text` into at most `max_lines` lines of at most `width` pixels (the last one cut with
+  "...": ASCII, which every font can draw)."""
   lines, line = [], ""
   for word in text.split():
     candidate = f"{line} {word}".strip()
@@ -69,7 +70,7 @@ def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:
     lines.append(line)
   if len(lines) > max_lines:
     lines = lines[:max_lines]
-    lines[-1] = lines[-1].rstrip() + "…" if draw.textlength(lines[-1] + "…", font=font) <= width else lines[-1]
+    lines[-1] = lines[-1].rstrip() + "..." if draw.textlength(lines[-1] + "...", font=font) <= width else lines[-1]
   return [ln if draw.textlength(ln, font=font) <= width else ln[:max(1, width // 6)] for ln in lines]
 
 
@@ -78,7 +79,8 @@ def captioned_grid(images: np.ndarray, captions: list[str], ncols: int, scale: i
   """Tiles [B, H, W, C] images row-major with each caption written under its image -> uint8 RGB [rows, cols, 3].
 
   Images are enlarged `scale` times (nearest); captions are word-wrapped to the image width (at most `max_lines`
-  lines, black on white, PIL's built-in font, so nothing is read from disk).
+  lines, black on white, PIL's built-in font, so nothing is read from disk; without FreeType that is a Latin-1 bitmap
+  font, and other characters are drawn as '?').
   """
   from PIL import ImageDraw  # pylint: disable=g-import-not-at-top
   from PIL import ImageFont  # pylint: disable=g-import-not-at-top
@@ -93,6 +95,10 @@ def captioned_grid(images: np.ndarray, captions: list[str], ncols: int, scale: i
   b, h, w, _ = images.shape
   h, w = h * scale, w * scale
   font = ImageFont.load_default()
+  if not isinstance(font, ImageFont.FreeTypeFont):
+    # Pillow built without FreeType gives its bitmap font, which measures and draws Latin-1 only (anything else
+    # raises UnicodeEncodeError): other characters are drawn as '?' rather than losing the whole preview.
+    captions = [str(c).encode("latin-1", "replace").decode("latin-1") for c in captions]
   probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
   line_height = int(probe.textbbox((0, 0), "Ag", font=font)[3]) + 2
   wrapped = [_wrap(probe, str(c), font, w, max_lines) for c in captions]

@@ -17,7 +17,8 @@ Every example is (key, image, captions): the image as encoded bytes or a uint8 a
 `image_batches` decodes and preprocesses (resize the shorter side bilinear, centre crop, [-1, 1]) and yields fixed-size
 batches. An image that cannot be decoded (truncated, not an image, empty), an example without an image or without
 a caption, and a tar shard that ends early are counted in `CaptionStats`, skipped and reported; nothing is dropped
-silently and none of them stops the run.
+silently and none of them stops the run. The sources drop blank captions; `drop_null_captions` also drops those that
+tokenize to nothing (e.g. only a zero-width space), counting an example left without one as without a caption.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import io
 import posixpath
 import tarfile
 import zlib
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -255,6 +256,25 @@ def iter_tfds(name: str, split: str, stats: CaptionStats, *, image_key: str = "i
     yield CaptionExample(where, image, captions)
 
 
+def drop_null_captions(examples: Iterable[CaptionExample], stats: CaptionStats,
+                       is_null: Callable[[Sequence[str]], np.ndarray]) -> Iterator[CaptionExample]:
+  """Drops the captions `is_null` marks (bool [C] for an example's C captions; `CaptionTokenizer.is_null`: the
+  tokens are all [PAD], as for a caption of only control or zero-width characters, which `str.strip` keeps and the
+  tokenizer deletes). Their condition would be the null one, a dropped condition of classifier-free guidance, under a
+  real image. Like the sources' blank captions, an example left with none is counted in `stats.missing_caption` and
+  skipped; one with other captions keeps those.
+  """
+  for ex in examples:
+    null = np.asarray(is_null(list(ex.captions)), bool)
+    if null.all():
+      stats.note("missing_caption", ex.key, f"caption {ex.captions[0]!r} has no tokens (e.g. only control or "
+                 "zero-width characters): it would be the null condition")
+      continue
+    if null.any():
+      ex = dataclasses.replace(ex, captions=tuple(c for c, n in zip(ex.captions, null) if not n))
+    yield ex
+
+
 def decode_image(image: bytes | np.ndarray, *, mode: str = "RGB", orient: bool = False) -> np.ndarray:
   """Encoded bytes or an array -> uint8 [H, W, 3]; ValueError when it cannot be decoded.
 
@@ -325,5 +345,5 @@ def image_batches(examples: Iterable[CaptionExample], stats: CaptionStats, *, im
     yield np.stack(images), captions, keys
 
 
-__all__ = ["CaptionExample", "CaptionStats", "decode_image", "image_batches", "iter_parquet", "iter_tfds",
-           "iter_webdataset", "shard_paths"]
+__all__ = ["CaptionExample", "CaptionStats", "decode_image", "drop_null_captions", "image_batches", "iter_parquet",
+           "iter_tfds", "iter_webdataset", "shard_paths"]

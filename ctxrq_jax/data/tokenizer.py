@@ -25,12 +25,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from ctxrq_jax.core import paths
+
+log = logging.getLogger(__name__)
 
 PAD = "[PAD]"
 UNK = "[UNK]"
@@ -119,7 +122,8 @@ class CaptionTokenizer:
     """
     vocab = self._eval.get_vocab()
     tokens = sorted(vocab, key=vocab.__getitem__)  # ids are the contiguous range [0, vocab_size) (checked)
-    lines = paths.path(self.files[1]).read_bytes().decode("utf-8").splitlines()
+    # Lines end at "\n" only, as the tokenizers library reads the file (not `str.splitlines`'s other separators).
+    lines = paths.path(self.files[1]).read_bytes().decode("utf-8").split("\n")
     merges = [line.strip() for line in lines if line.strip() and not line.startswith("#version")]
     content = json.dumps({"tokens": tokens, "merges": merges, "lowercase": True}, ensure_ascii=False)
     return hashlib.sha256(content.encode("utf-8")).hexdigest()
@@ -144,6 +148,39 @@ class CaptionTokenizer:
     assert ids.shape == (len(captions), self.context_length), ids.shape
     return ids
 
+  def is_null(self, captions: Sequence[str]) -> np.ndarray:
+    """bool [B]: whether each caption's ids are all [PAD], i.e. the null condition (`EMPTY_CAPTION_ID`).
+
+    True for the empty caption, and also for one the normalizer empties although `str.strip` keeps it: only control
+    or format characters (\\x00, U+200B zero-width space, U+FEFF, ...), which it deletes, or a literal '[PAD]'.
+    """
+    return (self.encode(captions) == PAD_ID).all(axis=1)
+
+  def truncated(self, captions: Sequence[str]) -> np.ndarray:
+    """bool [B]: whether each caption has more than L tokens (deterministic ids), so `encode` keeps its first L."""
+    if isinstance(captions, str):
+      raise ValueError("truncated takes a sequence of captions, got a single string")
+    return np.asarray([bool(e.overflowing) for e in self._eval.encode_batch(list(captions))], bool)
+
+  def encode_prompts(self, prompts: Sequence[str]) -> np.ndarray:
+    """Prompts to sample from [P] -> deterministic ids int32 [P, L] (no BPE dropout).
+
+    ValueError naming the first prompt whose ids are all [PAD] (`is_null`): its condition would be the null condition,
+    an unconditional sample on which guidance has no effect. Prompts longer than L tokens are cut to their first L
+    (as the official sampler does) with one warning saying how many.
+    """
+    prompts = list(prompts) if not isinstance(prompts, str) else prompts  # a single string: `encode` refuses it
+    ids = self.encode(prompts)
+    null = np.flatnonzero((ids == PAD_ID).all(axis=1))
+    if null.size:
+      raise ValueError(f"prompt {prompts[null[0]]!r} has no tokens (only spaces, control or zero-width characters, "
+                       "or [PAD]): it would be the null condition, an unconditional sample; give it words")
+    cut = int(self.truncated(prompts).sum())
+    if cut:
+      log.warning("%d of %d prompt(s) are longer than %d tokens and were truncated to their first %d (the model's "
+                  "condition length)", cut, len(ids), self.context_length, self.context_length)
+    return ids
+
   def decode(self, ids: np.ndarray) -> list[str]:
     """int [B, L] ids -> [B] captions (lower-cased, [PAD] dropped; BPE word boundaries restored)."""
     ids = np.asarray(ids)
@@ -158,12 +195,16 @@ class CaptionTokenizer:
 
 def read_captions(path: str) -> list[str]:
   """One caption per line (UTF-8); blank lines are skipped. A tab-separated line keeps its last field, so the
-  official `<split>_list.txt` layout (image path, tab, caption) reads as captions too."""
+  official `<split>_list.txt` layout (image path, tab, caption) reads as captions too.
+
+  Lines end at "\\n" (a "\\r" before it is dropped), not at the other separators of `str.splitlines` (\\x85,
+  U+2028, \\x1c-\\x1e, \\v, \\f), which raw captions may hold; whitespace inside a caption becomes single spaces.
+  """
   if not paths.path(path).exists():
     raise ValueError(f"caption file {path} does not exist")
   out = []
-  for line in paths.path(path).read_bytes().decode("utf-8").splitlines():
-    line = line.split("\t")[-1].strip()
+  for line in paths.path(path).read_bytes().decode("utf-8").split("\n"):
+    line = " ".join(line.split("\t")[-1].split())
     if line:
       out.append(line)
   if not out:

@@ -2,10 +2,15 @@
 
 Input handling (`preprocess`), for uint8 images [B, H, W, 3] of any size:
 
-  resize='pytorch_fid' (default; what pytorch-fid and the official RQ-Transformer FID code do):
+  resize='pytorch_fid' (default; pytorch-fid's InceptionV3 input transform, which the official RQ-Transformer FID
+  code also uses):
       x / 255  ->  bilinear resize to 299x299 with half-pixel centres and no antialiasing
       (`jax.image.resize(..., 'bilinear', antialias=False)`, the same sampling as torch's
       `F.interpolate(mode='bilinear', align_corners=False)`)  ->  2x - 1, so [0, 255] maps to [-1, 1].
+      On uint8 image files this is exactly pytorch-fid. It is not exactly the official RQ-Transformer FID: that code
+      (`main_sampling_fid.py`, `rqvae/metrics/fid.py`) feeds the decoder's pixels as unrounded floats,
+      clamp(x * 0.5 + 0.5, 0, 1), while samples reach this module rounded to uint8 first (the ADM sample layout,
+      `core.grids.to_uint8`): a pixel differs by at most 1/510 (on the [0, 1] scale) before the resize.
   resize='adm_tf1' (what the ADM evaluator's TensorFlow graph does before its first convolution):
       TF1 `ResizeBilinear` to 299x299 (align_corners=False, half_pixel_centers=False: output pixel i samples input
       coordinate i * in / out)  ->  (x - 128) / 128.

@@ -176,13 +176,14 @@ def encode_images(model: rqvae.RQVAE, variables: Any, images: np.ndarray) -> np.
 
 
 def condition(loaded: Any, *, class_id: int | None = None, prompt: str | None = None) -> np.ndarray:
-  """The condition int32 [L] of an edit: a class id for a class-conditional run, a caption for a text run."""
+  """The condition int32 [L] of an edit: a class id for a class-conditional run, a caption for a text run (ValueError
+  when the prompt has no tokens, a warning when it is cut to L: `CaptionTokenizer.encode_prompts`)."""
   if loaded.model.is_text:
     if class_id is not None:
       raise ValueError(f"{loaded.workdir} is a text-to-image run: describe the image with a prompt, not a class")
     if not prompt or not prompt.strip():
       raise ValueError(f"{loaded.workdir} is a text-to-image run: give a prompt (--prompt='a red bus')")
-    return np.asarray(loaded.tokenizer().encode([prompt.strip()])[0], np.int32)
+    return np.asarray(loaded.tokenizer().encode_prompts([prompt.strip()])[0], np.int32)
   if prompt:
     raise ValueError(f"{loaded.workdir} is a class-conditional run: give a class id (--class=3), not a prompt")
   num_classes = int(loaded.model.num_classes)

@@ -329,12 +329,18 @@ def sample_all_classes(workdir: str, out_dir: str, *, samples_per_class: int, se
 
 
 def read_prompts(spec: str | None = None, path: str | None = None) -> list[str]:
-  """Prompts from ';'-separated text and/or a file (one prompt per line, blank lines skipped), in that order."""
-  prompts = [p.strip() for p in (spec or "").split(";") if p.strip()]
+  """Prompts from ';'-separated text and/or a file (one prompt per line, blank lines skipped), in that order.
+
+  Lines end at "\\n" only (a "\\r" before it is dropped), as `evaluate clip --captions_file` reads them: a raw
+  caption holding \\x85, U+2028 or another of `str.splitlines`'s separators stays one prompt. Whitespace inside a
+  prompt becomes single spaces.
+  """
+  prompts = [" ".join(p.split()) for p in (spec or "").split(";")]
   if path:
     if not fs.path(path).exists():
       raise ValueError(f"prompts file {path} does not exist")
-    prompts += [line.strip() for line in fs.path(path).read_bytes().decode("utf-8").splitlines() if line.strip()]
+    prompts += [" ".join(line.split()) for line in fs.path(path).read_bytes().decode("utf-8").split("\n")]
+  prompts = [p for p in prompts if p]
   if not prompts:
     raise ValueError("no prompts: pass --prompts='a red bus;a dog' or --prompts_file=FILE")
   return prompts
@@ -342,10 +348,14 @@ def read_prompts(spec: str | None = None, path: str | None = None) -> list[str]:
 
 def prompt_conditions(loaded: loader.Stage2Model, prompts: Sequence[str], per_prompt: int) -> tuple[np.ndarray,
                                                                                                      np.ndarray]:
-  """(labels int32 [P * per_prompt] prompt indices, cond int32 [P * per_prompt, L] deterministic caption tokens)."""
+  """(labels int32 [P * per_prompt] prompt indices, cond int32 [P * per_prompt, L] deterministic caption tokens).
+
+  ValueError naming a prompt with no tokens (its condition would be the null one); a warning when prompts are cut
+  to L tokens (`CaptionTokenizer.encode_prompts`).
+  """
   if per_prompt < 1:
     raise ValueError(f"samples per prompt must be >= 1, got {per_prompt}")
-  tokens = loaded.tokenizer().encode(list(prompts))  # deterministic ids: no BPE dropout when sampling
+  tokens = loaded.tokenizer().encode_prompts(list(prompts))  # deterministic ids: no BPE dropout when sampling
   labels = np.repeat(np.arange(len(prompts), dtype=np.int32), per_prompt)
   return labels, tokens[labels]
 

@@ -146,7 +146,8 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
   `captions-<split>.txt` holds each record's caption (one line per record, in record order; `data.code_captions`)
   for CLIP score and prompts, and the metadata records the tokenizer's fingerprint (checked when sampling) and the
   resize mode. Undecodable images and examples without an image or caption are counted, skipped and reported in the
-  returned stats (`CaptionStats.summary()`).
+  returned stats (`CaptionStats.summary()`); a caption whose tokens are all [PAD] (e.g. only a zero-width space:
+  the null condition) counts as no caption (`captions.drop_null_captions`).
 
   Args:
     artifact_dir: stage-1 artifact.
@@ -203,7 +204,8 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
     for split, make_examples in sources.items():
       writer.open_split(split)
       stats = all_stats[split] = captions_lib.CaptionStats()
-      examples = make_examples(stats)
+      # Captions that tokenize to all [PAD] (no words) are counted and skipped as missing, before any image is decoded.
+      examples = captions_lib.drop_null_captions(make_examples(stats), stats, tokenizer.is_null)
       if max_examples is not None:
         examples = itertools.islice(examples, max_examples)
       total = (totals or {}).get(split) or max_examples or 0

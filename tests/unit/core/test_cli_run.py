@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from ctxrq_jax import convert
 from ctxrq_jax import demo
 from ctxrq_jax import evaluate
 from ctxrq_jax import sample
@@ -196,6 +197,38 @@ def test_sample_inpaint_names_a_mask_of_another_size(run, tmp_path):
   assert run(sample.main, sample.define_flags, "inpaint", f"--workdir={tmp_path}/run", f"--image={image}",
              f"--mask={mask}", "--class=1") == (
       2, [f"error: mask {mask} is 28x20 pixels but image {image} is 28x28; draw the mask on the image's pixels"])
+
+
+def test_convert_names_flags_its_converter_ignores_and_paths_it_cannot_use(run, tmp_path):
+  """Checked before torch or a converter is imported: nothing is read but the paths."""
+  stage1 = tmp_path / "stage1"  # the released layout: stage1/model.pt beside stage1/config.yaml
+  stage1.mkdir()
+  (stage1 / "model.pt").write_bytes(b"not read")
+  common = (f"--checkpoint={stage1 / 'model.pt'}", f"--out={tmp_path / 'out'}")
+  cases = [
+      (("inception", *common, "--use_ema"), "--use_ema applies to `convert rqvae` only, not to `convert inception`"),
+      (("clip", *common, f"--reference_config={stage1}/config.yaml"),
+       "--reference_config applies to `convert rqvae` only, not to `convert clip`"),
+      # A bool flag given with its default value is still given (absl's `present`), and named as it was given.
+      (("rqvae", *common, "--nocheck_hash"),
+       "--nocheck_hash applies to `convert inception / clip` only, not to `convert rqvae`"),
+      (("rqvae", *common, "--check_hash"),
+       "--check_hash applies to `convert inception / clip` only, not to `convert rqvae`"),
+      (("inception", *common, "--use_ema", "--allow_pickle=false"), "--use_ema applies to `convert rqvae` only; "
+       "--noallow_pickle applies to `convert rqvae` only, not to `convert inception`"),
+      # A directory is said to be one (not "does not exist"), whatever flags rqvae reads come with it.
+      (("rqvae", f"--checkpoint={stage1}", f"--out={tmp_path / 'out'}", "--use_ema", "--allow_pickle"),
+       f"--checkpoint={stage1} is a directory; name the checkpoint file in it (e.g. {stage1 / 'model.pt'})"),
+      # A config the user named is missing: that file, not advice about where the default lies.
+      (("rqvae", *common, f"--reference_config={tmp_path / 'cfg.yaml'}"),
+       f"--reference_config={tmp_path / 'cfg.yaml'} does not exist"),
+      (("rqvae", *common, f"--reference_config={tmp_path}"),
+       f"--reference_config={tmp_path} is a directory, not a config.yaml file"),
+      (("rqvae", *common), f"{stage1 / 'config.yaml'} does not exist: the reference's config.yaml lies beside its "
+       "checkpoint; name it with --reference_config=FILE otherwise"),
+  ]
+  for args, message in cases:
+    assert run(convert.main, convert.define_flags, *args) == (2, [f"error: {message}"]), args
 
 
 def test_class_ids_outside_the_model_are_named():

@@ -162,3 +162,23 @@ def test_parquet_shards_stream_rows_and_report_what_they_skip(tmp_path):
   assert (stats.read, stats.decoded, stats.missing_image, stats.corrupt_images, stats.missing_caption) == (6, 3, 1, 1, 1)
   with pytest.raises(ValueError, match="has no column 'jpg'.*metadata"):
     next(captions.iter_parquet(str(tmp_path / "meta.parquet"), captions.CaptionStats()))
+
+
+def test_captions_without_tokens_count_as_missing(tmp_path):
+  from ctxrq_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+
+  tokenizer.train_tokenizer([f"caption number {i}" for i in range(10)] * 2, str(tmp_path / "bpe"), vocab_size=40)
+  tok = tokenizer.CaptionTokenizer.from_directory(str(tmp_path / "bpe"), context_length=4)
+  # A zero-width space, NUL or BOM passes the sources' `strip` check but tokenizes to all [PAD] (the null condition).
+  pairs = [(f"{i:09d}", c) for i, c in enumerate(["caption number 0", "\u200b", "\x00\ufeff", "caption number 3"])]
+  write_shard(tmp_path / "00000.tar", webdataset_members(pairs))
+  stats = captions.CaptionStats()
+  examples = captions.drop_null_captions(captions.iter_webdataset(str(tmp_path / "*.tar"), stats), stats, tok.is_null)
+  batches = list(captions.image_batches(examples, stats, image_size=8, batch_size=4))
+  assert [c for _, cs, _ in batches for c in cs] == [("caption number 0",), ("caption number 3",)]
+  assert (stats.read, stats.decoded, stats.missing_caption, stats.skipped) == (4, 2, 2, 2)
+  assert any("000000001" in p and "'\\u200b' has no tokens" in p for p in stats.problems), stats.problems
+  # An image with several captions keeps those that have tokens.
+  several = captions.CaptionExample("k", b"", ("\u200b", "caption number 5", "[PAD]"))
+  kept = list(captions.drop_null_captions([several], stats, tok.is_null))
+  assert [e.captions for e in kept] == [("caption number 5",)] and stats.missing_caption == 2

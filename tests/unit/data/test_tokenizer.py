@@ -2,7 +2,9 @@
 truncation, lower-casing, [PAD] / [UNK] ids, deterministic eval ids and BPE dropout on training ids only."""
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -104,6 +106,34 @@ def test_fingerprint_names_the_behaviour_not_the_bytes(tmp_path, tok_dir):
   assert len({tok.fingerprint, *(t.fingerprint for t in others)}) == 4
   caption = [f"{a[:-4]} {b[:-4]}"]
   assert (other_ids.encode(caption) != tok.encode(caption)).any()
+
+
+def test_captions_without_tokens_and_truncated_prompts(tok_dir, caplog):
+  tok = tokenizer.CaptionTokenizer.from_directory(tok_dir, context_length=8)
+  # The normalizer deletes control and format characters, which `str.strip` keeps: such captions are all [PAD], the
+  # null condition, as is a literal '[PAD]' (a special token).
+  captions = ["", "\u200b", "\x00\x01", "\ufeff ", "[PAD]", "a red bus", "a \u200bred bus"]
+  assert tok.is_null(captions).tolist() == [True] * 5 + [False] * 2
+  exact, longer = "a red bus on a city street in", "a red bus on a city street in the desert"  # 8 tokens, 10
+  assert tok.truncated(["a red bus", exact, longer, ""]).tolist() == [False, False, True, False]
+  with caplog.at_level(logging.WARNING, logger=tokenizer.__name__):
+    ids = tok.encode_prompts(["a red bus", longer, exact, longer + " near a river"])
+  np.testing.assert_array_equal(ids, tok.encode(["a red bus", longer, exact, longer + " near a river"]))
+  assert "2 of 4 prompt(s) are longer than 8 tokens and were truncated to their first 8" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger=tokenizer.__name__):
+    tok.encode_prompts(["a red bus", exact])
+  assert not caplog.text
+  for bad in ("\u200b", "\x00", " \ufeff", "[PAD]"):
+    with pytest.raises(ValueError, match=re.escape(repr(bad)) + " has no tokens"):
+      tok.encode_prompts(["a red bus", bad])
+
+
+def test_read_captions_splits_lines_at_newlines_only(tmp_path):
+  path = tmp_path / "captions.txt"
+  # NEL (\x85, a mis-decoded cp1252 '...'), U+2028, \v and \x1c end lines for `str.splitlines`, not in a file.
+  path.write_bytes("img0.jpg\ta dog\x85on  grass\r\n\u2028\nthird\x0bline\x1cends\n\n".encode("utf-8"))
+  assert tokenizer.read_captions(str(path)) == ["a dog on grass", "third line ends"]
 
 
 def test_bad_files_and_inputs_are_named(tmp_path, tok_dir):

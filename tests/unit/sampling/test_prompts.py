@@ -2,7 +2,10 @@
 written under its images; the empty caption as the unconditional branch; inpainting with a prompt."""
 
 import json
+import logging
 import os
+import re
+import types
 
 import flax.linen as nn
 import jax
@@ -20,6 +23,7 @@ from ctxrq_jax.models import artifact as artifact_lib
 from ctxrq_jax.models import rqvae
 from ctxrq_jax.models import transformer
 from ctxrq_jax.sampling import decoder
+from ctxrq_jax.sampling import editing
 from ctxrq_jax.sampling import loader
 from ctxrq_jax.sampling import logits
 from ctxrq_jax.sampling import runner
@@ -36,6 +40,50 @@ def test_read_prompts(tmp_path):
     runner.read_prompts(" ; ")
   with pytest.raises(ValueError, match="does not exist"):
     runner.read_prompts(None, str(tmp_path / "missing.txt"))
+  # Lines end at "\n" only, as `evaluate clip --captions_file` counts them: NEL (\x85), U+2028, \v or \x1c inside a
+  # raw caption do not make more prompts; whitespace inside a prompt becomes single spaces.
+  path.write_bytes("a dog\x85on grass\r\nthe\u2028red\x0bbus\x1c\n\u2029\n".encode("utf-8"))
+  assert runner.read_prompts(None, str(path)) == ["a dog on grass", "the red bus"]
+  assert runner.read_prompts(" a\tcat  on\x85a mat ;") == ["a cat on a mat"]
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+  """A stand-in for a loaded text-to-image run: its tokenizer (trained on CAPTIONS, L = 8) is all these tests use."""
+  tok_dir = str(tmp_path_factory.mktemp("bpe"))
+  tokenizer_lib.train_tokenizer(CAPTIONS * 2, tok_dir, vocab_size=60)
+  tok = tokenizer_lib.CaptionTokenizer.from_directory(tok_dir, context_length=8)
+  return types.SimpleNamespace(model=types.SimpleNamespace(is_text=True), workdir="run", tokenizer=lambda: tok)
+
+
+def test_prompts_without_tokens_are_refused_and_long_ones_reported(text_run, caplog):
+  tok = text_run.tokenizer()
+  labels, cond = runner.prompt_conditions(text_run, ["a red dog", "a blue bus"], 2)
+  assert labels.tolist() == [0, 0, 1, 1]
+  np.testing.assert_array_equal(cond, np.repeat(tok.encode(["a red dog", "a blue bus"]), 2, axis=0))
+  # A zero-width space or a control character survives `str.strip` but not the tokenizer: all [PAD], the null
+  # condition, which would sample unconditionally with guidance doing nothing.
+  for bad in ("\u200b", "\x00\x01"):
+    with pytest.raises(ValueError, match=f"prompt {re.escape(repr(bad))} has no tokens"):
+      runner.prompt_conditions(text_run, ["a red dog", bad], 1)
+    with pytest.raises(ValueError, match=f"prompt {re.escape(repr(bad))} has no tokens"):
+      editing.condition(text_run, prompt=bad)
+  long = " ".join(["a red dog"] * 14)  # 40 words, cut to 8 tokens
+  with caplog.at_level(logging.WARNING, logger=tokenizer_lib.__name__):
+    _, cond = runner.prompt_conditions(text_run, ["a red dog", long], 1)
+    np.testing.assert_array_equal(editing.condition(text_run, prompt=long), cond[1])
+  assert "1 of 2 prompt(s) are longer than 8 tokens and were truncated to their first 8" in caplog.text
+  assert "1 of 1 prompt(s) are longer than 8 tokens" in caplog.text
+
+
+def test_captioned_grid_without_freetype(monkeypatch):
+  """Pillow built without FreeType gives a bitmap font that measures and draws Latin-1 only: a CJK caption, or the
+  ellipsis of a caption cut to 3 lines, must still draw (as '?'), not fail after the sampling."""
+  from PIL import ImageFont  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(ImageFont, "load_default", ImageFont.load_default_imagefont)
+  images = np.full((2, 8, 8, 3), 255, np.uint8)
+  grid = grids.captioned_grid(images, ["東京 " * 30, "a caf\u00e9 " + "long words " * 40], ncols=2, scale=4)
+  assert grid.shape[0] > 2 + 8 * 4 and (grid[2 + 8 * 4:] < 128).any()
 
 
 def test_captioned_grid_writes_text_under_each_image():

@@ -80,8 +80,9 @@ def test_encode_captions_writes_token_conditions(tiny_artifact, tmp_path):
   pairs = [(f"{i:09d}", t) for i, t in enumerate(texts)]
   (tmp_path / "train").mkdir()
   (tmp_path / "val").mkdir()
-  test_captions.write_shard(tmp_path / "train" / "00000.tar",
-                            test_captions.webdataset_members(pairs[:6], corrupt={"000000002"}))
+  # A caption of only a zero-width space passes `strip` but has no tokens: counted and skipped as missing.
+  test_captions.write_shard(tmp_path / "train" / "00000.tar", test_captions.webdataset_members(
+      pairs[:6] + [("000000009", "\u200b")], corrupt={"000000002"}))
   test_captions.write_shard(tmp_path / "val" / "00000.tar", test_captions.webdataset_members(pairs[6:]))
   tokenizer_lib.train_tokenizer(texts * 3, str(tmp_path / "bpe"), vocab_size=60)
   tok = tokenizer_lib.CaptionTokenizer.from_directory(str(tmp_path / "bpe"), context_length=6)
@@ -90,6 +91,7 @@ def test_encode_captions_writes_token_conditions(tiny_artifact, tmp_path):
   out = str(tmp_path / "codes")
   meta, stats = encode.encode_captions(artifact, sources, out, tok, batch_size=4)
   assert stats["train"].corrupt_images == 1 and stats["train"].decoded == 5 and stats["validation"].decoded == 3
+  assert stats["train"].read == 7 and stats["train"].missing_caption == 1 and stats["train"].skipped == 2
   assert meta.is_text and meta.cond_length == 6 and meta.cond_range == tok.vocab_size
   assert meta.num_examples("train") == 5 and meta.num_examples("validation") == 3
   codes, tokens = code_data.load_codes(out, "validation")
