@@ -74,10 +74,14 @@ def test_device_wheels_cover_what_bench_device_imports_beyond_the_device_image()
   # by top-level name: a namespace such as google.* spans several distributions).
   code = ("import os, sys, importlib.metadata as m\n"
           "import ctxrq_jax.bench, ctxrq_jax.benchmarks.speed, ctxrq_jax.stage2.trainer, ctxrq_jax.sampling.decoder\n"
-          "owner = {os.path.realpath(d.locate_file(f)): d.metadata['Name'] for d in m.distributions()\n"
-          "         for f in (d.files or ()) if f.suffix in ('.py', '.so')}\n"
-          "files = {os.path.realpath(f) for f in (getattr(v, '__file__', None) for v in list(sys.modules.values())) if f}\n"
-          "print('\\n'.join(sorted({owner[f] for f in files if f in owner})))")
+          "tops = m.packages_distributions()\n"
+          "def owner(name, path):\n"
+          "  dists = tops.get(name.split('.')[0], [])\n"
+          "  if len(dists) < 2: return dists\n"
+          "  return [d for d in dists if any(os.path.realpath(m.distribution(d).locate_file(f)) == path\n"
+          "                                  for f in m.distribution(d).files or ())]\n"
+          "print('\\n'.join(sorted({d for n, v in list(sys.modules.items()) if getattr(v, '__file__', None)\n"
+          "                         for d in owner(n, os.path.realpath(v.__file__))})))")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
   imported = {_normalized(d) for d in out.split()} - {"ctxrq-jax"}
