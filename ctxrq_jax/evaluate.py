@@ -11,7 +11,7 @@
   python -m ctxrq_jax.evaluate ablation --workdir=runs/demo/stage2 --out_dir=runs/demo/ablation
       the paper's Table 3, Table 4 and Fig. 4 sweeps on this run, in the same metrics: tables, ablation.md and PNGs
   python -m ctxrq_jax.evaluate fid --samples=samples.npz --reference=VIRTUAL_imagenet256_labeled.npz \
-      --inception=pt_inception-2015-12-05-6726825d.pth
+      --inception=pt_inception-2015-12-05-6726825d.pth --resize=adm_tf1
       Inception Score, FID, sFID, precision and recall as the ADM evaluator reports them; a table and a JSON file
   python -m ctxrq_jax.evaluate reference-stats --config=configs/rqvae_imagenet.py --split=validation \
       --inception=pt_inception-2015-12-05-6726825d.pth --out=imagenet256_val.npz

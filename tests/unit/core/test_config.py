@@ -2,6 +2,8 @@
 
 import json
 import os
+import pathlib
+import re
 
 import ml_collections
 import pytest
@@ -70,3 +72,24 @@ def test_absolute_paths_keep_urls_and_empty_values(tmp_path, monkeypatch):
   with config.unlocked():
     config.data.codes_dir = ""
   assert configlib.absolute_paths(config, "data", ("codes_dir",)).data.codes_dir == ""
+
+
+_ROOT = pathlib.Path(__file__).resolve().parents[3]
+
+
+def test_every_package_config_has_its_top_level_entry_point():
+  # README: "the top-level configs/ files are the user-facing entry points that load them".
+  names = sorted(p.stem for p in (_ROOT / "ctxrq_jax" / "configs").glob("*.py") if p.stem not in ("__init__", "common"))
+  assert "demo_text" in names
+  for name in names:
+    top = configlib.load_config_file(str(_ROOT / "configs" / f"{name}.py"))
+    assert top == configlib.load_config_file(name), name
+
+
+def test_every_configs_path_the_docs_name_exists():
+  # A `configs/NAME.py` in the docs, a docstring, a flag's help or an error message is a path a user will type.
+  sources = [_ROOT / "README.md", _ROOT / "launch" / "README.md", *(_ROOT / "docs").glob("*.md"),
+             *(_ROOT / "ctxrq_jax").rglob("*.py"), *(_ROOT / "colab").glob("*.ipynb")]
+  named = {m.group(1) for f in sources for m in re.finditer(r"(?<![\w/])configs/(\w+)\.py", f.read_text())}
+  assert {"demo", "demo_text", "imagenet"} <= named
+  assert sorted(n for n in named if not (_ROOT / "configs" / f"{n}.py").exists()) == []
