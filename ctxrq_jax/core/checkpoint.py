@@ -16,8 +16,9 @@ with a marker file written last. The manifest below is one object written after 
 
 Integrity: orbax's array files carry no checksums (garbage bytes in a data file restore silently as garbage
 values), so once a save has completed process 0 records the size and CRC-32 of every file of the step in the file
-`_checksums-<step>.json` beside the step directories (reading the step back: during the next periodic save, after
-a forced one has committed, so a preemption save never waits for it) (outside the step directory, which orbax finalised atomically;
+`_checksums-<step>.json` beside the step directories (reading the step back: while the next periodic save writes in
+the background, or in `wait` / `close`, so a preemption save never waits for it; a step that save drops by
+`max_to_keep` gets none) (outside the step directory, which orbax finalised atomically;
 a file, not a sub-directory, because on an object store orbax deletes every sub-directory without a commit marker as
 an unfinished save). Manifests of older runs in `_checksums/<step>.json` are still read. `restore` verifies them
 first; a step saved without a manifest (killed between finalising and checksumming) is restored unverified.
@@ -149,25 +150,28 @@ def _carried_iterator_state(data_dir: epath.Path) -> Optional[dict[str, Any]]:
   Every process's iterator is a strided slice of one global stream batched by B / P (`data.pipeline`), and all
   processes take the same number of batches, so a saved position {'next_index': k} is the global position k B for
   any process count: when every saved process holds that same plain position, it is this process's position too.
-  Anything else (positions that differ, a worker pool's richer state, files missing) raises ProcessCountMismatch.
+  Positions that differ or a worker pool's richer state raise ProcessCountMismatch; a set of files that is not one
+  complete save by another process count (this process's file lost, say) is a damaged step: IOError, and `restore`
+  tries the previous one.
   """
   index, count = jax.process_index(), jax.process_count()
   if (data_dir / f"process_{index}-of-{count}.json").exists():
     return None
   files = sorted(data_dir.glob("process_*-of-*.json"))
   saved_counts = {f.name[:-len(".json")].split("-of-")[-1] for f in files}
+  saved = int(next(iter(saved_counts))) if len(saved_counts) == 1 and next(iter(saved_counts)).isdigit() else None
+  if saved is None or saved == count or len(files) != saved:
+    raise IOError(f"missing data-iterator state process_{index}-of-{count}.json (the step holds "
+                  f"{[f.name for f in files]})")
   states = [json.loads(f.read_text()) for f in files]
-  if (len(saved_counts) == 1 and len(files) == int(next(iter(saved_counts)))
-      and all(state == states[0] for state in states) and isinstance(states[0], dict)
-      and set(states[0]) == {"next_index"}):
+  if all(state == states[0] for state in states) and isinstance(states[0], dict) and set(states[0]) == {"next_index"}:
     log.info("Checkpoint %s was saved by %d process(es); this run has %d: every process resumes at the saved "
              "position (%d batches into the global stream).", data_dir.parent, len(files), count,
              states[0]["next_index"])
     return states[0]
   raise ProcessCountMismatch(
-      f"checkpoint {data_dir.parent} holds the data-iterator positions of {sorted(saved_counts) or 'no'} "
-      f"process(es), not of process {index} of {count}, and they cannot be carried over (they differ, or are not a "
-      f"plain position); resume with the saved number of processes")
+      f"checkpoint {data_dir.parent} was saved by {saved} process(es), this run has {count}, and their data-iterator "
+      f"positions cannot be carried over (they differ, or are not a plain position); resume with {saved} processes")
 
 
 class Checkpointer:
@@ -256,6 +260,7 @@ class Checkpointer:
       self._pending = earlier
     else:
       self._write_manifests(earlier)
+      self._drop_stale_manifests()
     if saved:
       self._pending.append(step)
     return saved
@@ -291,15 +296,18 @@ class Checkpointer:
       return
     present = set(self._manager.all_steps())
     for step in steps:
-      if step not in present:
-        continue
-      try:
-        files = self._step_files(step)
-      except FileNotFoundError:
-        if (self._dir / str(step)).exists():
-          raise
-        continue  # removed by max_to_keep (a save finishing in the background) while it was being read
-      paths.write_json(self._dir / f"{_CHECKSUMS}-{step}.json", files)
+      if step in present:  # orbax drops the steps a save removes from its list before deleting them
+        paths.write_json(self._dir / f"{_CHECKSUMS}-{step}.json", self._step_files(step))
+
+  def _drop_stale_manifests(self) -> None:
+    """Process 0 deletes the manifests of steps orbax no longer lists (garbage-collected by max_to_keep)."""
+    if jax.process_index() != 0:
+      return
+    present = set(self._manager.all_steps())
+    for entry in self._dir.iterdir():
+      stem = entry.name[len(_CHECKSUMS) + 1:].split(".")[0]
+      if entry.name.startswith(f"{_CHECKSUMS}-") and stem.isdigit() and int(stem) not in present:
+        entry.unlink()
 
   def _finish_pending(self) -> None:
     """Waits for background saves, then (process 0) writes checksum manifests and drops stale ones."""
@@ -308,14 +316,7 @@ class Checkpointer:
     self._manager.wait_until_finished()
     pending, self._pending = self._pending, []
     self._write_manifests(pending)
-    if jax.process_index() != 0:
-      return
-    present = set(self._manager.all_steps())
-    for entry in self._dir.iterdir():
-      stem = entry.name[len(_CHECKSUMS) + 1:].split(".")[0]
-      if (entry.name.startswith(f"{_CHECKSUMS}-") and stem.isdigit()
-          and int(stem) not in present):  # The step was garbage-collected by max_to_keep.
-        entry.unlink()
+    self._drop_stale_manifests()
 
   def _manifest_problem(self, step: int) -> str:
     """What is wrong with `step`'s files against its manifest ('' when they match or it has no manifest)."""

@@ -91,7 +91,7 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
 
 
 def check_resumable(checkpointer: Any, target: Any, workdir: str) -> None:
-  """ConfigError when `workdir`'s latest checkpoint holds another state than this config makes (`target`, arrays or
+  """ConfigError when `workdir`'s newest readable checkpoint holds another state than this config makes (`target`, arrays or
   ShapeDtypeStructs): another structure (e.g. EMA or gradient clipping turned on or off), shape or dtype. Call it
   before the config snapshot is overwritten; a run without a checkpoint passes."""
   step = checkpointer.newest_readable_step()  # a damaged newer step is restore's to report and move aside

@@ -154,7 +154,7 @@ class CaptionTokenizer:
     True for the empty caption, and also for one the normalizer empties although `str.strip` keeps it: only control
     or format characters (\\x00, U+200B zero-width space, U+FEFF, ...), which it deletes, or a literal '[PAD]'.
     """
-    return (self.encode(captions) == PAD_ID).all(axis=1)
+    return _all_pad(self.encode(captions))
 
   def truncated(self, captions: Sequence[str]) -> np.ndarray:
     """bool [B]: whether each caption has more than L tokens (deterministic ids), so `encode` keeps its first L."""
@@ -171,7 +171,7 @@ class CaptionTokenizer:
     """
     prompts = list(prompts) if not isinstance(prompts, str) else prompts  # a single string: `encode` refuses it
     ids = self.encode(prompts)
-    null = np.flatnonzero((ids == PAD_ID).all(axis=1))
+    null = np.flatnonzero(_all_pad(ids))
     if null.size:
       raise ValueError(f"prompt {prompts[null[0]]!r} has no tokens (only spaces, control or zero-width characters, "
                        "or [PAD]): it would be the null condition, an unconditional sample; give it words")
@@ -191,6 +191,11 @@ class CaptionTokenizer:
   def empty(self, batch: int) -> np.ndarray:
     """The null condition: the ids of `batch` empty captions, int32 [batch, L] of [PAD]."""
     return np.full((batch, self.context_length), EMPTY_CAPTION_ID, np.int32)
+
+
+def _all_pad(ids: np.ndarray) -> np.ndarray:
+  """bool [B] of ids [B, L]: whether a row is all [PAD], the null condition."""
+  return (np.asarray(ids) == PAD_ID).all(axis=1)
 
 
 def read_captions(path: str) -> list[str]:

@@ -81,8 +81,9 @@ def load_artifact(directory: str | os.PathLike) -> tuple[RQVAE, dict[str, Any]]:
 
   Returns:
     (model, variables) with variables = {'params', 'quantizer'} as jax arrays. The model's convolutions and attention
-    run at 'highest' (float32) matmul precision: encoding, decoding and evaluation then follow the released float32
-    model on every backend (TPU's default is one bfloat16 pass, which moves the latents and so the codes).
+    run at 'highest' (float32) matmul precision: encoding, decoding and evaluation then give the same codes and pixels
+    on every backend, instead of depending on its default (one bfloat16 pass on a TPU, which moves the latents and
+    so the codes; TF32 on the A100s the official code ran on).
 
   Raises:
     FileNotFoundError / ValueError naming the path and what is missing or wrong.

@@ -390,10 +390,52 @@ def test_a_run_saved_by_more_processes_resumes_at_the_same_global_position(tmp_p
     np.testing.assert_array_equal(next(fresh)["codes"], want["codes"])
 
 
-@pytest.mark.parametrize("count, positions", [(2, [3, 4]), (2, [3])])
-def test_positions_that_cannot_be_carried_over_are_a_clear_error(tmp_path, count, positions):
-  make_it, _ = _save_as_processes(tmp_path, count, positions)
+def test_positions_that_cannot_be_carried_over_are_a_clear_error(tmp_path):
+  make_it, _ = _save_as_processes(tmp_path, 2, [3, 4])
   with checkpoint.Checkpointer(tmp_path / "ckpt", max_to_keep=2, save_interval_steps=1) as ckpt:
-    with pytest.raises(checkpoint.ProcessCountMismatch, match="resume with the saved number of processes"):
+    with pytest.raises(checkpoint.ProcessCountMismatch, match="saved by 2 process.*resume with 2 processes"):
       ckpt.restore(_state(0), data_iterator=make_it())
   assert _steps(tmp_path / "ckpt") == [3]  # nothing moved aside: the checkpoint is fine
+
+
+@pytest.mark.parametrize("kept", [[], ["process_0-of-2.json"]])
+def test_a_step_that_lost_its_data_state_falls_back_as_a_damaged_step(tmp_path, kept):
+  # This process's file is gone from a save by the same number of processes ([]), or a save by two processes lost
+  # one of its two files: not another layout to carry over, a damaged step; the previous one is restored.
+  make_it = _code_iterator(tmp_path)
+  with checkpoint.Checkpointer(tmp_path / "ckpt", max_to_keep=3, save_interval_steps=1) as ckpt:
+    for s in (2, 3):
+      ckpt.save(s, _state(s), data_iterator=_iterator_at(make_it, s))
+  expected = next(_iterator_at(make_it, 2))
+  data = tmp_path / "ckpt" / "3" / "data"
+  (data / "process_0-of-1.json").unlink()
+  for name in kept:
+    (data / name).write_text('{"next_index": 3}')
+  os.remove(tmp_path / "ckpt" / "_checksums-3.json")  # the manifest would catch the change itself
+  fresh = make_it()
+  with checkpoint.Checkpointer(tmp_path / "ckpt", max_to_keep=3, save_interval_steps=1) as ckpt:
+    restored, step = ckpt.restore(_state(0), data_iterator=fresh)
+  assert step == 2
+  helpers.assert_trees_equal(restored, _state(2))
+  np.testing.assert_array_equal(next(fresh)["codes"], expected["codes"])
+  assert _steps(tmp_path / "ckpt") == [2] and any(n.startswith("3.corrupt-") for n in os.listdir(tmp_path / "ckpt"))
+
+
+def _iterator_at(make_it, batches):
+  it = make_it()
+  for _ in range(batches):
+    next(it)
+  return it
+
+
+def test_manifests_of_steps_max_to_keep_dropped_are_removed_at_each_save(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=2, save_interval_steps=1)
+  for s in range(1, 6):
+    ckpt.save(s, _state(s))
+    ckpt._manager.wait_until_finished()
+    manifests = sorted(int(n[len("_checksums-"):-len(".json")]) for n in os.listdir(tmp_path)
+                       if n.startswith("_checksums-"))
+    assert set(manifests) <= set(_steps(tmp_path)) and manifests == ([] if s == 1 else [s - 1])
+  ckpt.close()
+  assert sorted(n for n in os.listdir(tmp_path) if n.startswith("_checksums-")) == ["_checksums-4.json",
+                                                                                     "_checksums-5.json"]
