@@ -367,12 +367,17 @@ class Checkpointer:
       items = {_STATE: ocp.args.StandardRestore(abstract)}
     step_dir = self._dir / str(step)
     has_data = (step_dir / _DATA).is_dir()
-    carried = None
+    carried = damaged = None
     if data_iterator is not None and has_data:
-      carried = _carried_iterator_state(step_dir / _DATA)
-      if carried is None:
+      try:
+        carried = _carried_iterator_state(step_dir / _DATA)
+      except IOError as e:  # raised after the restore below, which every process runs, as grain's handler would
+        damaged = e
+      if carried is None and damaged is None:
         items[_DATA] = grain_checkpoint.CheckpointRestore(data_iterator)
     out = self._manager.restore(step, args=ocp.args.Composite(**items))
+    if damaged is not None:
+      raise damaged
     if carried is not None:
       data_iterator.set_state(carried)
       if hasattr(data_iterator, "start_prefetch"):  # as grain's handler does after set_state
