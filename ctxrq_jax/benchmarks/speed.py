@@ -16,10 +16,10 @@ model FLOPs per sample each implies. Both draw the same random numbers and retur
 whether they did. With `official_src` (a checkout of kakaobrain/rq-vae-transformer) it also times the official
 PyTorch RQ-Transformer sampler (causal, KV cache) at the same dims in the same run (`official.py`).
 
-FLOPs come from XLA's cost analysis of the lowered programs (nothing is compiled for it) of one spatial pass and of
-the D cached depth steps plus output heads at the shapes each sampler uses (loop-free programs, so the count is
-exact), multiplied by the number of passes: the whole decode is a while loop, which the cost analysis would count
-once. Sampling arithmetic (softmax, CDF) is not counted.
+FLOPs come from XLA's cost analysis of the lowered programs (lowered for the host CPU whatever the device, nothing
+compiled for it) of one spatial pass and of the D cached depth steps plus output heads at the shapes each sampler
+uses (loop-free programs, so the count is exact), multiplied by the number of passes: the whole decode is a while
+loop, which the cost analysis would count once. Sampling arithmetic (softmax, CDF) is not counted.
 
 Rates. `model_probe` times jitted [M, K] x [K, N] matmuls at the model's shapes (the spatial MLP's two and the output
 head's) in the same run and keeps the best: "probe" is what this machine's matmul reaches, "floor" = model FLOPs / probe
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+import traceback
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -48,24 +49,47 @@ from ctxrq_jax.sampling import decoder
 from ctxrq_jax.sampling import logits
 from ctxrq_jax.sampling import reference as reference_decoder
 
-def _flops(fn: Callable[..., Any], *args: Any) -> float:
-  """XLA's FLOP count of `fn` at `args`, from the lowered program (no compile) where the backend allows it."""
-  lowered = jax.jit(fn).lower(*args)
+def _host_device() -> Any:
+  """The host CPU device, where XLA's cost analysis of a lowered program works on every JAX install (on a GPU, whose
+  PJRT plugin does not offer it, the count would need a compile); None if JAX_PLATFORMS leaves the CPU out."""
   try:
-    cost = lowered.cost_analysis()
-  except Exception:  # pylint: disable=broad-except - fall back to the compiled program's count
+    return jax.devices('cpu')[0]
+  except RuntimeError:
+    return None
+
+
+def _flops(fn: Callable[..., Any], *args: Any) -> float:
+  """XLA's FLOP count of `fn` at the shapes of `args`, from the lowered program (before XLA's optimisations), nan if
+  the backend cannot count it. Nothing is compiled or allocated.
+
+  The program is lowered for the host CPU (abstract arguments placed there) whatever backend runs the benchmark: the
+  count is the same program's, and CPU, GPU and TPU figures are then counted the same way. (A compiled program's
+  count is not used: on a GPU it scores each matmul that XLA hands to cuBLAS as -1 FLOP.)
+  """
+  host = _host_device()
+  place = jax.sharding.SingleDeviceSharding(host) if host is not None else None
+  specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=place), args)
+  try:
+    cost = jax.jit(fn).lower(*specs).cost_analysis()
+  except Exception:  # pylint: disable=broad-except - a backend without cost analysis: no count
     cost = None
-  return _cost_flops(cost) if cost else compiled_flops(lowered.compile())
+  return _cost_flops(cost)
 
 
 def _cost_flops(cost: Any) -> float:
-  if isinstance(cost, (list, tuple)):  # older jax returns one dict per program
+  """The 'flops' of a cost analysis (a dict, or a list of one per program in older JAX); nan when missing or not
+  positive (XLA's GPU count of a program made of library calls)."""
+  if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
-  return float(cost.get('flops', math.nan)) if cost else math.nan
+  flops = float(cost.get('flops', math.nan)) if cost else math.nan
+  return flops if flops > 0 else math.nan
 
 
 def compiled_flops(compiled: Any) -> float:
-  """XLA's FLOP count of a compiled program (after XLA's optimisations, dead code removed); nan if unknown."""
+  """XLA's FLOP count of a compiled program (after XLA's optimisations, dead code removed); nan if unknown, and on a
+  GPU, where the count leaves out every matmul and convolution XLA hands to cuBLAS / cuDNN (scored -1 each)."""
+  if jax.default_backend() == 'gpu':
+    return math.nan
   return _cost_flops(compiled.cost_analysis())
 
 
@@ -221,18 +245,20 @@ def bench_sample(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: 
                  repeats: int, reference: bool, seed: int, probe: bool = True,
                  official_src: Optional[str] = None, official_repeats: int = 1,
                  log: Callable[[str], None] = lambda _: None,
-                 flops_memo: Optional[dict[Any, Any]] = None) -> list[dict[str, Any]]:
+                 flops_memo: Optional[dict[Any, Any]] = None,
+                 parts: Optional[tuple[Any, Any, jax.Array]] = None) -> list[dict[str, Any]]:
   """Times the samplers for each T_draft; returns one row (dict) per setting.
 
   Every time is the fastest of `repeats` calls after a warm-up (this machine may be shared).
   Row keys: t_draft; fast_s (s/sample), fast_flops (model FLOPs/sample); with `reference` ref_s, ref_flops,
   same_codes; with `probe` probe_flops (FLOP/s of `model_probe`, the best of one measurement before and one after
   the timings); with `official_src` official_s (s/sample of the official PyTorch sampler, the fastest of one
-  measurement before and one after ours) and official_flops (`autoregressive_flops`); 'skipped' when T > N. `flops_memo` (see `decode_flops`) may be shared
-  by calls on the same config.
+  measurement before and one after ours) and official_flops (`autoregressive_flops`); 'skipped' when T > N.
+  `flops_memo` (see `decode_flops`) may be shared by calls on the same config, and `parts` = `random_model(config,
+  seed)` built once (an 821M model takes a while to initialise).
   """
   flops_memo = {} if flops_memo is None else flops_memo
-  model, variables, codebook = random_model(config, seed)
+  model, variables, codebook = parts if parts is not None else random_model(config, seed)
   params = variables['params']
   key = jax.random.key(seed)
   draft = logits.PhaseSettings.from_config(config.sample.draft)
@@ -281,25 +307,39 @@ def bench_sample(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: 
   return rows
 
 
+def _cell(value: float, width: int, digits: int) -> str:
+  """`value` right-aligned in `width` with `digits` decimals; 'n/a' when it is not finite (a FLOP count the backend
+  could not give)."""
+  return f'{value:>{width}.{digits}f}' if math.isfinite(value) else f"{'n/a':>{width}}"
+
+
+def _percent(value: float, width: int) -> str:
+  """`value` as 'x.y%' right-aligned in `width`, or 'n/a'."""
+  return f'{value:>{width - 1}.1f}%' if math.isfinite(value) else f"{'n/a':>{width}}"
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
   """Plain-text table of `bench_sample` rows (columns whose data was not measured are left out)."""
   has = lambda k: any(k in r for r in rows)  # noqa: E731
   cols = [('T_draft', 7, lambda r: f"{r['t_draft']:>7}"),
           ('s/sample', 9, lambda r: f"{r['fast_s']:>9.4f}"),
-          ('GFLOP/sample', 12, lambda r: f"{r['fast_flops'] / 1e9:>12.2f}"),
-          ('GFLOP/s', 7, lambda r: f"{r['fast_flops'] / r['fast_s'] / 1e9:>7.1f}")]
+          ('GFLOP/sample', 12, lambda r: _cell(r['fast_flops'] / 1e9, 12, 2)),
+          ('GFLOP/s', 7, lambda r: _cell(r['fast_flops'] / r['fast_s'] / 1e9, 7, 1))]
+  if has('decode_s'):
+    cols += [('+ decode s', 10, lambda r: f"{r['decode_s']:>10.4f}"),
+             ('total s', 8, lambda r: f"{r['fast_s'] + r['decode_s']:>8.4f}")]
   if has('probe_flops'):
-    cols += [('% probe', 7, lambda r: f"{100 * r['fast_flops'] / r['fast_s'] / r['probe_flops']:>7.1f}"),
-             ('floor s', 8, lambda r: f"{r['fast_flops'] / r['probe_flops']:>8.4f}"),
-             ('/ floor', 7, lambda r: f"{r['fast_s'] * r['probe_flops'] / r['fast_flops']:>7.2f}")]
+    cols += [('% probe', 7, lambda r: _cell(100 * r['fast_flops'] / r['fast_s'] / r['probe_flops'], 7, 1)),
+             ('floor s', 8, lambda r: _cell(r['fast_flops'] / r['probe_flops'], 8, 4)),
+             ('/ floor', 7, lambda r: _cell(r['fast_s'] * r['probe_flops'] / r['fast_flops'], 7, 2))]
   if has('ref_s'):
     cols += [('ref s/sample', 12, lambda r: f"{r['ref_s']:>12.4f}"),
-             ('ref GFLOP', 9, lambda r: f"{r['ref_flops'] / 1e9:>9.2f}"),
+             ('ref GFLOP', 9, lambda r: _cell(r['ref_flops'] / 1e9, 9, 2)),
              ('vs ref', 6, lambda r: f"{r['ref_s'] / r['fast_s']:>6.2f}"),
              ('same codes', 10, lambda r: f"{str(r['same_codes']):>10}")]
   if has('official_s'):
     cols += [('official s', 10, lambda r: f"{r['official_s']:>10.4f}"),
-             ('off. GFLOP', 10, lambda r: f"{r['official_flops'] / 1e9:>10.2f}"),
+             ('off. GFLOP', 10, lambda r: _cell(r['official_flops'] / 1e9, 10, 2)),
              ('vs official', 11, lambda r: f"{r['official_s'] / r['fast_s']:>11.2f}")]
   head = '  '.join(f'{name:>{width}}' for name, width, _ in cols)
   lines = [head, '-' * len(head)]
@@ -336,12 +376,15 @@ class DoesNotFit(MemoryError):
 
 
 def device_memory_limit(device: Any = None) -> Optional[float]:
-  """Bytes the device lets XLA allocate (`memory_stats()['bytes_limit']`), None where unknown (CPU)."""
+  """Bytes the device can still give XLA: its allocator's limit (`memory_stats()['bytes_limit']`, JAX's default 75%
+  of a GPU's memory) less what is in use; None where unknown (CPU)."""
   try:
     stats = (device or jax.devices()[0]).memory_stats()
   except Exception:  # pylint: disable=broad-except
     return None
-  return float(stats['bytes_limit']) if stats and 'bytes_limit' in stats else None
+  if not stats or 'bytes_limit' not in stats:
+    return None
+  return float(stats['bytes_limit']) - float(stats.get('bytes_in_use', 0))
 
 
 def bench_train(config: Any, *, batch: int, repeats: int, seed: int, probe: bool = True,
@@ -436,15 +479,16 @@ def format_train(result: dict[str, Any], official: Optional[dict[str, Any]] = No
            f"{'MFU probe':>9}  {'MFU peak':>8}"]
   lines.append('-' * len(lines[0]))
   rate = r['model_flops'] / r['step_s']
-  mfu_probe = f"{100 * rate / r['probe_flops']:>8.1f}%" if r.get('probe_flops') else f"{'-':>9}"
-  mfu_peak = f"{100 * rate / r['peak_flops']:>7.1f}%" if r.get('peak_flops') else f"{'-':>8}"
-  lines.append(f"{'ctxrq_jax':>12}  {r['batch']:>5}  {r['step_s']:>8.4f}  {r['model_flops'] / 1e9:>11.1f}  "
-               f"{r['xla_flops'] / 1e9:>9.1f}  {rate / 1e9:>8.1f}  {mfu_probe}  {mfu_peak}")
+  mfu_probe = _percent(100 * rate / r['probe_flops'], 9) if r.get('probe_flops') else f"{'-':>9}"
+  mfu_peak = _percent(100 * rate / r['peak_flops'], 8) if r.get('peak_flops') else f"{'-':>8}"
+  lines.append(f"{'ctxrq_jax':>12}  {r['batch']:>5}  {r['step_s']:>8.4f}  {_cell(r['model_flops'] / 1e9, 11, 1)}  "
+               f"{_cell(r['xla_flops'] / 1e9, 9, 1)}  {_cell(rate / 1e9, 8, 1)}  {mfu_probe}  {mfu_peak}")
   if official:
     o_rate = official['model_flops'] / official['step_s']
-    o_probe = f"{100 * o_rate / r['probe_flops']:>8.1f}%" if r.get('probe_flops') else f"{'-':>9}"
+    o_probe = _percent(100 * o_rate / r['probe_flops'], 9) if r.get('probe_flops') else f"{'-':>9}"
     lines.append(f"{'official':>12}  {official['batch']:>5}  {official['step_s']:>8.4f}  "
-                 f"{official['model_flops'] / 1e9:>11.1f}  {'-':>9}  {o_rate / 1e9:>8.1f}  {o_probe}  {'-':>8}")
+                 f"{_cell(official['model_flops'] / 1e9, 11, 1)}  {'-':>9}  {_cell(o_rate / 1e9, 8, 1)}  {o_probe}  "
+                 f"{'-':>8}")
     lines.append(f"official / ctxrq_jax step time: {official['step_s'] / r['step_s']:.2f}")
   if r.get('probe_flops'):
     lines.append(f"matmul probe (same run, best of the model MLP and head shapes at this batch): "
@@ -455,110 +499,185 @@ def format_train(result: dict[str, Any], official: Optional[dict[str, Any]] = No
 
 
 def precision_check(config: Any, *, batch: int, t_draft: int, seed: int) -> dict[str, Any]:
-  """The sampler in bfloat16 against float32 on one config (same weights, same keys).
+  """The sampler in bfloat16 against float32 on one config (same weights, same keys). The float32 side runs at
+  'highest' matmul precision (a GPU's default for float32 matmuls is TF32, a TPU's one bfloat16 pass).
 
   Returns max_rel_logit_err (max |logits_bf16 - logits_fp32| / max |logits_fp32| of one training forward pass at
   random codes), greedy_agree (fraction of codes equal in a greedy draft with T_draft steps: greedy decoding has no
   noise, so only precision can make them differ), sampled_ok (bf16 sampling with the config's settings returned codes
   in [0, K)) and finite (no NaN / inf in the bf16 logits).
   """
+  with jax.default_matmul_precision('highest'):
+    ref, ref_codes, _ = _precision_run(config, 'float32', batch=batch, t_draft=t_draft, seed=seed)
+  low, low_codes, sampled_ok = _precision_run(config, 'bfloat16', batch=batch, t_draft=t_draft, seed=seed)
+  return {'sampled_ok': sampled_ok, 'finite': bool(np.isfinite(low).all()),
+          'max_rel_logit_err': float(np.abs(low - ref).max() / max(np.abs(ref).max(), 1e-30)),
+          'greedy_agree': float((ref_codes == low_codes).mean())}
+
+
+def _precision_run(config: Any, dtype: str, *, batch: int, t_draft: int,
+                   seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
+  """One side of `precision_check`, the model in `dtype`: (logits of a forward pass at random codes and masks
+  [B, N, D, K], codes of a greedy draft [B, N, D], whether sampling with the config's settings gave codes in
+  [0, K))."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  results = {}
-  codes_by_dtype = {}
-  logits_by_dtype = {}
-  for dtype in ('float32', 'bfloat16'):
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.model.dtype = dtype
-    model, variables, codebook = random_model(c, seed)
-    codes, mask, cond, _ = transformer.init_inputs(model, batch)
-    key = jax.random.key(seed + 1)
-    codes = jax.random.randint(key, codes.shape, 0, model.vocab_size)
-    mask = jax.random.bernoulli(jax.random.fold_in(key, 1), 0.5, mask.shape)
-    logits_by_dtype[dtype] = np.asarray(jax.jit(model.apply)(variables, codes, mask, cond, codebook))
-    greedy = logits.PhaseSettings(temperature=0.0)
-    cond = random_conditions(model, jax.random.fold_in(key, 2), batch)
-    codes_by_dtype[dtype] = np.asarray(decoder.draft_and_revise(
-        model, variables['params'], codebook, cond, jax.random.fold_in(key, 3), t_draft=t_draft, t_revise=1,
-        num_revisions=0, draft=greedy, revise=greedy))
-    if dtype == 'bfloat16':
-      sampled = np.asarray(decoder.draft_and_revise(
-          model, variables['params'], codebook, cond, jax.random.fold_in(key, 4), t_draft=t_draft,
-          t_revise=int(config.sample.T_revise), num_revisions=int(config.sample.M),
-          draft=logits.PhaseSettings.from_config(config.sample.draft),
-          revise=logits.PhaseSettings.from_config(config.sample.revise)))
-      results['sampled_ok'] = bool(sampled.min() >= 0 and sampled.max() < model.vocab_size)
-  ref, low = logits_by_dtype['float32'], logits_by_dtype['bfloat16']
-  results['finite'] = bool(np.isfinite(low).all())
-  results['max_rel_logit_err'] = float(np.abs(low - ref).max() / max(np.abs(ref).max(), 1e-30))
-  results['greedy_agree'] = float((codes_by_dtype['float32'] == codes_by_dtype['bfloat16']).mean())
-  return results
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.model.dtype = dtype
+  model, variables, codebook = random_model(c, seed)
+  codes, mask, cond, _ = transformer.init_inputs(model, batch)
+  key = jax.random.key(seed + 1)
+  codes = jax.random.randint(key, codes.shape, 0, model.vocab_size)
+  mask = jax.random.bernoulli(jax.random.fold_in(key, 1), 0.5, mask.shape)
+  out = np.asarray(jax.jit(model.apply)(variables, codes, mask, cond, codebook))
+  greedy = logits.PhaseSettings(temperature=0.0)
+  cond = random_conditions(model, jax.random.fold_in(key, 2), batch)
+  greedy_codes = np.asarray(decoder.draft_and_revise(
+      model, variables['params'], codebook, cond, jax.random.fold_in(key, 3), t_draft=t_draft, t_revise=1,
+      num_revisions=0, draft=greedy, revise=greedy))
+  sampled = np.asarray(decoder.draft_and_revise(
+      model, variables['params'], codebook, cond, jax.random.fold_in(key, 4), t_draft=t_draft,
+      t_revise=int(config.sample.T_revise), num_revisions=int(config.sample.M),
+      draft=logits.PhaseSettings.from_config(config.sample.draft),
+      revise=logits.PhaseSettings.from_config(config.sample.revise)))
+  return out, greedy_codes, bool(sampled.min() >= 0 and sampled.max() < model.vocab_size)
+
+
+def bench_decode(rqvae_config: Any, *, batch: int, repeats: int, seed: int) -> dict[str, Any]:
+  """Seconds per sample to turn codes into uint8 pixels on the host, as `sample` does (`models.artifact.CodeDecoder`:
+  a loaded RQ-VAE, its convolutions at 'highest' precision, `batch` stacks per call), with random weights and codes.
+
+  The official throughput script times the same step after the sampler (`decode_code`, one sample at a time) and
+  reports ms/sample = sampler + decode. Returns {'batch', 'decode_s' (s/sample), 'code_shape', 'resolution'}.
+  """
+  from ctxrq_jax.models import artifact  # pylint: disable=g-import-not-at-top
+  model = rqvae.RQVAE.from_config(rqvae_config.model).clone(precision='highest')
+  key = jax.random.key(seed)
+  variables = jax.jit(lambda k: rqvae.init_variables(model, k))(jax.random.fold_in(key, 1))
+  codes = np.asarray(jax.random.randint(jax.random.fold_in(key, 2), (batch, *model.code_shape), 0,
+                                        model.codebook_size, jnp.int32))
+  code_decoder = artifact.CodeDecoder((model, variables), batch_size=batch)
+  seconds = _time(lambda _: code_decoder.images(codes, uint8=True), repeats)
+  return {'batch': batch, 'decode_s': seconds / batch, 'code_shape': model.code_shape,
+          'resolution': model.resolution}
 
 
 def bench_device(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: int, num_revisions: int,
-                 train_batches: Sequence[int], check_config: Any, check_batch: int, deadline_s: float, seed: int,
-                 memory_limit: Optional[float] = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-  """The accelerator checks, each printed as soon as it is done and skipped once `deadline_s` seconds have passed:
+                 train_batches: Sequence[int], check_config: Any, check_batch: int, rqvae_config: Any,
+                 deadline_s: float, seed: int, memory_limit: Optional[float] = None,
+                 log: Callable[[str], None] = print, started: Optional[float] = None,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+  """The accelerator checks, each printed as soon as it is done:
 
-  0. `precision_check` on `check_config` (the tiny config), seconds;
-  1. the Table 4 protocol on `config` (bf16 for 821m): s/sample for each T_draft (T_revise, M, batch 100);
+  0. `precision_check` on `check_config` (the tiny config);
+  1. the Table 4 protocol on `config` (bf16 for 821m): s/sample of the codes for each T_draft (T_revise, M, batch
+     100), then (1b) s/sample of decoding them to pixels with `rqvae_config`'s RQ-VAE (`bench_decode`), which the
+     official protocol adds;
   2. one training step at the largest of `train_batches` that fits (tried in decreasing order; a batch fits when
-     XLA's memory estimate is within `memory_limit`, default the device's limit, and it runs): time and MFU.
-  Run in the order 0, 1 (first T_draft), 2, 1 (the other T_drafts).
-  Returns {'sample': rows, 'train': result or None, 'precision': result, 'skipped': [names]}.
+     XLA's memory estimate is within `memory_limit`, default what the device has free, and it runs): time and MFU.
+  Run in the order 0, 1 (first T_draft), 1b, 2, 1 (the other T_drafts). A check that raises is logged with its
+  traceback and listed in 'failed' (a training batch that fails for any reason gives way to the next smaller one);
+  the others still run. `deadline_s` counts from `started` (a `clock()` reading, default now, e.g. the process's
+  start): a check is skipped when the time left is below 1.2x what the previous check of its kind took (or none is
+  left), so that a run under `timeout` ends with its tables.
+  Returns {'sample': rows, 'decode': result or None, 'train': result or None, 'precision': result or None,
+  'skipped': [names], 'failed': [names]}.
   """
-  start = time.perf_counter()
-  memo: dict[Any, Any] = {}
-  left = lambda: deadline_s - (time.perf_counter() - start)  # noqa: E731
+  start = clock() if started is None else started
+  now = lambda: clock() - start  # noqa: E731
   device = jax.devices()[0]
   log(f'device: {device.platform} {getattr(device, "device_kind", "")} x{jax.device_count()}; '
       f'model {config.model.width}w {config.model.spatial_layers}/{config.model.depth_layers} layers, '
       f'dtype {config.model.dtype}; deadline {deadline_s:.0f} s')
-  out: dict[str, Any] = {'sample': [], 'train': None, 'precision': None, 'skipped': []}
-  # 0 first: seconds, and it tells whether bf16 sampling is sound before the long runs.
-  out['precision'] = precision_check(check_config, batch=check_batch, t_draft=int(check_config.sample.T_draft),
-                                     seed=seed)
-  log(f"[{time.perf_counter() - start:6.1f} s] bf16 vs fp32 sampler (tiny config): " + ', '.join(
-      f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in out['precision'].items()))
+  out: dict[str, Any] = {'sample': [], 'decode': None, 'train': None, 'precision': None, 'skipped': [],
+                         'failed': []}
+  took: dict[str, float] = {}  # seconds the last check of each kind took
+
+  def attempt(kind: str, name: str, fn: Callable[[], Any]) -> tuple[bool, Any]:
+    """(whether `fn` ran without an exception, its result): skipped (listed) when the time left is short; an
+    exception is logged with its traceback and listed as failed."""
+    left = deadline_s - now()
+    if left <= 0 or left < 1.2 * took.get(kind, 0.0):
+      out['skipped'].append(name)
+      log(f'[{now():6.1f} s] {name}: skipped, {max(left, 0.0):.0f} s left before the deadline')
+      return False, None
+    begin = clock()
+    try:
+      return True, fn()
+    except Exception as err:  # pylint: disable=broad-except - one failed check must not cost the others
+      if kind == 'train' and _is_out_of_memory(err):  # the next smaller batch is tried
+        log(f'[{now():6.1f} s] {name}: out of memory ({str(err).splitlines()[0][:200] if str(err) else ""})')
+      else:
+        out['failed'].append(name)
+        log(f'[{now():6.1f} s] {name}: failed, {type(err).__name__}: '
+            f'{str(err).splitlines()[0][:300] if str(err) else ""}\n{traceback.format_exc()}')
+      return False, err
+    finally:
+      took[kind] = clock() - begin
+
+  # 0 first: it tells whether bf16 sampling is sound before the long runs.
+  ok, result = attempt('precision', 'bf16 vs fp32 check', lambda: precision_check(
+      check_config, batch=check_batch, t_draft=int(check_config.sample.T_draft), seed=seed))
+  if ok:
+    out['precision'] = result
+    log(f"[{now():6.1f} s] bf16 vs fp32 sampler (tiny config): " + ', '.join(
+        f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in result.items()))
+  parts: list[Any] = []  # the benchmarked model, built once by the first sample check
+  memo: dict[Any, Any] = {}  # FLOP counts by shape (`decode_flops`)
+
+  def sample_rows(t_draft: int) -> list[dict[str, Any]]:
+    if not parts:
+      parts.append(random_model(config, seed))
+    return bench_sample(config, batch=batch, t_drafts=[t_draft], t_revise=t_revise, num_revisions=num_revisions,
+                        repeats=1, reference=False, seed=seed, probe=False, flops_memo=memo, parts=parts[0])
 
   def sample(t_draft: int) -> None:
-    if left() <= 0:
-      out['skipped'].append(f'sample T_draft={t_draft}')
+    ok, rows = attempt('sample', f'sample T_draft={t_draft}', lambda: sample_rows(t_draft))
+    if not ok:
       return
-    rows = bench_sample(config, batch=batch, t_drafts=[t_draft], t_revise=t_revise, num_revisions=num_revisions,
-                        repeats=1, reference=False, seed=seed, probe=False, flops_memo=memo)
     out['sample'] += rows
-    log(f"[{time.perf_counter() - start:6.1f} s] sample T_draft={t_draft}: " + (
-        f"{rows[0]['fast_s']:.4f} s/sample, {rows[0]['fast_flops'] / 1e9:.1f} GFLOP/sample"
-        if 'fast_s' in rows[0] else rows[0].get('skipped', '')))
+    row = rows[0]
+    log(f"[{now():6.1f} s] sample T_draft={t_draft}: " + (
+        f"{row['fast_s']:.4f} s/sample (codes), {_cell(row['fast_flops'] / 1e9, 0, 1).strip()} GFLOP/sample"
+        if 'fast_s' in row else row.get('skipped', '')))
+
+  def decode() -> None:
+    ok, result = attempt('decode', f'RQ-VAE decode batch {batch}', lambda: bench_decode(
+        rqvae_config, batch=batch, repeats=1, seed=seed))
+    if ok:
+      out['decode'] = result
+      log(f"[{now():6.1f} s] RQ-VAE decode to uint8 pixels, batch {batch}, {result['resolution']}px from codes "
+          f"{'x'.join(map(str, result['code_shape']))}: {result['decode_s']:.4f} s/sample")
 
   def train() -> None:
+    limit = device_memory_limit() if memory_limit is None else memory_limit
     for b in sorted(train_batches, reverse=True):
-      if left() <= 0:
-        out['skipped'].append(f'train batch {b}')
-        return
-      try:
-        result = bench_train(config, batch=b, repeats=2, seed=seed, probe=True,
-                             memory_limit=device_memory_limit() if memory_limit is None else memory_limit)
-      except Exception as err:  # pylint: disable=broad-except
-        if not _is_out_of_memory(err):
-          raise
-        log(f'[{time.perf_counter() - start:6.1f} s] train batch {b}: out of memory '
-            f'({str(err).splitlines()[0][:200]})')
+      ok, result = attempt('train', f'train batch {b}', lambda b=b: bench_train(
+          config, batch=b, repeats=2, seed=seed, probe=True, memory_limit=limit))
+      if not ok:
+        if f'train batch {b}' in out['skipped']:
+          return
         continue
       out['train'] = result
       rate = result['model_flops'] / result['step_s']
       peak = result['peak_flops']
-      log(f"[{time.perf_counter() - start:6.1f} s] train step batch {b}: {result['step_s']:.4f} s, "
-          f"{rate / 1e12:.3f} TFLOP/s model, MFU {100 * rate / result['probe_flops']:.1f}% of the probe"
-          + (f', {100 * rate / peak:.1f}% of the {peak / 1e12:.0f} TFLOP/s peak' if peak else ''))
+      log(f"[{now():6.1f} s] train step batch {b}: {result['step_s']:.4f} s, "
+          f"{_cell(rate / 1e12, 0, 3).strip()} TFLOP/s model, MFU "
+          f"{_percent(100 * rate / result['probe_flops'], 0).strip()} of the probe"
+          + (f", {_percent(100 * rate / peak, 0).strip()} of the {peak / 1e12:.0f} TFLOP/s peak" if peak else ''))
       return
 
-  # The first T_draft, then the training step, then the other T_drafts: a deadline cuts the least informative part.
+  # The first T_draft, the decode, the training step, then the other T_drafts: a deadline cuts the least informative
+  # part.
   if t_drafts:
     sample(t_drafts[0])
+  decode()
   train()
   for t_draft in t_drafts[1:]:
     sample(t_draft)
+  if out['decode']:
+    for row in out['sample']:
+      if 'fast_s' in row:
+        row['decode_s'] = out['decode']['decode_s']
   return out
 
 

@@ -7,8 +7,11 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
+from ctxrq_jax.benchmarks import speed
+from ctxrq_jax.core import config as configlib
 from tests import helpers
 
 # One worker runs the bench tests in file order, so bench/device.sh's child finds test_bench_speed's programs in the
@@ -33,7 +36,7 @@ def test_device_script_on_cpu_with_the_tiny_config(tmp_path):
       ["bash", str(ROOT / "bench" / "device.sh"), "--config=configs/imagenet.py:tiny",
        *(f"--config.{o}" for o in small), "--check_config=configs/imagenet.py:tiny",
        *(f"--check_config.{o}" for o in small), "--batch_size=2", "--t_draft=4,32", "--num_revisions=1",
-       "--train_batches=4096,4", "--memory_limit_gb=0.05", "--check_batch=2"],
+       "--train_batches=4096,4", "--memory_limit_gb=0.05", "--check_batch=2", "--rqvae_config=configs/rqvae_mnist.py"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   out = proc.stdout + proc.stderr
   assert proc.returncode == 0, out
@@ -42,6 +45,87 @@ def test_device_script_on_cpu_with_the_tiny_config(tmp_path):
   # The first training batch cannot be allocated: the next one is timed.
   assert "train batch 4096: out of memory" in out and "train step batch 4:" in out, out
   assert "MFU probe" in out and "s/sample" in out, out
+  # The decode to pixels, timed once and added to the codes' time in the table.
+  assert "RQ-VAE decode to uint8 pixels, batch 2, 32px from codes 8x8x4:" in out and "total s" in out, out
+  assert "failed" not in out and "Traceback" not in out, out
+
+
+def _fake_checks(monkeypatch, clock=None, sample_s=0.0, train_error=None):
+  """bench_device's checks replaced by fakes that take `sample_s` on `clock` (a one-item list) per sample check; the
+  first training batch raises `train_error` when given."""
+  def advance(seconds):
+    if clock is not None:
+      clock[0] += seconds
+
+  def bench_sample(config, *, t_drafts, parts, **_):
+    advance(sample_s)
+    return [{"t_draft": t, "fast_s": 0.01 * t, "fast_flops": 1e9} for t in t_drafts]
+
+  def bench_train(config, *, batch, **_):
+    if train_error is not None and batch == 8:
+      raise train_error
+    return {"batch": batch, "step_s": 0.5, "model_flops": 1e12, "all_positions_flops": 1e12, "xla_flops": 2e12,
+            "probe_flops": 4e12, "peak_flops": None, "mask_group": 1, "steps_per_call": 1, "memory_bytes": 1.0,
+            "loss": 1.0}
+
+  monkeypatch.setattr(speed, "precision_check", lambda *a, **k: {"sampled_ok": True, "finite": True})
+  monkeypatch.setattr(speed, "random_model", lambda config, seed: ("model", "variables", "codebook"))
+  monkeypatch.setattr(speed, "bench_sample", bench_sample)
+  monkeypatch.setattr(speed, "bench_decode", lambda *a, batch, **k: {"batch": batch, "decode_s": 0.002,
+                                                                       "code_shape": (8, 8, 4), "resolution": 256})
+  monkeypatch.setattr(speed, "bench_train", bench_train)
+
+
+def _device(clock=None, deadline_s=400.0):
+  tiny = configlib.load_config_file("imagenet", "tiny")
+  lines = []
+  out = speed.bench_device(tiny, batch=4, t_drafts=[8, 32, 64], t_revise=2, num_revisions=2, train_batches=[4, 8],
+                           check_config=tiny, check_batch=2, rqvae_config=None, deadline_s=deadline_s, seed=0,
+                           log=lines.append, **({"clock": lambda: clock[0]} if clock is not None else {}))
+  return out, "\n".join(lines)
+
+
+def test_bench_device_goes_on_after_a_check_fails(monkeypatch):
+  _fake_checks(monkeypatch, train_error=RuntimeError("INTERNAL: boom\nmore of the XLA message"))
+  out, log = _device()
+  # The failed batch is logged with its traceback and listed; the next smaller batch and the later checks run.
+  assert out["failed"] == ["train batch 8"] and out["skipped"] == []
+  assert "train batch 8: failed, RuntimeError: INTERNAL: boom\nTraceback (most recent call last)" in log, log
+  assert out["train"]["batch"] == 4
+  assert [r["t_draft"] for r in out["sample"]] == [8, 32, 64]
+  assert all(r["decode_s"] == 0.002 for r in out["sample"])  # the decode goes into every row's total
+  table = speed.format_table(out["sample"])
+  assert "total s" in table and "0.0820" in table  # 0.08 s/sample for the codes at T_draft 8 + 0.002
+
+
+def test_bench_device_skips_a_check_the_deadline_leaves_too_little_time_for(monkeypatch):
+  clock = [0.0]
+  _fake_checks(monkeypatch, clock=clock, sample_s=100.0)
+  out, log = _device(clock=clock, deadline_s=250.0)
+  # T_draft 8 ends at 100 s, T_draft 32 (150 s left >= 1.2 x 100) at 200 s; T_draft 64 would need 120 of the 50 left.
+  assert [r["t_draft"] for r in out["sample"]] == [8, 32]
+  assert out["skipped"] == ["sample T_draft=64"] and out["failed"] == []
+  assert "sample T_draft=64: skipped, 50 s left before the deadline" in log, log
+
+
+def test_flop_counts_compile_nothing_and_say_na_where_the_backend_cannot_count(monkeypatch):
+  import jax.stages  # pylint: disable=g-import-not-at-top
+  tiny = configlib.load_config_file("imagenet", "tiny")
+  with tiny.unlocked():
+    tiny.model.spatial_layers = tiny.model.depth_layers = 1
+  model, variables, codebook = speed.random_model(tiny, 0)
+
+  def no_compile(self, *args, **kwargs):
+    raise AssertionError("a FLOP count compiled a program")
+  monkeypatch.setattr(jax.stages.Lowered, "compile", no_compile)
+  counted = speed.forward_flops(model, variables, codebook, 2)
+  assert counted > 0
+  # A backend whose lowered programs have no cost analysis (a GPU's PJRT plugin): 'n/a', still nothing compiled.
+  monkeypatch.setattr(jax.stages.Lowered, "cost_analysis", lambda self: None)
+  assert np.isnan(speed.forward_flops(model, variables, codebook, 2))
+  assert np.isnan(speed._cost_flops({"flops": -1.0}))  # a GPU count made of library calls
+  row = {"t_draft": 8, "fast_s": 0.1, "fast_flops": float("nan"), "probe_flops": 1e12}
+  assert speed.format_table([row]).splitlines()[2].split() == ["8", "0.1000", "n/a", "n/a", "n/a", "n/a", "n/a"]
 
 
 def test_device_script_is_valid_bash():
@@ -74,6 +158,7 @@ def test_device_wheels_cover_what_bench_device_imports_beyond_the_device_image()
   # by top-level name: a namespace such as google.* spans several distributions).
   code = ("import os, sys, importlib.metadata as m\n"
           "import ctxrq_jax.bench, ctxrq_jax.benchmarks.speed, ctxrq_jax.stage2.trainer, ctxrq_jax.sampling.decoder\n"
+          "import ctxrq_jax.models.artifact\n"
           "tops = m.packages_distributions()\n"
           "def owner(name, path):\n"
           "  dists = tops.get(name.split('.')[0], [])\n"
