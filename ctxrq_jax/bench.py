@@ -150,33 +150,58 @@ def main(argv: list[str]) -> None:
       print(f"one step per call (train.steps_per_call 1): {one['step_s']:.4f} s/step; {per_call} steps per call: "
             f"{result['step_s']:.4f} s/step, {one['step_s'] / result['step_s']:.2f}x faster")
   else:
-    from ctxrq_jax.core import config as configlib  # pylint: disable=g-import-not-at-top
-    check = FLAGS.check_config or configlib.load_config_file('imagenet', 'tiny')
-    rqvae_config = FLAGS.rqvae_config or configlib.load_config_file('rqvae_imagenet')
-    if 'quantizer' not in rqvae_config:
-      raise app.UsageError('--rqvae_config must be a stage-1 config, e.g. configs/rqvae_imagenet.py')
-    out = speed.bench_device(config, batch=FLAGS.batch_size, t_drafts=_ints('t_draft'), t_revise=FLAGS.t_revise,
-                             num_revisions=FLAGS.num_revisions, train_batches=_ints('train_batches'),
-                             check_config=check, check_batch=FLAGS.check_batch, rqvae_config=rqvae_config,
-                             deadline_s=FLAGS.deadline_s, seed=FLAGS.seed, log=_log, started=_STARTED,
-                             memory_limit=FLAGS.memory_limit_gb * 2**30 if FLAGS.memory_limit_gb else None)
+    _device(config, platform)
+
+
+def _device(config, platform: str) -> None:
+  """`bench device`: the checks, then their tables; exit status 1 if a check failed, 3 if cut at --exit_by_s."""
+  import os  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.benchmarks import speed  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.core import config as configlib  # pylint: disable=g-import-not-at-top
+  if platform == 'cpu' and os.environ.get('JAX_PLATFORMS', '') != 'cpu':
+    raise app.UsageError('bench device found no GPU or TPU (JAX runs on the CPU: is the CUDA plugin installed?); '
+                         'set JAX_PLATFORMS=cpu to run the checks on the CPU anyway')
+  check = FLAGS.check_config or configlib.load_config_file('imagenet', 'tiny')
+  rqvae_config = FLAGS.rqvae_config or configlib.load_config_file('rqvae_imagenet')
+  if 'quantizer' not in rqvae_config:
+    raise app.UsageError('--rqvae_config must be a stage-1 config, e.g. configs/rqvae_imagenet.py')
+
+  def report(out: dict, cut: str = '') -> list[str]:
+    """Prints the tables of what has run; returns the problems to report as errors."""
     if out['sample']:
       print(f"Table 4 protocol: batch {FLAGS.batch_size}, T_revise={FLAGS.t_revise}, M={FLAGS.num_revisions}, "
-            f"{platform}, {config.model.dtype}, random weights; s/sample = the codes, + decode s = to uint8 pixels "
-            f"(the official script's total adds the same two)")
+            f"{platform}, {config.model.dtype}, random weights; s/sample = the codes; + decode s = the RQ-VAE decode "
+            f"to uint8 pixels at the default float32 precision, {FLAGS.batch_size} per call (the official script's "
+            f"total adds its decode: one sample per call, TF32 on a GPU)")
       print(speed.format_table(out['sample']))
     if out['train']:
       print(speed.format_train(out['train']))
     if out['skipped']:
       print(f"skipped (deadline {FLAGS.deadline_s:.0f} s): {', '.join(out['skipped'])}")
-    precision = out['precision']
     problems = [f"failed: {', '.join(out['failed'])} (tracebacks above)"] if out['failed'] else []
+    precision = out['precision']
     if precision is not None and not (precision['finite'] and precision['sampled_ok']):
       problems.append('the bf16 sampler check failed')
+    if cut:
+      problems.append(f'cut at --exit_by_s={FLAGS.exit_by_s:.0f} s during: {cut}')
     for problem in problems:
       print(f'error: {problem}', file=sys.stderr)
-    if problems:
-      sys.exit(1)
+    return problems
+
+  def overrun(out: dict, in_flight: str) -> None:  # the watchdog thread: report what ran, end the process
+    report(out, in_flight or 'between checks')
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(3)  # pylint: disable=protected-access - the main thread may be inside an XLA compile
+
+  out = speed.bench_device(config, batch=FLAGS.batch_size, t_drafts=_ints('t_draft'), t_revise=FLAGS.t_revise,
+                           num_revisions=FLAGS.num_revisions, train_batches=_ints('train_batches'),
+                           check_config=check, check_batch=FLAGS.check_batch, rqvae_config=rqvae_config,
+                           deadline_s=FLAGS.deadline_s, seed=FLAGS.seed, log=_log, started=_STARTED,
+                           memory_limit=FLAGS.memory_limit_gb * 2**30 if FLAGS.memory_limit_gb else None,
+                           exit_by_s=FLAGS.exit_by_s or None, on_overrun=overrun)
+  if report(out):
+    sys.exit(1)
 
 
 def define_flags() -> None:
@@ -208,6 +233,9 @@ def define_flags() -> None:
                                   'configs/imagenet.py:tiny; overrides as for --config, e.g. a smaller one on a CPU).')
   config_flags.DEFINE_config_file('rqvae_config', None, 'device: the stage-1 config whose decoder turns the codes '
                                   'into pixels (default configs/rqvae_imagenet.py, 8x8x4 codes to 256x256).')
+  flags.DEFINE_float('exit_by_s', 0.0, 'device: seconds from the start at which a check still running is cut: the '
+                     'tables of what ran are printed and the process exits with status 3 (0: never; bench/device.sh '
+                     'sets TIMEOUT_S - 15).', lower_bound=0.0)
   flags.DEFINE_float('deadline_s', 400.0, 'device: seconds from the start after which no check starts; one starts '
                      'only if the time left is 1.2x what the previous check of its kind took.', lower_bound=0.0)
   flags.DEFINE_integer('seed', 0, 'Seed of the random weights and of sampling.', lower_bound=0)

@@ -32,6 +32,7 @@ Settings with T_draft > N are skipped (override the code shape, e.g. `--config.d
 from __future__ import annotations
 
 import math
+import threading
 import time
 import traceback
 from typing import Any, Callable, Optional, Sequence
@@ -543,14 +544,16 @@ def _precision_run(config: Any, dtype: str, *, batch: int, t_draft: int,
 
 
 def bench_decode(rqvae_config: Any, *, batch: int, repeats: int, seed: int) -> dict[str, Any]:
-  """Seconds per sample to turn codes into uint8 pixels on the host, as `sample` does (`models.artifact.CodeDecoder`:
-  a loaded RQ-VAE, its convolutions at 'highest' precision, `batch` stacks per call), with random weights and codes.
+  """Seconds per sample to turn codes into uint8 pixels on the host with `models.artifact.CodeDecoder` (`batch`
+  stacks per call), random weights and codes, at the backend's default float32 precision.
 
-  The official throughput script times the same step after the sampler (`decode_code`, one sample at a time) and
-  reports ms/sample = sampler + decode. Returns {'batch', 'decode_s' (s/sample), 'code_shape', 'resolution'}.
+  The official throughput script times the decode after the sampler and reports ms/sample = sampler + decode; it
+  decodes one sample per call in float32 with cuDNN's default TF32 convolutions, which the default precision matches
+  on a GPU. (`sample` decodes at 'highest', true float32: slower on a GPU, the same on a CPU.)
+  Returns {'batch', 'decode_s' (s/sample), 'code_shape', 'resolution'}.
   """
   from ctxrq_jax.models import artifact  # pylint: disable=g-import-not-at-top
-  model = rqvae.RQVAE.from_config(rqvae_config.model).clone(precision='highest')
+  model = rqvae.RQVAE.from_config(rqvae_config.model)
   key = jax.random.key(seed)
   variables = jax.jit(lambda k: rqvae.init_variables(model, k))(jax.random.fold_in(key, 1))
   codes = np.asarray(jax.random.randint(jax.random.fold_in(key, 2), (batch, *model.code_shape), 0,
@@ -565,7 +568,8 @@ def bench_device(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: 
                  train_batches: Sequence[int], check_config: Any, check_batch: int, rqvae_config: Any,
                  deadline_s: float, seed: int, memory_limit: Optional[float] = None,
                  log: Callable[[str], None] = print, started: Optional[float] = None,
-                 clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+                 clock: Callable[[], float] = time.perf_counter, exit_by_s: Optional[float] = None,
+                 on_overrun: Optional[Callable[[dict[str, Any], str], None]] = None) -> dict[str, Any]:
   """The accelerator checks, each printed as soon as it is done:
 
   0. `precision_check` on `check_config` (the tiny config);
@@ -574,11 +578,14 @@ def bench_device(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: 
      official protocol adds;
   2. one training step at the largest of `train_batches` that fits (tried in decreasing order; a batch fits when
      XLA's memory estimate is within `memory_limit`, default what the device has free, and it runs): time and MFU.
-  Run in the order 0, 1 (first T_draft), 1b, 2, 1 (the other T_drafts). A check that raises is logged with its
+  Run in the order 0, 1 (first T_draft), 2, 1b, 1 (the other T_drafts). A check that raises is logged with its
   traceback and listed in 'failed' (a training batch that fails for any reason gives way to the next smaller one);
   the others still run. `deadline_s` counts from `started` (a `clock()` reading, default now, e.g. the process's
   start): a check is skipped when the time left is below 1.2x what the previous check of its kind took (or none is
-  left), so that a run under `timeout` ends with its tables.
+  left). A first check of its kind has no estimate: with `exit_by_s` (seconds from `started`, on the real clock) a
+  watchdog thread calls `on_overrun(out so far, name of the check in flight)` then, which should report and end the
+  process (it runs while the main thread is inside an XLA compile), so that a run under `timeout` still ends with
+  its tables.
   Returns {'sample': rows, 'decode': result or None, 'train': result or None, 'precision': result or None,
   'skipped': [names], 'failed': [names]}.
   """
@@ -591,16 +598,25 @@ def bench_device(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: 
   out: dict[str, Any] = {'sample': [], 'decode': None, 'train': None, 'precision': None, 'skipped': [],
                          'failed': []}
   took: dict[str, float] = {}  # seconds the last check of each kind took
+  in_flight = ['']  # the name of the check running now
+  watchdog = None
+  if exit_by_s is not None and on_overrun is not None:
+    real_start = time.perf_counter() if started is None else started
+    watchdog = threading.Timer(max(exit_by_s - (time.perf_counter() - real_start), 0.0),
+                               lambda: on_overrun(with_decode(out), in_flight[0]))
+    watchdog.daemon = True
+    watchdog.start()
 
   def attempt(kind: str, name: str, fn: Callable[[], Any]) -> tuple[bool, Any]:
-    """(whether `fn` ran without an exception, its result): skipped (listed) when the time left is short; an
-    exception is logged with its traceback and listed as failed."""
+    """(whether `fn` ran without an exception, its result or None): skipped (listed) when the time left is short;
+    an exception is logged with its traceback and listed as failed."""
     left = deadline_s - now()
     if left <= 0 or left < 1.2 * took.get(kind, 0.0):
       out['skipped'].append(name)
       log(f'[{now():6.1f} s] {name}: skipped, {max(left, 0.0):.0f} s left before the deadline')
       return False, None
     begin = clock()
+    in_flight[0] = name
     try:
       return True, fn()
     except Exception as err:  # pylint: disable=broad-except - one failed check must not cost the others
@@ -610,9 +626,10 @@ def bench_device(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: 
         out['failed'].append(name)
         log(f'[{now():6.1f} s] {name}: failed, {type(err).__name__}: '
             f'{str(err).splitlines()[0][:300] if str(err) else ""}\n{traceback.format_exc()}')
-      return False, err
+      return False, None  # not the exception: its traceback would keep a failed batch's train state alive
     finally:
       took[kind] = clock() - begin
+      in_flight[0] = ''
 
   # 0 first: it tells whether bf16 sampling is sound before the long runs.
   ok, result = attempt('precision', 'bf16 vs fp32 check', lambda: precision_check(
@@ -621,17 +638,18 @@ def bench_device(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: 
     out['precision'] = result
     log(f"[{now():6.1f} s] bf16 vs fp32 sampler (tiny config): " + ', '.join(
         f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in result.items()))
-  parts: list[Any] = []  # the benchmarked model, built once by the first sample check
+  parts: list[Any] = []  # the benchmarked model, built once (its own check: not part of a sample check's time)
   memo: dict[Any, Any] = {}  # FLOP counts by shape (`decode_flops`)
 
-  def sample_rows(t_draft: int) -> list[dict[str, Any]]:
-    if not parts:
-      parts.append(random_model(config, seed))
-    return bench_sample(config, batch=batch, t_drafts=[t_draft], t_revise=t_revise, num_revisions=num_revisions,
-                        repeats=1, reference=False, seed=seed, probe=False, flops_memo=memo, parts=parts[0])
-
   def sample(t_draft: int) -> None:
-    ok, rows = attempt('sample', f'sample T_draft={t_draft}', lambda: sample_rows(t_draft))
+    if not parts:
+      ok, built = attempt('build', 'build the model', lambda: random_model(config, seed))
+      if not ok:
+        return
+      parts.append(built)
+    ok, rows = attempt('sample', f'sample T_draft={t_draft}', lambda: bench_sample(
+        config, batch=batch, t_drafts=[t_draft], t_revise=t_revise, num_revisions=num_revisions, repeats=1,
+        reference=False, seed=seed, probe=False, flops_memo=memo, parts=parts[0]))
     if not ok:
       return
     out['sample'] += rows
@@ -666,14 +684,21 @@ def bench_device(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: 
           + (f", {_percent(100 * rate / peak, 0).strip()} of the {peak / 1e12:.0f} TFLOP/s peak" if peak else ''))
       return
 
-  # The first T_draft, the decode, the training step, then the other T_drafts: a deadline cuts the least informative
-  # part.
+  # The first T_draft, the training step, the decode, then the other T_drafts: a deadline cuts the least
+  # informative part.
   if t_drafts:
     sample(t_drafts[0])
-  decode()
   train()
+  decode()
   for t_draft in t_drafts[1:]:
     sample(t_draft)
+  if watchdog is not None:
+    watchdog.cancel()
+  return with_decode(out)
+
+
+def with_decode(out: dict[str, Any]) -> dict[str, Any]:
+  """`bench_device`'s result with the decode's s/sample ('decode_s') in every timed sample row."""
   if out['decode']:
     for row in out['sample']:
       if 'fast_s' in row:

@@ -76,12 +76,12 @@ def _fake_checks(monkeypatch, clock=None, sample_s=0.0, train_error=None):
   monkeypatch.setattr(speed, "bench_train", bench_train)
 
 
-def _device(clock=None, deadline_s=400.0):
+def _device(clock=None, deadline_s=400.0, **kwargs):
   tiny = configlib.load_config_file("imagenet", "tiny")
   lines = []
   out = speed.bench_device(tiny, batch=4, t_drafts=[8, 32, 64], t_revise=2, num_revisions=2, train_batches=[4, 8],
                            check_config=tiny, check_batch=2, rqvae_config=None, deadline_s=deadline_s, seed=0,
-                           log=lines.append, **({"clock": lambda: clock[0]} if clock is not None else {}))
+                           log=lines.append, **({"clock": lambda: clock[0]} if clock is not None else {}), **kwargs)
   return out, "\n".join(lines)
 
 
@@ -106,6 +106,38 @@ def test_bench_device_skips_a_check_the_deadline_leaves_too_little_time_for(monk
   assert [r["t_draft"] for r in out["sample"]] == [8, 32]
   assert out["skipped"] == ["sample T_draft=64"] and out["failed"] == []
   assert "sample T_draft=64: skipped, 50 s left before the deadline" in log, log
+
+
+def test_a_check_still_running_at_exit_by_s_is_cut_with_the_tables_of_the_others(monkeypatch):
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  _fake_checks(monkeypatch)
+  slow_train, released, cut = speed.bench_train, threading.Event(), []
+
+  def stuck_train(config, *, batch, **kwargs):  # a compile that would outlast the timeout
+    if batch == 8:
+      released.wait(10)
+    return slow_train(config, batch=batch, **kwargs)
+  monkeypatch.setattr(speed, "bench_train", stuck_train)
+
+  def overrun(out, in_flight):
+    cut.append(([r["t_draft"] for r in out["sample"]], in_flight))
+    released.set()
+  start = time.perf_counter()
+  _device(exit_by_s=0.5, on_overrun=overrun, started=start)
+  # Called once, from the watchdog, while the first training batch ran, with T_draft 8's row already in.
+  assert cut == [([8], "train batch 8")]
+  assert time.perf_counter() - start < 5
+
+
+def test_bench_device_refuses_to_run_on_a_cpu_it_was_not_told_to_use(monkeypatch):
+  # On the GPU machine a missing CUDA plugin makes JAX fall back to the CPU: the 821M checks would spend the whole
+  # device budget there. The check comes first, before any flag is read.
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax import bench  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  with pytest.raises(app.UsageError, match="found no GPU or TPU .* set JAX_PLATFORMS=cpu to run the checks on the CPU"):
+    bench._device(None, "cpu")
 
 
 def test_flop_counts_compile_nothing_and_say_na_where_the_backend_cannot_count(monkeypatch):
