@@ -23,9 +23,11 @@ layer (652.7M, -0.2%). The paper does not give the 333M text layout: the ImageNe
 tests/unit/models/test_transformer.py checks both against the paper and the official layout's count.
 
 Training follows the official CC-3M config where it applies (AdamW lr 5e-4, betas (0.9, 0.95), weight decay 1e-4,
-clip 1.0, batch 2048, 100 epochs ~ 146k steps of ~3.0M downloadable pairs); BPE dropout 0.1 on the training
-captions: `encode captions` stores T draws per caption (--caption_variants, 8) and `data.random_caption` picks one
-per example and epoch (the official code draws anew at every read).
+clip 1.0, batch 2048, 100 epochs ~ 146k steps of ~3.0M downloadable pairs: `train.num_steps` says how to set it for
+another download size); BPE dropout 0.1 on the training captions: `encode captions` stores T draws per caption
+(--caption_variants, 8) and `data.random_caption` picks one per example and epoch (the official code draws anew at
+every read). Not followed: the 5,000 warmup steps and the hard targets (comments at `optim` and
+`train.label_smoothing`).
 Condition dropout to the empty caption at rate 0.1 is our choice (paper silent).
 """
 
@@ -91,6 +93,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 4 if tiny else 2048
+  # The official yaml's 100 epochs (`epochs: 100`, `total_batch_size: 2048`) in steps: 146,000 assumes a train split
+  # of 146,000 x 2048 / 100 = 2.99M pairs (README step 1 expects ~3.0M; how many URLs are dead varies). For another
+  # download pass --config.train.num_steps = 100 x pairs / batch_size, rounded up (2.7M pairs: 131,836; 3.3M:
+  # 161,133); the cosine decay counts steps, so a wrong count trains more or fewer epochs on the same schedule.
   c.train.num_steps = 2 if tiny else 146_000
   c.train.grad_accum_steps = 1
   # Examples per mask group: the depth transformer, head and softmax run on a group's masked positions only, the
@@ -102,6 +108,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # step's temporary buffers) paid once per k steps. 1 here; the CPU demo uses 10 (docs/speed.md).
   c.train.steps_per_call = 1
   c.train.cond_drop_rate = 0.1  # captions replaced by the empty caption (classifier-free guidance)
+  # Hard targets: the loss is the NLL of the stored codes. The official CC-3M yaml trains on soft targets from
+  # stochastic codes (`soft_target_cross_entropy`, `stochastic_codes`, temperature 0.5), which we do not implement
+  # (README "Choices where the paper is silent", the stage-2 augmentation item).
   c.train.label_smoothing = 0.0
   c.train.log_every = 1 if tiny else 100
   c.train.eval_every = 2 if tiny else 5000

@@ -90,6 +90,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # step's temporary buffers) paid once per k steps. 1 here; the CPU demo uses 10 (docs/speed.md).
   c.train.steps_per_call = 1
   c.train.cond_drop_rate = 0.1  # classifier-free guidance training (paper silent; the usual 10%)
+  # Hard targets: the loss is the NLL of the stored codes. The reference RQ-Transformer's yamls train on soft targets
+  # from stochastic codes (`soft_target_cross_entropy`, `stochastic_codes`, temperature 0.5), which we do not
+  # implement (README "Choices where the paper is silent", the stage-2 augmentation item).
   c.train.label_smoothing = 0.0
   c.train.log_every = 1 if tiny else 100
   c.train.eval_every = 2 if tiny else 5000
@@ -98,7 +101,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.ema_decay = 0.0  # 0 = no EMA of parameters
   c.train.nonfinite = "stop"  # 'stop' | 'skip': what to do with a non-finite loss or gradient
 
-  # AdamW as the reference RQ-Transformer: lr 5e-4, betas (0.9, 0.95), weight decay 1e-4, cosine decay, clip 1.0.
+  # From the reference RQ-Transformer's ImageNet yamls (in256-rqtransformer-8x8x4-800M / -1400M): AdamW lr 5e-4,
+  # betas (0.9, 0.95), weight decay 1e-4, gradient clip 1.0, cosine decay to 0 over all steps. Ours: the 5,000-step
+  # linear warmup (those yamls have none, `warmup.epoch: 0`) and which parameters are decayed (core/optim.py
+  # NO_DECAY; the reference's stage-2 optimizer code is not released, README "Choices where the paper is silent").
   c.optim = common.optim(learning_rate=5e-4, b1=0.9, b2=0.95, weight_decay=1e-4, warmup_steps=1 if tiny else 5000,
                          end_lr_ratio=0.0, grad_clip=1.0)
 

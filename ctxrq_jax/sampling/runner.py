@@ -18,6 +18,8 @@ and `cond` (int32 [M, L], the caption tokens).
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
 from typing import Iterator, Optional, Sequence
 
@@ -33,6 +35,8 @@ from ctxrq_jax.core import sharding
 from ctxrq_jax.sampling import decoder
 from ctxrq_jax.sampling import loader
 from ctxrq_jax.sampling import logits
+
+log = logging.getLogger(__name__)
 
 
 def parse_classes(spec: str, num_classes: int) -> list[int]:
@@ -54,6 +58,21 @@ def sample_keys(rng: jax.Array, indices: np.ndarray) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.asarray(indices, jnp.uint32))
 
 
+def device_batch_size(batch_size: int, num_devices: int) -> int:
+  """Rows per sampling call: `batch_size` rounded up to a multiple of `num_devices` (100 -> 104 on 8 devices), so
+  that the batch splits evenly over the devices; ValueError unless batch_size >= 1."""
+  if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    raise ValueError(f"sample batch_size must be a positive integer, got {batch_size!r}")
+  return -(-int(batch_size) // int(num_devices)) * int(num_devices)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_rounded_batch(batch_size: int, per_call: int, num_devices: int) -> None:
+  """Says once per process (per setting) that the batch was rounded up, not at every `sample_codes` call."""
+  log.info("sample batch_size %d is not a multiple of the %d local devices: each call draws %d rows (the padding "
+           "rows are dropped; the samples do not change)", batch_size, num_devices, per_call)
+
+
 def sample_codes(loaded: loader.Stage2Model, labels: Sequence[int] | np.ndarray, rng: jax.Array, *, batch_size: int,
                  t_draft: int, t_revise: int, num_revisions: int, draft: logits.PhaseSettings,
                  revise: logits.PhaseSettings, draft_mode: str = "random", confidence_noise: float = 0.0,
@@ -63,8 +82,11 @@ def sample_codes(loaded: loader.Stage2Model, labels: Sequence[int] | np.ndarray,
   `labels` are S class ids [S] or S condition token rows [S, L] (captions). Sample j is drawn with its own key
   fold_in(rng, indices[j]) (indices default to 0, 1, ...): it depends on the seed, its index, its condition and the
   settings only, so a sample set comes out the same whatever the batch size, the number of devices, or how it is
-  split over hosts (`shard_indices`). Batches are padded to `batch_size` (one compilation) and split over the
-  devices along the batch axis. `draft_mode` and `confidence_noise` as in `decoder.draft_and_revise`.
+  split over hosts (`shard_indices`). Each call draws `batch_size` rows split over the local devices along the batch
+  axis; a `batch_size` that is not a multiple of the devices is rounded up to one (`device_batch_size`: the paper's
+  100 -> 104 on 8 devices; logged once), which costs the padding rows' time but, by the keying above, changes no
+  sample. The last batch is padded to the same size (one compilation) and all padding rows are dropped.
+  `draft_mode` and `confidence_noise` as in `decoder.draft_and_revise`.
   """
   labels = np.asarray(labels, np.int32)
   if labels.ndim == 1:
@@ -72,9 +94,11 @@ def sample_codes(loaded: loader.Stage2Model, labels: Sequence[int] | np.ndarray,
   indices = np.arange(len(labels)) if indices is None else np.asarray(indices, np.int64)
   if indices.shape != labels.shape[:1]:
     raise ValueError(f"indices {indices.shape} must match labels {labels.shape[:1]}")
-  n_dev = loaded.mesh.shape["data"]
-  if batch_size % n_dev:
-    raise ValueError(f"batch_size {batch_size} is not divisible by the {n_dev} devices")
+  n_dev = sharding.data_parallel_size(loaded.mesh)
+  per_call = device_batch_size(batch_size, n_dev)
+  if per_call != batch_size:
+    _log_rounded_batch(int(batch_size), per_call, n_dev)
+  batch_size = per_call
   if not len(labels):  # e.g. a host of a multi-host job when there are fewer samples than hosts
     h, w, d = loaded.code_shape
     return np.zeros((num_revisions + 1, 0, h * w, d), np.int32)

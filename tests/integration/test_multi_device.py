@@ -1,7 +1,8 @@
 """On 8 fake CPU devices (in a subprocess, so XLA_FLAGS takes effect before jax starts): one train step under fsdp=8
 and data=2 x fsdp=2 x tensor=2 (every mesh axis; the batch split over data and fsdp) equals the single-device step, fsdp=8 leaves at most 2% of the parameters
-replicated, two steps in one call (batches stacked, split over the mesh) equal two single-device steps, and the
-sampler with its batch sharded equals the unsharded sampler."""
+replicated, two steps in one call (batches stacked, split over the mesh) equal two single-device steps, the
+sampler with its batch sharded equals the unsharded sampler, and a sample set drawn with the configs' batch 100
+(rounded up to 104 on 8 devices) equals the one of batch 2 on one device."""
 
 import os
 import subprocess
@@ -111,6 +112,30 @@ _MULTI_DEVICE = textwrap.dedent("""
     assert len(sharded.sharding.device_set) == 8, sharded.sharding
     np.testing.assert_array_equal(np.asarray(single), np.asarray(sharded))
     print("ok sampler sharded")
+
+    # The sample set (runner.sample_codes) with the configs' batch 100, which 8 devices do not divide: each call is
+    # rounded up to 104 rows (logged), and the 10 samples equal those of batch 2 on one device.
+    import logging, types
+    from ctxrq_jax.sampling import runner
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("ctxrq_jax.sampling.runner").addHandler(handler)
+    logging.getLogger("ctxrq_jax.sampling.runner").setLevel(logging.INFO)
+    stub = lambda mesh, place: types.SimpleNamespace(  # noqa: E731
+        model=model, params=jax.device_put(host_state.params, place), codebook=jax.device_put(codebook, place),
+        mesh=mesh, code_shape=(4, 4, 4))
+    labels = np.arange(10, dtype=np.int32) % 10
+    one = runner.sample_codes(stub(mesh1, dev0), labels, jax.random.key(3), batch_size=2, **kw)
+    eight = runner.sample_codes(stub(mesh8, rep8), labels, jax.random.key(3), batch_size=100, **kw)
+    assert eight.shape == (2, 10, 16, 4), eight.shape
+    np.testing.assert_array_equal(one, eight)
+    np.testing.assert_array_equal(runner.sample_codes(stub(mesh8, rep8), labels[7:], jax.random.key(3), batch_size=100,
+                                                      indices=[7, 8, 9], **kw), one[:, 7:])  # a host's block
+    msgs = [r.getMessage() for r in records]
+    assert len(msgs) == 1, msgs  # once, though both calls rounded it
+    assert "batch_size 100 is not a multiple of the 8 local devices: each call draws 104 rows" in msgs[0], msgs
+    print("ok sample set batch 100 on 8 devices")
     print("ALL OK")
 """)
 
@@ -124,3 +149,4 @@ def test_multi_device_step_matches_single_device():
                         text=True, timeout=900)
   assert proc.returncode == 0 and "ALL OK" in proc.stdout, (proc.stdout[-3000:], proc.stderr[-5000:])
   assert proc.stdout.count("ok (") == 2 and "ok two steps per call" in proc.stdout
+  assert "ok sample set batch 100 on 8 devices" in proc.stdout

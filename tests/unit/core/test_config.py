@@ -93,3 +93,16 @@ def test_every_configs_path_the_docs_name_exists():
   named = {m.group(1) for f in sources for m in re.finditer(r"(?<![\w/])configs/(\w+)\.py", f.read_text())}
   assert {"demo", "demo_text", "imagenet"} <= named
   assert sorted(n for n in named if not (_ROOT / "configs" / f"{n}.py").exists()) == []
+
+
+def test_the_stage2_configs_say_where_they_leave_the_reference_recipe():
+  # configs/imagenet.py and cc3m.py copy the reference RQ-Transformer's optimizer, batch and epochs; a reader of the
+  # config must see what is ours: hard targets (its yamls: soft targets, temperature 0.5) and the warmup (none there).
+  for name in ("imagenet", "cc3m"):
+    src = (_ROOT / "ctxrq_jax" / "configs" / f"{name}.py").read_text()
+    assert "soft_target_cross_entropy" in src and "temperature 0.5" in src, name
+    assert "warmup.epoch: 0" in src, name
+  # CC-3M's step count is 100 epochs of the download size its comment states.
+  c = configlib.load_config_file("cc3m")
+  pairs = c.train.num_steps * c.train.batch_size / 100
+  assert f"{pairs / 1e6:.2f}M pairs" in (_ROOT / "ctxrq_jax" / "configs" / "cc3m.py").read_text()

@@ -61,6 +61,15 @@ def test_batch_size_and_shards_do_not_change_the_samples(loaded, tmp_path):
   assert not [n for n in os.listdir(out) if n.startswith(".")]  # scratch files removed
 
 
+def test_the_sampling_batch_is_rounded_up_to_a_multiple_of_the_devices():
+  # The configs' batch 100 on an 8-device host (v3-8, v5e-8, 8 GPUs) draws 104 rows per call; the samples are the
+  # same (tests/integration/test_multi_device.py draws them).
+  assert [runner.device_batch_size(b, n) for b, n in [(100, 8), (100, 4), (1, 8), (8, 8), (10, 1)]] == [
+      104, 100, 8, 8, 10]
+  with pytest.raises(ValueError, match="sample batch_size must be a positive integer, got 0"):
+    runner.device_batch_size(0, 8)
+
+
 def test_shard_indices_and_incomplete_sets(loaded, tmp_path):
   blocks = [runner.shard_indices(10, i, 3) for i in range(3)]
   np.testing.assert_array_equal(np.concatenate(blocks), np.arange(10))
