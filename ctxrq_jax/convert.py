@@ -9,8 +9,8 @@ pytorch-fid's FID Inception into the artifact the FID commands read, and OpenAI'
 
 The reference `config.yaml` beside the checkpoint (or --reference_config) gives the architecture; the mapping
 (ctxrq_jax/models/rqvae_convert.py) is explicit and total, and a missing, unexpected or mis-shaped key is an error
-naming it. A flag the chosen converter does not read (`SUBCOMMAND_FLAGS`: --use_ema for inception, --check_hash for
-rqvae, ...) is an error rather than silently ignored.
+naming it. A flag the chosen converter does not read (`SUBCOMMAND_FLAGS`, checked by `core.cli.check_flags`:
+--use_ema for inception, --check_hash for rqvae, ...) is an error rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -41,18 +41,6 @@ def define_flags() -> None:
   flags.DEFINE_bool("overwrite", False, "Replace an existing artifact at --out.")
 
 
-def check_flags(command: str) -> None:
-  """UsageError naming each flag given on the command line (`FLAGS[name].present`, whatever its value) that
-  `command` does not read, and the converters that do."""
-  wrong = []
-  for name, commands in SUBCOMMAND_FLAGS.items():
-    if FLAGS[name].present and command not in commands:
-      given = f"--no{name}" if FLAGS[name].value is False else f"--{name}"
-      wrong.append(f"{given} applies to `convert {' / '.join(commands)}` only")
-  if wrong:
-    raise app.UsageError(f"{'; '.join(wrong)}, not to `convert {command}`")
-
-
 def _check_rqvae_paths(checkpoint: str, reference_config: str | None) -> None:
   """The rqvae converter's file mistakes, said as they are: a directory for the checkpoint, a config named by
   --reference_config that is missing, or no config.yaml beside the checkpoint."""
@@ -74,7 +62,7 @@ def _check_rqvae_paths(checkpoint: str, reference_config: str | None) -> None:
 def main(argv: list[str]) -> None:
   if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
     raise app.UsageError("usage: python -m ctxrq_jax.convert {rqvae|inception|clip} --checkpoint=PATH --out=DIR")
-  check_flags(argv[1])
+  cli.check_flags("convert", argv[1], SUBCOMMAND_FLAGS)
   if not FLAGS.checkpoint or not FLAGS.out:
     raise app.UsageError("--checkpoint and --out are required")
   checked = "SHA-256 checked" if FLAGS.check_hash else "SHA-256 not checked"

@@ -20,6 +20,9 @@ training stage 2 draws one per example).
 feature, ctxrq_jax/data/captions.py) and stores each record's condition as its caption's BPE tokens; the splits in
 --train_splits get BPE dropout, `--caption_variants` draws of it per caption (stage 2 with `data.random_caption`
 trains on one per epoch). Undecodable images are counted, skipped and reported per split.
+
+A flag the chosen subcommand does not read (`COMMAND_FLAGS`: `encode encode --resize=squash`, whose resizing is the
+config's data.resize; `captions --config=...`, ...) is an error naming it rather than silently ignored.
 """
 
 from absl import app
@@ -29,6 +32,16 @@ from ml_collections import config_flags
 from ctxrq_jax.core import cli
 
 FLAGS = flags.FLAGS
+SUBCOMMANDS = ("encode", "captions", "decode")
+_WRITE = ("encode", "captions")  # the subcommands that write a code dataset
+# The subcommands that read each flag (--artifact, --out, --batch_size and --overwrite: all three).
+COMMAND_FLAGS = {
+    "config": ("encode",), "splits": _WRITE, "num_shards": _WRITE, "views": _WRITE, "view_seed": _WRITE,
+    "max_examples": _WRITE, "resize": ("captions",), "codes_dir": ("decode",), "split": ("decode",),
+    "num": ("decode",),
+    **{name: ("captions",) for name in ("tokenizer", "webdataset", "parquet", "tfds", "image_key", "text_key",
+                                        "data_dir", "train_splits", "context_length", "bpe_dropout",
+                                        "caption_variants")}}
 
 
 def define_flags() -> None:
@@ -69,8 +82,9 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) != 2 or argv[1] not in ("encode", "captions", "decode"):
+  if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
     raise app.UsageError("usage: python -m ctxrq_jax.encode {encode|captions|decode} --artifact=DIR --out=PATH ...")
+  cli.check_flags("encode", argv[1], COMMAND_FLAGS)
   if not FLAGS.artifact or not FLAGS.out:
     raise app.UsageError("--artifact and --out are required")
   from ctxrq_jax.core import host  # pylint: disable=g-import-not-at-top

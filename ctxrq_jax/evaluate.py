@@ -25,6 +25,9 @@
       --clip_vocab=bpe_simple_vocab_16e6.txt.gz [--captions_file=captions.txt]
       the CLIP score (the paper's Table 2: mean cosine of CLIP ViT-B/32 image and caption embeddings) of a
       text-to-image samples file (its prompts), or of any images with one caption per line; a table and a JSON file
+
+A flag the chosen subcommand does not read (`COMMAND_FLAGS`: `samples --samples=X.npz`, which draws its own samples;
+`fid --seed=3`, ...) is an error naming it rather than silently ignored.
 """
 
 import os
@@ -37,6 +40,20 @@ from ctxrq_jax.core import cli
 
 FLAGS = flags.FLAGS
 COMMANDS = ("rqvae", "stage2", "samples", "ablation", "fid", "reference-stats", "text_samples", "clip")
+_RUNS = ("stage2", "samples", "ablation", "text_samples")  # the subcommands that evaluate a stage-2 workdir
+# The subcommands that read each flag (all of them: --verbosity only); naming one for another is an error.
+COMMAND_FLAGS = {
+    "config": ("rqvae", "reference-stats"), "artifact": ("rqvae",), "lpips": ("rqvae",), "lpips_weights": ("rqvae",),
+    "samples": ("fid", "clip"), "reference": ("fid",), "inception": ("fid", "reference-stats"),
+    "resize": ("fid", "reference-stats"), "is_file_order": ("fid",), "batch_size": ("fid", "reference-stats", "clip"),
+    "overwrite": ("reference-stats", "fid", "clip", "ablation"), "out_json": ("fid", "clip"),
+    "weights": ("clip",), "clip_vocab": ("clip",), "captions_file": ("clip",),
+    "split": ("reference-stats",), "num_images": ("reference-stats",), "keep_images": ("reference-stats",),
+    "out": ("reference-stats",), "workdir": _RUNS, "num_draws": ("stage2",),
+    "samples_per_class": ("samples", "ablation"), "classifier_steps": ("samples", "ablation", "text_samples"),
+    **{name: ("ablation",) for name in ("out_dir", "t_drafts", "timed_t_drafts", "t_revises", "max_revisions",
+                                        "guidance_scales", "revise_temperatures", "tables")},
+    "num_prompts": ("text_samples",), "samples_per_prompt": ("text_samples",), "seed": _RUNS}
 
 
 def define_flags() -> None:
@@ -100,6 +117,7 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m ctxrq_jax.evaluate {{{'|'.join(COMMANDS)}}} ...")
+  cli.check_flags("evaluate", argv[1], COMMAND_FLAGS)
   from ctxrq_jax.core import host  # pylint: disable=g-import-not-at-top
 
   host.setup_host()

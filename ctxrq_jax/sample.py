@@ -13,9 +13,13 @@ the run kept them), never the optimizer state.
 
 Writes to --out (default WORKDIR/samples): samples.png (final samples, a preview of at most --preview_per_class x
 --preview_classes), phases.png (the draft and each revision side by side), samples.npz (arr_0 uint8 [M, H, W, 3],
-labels, codes; every sample). For a text-to-image run each grid row is one prompt, written under every image, and
-the npz adds `prompts` and `cond` (the caption tokens). Sample i depends on the seed, its index and the settings
-only, so sets drawn with different batch sizes or device counts agree. On a multi-host slice every host draws its
+labels, codes; every sample) and samples.json (the run, step, parameters and every setting that drew them). For a
+text-to-image run each grid row is one prompt, written under every image, and the npz adds `prompts` and `cond` (the
+caption tokens). An existing OUT/samples.npz (a 50k-sample FID set took hours) is replaced only with --overwrite,
+which also removes the files that described it (its samples.json and `evaluate`'s samples.fid.json / .clip.json).
+A flag the chosen mode does not read (`MODE_FLAGS`: --class without `inpaint`, --classes with it, ...) is an error.
+Sample i depends on the seed, its index and the settings only, so sets drawn with different batch sizes or device
+counts agree. On a multi-host slice every host draws its
 block of the (class-conditional) sample indices into OUT/shards/ and host 0 merges them into OUT/samples.npz
 (`--merge` redoes that merge alone).
 
@@ -43,6 +47,21 @@ FLAGS = flags.FLAGS
 DRAFT_MODES = ("random", "confidence")  # ctxrq_jax.sampling.decoder.DRAFT_MODES (a test keeps them equal)
 EDIT_RESIZE = ("crop", "pad")  # ctxrq_jax.sampling.editing.RESIZE_MODES (a test keeps them equal)
 SUBCOMMANDS = ("inpaint",)
+# The command's three modes, as `core.cli.check_flags` names them: drawing a sample set, `sample inpaint`, and
+# `sample --merge` (only the merge of a multi-host job's shards).
+SAMPLE, INPAINT, MERGE = "", "inpaint", "--merge"
+_DRAW = (SAMPLE, INPAINT)  # how samples are drawn: read by both modes that draw
+# The modes that read each flag (--workdir and --out: all three); any other is an error naming the flag, e.g.
+# `sample --class=3` (a slip for --classes=3) drew every class.
+MODE_FLAGS = {
+    **{name: (SAMPLE,) for name in ("classes", "num_per_class", "prompts", "prompts_file", "num_per_prompt",
+                                    "batch_size", "preview_per_class", "preview_classes")},
+    **{name: (INPAINT,) for name in ("image", "mask", "class", "prompt", "num_samples", "resize", "composite")},
+    **{name: _DRAW for name in ("tokenizer_dir", "seed", "t_draft", "t_revise", "num_revisions", "draft_mode",
+                                "confidence_noise", "use_ema")},
+    **{f"{phase}_{name}": _DRAW for phase in ("draft", "revise") for name in ("temperature", "guidance", "top_k",
+                                                                             "top_p")},
+    "merge": (SAMPLE, MERGE), "overwrite": (SAMPLE, MERGE)}
 
 
 def define_flags() -> None:
@@ -72,6 +91,8 @@ def define_flags() -> None:
   flags.DEFINE_bool("use_ema", True, "Use the EMA weights when the run kept them.")
   flags.DEFINE_integer("preview_per_class", 10, "At most this many samples per class (prompt) in the PNG grids.")
   flags.DEFINE_integer("preview_classes", 16, "At most this many classes (prompts) in the PNG grids (the npz has all).")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing OUT/samples.npz (and remove the results that described "
+                    "it: samples.json, samples.fid.json, samples.clip.json).")
   flags.DEFINE_bool("merge", False, "Only merge OUT/shards/samples-*-of-*.npz (one per host of a multi-host run) "
                     "into OUT/samples.npz.")
   flags.DEFINE_string("image", None, "inpaint: the image file to edit.")
@@ -134,27 +155,51 @@ def _inpaint(loaded, settings: dict, inputs, out_dir: str, write: bool) -> None:
     print(f"{name}: {path}")
 
 
+def _refuse_existing(npz: str) -> None:
+  """UsageError when the sample set `npz` exists and --overwrite is off (checked before the run is loaded)."""
+  from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
+  if paths.path(npz).exists() and not FLAGS.overwrite:
+    raise app.UsageError(f"{npz} exists (an earlier sample set); pass --overwrite to replace it, or choose another "
+                         "--out")
+
+
+def _settings_record(loaded, settings: dict, **drawn) -> dict:
+  """What samples.json records: the run, its step and parameters, the seed and every sampling setting, and `drawn`
+  (classes or prompts, samples of each, their number)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
+  phases = {k: dataclasses.asdict(settings[k]) for k in ("draft", "revise")}
+  return {"workdir": paths.name(FLAGS.workdir), "step": int(loaded.step), "params": loaded.params_name,
+          "seed": FLAGS.seed, "T_draft": settings["t_draft"], "T_revise": settings["t_revise"],
+          "M": settings["num_revisions"], **phases, "draft_mode": settings["draft_mode"],
+          "confidence_noise": settings["confidence_noise"], **drawn}
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 2 or (len(argv) == 2 and argv[1] not in SUBCOMMANDS):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}; usage: python -m ctxrq_jax.sample "
                          "[inpaint] --workdir=DIR ...")
+  mode = INPAINT if len(argv) == 2 else MERGE if FLAGS.merge else SAMPLE
+  cli.check_flags("sample", mode, MODE_FLAGS)
   if not FLAGS.workdir and not (FLAGS.merge and FLAGS.out):
     raise app.UsageError("--workdir=DIR is required (only --merge with --out=DIR goes without it)")
-  edit_inputs = _read_inpaint_inputs() if len(argv) == 2 else None
+  edit_inputs = _read_inpaint_inputs() if mode == INPAINT else None
   for name in ("num_per_class", "preview_per_class", "preview_classes", "batch_size", "num_per_prompt"):
     if FLAGS[name].value is not None and FLAGS[name].value < 1:
       raise app.UsageError(f"--{name} must be >= 1, got {FLAGS[name].value}")
   if not 0 <= FLAGS.seed < 2**32:  # JAX keys keep 32 bits of the seed: larger ones would repeat smaller ones' samples
     raise app.UsageError(f"--seed must be in [0, 2**32), got {FLAGS.seed}")
+  from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
+  out_dir = FLAGS.out or str(paths.path(FLAGS.workdir) / ("inpaint" if mode == INPAINT else "samples"))
+  if mode != INPAINT:
+    _refuse_existing(str(paths.path(out_dir) / "samples.npz"))
   import jax  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.core import host  # pylint: disable=g-import-not-at-top
-  from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.sampling import loader  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.sampling import runner  # pylint: disable=g-import-not-at-top
 
   host.setup_host()
-  out_dir = FLAGS.out or str(paths.path(FLAGS.workdir) / "samples")
-  if FLAGS.merge:
+  if mode == MERGE:
     print(f"samples_npz: {runner.merge_shards(out_dir)}")
     return
   loaded = loader.Stage2Model(FLAGS.workdir, use_ema=FLAGS.use_ema)
@@ -165,34 +210,37 @@ def main(argv: list[str]) -> None:
                   draft=_phase("draft", s.draft), revise=_phase("revise", s.revise), draft_mode=FLAGS.draft_mode,
                   confidence_noise=FLAGS.confidence_noise)
   if edit_inputs is not None:  # every host runs the same edit on its own devices; process 0 writes it
-    _inpaint(loaded, settings, edit_inputs, FLAGS.out or str(paths.path(FLAGS.workdir) / "inpaint"), host.is_chief())
+    _inpaint(loaded, settings, edit_inputs, out_dir, host.is_chief())
     return
-  out = out_dir
   if loaded.model.is_text:
+    if FLAGS["classes"].present:
+      raise app.UsageError(f"{FLAGS.workdir} is a text-to-image run: use --prompts or --prompts_file, not --classes")
     loaded.tokenizer_dir = FLAGS.tokenizer_dir
     prompts = runner.read_prompts(FLAGS.prompts, FLAGS.prompts_file)
     per_prompt = int(pick(FLAGS.num_per_prompt, FLAGS.num_per_class))
-    paths = runner.sample_prompts(loaded, prompts, out, per_prompt=per_prompt, rng=jax.random.key(FLAGS.seed),
-                                  preview_per_prompt=FLAGS.preview_per_class,
-                                  preview_prompts=FLAGS.preview_classes, **settings)
-    if not paths:  # another host: process 0 merged the shards and reports
-      return
-    print(f"{len(prompts) * per_prompt} samples of {len(prompts)} prompts from {FLAGS.workdir} (step {loaded.step}, "
-          f"{loaded.params_name})")
-    for name, path in paths.items():
-      print(f"{name}: {path}")
+    written = runner.sample_prompts(loaded, prompts, out_dir, per_prompt=per_prompt, rng=jax.random.key(FLAGS.seed),
+                                    preview_per_prompt=FLAGS.preview_per_class,
+                                    preview_prompts=FLAGS.preview_classes, **settings)
+    drawn = dict(prompts=prompts, per_prompt=per_prompt, num_samples=len(prompts) * per_prompt)
+    summary = f"{len(prompts) * per_prompt} samples of {len(prompts)} prompts"
+  else:
+    for name, hint in (("prompts", "use --classes"), ("prompts_file", "use --classes"),
+                       ("num_per_prompt", "use --num_per_class"), ("tokenizer_dir", "it reads no captions")):
+      if FLAGS[name].present:
+        raise app.UsageError(f"{FLAGS.workdir} is a class-conditional run: --{name} does not apply ({hint})")
+    ids = runner.parse_classes(FLAGS.classes, int(loaded.config.model.num_classes))
+    written = runner.sample_classes(loaded, ids, out_dir, per_class=FLAGS.num_per_class,
+                                    rng=jax.random.key(FLAGS.seed), preview_per_class=FLAGS.preview_per_class,
+                                    preview_classes=FLAGS.preview_classes, **settings)
+    drawn = dict(classes=ids, per_class=FLAGS.num_per_class, num_samples=len(ids) * FLAGS.num_per_class)
+    summary = f"{len(ids) * FLAGS.num_per_class} samples of {len(ids)} classes"
+  if not written:  # another host: process 0 merged the shards and reports
     return
-  if FLAGS.prompts or FLAGS.prompts_file:
-    raise app.UsageError(f"{FLAGS.workdir} is a class-conditional run: use --classes, not --prompts")
-  ids = runner.parse_classes(FLAGS.classes, int(loaded.config.model.num_classes))
-  paths = runner.sample_classes(loaded, ids, out_dir, per_class=FLAGS.num_per_class, rng=jax.random.key(FLAGS.seed),
-                                preview_per_class=FLAGS.preview_per_class, preview_classes=FLAGS.preview_classes,
-                                **settings)
-  if not paths:  # another host: process 0 merged the shards and reports
-    return
-  print(f"{len(ids) * FLAGS.num_per_class} samples of {len(ids)} classes from {FLAGS.workdir} (step {loaded.step}, "
-        f"{loaded.params_name})")
-  for name, path in paths.items():
+  # After the npz (whose replacement removed the samples.json of the set before): the settings that drew this one.
+  written["settings_json"] = str(paths.write_json(paths.path(out_dir) / runner.SETTINGS_FILE,
+                                                  _settings_record(loaded, settings, **drawn), indent=1))
+  print(f"{summary} from {FLAGS.workdir} (step {loaded.step}, {loaded.params_name})")
+  for name, path in written.items():
     print(f"{name}: {path}")
 
 

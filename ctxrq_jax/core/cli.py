@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging as py_logging
 import os
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -68,6 +68,30 @@ def error(message: Any, code: int = _ERROR_EXIT) -> None:
   sys.stderr.write(f"error: {text.splitlines()[0]}\n")
   sys.stderr.flush()
   sys.exit(code)
+
+
+def _command_names(program: str, commands: Sequence[str]) -> str:
+  """`convert inception / clip`, or with the bare program among them (""), `sample` or `sample inpaint`."""
+  if all(commands):
+    return f"`{program} {' / '.join(commands)}`"
+  return " or ".join(f"`{program} {c}`" if c else f"`{program}`" for c in commands)
+
+
+def check_flags(program: str, command: str, flag_commands: Mapping[str, Sequence[str]]) -> None:
+  """UsageError naming each flag of `flag_commands` given on the command line (`FLAGS[name].present`, whatever its
+  value) that `command` of `program` does not read, and the commands that do.
+
+  `flag_commands` maps a flag to the subcommands that read it ("" for the program without one); flags it does not
+  name apply to every subcommand. A flag accepted and silently ignored looks like it did something: `sample --class=3`
+  (for `--classes=3`) drew every class.
+  """
+  wrong = []
+  for name, commands in flag_commands.items():
+    if flags.FLAGS[name].present and command not in commands:
+      given = f"--no{name}" if flags.FLAGS[name].value is False else f"--{name}"
+      wrong.append(f"{given} applies to {_command_names(program, commands)} only")
+  if wrong:
+    raise app.UsageError(f"{'; '.join(wrong)}, not to {_command_names(program, (command,))}")
 
 
 def _last_line(text: Any) -> str:

@@ -102,12 +102,21 @@ def read_json(p: PathLike) -> Any:
   return json.loads(path(p).read_text())
 
 
+def _umask() -> int:
+  """The process's umask (read by setting it, so set back at once: os has no getter before Python 3.13's)."""
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def local_file(p: PathLike, *, suffix: str = "") -> Iterator[str]:
   """A local file name to write `p` through, for writers that need a real file (ArrayRecord, numpy memory maps).
 
   Local `p`: a temp file beside it, renamed onto `p` on success. Non-local `p`: a local temp file copied to `p` on
-  success. On an exception nothing is written to `p` and the temp file is removed.
+  success. On an exception nothing is written to `p` and the temp file is removed. The file gets the mode any other
+  new file gets (0o666 less the umask: 0644 under umask 022), not mkstemp's private 0600, so that another user or a
+  container with another uid (an evaluator job, a shared runs/ directory) can read it.
   """
   target = path(p)
   if is_local(target):
@@ -116,6 +125,7 @@ def local_file(p: PathLike, *, suffix: str = "") -> Iterator[str]:
   else:
     fd, tmp = tempfile.mkstemp(prefix="ctxrq-", suffix=suffix)
   os.close(fd)
+  os.chmod(tmp, 0o666 & ~_umask())
   try:
     yield tmp
     if is_local(target):

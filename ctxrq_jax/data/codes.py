@@ -15,6 +15,13 @@ A code dataset is a directory:
                   n ArrayRecord shards per split. Example i (in write order) is record i // n of shard i % n, so
                   reading is in write order whatever the number of shards.
 
+Replacing a code dataset (`overwrite`) never destroys the old one before the new one is complete, on a local disk
+as in a bucket (where nothing can be renamed atomically): the new shards get names the old metadata.json does not
+list (`-g{generation}` before `.array_record`, generation the smallest one the old shards do not use), the old data
+set stays whole and readable while they are written, and only once they all are does the commit replace
+codebook.npy and metadata.json (the old metadata.json removed first, so it never describes the new codebook) and
+remove the old shards. An interrupted replacement leaves the old data set as it was.
+
 Multi-host writing (version 4): in a job of P processes each host writes its own part of every split, examples
 [start_p, start_p + m_p) in write order, into its own k shards named
   {split}-part{p:05d}of{P:05d}-{s:05d}-of-{k:05d}.array_record
@@ -92,10 +99,27 @@ def code_dtype(codebook_size: int) -> np.dtype:
   return np.dtype("<i2") if codebook_size <= _INT16_MAX_K else np.dtype("<i4")
 
 
-def shard_name(split: str, shard: int, num_shards: int, part: int = 0, num_parts: int = 1) -> str:
-  """Shard `shard` of `num_shards` of `split`, of process `part`'s part when `num_parts` processes write it."""
+def shard_name(split: str, shard: int, num_shards: int, part: int = 0, num_parts: int = 1,
+               generation: int = 0) -> str:
+  """Shard `shard` of `num_shards` of `split`, of process `part`'s part when `num_parts` processes write it;
+  `generation` > 0 for a data set written over an older one (the module doc's replacement)."""
   owner = f"-part{part:05d}of{num_parts:05d}" if num_parts > 1 else ""
-  return f"{split}{owner}-{shard:05d}-of-{num_shards:05d}.array_record"
+  mark = f"-g{generation}" if generation else ""
+  return f"{split}{owner}-{shard:05d}-of-{num_shards:05d}{mark}.array_record"
+
+
+_GENERATION = re.compile(r"-g(\d+)\.array_record$")
+
+
+def _listed_shards(meta_path: Any) -> tuple[str, ...]:
+  """The shard file names an existing metadata.json lists (none when it cannot be parsed: then nothing of it is
+  readable anyway)."""
+  try:
+    raw = json.loads(meta_path.read_bytes())
+    return tuple(name for info in raw["splits"].values() for name in info["shards"]
+                 if isinstance(name, str) and name and "/" not in name)
+  except (ValueError, KeyError, TypeError, AttributeError):
+    return ()
 
 
 def _locate(sizes: tuple[int, ...], num_shards: int, index: int) -> tuple[int, int]:
@@ -287,12 +311,17 @@ class CodeDatasetWriter:
     self._counts: dict[str, int] = {}
     self._variants: dict[str, int] = {}
     self._closed = False
+    # A data set this one replaces stays whole until this one is committed (the module doc): its shards' names, kept
+    # clear of and removed after the commit. Every process reads them here, before any can commit (after a barrier).
+    self._replaced: tuple[str, ...] = ()
+    self._generation = 0
     meta_path = paths.path(self._dir) / METADATA_FILE
     if meta_path.exists():
       if not overwrite:
         raise ValueError(f"{self._dir} already holds a code dataset; pass overwrite=True (--overwrite) to replace it")
-      if self._process_index == 0:
-        meta_path.unlink()  # First, so a crash below cannot leave old metadata describing new shards.
+      self._replaced = _listed_shards(meta_path)
+      used = {int(m.group(1)) if (m := _GENERATION.search(name)) else 0 for name in self._replaced}
+      self._generation = min(set(range(len(used) + 1)) - used)
     paths.path(self._dir).mkdir(parents=True, exist_ok=True)
 
   @property
@@ -359,7 +388,8 @@ class CodeDatasetWriter:
     self._open(split)
 
   def _shard_names(self, split: str, part: int) -> list[str]:
-    return [shard_name(split, s, self._num_shards, part, self._process_count) for s in range(self._num_shards)]
+    return [shard_name(split, s, self._num_shards, part, self._process_count, self._generation)
+            for s in range(self._num_shards)]
 
   def _open(self, split: str) -> list[Any]:
     if split not in self._writers:
@@ -440,8 +470,15 @@ class CodeDatasetWriter:
         parts={split: n for split, n in sizes.items() if num_parts > 1},
         splits={split: (sum(n), tuple(name for p in range(num_parts) for name in self._shard_names(split, p)))
                 for split, n in sizes.items()})
-    paths.write_with(paths.path(self._dir) / CODEBOOK_FILE, lambda f: np.save(f, self._codebook))
-    paths.write_text(paths.path(self._dir) / METADATA_FILE, json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n")
+    root = paths.path(self._dir)
+    if (root / METADATA_FILE).exists():  # the data set this one replaces: its marker goes before its codebook does
+      (root / METADATA_FILE).unlink()
+    paths.write_with(root / CODEBOOK_FILE, lambda f: np.save(f, self._codebook))
+    paths.write_text(root / METADATA_FILE, json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n")
+    new = {name for _, names in meta.splits.values() for name in names}
+    for name in self._replaced:  # the replaced data set's shards, now that nothing describes them
+      if name not in new and (root / name).exists():
+        (root / name).unlink()
     return meta
 
   def __enter__(self) -> CodeDatasetWriter:

@@ -1,7 +1,15 @@
 """A model's variables on disk, as both artifacts store them (the stage-1 RQ-VAE, `artifact.py`, and the FID
 Inception, `inception_convert.py`): an orbax checkpoint `variables/` plus a small JSON file that describes it, written
 last and atomically by process 0 (its commit marker: on a bucket a directory without it is unfinished), after
-which every host passes a barrier. `directory` is local or a bucket (`core.paths`). Shapes are checked against the model's abstract variables on save and on load.
+which every host passes a barrier. `directory` is local or a bucket (`core.paths`). Shapes are checked against the
+model's abstract variables on save and on load.
+
+Replacing an artifact (`overwrite`: `convert ... --overwrite`, the stage-1 export at the end of every training run)
+never destroys the old one before the new one is complete: the new checkpoint is written beside it into
+`variables.new/`, and only then does process 0 swap it in (JSON removed, `variables/` renamed to `variables.old/`,
+`variables.new/` to `variables/`, the JSON written, the old checkpoint deleted). An interruption while the new
+variables are written, however long that takes, leaves the old artifact loadable; the swap itself is renames (on a
+bucket, copies of the one checkpoint).
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ import orbax.checkpoint as ocp
 from ctxrq_jax.core import paths
 
 VARIABLES_DIR = "variables"
+_STAGING_DIR = VARIABLES_DIR + ".new"  # a replacement's checkpoint while it is written
+_REPLACED_DIR = VARIABLES_DIR + ".old"  # the replaced checkpoint during the swap
 
 
 def check_tree_shapes(tree: Any, expected: Any, where: str, mismatch: str) -> None:
@@ -31,22 +41,41 @@ def check_tree_shapes(tree: Any, expected: Any, where: str, mismatch: str) -> No
 
 
 def save(directory: str, state: Any, *, meta_file: str, meta: dict[str, Any], what: str, overwrite: bool) -> None:
-  """Writes `directory/variables/` (orbax) and then `directory/meta_file` (JSON, atomically, on process 0).
+  """Writes `directory/variables/` (orbax) and then `directory/meta_file` (JSON, atomically, on process 0); an
+  existing artifact (`overwrite`) is replaced only once the new variables are complete (the module doc).
 
   Raises FileExistsError naming `what` when the checkpoint exists and not `overwrite`.
   """
   root = paths.path(directory)
   ckpt_dir = root / VARIABLES_DIR
-  if ckpt_dir.exists() and not overwrite:
+  replacing = ckpt_dir.exists()
+  if replacing and not overwrite:
     raise FileExistsError(f"{what} already exists at {directory} (pass overwrite=True, --overwrite, to replace it)")
-  if jax.process_index() == 0 and (root / meta_file).exists():
-    (root / meta_file).unlink()  # first: a failure below leaves no marker describing the new variables
+  chief = jax.process_index() == 0
+  if chief and not replacing and (root / meta_file).exists():
+    (root / meta_file).unlink()  # a marker without variables: it must not describe the ones written below
   root.mkdir(parents=True, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(ckpt_dir, state, force=overwrite)
-    ckptr.wait_until_finished()
-  if jax.process_index() == 0:
+  target = root / _STAGING_DIR if replacing else ckpt_dir
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(target, state, force=True)  # force: the staging directory an interrupted replacement left
+      ckptr.wait_until_finished()
+  except BaseException:
+    if chief and replacing and target.exists():
+      target.rmtree()
+    raise
+  if chief:
+    if replacing:
+      old = root / _REPLACED_DIR
+      if old.exists():
+        old.rmtree()
+      if (root / meta_file).exists():
+        (root / meta_file).unlink()  # first: during the swap no marker describes a checkpoint half moved
+      ckpt_dir.rename(old)
+      target.rename(ckpt_dir)
     paths.write_json(root / meta_file, meta, indent=2, sort_keys=True)
+    if replacing:
+      (root / _REPLACED_DIR).rmtree()
   paths.barrier(f"ctxrq_variables_files_{root.name}")
 
 

@@ -6,6 +6,10 @@ Outputs (`write_outputs`):
   phases.png       the draft and every revision side by side (one panel per phase, the preview's samples)
   samples.npz      arr_0: uint8 [M, H, W, 3] final images (the layout FID/IS/precision-recall evaluators read),
                    labels: int32 [M], codes: int32 [M, h, w, D]
+  samples.json     written by the `sample` command after the npz (SETTINGS_FILE): the run, step and settings that
+                   drew it. Replacing a samples.npz removes the files that described the one before (`stale_results`:
+                   that samples.json and `evaluate fid` / `evaluate clip`'s samples.fid.json / samples.clip.json)
+                   just before the new file is renamed into place, so none of them outlives its sample set.
 On several hosts each writes its block of the sample indices to shards/samples-<host>-of-<hosts>.npz and
 `merge_shards` joins them into one samples.npz, equal to the one a single host writes (sample i depends on the seed
 and i only; see `sample_codes`).
@@ -212,8 +216,30 @@ def write_samples_npz(loaded: loader.Stage2Model, codes: np.ndarray, labels: np.
       arrays.update(prompts=np.asarray(list(prompts), dtype=str), cond=np.asarray(cond, np.int32))
     with fs.local_file(path, suffix=".npz") as tmp:  # atomic: an earlier file stays whole until the new one is
       np.savez(tmp, **arrays)
+      _remove_stale_results(path)
     del final, arrays
   return path
+
+
+SETTINGS_FILE = "samples.json"
+
+
+def stale_results(npz_path: str) -> list[str]:
+  """The files beside a sample set DIR/NAME.npz that describe it: the settings `sample` recorded (DIR/samples.json,
+  for DIR/samples.npz only) and what `evaluate fid` / `evaluate clip` write by default (DIR/NAME.fid.json,
+  DIR/NAME.clip.json). They describe the set they were written for, so a new set at `npz_path` removes them."""
+  target = fs.path(npz_path)
+  stem = target.name[:-len(".npz")] if target.name.endswith(".npz") else target.name
+  names = [f"{stem}.fid.json", f"{stem}.clip.json"] + ([SETTINGS_FILE] if target.name == "samples.npz" else [])
+  return [str(target.parent / name) for name in names]
+
+
+def _remove_stale_results(npz_path: str) -> None:
+  """Removes `stale_results(npz_path)` (called just before a new file is renamed onto `npz_path`: interrupted in
+  between, the old set stays without its results, never described by them)."""
+  for name in stale_results(npz_path):
+    if fs.path(name).exists():
+      fs.path(name).unlink()
 
 
 @contextlib.contextmanager
@@ -291,6 +317,7 @@ def merge_shards(out_dir: str, process_count: Optional[int] = None) -> str:
     images.flush()
     with fs.local_file(path, suffix=".npz") as tmp:
       np.savez(tmp, arr_0=images, labels=labels, codes=codes, **extra)
+      _remove_stale_results(path)
     del images
   return path
 

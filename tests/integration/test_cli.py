@@ -130,3 +130,24 @@ def test_evaluate_never_replaces_an_earlier_result_unasked(tmp_path):
     assert out.returncode == 2 and "exists (an earlier result); pass --overwrite" in out.stderr, (args, out.stderr)
   assert (tmp_path / "s.fid.json").read_text() == '{"fid": 1.0}'
   assert (tmp_path / "ref.npz").read_bytes() == b"a downloaded reference"
+
+
+def test_readme_commands_pass_only_flags_their_subcommand_reads():
+  # sample, evaluate, encode and convert refuse a flag the chosen subcommand ignores (`core.cli.check_flags`): no
+  # command the README shows may pass one.
+  from ctxrq_jax import convert, encode, evaluate, sample  # pylint: disable=g-import-not-at-top
+  tables = {"sample": sample.MODE_FLAGS, "evaluate": evaluate.COMMAND_FLAGS, "encode": encode.COMMAND_FLAGS,
+            "convert": convert.SUBCOMMAND_FLAGS}
+  checked = 0
+  for module, args in README_COMMANDS:
+    if module not in tables or "..." in args:
+      continue
+    args = args[:args.index("#")] if "#" in args else args  # a comment after the command
+    words = [a for a in args if not a.startswith("-")]
+    names = [a[2:].split("=", 1)[0] for a in args if a.startswith("--")]
+    command = words[0] if words else (sample.MERGE if module == "sample" and "merge" in names else "")
+    for name in names:
+      name = name if name in tables[module] else name.removeprefix("no")
+      assert command in tables[module].get(name, (command,)), f"README: {module} {command} --{name} is refused"
+    checked += 1
+  assert checked >= 15

@@ -4,9 +4,11 @@ traceback of a mistake too. Then the mistakes the commands report, each through 
 where that needs no trained run (tests/integration/test_install.py runs a few of them from the installed wheel).
 """
 
+import json
 import logging as py_logging
 import os
 import sys
+import types
 
 from absl import app
 from absl import flags
@@ -18,11 +20,13 @@ import pytest
 
 from ctxrq_jax import convert
 from ctxrq_jax import demo
+from ctxrq_jax import encode
 from ctxrq_jax import evaluate
 from ctxrq_jax import sample
 from ctxrq_jax import train
 from ctxrq_jax.core import cli
 from ctxrq_jax.core import config as configlib
+from ctxrq_jax.sampling import loader
 from ctxrq_jax.sampling import runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -229,6 +233,76 @@ def test_convert_names_flags_its_converter_ignores_and_paths_it_cannot_use(run, 
   ]
   for args, message in cases:
     assert run(convert.main, convert.define_flags, *args) == (2, [f"error: {message}"]), args
+
+
+def test_sample_keeps_an_earlier_set_and_records_the_settings_of_each(run, tmp_path, monkeypatch):
+  # `sample` used to replace OUT/samples.npz (a 50k-sample FID set) by any later run, recording no settings, and the
+  # old set's samples.fid.json stayed beside the new one. The run is a stand-in (no model is built or compiled):
+  # `sample_codes` draws zeros, the RQ-VAE decodes them to black 8x8 images.
+  def images(codes, *, uint8=False, out=None):
+    del uint8
+    black = np.zeros((len(codes), 8, 8, 3), np.uint8)
+    if out is None:
+      return black
+    out[...] = black
+    return out
+
+  config = configlib.load_config_file("demo", "smoke")
+  fake = lambda workdir, use_ema: types.SimpleNamespace(  # noqa: E731
+      workdir=workdir, config=config, step=8, params_name="ema_params", model=types.SimpleNamespace(is_text=False),
+      code_shape=(8, 8, 4), resolution=8, images=images)
+  monkeypatch.setattr(loader, "Stage2Model", fake)
+  monkeypatch.setattr(runner, "sample_codes", lambda loaded, labels, rng, *, num_revisions, **kw: np.zeros(
+      (num_revisions + 1, len(labels), 64, 4), np.int32))
+  out = tmp_path / "samples"
+  args = (f"--workdir={tmp_path}/run", f"--out={out}", "--num_per_class=2")
+  assert run(sample.main, sample.define_flags, *args, "--classes=0,1,2") == (None, [])
+  settings = json.loads((out / "samples.json").read_text())
+  assert (settings["classes"], settings["per_class"], settings["num_samples"], settings["seed"]) == ([0, 1, 2], 2, 6, 0)
+  assert (settings["step"], settings["params"], settings["T_draft"], settings["M"]) == (
+      8, "ema_params", config.sample.T_draft, config.sample.M)
+  assert settings["revise"]["guidance_scale"] == config.sample.revise.guidance
+  (out / "samples.fid.json").write_text('{"fid": 1.0}')  # `evaluate fid`'s result for this set
+  before = (out / "samples.npz").read_bytes()
+  assert run(sample.main, sample.define_flags, *args, "--classes=3") == (
+      2, [f"error: {out / 'samples.npz'} exists (an earlier sample set); pass --overwrite to replace it, or choose "
+          "another --out"])
+  assert (out / "samples.npz").read_bytes() == before and (out / "samples.fid.json").exists()
+  assert run(sample.main, sample.define_flags, *args, "--classes=3", "--seed=7", "--overwrite") == (None, [])
+  with np.load(out / "samples.npz") as f:
+    assert f["labels"].tolist() == [3, 3]
+  settings = json.loads((out / "samples.json").read_text())
+  assert (settings["classes"], settings["num_samples"], settings["seed"]) == ([3], 2, 7)
+  assert not (out / "samples.fid.json").exists()  # it described the set the new one replaced
+
+
+def test_flags_the_chosen_subcommand_ignores_are_named(run, tmp_path):
+  # Checked first, before anything is read: `sample --class=3` (for --classes=3) drew every class, `sample inpaint
+  # --merge` merged shards instead of painting, `evaluate samples --samples=X.npz` drew its own samples.
+  w = f"--workdir={tmp_path}"
+  cases = [
+      (sample, (w, "--class=3"), "--class applies to `sample inpaint` only, not to `sample`"),
+      (sample, ("inpaint", w, "--merge", "--batch_size=4", "--classes=1"),
+       "--classes applies to `sample` only; --batch_size applies to `sample` only; --merge applies to `sample` or "
+       "`sample --merge` only, not to `sample inpaint`"),
+      (sample, (w, "--image=x.png"), "--image applies to `sample inpaint` only, not to `sample`"),
+      (sample, ("--merge", f"--out={tmp_path}", "--seed=3"),
+       "--seed applies to `sample` or `sample inpaint` only, not to `sample --merge`"),
+      (sample, ("inpaint", w, "--overwrite"), "--overwrite applies to `sample` or `sample --merge` only, not to "
+       "`sample inpaint`"),
+      (evaluate, ("samples", w, f"--samples={tmp_path}/x.npz"),
+       "--samples applies to `evaluate fid / clip` only, not to `evaluate samples`"),
+      (evaluate, ("fid", "--seed=3"),
+       "--seed applies to `evaluate stage2 / samples / ablation / text_samples` only, not to `evaluate fid`"),
+      (evaluate, ("stage2", w, "--samples_per_class=5"),
+       "--samples_per_class applies to `evaluate samples / ablation` only, not to `evaluate stage2`"),
+      (encode, ("encode", "--artifact=a", "--out=o", "--resize=squash"),
+       "--resize applies to `encode captions` only, not to `encode encode`"),
+      (encode, ("captions", "--artifact=a", "--out=o", "--config=configs/rqvae_mnist.py"),
+       "--config applies to `encode encode` only, not to `encode captions`"),
+  ]
+  for module, args, message in cases:
+    assert run(module.main, module.define_flags, *args) == (2, [f"error: {message}"]), args
 
 
 def test_class_ids_outside_the_model_are_named():

@@ -129,3 +129,21 @@ def test_mistyped_urls_are_named_not_made_local(tmp_path):
     paths.path("GS://bucket/run")
   assert os.fspath(paths.path("gs://bucket/run")) == "gs://bucket/run"
   assert paths.path(tmp_path / "a:b") == paths.path(str(tmp_path / "a:b"))  # a colon inside a local name is fine
+
+
+def test_local_file_results_get_the_umasks_mode(tmp_path):
+  # mkstemp makes its file 0600 and the rename kept it: samples.npz, code shards, reference npz came out rw-------
+  # while every other file followed the umask, unreadable to another uid (an evaluator job, a shared runs/ dir).
+  old = os.umask(0o022)
+  try:
+    with paths.local_file(tmp_path / "result.npz") as tmp:
+      Path(tmp).write_bytes(b"x")
+    paths.write_bytes(tmp_path / "other.bin", b"y")
+    os.umask(0o027)
+    with paths.local_file(tmp_path / "group.npz") as tmp:
+      Path(tmp).write_bytes(b"x")
+  finally:
+    os.umask(old)
+  assert (tmp_path / "result.npz").stat().st_mode & 0o777 == 0o644
+  assert (tmp_path / "other.bin").stat().st_mode & 0o777 == 0o644
+  assert (tmp_path / "group.npz").stat().st_mode & 0o777 == 0o640

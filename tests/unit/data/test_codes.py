@@ -86,6 +86,37 @@ def test_code_writer_exception_leaves_no_metadata(tmp_path):
     codes_lib.read_metadata(tmp_path)
 
 
+def test_an_interrupted_overwrite_leaves_the_old_dataset_and_a_finished_one_replaces_it(tmp_path):
+  # `encode --overwrite` (hours on ImageNet) and the demo's re-encode used to unlink metadata.json before writing:
+  # a Ctrl-C or preemption after the first batch left nothing loadable.
+  codebook, data = _write_codes(tmp_path, num_shards=2)
+  old_files = sorted(os.listdir(tmp_path))
+  with pytest.raises(KeyboardInterrupt):
+    with codes_lib.CodeDatasetWriter(tmp_path, code_shape=(2, 3, 4), codebook=codebook + 1, num_classes=4,
+                                     source="new", num_shards=2, overwrite=True) as w:
+      w.write("train", np.zeros((4, 2, 3, 4), np.int32), np.zeros(4, np.int32))
+      raise KeyboardInterrupt("preempted after the first batch")
+  assert codes_lib.read_metadata(tmp_path).source == {"dataset": "synthetic"}
+  np.testing.assert_array_equal(codes_lib.load_codebook(tmp_path), codebook)
+  for split, (c, y) in data.items():
+    got_c, got_y = codes_lib.load_codes(tmp_path, split)
+    np.testing.assert_array_equal(got_c, c)
+    np.testing.assert_array_equal(got_y, y)
+  assert sorted(os.listdir(tmp_path)) == old_files  # the interrupted writer's staging files are gone
+  # A finished replacement (other shard counts: its names and the old ones differ anyway) commits, then removes the
+  # old shards; one over that (same counts) takes the other generation of names, and so on.
+  for num_shards, source in ((3, "second"), (3, "third"), (3, "fourth")):
+    new_codebook, new = helpers.write_code_dataset(tmp_path, num_shards=num_shards, seed=len(source), chunk=4,
+                                                   overwrite=True, source=source)
+    meta = codes_lib.read_metadata(tmp_path)
+    assert meta.source == source
+    np.testing.assert_array_equal(codes_lib.load_codebook(tmp_path), new_codebook)
+    np.testing.assert_array_equal(codes_lib.load_codes(tmp_path, "train")[0], new["train"][0])
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [codes_lib.METADATA_FILE, codes_lib.CODEBOOK_FILE, *meta.shard_files("train"), *meta.shard_files("test")])
+  assert meta.shard_files("test")[0] == "test-00000-of-00003-g1.array_record"
+
+
 def test_code_reader_detects_corruption(tmp_path):
   _write_codes(tmp_path, num_shards=2)
   meta_path = tmp_path / codes_lib.METADATA_FILE

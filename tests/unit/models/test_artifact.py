@@ -30,6 +30,31 @@ def test_artifact_round_trip(tiny, tmp_path):
   artifact.save_artifact(tmp_path / "art", TINY, variables, overwrite=True)
 
 
+def test_an_interrupted_overwrite_leaves_the_old_artifact(tiny, tmp_path, monkeypatch):
+  # The stage-1 export (every training run's end) and `convert --overwrite` used to unlink the JSON and let orbax
+  # delete the old variables before writing: interrupted there, no artifact was left to decode a finished stage 2.
+  from ctxrq_jax.models import variables_files  # pylint: disable=g-import-not-at-top
+  _, variables, _ = tiny
+  art = tmp_path / "art"
+  artifact.save_artifact(art, TINY, variables)
+  doubled = jax.tree.map(lambda a: a * 2, variables)
+  real_save = variables_files.ocp.StandardCheckpointer.save
+
+  def interrupted(self, directory, *args, **kwargs):
+    real_save(self, directory, *args, **kwargs)
+    raise KeyboardInterrupt("preempted while the new variables were written")
+
+  monkeypatch.setattr(variables_files.ocp.StandardCheckpointer, "save", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    artifact.save_artifact(art, TINY, doubled, overwrite=True)
+  monkeypatch.undo()
+  helpers.assert_trees_equal(artifact.load_artifact(art)[1], variables)
+  assert sorted(os.listdir(art)) == ["model_config.json", "variables"]
+  artifact.save_artifact(art, TINY, doubled, overwrite=True)  # a finished replacement: swapped in, old removed
+  helpers.assert_trees_equal(artifact.load_artifact(art)[1], doubled)
+  assert sorted(os.listdir(art)) == ["model_config.json", "variables"]
+
+
 def test_artifact_errors_name_the_problem(tiny, tmp_path):
   _, variables, _ = tiny
   with pytest.raises(FileNotFoundError, match="does not exist"):
