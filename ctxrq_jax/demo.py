@@ -6,7 +6,8 @@
                                                            # rightward seven", prompts under the samples
 
 Trains the RQ-VAE, encodes the digits, trains the Contextual RQ-Transformer and writes Draft-and-Revise samples under
-the workdir, printing one progress line per stage and a results table. Re-running resumes every stage.
+the workdir, printing one progress line per stage and a results table. Re-running resumes every stage (a finished
+demo prints its table again); one workdir holds one kind of run: --smoke or the full demo, and one --max_examples.
 """
 
 from absl import app
@@ -69,9 +70,9 @@ def main(argv: list[str]) -> None:
     if not text and max_examples is None:
       max_examples = demo.SMOKE_MAX_EXAMPLES
   if text:
-    summary = demo.run_text(stage1, stage2, FLAGS.workdir, samples_per_class)
+    summary = demo.run_text(stage1, stage2, FLAGS.workdir, samples_per_class, smoke=FLAGS.smoke)
   else:
-    summary = demo.run(stage1, stage2, FLAGS.workdir, samples_per_class, max_examples=max_examples)
+    summary = demo.run(stage1, stage2, FLAGS.workdir, samples_per_class, max_examples=max_examples, smoke=FLAGS.smoke)
   if "stopped_at" in summary:
     print(f"stopped at step {summary['stopped_at']}; run the same command to resume")
     return

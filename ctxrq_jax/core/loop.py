@@ -12,7 +12,10 @@ Per step t (from the state's step + 1 to `num_steps`): `state, metrics = train_s
     are written and kept in the result;
   * SIGTERM / SIGINT (any host, see `PreemptionGuard`) or `stop_after_steps` steps in this call save a checkpoint
     with the data-iterator position and return early (`stopped`); re-running the same command resumes bit for bit;
-  * checkpoints are saved on the checkpointer's interval and at the last step, never past an unchecked step.
+  * checkpoints are saved on the checkpointer's interval and at the last step, never past an unchecked step; each
+    holds the last logged train scalars and periodic outputs as its metadata, so a run resumed at (or past)
+    `num_steps`, which trains no step, returns the results of its last steps (or, from a checkpoint without them,
+    runs each `Periodic` once) instead of empty ones.
 
 Several steps per call (`StepsPerCall`, e.g. `train.steps_per_call` of stage 2): one compiled program runs up to k
 steps (`scan_steps`) on k batches stacked on a leading axis, so per-call costs are paid once per k steps. On a CPU
@@ -27,6 +30,7 @@ call; a non-finite step is named exactly.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from typing import Any, Callable, Optional, Sequence
 
@@ -34,6 +38,8 @@ import jax
 import numpy as np
 
 from ctxrq_jax.core import checkpoint
+from ctxrq_jax.core import config as configlib
+from ctxrq_jax.core import paths
 from ctxrq_jax.core import reporting
 
 log = logging.getLogger(__name__)
@@ -123,6 +129,13 @@ def run(state: Any, *, name: str, train_step: Callable[[Any, Any], tuple[Any, An
       result.skipped_steps += 1
       log.warning("non-finite loss or gradient at step %d: update skipped (%d so far)", step, result.skipped_steps)
 
+  if start_step >= num_steps:  # nothing to train: the results of the run's last steps
+    _restore_results(result, checkpointer, start_step, state, periodic)
+
+  def save(step: int, force: bool) -> bool:
+    return checkpointer.save(step, state, data_iterator=data_iterator, force=force,
+                             metadata={_RESULTS: {"train": result.train, "periodic": result.periodic}})
+
   step = start_step
   with checkpoint.PreemptionGuard() as guard, reporting.Progress(name, num_steps, start=start_step) as progress:
     while step < num_steps:
@@ -156,7 +169,7 @@ def run(state: Any, *, name: str, train_step: Callable[[Any, Any], tuple[Any, An
       if guard.stop_requested(step) or (stop_after_steps is not None and step - start_step >= stop_after_steps
                                         and not last):
         check_finite()
-        checkpointer.save(step, state, data_iterator=data_iterator, force=True)
+        save(step, force=True)
         writer.flush()
         log.warning("%s stopped at step %d (signal or stop_after_steps); checkpoint saved. Re-run the same "
                         "command to resume.", name, step)
@@ -164,7 +177,7 @@ def run(state: Any, *, name: str, train_step: Callable[[Any, Any], tuple[Any, An
         break
       if checkpointer.should_save(step) or last:
         check_finite()  # never checkpoint past an unchecked step
-        checkpointer.save(step, state, data_iterator=data_iterator, force=last)
+        save(step, force=last)
         # The metrics reach the event file at the checkpoint cadence too (on a bucket it is uploaded on flush).
         writer.flush()
     check_finite()
@@ -174,3 +187,58 @@ def run(state: Any, *, name: str, train_step: Callable[[Any, Any], tuple[Any, An
     writer.flush()
   result.state, result.step = state, int(jax.device_get(state.step))
   return result
+
+
+_RESULTS = "results"  # the checkpoint metadata's key of {'train': scalars, 'periodic': {name: scalars}}
+
+
+def _restore_results(result: Result, checkpointer: checkpoint.Checkpointer, step: int, state: Any,
+                     periodic: Sequence[Periodic]) -> None:
+  """Fills `result.train` / `result.periodic` of a run that trains no step: from the metadata of checkpoint `step`,
+  or else (a checkpoint saved without them) by running each `Periodic` once on `state` (nothing is written)."""
+  try:
+    saved = (checkpointer.read_metadata(step) or {}).get(_RESULTS)
+  except Exception as e:  # pylint: disable=broad-except  (an unreadable metadata item: evaluate instead)
+    log.info("no results in checkpoint %d (%s); running the periodic work once", step, e)
+    saved = None
+  if isinstance(saved, dict) and isinstance(saved.get("periodic"), dict):
+    result.train = {str(k): float(v) for k, v in (saved.get("train") or {}).items()}
+    result.periodic = {str(n): {str(k): float(v) for k, v in out.items()} for n, out in saved["periodic"].items()}
+    if all(p.name in result.periodic for p in periodic):
+      return
+  for p in periodic:
+    if p.name not in result.periodic:
+      out = p.fn(step, state)
+      if out:
+        result.periodic[p.name] = {k: float(v) for k, v in out.items()}
+
+
+def save_config_snapshot(config: Any, workdir: str, *, resumed_step: Optional[int], name: str,
+                         write: bool = True) -> None:
+  """Writes the run's config.json (`config.save_snapshot`), the record of its settings (and the sampler's defaults).
+
+  Resuming (`resumed_step`: the step of the newest checkpoint, None for a new run) under a config that differs from
+  the saved one is allowed (a longer schedule, another logging cadence; the trainers refuse changes of the state's
+  shapes themselves), but not silent: one warning lists the changed keys, and the earlier snapshot is kept as
+  config-<step>.json, so the settings the steps up to there were trained with are not lost.
+  """
+  path = paths.path(workdir) / configlib.SNAPSHOT
+  if resumed_step is not None and path.exists():
+    try:
+      saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+      saved = None
+    new = json.loads(config.to_json_best_effort())
+    diffs = configlib.changed_keys(saved, new, ("",)) if isinstance(saved, dict) else []
+    if diffs:
+      kept = paths.path(workdir) / f"config-{int(resumed_step)}.json"
+      if write and not kept.exists():  # an existing one already holds the settings the steps so far used
+        paths.write_text(kept, path.read_text())
+      shown = "; ".join(diffs[:_DIFFS_SHOWN]) + (f"; and {len(diffs) - _DIFFS_SHOWN} more"
+                                                 if len(diffs) > _DIFFS_SHOWN else "")
+      log.warning("%s in %s resumes at step %d with another config (%s); the config of the steps so far is kept in "
+                  "%s", name, workdir, int(resumed_step), shown, kept)
+  configlib.save_snapshot(config, workdir, write=write)
+
+
+_DIFFS_SHOWN = 10

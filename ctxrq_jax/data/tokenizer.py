@@ -48,6 +48,7 @@ BPE_DROPOUT = 0.1
 MIN_FREQUENCY = 2
 VOCAB_SUFFIX = "-vocab.json"
 MERGES_SUFFIX = "-merges.txt"
+END_OF_WORD = "</w>"  # CharBPE's suffix of a word's last token
 
 
 def default_prefix(vocab_size: int) -> str:
@@ -224,9 +225,9 @@ def train_tokenizer(captions: Iterable[str], out_dir: str, *, vocab_size: int = 
   Returns (vocab file, merges file), named `<prefix>-vocab.json`, `<prefix>-merges.txt` (prefix default
   `default_prefix(vocab_size)`, 'bpe-16k' for 16,384). The vocabulary can come out smaller than `vocab_size` when
   the captions hold fewer merges of at least `min_frequency` occurrences; the trained size is what the files hold.
+  The files are a function of the captions and the settings: the same captions give byte-identical files in any
+  process (`_train_bpe`; the tokenizers library's own trainer numbers some tokens, and breaks ties, in hash-map order).
   """
-  from tokenizers import CharBPETokenizer  # pylint: disable=g-import-not-at-top
-
   if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 3:
     raise ValueError(f"vocab_size must be an integer >= 3, got {vocab_size!r}")
   if isinstance(min_frequency, bool) or not isinstance(min_frequency, (int, np.integer)) or min_frequency < 1:
@@ -240,17 +241,134 @@ def train_tokenizer(captions: Iterable[str], out_dir: str, *, vocab_size: int = 
   existing = sorted(p.name for p in out.iterdir() if p.name.endswith(VOCAB_SUFFIX))
   if existing:
     raise ValueError(f"{out_dir} already holds a tokenizer ({existing[0]}); choose another --out")
-  tok = CharBPETokenizer(unk_token=UNK, lowercase=True)
-  # Special tokens first, in this order, so [PAD] = 0 and [UNK] = 1 as in the official vocabulary.
-  tok.train_from_iterator(captions, vocab_size=int(vocab_size), min_frequency=int(min_frequency),
-                          special_tokens=[PAD, UNK], show_progress=False)
-  with paths.scratch_dir() as scratch:  # the library writes local files; they are then put in place
-    files = [str(paths.write_bytes(out / paths.path(f).name, paths.path(f).read_bytes()))
-             for f in tok.save_model(scratch, prefix)]
-  vocab = next(f for f in files if f.endswith(VOCAB_SUFFIX))
-  merges = next(f for f in files if f.endswith(MERGES_SUFFIX))
-  return vocab, merges
+  tokens, merges = _train_bpe(_word_counts(captions), vocab_size=int(vocab_size), min_frequency=int(min_frequency))
+  vocab_json = json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False, separators=(",", ":"))
+  merges_text = "".join(f"{a} {b}\n" for a, b in merges)
+  # Merges first, the vocabulary last: `find_files` sees the pair only once both are in place.
+  merges_file = str(paths.write_bytes(out / (prefix + MERGES_SUFFIX),
+                                     f"#version: 0.2\n{merges_text}".encode("utf-8")))
+  vocab_file = str(paths.write_bytes(out / (prefix + VOCAB_SUFFIX), vocab_json.encode("utf-8")))
+  return vocab_file, merges_file
 
 
-__all__ = ["BPE_DROPOUT", "CONTEXT_LENGTH", "CaptionTokenizer", "EMPTY_CAPTION_ID", "PAD_ID", "UNK_ID", "VOCAB_SIZE",
-           "default_prefix", "find_files", "read_captions", "train_tokenizer"]
+TRAINED_TOKENIZER_FILE = "tokenizer.json"  # in a stage-2 workdir: which tokenizer its captions were encoded with
+
+
+def record_trained_tokenizer(workdir: str, fingerprint: str, codes_dir: str) -> None:
+  """Writes WORKDIR/tokenizer.json: the `CaptionTokenizer.fingerprint` of the tokenizer whose ids a stage-2 run
+  trains on (as the code dataset `codes_dir` records it); `check_trained_tokenizer` compares it."""
+  paths.write_json(paths.path(workdir) / TRAINED_TOKENIZER_FILE,
+                   {"sha256": str(fingerprint), "codes_dir": paths.name(codes_dir)})
+
+
+def check_trained_tokenizer(workdir: str, fingerprint: str, codes_dir: str) -> bool:
+  """ValueError unless `fingerprint` (the tokenizer of `codes_dir`'s captions) is the one the stage-2 model in
+  `workdir` was trained on; False when the run records none, True when it matches.
+
+  Caption codes re-encoded with another tokenizer keep their shapes, so nothing else notices: the model would go on
+  training on ids that now mean other tokens, and its prompts would be tokenized with the new ids.
+  """
+  path = paths.path(workdir) / TRAINED_TOKENIZER_FILE
+  if not path.exists():
+    return False
+  saved = json.loads(path.read_text())
+  if saved.get("sha256") != fingerprint:
+    raise ValueError(f"the captions of {codes_dir} were tokenized with another tokenizer (fingerprint "
+                     f"{str(fingerprint)[:12]}) than the one the stage-2 model in {workdir} was trained on "
+                     f"({str(saved.get('sha256'))[:12]}, of {saved.get('codes_dir')}): train stage 2 anew in another "
+                     "workdir, or point data.codes_dir at the caption codes it was trained on")
+  return True
+
+
+def _word_counts(captions: Sequence[str]) -> dict[str, int]:
+  """{word: occurrences} of the captions, split into words as CharBPETokenizer does (its own normalizer and
+  pre-tokenizer: lower-cased, cleaned, split at whitespace and punctuation)."""
+  from tokenizers import CharBPETokenizer  # pylint: disable=g-import-not-at-top
+
+  backend = CharBPETokenizer(unk_token=UNK, lowercase=True)._tokenizer  # pylint: disable=protected-access
+  counts: dict[str, int] = {}
+  for caption in captions:
+    for word, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(caption)):
+      counts[word] = counts.get(word, 0) + 1
+  return counts
+
+
+def _train_bpe(word_counts: dict[str, int], *, vocab_size: int,
+               min_frequency: int) -> tuple[list[str], list[tuple[str, str]]]:
+  """Character-level BPE with the end-of-word suffix: (tokens in id order, merges in order).
+
+  The algorithm of the tokenizers library's BpeTrainer (as CharBPETokenizer trains it): [PAD], [UNK], the
+  characters, the words' last characters with `END_OF_WORD`, then repeatedly the most frequent adjacent pair (counted
+  over every occurrence, weighted by word counts) merged into a new token, until `vocab_size` tokens or no pair
+  occurs `min_frequency` times. The library numbers the end-of-word characters in the order of a hash map seeded
+  anew in each process, and breaks ties between equally frequent pairs by those ids, so two trainings on the same
+  captions gave permuted ids and even other merges. Here every order is fixed: the characters sorted, then the
+  end-of-word ones sorted, and ties go to the pair of smaller (left, right) ids, so the result is a function of the
+  captions alone.
+  """
+  import heapq  # pylint: disable=g-import-not-at-top
+
+  chars = sorted({c for w in word_counts for c in w})
+  finals = sorted({w[-1] + END_OF_WORD for w in word_counts if w})
+  tokens = [PAD, UNK, *chars, *(t for t in finals if t not in chars)]
+  ids = {t: i for i, t in enumerate(tokens)}
+  words = [[*w[:-1], w[-1] + END_OF_WORD] for w in sorted(word_counts) if w]
+  counts = [word_counts[w] for w in sorted(word_counts) if w]
+  pair_counts: dict[tuple[str, str], int] = {}
+  where: dict[tuple[str, str], set[int]] = {}
+  for i, (symbols, n) in enumerate(zip(words, counts)):
+    for pair in zip(symbols, symbols[1:]):
+      pair_counts[pair] = pair_counts.get(pair, 0) + n
+      where.setdefault(pair, set()).add(i)
+  key = lambda pair: (-pair_counts[pair], ids[pair[0]], ids[pair[1]], pair)  # noqa: E731
+  heap = [key(pair) for pair in pair_counts]
+  heapq.heapify(heap)
+  merges: list[tuple[str, str]] = []
+  while len(tokens) < vocab_size and heap:
+    neg, _, _, pair = heapq.heappop(heap)
+    if pair_counts.get(pair, 0) != -neg:  # stale: its count changed since it was pushed
+      if pair_counts.get(pair, 0) > 0:
+        heapq.heappush(heap, key(pair))
+      continue
+    if -neg < max(min_frequency, 1):
+      break
+    a, b = pair
+    new = a + b
+    if new not in ids:
+      ids[new] = len(tokens)
+      tokens.append(new)
+    merges.append(pair)
+    changed = set()
+    for i in sorted(where.pop(pair, ())):
+      old, n = words[i], counts[i]
+      merged, j = [], 0
+      while j < len(old):  # left to right, non-overlapping, as the library merges a word
+        if j + 1 < len(old) and old[j] == a and old[j + 1] == b:
+          merged.append(new)
+          j += 2
+        else:
+          merged.append(old[j])
+          j += 1
+      for p in zip(old, old[1:]):
+        pair_counts[p] -= n
+        changed.add(p)
+      for p in zip(merged, merged[1:]):
+        pair_counts[p] = pair_counts.get(p, 0) + n
+        changed.add(p)
+      for p in set(zip(old, old[1:])) - set(zip(merged, merged[1:])):
+        where.get(p, set()).discard(i)
+      for p in zip(merged, merged[1:]):
+        where.setdefault(p, set()).add(i)
+      words[i] = merged
+    pair_counts.pop(pair, None)
+    for p in changed:
+      if p != pair and pair_counts.get(p, 0) > 0:
+        heapq.heappush(heap, key(p))
+      elif pair_counts.get(p, 1) <= 0:
+        pair_counts.pop(p, None)
+  return tokens, merges
+
+
+__all__ = ["BPE_DROPOUT", "CONTEXT_LENGTH", "CaptionTokenizer", "EMPTY_CAPTION_ID", "PAD_ID", "TRAINED_TOKENIZER_FILE",
+           "UNK_ID", "VOCAB_SIZE", "check_trained_tokenizer", "default_prefix", "find_files", "read_captions",
+           "record_trained_tokenizer", "train_tokenizer"]

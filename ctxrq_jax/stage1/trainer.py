@@ -10,7 +10,7 @@ both gradients w.r.t. the decoder's last convolution, read from the step's own b
 The codebook follows EMA updates (`rq.ema_update`, `rq.restart_dead_codes`) outside the gradient. The run goes
 through the shared loop (ctxrq_jax/core/loop.py): checkpoints with the data-iterator position, automatic resume
 from `workdir`, SIGTERM/SIGINT save and exit cleanly. At the end the model is exported as a stage-1 artifact in `workdir/rqvae`
-(ctxrq_jax/models/artifact.py) for encoding and stage 2.
+(ctxrq_jax/models/artifact.py) for encoding and stage 2 (a re-run that trains no step keeps the one it exported).
 """
 
 from __future__ import annotations
@@ -279,6 +279,17 @@ def _artifact_variables(state: Stage1State) -> dict[str, Any]:
   return rqvae.with_codebook_state({"params": jax.device_get(state.params)}, jax.device_get(state.quantizer))
 
 
+def _artifact_holds(directory: Any, variables: dict[str, Any]) -> bool:
+  """Whether the finished stage-1 artifact in `directory` holds exactly `variables` ({'params', 'quantizer'})."""
+  try:
+    _, saved = artifact.load_artifact(directory)
+  except (FileNotFoundError, ValueError):
+    return False
+  a, b = jax.tree_util.tree_leaves_with_path(saved), jax.tree_util.tree_leaves_with_path(variables)
+  return len(a) == len(b) and all(pa == pb and np.array_equal(np.asarray(va), np.asarray(vb))
+                                  for (pa, va), (pb, vb) in zip(a, b))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after_steps: int | None = None) -> dict[str, Any]:
   """Trains (or resumes) stage 1 in `workdir`; exports the artifact; returns the held-out eval metrics.
@@ -308,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                  max_to_keep=int(config.train.keep_checkpoints),
                                  save_interval_steps=int(config.train.ckpt_every))
   configlib.check_resumable(ckpt, state, workdir)  # before config.json is overwritten
-  configlib.save_snapshot(config, workdir, write=host.is_chief())
+  loop.save_config_snapshot(config, workdir, resumed_step=ckpt.latest_step(), name="stage 1", write=host.is_chief())
   restored, step = ckpt.restore(state, data_iterator=train_iter)
   if restored is not None:
     state = restored
@@ -345,8 +356,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   state = result.state
   variables = rqvae.with_codebook_state({"params": jax.device_get(state.params)}, jax.device_get(state.quantizer))
-  # Every process: orbax's save is collective (process 0 writes the shared files, then all pass a barrier).
-  artifact.save_artifact(paths.path(workdir) / ARTIFACT_DIR, config.model, variables, overwrite=True)
+  # Every process: orbax's save is collective (process 0 writes the shared files, then all pass a barrier). A run
+  # that trained no step keeps the artifact it exported before when that holds these variables (every process reads
+  # the same files and compares the same state, so all agree): replacing it would rewrite the RQ-VAE that code
+  # datasets and stage-2 runs depend on, and an interrupted rewrite would leave none.
+  trained = step is None or step < num_steps
+  if trained or not _artifact_holds(paths.path(workdir) / ARTIFACT_DIR, variables):
+    artifact.save_artifact(paths.path(workdir) / ARTIFACT_DIR, config.model, variables, overwrite=True)
   # LPIPS is reported when the run has its weights at hand (the perceptual loss is on); `evaluate rqvae` always can.
   # At float32 matmul precision, as `evaluate rqvae` reads the artifact (models/artifact.load_artifact).
   results = reconstruction.evaluate_rqvae(trainer.model.clone(precision="highest"), variables, config.data,

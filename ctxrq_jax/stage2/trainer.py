@@ -60,7 +60,9 @@ from ctxrq_jax.core import paths
 from ctxrq_jax.core import reporting
 from ctxrq_jax.core import sharding
 from ctxrq_jax.core.config import ConfigError
+from ctxrq_jax.data import code_captions
 from ctxrq_jax.data import codes as codes_lib
+from ctxrq_jax.data import tokenizer as tokenizer_lib
 from ctxrq_jax.models import common
 from ctxrq_jax.models import transformer
 from ctxrq_jax.stage2 import masking
@@ -511,9 +513,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     check_resume_config(config, workdir)
     configlib.check_resumable(ckpt, abstract, workdir)
   known = resuming and codes_lib.check_trained_codebook(workdir, host_codebook, config.data.codes_dir)
+  # The caption ids too: a tokenizer trained again (or another one) gives the same shapes and other ids.
+  tokenizer_fingerprint = (meta.source.get(code_captions.FINGERPRINT_KEY)
+                           if meta.is_text and isinstance(meta.source, dict) else None)
+  known_tokenizer = bool(tokenizer_fingerprint) and resuming and tokenizer_lib.check_trained_tokenizer(
+      workdir, tokenizer_fingerprint, config.data.codes_dir)
   if not known and host.is_chief():
     codes_lib.record_trained_codebook(workdir, host_codebook, config.data.codes_dir)
-  configlib.save_snapshot(config, workdir, write=host.is_chief())
+  if tokenizer_fingerprint and not known_tokenizer and host.is_chief():
+    tokenizer_lib.record_trained_tokenizer(workdir, tokenizer_fingerprint, config.data.codes_dir)
+  loop.save_config_snapshot(config, workdir, resumed_step=ckpt.latest_step() if resuming else None,
+                            name="stage 2", write=host.is_chief())
 
   # ---- state: restored into its shardings, or initialised sharded
   state, restored_step = ckpt.restore(abstract, data_iterator=train_iter)

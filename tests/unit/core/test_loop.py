@@ -256,3 +256,48 @@ def test_steps_per_call_names_the_nonfinite_step(tmp_path):
   assert _saved_steps(tmp_path / "stop") == [4]
   result, _ = _run_calls(tmp_path / "skip", 4, bad_batches=(1, 2, 9), nonfinite="skip")
   assert result.skipped_steps == 3 and float(result.state.w) == 45.0 - 1 - 2 - 9
+
+
+def test_a_finished_run_run_again_returns_its_last_results(tmp_path):
+  # No step runs the second time: the train scalars and the periodic outputs of the last steps come back from the
+  # checkpoint's metadata (train.py / the demo print them), and nothing is evaluated again.
+  calls = []
+
+  def evaluate(step, state):
+    calls.append(step)
+    return {"eval/w": float(state.w)}
+
+  periodic = [loop.Periodic("eval", 4, evaluate)]
+  first = _run(tmp_path / "ckpt", log_every=3, periodic=periodic)
+  calls.clear()
+  again = _run(tmp_path / "ckpt", log_every=3, periodic=periodic)
+  assert again.step == NUM_STEPS and not again.stopped and calls == []
+  assert again.train == first.train == {"train/loss": 45.0, "train/finite": 1.0}
+  assert again.periodic == first.periodic == {"eval": {"eval/w": 45.0}}
+  # A checkpoint saved without them (an earlier version): the periodic work runs once, nothing is written.
+  ckpt = checkpoint.Checkpointer(tmp_path / "old", max_to_keep=2, save_interval_steps=100)
+  ckpt.save(NUM_STEPS, Toy(step=jnp.asarray(NUM_STEPS, jnp.int32), w=jnp.asarray(7.0)), force=True)
+  ckpt.close()
+  writer = Writer()
+  old = _run(tmp_path / "old", periodic=periodic, writer=writer)
+  assert calls == [NUM_STEPS] and old.periodic == {"eval": {"eval/w": 7.0}} and writer.scalars == []
+
+
+def test_a_resumed_run_names_its_config_changes_and_keeps_the_old_snapshot(tmp_path, caplog):
+  import json  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({"optim": {"learning_rate": 1e-3, "b2": 0.95}, "train": {"num_steps": 8}})
+  loop.save_config_snapshot(config, str(tmp_path), resumed_step=None, name="stage 2")
+  first = (tmp_path / "config.json").read_text()
+  with caplog.at_level("WARNING"):
+    loop.save_config_snapshot(config, str(tmp_path), resumed_step=4, name="stage 2")  # the same config: silent
+  assert not caplog.records and sorted(os.listdir(tmp_path)) == ["config.json"]
+  changed = ml_collections.ConfigDict({"optim": {"learning_rate": 2e-3, "b2": 0.95}, "train": {"num_steps": 8}})
+  with caplog.at_level("WARNING"):
+    loop.save_config_snapshot(changed, str(tmp_path), resumed_step=4, name="stage 2")
+  [record] = caplog.records
+  assert "\n" not in record.getMessage()
+  assert "stage 2 in" in record.getMessage() and "resumes at step 4" in record.getMessage()
+  assert "optim.learning_rate: 0.001 -> 0.002" in record.getMessage() and "b2" not in record.getMessage()
+  assert (tmp_path / "config-4.json").read_text() == first
+  assert json.loads((tmp_path / "config.json").read_text())["optim"]["learning_rate"] == 2e-3

@@ -172,3 +172,37 @@ def test_train_command(tmp_path):
   run = subprocess.run([sys.executable, "-m", "ctxrq_jax.tokenize", "train", f"--captions={tmp_path / 'nope.txt'}",
                         f"--out={out}"], capture_output=True, text=True, env=env, check=False)
   assert run.returncode == 2 and run.stderr.strip().startswith("error:") and "nope.txt" in run.stderr
+
+
+def test_training_is_a_function_of_the_captions(tmp_path):
+  # The tokenizers library numbered the end-of-word characters (`t</w>`, ...) and broke ties between equally frequent
+  # pairs in the order of a hash map seeded per process: two trainings on the same captions gave permuted ids (and
+  # with many ties other merges). Two processes must write the same bytes.
+  captions = ["a wide seven", "a thin one", "the wide tan ox", "a red dog", "two ten toe", "ant net nod"] * 3
+  (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n")
+  files, env = [], dict(os.environ, JAX_PLATFORMS="cpu")
+  for name in ("a", "b"):
+    run = subprocess.run([sys.executable, "-m", "ctxrq_jax.tokenize", "train", f"--captions={tmp_path / 'captions.txt'}",
+                          "--vocab_size=60", f"--out={tmp_path / name}"], capture_output=True, text=True, env=env,
+                         timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    files.append({f: (tmp_path / name / f).read_bytes() for f in ("bpe-60-vocab.json", "bpe-60-merges.txt")})
+  assert files[0] == files[1]
+  vocab = json.loads(files[0]["bpe-60-vocab.json"])
+  assert vocab["[PAD]"] == tokenizer.EMPTY_CAPTION_ID == 0 and vocab["[UNK]"] == 1
+  # Characters sorted, then the end-of-word ones, then the merges' tokens in merge order.
+  tokens = sorted(vocab, key=vocab.__getitem__)
+  chars = [t for t in tokens if len(t) == 1]
+  finals = [t for t in tokens if len(t) == len("x</w>") and t.endswith("</w>")]
+  assert tokens[2:2 + len(chars) + len(finals)] == sorted(chars) + sorted(finals)
+  tok = tokenizer.CaptionTokenizer.from_directory(str(tmp_path / "a"), context_length=8)
+  assert tok.decode(tok.encode(["a wide tan dog"])) == ["a wide tan dog"]
+
+
+def test_stage2_run_records_its_tokenizer(tmp_path):
+  assert not tokenizer.check_trained_tokenizer(str(tmp_path), "f" * 64, "codes")  # nothing recorded yet
+  tokenizer.record_trained_tokenizer(str(tmp_path), "f" * 64, str(tmp_path / "codes"))
+  assert tokenizer.check_trained_tokenizer(str(tmp_path), "f" * 64, "codes")
+  with pytest.raises(ValueError, match=r"tokenized with another tokenizer \(fingerprint eeeeeeeeeeee\) than the one "
+                     r"the stage-2 model .* was trained on \(ffffffffffff"):
+    tokenizer.check_trained_tokenizer(str(tmp_path), "e" * 64, "codes")
