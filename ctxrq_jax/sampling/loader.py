@@ -98,7 +98,7 @@ class Stage2Model:
   def tokenizer(self) -> Any:
     """The run's caption tokenizer (`config.data.tokenizer_dir`, or `tokenizer_dir` set on this object),
     deterministic, L = model.cond_length; ValueError unless it is the tokenizer the run's caption codes were encoded
-    with (`data.code_captions.check_tokenizer`)."""
+    with (`data.code_captions.check_tokenizer`) and the one the model was trained on (`check_trained_tokenizer`)."""
     from ctxrq_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
     if not self.model.is_text:
       raise ValueError(f"{self.workdir} is conditioned on class labels, not captions")
@@ -110,8 +110,10 @@ class Stage2Model:
                                                         bpe_dropout=0.0)
     if tok.vocab_size > self.model.cond_vocab:
       raise ValueError(f"tokenizer {directory} has {tok.vocab_size} tokens, the model embeds {self.model.cond_vocab}")
-    # A different tokenizer of the same size would silently turn every prompt into other words' ids.
+    # A different tokenizer of the same size would silently turn every prompt into other words' ids: it must be the
+    # one the codes were encoded with, and the one the model trained on (codes re-encoded in place would pass the first).
     code_captions.check_tokenizer(self.config.data.codes_dir, tok)
+    tokenizer_lib.check_trained_tokenizer(self.workdir, tok.fingerprint, self.config.data.codes_dir)
     return tok
 
   @property

@@ -145,6 +145,12 @@ def test_sample_prompts_end_to_end(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="is not the one .* was encoded with"):
     loaded.tokenizer()
   loaded.tokenizer_dir = None
+  # Codes re-encoded in place with another tokenizer agree with it, but the model trained on the ids of the one its
+  # run recorded.
+  tokenizer_lib.record_trained_tokenizer(workdir, "e" * 64, config.data.codes_dir)
+  with pytest.raises(ValueError, match="tokenized with another tokenizer .* than the one the stage-2 model"):
+    loaded.tokenizer()
+  os.remove(os.path.join(workdir, tokenizer_lib.TRAINED_TOKENIZER_FILE))
   # A stage-1 artifact other than the one that encoded the codes (another codebook) would decode other images.
   other_variables = jax.jit(rqvae.init_variables, static_argnums=0)(model1, jax.random.key(1))
   artifact_lib.save_artifact(str(tmp_path / "other_rqvae"), s1.model, other_variables)
