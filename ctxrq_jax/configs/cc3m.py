@@ -75,6 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dtype = "float32" if tiny else "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = not tiny
+  c.model.matmul_dtype = "compute"  # the linear layers multiply in the compute dtype ('auto': see configs/demo.py)
 
   c.data = ml_collections.ConfigDict()
   c.data.codes_dir = ""  # written by `python -m ctxrq_jax.encode captions`

@@ -61,6 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dtype = "float32" if tiny or cpu_bench else "bfloat16"  # compute dtype; parameters stay float32
   c.model.param_dtype = "float32"
   c.model.remat = not (tiny or cpu_bench)
+  c.model.matmul_dtype = "compute"  # the linear layers multiply in the compute dtype ('auto': see configs/demo.py)
 
   # Facts of the stage-1 code dataset the model is built for; the trainer checks them against metadata.json.
   c.data = ml_collections.ConfigDict()

@@ -1,9 +1,12 @@
-"""Small helpers every model shares: dtype names from configs, parameter counts."""
+"""Small helpers every model shares: dtype names from configs, parameter counts, matmuls with operands rounded to a
+lower precision."""
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+import pathlib
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -12,6 +15,7 @@ import jax.numpy as jnp
 from ctxrq_jax.core.config import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+MATMUL_DTYPES = ("compute", "bfloat16", "auto")  # config.model.matmul_dtype (see `parse_matmul_dtype`)
 
 
 def parse_dtype(name: Any, key: str = "dtype") -> Any:
@@ -26,3 +30,85 @@ def parse_dtype(name: Any, key: str = "dtype") -> Any:
 def count_params(tree: Any) -> int:
   """Number of scalars in a pytree of arrays / ShapeDtypeStructs (logically boxed leaves are unboxed)."""
   return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.meta.unbox(tree))))
+
+
+def cpu_has_amx_bf16() -> bool:
+  """Whether this machine's CPU lists the AMX-BF16 matrix unit (Linux /proc/cpuinfo; False where unreadable). There
+  XLA:CPU multiplies bfloat16 matrices 3.5-4x faster than float32 ones (measured, docs/speed.md); without it the
+  bfloat16 products are emulated and slower."""
+  try:
+    return "amx_bf16" in pathlib.Path("/proc/cpuinfo").read_text().split()
+  except OSError:
+    return False
+
+
+def parse_matmul_dtype(name: Any, compute_dtype: Any) -> Optional[Any]:
+  """config.model.matmul_dtype -> the dtype a model's linear layers round their operands to, or None (their compute
+  dtype).
+
+  'compute': None. 'bfloat16': bfloat16 operands (float32 accumulation and results, see `rounded_dot_general`), with
+  float32 compute (with bfloat16 compute the products are bfloat16 already: None). 'auto': bfloat16 where that is
+  faster, a float32 model running on a CPU with AMX-BF16 (`cpu_has_amx_bf16`), else None; on a GPU or TPU the
+  backend's own float32 matmul precision applies (TF32, or one bfloat16 pass on a TPU). ConfigError otherwise.
+  """
+  if name not in MATMUL_DTYPES:
+    raise ConfigError(f"model.matmul_dtype must be one of {', '.join(MATMUL_DTYPES)}, got {name!r}")
+  if name == "compute" or jnp.dtype(compute_dtype) != jnp.float32:
+    return None
+  if name == "auto" and not (jax.default_backend() == "cpu" and cpu_has_amx_bf16()):
+    return None
+  return jnp.bfloat16
+
+
+def rounded_dot_general(dtype: Optional[Any]) -> Callable[..., jax.Array]:
+  """A `lax.dot_general` for the linear layers (flax `Dense(dot_general=...)`, `jnp.einsum(_dot_general=...)`):
+  `lax.dot_general` itself when `dtype` is None; else one whose operands are rounded to `dtype` and whose products
+  accumulate and come out in float32 (what a TPU does with float32 operands at its default precision).
+
+  Gradients: the activations' gradient (the lhs) is computed the same way (the incoming gradient and the weights
+  rounded to `dtype`); the weights' gradient (the rhs: a contraction over the batch and length axes) at the
+  operands' own precision, which is also more accurate. Operands without batch dimensions only (as these layers
+  have); `precision` and `preferred_element_type` are ignored (float32 result).
+  """
+  if dtype is None:
+    return jax.lax.dot_general
+
+  def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precision: Any = None,
+                  preferred_element_type: Any = None, **unused: Any) -> jax.Array:
+    del precision, preferred_element_type, unused
+    (lc, rc), (lb, rb) = dimension_numbers
+    if len(lb) or len(rb):
+      raise ValueError(f"rounded_dot_general takes no batch dimensions, got {dimension_numbers}")
+    dims = ((tuple(int(i) for i in lc), tuple(int(i) for i in rc)), ((), ()))
+    return _rounded_dot(lhs, rhs, dims, jnp.dtype(dtype))
+
+  return dot_general
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _rounded_dot(lhs: jax.Array, rhs: jax.Array, dims: Any, dtype: Any) -> jax.Array:
+  return jax.lax.dot_general(lhs.astype(dtype), rhs.astype(dtype), dims, preferred_element_type=jnp.float32)
+
+
+def _rounded_dot_fwd(lhs: jax.Array, rhs: jax.Array, dims: Any, dtype: Any) -> tuple[jax.Array, Any]:
+  return _rounded_dot(lhs, rhs, dims, dtype), (lhs, rhs)
+
+
+def _rounded_dot_bwd(dims: Any, dtype: Any, res: Any, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+  lhs, rhs = res
+  (lc, rc), _ = dims
+  # The product's axes are lhs's free axes, then rhs's free axes (no batch axes). d lhs contracts g's rhs-free axes
+  # with rhs's free axes; its axes come out as lhs's free axes, then rhs's contracted axes in rhs's order, which
+  # stand for lhs's axes lc[rc.index(j)].
+  rhs_free = tuple(i for i in range(rhs.ndim) if i not in rc)
+  g_rhs_axes = tuple(range(lhs.ndim - len(lc), g.ndim))
+  d_lhs = jax.lax.dot_general(g.astype(dtype), rhs.astype(dtype), ((g_rhs_axes, rhs_free), ((), ())),
+                              preferred_element_type=jnp.float32)
+  order = [i for i in range(lhs.ndim) if i not in lc] + [lc[rc.index(j)] for j in sorted(rc)]
+  d_lhs = jnp.transpose(d_lhs, [order.index(i) for i in range(lhs.ndim)])
+  _, rhs_vjp = jax.vjp(lambda r: jax.lax.dot_general(lhs, r, dims, preferred_element_type=jnp.float32), rhs)
+  (d_rhs,) = rhs_vjp(g.astype(jnp.float32))
+  return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype)
+
+
+_rounded_dot.defvjp(_rounded_dot_fwd, _rounded_dot_bwd)

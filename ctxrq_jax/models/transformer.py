@@ -111,12 +111,14 @@ class Attention(nn.Module):
     num_heads: number of heads H; the width W must be divisible by H.
     causal: if true, token t attends only to tokens <= t.
     length_axis: logical name of the sequence axis of the activations ('length' or 'depth').
+    matmul_dtype: None, or the dtype the projections' operands are rounded to (`common.rounded_dot_general`).
   """
   num_heads: int
   causal: bool
   length_axis: str
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  matmul_dtype: Optional[Dtype] = None
 
   @nn.compact
   def __call__(self, x: Array, cache: Optional[KVCache] = None) -> Array | tuple[Array, KVCache]:
@@ -140,7 +142,8 @@ class Attention(nn.Module):
     x, qkv_kernel, qkv_bias, out_kernel, out_bias = nn.dtypes.promote_dtype(
         x, qkv_kernel, qkv_bias, out_kernel, out_bias, dtype=self.dtype)
 
-    qkv = jnp.einsum("btw,wihd->btihd", x, qkv_kernel) + qkv_bias  # [B, T, 3, H, Dh]
+    dot_general = common.rounded_dot_general(self.matmul_dtype)
+    qkv = jnp.einsum("btw,wihd->btihd", x, qkv_kernel, _dot_general=dot_general) + qkv_bias  # [B, T, 3, H, Dh]
     names = ("batch", self.length_axis, "heads", "kv")
     q, k, v = (nn.with_logical_constraint(qkv[:, :, i], names) for i in range(3))
     if cache is not None:
@@ -152,7 +155,7 @@ class Attention(nn.Module):
     else:
       y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)  # [B, T, H, Dh]
     y = nn.with_logical_constraint(y, names)
-    y = jnp.einsum("bthd,hdw->btw", y, out_kernel) + out_bias
+    y = jnp.einsum("bthd,hdw->btw", y, out_kernel, _dot_general=dot_general) + out_bias
     return y if cache is None else (y, (k, v))
 
 
@@ -165,6 +168,7 @@ class Block(nn.Module):
   length_axis: str
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  matmul_dtype: Optional[Dtype] = None
 
   @nn.compact
   def __call__(self, x: Array, train: bool, cache: Optional[KVCache] = None) -> Array | tuple[Array, KVCache]:
@@ -176,16 +180,20 @@ class Block(nn.Module):
     act = ("batch", self.length_axis, "embed")
     x = nn.with_logical_constraint(x, act)
     y = _layer_norm(self.dtype, self.param_dtype, "ln_attn")(x)
-    y = Attention(self.num_heads, self.causal, self.length_axis, self.dtype, self.param_dtype, name="attn")(y, cache)
+    y = Attention(self.num_heads, self.causal, self.length_axis, self.dtype, self.param_dtype, self.matmul_dtype,
+                  name="attn")(y, cache)
     if cache is not None:
       y, cache = y
     x = x + nn.Dropout(self.dropout)(y, deterministic=not train)
     y = _layer_norm(self.dtype, self.param_dtype, "ln_mlp")(x)
+    dot_general = common.rounded_dot_general(self.matmul_dtype)
     y = nn.Dense(self.mlp_ratio * width, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=_normal(("embed", "mlp")), bias_init=_zeros(("mlp",)), name="fc_in")(y)
+                 kernel_init=_normal(("embed", "mlp")), bias_init=_zeros(("mlp",)), name="fc_in",
+                 dot_general=dot_general)(y)
     y = nn.with_logical_constraint(gelu(y), ("batch", self.length_axis, "mlp"))
     y = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=_normal(("mlp", "embed")), bias_init=_zeros(("embed",)), name="fc_out")(y)
+                 kernel_init=_normal(("mlp", "embed")), bias_init=_zeros(("embed",)), name="fc_out",
+                 dot_general=dot_general)(y)
     x = x + nn.Dropout(self.dropout)(y, deterministic=not train)
     x = nn.with_logical_constraint(x, act)
     return x if cache is None else (x, cache)
@@ -213,6 +221,9 @@ class ContextualRQTransformer(nn.Module):
     dtype: compute dtype (e.g. jnp.bfloat16); logits are always returned in float32.
     param_dtype: parameter dtype (float32).
     remat: rematerialise each block in the backward pass (saves activation memory).
+    matmul_dtype: None (the linear layers multiply in `dtype`), or the dtype their operands are rounded to, with
+      float32 accumulation and results (`common.rounded_dot_general`; config.model.matmul_dtype, resolved by
+      `common.parse_matmul_dtype`). Attention scores and probabilities stay in `dtype`.
   """
   vocab_size: int
   code_depth: int
@@ -230,6 +241,7 @@ class ContextualRQTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  matmul_dtype: Optional[Dtype] = None
 
   @property
   def cond_vocab(self) -> int:
@@ -251,9 +263,10 @@ class ContextualRQTransformer(nn.Module):
     _check_fields(self)
     dt, pdt = self.dtype, self.param_dtype
     block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    dot_general = common.rounded_dot_general(self.matmul_dtype)
     dense = lambda feats, names, name, bias=True: nn.Dense(  # noqa: E731
         feats, use_bias=bias, dtype=dt, param_dtype=pdt, kernel_init=_normal(names),
-        bias_init=_zeros((names[-1],)), name=name)
+        bias_init=_zeros((names[-1],)), name=name, dot_general=dot_general)
 
     # Spatial transformer (eq. 6-7).
     self.input_mlp = dense(self.width, ("code", "embed"), "input_mlp")
@@ -264,7 +277,8 @@ class ContextualRQTransformer(nn.Module):
     self.spatial_pos = self.param("spatial_pos", _normal((None, "embed")), (self.num_positions, self.width), pdt)
     self.spatial_drop = nn.Dropout(self.dropout)
     self.spatial_blocks = [
-        block_cls(self.num_heads, self.mlp_ratio, self.dropout, False, "length", dt, pdt, name=f"spatial_{i}")
+        block_cls(self.num_heads, self.mlp_ratio, self.dropout, False, "length", dt, pdt, self.matmul_dtype,
+                  name=f"spatial_{i}")
         for i in range(self.spatial_layers)]
     self.spatial_ln = _layer_norm(dt, pdt, "spatial_ln")
 
@@ -273,13 +287,15 @@ class ContextualRQTransformer(nn.Module):
     self.depth_pos = self.param("depth_pos", _normal((None, "embed")), (self.code_depth, self.width), pdt)
     self.depth_drop = nn.Dropout(self.dropout)
     self.depth_blocks = [
-        block_cls(self.num_heads, self.mlp_ratio, self.dropout, True, "depth", dt, pdt, name=f"depth_{i}")
+        block_cls(self.num_heads, self.mlp_ratio, self.dropout, True, "depth", dt, pdt, self.matmul_dtype,
+                  name=f"depth_{i}")
         for i in range(self.depth_layers)]
     self.depth_ln = _layer_norm(dt, pdt, "depth_ln")
     # Logits accumulate and come out in float32 even under bfloat16 compute (softmax over K = 16384 codes).
     self.head = nn.Dense(self.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt,
                          kernel_init=_normal(("embed", "vocab")), name="head",
-                         dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32))
+                         dot_general=(dot_general if self.matmul_dtype is not None else
+                                      functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)))
 
   def _check_codebook(self, codebook: Array) -> Array:
     if codebook.shape != (self.vocab_size, self.embed_dim):
@@ -517,7 +533,9 @@ def check_inputs(model: ContextualRQTransformer, *, codes: Any = None, mask: Any
 
 
 MODEL_CONFIG_KEYS = ("width", "num_heads", "spatial_layers", "depth_layers", "mlp_ratio", "dropout", "num_classes",
-                     "cond_length", "cond_vocab_size", "dtype", "param_dtype", "remat")
+                     "cond_length", "cond_vocab_size", "dtype", "param_dtype", "remat", "matmul_dtype")
+# Keys a config saved before they existed may lack (a run's config.json), with the value that reproduces it.
+OPTIONAL_MODEL_CONFIG_KEYS = {"matmul_dtype": "compute"}
 
 
 def model_from_config(model_cfg: Mapping[str, Any], *, vocab_size: int, code_depth: int, num_positions: int,
@@ -527,14 +545,16 @@ def model_from_config(model_cfg: Mapping[str, Any], *, vocab_size: int, code_dep
   Raises ConfigError naming unknown or missing keys of `model_cfg`.
   """
   keys = set(model_cfg.keys())
-  unknown, missing = sorted(keys - set(MODEL_CONFIG_KEYS)), sorted(set(MODEL_CONFIG_KEYS) - keys)
+  unknown = sorted(keys - set(MODEL_CONFIG_KEYS))
+  missing = sorted(set(MODEL_CONFIG_KEYS) - keys - set(OPTIONAL_MODEL_CONFIG_KEYS))
   if unknown or missing:
     raise ConfigError("; ".join(
         ([f"unknown config.model keys: {', '.join(unknown)}"] if unknown else [])
         + ([f"missing config.model keys: {', '.join(missing)}"] if missing else [])))
-  kwargs = {k: model_cfg[k] for k in MODEL_CONFIG_KEYS}
+  kwargs = {k: model_cfg[k] if k in keys else OPTIONAL_MODEL_CONFIG_KEYS[k] for k in MODEL_CONFIG_KEYS}
   kwargs["dtype"] = common.parse_dtype(kwargs["dtype"])
   kwargs["param_dtype"] = common.parse_dtype(kwargs["param_dtype"], "param_dtype")
+  kwargs["matmul_dtype"] = common.parse_matmul_dtype(kwargs["matmul_dtype"], kwargs["dtype"])
   model = ContextualRQTransformer(vocab_size=vocab_size, code_depth=code_depth, num_positions=num_positions,
                                   embed_dim=embed_dim, **kwargs)
   try:

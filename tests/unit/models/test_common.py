@@ -1,4 +1,4 @@
-"""Helpers every model shares (ctxrq_jax/models/common.py): dtype names and parameter counts."""
+"""Helpers every model shares (ctxrq_jax/models/common.py): dtype names, parameter counts, rounded matmuls."""
 
 import flax.linen as nn
 import jax
@@ -24,3 +24,42 @@ def test_count_params_arrays_shapes_and_boxed_leaves():
           "d": nn.LogicallyPartitioned(jnp.zeros((2, 2)), names=("embed", "mlp"))}
   assert common.count_params(tree) == 12 + 5 + 4
   assert common.count_params({}) == 0
+
+
+@pytest.mark.parametrize("spec,lhs_shape,rhs_shape", [
+    ("btw,wn->btn", (2, 3, 8), (8, 5)),  # a Dense layer
+    ("btw,wihd->btihd", (2, 3, 8), (8, 3, 2, 4)),  # the fused QKV projection
+    ("bthd,hdw->btw", (2, 3, 2, 4), (2, 4, 8)),  # the attention output projection
+    ("bwt,nw->btn", (2, 8, 3), (5, 8)),  # contracted axes not last / first: the gradient's axes are put back
+])
+def test_rounded_dot_general_is_the_product_of_rounded_operands_and_its_gradients(spec, lhs_shape, rhs_shape):
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  x, w = jax.random.normal(k1, lhs_shape), jax.random.normal(k2, rhs_shape)
+  bf = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+  dot = common.rounded_dot_general(jnp.bfloat16)
+  out = jnp.einsum(spec, x, w, _dot_general=dot)
+  exact = jnp.einsum(spec, bf(x), bf(w), precision="highest")
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, exact, rtol=1e-5, atol=1e-5)  # float32 accumulation of the rounded operands
+  assert not np.allclose(out, jnp.einsum(spec, x, w, precision="highest"), rtol=1e-5, atol=1e-5)
+  # Gradients: the activations' from the rounded incoming gradient and weights, the weights' at full precision.
+  g = jax.random.normal(k3, out.shape)
+  dx, dw = jax.vjp(lambda a, b: jnp.einsum(spec, a, b, _dot_general=dot), x, w)[1](g)
+  want_dx = jax.vjp(lambda a: jnp.einsum(spec, a, bf(w), precision="highest"), x)[1](bf(g))[0]
+  want_dw = jax.vjp(lambda b: jnp.einsum(spec, x, b, precision="highest"), w)[1](g)[0]
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-5)
+  assert common.rounded_dot_general(None) is jax.lax.dot_general
+
+
+def test_parse_matmul_dtype(monkeypatch):
+  assert common.parse_matmul_dtype("compute", jnp.float32) is None
+  assert common.parse_matmul_dtype("bfloat16", jnp.float32) is jnp.bfloat16
+  assert common.parse_matmul_dtype("bfloat16", jnp.bfloat16) is None  # bfloat16 compute multiplies in bfloat16
+  monkeypatch.setattr(common, "cpu_has_amx_bf16", lambda: True)
+  assert common.parse_matmul_dtype("auto", jnp.float32) is jnp.bfloat16
+  assert common.parse_matmul_dtype("auto", jnp.bfloat16) is None
+  monkeypatch.setattr(common, "cpu_has_amx_bf16", lambda: False)
+  assert common.parse_matmul_dtype("auto", jnp.float32) is None
+  with pytest.raises(ConfigError, match="model.matmul_dtype must be one of compute, bfloat16, auto, got 'bf16'"):
+    common.parse_matmul_dtype("bf16", jnp.float32)

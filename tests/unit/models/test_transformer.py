@@ -310,6 +310,24 @@ def test_configs_build_models(name, arg):
     assert cfg.data.vocab_size == stage1.model.codebook_size and d == stage1.model.code_depth
 
 
+def test_rounded_matmuls_keep_the_parameters_and_stay_close_to_float32(tiny):
+  # The same variables (matmul_dtype adds no parameter) through the model with bfloat16 matmul operands: logits close
+  # to float32's, and not equal (the rounding is applied); gradients flow to every parameter.
+  rounded = tiny.model.clone(matmul_dtype=jnp.bfloat16)
+  inputs = random_inputs(tiny.model)
+  ref = tiny.forward(tiny.params, *inputs)
+  out = jax.jit(rounded.apply)(tiny.params, *inputs)
+  assert out.dtype == jnp.float32 and not np.array_equal(out, ref)
+  np.testing.assert_allclose(out, ref, atol=0.05 * float(np.abs(ref).max()))
+  grads = jax.grad(lambda p: rounded.apply(p, *inputs).sum())(tiny.params)
+  assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
+  # A run's config.json saved before the key existed reads as 'compute'.
+  model_cfg = load_config("imagenet", "tiny").model.to_dict()
+  del model_cfg["matmul_dtype"]
+  assert tr.model_from_config(model_cfg, vocab_size=K, code_depth=D, num_positions=N,
+                              embed_dim=NZ).matmul_dtype is None
+
+
 def test_unknown_config_keys_raise():
   cfg = load_config("imagenet", "tiny")
   with pytest.raises(AttributeError):
