@@ -195,7 +195,8 @@ _RESULTS = "results"  # the checkpoint metadata's key of {'train': scalars, 'per
 def _restore_results(result: Result, checkpointer: checkpoint.Checkpointer, step: int, state: Any,
                      periodic: Sequence[Periodic]) -> None:
   """Fills `result.train` / `result.periodic` of a run that trains no step: from the metadata of checkpoint `step`,
-  or else (a checkpoint saved without them) by running each `Periodic` once on `state` (nothing is written)."""
+  or else (a checkpoint saved without them) by running each `Periodic` once on `state` (no checkpoint or log is
+  written; a periodic job's own outputs, such as stage 1's reconstruction images, are written again)."""
   try:
     saved = (checkpointer.read_metadata(step) or {}).get(_RESULTS)
   except Exception as e:  # pylint: disable=broad-except  (an unreadable metadata item: evaluate instead)

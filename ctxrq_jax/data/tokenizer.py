@@ -227,6 +227,8 @@ def train_tokenizer(captions: Iterable[str], out_dir: str, *, vocab_size: int = 
   the captions hold fewer merges of at least `min_frequency` occurrences; the trained size is what the files hold.
   The files are a function of the captions and the settings: the same captions give byte-identical files in any
   process (`_train_bpe`; the tokenizers library's own trainer numbers some tokens, and breaks ties, in hash-map order).
+  One difference from the library's trainer: every character of the captions enters the alphabet (the library keeps
+  the 1,000 most frequent and drops the rest); captions in a few scripts never reach that limit.
   """
   if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 3:
     raise ValueError(f"vocab_size must be an integer >= 3, got {vocab_size!r}")

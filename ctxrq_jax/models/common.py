@@ -50,6 +50,8 @@ def parse_matmul_dtype(name: Any, compute_dtype: Any) -> Optional[Any]:
   float32 compute (with bfloat16 compute the products are bfloat16 already: None). 'auto': bfloat16 where that is
   faster, a float32 model running on a CPU with AMX-BF16 (`cpu_has_amx_bf16`), else None; on a GPU or TPU the
   backend's own float32 matmul precision applies (TF32, or one bfloat16 pass on a TPU). ConfigError otherwise.
+  An explicit 'bfloat16' on a CPU without AMX is untested: XLA:CPU may emulate the products slowly (or, for a layout
+  its fast path does not take, refuse bfloat16 x bfloat16 -> float32); 'auto' never picks it there.
   """
   if name not in MATMUL_DTYPES:
     raise ConfigError(f"model.matmul_dtype must be one of {', '.join(MATMUL_DTYPES)}, got {name!r}")

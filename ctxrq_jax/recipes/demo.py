@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -88,11 +88,13 @@ def _stage2(stage2_config: ml_collections.ConfigDict, stage2_dir: str, data: Any
   return stage2_trainer.train_and_evaluate(stage2_config, stage2_dir), stage2_dir, time.time() - t0
 
 
-def _check_settings(workdir: str, *, smoke: bool, max_examples: Optional[int] = None, text: bool) -> None:
+def _check_settings(workdir: str, *, smoke: bool, max_examples: Optional[int] = None,
+                    text: bool) -> Callable[[], None]:
   """ValueError when `workdir` holds a demo run of other settings (WORKDIR/demo.json): the smoke run and the full
   demo share the stage-1 checkpoints' shapes, so the full one would resume the smoke run's stage 1 under its own
   schedule, and another --max_examples would re-encode the class demo's codes to another subset under a stage-2 run.
-  Then records this run's settings (the text demo encodes every digit: it records no --max_examples)."""
+  Returns the function that records this run's settings, to call once the run's other checks have passed (the text
+  demo encodes every digit: it records no --max_examples)."""
   path = fs.path(workdir) / SETTINGS_FILE
   saved = json.loads(path.read_text()) if path.exists() else {}
   mode = lambda smoke: "--smoke" if smoke else "full"  # noqa: E731
@@ -107,9 +109,12 @@ def _check_settings(workdir: str, *, smoke: bool, max_examples: Optional[int] = 
   settings = {**saved, "smoke": bool(smoke)}
   if not text:
     settings["max_examples"] = max_examples
-  if settings != saved:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fs.write_json(path, settings, indent=2, sort_keys=True)
+
+  def record() -> None:
+    if settings != saved:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      fs.write_json(path, settings, indent=2, sort_keys=True)
+  return record
 
 
 def _artifact_fingerprint(artifact_dir: str) -> Optional[str]:
@@ -214,11 +219,13 @@ def _captions_digest(captions: list[str], vocab_size: int) -> str:
 TOKENIZER_STAMP = "demo-captions.json"  # beside the demo's BPE pair: the digest of the captions it was trained on
 
 
-def _demo_tokenizer(tokenizer_dir: str, captions: list[str], vocab_size: int) -> None:
+def _demo_tokenizer(tokenizer_dir: str, captions: list[str], vocab_size: int, stage2_dir: str) -> None:
   """The demo's BPE pair in `tokenizer_dir`, trained on `captions` once and kept while they are the same (a stamp
   beside it holds their digest): the caption codes and a stage-2 run keep meaning the same ids. A pair without a
   stamp (a workdir of an earlier version, which trained it from these same captions every run) is kept too. Other
-  captions replace the demo's own pair; ValueError when the directory holds anything else."""
+  captions replace the demo's own pair, unless the stage-2 run in `stage2_dir` recorded the tokenizer it trained on
+  (then ValueError, before anything is removed: that run needs this pair for its prompts); ValueError when the
+  directory holds anything else."""
   directory = fs.path(tokenizer_dir)
   prefix = tokenizer_lib.default_prefix(vocab_size)
   ours = {prefix + tokenizer_lib.VOCAB_SUFFIX, prefix + tokenizer_lib.MERGES_SUFFIX}
@@ -235,6 +242,10 @@ def _demo_tokenizer(tokenizer_dir: str, captions: list[str], vocab_size: int) ->
       if recorded is None:
         fs.write_json(stamp, {"sha256": digest})
       return
+    if present and (fs.path(stage2_dir) / tokenizer_lib.TRAINED_TOKENIZER_FILE).exists():
+      raise ValueError(f"the text demo's captions or vocabulary size changed, and {stage2_dir} was trained on the "
+                       f"tokenizer in {tokenizer_dir}, which they would replace; run the text demo in another "
+                       "--workdir")
     for name in (*ours, TOKENIZER_STAMP):
       if (directory / name).exists():
         (directory / name).unlink()
@@ -254,8 +265,9 @@ def run(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collections.
   """
   # Absolute paths: the stage-2 config records codes_dir / stage1_dir for sampling from any working directory.
   workdir = fs.name(workdir)  # local paths absolute, buckets as they are
-  _check_settings(workdir, smoke=smoke, max_examples=max_examples, text=False)
+  record = _check_settings(workdir, smoke=smoke, max_examples=max_examples, text=False)
   _check_stage2_runs_kept(workdir, stage1_config)
+  record()  # only once no check refused the run
   timings = {}
   rq_results, artifact_dir, timings["stage 1"] = _stage1(stage1_config, workdir)
   if "stopped_at" in rq_results:
@@ -334,8 +346,9 @@ def run_text(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collect
   Returns {'stage1', 'stage2', 'timings', 'outputs'} (or {'stopped_at'}).
   """
   workdir = fs.name(workdir)  # local paths absolute, buckets as they are
-  _check_settings(workdir, smoke=smoke, text=True)
+  record = _check_settings(workdir, smoke=smoke, text=True)
   _check_stage2_runs_kept(workdir, stage1_config)
+  record()  # only once no check refused the run
   d = stage1_config.data
   timings = {}
   rq_results, artifact_dir, timings["stage 1"] = _stage1(stage1_config, workdir)
@@ -350,7 +363,7 @@ def run_text(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collect
   tokenizer_dir = str(fs.path(workdir) / TOKENIZER)
   codes_dir = str(fs.path(workdir) / TEXT_CODES)
   stage2_dir = str(fs.path(workdir) / TEXT_STAGE2)
-  _demo_tokenizer(tokenizer_dir, texts[d.train_split], int(stage2_config.model.cond_vocab_size))
+  _demo_tokenizer(tokenizer_dir, texts[d.train_split], int(stage2_config.model.cond_vocab_size), stage2_dir)
   tok = tokenizer_lib.CaptionTokenizer.from_directory(tokenizer_dir,
                                                       context_length=int(stage2_config.model.cond_length))
   fingerprint = _artifact_fingerprint(artifact_dir)

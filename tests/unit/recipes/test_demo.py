@@ -58,31 +58,42 @@ def test_codes_of_a_moved_workdir_are_recognised_by_their_codebook(tmp_path):
 
 def test_the_demo_tokenizer_is_kept_while_its_captions_are_the_same(tmp_path):
   directory = tmp_path / "tokenizer"
+  stage2 = str(tmp_path / "text_stage2")
   captions = ["a wide seven", "a thin one"] * 3
-  demo._demo_tokenizer(str(directory), captions, 40)
+  demo._demo_tokenizer(str(directory), captions, 40, stage2)
   files = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in directory.iterdir()}
   assert sorted(files) == ["bpe-40-merges.txt", "bpe-40-vocab.json", demo.TOKENIZER_STAMP]
-  demo._demo_tokenizer(str(directory), captions, 40)  # a re-run: the same files, not written again
+  demo._demo_tokenizer(str(directory), captions, 40, stage2)  # a re-run: the same files, not written again
   assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in directory.iterdir()} == files
-  demo._demo_tokenizer(str(directory), ["a wide nine", "a thin two"] * 3, 40)  # other captions: retrained
+  demo._demo_tokenizer(str(directory), ["a wide nine", "a thin two"] * 3, 40, stage2)  # other captions: retrained
   assert (directory / "bpe-40-vocab.json").read_bytes() != files["bpe-40-vocab.json"][0]
+  # Once a text stage-2 run recorded the tokenizer it trained on, other captions are refused before any file goes.
+  (tmp_path / "text_stage2").mkdir()
+  tokenizer_lib.record_trained_tokenizer(stage2, "f" * 64, str(tmp_path / "codes"))
+  kept = {p.name: p.read_bytes() for p in directory.iterdir()}
+  with pytest.raises(ValueError, match="text_stage2 was trained on the tokenizer in .*; run the text demo in another"):
+    demo._demo_tokenizer(str(directory), captions, 40, stage2)
+  assert {p.name: p.read_bytes() for p in directory.iterdir()} == kept
   (directory / "NOTES.txt").write_text("mine")
   with pytest.raises(ValueError, match=r"holds files the demo did not write \(NOTES.txt\)"):
-    demo._demo_tokenizer(str(directory), captions, 40)
+    demo._demo_tokenizer(str(directory), captions, 40, stage2)
   assert (directory / "NOTES.txt").read_text() == "mine" and len(list(directory.iterdir())) == 4
   # A pair of an earlier version (no stamp; trained from the same captions every run) is kept and stamped.
   old = tmp_path / "old"
   tokenizer_lib.train_tokenizer(captions, str(old), vocab_size=40)
   vocab = (old / "bpe-40-vocab.json").read_bytes()
-  demo._demo_tokenizer(str(old), captions, 40)
+  demo._demo_tokenizer(str(old), captions, 40, stage2)
   assert (old / "bpe-40-vocab.json").read_bytes() == vocab and (old / demo.TOKENIZER_STAMP).exists()
 
 
 def test_one_workdir_holds_one_kind_of_demo_run(tmp_path):
   workdir = str(tmp_path)
-  demo._check_settings(workdir, smoke=True, max_examples=500, text=False)
-  demo._check_settings(workdir, smoke=True, text=True)  # the text demo shares stage 1; it encodes every digit
-  demo._check_settings(workdir, smoke=True, max_examples=500, text=False)
+  record = demo._check_settings(workdir, smoke=False, max_examples=None, text=False)
+  assert not (tmp_path / demo.SETTINGS_FILE).exists()  # recorded only once the run's other checks have passed
+  demo._check_settings(workdir, smoke=True, max_examples=500, text=False)()
+  demo._check_settings(workdir, smoke=True, text=True)()  # the text demo shares stage 1; it encodes every digit
+  demo._check_settings(workdir, smoke=True, max_examples=500, text=False)()
+  del record
   with pytest.raises(ValueError, match="holds a --smoke demo run .*; run the full demo in another --workdir"):
     demo._check_settings(workdir, smoke=False, text=True)
   with pytest.raises(ValueError, match="class demo encoded --max_examples=500 .*not all digits"):
