@@ -25,8 +25,10 @@ import numpy as np
 
 from ctxrq_jax.core import paths as fs
 from ctxrq_jax.core import reporting
+from ctxrq_jax.core import sharding
 from ctxrq_jax.evaluation import digits
 from ctxrq_jax.sampling import logits
+from ctxrq_jax.sampling import runner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,11 +99,19 @@ class Ablation:
     """Metrics after the run config's M revisions."""
     return self.scores(setting)[digits.phase_name(self.base_m)]
 
+  @property
+  def timed_batch(self) -> int:
+    """Rows of the batch `seconds_per_sample` times: sample.batch_size rounded up to a multiple of the devices."""
+    return runner.device_batch_size(int(self.ev.loaded.config.sample.batch_size),
+                                    sharding.data_parallel_size(self.ev.loaded.mesh))
+
   def seconds_per_sample(self, setting: Setting) -> tuple[float, float]:
     """(sampling, decoding) wall time per sample of one batch with the run's M, after one untimed batch that
     compiles: the codes (Draft-and-Revise), then the RQ-VAE decode of the final codes to images (the official
-    RQ-Transformer's throughput script reports the two parts separately too)."""
-    batch = int(self.ev.loaded.config.sample.batch_size)
+    RQ-Transformer's throughput script reports the two parts separately too). The batch is the config's rounded up
+    to the rows one sampling call draws on this host's devices (`runner.device_batch_size`): all of them real samples,
+    so no padding row is counted as a sample's time."""
+    batch = self.timed_batch
     labels = self.ev.labels[:batch]
     if len(labels) < batch:
       labels = np.resize(labels, batch)
@@ -168,7 +178,7 @@ def run(evaluator: digits.SampleEvaluator, sweeps: Sweeps = Sweeps(), *, seed: i
     rows.append(metric_row(str(t), ab.final(s), f"{sample_s:.4f}", f"{decode_s:.4f}"))
   if "table4" in want:
     tables["table4"] = {"title": f"Table 4: T_draft with T_revise {base.t_revise}, M {ab.base_m} (batch "
-                                 f"{int(evaluator.loaded.config.sample.batch_size)}, this machine)",
+                                 f"{ab.timed_batch}, this machine)",
                         "columns": ["T_draft", "s/sample", "decode s/sample", *digits.METRIC_HEADER],
                         "rows": rows}
 

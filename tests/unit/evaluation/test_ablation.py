@@ -23,8 +23,10 @@ class ScriptedEvaluator:
         draft=dict(temperature=1.0, guidance=0.0, top_k=0, top_p=1.0),
         revise=dict(temperature=0.8, guidance=1.8, top_k=0, top_p=1.0)))
     self.decoded = []  # the code arrays Table 4 decodes to images
+    # Four data-parallel devices: sampling draws the batch of 6 as 8 rows, and Table 4 times 8 real samples.
     self.loaded = types.SimpleNamespace(config=ml_collections.ConfigDict(dict(sample=sample)), code_shape=(4, 4, 2),
-                                        images=lambda codes: self.decoded.append(codes) or np.zeros((len(codes), 8, 8)))
+                                        images=lambda codes: self.decoded.append(codes) or np.zeros((len(codes), 8, 8)),
+                                        mesh=types.SimpleNamespace(shape={"data": 4, "fsdp": 1, "tensor": 1}))
     self.per_class = 2
     self.labels = digits.balanced_labels(3, 2)
     self.judge = types.SimpleNamespace(reference=np.zeros((30, 8)))
@@ -64,13 +66,15 @@ def test_tables_sample_each_setting_once_and_skip_what_does_not_fit(tmp_path):
   # base (4, 2, g 0 / 1.8); neither (= guidance 0); both; T_draft 2 and 8; T_revise 1.
   assert settings == {(4, 2, 3, 0.0, 1.8), (4, 2, 3, 0.0, 0.0), (4, 2, 3, 1.8, 1.8), (2, 2, 3, 0.0, 1.8),
                       (8, 2, 3, 0.0, 1.8), (4, 1, 3, 0.0, 1.8)}
-  # Table 4 times T_draft 8 with the run's M = 2 on one batch (a warm-up call, then the timed one); 32 > N = 16.
-  assert [c[:6] for c in ev.calls if c[2] == 2] == [(8, 2, 2, 0.0, 1.8, 6)] * 2
+  # Table 4 times T_draft 8 with the run's M = 2 on one batch (a warm-up call, then the timed one) of the 8 rows a
+  # call draws on 4 devices, all real samples (s/sample = seconds / 8, not / 6); 32 > N = 16.
+  assert [c[:6] for c in ev.calls if c[2] == 2] == [(8, 2, 2, 0.0, 1.8, 8)] * 2
   t = results["tables"]
   assert [r[0] for r in t["table4"]["rows"]] == ["8"] and min(float(c) for c in t["table4"]["rows"][0][1:3]) >= 0
   assert t["table4"]["columns"][:3] == ["T_draft", "s/sample", "decode s/sample"]
+  assert "(batch 8, this machine)" in t["table4"]["title"]
   # Each timed batch's final codes (after M = 2 revisions) are decoded: the warm-up's, then the timed one's.
-  assert len(ev.decoded) == 2 and all(c.shape == (6, 16, 2) and np.all(c[:, 1, 0] == 2) for c in ev.decoded)
+  assert len(ev.decoded) == 2 and all(c.shape == (8, 16, 2) and np.all(c[:, 1, 0] == 2) for c in ev.decoded)
   assert any("T_draft 32" in s for s in results["skipped"]) and any("Table 4 T_draft 32" in s
                                                                      for s in results["skipped"])
   assert t["fig4a"]["x"] == [2, 4, 8]
