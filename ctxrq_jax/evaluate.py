@@ -30,7 +30,6 @@ A flag the chosen subcommand does not read (`COMMAND_FLAGS`: `samples --samples=
 `fid --seed=3`, ...) is an error naming it rather than silently ignored.
 """
 
-import os
 
 from absl import app
 from absl import flags
@@ -198,7 +197,8 @@ def _fid_commands(command: str) -> None:
     _require_stage1_config()
     _refuse_existing(FLAGS.out)
   else:
-    out_json = FLAGS.out_json or os.path.splitext(FLAGS.samples)[0] + ".fid.json"  # a string: also for gs://
+    from ctxrq_jax.sampling import runner  # pylint: disable=g-import-not-at-top
+    out_json = FLAGS.out_json or runner.result_json(FLAGS.samples, "fid")
     _refuse_existing(out_json)
   extractor = inception_features.InceptionFeatureExtractor(inception_convert.load_variables(FLAGS.inception),
                                                            batch_size=FLAGS.batch_size, resize=FLAGS.resize)
@@ -256,7 +256,8 @@ def _clip_command() -> None:
     raise app.UsageError("clip needs --samples (a samples npz)")
   if not FLAGS.weights:
     raise app.UsageError("clip needs --weights: " + clip_convert.weights_missing_message("(not given)"))
-  out_json = FLAGS.out_json or os.path.splitext(FLAGS.samples)[0] + ".clip.json"
+  from ctxrq_jax.sampling import runner  # pylint: disable=g-import-not-at-top
+  out_json = FLAGS.out_json or runner.result_json(FLAGS.samples, "clip")
   _refuse_existing(out_json)
   vocab = clip_tokenizer.require_vocab_file(FLAGS.clip_vocab)
   config, params = clip_convert.load_variables(FLAGS.weights)

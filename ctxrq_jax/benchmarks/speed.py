@@ -620,12 +620,12 @@ def bench_device(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: 
     try:
       return True, fn()
     except Exception as err:  # pylint: disable=broad-except - one failed check must not cost the others
+      first_line = (str(err).splitlines() or [''])[0]
       if kind == 'train' and _is_out_of_memory(err):  # the next smaller batch is tried
-        log(f'[{now():6.1f} s] {name}: out of memory ({str(err).splitlines()[0][:200] if str(err) else ""})')
+        log(f'[{now():6.1f} s] {name}: out of memory ({first_line[:200]})')
       else:
         out['failed'].append(name)
-        log(f'[{now():6.1f} s] {name}: failed, {type(err).__name__}: '
-            f'{str(err).splitlines()[0][:300] if str(err) else ""}\n{traceback.format_exc()}')
+        log(f'[{now():6.1f} s] {name}: failed, {type(err).__name__}: {first_line[:300]}\n{traceback.format_exc()}')
       return False, None  # not the exception: its traceback would keep a failed batch's train state alive
     finally:
       took[kind] = clock() - begin
@@ -655,7 +655,7 @@ def bench_device(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: 
     out['sample'] += rows
     row = rows[0]
     log(f"[{now():6.1f} s] sample T_draft={t_draft}: " + (
-        f"{row['fast_s']:.4f} s/sample (codes), {_cell(row['fast_flops'] / 1e9, 0, 1).strip()} GFLOP/sample"
+        f"{row['fast_s']:.4f} s/sample (codes), {_cell(row['fast_flops'] / 1e9, 1, 1)} GFLOP/sample"
         if 'fast_s' in row else row.get('skipped', '')))
 
   def decode() -> None:
@@ -679,9 +679,9 @@ def bench_device(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: 
       rate = result['model_flops'] / result['step_s']
       peak = result['peak_flops']
       log(f"[{now():6.1f} s] train step batch {b}: {result['step_s']:.4f} s, "
-          f"{_cell(rate / 1e12, 0, 3).strip()} TFLOP/s model, MFU "
-          f"{_percent(100 * rate / result['probe_flops'], 0).strip()} of the probe"
-          + (f", {_percent(100 * rate / peak, 0).strip()} of the {peak / 1e12:.0f} TFLOP/s peak" if peak else ''))
+          f"{_cell(rate / 1e12, 1, 3)} TFLOP/s model, MFU "
+          f"{_percent(100 * rate / result['probe_flops'], 2)} of the probe"
+          + (f", {_percent(100 * rate / peak, 2)} of the {peak / 1e12:.0f} TFLOP/s peak" if peak else ''))
       return
 
   # The first T_draft, the training step, the decode, then the other T_drafts: a deadline cuts the least

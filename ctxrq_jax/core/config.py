@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import ml_collections
 
 from ctxrq_jax.core import paths
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -102,13 +105,45 @@ def check_resumable(checkpointer: Any, target: Any, workdir: str) -> None:
                       f"({paths.path(workdir) / SNAPSHOT}) or train in a new --workdir")
 
 
-def save_snapshot(config: ml_collections.ConfigDict, workdir: str, *, write: bool = True) -> str:
-  """Writes the config as JSON into `workdir/config.json` atomically (only where `write`, i.e. process 0)."""
+def save_snapshot(config: ml_collections.ConfigDict, workdir: str, *, write: bool = True,
+                  resumed_step: Optional[int] = None, name: str = "run") -> str:
+  """Writes the config as JSON into `workdir/config.json` atomically (only where `write`, i.e. process 0): the record
+  of a run's settings (and the sampler's defaults).
+
+  Resuming (`resumed_step`: the step of the newest checkpoint, None for a new run) under a config that differs from
+  the saved one is allowed (a longer schedule, another logging cadence; the trainers refuse changes of the state's
+  shapes themselves), but not silent: one warning names the run (`name`) and lists the changed keys, and the earlier
+  snapshot is kept as config-<step>.json, so the settings the steps up to there were trained with are not lost.
+  """
   path = paths.path(workdir) / SNAPSHOT
+  if resumed_step is not None and path.exists():
+    _keep_changed_snapshot(config, path, int(resumed_step), name, write)
   if write:
     path.parent.mkdir(parents=True, exist_ok=True)
     paths.write_text(path, config.to_json_best_effort(indent=2, sort_keys=True))
   return str(path)
+
+
+def _keep_changed_snapshot(config: ml_collections.ConfigDict, path: Any, resumed_step: int, name: str,
+                           write: bool) -> None:
+  """`save_snapshot` on resume: the warning and config-<step>.json when `config` differs from the saved `path`."""
+  try:
+    saved = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError):
+    saved = None
+  diffs = changed_keys(saved, json.loads(config.to_json_best_effort()), ("",)) if isinstance(saved, dict) else []
+  if not diffs:
+    return
+  kept = path.parent / f"config-{resumed_step}.json"
+  if write and not kept.exists():  # an existing one already holds the settings the steps so far used
+    paths.write_text(kept, path.read_text())
+  shown = "; ".join(diffs[:_DIFFS_SHOWN]) + (f"; and {len(diffs) - _DIFFS_SHOWN} more"
+                                             if len(diffs) > _DIFFS_SHOWN else "")
+  log.warning("%s in %s resumes at step %d with another config (%s); the config of the steps so far is kept in %s",
+              name, path.parent, resumed_step, shown, kept)
+
+
+_DIFFS_SHOWN = 10
 
 
 def load_snapshot(workdir: str) -> ml_collections.ConfigDict:

@@ -30,7 +30,6 @@ call; a non-finite step is named exactly.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from typing import Any, Callable, Optional, Sequence
 
@@ -38,8 +37,6 @@ import jax
 import numpy as np
 
 from ctxrq_jax.core import checkpoint
-from ctxrq_jax.core import config as configlib
-from ctxrq_jax.core import paths
 from ctxrq_jax.core import reporting
 
 log = logging.getLogger(__name__)
@@ -213,33 +210,3 @@ def _restore_results(result: Result, checkpointer: checkpoint.Checkpointer, step
       if out:
         result.periodic[p.name] = {k: float(v) for k, v in out.items()}
 
-
-def save_config_snapshot(config: Any, workdir: str, *, resumed_step: Optional[int], name: str,
-                         write: bool = True) -> None:
-  """Writes the run's config.json (`config.save_snapshot`), the record of its settings (and the sampler's defaults).
-
-  Resuming (`resumed_step`: the step of the newest checkpoint, None for a new run) under a config that differs from
-  the saved one is allowed (a longer schedule, another logging cadence; the trainers refuse changes of the state's
-  shapes themselves), but not silent: one warning lists the changed keys, and the earlier snapshot is kept as
-  config-<step>.json, so the settings the steps up to there were trained with are not lost.
-  """
-  path = paths.path(workdir) / configlib.SNAPSHOT
-  if resumed_step is not None and path.exists():
-    try:
-      saved = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-      saved = None
-    new = json.loads(config.to_json_best_effort())
-    diffs = configlib.changed_keys(saved, new, ("",)) if isinstance(saved, dict) else []
-    if diffs:
-      kept = paths.path(workdir) / f"config-{int(resumed_step)}.json"
-      if write and not kept.exists():  # an existing one already holds the settings the steps so far used
-        paths.write_text(kept, path.read_text())
-      shown = "; ".join(diffs[:_DIFFS_SHOWN]) + (f"; and {len(diffs) - _DIFFS_SHOWN} more"
-                                                 if len(diffs) > _DIFFS_SHOWN else "")
-      log.warning("%s in %s resumes at step %d with another config (%s); the config of the steps so far is kept in "
-                  "%s", name, workdir, int(resumed_step), shown, kept)
-  configlib.save_snapshot(config, workdir, write=write)
-
-
-_DIFFS_SHOWN = 10

@@ -75,6 +75,7 @@ import grain
 import numpy as np
 
 from ctxrq_jax.core import paths
+from ctxrq_jax.data import fingerprints
 from ctxrq_jax.data import pipeline
 
 FORMAT = "ctxrq_codes"
@@ -588,8 +589,7 @@ def codebook_fingerprint(codebook: np.ndarray) -> str:
 
 def record_trained_codebook(workdir: str, codebook: np.ndarray, codes_dir: str) -> None:
   """Writes WORKDIR/codebook.json: the fingerprint of the codebook a stage-2 run trains on (`check_trained_codebook`)."""
-  paths.write_json(paths.path(workdir) / TRAINED_CODEBOOK_FILE,
-                   {"sha256": codebook_fingerprint(codebook), "codes_dir": paths.name(codes_dir)})
+  fingerprints.record(workdir, TRAINED_CODEBOOK_FILE, codebook_fingerprint(codebook), codes_dir)
 
 
 def check_trained_codebook(workdir: str, codebook: np.ndarray, codes_dir: str) -> bool:
@@ -601,10 +601,9 @@ def check_trained_codebook(workdir: str, codebook: np.ndarray, codes_dir: str) -
   sampling would decode its codes with another RQ-VAE. The stage-2 trainer records the fingerprint
   (`record_trained_codebook`); the trainer, when it resumes, and the sampler compare it.
   """
-  path = paths.path(workdir) / TRAINED_CODEBOOK_FILE
-  if not path.exists():
+  saved = fingerprints.recorded(workdir, TRAINED_CODEBOOK_FILE)
+  if saved is None:
     return False
-  saved = json.loads(path.read_text())
   fingerprint = codebook_fingerprint(codebook)
   if saved.get("sha256") != fingerprint:
     raise ValueError(f"the codebook of {codes_dir} is not the one the stage-2 model in {workdir} was trained on "

@@ -32,6 +32,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ctxrq_jax.core import paths
+from ctxrq_jax.data import fingerprints
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +260,7 @@ TRAINED_TOKENIZER_FILE = "tokenizer.json"  # in a stage-2 workdir: which tokeniz
 def record_trained_tokenizer(workdir: str, fingerprint: str, codes_dir: str) -> None:
   """Writes WORKDIR/tokenizer.json: the `CaptionTokenizer.fingerprint` of the tokenizer whose ids a stage-2 run
   trains on (as the code dataset `codes_dir` records it); `check_trained_tokenizer` compares it."""
-  paths.write_json(paths.path(workdir) / TRAINED_TOKENIZER_FILE,
-                   {"sha256": str(fingerprint), "codes_dir": paths.name(codes_dir)})
+  fingerprints.record(workdir, TRAINED_TOKENIZER_FILE, fingerprint, codes_dir)
 
 
 def check_trained_tokenizer(workdir: str, fingerprint: str, codes_dir: str) -> bool:
@@ -270,10 +270,9 @@ def check_trained_tokenizer(workdir: str, fingerprint: str, codes_dir: str) -> b
   Caption codes re-encoded with another tokenizer keep their shapes, so nothing else notices: the model would go on
   training on ids that now mean other tokens, and its prompts would be tokenized with the new ids.
   """
-  path = paths.path(workdir) / TRAINED_TOKENIZER_FILE
-  if not path.exists():
+  saved = fingerprints.recorded(workdir, TRAINED_TOKENIZER_FILE)
+  if saved is None:
     return False
-  saved = json.loads(path.read_text())
   if saved.get("sha256") != fingerprint:
     raise ValueError(f"the captions of {codes_dir} were tokenized with another tokenizer (fingerprint "
                      f"{str(fingerprint)[:12]}) than the one the stage-2 model in {workdir} was trained on "

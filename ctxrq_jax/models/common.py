@@ -32,10 +32,11 @@ def count_params(tree: Any) -> int:
   return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.meta.unbox(tree))))
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_has_amx_bf16() -> bool:
   """Whether this machine's CPU lists the AMX-BF16 matrix unit (Linux /proc/cpuinfo; False where unreadable). There
   XLA:CPU multiplies bfloat16 matrices 3.5-4x faster than float32 ones (measured, docs/speed.md); without it the
-  bfloat16 products are emulated and slower."""
+  bfloat16 products are emulated and slower. Read once per process (every model built from a config asks)."""
   try:
     return "amx_bf16" in pathlib.Path("/proc/cpuinfo").read_text().split()
   except OSError:

@@ -39,6 +39,7 @@ from ctxrq_jax.data import captions as captions_lib
 from ctxrq_jax.data import code_captions
 from ctxrq_jax.data import codes as code_data
 from ctxrq_jax.data import digit_captions
+from ctxrq_jax.data import fingerprints
 from ctxrq_jax.data import images as image_data
 from ctxrq_jax.data import mnist
 from ctxrq_jax.data import tokenizer as tokenizer_lib
@@ -151,21 +152,22 @@ def _check_stage2_runs_kept(workdir: str, stage1_config: ml_collections.ConfigDi
   started or finished) depends on: its stage 1 would train (further: another stage-1 config, e.g. more steps), or
   the stage-1 artifact is not the RQ-VAE that run was trained with (their codebook fingerprints differ). Either
   way the demo would re-export the artifact and re-encode the codes the stage-2 model decodes and trains on."""
-  runs = [fs.path(workdir) / name for name in (STAGE2, TEXT_STAGE2)
-          if (fs.path(workdir) / name / code_data.TRAINED_CODEBOOK_FILE).exists()]
+  runs = {str(fs.path(workdir) / name): saved for name in (STAGE2, TEXT_STAGE2)
+          if (saved := fingerprints.recorded(str(fs.path(workdir) / name), code_data.TRAINED_CODEBOOK_FILE))}
   if not runs:
     return
   stage1_dir = str(fs.path(workdir) / STAGE1)
   num_steps = int(stage1_config.train.num_steps)
   latest = _stage1_latest_step(stage1_dir)
   if latest is None or latest < num_steps:
+    first = next(iter(runs))
     start = "from scratch" if latest is None else f"from step {latest}"
     raise ValueError(f"stage 1 would train {start} to step {num_steps} in {stage1_dir}, replacing the RQ-VAE and the "
-                     f"codes the stage-2 run {runs[0]} was trained on; train the new stage 1 in another --workdir "
-                     f"(or move {runs[0]} aside)")
+                     f"codes the stage-2 run {first} was trained on; train the new stage 1 in another --workdir "
+                     f"(or move {first} aside)")
   fingerprint = _artifact_fingerprint(str(fs.path(stage1_dir) / stage1_trainer.ARTIFACT_DIR))
-  for run in runs:
-    recorded = json.loads((run / code_data.TRAINED_CODEBOOK_FILE).read_text()).get("sha256")
+  for run, saved in runs.items():
+    recorded = saved.get("sha256")
     if fingerprint is not None and recorded != fingerprint:
       raise ValueError(f"the stage-1 artifact in {stage1_dir} is not the RQ-VAE the stage-2 run {run} was trained "
                        f"with (codebook fingerprint {fingerprint[:12]}, the run records {str(recorded)[:12]}); "

@@ -224,14 +224,19 @@ def write_samples_npz(loaded: loader.Stage2Model, codes: np.ndarray, labels: np.
 SETTINGS_FILE = "samples.json"
 
 
+def result_json(npz_path: str, metric: str) -> str:
+  """Where `evaluate fid` / `evaluate clip` (`metric` 'fid' / 'clip') write the results of a sample set DIR/NAME.npz
+  by default: DIR/NAME.<metric>.json (a string operation: also for gs:// paths)."""
+  return os.path.splitext(str(npz_path))[0] + f".{metric}.json"
+
+
 def stale_results(npz_path: str) -> list[str]:
   """The files beside a sample set DIR/NAME.npz that describe it: the settings `sample` recorded (DIR/samples.json,
-  for DIR/samples.npz only) and what `evaluate fid` / `evaluate clip` write by default (DIR/NAME.fid.json,
-  DIR/NAME.clip.json). They describe the set they were written for, so a new set at `npz_path` removes them."""
+  for DIR/samples.npz only) and what `evaluate fid` / `evaluate clip` write by default (`result_json`). They describe
+  the set they were written for, so a new set at `npz_path` removes them."""
   target = fs.path(npz_path)
-  stem = target.name[:-len(".npz")] if target.name.endswith(".npz") else target.name
-  names = [f"{stem}.fid.json", f"{stem}.clip.json"] + ([SETTINGS_FILE] if target.name == "samples.npz" else [])
-  return [str(target.parent / name) for name in names]
+  settings = [str(target.parent / SETTINGS_FILE)] if target.name == "samples.npz" else []
+  return [result_json(npz_path, "fid"), result_json(npz_path, "clip"), *settings]
 
 
 def _remove_stale_results(npz_path: str) -> None:

@@ -319,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                  max_to_keep=int(config.train.keep_checkpoints),
                                  save_interval_steps=int(config.train.ckpt_every))
   configlib.check_resumable(ckpt, state, workdir)  # before config.json is overwritten
-  loop.save_config_snapshot(config, workdir, resumed_step=ckpt.latest_step(), name="stage 1", write=host.is_chief())
+  configlib.save_snapshot(config, workdir, write=host.is_chief(), resumed_step=ckpt.latest_step(), name="stage 1")
   restored, step = ckpt.restore(state, data_iterator=train_iter)
   if restored is not None:
     state = restored

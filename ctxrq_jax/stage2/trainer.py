@@ -522,8 +522,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     codes_lib.record_trained_codebook(workdir, host_codebook, config.data.codes_dir)
   if tokenizer_fingerprint and not known_tokenizer and host.is_chief():
     tokenizer_lib.record_trained_tokenizer(workdir, tokenizer_fingerprint, config.data.codes_dir)
-  loop.save_config_snapshot(config, workdir, resumed_step=ckpt.latest_step() if resuming else None,
-                            name="stage 2", write=host.is_chief())
+  configlib.save_snapshot(config, workdir, write=host.is_chief(),
+                          resumed_step=ckpt.latest_step() if resuming else None, name="stage 2")
 
   # ---- state: restored into its shardings, or initialised sharded
   state, restored_step = ckpt.restore(abstract, data_iterator=train_iter)

@@ -106,3 +106,21 @@ def test_the_stage2_configs_say_where_they_leave_the_reference_recipe():
   c = configlib.load_config_file("cc3m")
   pairs = c.train.num_steps * c.train.batch_size / 100
   assert f"{pairs / 1e6:.2f}M pairs" in (_ROOT / "ctxrq_jax" / "configs" / "cc3m.py").read_text()
+
+
+def test_a_resumed_run_names_its_config_changes_and_keeps_the_old_snapshot(tmp_path, caplog):
+  config = ml_collections.ConfigDict({"optim": {"learning_rate": 1e-3, "b2": 0.95}, "train": {"num_steps": 8}})
+  configlib.save_snapshot(config, str(tmp_path), resumed_step=None, name="stage 2")
+  first = (tmp_path / "config.json").read_text()
+  with caplog.at_level("WARNING"):
+    configlib.save_snapshot(config, str(tmp_path), resumed_step=4, name="stage 2")  # the same config: silent
+  assert not caplog.records and sorted(os.listdir(tmp_path)) == ["config.json"]
+  changed = ml_collections.ConfigDict({"optim": {"learning_rate": 2e-3, "b2": 0.95}, "train": {"num_steps": 8}})
+  with caplog.at_level("WARNING"):
+    configlib.save_snapshot(changed, str(tmp_path), resumed_step=4, name="stage 2")
+  [record] = caplog.records
+  assert "\n" not in record.getMessage()
+  assert "stage 2 in" in record.getMessage() and "resumes at step 4" in record.getMessage()
+  assert "optim.learning_rate: 0.001 -> 0.002" in record.getMessage() and "b2" not in record.getMessage()
+  assert (tmp_path / "config-4.json").read_text() == first
+  assert json.loads((tmp_path / "config.json").read_text())["optim"]["learning_rate"] == 2e-3

@@ -281,23 +281,3 @@ def test_a_finished_run_run_again_returns_its_last_results(tmp_path):
   writer = Writer()
   old = _run(tmp_path / "old", periodic=periodic, writer=writer)
   assert calls == [NUM_STEPS] and old.periodic == {"eval": {"eval/w": 7.0}} and writer.scalars == []
-
-
-def test_a_resumed_run_names_its_config_changes_and_keeps_the_old_snapshot(tmp_path, caplog):
-  import json  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict({"optim": {"learning_rate": 1e-3, "b2": 0.95}, "train": {"num_steps": 8}})
-  loop.save_config_snapshot(config, str(tmp_path), resumed_step=None, name="stage 2")
-  first = (tmp_path / "config.json").read_text()
-  with caplog.at_level("WARNING"):
-    loop.save_config_snapshot(config, str(tmp_path), resumed_step=4, name="stage 2")  # the same config: silent
-  assert not caplog.records and sorted(os.listdir(tmp_path)) == ["config.json"]
-  changed = ml_collections.ConfigDict({"optim": {"learning_rate": 2e-3, "b2": 0.95}, "train": {"num_steps": 8}})
-  with caplog.at_level("WARNING"):
-    loop.save_config_snapshot(changed, str(tmp_path), resumed_step=4, name="stage 2")
-  [record] = caplog.records
-  assert "\n" not in record.getMessage()
-  assert "stage 2 in" in record.getMessage() and "resumes at step 4" in record.getMessage()
-  assert "optim.learning_rate: 0.001 -> 0.002" in record.getMessage() and "b2" not in record.getMessage()
-  assert (tmp_path / "config-4.json").read_text() == first
-  assert json.loads((tmp_path / "config.json").read_text())["optim"]["learning_rate"] == 2e-3

@@ -38,7 +38,8 @@ ALLOWED = {
     ("evaluation/fid.py", "os.path.join(scratch_dir"): "a memory-mapped scratch file in a local temp dir",
     ("evaluation/fid.py", "os.path.exists(scratch)"): "a memory-mapped scratch file, local by nature",
     ("evaluation/fid.py", "os.remove(scratch)"): "a memory-mapped scratch file, local by nature",
-    ("evaluate.py", "os.path.splitext(FLAGS.samples)"): "string surgery on the name (works on gs:// names too)",
+    ("sampling/runner.py", "os.path.splitext(str(npz_path))"): "string surgery on the name (works on gs:// names "
+                                                                  "too)",
     ("benchmarks/fid_cost.py", ""): "a local benchmark of a child process's time and memory on scratch files",
     ("benchmarks/official.py", ""): "imports the official PyTorch code from a local checkout (Python import)",
 }
