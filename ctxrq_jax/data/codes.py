@@ -601,16 +601,12 @@ def check_trained_codebook(workdir: str, codebook: np.ndarray, codes_dir: str) -
   sampling would decode its codes with another RQ-VAE. The stage-2 trainer records the fingerprint
   (`record_trained_codebook`); the trainer, when it resumes, and the sampler compare it.
   """
-  saved = fingerprints.recorded(workdir, TRAINED_CODEBOOK_FILE)
-  if saved is None:
-    return False
   fingerprint = codebook_fingerprint(codebook)
-  if saved.get("sha256") != fingerprint:
-    raise ValueError(f"the codebook of {codes_dir} is not the one the stage-2 model in {workdir} was trained on "
-                     f"(it was {saved.get('codes_dir')}'s, fingerprint {str(saved.get('sha256'))[:12]}; now "
-                     f"{fingerprint[:12]}): the codes were re-encoded with another stage-1 model. Train stage 2 "
-                     "anew in another workdir, or point data.codes_dir at the codes it was trained on")
-  return True
+  return fingerprints.check(workdir, TRAINED_CODEBOOK_FILE, fingerprint, lambda saved: (
+      f"the codebook of {codes_dir} is not the one the stage-2 model in {workdir} was trained on (it was "
+      f"{saved.get('codes_dir')}'s, fingerprint {str(saved.get('sha256'))[:12]}; now {fingerprint[:12]}): the codes "
+      "were re-encoded with another stage-1 model. Train stage 2 anew in another workdir, or point data.codes_dir at "
+      "the codes it was trained on"))
 
 
 class CodeSource(grain.sources.RandomAccessDataSource):

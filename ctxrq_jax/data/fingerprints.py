@@ -8,7 +8,7 @@ would notice.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ctxrq_jax.core import paths
 
@@ -22,3 +22,14 @@ def recorded(workdir: str, name: str) -> Optional[dict[str, Any]]:
   """The record WORKDIR/`name` ({'sha256', 'codes_dir'}), None when the run has none (a run from before the record)."""
   path = paths.path(workdir) / name
   return json.loads(path.read_text()) if path.exists() else None
+
+
+def check(workdir: str, name: str, fingerprint: str, mismatch: Callable[[dict[str, Any]], str]) -> bool:
+  """False when the run records no WORKDIR/`name`, True when its fingerprint is `fingerprint`; else ValueError with
+  `mismatch(record)` as its message."""
+  saved = recorded(workdir, name)
+  if saved is None:
+    return False
+  if saved.get("sha256") != fingerprint:
+    raise ValueError(mismatch(saved))
+  return True

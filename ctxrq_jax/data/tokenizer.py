@@ -270,15 +270,11 @@ def check_trained_tokenizer(workdir: str, fingerprint: str, codes_dir: str) -> b
   Caption codes re-encoded with another tokenizer keep their shapes, so nothing else notices: the model would go on
   training on ids that now mean other tokens, and its prompts would be tokenized with the new ids.
   """
-  saved = fingerprints.recorded(workdir, TRAINED_TOKENIZER_FILE)
-  if saved is None:
-    return False
-  if saved.get("sha256") != fingerprint:
-    raise ValueError(f"the captions of {codes_dir} were tokenized with another tokenizer (fingerprint "
-                     f"{str(fingerprint)[:12]}) than the one the stage-2 model in {workdir} was trained on "
-                     f"({str(saved.get('sha256'))[:12]}, of {saved.get('codes_dir')}): train stage 2 anew in another "
-                     "workdir, or point data.codes_dir at the caption codes it was trained on")
-  return True
+  return fingerprints.check(workdir, TRAINED_TOKENIZER_FILE, fingerprint, lambda saved: (
+      f"the captions of {codes_dir} were tokenized with another tokenizer (fingerprint {str(fingerprint)[:12]}) than "
+      f"the one the stage-2 model in {workdir} was trained on ({str(saved.get('sha256'))[:12]}, of "
+      f"{saved.get('codes_dir')}): train stage 2 anew in another workdir, or point data.codes_dir at the caption "
+      "codes it was trained on"))
 
 
 def _word_counts(captions: Sequence[str]) -> dict[str, int]:
