@@ -37,7 +37,9 @@ def define_flags() -> None:
   flags.DEFINE_bool("use_ema", False, "rqvae: convert state_dict_ema instead of state_dict.")
   flags.DEFINE_string("reference_config", None, "rqvae: reference config.yaml (default: config.yaml beside "
                       "--checkpoint).")
-  flags.DEFINE_bool("allow_pickle", False, "rqvae: torch.load with weights_only=False (trusted files only).")
+  flags.DEFINE_bool("allow_pickle", False, "rqvae: torch.load with weights_only=False (trusted files only, e.g. a "
+                    "reference trainer model.pt with optimizer state); globals of modules not installed (omegaconf) "
+                    "become inert stand-ins.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing artifact at --out.")
 
 

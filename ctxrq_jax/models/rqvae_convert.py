@@ -2,10 +2,11 @@
 
 The command is `python -m ctxrq_jax.convert rqvae --checkpoint=PATH/model.pt --out=DIR [--use_ema] [--allow_pickle]`.
 
-The checkpoint is a `torch.save` dict with `state_dict` (and optionally `state_dict_ema`); the reference
-`config.yaml` beside it (`arch.type: rq-vae`, `arch.hparams`, `arch.ddconfig`) gives the architecture. The output is
-a stage-1 artifact (`artifact.save_artifact`) plus `conversion.json` recording the source and the reference's
-stage-1 training hyperparameters.
+The checkpoint is a `torch.save` dict with `state_dict` (and optionally `state_dict_ema`; a reference trainer file
+also holds optimizer state, which needs --allow_pickle and is read with stand-ins for modules not installed); the
+reference `config.yaml` beside it (`arch.type: rq-vae`, `arch.hparams`, `arch.ddconfig`) gives the architecture. The
+output is a stage-1 artifact (`artifact.save_artifact`) plus `conversion.json` recording the source and the
+reference's stage-1 training hyperparameters.
 
 The mapping is explicit and total: every checkpoint key must be consumed and every model variable filled, with
 exactly matching shapes, or the conversion stops with an error naming the keys. Layout changes:
@@ -20,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import re
+import types
 from typing import Any, Callable, Mapping, Sequence
 
 from flax import traverse_util
@@ -362,6 +365,67 @@ _TRANSFORMS: dict[str, Callable[[str, np.ndarray], np.ndarray]] = {
 # Reading checkpoints and the command line.
 
 
+class _StandIn:
+  """An inert object unpickled in place of a global whose module is not installed (or lacks it): it takes any
+  constructor arguments, state, items and appended elements and keeps none of them."""
+
+  def __new__(cls, *args, **kwargs):
+    del args, kwargs
+    return super().__new__(cls)
+
+  def __init__(self, *args, **kwargs):
+    del args, kwargs
+
+  def __setstate__(self, state):
+    del state
+
+  def __setitem__(self, key, value):
+    del key, value
+
+  def append(self, value):
+    del value
+
+  def extend(self, values):
+    del values
+
+
+def _standin_pickle_module(replaced: dict[str, type]) -> types.ModuleType:
+  """A `pickle_module` for `torch.load` whose Unpickler resolves every importable global as usual and replaces one
+  that cannot be imported by a `_StandIn` subclass named after it, recorded in `replaced` ('module.name' -> class).
+
+  torch.load subclasses `pickle_module.Unpickler` (for zip and legacy files alike) and its `find_class` defers to
+  this one for everything but storage types.
+  """
+
+  class Unpickler(pickle.Unpickler):
+
+    def find_class(self, module, name):
+      try:
+        return super().find_class(module, name)
+      except (ImportError, AttributeError):  # ModuleNotFoundError is an ImportError
+        qualified = f"{module}.{name}"
+        if qualified not in replaced:
+          replaced[qualified] = type(f"stand-in for {qualified}", (_StandIn,), {"__module__": __name__})
+        return replaced[qualified]
+
+  module = types.ModuleType("ctxrq_jax_standin_pickle")
+  module.Unpickler = Unpickler
+  module.load = pickle.load  # torch reads a legacy file's header records with pickle_module.load
+  module.loads = pickle.loads
+  module.UnpicklingError = pickle.UnpicklingError
+  return module
+
+
+def _load_error_text(e: Exception) -> str:
+  """`type: message` of a torch.load failure on one line (torch's weights-only message spans paragraphs: keep its
+  WeightsUnpickler line's first sentence)."""
+  text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+  found = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+  if found:
+    text = found.group(1).split(". ")[0].rstrip(".")
+  return f"{type(e).__name__}: {' '.join(text.split())}"
+
+
 def load_torch_state_dict(
     path: str | os.PathLike, *, use_ema: bool = False, allow_pickle: bool = False
 ) -> dict[str, np.ndarray]:
@@ -371,7 +435,9 @@ def load_torch_state_dict(
     path: the `.pt` file.
     use_ema: read `state_dict_ema` instead of `state_dict`.
     allow_pickle: unpickle arbitrary objects (`weights_only=False`); only for checkpoints you trust whose extra
-      entries the safe loader rejects.
+      entries the safe loader rejects, such as the reference trainer's `model.pt` with its optimizer state. A global
+      the file names whose module is not installed (the reference's optimizer state holds omegaconf objects) is
+      replaced by an inert stand-in; only the state dict is used.
   """
   path = os.fspath(path)
   try:
@@ -381,12 +447,21 @@ def load_torch_state_dict(
         "reading PyTorch checkpoints needs torch: pip install 'ctxrq_jax[torch]' (CPU wheels suffice)") from e
   if not paths.path(path).exists():
     raise ConversionError(f"checkpoint {path} does not exist")
+  replaced: dict[str, type] = {}
+  load_args: dict[str, Any] = (
+      {"weights_only": False, "pickle_module": _standin_pickle_module(replaced)} if allow_pickle
+      else {"weights_only": True})
   try:  # torch.load needs a local file: a bucket's checkpoint is fetched once
-    ckpt = torch.load(paths.local_copy(path), map_location="cpu", weights_only=not allow_pickle)
+    ckpt = torch.load(paths.local_copy(path), map_location="cpu", **load_args)
   except Exception as e:  # torch raises assorted types (UnpicklingError, RuntimeError, EOFError) for bad files
-    hint = "" if allow_pickle else " (if the file is trusted and holds non-tensor objects, pass --allow_pickle)"
+    if allow_pickle:
+      hint = f" (read with stand-ins for {', '.join(sorted(replaced))})" if replaced else ""
+    else:
+      hint = (" (if the file is trusted and holds non-tensor objects, as a reference trainer checkpoint with optimizer "
+              "state does, pass --allow_pickle; modules it names that are not installed, e.g. omegaconf, are then "
+              "replaced by inert stand-ins)")
     raise ConversionError(f"checkpoint {path} could not be read as a torch checkpoint: "
-                          f"{type(e).__name__}: {e}{hint}") from e
+                          f"{_load_error_text(e)}{hint}") from e
   if not isinstance(ckpt, Mapping):
     raise ConversionError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict with 'state_dict'")
   key = "state_dict_ema" if use_ema else "state_dict"

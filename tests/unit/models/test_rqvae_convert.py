@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import importlib
 import json
 import os
 import subprocess
 import sys
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -230,6 +233,64 @@ def test_pickled_objects_need_allow_pickle(converted, tmp_path):
   _, variables = artifact.load_artifact(tmp_path / "out")
   np.testing.assert_array_equal(
       np.asarray(variables["params"]["quant_conv"]["bias"]), converted["torch"].quant_conv.bias.detach().numpy())
+
+
+_THROWAWAY_SOURCE = """
+class ListConfig(list):  # like omegaconf's: pickled by reference to its class, with items and attribute state
+  def __init__(self, content, flags=None):
+    super().__init__(content)
+    self._flags = dict(flags or {})
+
+
+class Node:
+  def __init__(self, value):
+    self.value = value
+"""
+
+
+@contextlib.contextmanager
+def _throwaway_module(tmp_path, name):
+  """A module written to tmp_path and imported; on exit it is made unimportable again (as omegaconf is for us)."""
+  source = tmp_path / f"{name}.py"
+  source.write_text(_THROWAWAY_SOURCE)
+  sys.path.insert(0, str(tmp_path))
+  try:
+    yield importlib.import_module(name)
+  finally:
+    sys.path.remove(str(tmp_path))
+    sys.modules.pop(name, None)
+    source.unlink()
+  with pytest.raises(ImportError):
+    importlib.import_module(name)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_trainer_checkpoint_with_objects_of_missing_modules(converted, tmp_path, zip_format):
+  # The reference trainer saves {'epoch', 'state_dict', 'optimizer', 'scheduler'}; under torch 1.x the optimizer's
+  # param_groups hold omegaconf ListConfigs (Adam betas from an OmegaConf config), and omegaconf is not our dependency.
+  (tmp_path / "config.yaml").write_text(yaml.safe_dump(_reference_config(SMALL_ARCH)))
+  ckpt, bad = tmp_path / "model.pt", tmp_path / "bad.pt"
+  state = converted["torch"].state_dict()
+  with _throwaway_module(tmp_path, f"throwaway_omegaconf_{'zip' if zip_format else 'legacy'}") as module:
+    betas = module.ListConfig([0.5, 0.9], flags={"readonly": False})
+    torch.save({"epoch": 50, "state_dict": state, "optimizer": {"param_groups": [{"betas": betas, "lr": 4e-5}]},
+                "scheduler": {"node": module.Node(3)}}, ckpt, _use_new_zipfile_serialization=zip_format)
+    torch.save({"state_dict": {**state, "quant_conv.extra": module.Node(4)}}, bad,
+               _use_new_zipfile_serialization=zip_format)
+  with pytest.raises(convert.ConversionError, match="pass --allow_pickle") as e:
+    convert.run(ckpt, tmp_path / "out")
+  message = str(e.value)
+  assert "\n" not in message and "ListConfig" in message and "optimizer state" in message and "stand-in" in message
+  convert.run(ckpt, tmp_path / "out", allow_pickle=True)
+  _, variables = artifact.load_artifact(tmp_path / "out")
+  flat, plain = traverse_util.flatten_dict(variables), traverse_util.flatten_dict(converted["variables"])
+  assert flat.keys() == plain.keys()
+  for k, v in plain.items():
+    np.testing.assert_array_equal(np.asarray(flat[k]), np.asarray(v), err_msg="/".join(k))
+  # A stand-in inside the state dict itself is named.
+  with pytest.raises(convert.ConversionError, match=r"entry 'quant_conv\.extra' is a stand-in for throwaway_\w+\.Node, "
+                                                    r"not a tensor"):
+    convert.load_torch_state_dict(bad, allow_pickle=True)
 
 
 @pytest.fixture()
