@@ -481,7 +481,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   # ---- validate everything before compiling
   validate_config(config)
-  config = configlib.absolute_paths(config, "data", ("codes_dir", "stage1_dir"))
+  # Absolute in config.json, so that sampling the run works from any working directory (caption configs also name
+  # the BPE files that the sampler tokenizes prompts with).
+  config = configlib.absolute_paths(config, "data", ("codes_dir", "stage1_dir")
+                                    + (("tokenizer_dir",) if "tokenizer_dir" in config.data else ()))
   if config.data.stage1_dir and not paths.path(config.data.stage1_dir).exists():
     raise ConfigError(f"config.data.stage1_dir {config.data.stage1_dir} does not exist (the RQ-VAE artifact that "
                       "decodes this run's samples)")

@@ -229,6 +229,27 @@ def test_tpu_train_remote_command_runs(tmp_path: Path) -> None:
     assert expected in (tmp_path / "ctxrq_train.log").read_text()
 
 
+def test_tpu_readme_multi_host_encode(tmp_path: Path, fakebin: Path) -> None:
+    """The README's multi-host encode runs `encode` with the workers' venv Python in the copied checkout (where the
+    relative --config is), as the training does, and needs no --workdir; no README line runs a bare `python` over
+    ssh."""
+    readme = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    (line,) = [l for l in readme.splitlines()
+               if l.strip().startswith("launch/tpu.sh train") and "ctxrq_jax.encode" in l]
+    words = shlex.split(line)
+    split = words.index("--")
+    out = _run(TPU, *words[1:split], "--dry-run", *words[split:], env=_env(tmp_path, fakebin))
+    assert out.returncode == 0, out.stderr
+    assert not _gcloud_calls(tmp_path)
+    remote = _flag(_commands(out.stdout)[0], "--command")
+    tail = words[split + 1:]
+    venv_python = "cd ~/ctxrq_jax && env CTXRQ_DISTRIBUTED=1 ~/ctxrq_venv/bin/python"
+    assert f"{venv_python} -m ctxrq_jax.encode {' '.join(tail)} 2>&1" in remote
+    assert tail[0] == "encode" and any(w.startswith("--out=gs://") for w in tail)
+    _bash_syntax_ok(remote)
+    assert "--command='CTXRQ_DISTRIBUTED=1 python" not in readme
+
+
 def test_tpu_all_and_logs_dry_run(tmp_path: Path) -> None:
     env = _env(tmp_path)
     out = _run(TPU, "all", "-n", "a1", "-z", "us-central2-b", "-t", "v4-8", CONFIG, WORKDIR, "--dry-run", env=env)

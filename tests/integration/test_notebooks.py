@@ -35,6 +35,15 @@ def test_there_are_notebooks_stored_without_outputs():
     assert "pip" in install and "install" in install and "git+https://" in install and " -e" not in install, path.name
 
 
+def test_quickstart_trains_its_own_run_as_the_demo_command():
+  """The quickstart's own training (not executed here: the test points WORKDIR at the finished smoke run) records a
+  SMOKE run as `python -m ctxrq_jax.demo --smoke` does, on the same digits, so the command resumes it."""
+  (path,) = [p for p in NOTEBOOKS if p.name == "quickstart.ipynb"]
+  (cell,) = [c for c in _code(nbformat.read(path, as_version=4)) if "demo.run(" in c.source]
+  call = " ".join(cell.source.split("demo.run(", 1)[1].split(")", 1)[0].split())
+  assert "smoke=SMOKE" in call and "max_examples=demo.SMOKE_MAX_EXAMPLES if SMOKE else None" in call, call
+
+
 @pytest.fixture(scope="module")
 def kernel(installed, tmp_path_factory):
   """One Jupyter kernel for the notebooks, run one after another as a user would in one session. Each notebook starts

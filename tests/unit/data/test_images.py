@@ -3,6 +3,8 @@ determinism, resume, host shards and errors naming the example."""
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -85,6 +87,19 @@ def test_dalle_view_is_the_official_text_to_image_training_crop():
   views = images.preprocess_views(image, ["center", "dalle", "dalle"], image_size=size, channels=3, resize="crop",
                                   rng=np.random.default_rng(0))
   assert views.shape == (3, size, size, 3) and not np.array_equal(views[1], views[2])
+
+
+def test_readme_cc3m_download_leaves_the_dalle_draws_their_range():
+  """The README's img2dataset command stores CC-3M at the shorter side the official download keeps (346, shrunk only
+  if larger): at 256 the 'dalle' view's resize t (256-288) and final crop offset would always be 256 and 0."""
+  readme = (pathlib.Path(__file__).resolve().parents[3] / "README.md").read_text().replace("\\\n", " ")
+  (command,) = [line.split() for line in readme.splitlines() if line.strip().startswith("img2dataset --")]
+  flags = dict(zip(command[1::2], command[2::2]))
+  assert flags["--resize_mode"] == "keep_ratio" and flags.get("--resize_only_if_bigger") == "True", flags
+  s = int(flags["--image_size"])
+  rng = np.random.default_rng(0)
+  draws = [images.dalle_draw(s, 3 * s // 2, 256, rng) for _ in range(400)]
+  assert {d[2] for d in draws} == set(range(256, 289)) and max(d[3] for d in draws) == 32
 
 
 # ------------------------------------------------------------------------------------------- image pipeline

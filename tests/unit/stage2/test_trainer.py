@@ -310,6 +310,35 @@ def _write_caption_codes(out_dir, *, cond_length=8, vocab=64, variants=3):
   return str(out_dir)
 
 
+def test_config_json_paths_are_absolute(tmp_path, monkeypatch):
+  """config.json names the codes, the RQ-VAE artifact and the BPE files by absolute paths, so the run samples from
+  any working directory (the sampler reads them as recorded). Stops right after config.json is written."""
+  from ctxrq_jax.core import config as configlib  # pylint: disable=g-import-not-at-top
+  _write_caption_codes(tmp_path / "codes")
+  (tmp_path / "rqvae").mkdir()
+  monkeypatch.chdir(tmp_path)
+  config = configlib.load_config_file("cc3m", "tiny")
+  with config.unlocked():
+    config.model.spatial_layers = config.model.depth_layers = 1  # as ONE_LAYER
+    config.data.update(codes_dir="codes", stage1_dir="rqvae", tokenizer_dir="bpe16k")
+
+  class Written(Exception):
+    pass
+
+  real = configlib.save_snapshot
+
+  def save_then_stop(*args, **kwargs):
+    real(*args, **kwargs)
+    raise Written
+
+  monkeypatch.setattr(configlib, "save_snapshot", save_then_stop)
+  with pytest.raises(Written):
+    train.train_and_evaluate(config, "run")
+  saved = configlib.load_snapshot(str(tmp_path / "run")).data
+  assert (saved.codes_dir, saved.stage1_dir, saved.tokenizer_dir) == tuple(
+      os.path.join(os.getcwd(), name) for name in ("codes", "rqvae", "bpe16k"))
+
+
 @pytest.mark.slow  # ~8 CPU-s (a 4-step run with eval and a checkpoint, and its resumed twin)
 def test_trains_on_caption_codes(tmp_path):
   from ctxrq_jax.core import config as configlib  # pylint: disable=g-import-not-at-top
