@@ -1,6 +1,6 @@
 """The whole pipeline on the embedded MNIST digits, on a laptop CPU (library: ctxrq_jax/recipes/demo.py).
 
-  python -m ctxrq_jax.demo --workdir=runs/demo            # the demo (about 6 minutes on 2 idle CPU cores)
+  python -m ctxrq_jax.demo --workdir=runs/demo            # the demo (about 5 minutes on 2 idle CPU cores)
   python -m ctxrq_jax.demo --workdir=/tmp/check --smoke   # every stage for a few steps: checks an install
   python -m ctxrq_jax.demo --workdir=runs/demo --task=text # text-to-image: captions such as "a wide thick
                                                            # rightward seven", prompts under the samples
