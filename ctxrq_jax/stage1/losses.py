@@ -22,8 +22,14 @@ def reconstruction_loss(x: jax.Array, recon: jax.Array, kind: str) -> jax.Array:
 
 
 def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
-  """Per-image PSNR in dB of images [B, H, W, C] in [-1, 1] (peak 1 on the [0, 1] scale). Returns [B]."""
-  mse01 = jnp.mean(((x.astype(jnp.float32) - y.astype(jnp.float32)) / 2.0) ** 2, axis=(1, 2, 3))
+  """Per-image PSNR in dB of reconstructions `y` against images `x`, both [B, H, W, C] on [-1, 1] (peak 1 on the
+  [0, 1] scale). Returns [B].
+
+  `y` is clipped to [-1, 1] first: the decoder's output can leave the image range, and every image made from it
+  (saved grids, samples, uint8 arrays) is clipped, so the PSNR is that of the image a user sees.
+  """
+  y = jnp.clip(y.astype(jnp.float32), -1.0, 1.0)
+  mse01 = jnp.mean(((x.astype(jnp.float32) - y) / 2.0) ** 2, axis=(1, 2, 3))
   return -10.0 * jnp.log10(jnp.maximum(mse01, 1e-12))
 
 

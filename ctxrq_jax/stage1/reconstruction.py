@@ -25,7 +25,8 @@ from ctxrq_jax.stage1 import losses
 def evaluate_rqvae(model: Any, variables: Mapping[str, Any], data_cfg: Any, *, split: str, num_examples: int,
                    batch_size: int = 100, lpips_variables: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Held-out reconstruction PSNR and per-depth codebook usage of an RQ-VAE, and LPIPS when its variables are given
-  (`ctxrq_jax.models.lpips_weights.load_variables()`; greyscale images are repeated to RGB).
+  (`ctxrq_jax.models.lpips_weights.load_variables()`; greyscale images are repeated to RGB). PSNR, MSE and LPIPS
+  score the reconstruction clipped to [-1, 1], as every image made from it is.
 
   Returns:
     {'psnr': mean dB, 'mse': mean squared error on [-1, 1], 'num_examples', 'usage_d{d}', 'perplexity_d{d}'} and
@@ -40,11 +41,12 @@ def evaluate_rqvae(model: Any, variables: Mapping[str, Any], data_cfg: Any, *, s
   for batch in it:
     x = jnp.asarray(batch["image"])
     out = recon_fn(variables, x)
-    psnrs.append(np.asarray(losses.psnr(x, out["recon"])))
-    sq_errs.append(np.asarray(jnp.mean((x - out["recon"]) ** 2, axis=(1, 2, 3))))
+    recon = jnp.clip(out["recon"], -1.0, 1.0)
+    psnrs.append(np.asarray(losses.psnr(x, recon)))
+    sq_errs.append(np.asarray(jnp.mean((x - recon) ** 2, axis=(1, 2, 3))))
     codes.append(np.asarray(out["codes"]))
     if lpips_variables is not None:
-      dists.append(np.asarray(lpips_fn(lpips_variables, x, out["recon"])))
+      dists.append(np.asarray(lpips_fn(lpips_variables, x, recon)))
     seen += x.shape[0]
     if seen >= num_examples:
       break

@@ -30,6 +30,12 @@ def test_psnr_known_values():
   got = np.asarray(losses.psnr(x, x + 0.2))
   assert got.shape == (3,)
   np.testing.assert_allclose(got, [20.0] * 3, rtol=1e-5)
+  # The reconstruction is clipped to the image range first: -1.5 where the image is -1 is no error at all, and 1.4
+  # against 0.6 is an error of 0.4 (0.2 on [0, 1]), not 0.8.
+  np.testing.assert_allclose(np.asarray(losses.psnr(-jnp.ones((1, 2, 2, 1)), jnp.full((1, 2, 2, 1), -1.5))), [120.0],
+                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(losses.psnr(jnp.full((1, 2, 2, 1), 0.6), jnp.full((1, 2, 2, 1), 1.4))),
+                             [-10 * np.log10(0.04)], rtol=1e-5)
   # Full range apart (-1 vs 1): MSE 1 on [0, 1], 0 dB. Per image, not pooled.
   both = jnp.stack([jnp.full((4, 4, 1), -1.0), jnp.full((4, 4, 1), 0.5)])
   np.testing.assert_allclose(np.asarray(losses.psnr(both, jnp.stack([jnp.ones((4, 4, 1)), jnp.full((4, 4, 1), 0.3)]))),

@@ -31,10 +31,35 @@ def test_evaluate_rqvae_reports_lpips_beside_psnr(tiny_rqvae):
   from ctxrq_jax.data import images as image_data  # pylint: disable=g-import-not-at-top
   batches = helpers.take(image_data.make_image_iterator(data, split="test", batch_size=3, seed=0, train=False), 2)
   recon, dist = jax.jit(lambda v, x: model.apply(v, x)), jax.jit(lpips.lpips_distance)
-  direct = np.concatenate([np.asarray(dist(lpips_variables, b["image"], recon(variables, b["image"])["recon"]))
+  direct = np.concatenate([np.asarray(dist(lpips_variables, b["image"],
+                                            jnp.clip(recon(variables, b["image"])["recon"], -1, 1)))
                            for b in batches])
   assert got["lpips"] == pytest.approx(float(direct.mean()), rel=1e-4) and got["lpips"] > 0
   assert f"{got['lpips']:.4f}" in reconstruction.format_rqvae_results(got)
+
+
+def test_evaluate_rqvae_scores_the_reconstruction_clipped_to_the_image_range(tiny_rqvae):
+  # A decoder whose output leaves [-1, 1] (its last bias shifted by +3): PSNR and MSE are those of the clipped
+  # reconstruction, the image every grid and sample array shows, not of the raw output.
+  model, variables, _ = tiny_rqvae
+  shifted = jax.tree_util.tree_map_with_path(
+      lambda path, v: v + 3.0 if "conv_out" in jax.tree_util.keystr(path) and "decoder" in jax.tree_util.keystr(path)
+      and "bias" in jax.tree_util.keystr(path) else v, variables)
+  data = helpers.tiny_stage1_config().data
+  got = reconstruction.evaluate_rqvae(model, shifted, data, split="test", num_examples=6, batch_size=3)
+  from ctxrq_jax.data import images as image_data  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.stage1 import losses  # pylint: disable=g-import-not-at-top
+  batches = helpers.take(image_data.make_image_iterator(data, split="test", batch_size=3, seed=0, train=False), 2)
+  x = np.concatenate([b["image"] for b in batches])
+  raw = np.asarray(jax.jit(lambda v, x: model.apply(v, x))(shifted, jnp.asarray(x))["recon"])
+  assert raw.max() > 1.5  # the shift does push the output out of range
+  clipped = np.clip(raw, -1, 1)
+  mse = ((x - clipped) ** 2).mean(axis=(1, 2, 3))
+  assert got["mse"] == pytest.approx(float(mse.mean()), rel=1e-5)
+  assert got["psnr"] == pytest.approx(float(np.mean(-10 * np.log10(mse / 4))), rel=1e-5)
+  assert got["psnr"] > float(np.mean(-10 * np.log10(((x - raw) ** 2).mean(axis=(1, 2, 3)) / 4))) + 1.0
+  np.testing.assert_allclose(np.asarray(losses.psnr(jnp.asarray(x), jnp.asarray(raw))),
+                             -10 * np.log10(mse / 4), rtol=1e-5)
 
 
 def test_coarse_to_fine_decodes_partial_sums_of_the_codes(tiny_rqvae):
