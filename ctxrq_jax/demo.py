@@ -7,7 +7,8 @@
 
 Trains the RQ-VAE, encodes the digits, trains the Contextual RQ-Transformer and writes Draft-and-Revise samples under
 the workdir, printing one progress line per stage and a results table. Re-running resumes every stage (a finished
-demo prints its table again); one workdir holds one kind of run: --smoke or the full demo, and one --max_examples.
+demo prints its table again); one workdir holds one kind of run: --smoke or the full demo, and one --max_examples
+(a workdir from a release whose demo model had another shape is refused at stage 2: use a new --workdir).
 """
 
 from absl import app
