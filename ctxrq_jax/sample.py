@@ -18,10 +18,11 @@ text-to-image run each grid row is one prompt, written under every image, and th
 caption tokens). An existing OUT/samples.npz (a 50k-sample FID set took hours) is replaced only with --overwrite,
 which also removes the files that described it (its samples.json and `evaluate`'s samples.fid.json / .clip.json).
 A flag the chosen mode does not read (`MODE_FLAGS`: --class without `inpaint`, --classes with it, ...) is an error.
-Sample i depends on the seed, its index and the settings only, so sets drawn with different batch sizes or device
-counts agree. On a multi-host slice every host draws its
-block of the (class-conditional) sample indices into OUT/shards/ and host 0 merges them into OUT/samples.npz
-(`--merge` redoes that merge alone).
+Sample i is drawn with random numbers that depend on the seed, its index and the settings only, whatever the batch
+size or device count (its codes are bit-identical when each device draws as many rows; other per-device batch shapes
+round the logits differently in the last bits, which can flip a rare code: such sets agree in distribution, not bit
+for bit). On a multi-host slice every host draws its block of the (class-conditional) sample indices into
+OUT/shards/ and host 0 merges them into OUT/samples.npz (`--merge` redoes that merge alone).
 
 Inpainting and outpainting from pixels (library: ctxrq_jax/sampling/editing.py, whose doc has the details):
 
@@ -34,8 +35,8 @@ The image is fitted to the RQ-VAE's resolution (--resize), the mask (same size a
 regenerate) marks the code cells to redraw: a code position is regenerated when its f x f pixel cell (f = the
 downsampling factor) overlaps the mask; every other code is kept exactly. A mask on a border outpaints. Writes
 OUT/inpainted.png (each sample's result), OUT/strip.png (per sample: input, mask, draft, each revision) and
-OUT/inpaint.npz (default OUT: WORKDIR/inpaint). T_draft and T_revise default to the run's, capped at the number of
-regenerated positions.
+OUT/inpaint.npz (default OUT: WORKDIR/inpaint); an existing OUT/inpaint.npz (an earlier edit) is replaced only with
+--overwrite. T_draft and T_revise default to the run's, capped at the number of regenerated positions.
 """
 
 from absl import app
@@ -61,7 +62,7 @@ MODE_FLAGS = {
                                 "confidence_noise", "use_ema")},
     **{f"{phase}_{name}": _DRAW for phase in ("draft", "revise") for name in ("temperature", "guidance", "top_k",
                                                                              "top_p")},
-    "merge": (SAMPLE, MERGE), "overwrite": (SAMPLE, MERGE)}
+    "merge": (SAMPLE, MERGE)}
 
 
 def define_flags() -> None:
@@ -92,7 +93,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("preview_per_class", 10, "At most this many samples per class (prompt) in the PNG grids.")
   flags.DEFINE_integer("preview_classes", 16, "At most this many classes (prompts) in the PNG grids (the npz has all).")
   flags.DEFINE_bool("overwrite", False, "Replace an existing OUT/samples.npz (and remove the results that described "
-                    "it: samples.json, samples.fid.json, samples.clip.json).")
+                    "it: samples.json, samples.fid.json, samples.clip.json); inpaint: an existing OUT/inpaint.npz "
+                    "and its PNGs.")
   flags.DEFINE_bool("merge", False, "Only merge OUT/shards/samples-*-of-*.npz (one per host of a multi-host run) "
                     "into OUT/samples.npz.")
   flags.DEFINE_string("image", None, "inpaint: the image file to edit.")
@@ -155,12 +157,11 @@ def _inpaint(loaded, settings: dict, inputs, out_dir: str, write: bool) -> None:
     print(f"{name}: {path}")
 
 
-def _refuse_existing(npz: str) -> None:
-  """UsageError when the sample set `npz` exists and --overwrite is off (checked before the run is loaded)."""
+def _refuse_existing(npz: str, what: str) -> None:
+  """UsageError when `npz` (`what` it holds) exists and --overwrite is off (checked before the run is loaded)."""
   from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
   if paths.path(npz).exists() and not FLAGS.overwrite:
-    raise app.UsageError(f"{npz} exists (an earlier sample set); pass --overwrite to replace it, or choose another "
-                         "--out")
+    raise app.UsageError(f"{npz} exists ({what}); pass --overwrite to replace it, or choose another --out")
 
 
 def _settings_record(loaded, settings: dict, **drawn) -> dict:
@@ -191,8 +192,10 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"--seed must be in [0, 2**32), got {FLAGS.seed}")
   from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
   out_dir = FLAGS.out or str(paths.path(FLAGS.workdir) / ("inpaint" if mode == INPAINT else "samples"))
-  if mode != INPAINT:
-    _refuse_existing(str(paths.path(out_dir) / "samples.npz"))
+  if mode == INPAINT:
+    _refuse_existing(str(paths.path(out_dir) / "inpaint.npz"), "an earlier edit")
+  else:
+    _refuse_existing(str(paths.path(out_dir) / "samples.npz"), "an earlier sample set")
   import jax  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.core import host  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.sampling import loader  # pylint: disable=g-import-not-at-top

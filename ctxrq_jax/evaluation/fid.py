@@ -7,7 +7,9 @@ them (openai/guided-diffusion `evaluations/evaluator.py`).
 Per ADM: the reference's precomputed `mu`/`sigma` (`mu_s`/`sigma_s`) are used for FID (sFID) when the file has
 them, otherwise statistics of its `arr_0` images; precision/recall always use the reference images' pool features
 (skipped, with None, when the reference has no images); the Inception Score is of the samples alone, over splits of
-their rows shuffled with a fixed seed (`frechet.IS_SHUFFLE_SEED`: `sample` writes them sorted by class).
+their rows shuffled with a fixed seed (`frechet.IS_SHUFFLE_SEED`: `sample` writes them sorted by class), on the
+softmax of the logits without the fc bias as ADM's graph gives them (kakaobrain's RQ-Transformer code, rqvae/metrics,
+adds the bias, so its Inception Scores need not equal these).
 """
 
 from __future__ import annotations

@@ -266,8 +266,10 @@ def _decode(model: Any, variables: PyTree, codebook: Array, cond: Array, rng: Ar
 @functools.partial(jax.jit, static_argnames=('model', 'plan'))
 def _decode_each(model: Any, variables: PyTree, codebook: Array, cond: Array, keys: Array, codes: Array,
                  region: Array, draft: Sampler, revise: Sampler, plan: _Plan) -> tuple[Array, Optional[Array]]:
-  """`_decode` with one key per sample (keys [B]): sample b is a function of keys[b] and its own inputs only, so it
-  comes out the same whatever the batch it is drawn in and however that batch is split over devices."""
+  """`_decode` with one key per sample (keys [B]): sample b's random numbers are a function of keys[b] and its own
+  inputs only, whatever the batch it is drawn in and however that batch is split over devices (its codes bit for bit
+  when the per-device batch shape is the same; XLA tiles matmuls by row count, so another shape can round a logit
+  differently in its last bit)."""
   def one(c, k, x, r):
     out, hist = _decode(model, variables, codebook, c[None], k, x[None], r[None], draft, revise, plan=plan)
     return out[0], (None if hist is None else hist[:, 0])

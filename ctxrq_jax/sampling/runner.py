@@ -84,12 +84,15 @@ def sample_codes(loaded: loader.Stage2Model, labels: Sequence[int] | np.ndarray,
   """Draft-and-Revise codes for each condition -> history int32 [M+1, S, N, D] (draft, then revisions).
 
   `labels` are S class ids [S] or S condition token rows [S, L] (captions). Sample j is drawn with its own key
-  fold_in(rng, indices[j]) (indices default to 0, 1, ...): it depends on the seed, its index, its condition and the
-  settings only, so a sample set comes out the same whatever the batch size, the number of devices, or how it is
-  split over hosts (`shard_indices`). Each call draws `batch_size` rows split over the local devices along the batch
-  axis; a `batch_size` that is not a multiple of the devices is rounded up to one (`device_batch_size`: the paper's
-  100 -> 104 on 8 devices; logged once), which costs the padding rows' time but, by the keying above, changes no
-  sample. The last batch is padded to the same size (one compilation) and all padding rows are dropped.
+  fold_in(rng, indices[j]) (indices default to 0, 1, ...): its random numbers depend on the seed, its index, its
+  condition and the settings only, whatever the batch size, the number of devices, or how the set is split over hosts
+  (`shard_indices`). The codes are bit-identical when every device draws as many rows per call; another per-device
+  batch shape rounds the logits differently in the last bits (matmuls tiled for another row count), which can flip a
+  rare code, so such sets agree in distribution only. Each call draws `batch_size` rows split over the local devices
+  along the batch axis; a `batch_size` that is not a multiple of the devices is rounded up to one
+  (`device_batch_size`: the paper's 100 -> 104 on 8 devices; logged once), which costs the padding rows' time but, by
+  the keying above, changes no other sample's random numbers. The last batch is padded to the same size (one
+  compilation) and all padding rows are dropped.
   `draft_mode` and `confidence_noise` as in `decoder.draft_and_revise`.
   """
   labels = np.asarray(labels, np.int32)

@@ -203,6 +203,23 @@ def test_sample_inpaint_names_a_mask_of_another_size(run, tmp_path):
       2, [f"error: mask {mask} is 28x20 pixels but image {image} is 28x28; draw the mask on the image's pixels"])
 
 
+def test_sample_inpaint_keeps_an_earlier_edit_unless_told(run, tmp_path):
+  # Checked before the run is loaded (there is none here: with --overwrite the next check names the missing workdir).
+  Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "digit.png")
+  Image.fromarray(np.full((28, 28), 255, np.uint8)).save(tmp_path / "mask.png")
+  out = tmp_path / "edit"
+  out.mkdir()
+  (out / "inpaint.npz").write_bytes(b"an earlier edit")
+  args = ("inpaint", f"--workdir={tmp_path}/run", f"--image={tmp_path}/digit.png", f"--mask={tmp_path}/mask.png",
+          "--class=1", f"--out={out}")
+  assert run(sample.main, sample.define_flags, *args) == (
+      2, [f"error: {out / 'inpaint.npz'} exists (an earlier edit); pass --overwrite to replace it, or choose another "
+          "--out"])
+  assert (out / "inpaint.npz").read_bytes() == b"an earlier edit"
+  assert run(sample.main, sample.define_flags, *args, "--overwrite") == (
+      2, [f"error: workdir {tmp_path}/run does not exist"])
+
+
 def test_convert_names_flags_its_converter_ignores_and_paths_it_cannot_use(run, tmp_path):
   """Checked before torch or a converter is imported: nothing is read but the paths."""
   stage1 = tmp_path / "stage1"  # the released layout: stage1/model.pt beside stage1/config.yaml
@@ -288,8 +305,6 @@ def test_flags_the_chosen_subcommand_ignores_are_named(run, tmp_path):
       (sample, (w, "--image=x.png"), "--image applies to `sample inpaint` only, not to `sample`"),
       (sample, ("--merge", f"--out={tmp_path}", "--seed=3"),
        "--seed applies to `sample` or `sample inpaint` only, not to `sample --merge`"),
-      (sample, ("inpaint", w, "--overwrite"), "--overwrite applies to `sample` or `sample --merge` only, not to "
-       "`sample inpaint`"),
       (evaluate, ("samples", w, f"--samples={tmp_path}/x.npz"),
        "--samples applies to `evaluate fid / clip` only, not to `evaluate samples`"),
       (evaluate, ("fid", "--seed=3"),

@@ -231,6 +231,35 @@ def test_grad_accumulation_matches_full_batch(stage2_codes_dir):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_the_step_drops_the_condition_at_its_rate():
+  """Condition dropout inside the train step (classifier-free guidance): at rate 1 the step is the rate-0 step on the
+  null condition (the same masks: they are drawn from their own key), at rate 0 it reads the labels."""
+  def config(rate):
+    c = helpers.tiny_stage2_config("unused", **ONE_LAYER, train__cond_drop_rate=rate)
+    c.lock()
+    return c
+
+  model, tx = train.build_model(config(0.0)), train.make_optimizer(config(0.0))
+  mesh = sharding.make_mesh(config(0.0).mesh, jax.devices()[:1])
+  state, _ = train.create_train_state(model, tx, config(0.0), mesh, sharding.logical_rules(config(0.0)))
+  h, w, d = config(0.0).data.code_shape
+  rng = np.random.default_rng(0)
+  codes = rng.integers(0, config(0.0).data.vocab_size, (8, h, w, d)).astype(np.int32)
+  labels = rng.integers(0, 10, (8,)).astype(np.int32)
+  codebook = jnp.asarray(rng.normal(size=(config(0.0).data.vocab_size, config(0.0).data.embed_dim)), jnp.float32)
+
+  def metrics(rate, label):
+    _, m = jax.jit(train.make_train_step(model, tx, config(rate)))(state, {"codes": codes, "label": label}, codebook)
+    return float(m["loss"]), float(m["grad_norm"])
+
+  null = np.full_like(labels, model.null_cond_id)
+  assert model.null_cond_id == 10
+  dropped = metrics(1.0, labels)
+  assert dropped == metrics(0.0, null)
+  assert dropped != metrics(0.0, labels)
+  assert metrics(0.0, labels) != metrics(0.0, (labels + 1) % 10)  # the labels reach the loss
+
+
 def test_mask_groups_change_the_cost_not_the_loss():
   """The packed path (depth transformer, head and loss on each group's masked-first slots) gives the loss and
   gradients of the plain one on the same masks; the step's layout keeps each micro-batch's groups within capacity."""
