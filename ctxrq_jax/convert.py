@@ -67,6 +67,11 @@ def main(argv: list[str]) -> None:
   cli.check_flags("convert", argv[1], SUBCOMMAND_FLAGS)
   if not FLAGS.checkpoint or not FLAGS.out:
     raise app.UsageError("--checkpoint and --out are required")
+  from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.models import variables_files  # pylint: disable=g-import-not-at-top
+  if not FLAGS.overwrite and (paths.path(FLAGS.out) / variables_files.VARIABLES_DIR).exists():  # before the reading
+    raise app.UsageError(f"{FLAGS.out} already holds an artifact; pass --overwrite to replace it, or choose another "
+                         "--out")
   checked = "SHA-256 checked" if FLAGS.check_hash else "SHA-256 not checked"
   if argv[1] == "inception":
     from ctxrq_jax.models import inception_convert  # pylint: disable=g-import-not-at-top

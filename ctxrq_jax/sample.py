@@ -164,18 +164,6 @@ def _refuse_existing(npz: str, what: str) -> None:
     raise app.UsageError(f"{npz} exists ({what}); pass --overwrite to replace it, or choose another --out")
 
 
-def _settings_record(loaded, settings: dict, **drawn) -> dict:
-  """What samples.json records: the run, its step and parameters, the seed and every sampling setting, and `drawn`
-  (classes or prompts, samples of each, their number)."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
-  phases = {k: dataclasses.asdict(settings[k]) for k in ("draft", "revise")}
-  return {"workdir": paths.name(FLAGS.workdir), "step": int(loaded.step), "params": loaded.params_name,
-          "seed": FLAGS.seed, "T_draft": settings["t_draft"], "T_revise": settings["t_revise"],
-          "M": settings["num_revisions"], **phases, "draft_mode": settings["draft_mode"],
-          "confidence_noise": settings["confidence_noise"], **drawn}
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 2 or (len(argv) == 2 and argv[1] not in SUBCOMMANDS):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}; usage: python -m ctxrq_jax.sample "
@@ -192,6 +180,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"--seed must be in [0, 2**32), got {FLAGS.seed}")
   from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
   out_dir = FLAGS.out or str(paths.path(FLAGS.workdir) / ("inpaint" if mode == INPAINT else "samples"))
+  if paths.path(out_dir).exists() and not paths.path(out_dir).is_dir():  # before the samples, not after them
+    raise app.UsageError(f"--out={out_dir} is a file; --out names a directory (the outputs are written inside it)")
   if mode == INPAINT:
     _refuse_existing(str(paths.path(out_dir) / "inpaint.npz"), "an earlier edit")
   else:
@@ -240,8 +230,8 @@ def main(argv: list[str]) -> None:
   if not written:  # another host: process 0 merged the shards and reports
     return
   # After the npz (whose replacement removed the samples.json of the set before): the settings that drew this one.
-  written["settings_json"] = str(paths.write_json(paths.path(out_dir) / runner.SETTINGS_FILE,
-                                                  _settings_record(loaded, settings, **drawn), indent=1))
+  written["settings_json"] = runner.write_settings(out_dir, runner.settings_record(loaded, FLAGS.seed, settings,
+                                                                                   **drawn))
   print(f"{summary} from {FLAGS.workdir} (step {loaded.step}, {loaded.params_name})")
   for name, path in written.items():
     print(f"{name}: {path}")

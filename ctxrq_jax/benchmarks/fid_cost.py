@@ -30,9 +30,10 @@ def write_random_images(path: str, num_images: int, image_size: int, seed: int) 
 
 
 def run_fid(samples: str, reference: str, inception: str, *, batch_size: int) -> dict[str, float]:
-  """Runs the evaluate command in a child process: {'seconds', 'peak_rss_mib'} of that process alone."""
+  """Runs the evaluate command in a child process: {'seconds', 'peak_rss_mib'} of that process alone. Its result json
+  (`samples`.json) is the bench's own scratch, replaced when the bench runs again in the same workdir."""
   args = [sys.executable, "-m", "ctxrq_jax.evaluate", "fid", f"--samples={samples}", f"--reference={reference}",
-          f"--inception={inception}", f"--batch_size={batch_size}", f"--out_json={samples}.json"]
+          f"--inception={inception}", f"--batch_size={batch_size}", f"--out_json={samples}.json", "--overwrite"]
   log_path = f"{samples}.log"
   t0 = time.perf_counter()
   with open(log_path, "w") as log:  # a file, not a pipe: the child never blocks on a full pipe

@@ -143,6 +143,11 @@ class ProcessCountMismatch(ValueError):
   """A step saved by another number of processes whose data-iterator positions cannot be carried over."""
 
 
+class RestoreError(ValueError):
+  """No checkpoint of a directory restores (its files are damaged, or they hold another model's state). A ValueError:
+  the commands report it as one `error:` line; nothing is moved aside (the steps may be readable with another target)."""
+
+
 def _carried_iterator_state(data_dir: epath.Path) -> Optional[dict[str, Any]]:
   """The data-iterator state for this process from a step saved by another number of processes, or None when the
   step holds this process's own file (grain's handler restores it).
@@ -459,7 +464,7 @@ class Checkpointer:
       (state, step), or (None, None) when the directory holds no checkpoint.
 
     Raises:
-      The first restore error when checkpoints exist but none of them restores (wrong target, not corruption).
+      RestoreError (with the first step's error) when checkpoints exist but none of them restores.
     """
     _check_iterator(data_iterator)
     self._finish_pending()
@@ -492,9 +497,10 @@ class Checkpointer:
         self._quarantine(failed)
       log.info("Restored checkpoint %s", step_dir)
       return _data_to_keys(target, restored), step
-    raise RuntimeError(f"none of the checkpoints {sorted(steps)} in {self.directory} could be restored into the "
-                       f"given target; the first error was {type(first_error).__name__}: {first_error}"
-                       ) from first_error
+    first = (str(first_error).strip().splitlines() or [""])[0]
+    raise RestoreError(f"none of the checkpoints {sorted(steps)} in {self.directory} could be restored (damaged, or "
+                       f"another model's state; nothing was moved); the first error was {type(first_error).__name__}: "
+                       f"{first}") from first_error
 
   def _quarantine(self, steps: list[int]) -> None:
     """Renames unreadable step directories aside (never deletes) so they stop shadowing good ones."""

@@ -7,7 +7,8 @@
 
 Every step resumes: re-running after an interruption continues where it stopped, and re-running a finished demo
 trains nothing, keeps the codes (re-encoded only when they are missing or were not written from this stage-1
-artifact) and prints the same results. What a stage-2 run depends on is never replaced under it: a re-run whose stage
+artifact), keeps the samples drawn from the same stage-2 run with the same settings (with the results `evaluate`
+wrote of them; WORKDIR/samples/samples.json records the settings) and prints the same results. What a stage-2 run depends on is never replaced under it: a re-run whose stage
 1 would train further (another stage-1 config) or whose RQ-VAE is not the one a stage-2 run of the workdir was
 trained on is refused before anything runs; so is mixing --smoke and the full demo, or two --max_examples, in one
 workdir (WORKDIR/demo.json records them). The same modules and code paths serve the ImageNet configs; only the
@@ -27,7 +28,6 @@ import json
 import time
 from typing import Any, Callable, Optional
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -45,7 +45,6 @@ from ctxrq_jax.data import mnist
 from ctxrq_jax.data import tokenizer as tokenizer_lib
 from ctxrq_jax.models import artifact as artifact_lib
 from ctxrq_jax.sampling import loader
-from ctxrq_jax.sampling import logits
 from ctxrq_jax.sampling import runner
 from ctxrq_jax.stage1 import encode
 from ctxrq_jax.stage1 import trainer as stage1_trainer
@@ -391,12 +390,7 @@ def run_text(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collect
     return {"stopped_at": tr_results["step"]}
 
   t0 = time.time()
-  loaded = loader.Stage2Model(stage2_dir)
-  s = loaded.config.sample
-  outputs = runner.sample_prompts(
-      loaded, digit_prompts(thresholds), str(fs.path(workdir) / TEXT_SAMPLES), per_prompt=samples_per_prompt,
-      rng=jax.random.key(0), batch_size=int(s.batch_size), t_draft=int(s.T_draft), t_revise=int(s.T_revise),
-      num_revisions=int(s.M), draft=logits.PhaseSettings.from_config(s.draft),
-      revise=logits.PhaseSettings.from_config(s.revise))
+  outputs = runner.sample_all_prompts(loader.Stage2Model(stage2_dir), digit_prompts(thresholds),
+                                      str(fs.path(workdir) / TEXT_SAMPLES), per_prompt=samples_per_prompt)
   timings["sample"] = time.time() - t0
   return {"stage1": rq_results, "stage2": tr_results["eval"], "timings": timings, "outputs": outputs}

@@ -6,8 +6,8 @@ Outputs (`write_outputs`):
   phases.png       the draft and every revision side by side (one panel per phase, the preview's samples)
   samples.npz      arr_0: uint8 [M, H, W, 3] final images (the layout FID/IS/precision-recall evaluators read),
                    labels: int32 [M], codes: int32 [M, h, w, D]
-  samples.json     written by the `sample` command after the npz (SETTINGS_FILE): the run, step and settings that
-                   drew it. Replacing a samples.npz removes the files that described the one before (`stale_results`:
+  samples.json     written after the npz by the `sample` command and the recipes (SETTINGS_FILE, `settings_record`):
+                   the run, step and settings that drew it. Replacing a samples.npz removes the files that described the one before (`stale_results`:
                    that samples.json and `evaluate fid` / `evaluate clip`'s samples.fid.json / samples.clip.json)
                    just before the new file is renamed into place, so none of them outlives its sample set.
 On several hosts each writes its block of the sample indices to shards/samples-<host>-of-<hosts>.npz and
@@ -22,7 +22,9 @@ and `cond` (int32 [M, L], the caption tokens).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
 import logging
 import os
 from typing import Iterator, Optional, Sequence
@@ -373,18 +375,82 @@ def sample_classes(loaded: loader.Stage2Model, ids: Sequence[int], out_dir: str,
                           preview_per_class=preview_per_class, preview_classes=preview_classes)
 
 
+def run_settings(loaded: loader.Stage2Model) -> dict:
+  """The run's `config.sample` settings as keyword arguments of `sample_classes` / `sample_prompts`."""
+  s = loaded.config.sample
+  return dict(batch_size=int(s.batch_size), t_draft=int(s.T_draft), t_revise=int(s.T_revise), num_revisions=int(s.M),
+              draft=logits.PhaseSettings.from_config(s.draft), revise=logits.PhaseSettings.from_config(s.revise))
+
+
+def settings_record(loaded: loader.Stage2Model, seed: int, settings: dict, **drawn) -> dict:
+  """What OUT/samples.json records of a sample set (JSON types): the run, its step and parameters, the seed, every
+  sampling setting (`settings`: the keyword arguments of `sample_classes` / `sample_prompts`; not the batch size) and
+  `drawn` (classes or prompts, samples of each, their number)."""
+  record = {"workdir": fs.name(loaded.workdir), "step": int(loaded.step), "params": loaded.params_name,
+            "seed": int(seed), "T_draft": int(settings["t_draft"]), "T_revise": int(settings["t_revise"]),
+            "M": int(settings["num_revisions"]),
+            **{k: dataclasses.asdict(settings[k]) for k in ("draft", "revise")},
+            "draft_mode": settings.get("draft_mode", "random"),
+            "confidence_noise": float(settings.get("confidence_noise", 0.0)), **drawn}
+  return json.loads(json.dumps(record))  # as it reads back (lists for tuples)
+
+
+def write_settings(out_dir: str, record: dict) -> str:
+  """Writes OUT/samples.json (after the npz, whose replacement removed the one of the set before); returns its path."""
+  return str(fs.write_json(fs.path(out_dir) / SETTINGS_FILE, record, indent=1))
+
+
+def kept_sample_set(out_dir: str, record: dict) -> Optional[dict[str, str]]:
+  """The paths of the set in `out_dir` when its samples.json equals `record` (the same run, step, parameters,
+  settings and draw) and its grids and npz are there, else None."""
+  out = fs.path(out_dir)
+  files = {"samples_png": out / "samples.png", "phases_png": out / "phases.png", "samples_npz": out / "samples.npz",
+           "settings_json": out / SETTINGS_FILE}
+  if not all(p.exists() for p in files.values()):
+    return None
+  try:
+    saved = json.loads(files["settings_json"].read_text())
+  except (OSError, ValueError):
+    return None
+  return {name: str(p) for name, p in files.items()} if saved == record else None
+
+
+def _draw_or_keep(out_dir: str, record: dict, draw) -> dict[str, str]:
+  """`kept_sample_set` when it matches `record`, so a recipe run again keeps its samples and the results `evaluate`
+  wrote of them; otherwise `draw()` (a new set replaces the old one and its results) and its samples.json."""
+  kept = kept_sample_set(out_dir, record)
+  if kept is not None:
+    log.info("kept the sample set in %s (drawn with these settings by an earlier run)", out_dir)
+    return kept
+  paths = draw()
+  if paths:  # process 0
+    paths["settings_json"] = write_settings(out_dir, record)
+  return paths
+
+
 def sample_all_classes(workdir: str, out_dir: str, *, samples_per_class: int, seed: int = 0,
                        classes: str = "all") -> dict[str, str]:
-  """Samples `samples_per_class` images for each class with the run's `config.sample` settings."""
+  """Samples `samples_per_class` images for each class with the run's `config.sample` settings into `out_dir`, with
+  its samples.json; a set drawn there from the same run and step with the same settings is kept (`_draw_or_keep`)."""
   if samples_per_class < 1:
     raise ValueError(f"samples_per_class must be >= 1, got {samples_per_class}")
   loaded = loader.Stage2Model(workdir)
-  s = loaded.config.sample
   ids = parse_classes(classes, int(loaded.config.model.num_classes))
-  return sample_classes(loaded, ids, out_dir, per_class=samples_per_class, rng=jax.random.key(seed),
-                        batch_size=int(s.batch_size), t_draft=int(s.T_draft), t_revise=int(s.T_revise),
-                        num_revisions=int(s.M), draft=logits.PhaseSettings.from_config(s.draft),
-                        revise=logits.PhaseSettings.from_config(s.revise))
+  settings = run_settings(loaded)
+  record = settings_record(loaded, seed, settings, classes=ids, per_class=samples_per_class,
+                           num_samples=len(ids) * samples_per_class)
+  return _draw_or_keep(out_dir, record, lambda: sample_classes(
+      loaded, ids, out_dir, per_class=samples_per_class, rng=jax.random.key(seed), **settings))
+
+
+def sample_all_prompts(loaded: loader.Stage2Model, prompts: Sequence[str], out_dir: str, *, per_prompt: int,
+                       seed: int = 0) -> dict[str, str]:
+  """Text-to-image: `sample_all_classes` for prompts (`sample_prompts` with the run's `config.sample` settings)."""
+  settings = run_settings(loaded)
+  record = settings_record(loaded, seed, settings, prompts=list(prompts), per_prompt=per_prompt,
+                           num_samples=len(prompts) * per_prompt)
+  return _draw_or_keep(out_dir, record, lambda: sample_prompts(
+      loaded, prompts, out_dir, per_prompt=per_prompt, rng=jax.random.key(seed), **settings))
 
 
 def read_prompts(spec: str | None = None, path: str | None = None) -> list[str]:

@@ -118,8 +118,10 @@ def test_fid_cost_table_and_a_failing_child(tmp_path):
   assert "10.0" in table and "+40 MiB" in table  # 60 s / 6000 images; 1540 - 1500
   assert "pool features are 31 MiB, their images 47 MiB" in table  # 4000 x 8 KiB; 4000 x 12 KiB
   path = fid_cost.write_random_images(str(tmp_path / "x.npz"), 3, 8, seed=0)
-  with pytest.raises(RuntimeError, match="evaluate fid failed"):  # no such weights: the child's error is shown
+  (tmp_path / "x.npz.json").write_text("{}")  # an earlier bench's result: its own scratch, replaced
+  with pytest.raises(RuntimeError, match="evaluate fid failed") as e:  # no such weights: the child's error is shown
     fid_cost.run_fid(path, path, str(tmp_path / "missing"), batch_size=4)
+  assert "missing" in str(e.value) and "exists" not in str(e.value), str(e.value)
 
 
 @pytest.mark.slow  # 26-36 s on a loaded 2-core CPU: a training step and the sampler of a text-to-image model compile

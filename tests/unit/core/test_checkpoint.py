@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ctxrq_jax.core import checkpoint
+from ctxrq_jax.core import cli
 from ctxrq_jax.data import codes as codes_lib
 from tests import helpers
 
@@ -208,8 +209,26 @@ def test_wrong_target_raises_and_keeps_checkpoints(tmp_path):
   bad_target = _state(0)
   bad_target["params"]["dense"]["kernel"] = jnp.zeros((4, 4))
   with checkpoint.Checkpointer(tmp_path, max_to_keep=3, save_interval_steps=1) as ckpt:
-    with pytest.raises(RuntimeError, match="none of the checkpoints"):
+    with pytest.raises(checkpoint.RestoreError, match="none of the checkpoints"):
       ckpt.restore(bad_target)
+  assert _steps(tmp_path) == [1, 2]
+
+
+def test_no_step_restores_is_a_one_line_error(tmp_path):
+  # Every step damaged: the commands print one `error:` line (a ValueError, cli.USER_ERRORS) that names the
+  # directory and the first step's cause, and the steps stay where they are.
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=3, save_interval_steps=1) as ckpt:
+    ckpt.save(1, _state(1))
+    ckpt.save(2, _state(2))
+  for step in ("1", "2"):
+    _corrupt_truncate(str(tmp_path / step))
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=3, save_interval_steps=1) as ckpt:
+    with pytest.raises(cli.USER_ERRORS) as e:
+      ckpt.restore(_state(0))
+  assert isinstance(e.value, checkpoint.RestoreError)
+  message = str(e.value)
+  assert "\n" not in message and f"none of the checkpoints [1, 2] in {tmp_path}" in message, message
+  assert "the first error was" in message
   assert _steps(tmp_path) == [1, 2]
 
 

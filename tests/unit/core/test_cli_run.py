@@ -203,7 +203,7 @@ def test_sample_inpaint_names_a_mask_of_another_size(run, tmp_path):
       2, [f"error: mask {mask} is 28x20 pixels but image {image} is 28x28; draw the mask on the image's pixels"])
 
 
-def test_sample_inpaint_keeps_an_earlier_edit_unless_told(run, tmp_path):
+def test_sample_keeps_an_earlier_edit_and_needs_a_directory_as_out(run, tmp_path):
   # Checked before the run is loaded (there is none here: with --overwrite the next check names the missing workdir).
   Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "digit.png")
   Image.fromarray(np.full((28, 28), 255, np.uint8)).save(tmp_path / "mask.png")
@@ -218,6 +218,11 @@ def test_sample_inpaint_keeps_an_earlier_edit_unless_told(run, tmp_path):
   assert (out / "inpaint.npz").read_bytes() == b"an earlier edit"
   assert run(sample.main, sample.define_flags, *args, "--overwrite") == (
       2, [f"error: workdir {tmp_path}/run does not exist"])
+  # --out naming a file (samples.npz for its directory): refused before anything is drawn.
+  file_out = f"--out={out / 'inpaint.npz'}"
+  for command in (args[:-1], (f"--workdir={tmp_path}/run", "--classes=1")):  # `sample inpaint`, `sample`
+    assert run(sample.main, sample.define_flags, *command, file_out) == (
+        2, [f"error: {file_out} is a file; --out names a directory (the outputs are written inside it)"])
 
 
 def test_convert_names_flags_its_converter_ignores_and_paths_it_cannot_use(run, tmp_path):
@@ -250,6 +255,11 @@ def test_convert_names_flags_its_converter_ignores_and_paths_it_cannot_use(run, 
   ]
   for args, message in cases:
     assert run(convert.main, convert.define_flags, *args) == (2, [f"error: {message}"]), args
+  done = tmp_path / "done"  # an earlier conversion: refused before the checkpoint is read, not after converting it
+  (done / "variables").mkdir(parents=True)
+  for converter in ("rqvae", "inception", "clip"):
+    assert run(convert.main, convert.define_flags, converter, common[0], f"--out={done}") == (
+        2, [f"error: {done} already holds an artifact; pass --overwrite to replace it, or choose another --out"])
 
 
 def test_sample_keeps_an_earlier_set_and_records_the_settings_of_each(run, tmp_path, monkeypatch):

@@ -151,3 +151,35 @@ def test_draft_mode_and_confidence_noise_reach_the_decoder(loaded, tmp_path, mon
     editing.inpaint(edit_model, np.zeros((8, 8, 1)), np.ones((8, 8), bool), np.zeros(1), jax.random.key(0),
                     num_samples=1, draft_mode="confidence", confidence_noise=2.0, **KW)
   assert seen == [("confidence", 4.5), ("confidence", 2.0)]
+
+
+def test_a_recipe_run_again_keeps_its_sample_set_and_its_results(tmp_path, monkeypatch):
+  # `sample_all_classes` (the demo's sampling): a set drawn from the same run, step and settings is kept with the
+  # `evaluate` results written beside it; another draw (here another number per class, then another step)
+  # replaces the set, and with it those results. The run is a stand-in: `sample_codes` draws zeros.
+  from ctxrq_jax.core import config as configlib  # pylint: disable=g-import-not-at-top
+  config = configlib.load_config_file("demo", "smoke")
+  run = types.SimpleNamespace(workdir=str(tmp_path / "run"), config=config, step=8, params_name="ema_params",
+                              model=types.SimpleNamespace(is_text=False), code_shape=(4, 4, D), resolution=8,
+                              images=_Decoder().images)
+  monkeypatch.setattr(loader, "Stage2Model", lambda workdir: run)
+  draws = []
+
+  def zeros(loaded, labels, rng, *, num_revisions, **kw):
+    draws.append(len(labels))
+    return np.zeros((num_revisions + 1, len(labels), N, D), np.int32)
+  monkeypatch.setattr(runner, "sample_codes", zeros)
+  out = tmp_path / "samples"
+  first = runner.sample_all_classes(run.workdir, str(out), samples_per_class=2, classes="0,1")
+  assert draws == [4] and list(first) == ["samples_png", "phases_png", "samples_npz", "settings_json"]
+  record = runner.settings_record(run, 0, runner.run_settings(run), classes=[0, 1], per_class=2, num_samples=4)
+  assert runner.kept_sample_set(str(out), record) == first
+  (out / "samples.fid.json").write_text('{"fid": 1.0}')
+  assert runner.sample_all_classes(run.workdir, str(out), samples_per_class=2, classes="0,1") == first
+  assert draws == [4] and (out / "samples.fid.json").exists()
+  runner.sample_all_classes(run.workdir, str(out), samples_per_class=3, classes="0,1")
+  assert draws == [4, 6] and not (out / "samples.fid.json").exists()
+  (out / "samples.fid.json").write_text('{"fid": 1.0}')
+  run.step = 9  # the run trained further
+  runner.sample_all_classes(run.workdir, str(out), samples_per_class=3, classes="0,1")
+  assert draws == [4, 6, 6] and not (out / "samples.fid.json").exists()
