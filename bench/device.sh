@@ -4,11 +4,11 @@
 #   2. the Table 4 protocol for the 821M config in bf16: batch 100, T_draft 8 / 32 / 64, T_revise 2, M 2 (s/sample
 #      of the codes), and decoding them to pixels with the ImageNet RQ-VAE (the official protocol's total adds it);
 #   3. one 821M training step (forward + backward + AdamW) at the largest of 512 / 256 / ... / 32 that fits: time and
-#      MFU (run after T_draft 8, before the decode and T_draft 32 and 64).
+#      MFU (run last: T_draft 8, 64, 32 and the decode come first; a batch that does not fit costs a compile).
 # A check that fails is logged with its traceback and the others still run (exit 1 at the end).
 # Usage: bash bench/device.sh [extra bench flags, which override the defaults below]
-#   e.g. on a CPU: bash bench/device.sh --config=configs/imagenet.py:tiny --batch_size=4 --t_draft=2,4 \
-#                    --train_batches=8,4 --rqvae_config=configs/rqvae_mnist.py
+#   e.g. on a CPU: JAX_PLATFORMS=cpu bash bench/device.sh --config=configs/imagenet.py:tiny --batch_size=4 \
+#                    --t_draft=2,4 --train_batches=8,4 --rqvae_config=configs/rqvae_mnist.py
 # TIMEOUT_S (default 480) bounds the whole run; --deadline_s (default 400, from the start) is when checks stop
 # starting, and one starts only if the time left is 1.2x what the previous one of its kind took; a check still
 # running at TIMEOUT_S - 15 s is cut, and the tables of the others are printed (exit status 3).

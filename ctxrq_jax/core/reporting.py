@@ -42,7 +42,8 @@ class Progress:
   def line(self) -> str:
     done = self.count - self.start_count
     rate = self.rate()
-    parts = [f"{self.name}: {self.count}/{self.total} {self.unit}"]
+    # total <= 0: not known in advance (a streamed source): the count alone, no ETA.
+    parts = [f"{self.name}: {self.count}{f'/{self.total}' if self.total > 0 else ''} {self.unit}"]
     if done:
       parts.append(f"{rate:.2f} {self.unit}/s")
       if self.count < self.total:
@@ -65,7 +66,8 @@ class Progress:
       self.stream.write("\r\033[K" + self.line())
       self.stream.flush()
       self._last_draw = now
-    elif not self.tty and now - self._last_log >= self.log_every_secs and self.count < self.total:
+    elif not self.tty and now - self._last_log >= self.log_every_secs and (self.total <= 0 or
+                                                                         self.count < self.total):
       self.stream.write(self.line() + "\n")
       self.stream.flush()
       self._last_log = now

@@ -49,8 +49,9 @@ def read_captions(codes_dir: str, split: str) -> list[str]:
     if not path.exists():
       raise ValueError(f"{path} not found: {codes_dir} is not a caption code dataset, or has no split {split!r}")
     lines = [line.rstrip("\n") for line in path.read_bytes().decode("utf-8").splitlines()]
-    if size is not None and len(sizes) > 1 and len(lines) != size:
-      raise ValueError(f"{path} holds {len(lines)} captions; the metadata gives part {part} {size} records")
+    if size is not None and len(lines) != size:
+      where = f"part {part}" if len(sizes) > 1 else f"split {split!r}"
+      raise ValueError(f"{path} holds {len(lines)} captions; the metadata gives {where} {size} records")
     out.extend(lines)
   return out
 

@@ -20,7 +20,10 @@ as in a bucket (where nothing can be renamed atomically): the new shards get nam
 list (`-g{generation}` before `.array_record`, generation the smallest one the old shards do not use), the old data
 set stays whole and readable while they are written, and only once they all are does the commit replace
 codebook.npy and metadata.json (the old metadata.json removed first, so it never describes the new codebook) and
-remove the old shards. An interrupted replacement leaves the old data set as it was.
+remove the old shards. An interrupted replacement leaves the old data set as it was. Files that belong beside the
+shards (a caption split's `captions-<split>.txt`, `data.code_captions`) are written under a staged name
+(`CodeDatasetWriter.side_file`) and renamed into place by the commit, after the old metadata.json is removed and
+before the new one is written, so an old data set is never paired with the new one's captions.
 
 Multi-host writing (version 4): in a job of P processes each host writes its own part of every split, examples
 [start_p, start_p + m_p) in write order, into its own k shards named
@@ -69,7 +72,7 @@ import hashlib
 import io
 import json
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -84,6 +87,7 @@ VIEWS_VERSION = 2  # V >= 1 views per record; `views` in the metadata
 VARIANTS_VERSION = 3  # T >= 1 caption tokenizations per record of a split; `cond_variants` in each split
 PARTS_VERSION = 4  # written by P > 1 processes: `parts` (examples per process) in each split
 PART_FILE = "_part-{index:05d}-of-{count:05d}.json"
+_SIDE_FILES_KEY = "side-files"  # in a part file beside its splits (no split name has a '-'): its staged side files
 METADATA_FILE = "metadata.json"
 CODEBOOK_FILE = "codebook.npy"
 RECORD_LAYOUT = ("little-endian int32 condition tokens [T, cond_length] (T = the split's cond_variants, 1 without "
@@ -311,6 +315,7 @@ class CodeDatasetWriter:
     self._staging: dict[str, list[Any]] = {}  # split -> the open `paths.local_file` contexts of its shards
     self._counts: dict[str, int] = {}
     self._variants: dict[str, int] = {}
+    self._side_files: list[str] = []  # this process's files beside the shards, renamed into place by the commit
     self._closed = False
     # A data set this one replaces stays whole until this one is committed (the module doc): its shards' names, kept
     # clear of and removed after the commit. Every process reads them here, before any can commit (after a barrier).
@@ -381,6 +386,14 @@ class CodeDatasetWriter:
       count += 1
     self._counts[split] = count
 
+  def side_file(self, name: str) -> Any:
+    """The path to write `name` (a file beside the shards, e.g. `captions-<split>.txt`) to: a staged name that the
+    commit renames to `name` (the module doc); a failed write leaves the data set it replaces with its own."""
+    if "/" in name or name.startswith(".") or name in (METADATA_FILE, CODEBOOK_FILE):
+      raise ValueError(f"side file names are plain file names other than the data set's own, got {name!r}")
+    self._side_files.append(name)
+    return paths.path(self._dir) / _staged(name)
+
   def open_split(self, split: str) -> None:
     """Creates `split`'s shards before its first write, so a split (or, in a multi-process job, this process's part
     of it) may stay empty."""
@@ -428,16 +441,18 @@ class CodeDatasetWriter:
     if self._process_count == 1:
       if not any(self._counts.values()):
         raise ValueError(f"no examples were written to {self._dir}")
-      return self._commit({split: (n,) for split, n in self._counts.items()}, dict(self._variants))
+      return self._commit({split: (n,) for split, n in self._counts.items()}, dict(self._variants),
+                          self._side_files)
     # Several processes: publish this part's counts, wait for every part, process 0 commits, everyone returns.
     root = paths.path(self._dir)
     paths.write_json(root / PART_FILE.format(index=self._process_index, count=self._process_count),
-                     {split: {"num_examples": n, "cond_variants": self._variants.get(split, 1)}
-                      for split, n in self._counts.items()})
+                     {**{split: {"num_examples": n, "cond_variants": self._variants.get(split, 1)}
+                         for split, n in self._counts.items()}, _SIDE_FILES_KEY: self._side_files})
     paths.barrier(f"ctxrq_codes_parts_written:{self._dir}")
     # Every process reads and checks the parts, so a bad combination fails on all of them alike (none left waiting).
     part_files = [root / PART_FILE.format(index=p, count=self._process_count) for p in range(self._process_count)]
     parts = [paths.read_json(f) for f in part_files]
+    side_files = [name for part in parts for name in part.pop(_SIDE_FILES_KEY)]
     splits = sorted(parts[0])
     for p, part in enumerate(parts):
       if sorted(part) != splits:
@@ -453,15 +468,17 @@ class CodeDatasetWriter:
     if empty:
       raise ValueError(f"no process wrote any example of split(s) {', '.join(empty)} of {self._dir}")
     if self._process_index == 0:
-      self._commit(sizes, variants)
+      self._commit(sizes, variants, side_files)
     paths.barrier(f"ctxrq_codes_committed:{self._dir}")
     if self._process_index == 0:
       for f in part_files:
         f.unlink()
     return read_metadata(self._dir)
 
-  def _commit(self, sizes: Mapping[str, tuple[int, ...]], variants: Mapping[str, int]) -> CodeMetadata:
-    """Writes codebook.npy, then metadata.json (the commit marker) for splits whose parts hold `sizes` examples."""
+  def _commit(self, sizes: Mapping[str, tuple[int, ...]], variants: Mapping[str, int],
+              side_files: Sequence[str] = ()) -> CodeMetadata:
+    """Renames the staged `side_files` into place, writes codebook.npy, then metadata.json (the commit marker) for
+    splits whose parts hold `sizes` examples."""
     num_parts = self._process_count
     meta = CodeMetadata(
         code_shape=self._code_shape, codebook_size=len(self._codebook), embed_dim=self._codebook.shape[1],
@@ -474,6 +491,10 @@ class CodeDatasetWriter:
     root = paths.path(self._dir)
     if (root / METADATA_FILE).exists():  # the data set this one replaces: its marker goes before its codebook does
       (root / METADATA_FILE).unlink()
+    for name in side_files:  # no metadata.json now: neither data set is complete while they move
+      if (root / name).exists():
+        (root / name).unlink()
+      (root / _staged(name)).rename(root / name)
     paths.write_with(root / CODEBOOK_FILE, lambda f: np.save(f, self._codebook))
     paths.write_text(root / METADATA_FILE, json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n")
     new = {name for _, names in meta.splits.values() for name in names}
@@ -491,6 +512,15 @@ class CodeDatasetWriter:
     else:
       self._closed = True
       self._close_files(exc)
+      for name in self._side_files:  # this process's staged side files: the data set they were for is not written
+        staged = paths.path(self._dir) / _staged(name)
+        if staged.exists():
+          staged.unlink()
+
+
+def _staged(name: str) -> str:
+  """The name a side file is written under until the commit (hidden, and not a shard or metadata name)."""
+  return f".{name}.staged"
 
 
 def read_metadata(codes_dir: str) -> CodeMetadata:

@@ -213,7 +213,7 @@ def encode_captions(artifact_dir: str, sources: Mapping[str, Callable[[captions_
       batches = captions_lib.image_batches(examples, stats, image_size=model.resolution,
                                            channels=model.in_channels, batch_size=batch_size, resize=resizes[split],
                                            views=views if len(views) > 1 else None, view_seed=view_seed)
-      caption_path = paths.path(out_dir) / code_captions.captions_file(split, process_index, process_count)
+      caption_path = writer.side_file(code_captions.captions_file(split, process_index, process_count))
       with paths.local_file(caption_path) as caption_tmp, open(caption_tmp, "w", encoding="utf-8") as caption_file:
         for x, captions, _ in batches:
           n = x.shape[0]

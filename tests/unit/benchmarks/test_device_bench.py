@@ -98,14 +98,30 @@ def test_bench_device_goes_on_after_a_check_fails(monkeypatch):
   assert "total s" in table and "0.0820" in table  # 0.08 s/sample for the codes at T_draft 8 + 0.002
 
 
+def test_a_model_that_cannot_be_built_is_tried_once(monkeypatch):
+  _fake_checks(monkeypatch)
+  calls = []
+
+  def broken(config, seed):
+    calls.append(seed)
+    raise RuntimeError("RESOURCE_EXHAUSTED while initialising")
+  monkeypatch.setattr(speed, "random_model", broken)
+  out, log = _device()
+  assert len(calls) == 1 and out["failed"] == ["build the model"] and out["sample"] == []
+  assert out["train"]["batch"] == 8 and out["decode"]["decode_s"] == 0.002  # the other checks still run
+  assert log.splitlines()[0].startswith("device: cpu") and ", jax " in log.splitlines()[0]
+
+
 def test_bench_device_skips_a_check_the_deadline_leaves_too_little_time_for(monkeypatch):
   clock = [0.0]
   _fake_checks(monkeypatch, clock=clock, sample_s=100.0)
   out, log = _device(clock=clock, deadline_s=250.0)
-  # T_draft 8 ends at 100 s, T_draft 32 (150 s left >= 1.2 x 100) at 200 s; T_draft 64 would need 120 of the 50 left.
-  assert [r["t_draft"] for r in out["sample"]] == [8, 32]
-  assert out["skipped"] == ["sample T_draft=64"] and out["failed"] == []
-  assert "sample T_draft=64: skipped, 50 s left before the deadline" in log, log
+  # T_draft 8 ends at 100 s, T_draft 64 (the issue's H200 target, next; 150 s left >= 1.2 x 100) at 200 s; T_draft 32
+  # would need 120 of the 50 left. The decode and the training step, first of their kinds, still start.
+  assert [r["t_draft"] for r in out["sample"]] == [8, 64]
+  assert out["skipped"] == ["sample T_draft=32"] and out["failed"] == []
+  assert "sample T_draft=32: skipped, 50 s left before the deadline" in log, log
+  assert out["train"]["batch"] == 8 and "train: the largest of batches 8 / 4 that fits" in log, log
 
 
 def test_a_check_still_running_at_exit_by_s_is_cut_with_the_tables_of_the_others(monkeypatch):
@@ -125,8 +141,8 @@ def test_a_check_still_running_at_exit_by_s_is_cut_with_the_tables_of_the_others
     released.set()
   start = time.perf_counter()
   _device(exit_by_s=0.5, on_overrun=overrun, started=start)
-  # Called once, from the watchdog, while the first training batch ran, with T_draft 8's row already in.
-  assert cut == [([8], "train batch 8")]
+  # Called once, from the watchdog, while the first training batch ran (last: after every T_draft's row).
+  assert cut == [([8, 32, 64], "train batch 8")]
   assert time.perf_counter() - start < 5
 
 

@@ -52,6 +52,12 @@ def test_progress_in_a_log_prints_one_line_at_the_end():
   p = reporting.Progress("encode", 10, unit="images", stream=stream, log_every_secs=0.0)
   p.update(3)
   assert stream.getvalue().startswith("encode: 3/10 images")
+  # A streamed source of unknown size (total 0): the count alone, logged while it runs, no ETA.
+  stream = io.StringIO()
+  with reporting.Progress("encode train", 0, unit="images", stream=stream, log_every_secs=0.0) as p:
+    p.update(3)
+    assert stream.getvalue().startswith("encode train: 3 images, ") and "ETA" not in stream.getvalue()
+  assert stream.getvalue().splitlines()[-1].startswith("encode train: 3 images, ")
 
 
 def test_progress_on_a_terminal_rewrites_its_line():

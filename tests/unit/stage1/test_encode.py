@@ -133,6 +133,44 @@ def test_encode_captions_writes_token_conditions(tiny_artifact, tmp_path):
   assert sorted(batch) == ["codes", "cond"] and batch["cond"].shape == (3, 6)
 
 
+def test_an_interrupted_caption_reencode_leaves_the_old_set_with_its_own_captions(tiny_artifact, tmp_path):
+  # `encode captions --overwrite` published each split's captions-<split>.txt as it finished, so a replacement
+  # interrupted in a later split left the old data set (still committed) beside the new run's captions.
+  from ctxrq_jax.data import captions as captions_lib  # pylint: disable=g-import-not-at-top
+  from ctxrq_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from tests.unit.data import test_captions  # pylint: disable=g-import-not-at-top
+  _, _, artifact = tiny_artifact
+  texts = ["old one", "old two", "old val", "new a", "new b", "new c"]
+  for name, pairs in (("old", texts[:2]), ("val", texts[2:3]), ("new", texts[3:])):
+    (tmp_path / name).mkdir()
+    test_captions.write_shard(tmp_path / name / "00000.tar", test_captions.webdataset_members(
+        [(f"{i:09d}", t) for i, t in enumerate(pairs)]))
+  tokenizer_lib.train_tokenizer(texts * 3, str(tmp_path / "bpe"), vocab_size=40)
+  tok = tokenizer_lib.CaptionTokenizer.from_directory(str(tmp_path / "bpe"), context_length=4, bpe_dropout=0.0)
+  read = lambda d: (lambda stats: captions_lib.iter_webdataset(str(tmp_path / d / "*.tar"), stats))  # noqa: E731
+
+  def failing(stats):
+    yield from read("val")(stats)
+    raise RuntimeError("preempted")
+
+  out = str(tmp_path / "codes")
+  encode.encode_captions(artifact, {"train": read("old"), "validation": read("val")}, out, tok, batch_size=2)
+  before = sorted(p.name for p in (tmp_path / "codes").iterdir())
+  with pytest.raises(RuntimeError, match="preempted"):
+    encode.encode_captions(artifact, {"train": read("new"), "validation": failing}, out, tok, batch_size=2,
+                           overwrite=True)
+  assert code_captions.read_captions(out, "train") == texts[:2]
+  np.testing.assert_array_equal(code_data.load_codes(out, "train")[1], tok.encode(texts[:2]))
+  assert sorted(p.name for p in (tmp_path / "codes").iterdir()) == before  # nothing staged is left behind
+  encode.encode_captions(artifact, {"train": read("new"), "validation": read("val")}, out, tok, batch_size=2,
+                         overwrite=True)
+  assert code_captions.read_captions(out, "train") == texts[3:]
+  assert not any(p.name.startswith(".") for p in (tmp_path / "codes").iterdir())  # every staged file moved in place
+  (tmp_path / "codes" / "captions-train.txt").write_text("new a\n")  # a captions file of another data set
+  with pytest.raises(ValueError, match="holds 1 captions; the metadata gives split 'train' 3 records"):
+    code_captions.read_captions(out, "train")
+
+
 def test_encode_captions_stores_views_of_the_official_training_crop(tiny_artifact, tmp_path):
   from ctxrq_jax.data import captions as captions_lib  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
