@@ -34,7 +34,8 @@ def define_flags() -> None:
                        "final grids.")
   flags.DEFINE_integer("max_examples", None, lower_bound=1,
                        help="Encode only the first this many digits of each split, and train stage 2 on them "
-                       "(default: all; --smoke: 500, the held-out split's size). --task=class only.")
+                       "(default: all; --smoke: 500, the held-out split's size). The digits come sorted by class: "
+                       "below 4500 the later classes are left out of training. --task=class only.")
   flags.DEFINE_bool("smoke", False, "Run every stage for a few steps (the configs' 'smoke' variants) to check an "
                     "install in about a minute; the samples are noise.")
 

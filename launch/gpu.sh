@@ -67,9 +67,11 @@ Training arguments: everything after '--' goes to the training module verbatim;
 without the '--'.  For SLURM the workdir must be on a shared filesystem (or gs://).
 
 Examples
-  $PROG local --config=configs/imagenet.py:821m --workdir=/ckpt/821m
+  $PROG local --config=configs/imagenet.py:821m --workdir=/ckpt/821m \\
+      --config.data.codes_dir=/data/imagenet_codes --config.data.stage1_dir=/ckpt/rqvae/rqvae
   $PROG slurm -N 4 -G 8 --partition gpu --setup 'source .venv/bin/activate' \\
-      --config=configs/imagenet.py:821m --workdir=/shared/ckpt/821m
+      --config=configs/imagenet.py:821m --workdir=/shared/ckpt/821m \\
+      --config.data.codes_dir=/shared/imagenet_codes --config.data.stage1_dir=/shared/ckpt/rqvae/rqvae
   $PROG slurm -N 2 -G 4 -m ctxrq_jax.train_rqvae --dry-run \\
       -- --config=configs/rqvae_imagenet.py --workdir=/shared/ckpt/rqvae
 EOF

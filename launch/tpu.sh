@@ -63,13 +63,15 @@ Training arguments: everything after '--' goes to the training module verbatim;
 --config=..., --config.KEY=..., and --workdir=... are also passed through
 without the '--'.  On a multi-host slice (more than 8 TensorCores or chips,
 e.g. v4-16, v5p-16, v5litepod-16) train and all refuse a --workdir that is not
-gs://: every host writes its checkpoint shards there.  Put the code dataset
+gs://: every host writes its checkpoint shards there (train checks it only when
+-t or TPU_TYPE gives the slice's type).  Put the code dataset
 (--config.data.codes_dir), the stage-1 artifact (--config.data.stage1_dir) and
 TFDS_DATA_DIR in the bucket too, so that every host reads the same files.
 
 Examples
   $PROG all --name ctxrq --zone us-central2-b -t v4-32 --spot \\
-      --config=configs/imagenet.py:821m --workdir=gs://BUCKET/ctxrq/821m
+      --config=configs/imagenet.py:821m --workdir=gs://BUCKET/ctxrq/821m \\
+      --config.data.codes_dir=gs://BUCKET/imagenet_codes --config.data.stage1_dir=gs://BUCKET/rqvae/rqvae
   $PROG train -n ctxrq -z us-central2-b -m ctxrq_jax.train_rqvae --detach \\
       -- --config=configs/rqvae_imagenet.py --workdir=gs://BUCKET/rqvae
   $PROG logs -n ctxrq -z us-central2-b
@@ -97,6 +99,7 @@ NAME=${TPU_NAME:-}
 ZONE=${TPU_ZONE:-}
 PROJECT=${TPU_PROJECT:-}
 ACCEL=${TPU_TYPE:-v4-32}
+ACCEL_GIVEN=${TPU_TYPE:+1}  # `train` on an existing slice knows its type only when told
 VERSION=${TPU_VERSION:-}
 SPOT=${TPU_SPOT:-0}
 PREEMPTIBLE=${TPU_PREEMPTIBLE:-0}
@@ -129,7 +132,7 @@ parse_option() {
     -n|--name) need_value "$1" $# "${2:-}"; NAME=$2; OPT_SHIFT=2 ;;
     -z|--zone) need_value "$1" $# "${2:-}"; ZONE=$2; OPT_SHIFT=2 ;;
     -p|--project) need_value "$1" $# "${2:-}"; PROJECT=$2; OPT_SHIFT=2 ;;
-    -t|--accelerator-type|--type) need_value "$1" $# "${2:-}"; ACCEL=$2; OPT_SHIFT=2 ;;
+    -t|--accelerator-type|--type) need_value "$1" $# "${2:-}"; ACCEL=$2; ACCEL_GIVEN=1; OPT_SHIFT=2 ;;
     -v|--version|--runtime-version) need_value "$1" $# "${2:-}"; VERSION=$2; OPT_SHIFT=2 ;;
     --spot) SPOT=1; OPT_SHIFT=1 ;;
     --preemptible) PREEMPTIBLE=1; OPT_SHIFT=1 ;;
@@ -170,9 +173,11 @@ train_workdir() {
 }
 
 # On several hosts the workdir must be a bucket: each host writes its checkpoint shards and iterator state there,
-# orbax's commit waits for all of them, and a restarted slice reads them back.
+# orbax's commit waits for all of them, and a restarted slice reads them back. `all` creates a slice of type ACCEL;
+# `train` runs on an existing one, whose type is known only from -t / TPU_TYPE (without them nothing is refused).
 check_workdir() {
   local workdir
+  [[ $CMD == all || -n ${ACCEL_GIVEN:-} ]] || return 0
   is_multi_host || return 0
   workdir=$(train_workdir)
   if [[ -n $workdir && $workdir != gs://* ]]; then

@@ -40,9 +40,22 @@ class _PlainFormatter(py_logging.Formatter):
     return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
+# Dependency loggers whose warnings stay on by default: JAX's backend set-up says there when it finds a GPU or TPU it
+# cannot use and falls back to the CPU (a GPU host without the `cuda` extra would otherwise train on the CPU unsaid).
+KEPT_WARNINGS = ("jax._src.xla_bridge",)
+
+
+def _plain_handler() -> py_logging.Handler:
+  handler = py_logging.StreamHandler(sys.stderr)
+  handler.setFormatter(_PlainFormatter())
+  handler._ctxrq = True  # pylint: disable=protected-access
+  return handler
+
+
 def quiet_dependencies(verbosity: int) -> None:
   """Logging for this process. Default (`verbosity` < 0): the library's warnings as `warning: ...` lines, nothing
-  from dependencies below ERROR, TensorFlow's C++ log off. 0 shows INFO of everything, 1 adds DEBUG."""
+  from dependencies below ERROR but the warnings of `KEPT_WARNINGS`, TensorFlow's C++ log off. 0 shows INFO of
+  everything, 1 adds DEBUG."""
   level = py_logging.DEBUG if verbosity >= 1 else py_logging.INFO if verbosity == 0 else py_logging.WARNING
   if verbosity < 0:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -54,12 +67,11 @@ def quiet_dependencies(verbosity: int) -> None:
     py_logging.getLogger(name).setLevel(py_logging.ERROR if verbosity < 0 else level)
   ours = py_logging.getLogger("ctxrq_jax")
   ours.setLevel(level)
-  if verbosity < 0 and not any(getattr(h, "_ctxrq", False) for h in ours.handlers):
-    handler = py_logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_PlainFormatter())
-    handler._ctxrq = True  # pylint: disable=protected-access
-    ours.addHandler(handler)
-    ours.propagate = False
+  for logger in (ours, *(py_logging.getLogger(name) for name in KEPT_WARNINGS)):
+    if verbosity < 0 and not any(getattr(h, "_ctxrq", False) for h in logger.handlers):
+      logger.setLevel(min(logger.level or level, level))
+      logger.addHandler(_plain_handler())
+      logger.propagate = False
 
 
 def error(message: Any, code: int = _ERROR_EXIT) -> None:

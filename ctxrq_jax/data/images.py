@@ -20,7 +20,8 @@ Other fields (train_split, eval_split, ...) are ignored here; callers pass the s
 Views (for encoding augmented code datasets, `make_image_iterator(..., views=...)`): each example becomes a stack
 of V preprocessed images, one per name in VIEWS: 'center' (the eval view), 'flip' (it mirrored), 'crop' (a random
 crop, as the training transform draws it; with resize='pad' the same as 'center'), 'crop_flip' (a random crop
-mirrored), 'dalle' (the official text-to-image training transform, `dalle_view`; with resize='pad' the centre).
+mirrored), 'dalle' (the official text-to-image training transform, `dalle_view`, of the original image whatever
+`resize` is: a small digit is scaled up to a random 256-288/256 of the size and cropped, not padded).
 Random views are drawn from grain's per-example rng, so a given seed gives the same views every time.
 
 tfds sources are read with `tfds.data_source(..., builder_kwargs={'file_format': 'array_record'})`, the

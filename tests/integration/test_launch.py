@@ -298,6 +298,12 @@ def test_tpu_single_host_slice_takes_a_local_workdir(tmp_path: Path) -> None:
                    env=_env(tmp_path))
         assert out.returncode == 0, (accel, out.stderr)
         assert "--workdir=runs/821m" in _flag(_commands(out.stdout)[0], "--command")
+    # `train` on a slice created earlier (`all -t v4-8`) without -t: its type is unknown, so nothing is refused (the
+    # `all` default v4-32 is for creating one); `all` without -t creates a v4-32 and refuses.
+    out = _run(TPU, "train", "-n", "one", "-z", "z", CONFIG, "--workdir=runs/821m", "--dry-run", env=_env(tmp_path))
+    assert out.returncode == 0, out.stderr
+    out = _run(TPU, "all", "-n", "one", "-z", "z", CONFIG, "--workdir=runs/821m", "--dry-run", env=_env(tmp_path))
+    assert out.returncode != 0 and "a multi-host slice (v4-32) needs --workdir=gs://" in out.stderr
 
 
 def test_tpu_real_run_calls_gcloud(tmp_path: Path, fakebin: Path) -> None:

@@ -32,7 +32,7 @@ from ctxrq_jax.sampling import runner
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 # What `run` changes beyond the flags: the loggers `quiet_dependencies` sets and the variables it sets by default.
 _DEPENDENCIES = ("jax", "orbax", "grain", "etils", "tensorflow")
-_LOGGERS = (*_DEPENDENCIES, "ctxrq_jax", "absl")
+_LOGGERS = (*_DEPENDENCIES, *cli.KEPT_WARNINGS, "ctxrq_jax", "absl")
 _ENV = ("TF_CPP_MIN_LOG_LEVEL", "GRPC_VERBOSITY")
 
 
@@ -132,9 +132,15 @@ def test_a_command_that_succeeds_exits_0_with_its_arguments_and_quiet_dependenci
     seen["levels"] = {name: py_logging.getLogger(name).getEffectiveLevel() for name in _DEPENDENCIES}
     seen["absl"] = logging.get_verbosity()
     py_logging.getLogger("ctxrq_jax.recipes.demo").warning("resuming from step %d", 4)
+    py_logging.getLogger("jax._src.xla_bridge").info("Unable to initialize backend 'tpu'")  # dependency chatter
+    # JAX's fallback on a GPU host without the CUDA plugin (jax/_src/xla_bridge.py): the one dependency warning kept.
+    py_logging.getLogger("jax._src.xla_bridge").warning(
+        "An NVIDIA GPU may be present on this machine, but a CUDA-enabled jaxlib is not installed. Falling back to cpu.")
 
   define = lambda: flags.DEFINE_integer("n", 1, "a number")  # noqa: E731
-  assert run(main, define, "stage2", "--n=3") == (None, ["warning: resuming from step 4"])
+  assert run(main, define, "stage2", "--n=3") == (None, [
+      "warning: resuming from step 4", "warning: An NVIDIA GPU may be present on this machine, but a CUDA-enabled "
+      "jaxlib is not installed. Falling back to cpu."])
   # The library's own warnings as plain lines, dependencies (absl's logger included) below ERROR silenced.
   assert seen == {"argv": ["prog", "stage2"], "n": 3, "levels": dict.fromkeys(_DEPENDENCIES, py_logging.ERROR),
                   "absl": logging.ERROR}

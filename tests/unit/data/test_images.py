@@ -268,3 +268,44 @@ def test_preprocess_views_crops_non_square_images():
   np.testing.assert_array_equal(v[1], v[0])
   np.testing.assert_array_equal(v[2], images.preprocess_views(image, ("dalle",), rng=np.random.default_rng(2), **kw)[0])
   assert not np.array_equal(v[2], v[0])
+
+
+@pytest.mark.slow  # tfds prepares a (tiny) imagenet2012 from tars: TensorFlow's import and the build take ~20 s
+def test_imagenet_builds_from_the_manual_tars(tmp_path):
+  """The README's step 1: tfds prepares imagenet2012 from ILSVRC2012_img_{train,val}.tar in `manual_dir` on the first
+  read (it needs importlib_resources, which nothing installed but this project's dependency)."""
+  pytest.importorskip("tensorflow_datasets")
+  import io  # pylint: disable=g-import-not-at-top
+  import tarfile  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+
+  def add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+  def jpeg(h, w):
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(out, "JPEG")
+    return out.getvalue()
+
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  with tarfile.open(manual / "ILSVRC2012_img_train.tar", "w") as outer:
+    for synset in ("n01440764", "n01443537"):  # classes 0 and 1 in the standard sorted-synset order
+      inner = io.BytesIO()
+      with tarfile.open(fileobj=inner, mode="w") as t:
+        for i in range(3):
+          add(t, f"{synset}_{i}.JPEG", jpeg(40 + 3 * i, 52))
+      add(outer, f"{synset}.tar", inner.getvalue())
+  with tarfile.open(manual / "ILSVRC2012_img_val.tar", "w") as t:
+    for i in range(1, 5):
+      add(t, f"ILSVRC2012_val_{i:08d}.JPEG", jpeg(48, 36 + i))
+  cfg = dict(name="imagenet2012", image_size=16, channels=3, num_classes=1000, data_dir=str(tmp_path / "tfds"),
+             manual_dir=str(manual))
+  assert images.dataset_info(cfg, "train") == (6, 1000)
+  assert images.dataset_info(cfg, "validation")[0] == 4
+  labels = np.concatenate([b["label"] for b in images.make_image_iterator(cfg, split="train", batch_size=4, seed=0,
+                                                                          train=False, drop_remainder=False)])
+  assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
