@@ -1,8 +1,9 @@
-"""On 8 fake CPU devices (in a subprocess, so XLA_FLAGS takes effect before jax starts): one train step under fsdp=8
-and data=2 x fsdp=2 x tensor=2 (every mesh axis; the batch split over data and fsdp) equals the single-device step, fsdp=8 leaves at most 2% of the parameters
-replicated, two steps in one call (batches stacked, split over the mesh) equal two single-device steps, the
-sampler with its batch sharded equals the unsharded sampler, and a sample set drawn with the configs' batch 100
-(rounded up to 104 on 8 devices) equals the one of batch 2 on one device."""
+"""On 8 fake CPU devices (in a subprocess, so XLA_FLAGS takes effect before jax starts): one train step (dropout on)
+under fsdp=8 and data=2 x fsdp=2 x tensor=2 (every mesh axis; the batch split over data and fsdp) equals the
+single-device step, fsdp=8 leaves at most 2% of the parameters replicated, two steps in one call (batches stacked,
+split over the mesh) equal two single-device steps, the sampler with its batch sharded equals the unsharded sampler,
+and a sample set drawn with the configs' batch 100 (rounded up to 104 on 8 devices) equals the one of batch 2 on one
+device."""
 
 import os
 import subprocess
@@ -30,6 +31,7 @@ _MULTI_DEVICE = textwrap.dedent("""
       c.train.batch_size = 8
       c.train.mask_group = 4  # the depth pass on masked positions only, groups split across devices
       c.optim.warmup_steps = 0  # the tiny config's 1-step warmup makes the first update lr 0: parameters unchanged
+      c.model.dropout = 0.1  # as the paper-size configs train: every device draws the same masks as one device would
       c.lock()
       return c
 
@@ -70,8 +72,9 @@ _MULTI_DEVICE = textwrap.dedent("""
       for name in ("loss", "grad_norm"):
         np.testing.assert_allclose(float(metrics[name]), float(ref_metrics[name]), rtol=1e-5, err_msg=name)
       for a, b in zip(jax.tree.leaves(jax.device_get(new.params)), jax.tree.leaves(ref)):
-        # Adam's first step is lr * g / (|g| + eps): a gradient near eps turns round-off into ~1e-7 (lr 5e-4).
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        # Adam's first step is lr * g / (|g| + eps): a gradient near eps turns round-off into up to ~2e-6, under 1% of
+        # a step of lr 5e-4 (the loss and gradient norm above agree to 1e-5 relative).
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-6)
       print("ok", dims, f"replicated={frac:.4f}")
 
     # Two steps in one call (train.steps_per_call): stacked batches [2, B] split over data x fsdp, the steps axis
@@ -91,7 +94,7 @@ _MULTI_DEVICE = textwrap.dedent("""
     np.testing.assert_allclose(np.asarray(metrics["loss"]), [float(ref_metrics["loss"]), float(ref2_metrics["loss"])],
                                rtol=1e-5)
     for a, b in zip(jax.tree.leaves(jax.device_get(new.params)), jax.tree.leaves(jax.device_get(ref2.params))):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # two Adam updates: round-off near zero grows
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-6)  # two Adam updates: round-off near zero grows
     print("ok two steps per call")
 
     try:
