@@ -35,6 +35,7 @@ it (`_carried_iterator_state`); otherwise `ProcessCountMismatch` (a ValueError) 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import signal
@@ -141,6 +142,21 @@ def _check_iterator(it: Any) -> None:
 
 class ProcessCountMismatch(ValueError):
   """A step saved by another number of processes whose data-iterator positions cannot be carried over."""
+
+
+def _manifest_path(directory: epath.Path, step: int) -> epath.Path:
+  """The checksum manifest of `step` in a checkpoint directory (the module doc)."""
+  path = directory / f"{_CHECKSUMS}-{step}.json"
+  legacy = directory / _CHECKSUMS / f"{step}.json"  # written by earlier versions
+  return legacy if not path.exists() and legacy.exists() else path
+
+
+def step_fingerprint(directory: Any, step: int) -> Optional[str]:
+  """SHA-256 (hex) of the checksum manifest of `step` in the checkpoint directory `directory`: the size and CRC-32 of
+  every file of that save, its commit time among them, so it names one saved checkpoint (a copy keeps it, another
+  save at the same step does not). None when the step has no manifest (saved by a version before manifests)."""
+  path = _manifest_path(paths.path(directory), int(step))
+  return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
 class RestoreError(ValueError):
@@ -272,9 +288,7 @@ class Checkpointer:
 
   # ------------------------------------------------------------------ integrity
   def _checksum_path(self, step: int) -> epath.Path:
-    path = self._dir / f"{_CHECKSUMS}-{step}.json"
-    legacy = self._dir / _CHECKSUMS / f"{step}.json"  # written by earlier versions
-    return legacy if not path.exists() and legacy.exists() else path
+    return _manifest_path(self._dir, step)
 
   @staticmethod
   def _file_sum(path: epath.Path) -> list[int]:

@@ -437,6 +437,22 @@ class CodeDatasetWriter:
     if self._closed:
       raise ValueError("CodeDatasetWriter is already closed")
     self._closed = True
+    try:
+      return self._finish()
+    except BaseException:
+      self._remove_staged_side_files()  # e.g. the processes' parts disagreed: nothing was committed
+      raise
+
+  def _remove_staged_side_files(self) -> None:
+    """This process's staged side files (after a failure: the data set they were for is not committed)."""
+    for name in self._side_files:
+      staged = paths.path(self._dir) / _staged(name)
+      if staged.exists():
+        staged.unlink()
+
+  def _finish(self) -> CodeMetadata:
+    """`close` after its check: the shards published, then the commit (one process) or the parts' agreement and
+    process 0's commit (several)."""
     self._close_files()
     if self._process_count == 1:
       if not any(self._counts.values()):
@@ -512,10 +528,7 @@ class CodeDatasetWriter:
     else:
       self._closed = True
       self._close_files(exc)
-      for name in self._side_files:  # this process's staged side files: the data set they were for is not written
-        staged = paths.path(self._dir) / _staged(name)
-        if staged.exists():
-          staged.unlink()
+      self._remove_staged_side_files()
 
 
 def _staged(name: str) -> str:

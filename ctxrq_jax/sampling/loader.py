@@ -78,6 +78,9 @@ class Stage2Model:
     self.model = transformer.from_run_config(self.config)
     self.mesh = mesh if mesh is not None else inference_mesh()
     self.params, self.step, self.params_name = restore_params(workdir, self.config, self.mesh, use_ema=use_ema)
+    # Names the restored save (`checkpoint.step_fingerprint`): sample sets record it, so a run retrained in the same
+    # directory to the same step is told apart.
+    self.checkpoint_id = checkpoint.step_fingerprint(paths.path(workdir) / "checkpoints", self.step)
     codebook = codes_lib.load_codebook(self.config.data.codes_dir)
     codes_lib.check_trained_codebook(workdir, codebook, self.config.data.codes_dir)
     self.codebook = jnp.asarray(codebook, jnp.float32)

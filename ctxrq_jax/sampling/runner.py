@@ -383,10 +383,12 @@ def run_settings(loaded: loader.Stage2Model) -> dict:
 
 
 def settings_record(loaded: loader.Stage2Model, seed: int, settings: dict, **drawn) -> dict:
-  """What OUT/samples.json records of a sample set (JSON types): the run, its step and parameters, the seed, every
-  sampling setting (`settings`: the keyword arguments of `sample_classes` / `sample_prompts`; not the batch size) and
-  `drawn` (classes or prompts, samples of each, their number)."""
-  record = {"workdir": fs.name(loaded.workdir), "step": int(loaded.step), "params": loaded.params_name,
+  """What OUT/samples.json records of a sample set (JSON types): the run, its step, the saved checkpoint
+  (`loader.Stage2Model.checkpoint_id`) and which parameters, the seed, every sampling setting (`settings`: the
+  keyword arguments of `sample_classes` / `sample_prompts`; not the batch size) and `drawn` (classes or prompts,
+  samples of each, their number)."""
+  record = {"workdir": fs.name(loaded.workdir), "step": int(loaded.step),
+            "checkpoint": getattr(loaded, "checkpoint_id", None), "params": loaded.params_name,
             "seed": int(seed), "T_draft": int(settings["t_draft"]), "T_revise": int(settings["t_revise"]),
             "M": int(settings["num_revisions"]),
             **{k: dataclasses.asdict(settings[k]) for k in ("draft", "revise")},
@@ -401,8 +403,9 @@ def write_settings(out_dir: str, record: dict) -> str:
 
 
 def kept_sample_set(out_dir: str, record: dict) -> Optional[dict[str, str]]:
-  """The paths of the set in `out_dir` when its samples.json equals `record` (the same run, step, parameters,
-  settings and draw) and its grids and npz are there, else None."""
+  """The paths of the set in `out_dir` when its samples.json equals `record` (the same run, saved checkpoint,
+  parameters, settings and draw) and its grids and npz are there, else None. A record without a checkpoint name (a
+  step saved without a manifest) never matches: such a set is drawn again."""
   out = fs.path(out_dir)
   files = {"samples_png": out / "samples.png", "phases_png": out / "phases.png", "samples_npz": out / "samples.npz",
            "settings_json": out / SETTINGS_FILE}
@@ -412,7 +415,8 @@ def kept_sample_set(out_dir: str, record: dict) -> Optional[dict[str, str]]:
     saved = json.loads(files["settings_json"].read_text())
   except (OSError, ValueError):
     return None
-  return {name: str(p) for name, p in files.items()} if saved == record else None
+  same = saved == record and record.get("checkpoint") is not None
+  return {name: str(p) for name, p in files.items()} if same else None
 
 
 def _draw_or_keep(out_dir: str, record: dict, draw) -> dict[str, str]:

@@ -95,3 +95,29 @@ def test_inpaint_from_the_wheel(smoke, installed):
   assert Image.open(edit / "out" / "strip.png").size[0] > Image.open(edit / "out" / "inpainted.png").size[0]
   # Its mistakes (a mask of another size, a class the run lacks) are the library's messages, checked where they are
   # raised (tests/unit/sampling/test_editing.py), and one line through `sample` (tests/unit/core/test_cli_run.py).
+
+
+def test_text_demo_beside_the_class_demo_and_a_rerun_that_keeps_the_samples(smoke, installed):
+  # `demo --task=text` in the smoke run's workdir reuses its stage 1 (its progress line says no step ran: no rate)
+  # and writes the prompt grid with its samples.json; the class demo run again draws nothing and keeps its samples and an
+  # `evaluate` result written beside them.
+  site, work = installed
+  out = _run(["-m", "ctxrq_jax.demo", "--workdir=w", "--smoke", "--task=text"], site, work, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert [l.split(":")[0] for l in lines] == ["stage 1 (RQ-VAE)", "encode train", "encode test",
+                                              "stage 2 (Contextual RQ-Transformer)", "sample"], out.stderr
+  assert "steps/s" not in lines[0], lines[0]
+  settings = json.loads((work / "w" / "text_samples" / "samples.json").read_text())
+  with np.load(work / "w" / "text_samples" / "samples.npz") as f:
+    assert settings["prompts"] == f["prompts"].tolist() and settings["num_samples"] == len(f["arr_0"])
+  samples = work / "w" / "samples"
+  before = (samples / "samples.npz").read_bytes()
+  (samples / "samples.fid.json").write_text('{"fid": 1.0}')
+  try:
+    again = _run(["-m", "ctxrq_jax.demo", "--workdir=w", "--smoke"], site, work, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not any(l.startswith("sample:") for l in again.stderr.splitlines()), again.stderr  # nothing drawn
+    assert (samples / "samples.npz").read_bytes() == before and (samples / "samples.fid.json").exists()
+  finally:
+    (samples / "samples.fid.json").unlink()

@@ -458,3 +458,19 @@ def test_manifests_of_steps_max_to_keep_dropped_are_removed_at_each_save(tmp_pat
   ckpt.close()
   assert sorted(n for n in os.listdir(tmp_path) if n.startswith("_checksums-")) == ["_checksums-4.json",
                                                                                      "_checksums-5.json"]
+
+
+def test_step_fingerprint_names_one_save(tmp_path):
+  # What a sample set records of the checkpoint that drew it: a copy of the run keeps it, another save at the same
+  # step (a run retrained in the same directory) does not, and a step without a manifest has none.
+  import shutil  # pylint: disable=g-import-not-at-top
+  for name in ("a", "b"):
+    with checkpoint.Checkpointer(tmp_path / name, max_to_keep=1, save_interval_steps=1) as ckpt:
+      ckpt.save(1, _state(1))  # the same state, saved twice: the commit times differ
+  first = checkpoint.step_fingerprint(tmp_path / "a", 1)
+  assert first is not None and len(first) == 64
+  shutil.copytree(tmp_path / "a", tmp_path / "copy")
+  assert checkpoint.step_fingerprint(tmp_path / "copy", 1) == first
+  assert checkpoint.step_fingerprint(tmp_path / "b", 1) != first
+  os.remove(tmp_path / "copy" / "_checksums-1.json")
+  assert checkpoint.step_fingerprint(tmp_path / "copy", 1) is None

@@ -428,3 +428,49 @@ def test_parts_errors(tmp_path, monkeypatch):
   path.write_text(json.dumps(raw))
   with pytest.raises(ValueError, match="version 4 needs each split's parts, examples per process summing to"):
     codes_lib.read_metadata(tmp_path / "d")
+
+
+def test_side_files_move_in_with_the_commit_and_go_when_it_fails(tmp_path, monkeypatch):
+  kw = dict(code_shape=(1, 1, 1), codebook=np.zeros((2, 1)), num_classes=1, source="x")
+  # One process: staged (hidden) until the commit renames it into place.
+  with codes_lib.CodeDatasetWriter(tmp_path / "one", **kw) as w:
+    w.write("train", np.zeros((1, 1, 1, 1), np.int32), np.zeros(1, np.int32))
+    w.side_file("captions-train.txt").write_text("a\n")
+    assert not (tmp_path / "one" / "captions-train.txt").exists()
+  assert (tmp_path / "one" / "captions-train.txt").read_text() == "a\n"
+  assert not [n for n in os.listdir(tmp_path / "one") if n.startswith(".")]
+  # close() itself fails (nothing written): its staged file goes too.
+  w = codes_lib.CodeDatasetWriter(tmp_path / "none", **kw)
+  w.side_file("captions-train.txt").write_text("a\n")
+  with pytest.raises(ValueError, match="no examples were written"):
+    w.close()
+  assert os.listdir(tmp_path / "none") == []
+  with pytest.raises(ValueError, match="side file names are plain file names"):
+    codes_lib.CodeDatasetWriter(tmp_path / "bad", **kw).side_file(codes_lib.METADATA_FILE)
+  # Two processes: process 0 renames both parts' files; parts that disagree leave none behind.
+  for name, parts in (("two", [{"train": 1}, {"train": 1}]), ("split", [{"train": 1}, {"test": 1}])):
+    import threading  # pylint: disable=g-import-not-at-top
+    from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
+    barrier = threading.Barrier(2, timeout=60)
+    monkeypatch.setattr(paths, "barrier", lambda tag: barrier.wait())
+    errors = []
+
+    def run(p, parts=parts, name=name, barrier=barrier, errors=errors):
+      try:
+        with codes_lib.CodeDatasetWriter(tmp_path / name, process_index=p, process_count=2, **kw) as w:
+          for split, n in parts[p].items():
+            w.write(split, np.zeros((n, 1, 1, 1), np.int32), np.zeros(n, np.int32))
+            w.side_file(f"captions-{split}-part{p:05d}of00002.txt").write_text(f"{p}\n")
+      except Exception as e:  # noqa: BLE001 - checked below
+        errors.append(e)
+        barrier.abort()
+    threads = [threading.Thread(target=run, args=(p,)) for p in range(2)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+    left = sorted(n for n in os.listdir(tmp_path / name) if "captions" in n)
+    if name == "two":
+      assert not errors and left == ["captions-train-part00000of00002.txt", "captions-train-part00001of00002.txt"]
+    else:
+      assert errors and left == [], (errors, left)

@@ -154,14 +154,15 @@ def test_draft_mode_and_confidence_noise_reach_the_decoder(loaded, tmp_path, mon
 
 
 def test_a_recipe_run_again_keeps_its_sample_set_and_its_results(tmp_path, monkeypatch):
-  # `sample_all_classes` (the demo's sampling): a set drawn from the same run, step and settings is kept with the
-  # `evaluate` results written beside it; another draw (here another number per class, then another step)
-  # replaces the set, and with it those results. The run is a stand-in: `sample_codes` draws zeros.
+  # `sample_all_classes` (the demo's sampling): a set drawn from the same saved checkpoint with the same settings is
+  # kept with the `evaluate` results written beside it; another draw (here another number per class, then another
+  # step, then another save at that step: a run retrained in the same directory) replaces the set, and with it
+  # those results. The run is a stand-in: `sample_codes` draws zeros.
   from ctxrq_jax.core import config as configlib  # pylint: disable=g-import-not-at-top
   config = configlib.load_config_file("demo", "smoke")
-  run = types.SimpleNamespace(workdir=str(tmp_path / "run"), config=config, step=8, params_name="ema_params",
-                              model=types.SimpleNamespace(is_text=False), code_shape=(4, 4, D), resolution=8,
-                              images=_Decoder().images)
+  run = types.SimpleNamespace(workdir=str(tmp_path / "run"), config=config, step=8, checkpoint_id="save 1",
+                              params_name="ema_params", model=types.SimpleNamespace(is_text=False),
+                              code_shape=(4, 4, D), resolution=8, images=_Decoder().images)
   monkeypatch.setattr(loader, "Stage2Model", lambda workdir: run)
   draws = []
 
@@ -179,7 +180,10 @@ def test_a_recipe_run_again_keeps_its_sample_set_and_its_results(tmp_path, monke
   assert draws == [4] and (out / "samples.fid.json").exists()
   runner.sample_all_classes(run.workdir, str(out), samples_per_class=3, classes="0,1")
   assert draws == [4, 6] and not (out / "samples.fid.json").exists()
-  (out / "samples.fid.json").write_text('{"fid": 1.0}')
-  run.step = 9  # the run trained further
-  runner.sample_all_classes(run.workdir, str(out), samples_per_class=3, classes="0,1")
-  assert draws == [4, 6, 6] and not (out / "samples.fid.json").exists()
+  # Trained further; retrained to that step; a save without a manifest (its sets are never kept).
+  for i, change in enumerate((dict(step=9, checkpoint_id="save 2"), dict(checkpoint_id="save 3"),
+                              dict(checkpoint_id=None), dict(checkpoint_id=None))):
+    (out / "samples.fid.json").write_text('{"fid": 1.0}')
+    vars(run).update(change)
+    runner.sample_all_classes(run.workdir, str(out), samples_per_class=3, classes="0,1")
+    assert len(draws) == 3 + i and not (out / "samples.fid.json").exists(), change
