@@ -79,13 +79,25 @@ def _stage2(stage2_config: ml_collections.ConfigDict, stage2_dir: str, data: Any
   """Stage 2 in `stage2_dir` on the codes of stage 1 (`paths`: codes_dir, stage1_dir, ... set in config.data; the
   splits are the stage-1 data's): (the trainer's results, `stage2_dir`, seconds)."""
   t0 = time.time()
+  stage2_config = _with_data(stage2_config, data, **paths)
+  return stage2_trainer.train_and_evaluate(stage2_config, stage2_dir), stage2_dir, time.time() - t0
+
+
+def _with_data(stage2_config: ml_collections.ConfigDict, data: Any, **paths: str) -> ml_collections.ConfigDict:
+  """A copy of the stage-2 config with `paths` in config.data and the stage-1 data's splits."""
   stage2_config = stage2_config.copy_and_resolve_references()
   with stage2_config.unlocked():
     for key, value in paths.items():
       stage2_config.data[key] = value
     stage2_config.data.train_split = data.train_split
     stage2_config.data.eval_split = data.eval_split
-  return stage2_trainer.train_and_evaluate(stage2_config, stage2_dir), stage2_dir, time.time() - t0
+  return stage2_config
+
+
+def _check_stage2_config(stage2_config: ml_collections.ConfigDict, data: Any, codes_dir: str) -> None:
+  """ConfigError for what `stage2_trainer.validate_config` checks without reading a file (keys, values, batch and
+  mesh arithmetic): before stage 1 trains and the digits are encoded, not after them."""
+  stage2_trainer.validate_config(_with_data(stage2_config, data, codes_dir=codes_dir))
 
 
 def _check_settings(workdir: str, *, smoke: bool, max_examples: Optional[int] = None,
@@ -268,6 +280,7 @@ def run(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collections.
   workdir = fs.name(workdir)  # local paths absolute, buckets as they are
   record = _check_settings(workdir, smoke=smoke, max_examples=max_examples, text=False)
   _check_stage2_runs_kept(workdir, stage1_config)
+  _check_stage2_config(stage2_config, stage1_config.data, str(fs.path(workdir) / CODES))
   record()  # only once no check refused the run
   timings = {}
   rq_results, artifact_dir, timings["stage 1"] = _stage1(stage1_config, workdir)
@@ -296,6 +309,31 @@ def run(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collections.
                                       samples_per_class=samples_per_class)
   timings["sample"] = time.time() - t0
   return {"stage1": rq_results, "stage2": tr_results["eval"], "timings": timings, "outputs": outputs}
+
+
+# Stage-1 and stage-2 steps of a notebook's first look (`ensure_run(quick=True)`): ~4 minutes on a CPU runtime.
+QUICK_STEPS = (200, 300)
+
+
+def ensure_run(workdir: str, *, smoke: bool = False, quick: bool = False,
+               samples_per_class: int = 10) -> Optional[dict[str, Any]]:
+  """The demo run the notebooks read, trained in `workdir` unless it finished there (WORKDIR/samples/phases.png):
+  as `python -m ctxrq_jax.demo [--smoke]` does (recorded in WORKDIR/demo.json, so the command resumes it), with
+  `quick` (not with `smoke`) QUICK_STEPS instead of the full demo's steps. On Colab each notebook has its own
+  runtime, so the run one notebook trained is not where another looks. Returns the run's summary
+  (`format_summary`), or None when it had finished; RuntimeError when training stopped early (preempted; run
+  again to resume)."""
+  if (fs.path(workdir) / SAMPLES / "phases.png").exists():
+    return None
+  stage1, stage2 = default_configs(smoke=smoke)
+  if quick and not smoke:
+    with stage1.unlocked(), stage2.unlocked():
+      stage1.train.num_steps, stage2.train.num_steps = QUICK_STEPS
+  summary = run(stage1, stage2, workdir, samples_per_class, smoke=smoke,
+                max_examples=SMOKE_MAX_EXAMPLES if smoke else None)
+  if "stopped_at" in summary:  # the checkpoint is saved; the notebooks' next cells need a finished run
+    raise RuntimeError(f"training stopped at step {summary['stopped_at']}; run this again to resume")
+  return summary
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -349,6 +387,7 @@ def run_text(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collect
   workdir = fs.name(workdir)  # local paths absolute, buckets as they are
   record = _check_settings(workdir, smoke=smoke, text=True)
   _check_stage2_runs_kept(workdir, stage1_config)
+  _check_stage2_config(stage2_config, stage1_config.data, str(fs.path(workdir) / TEXT_CODES))
   record()  # only once no check refused the run
   d = stage1_config.data
   timings = {}

@@ -257,6 +257,11 @@ def inpaint_many(loaded: Any, images: np.ndarray, masks: np.ndarray, conds: np.n
   chex.assert_shape(masks, (edits, stage1.resolution, stage1.resolution))
   chex.assert_rank(conds, 2)
   chex.assert_axis_dimension(conds, 0, edits)
+  if not loaded.model.is_text:  # the null id (num_classes) would paint unconditioned: `condition`'s check
+    num_classes = int(loaded.model.num_classes)
+    bad = conds[(conds < 0) | (conds >= num_classes)]
+    if bad.size:
+      raise ValueError(f"class id {int(bad[0])} is outside [0, {num_classes}) for this model")
   regions = mask_to_region(masks, h)  # [E, N]
   codes = encode_images(stage1, loaded.decoder.variables, images).reshape(edits, h * w, depth)
   keys = runner.sample_keys(rng, np.arange(edits * num_samples))

@@ -290,6 +290,15 @@ def _artifact_holds(directory: Any, variables: dict[str, Any]) -> bool:
                                   for (pa, va), (pb, vb) in zip(a, b))
 
 
+def absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy whose data.data_dir, data.manual_dir and loss.perceptual_weights_path are absolute (as stage 2's paths):
+  the run's config.json then reads the same files from any working directory (`evaluate`, the digit judge)."""
+  config = configlib.absolute_paths(config, "data", tuple(k for k in ("data_dir", "manual_dir") if k in config.data))
+  if "perceptual_weights_path" in config.get("loss", {}):
+    config = configlib.absolute_paths(config, "loss", ("perceptual_weights_path",))
+  return config
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after_steps: int | None = None) -> dict[str, Any]:
   """Trains (or resumes) stage 1 in `workdir`; exports the artifact; returns the held-out eval metrics.
@@ -301,6 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ConfigError: a bad config (before anything is compiled).
   """
   validate_config(config)
+  config = absolute_paths(config)
   paths.path(workdir).mkdir(parents=True, exist_ok=True)
   trainer = Stage1Trainer(config)
   mesh = sharding.make_mesh(config.mesh)

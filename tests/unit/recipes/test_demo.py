@@ -133,3 +133,42 @@ def test_a_rerun_never_replaces_what_a_stage2_run_depends_on(tmp_path, tiny_rqva
            for d, _, fs in os.walk(workdir / "stage1") for f in fs}
   assert after == before and not (workdir / "codes").exists()
   assert ckpt.all_steps() == [int(s1.train.num_steps)]
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_a_bad_stage2_config_is_refused_before_stage1_trains(tmp_path, text):
+  # `--stage2_config.train.log_every=0` was reported after stage 1 had trained and the digits were encoded.
+  from ctxrq_jax.core.config import ConfigError  # pylint: disable=g-import-not-at-top
+  stage1, stage2 = (demo.default_text_configs if text else demo.default_configs)(smoke=True)
+  with stage2.unlocked():
+    stage2.train.log_every = 0
+  with pytest.raises(ConfigError, match="train.log_every must be >= 1, got 0"):
+    if text:
+      demo.run_text(stage1, stage2, str(tmp_path), 1, smoke=True)
+    else:
+      demo.run(stage1, stage2, str(tmp_path), 1, smoke=True)
+  assert os.listdir(tmp_path) == []  # not even demo.json
+
+
+def test_ensure_run_trains_the_notebooks_run_as_the_demo_command_unless_it_finished(tmp_path, monkeypatch):
+  calls = []
+
+  def fake_run(stage1, stage2, workdir, samples_per_class, *, smoke, max_examples):
+    calls.append((stage1.train.num_steps, stage2.train.num_steps, workdir, samples_per_class, smoke, max_examples))
+    return {"stopped_at": 3} if workdir.endswith("stopped") else {"stage1": {}}
+  monkeypatch.setattr(demo, "run", fake_run)
+  full1, full2 = demo.default_configs()
+  smoke1, smoke2 = demo.default_configs(smoke=True)
+  assert demo.ensure_run(str(tmp_path / "a"), quick=True) == {"stage1": {}}
+  assert demo.ensure_run(str(tmp_path / "b"), smoke=True, quick=True, samples_per_class=2) == {"stage1": {}}
+  assert demo.ensure_run(str(tmp_path / "c")) == {"stage1": {}}
+  assert calls == [(*demo.QUICK_STEPS, str(tmp_path / "a"), 10, False, None),  # quick: a first look
+                   # --smoke as the command: its steps and the first 500 digits (the command resumes it)
+                   (smoke1.train.num_steps, smoke2.train.num_steps, str(tmp_path / "b"), 2, True,
+                    demo.SMOKE_MAX_EXAMPLES),
+                   (full1.train.num_steps, full2.train.num_steps, str(tmp_path / "c"), 10, False, None)]
+  (tmp_path / "done" / demo.SAMPLES).mkdir(parents=True)
+  (tmp_path / "done" / demo.SAMPLES / "phases.png").write_bytes(b"")
+  assert demo.ensure_run(str(tmp_path / "done"), quick=True) is None and len(calls) == 3  # finished: loaded
+  with pytest.raises(RuntimeError, match="training stopped at step 3; run this again to resume"):
+    demo.ensure_run(str(tmp_path / "stopped"))

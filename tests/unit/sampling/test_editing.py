@@ -175,6 +175,11 @@ def test_edits_keep_every_code_outside_their_regions(loaded, tmp_path):
       for sample in phase:
         np.testing.assert_array_equal(sample[~edit.region], kept)
     assert not np.array_equal(edit.history[-1][0, edit.region], edit.codes[edit.region])  # the region is redrawn
+  # The null class (the id guidance drops to) is not a class to paint: refused, as `condition` refuses it.
+  null = int(loaded.model.num_classes)
+  with pytest.raises(ValueError, match=f"class id {null} is outside \\[0, {null}\\) for this model"):
+    editing.inpaint_many(loaded, image[None], inner[None], np.array([[null]]), jax.random.key(0), num_samples=1,
+                         **KW)
   edit, mask, want = edits[0], inner, want_inner
   paths = editing.write_edit(loaded, edit, str(tmp_path / "out"), composite=True)
   with np.load(paths["inpaint_npz"]) as f:

@@ -288,3 +288,17 @@ def test_a_diverged_run_stops_before_saving_a_nonfinite_checkpoint(tmp_path):
   state, step = ckpt.restore(target)  # what a resumed run would start from
   assert step is not None and step < 6
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves((state.params, state.quantizer)))
+
+
+def test_config_json_paths_are_absolute(tmp_path, monkeypatch):
+  # A relative tfds data_dir in stage 1's config.json was read against the working directory of whoever read the
+  # snapshot later (the digit judge, `evaluate`): made absolute as stage 2's codes_dir is; unset paths and buckets
+  # stay as they are.
+  monkeypatch.chdir(tmp_path)
+  config = tiny_config()
+  with config.unlocked():
+    config.data.data_dir = "tfds_data"
+    config.data.manual_dir = "gs://bucket/tars"
+  out = train_rqvae.absolute_paths(config)
+  assert out.data.data_dir == str(tmp_path / "tfds_data") and out.data.manual_dir == "gs://bucket/tars"
+  assert out.loss.perceptual_weights_path is None and config.data.data_dir == "tfds_data"  # a copy
