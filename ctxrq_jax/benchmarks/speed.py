@@ -579,8 +579,9 @@ def bench_device(config: Any, *, batch: int, t_drafts: Sequence[int], t_revise: 
   2. one training step at the largest of `train_batches` that fits (tried in decreasing order; a batch fits when
      XLA's memory estimate is within `memory_limit`, default what the device has free, and it runs): time and MFU.
   Run in the order 0, 1 (the first T_draft, then the others from the largest: the issue's H200 target is T_draft
-  64), 1b, 2 (the batch search, whose rejected batches each cost a compile, last). A check that raises is logged with its
-  traceback and listed in 'failed' (a training batch that fails for any reason gives way to the next smaller one);
+  64), 1b, 2 (the batch search, whose rejected batches each cost a compile, last). A check that raises is logged
+  with its traceback and listed in 'failed' (a training batch that fails for any reason gives way to the next smaller
+  one);
   the others still run. `deadline_s` counts from `started` (a `clock()` reading, default now, e.g. the process's
   start): a check is skipped when the time left is below 1.2x what the previous check of its kind took (or none is
   left). A first check of its kind has no estimate: with `exit_by_s` (seconds from `started`, on the real clock) a

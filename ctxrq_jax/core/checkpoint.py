@@ -161,7 +161,8 @@ def step_fingerprint(directory: Any, step: int) -> Optional[str]:
 
 class RestoreError(ValueError):
   """No checkpoint of a directory restores (its files are damaged, or they hold another model's state). A ValueError:
-  the commands report it as one `error:` line; nothing is moved aside (the steps may be readable with another target)."""
+  the commands report it as one `error:` line; nothing is moved aside (the steps may be readable with another
+  target)."""
 
 
 def _carried_iterator_state(data_dir: epath.Path) -> Optional[dict[str, Any]]:

@@ -7,12 +7,12 @@
 
 Every step resumes: re-running after an interruption continues where it stopped, and re-running a finished demo
 trains nothing, keeps the codes (re-encoded only when they are missing or were not written from this stage-1
-artifact), keeps the samples drawn from the same stage-2 run with the same settings (with the results `evaluate`
-wrote of them; WORKDIR/samples/samples.json records the settings) and prints the same results. What a stage-2 run depends on is never replaced under it: a re-run whose stage
-1 would train further (another stage-1 config) or whose RQ-VAE is not the one a stage-2 run of the workdir was
-trained on is refused before anything runs; so is mixing --smoke and the full demo, or two --max_examples, in one
-workdir (WORKDIR/demo.json records them). The same modules and code paths serve the ImageNet configs; only the
-configs differ. `default_configs(smoke=True)` gives the few-step settings of `--smoke`.
+artifact), keeps the samples drawn from the same stage-2 checkpoint with the same settings (with the results
+`evaluate` wrote of them; WORKDIR/samples/samples.json records them) and prints the same results. What a stage-2 run
+depends on is never replaced under it: a re-run whose stage 1 would train further (another stage-1 config) or whose
+RQ-VAE is not the one a stage-2 run of the workdir was trained on is refused before anything runs; so is mixing
+--smoke and the full demo, or two --max_examples, in one workdir (WORKDIR/demo.json records them). The same modules
+and code paths serve the ImageNet configs; only the configs differ. `default_configs(smoke=True)` gives the few-step settings of `--smoke`.
 
 `run_text` is the text-to-image variant (`python -m ctxrq_jax.demo --task=text`): the same stage 1, then captions
 made from each digit's class and measured pixel attributes (ctxrq_jax/data/digit_captions.py), a CharBPE trained on

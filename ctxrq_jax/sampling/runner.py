@@ -7,12 +7,13 @@ Outputs (`write_outputs`):
   samples.npz      arr_0: uint8 [M, H, W, 3] final images (the layout FID/IS/precision-recall evaluators read),
                    labels: int32 [M], codes: int32 [M, h, w, D]
   samples.json     written after the npz by the `sample` command and the recipes (SETTINGS_FILE, `settings_record`):
-                   the run, step and settings that drew it. Replacing a samples.npz removes the files that described the one before (`stale_results`:
-                   that samples.json and `evaluate fid` / `evaluate clip`'s samples.fid.json / samples.clip.json)
-                   just before the new file is renamed into place, so none of them outlives its sample set.
+                   the run, step, checkpoint and settings that drew it. Replacing a samples.npz removes the files
+                   that described the one before (`stale_results`: that samples.json and `evaluate fid` /
+                   `evaluate clip`'s samples.fid.json / samples.clip.json) just before the new file is renamed into
+                   place, so none of them outlives its sample set.
 On several hosts each writes its block of the sample indices to shards/samples-<host>-of-<hosts>.npz and
-`merge_shards` joins them into one samples.npz, equal to the one a single host writes (sample i depends on the seed
-and i only; see `sample_codes`).
+`merge_shards` joins them into one samples.npz, equal to the one a single host writes (sample i's random numbers
+depend on the seed and i only; see `sample_codes`).
 
 Text-to-image runs (`sample_prompts`) write the same files with one row per prompt and the prompt written under
 each image in both grids; `labels` is then the prompt index of each sample, and the npz adds `prompts` (str [P])
@@ -424,7 +425,7 @@ def _draw_or_keep(out_dir: str, record: dict, draw) -> dict[str, str]:
   wrote of them; otherwise `draw()` (a new set replaces the old one and its results) and its samples.json."""
   kept = kept_sample_set(out_dir, record)
   if kept is not None:
-    log.info("kept the sample set in %s (drawn with these settings by an earlier run)", out_dir)
+    log.info("kept the sample set in %s (drawn from this checkpoint with these settings before)", out_dir)
     return kept
   paths = draw()
   if paths:  # process 0
@@ -435,7 +436,8 @@ def _draw_or_keep(out_dir: str, record: dict, draw) -> dict[str, str]:
 def sample_all_classes(workdir: str, out_dir: str, *, samples_per_class: int, seed: int = 0,
                        classes: str = "all") -> dict[str, str]:
   """Samples `samples_per_class` images for each class with the run's `config.sample` settings into `out_dir`, with
-  its samples.json; a set drawn there from the same run and step with the same settings is kept (`_draw_or_keep`)."""
+  its samples.json; a set drawn there from the same saved checkpoint with the same settings is kept
+  (`_draw_or_keep`)."""
   if samples_per_class < 1:
     raise ValueError(f"samples_per_class must be >= 1, got {samples_per_class}")
   loaded = loader.Stage2Model(workdir)

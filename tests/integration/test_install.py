@@ -99,8 +99,8 @@ def test_inpaint_from_the_wheel(smoke, installed):
 
 def test_text_demo_beside_the_class_demo_and_a_rerun_that_keeps_the_samples(smoke, installed):
   # `demo --task=text` in the smoke run's workdir reuses its stage 1 (its progress line says no step ran: no rate)
-  # and writes the prompt grid with its samples.json; the class demo run again draws nothing and keeps its samples and an
-  # `evaluate` result written beside them.
+  # and writes the prompt grid with its samples.json; the class demo run again draws nothing and keeps its samples
+  # and an `evaluate` result written beside them.
   site, work = installed
   out = _run(["-m", "ctxrq_jax.demo", "--workdir=w", "--smoke", "--task=text"], site, work, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -135,7 +135,8 @@ def test_a_command_that_succeeds_exits_0_with_its_arguments_and_quiet_dependenci
     py_logging.getLogger("jax._src.xla_bridge").info("Unable to initialize backend 'tpu'")  # dependency chatter
     # JAX's fallback on a GPU host without the CUDA plugin (jax/_src/xla_bridge.py): the one dependency warning kept.
     py_logging.getLogger("jax._src.xla_bridge").warning(
-        "An NVIDIA GPU may be present on this machine, but a CUDA-enabled jaxlib is not installed. Falling back to cpu.")
+        "An NVIDIA GPU may be present on this machine, but a CUDA-enabled jaxlib is not installed. Falling back to "
+        "cpu.")
 
   define = lambda: flags.DEFINE_integer("n", 1, "a number")  # noqa: E731
   assert run(main, define, "stage2", "--n=3") == (None, [
