@@ -318,8 +318,9 @@ QUICK_STEPS = (200, 300)
 def ensure_run(workdir: str, *, smoke: bool = False, quick: bool = False,
                samples_per_class: int = 10) -> Optional[dict[str, Any]]:
   """The demo run the notebooks read, trained in `workdir` unless it finished there (WORKDIR/samples/phases.png):
-  as `python -m ctxrq_jax.demo [--smoke]` does (recorded in WORKDIR/demo.json, so the command resumes it), with
-  `quick` (not with `smoke`) QUICK_STEPS instead of the full demo's steps. On Colab each notebook has its own
+  as `python -m ctxrq_jax.demo [--smoke]` does (recorded in WORKDIR/demo.json), with `quick` (not with `smoke`)
+  QUICK_STEPS instead of the full demo's steps. This function resumes its own run where it stopped; the command
+  resumes a smoke one, but refuses to train a finished quick run's stage 1 further under its stage 2. On Colab each notebook has its own
   runtime, so the run one notebook trained is not where another looks. Returns the run's summary
   (`format_summary`), or None when it had finished; RuntimeError when training stopped early (preempted; run
   again to resume)."""
