@@ -69,7 +69,7 @@ def quiet_dependencies(verbosity: int) -> None:
   ours.setLevel(level)
   for logger in (ours, *(py_logging.getLogger(name) for name in KEPT_WARNINGS)):
     if verbosity < 0 and not any(getattr(h, "_ctxrq", False) for h in logger.handlers):
-      logger.setLevel(min(logger.level or level, level))
+      logger.setLevel(level)
       logger.addHandler(_plain_handler())
       logger.propagate = False
 

@@ -369,11 +369,7 @@ class _StandIn:
   """An inert object unpickled in place of a global whose module is not installed (or lacks it): it takes any
   constructor arguments, state, items and appended elements and keeps none of them."""
 
-  def __new__(cls, *args, **kwargs):
-    del args, kwargs
-    return super().__new__(cls)
-
-  def __init__(self, *args, **kwargs):
+  def __init__(self, *args, **kwargs):  # (object.__new__ takes the arguments too, as __init__ is overridden)
     del args, kwargs
 
   def __setstate__(self, state):

@@ -12,7 +12,8 @@ artifact), keeps the samples drawn from the same stage-2 checkpoint with the sam
 depends on is never replaced under it: a re-run whose stage 1 would train further (another stage-1 config) or whose
 RQ-VAE is not the one a stage-2 run of the workdir was trained on is refused before anything runs; so is mixing
 --smoke and the full demo, or two --max_examples, in one workdir (WORKDIR/demo.json records them). The same modules
-and code paths serve the ImageNet configs; only the configs differ. `default_configs(smoke=True)` gives the few-step settings of `--smoke`.
+and code paths serve the ImageNet configs; only the configs differ. `default_configs(smoke=True)` gives the few-step
+settings of `--smoke`.
 
 `run_text` is the text-to-image variant (`python -m ctxrq_jax.demo --task=text`): the same stage 1, then captions
 made from each digit's class and measured pixel attributes (ctxrq_jax/data/digit_captions.py), a CharBPE trained on
@@ -320,8 +321,8 @@ def ensure_run(workdir: str, *, smoke: bool = False, quick: bool = False,
   """The demo run the notebooks read, trained in `workdir` unless it finished there (WORKDIR/samples/phases.png):
   as `python -m ctxrq_jax.demo [--smoke]` does (recorded in WORKDIR/demo.json), with `quick` (not with `smoke`)
   QUICK_STEPS instead of the full demo's steps. This function resumes its own run where it stopped; the command
-  resumes a smoke one, but refuses to train a finished quick run's stage 1 further under its stage 2. On Colab each notebook has its own
-  runtime, so the run one notebook trained is not where another looks. Returns the run's summary
+  resumes a smoke one, but refuses to train a finished quick run's stage 1 further under its stage 2. On Colab each
+  notebook has its own runtime, so the run one notebook trained is not where another looks. Returns the run's summary
   (`format_summary`), or None when it had finished; RuntimeError when training stopped early (preempted; run
   again to resume)."""
   if (fs.path(workdir) / SAMPLES / "phases.png").exists():

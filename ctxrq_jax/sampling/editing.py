@@ -186,13 +186,20 @@ def condition(loaded: Any, *, class_id: int | None = None, prompt: str | None = 
     return np.asarray(loaded.tokenizer().encode_prompts([prompt.strip()])[0], np.int32)
   if prompt:
     raise ValueError(f"{loaded.workdir} is a class-conditional run: give a class id (--class=3), not a prompt")
-  num_classes = int(loaded.model.num_classes)
   if class_id is None:
     raise ValueError(f"{loaded.workdir} is class-conditional: give the class to paint (--class=ID, "
-                     f"0 <= ID < {num_classes})")
-  if not 0 <= int(class_id) < num_classes:
-    raise ValueError(f"class id {class_id} is outside [0, {num_classes}) for this model")
+                     f"0 <= ID < {int(loaded.model.num_classes)})")
+  _check_class_ids(loaded, [class_id])
   return np.asarray([int(class_id)], np.int32)
+
+
+def _check_class_ids(loaded: Any, ids: Any) -> None:
+  """ValueError naming the first of `ids` outside [0, num_classes) of a class-conditional run (the null id,
+  num_classes, would paint unconditioned)."""
+  num_classes = int(loaded.model.num_classes)
+  bad = [int(i) for i in np.ravel(ids) if not 0 <= int(i) < num_classes]
+  if bad:
+    raise ValueError(f"class id {bad[0]} is outside [0, {num_classes}) for this model")
 
 
 @dataclasses.dataclass
@@ -257,11 +264,8 @@ def inpaint_many(loaded: Any, images: np.ndarray, masks: np.ndarray, conds: np.n
   chex.assert_shape(masks, (edits, stage1.resolution, stage1.resolution))
   chex.assert_rank(conds, 2)
   chex.assert_axis_dimension(conds, 0, edits)
-  if not loaded.model.is_text:  # the null id (num_classes) would paint unconditioned: `condition`'s check
-    num_classes = int(loaded.model.num_classes)
-    bad = conds[(conds < 0) | (conds >= num_classes)]
-    if bad.size:
-      raise ValueError(f"class id {int(bad[0])} is outside [0, {num_classes}) for this model")
+  if not loaded.model.is_text:
+    _check_class_ids(loaded, conds)
   regions = mask_to_region(masks, h)  # [E, N]
   codes = encode_images(stage1, loaded.decoder.variables, images).reshape(edits, h * w, depth)
   keys = runner.sample_keys(rng, np.arange(edits * num_samples))

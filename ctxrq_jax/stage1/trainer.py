@@ -293,10 +293,8 @@ def _artifact_holds(directory: Any, variables: dict[str, Any]) -> bool:
 def absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy whose data.data_dir, data.manual_dir and loss.perceptual_weights_path are absolute (as stage 2's paths):
   the run's config.json then reads the same files from any working directory (`evaluate`, the digit judge)."""
-  config = configlib.absolute_paths(config, "data", tuple(k for k in ("data_dir", "manual_dir") if k in config.data))
-  if "perceptual_weights_path" in config.get("loss", {}):
-    config = configlib.absolute_paths(config, "loss", ("perceptual_weights_path",))
-  return config
+  config = configlib.absolute_paths(config, "data", ("data_dir", "manual_dir"))  # keys checked by validate_config
+  return configlib.absolute_paths(config, "loss", ("perceptual_weights_path",))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,

@@ -337,9 +337,10 @@ def test_caption_variants_metadata_errors_and_older_versions(tmp_path):
       w.write("train", np.zeros((2, 1, 2, 2), np.int64), np.ones((2, 2, 1), np.int64))
 
 
-def _write_in_parts(out_dir, parts, *, num_shards, monkeypatch, **kwargs):
+def _write_in_parts(out_dir, parts, *, num_shards, monkeypatch, also=None, **kwargs):
   """Writes `parts` ([(codes, labels)] per process and split) as P processes do: one writer per process, each in
-  its own thread, with `paths.barrier` a barrier of those threads (the collective close of a multi-host job)."""
+  its own thread, with `paths.barrier` a barrier of those threads (the collective close of a multi-host job);
+  `also(writer, p, split)` after each split of process p."""
   import threading  # pylint: disable=g-import-not-at-top
   from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
 
@@ -355,6 +356,8 @@ def _write_in_parts(out_dir, parts, *, num_shards, monkeypatch, **kwargs):
           w.open_split(split)
           for i in range(0, len(c), 3):  # several writes per part
             w.write(split, c[i:i + 3], y[i:i + 3])
+          if also is not None:
+            also(w, p, split)
       results[p] = codes_lib.read_metadata(out_dir)
     except Exception as e:  # noqa: BLE001 - re-raised in the test thread
       errors.append(e)
@@ -448,29 +451,16 @@ def test_side_files_move_in_with_the_commit_and_go_when_it_fails(tmp_path, monke
   with pytest.raises(ValueError, match="side file names are plain file names"):
     codes_lib.CodeDatasetWriter(tmp_path / "bad", **kw).side_file(codes_lib.METADATA_FILE)
   # Two processes: process 0 renames both parts' files; parts that disagree leave none behind.
-  for name, parts in (("two", [{"train": 1}, {"train": 1}]), ("split", [{"train": 1}, {"test": 1}])):
-    import threading  # pylint: disable=g-import-not-at-top
-    from ctxrq_jax.core import paths  # pylint: disable=g-import-not-at-top
-    barrier = threading.Barrier(2, timeout=60)
-    monkeypatch.setattr(paths, "barrier", lambda tag: barrier.wait())
-    errors = []
+  one = (np.zeros((1, 1, 1, 1), np.int32), np.zeros(1, np.int32))
 
-    def run(p, parts=parts, name=name, barrier=barrier, errors=errors):
-      try:
-        with codes_lib.CodeDatasetWriter(tmp_path / name, process_index=p, process_count=2, **kw) as w:
-          for split, n in parts[p].items():
-            w.write(split, np.zeros((n, 1, 1, 1), np.int32), np.zeros(n, np.int32))
-            w.side_file(f"captions-{split}-part{p:05d}of00002.txt").write_text(f"{p}\n")
-      except Exception as e:  # noqa: BLE001 - checked below
-        errors.append(e)
-        barrier.abort()
-    threads = [threading.Thread(target=run, args=(p,)) for p in range(2)]
-    for t in threads:
-      t.start()
-    for t in threads:
-      t.join()
-    left = sorted(n for n in os.listdir(tmp_path / name) if "captions" in n)
-    if name == "two":
-      assert not errors and left == ["captions-train-part00000of00002.txt", "captions-train-part00001of00002.txt"]
-    else:
-      assert errors and left == [], (errors, left)
+  def captions(w, p, split):
+    w.side_file(f"captions-{split}-part{p:05d}of00002.txt").write_text(f"{p}\n")
+
+  _write_in_parts(tmp_path / "two", [{"train": one}, {"train": one}], num_shards=1, monkeypatch=monkeypatch,
+                  also=captions, **kw)
+  assert sorted(n for n in os.listdir(tmp_path / "two") if "captions" in n) == [
+      "captions-train-part00000of00002.txt", "captions-train-part00001of00002.txt"]
+  with pytest.raises(ValueError, match="wrote splits"):
+    _write_in_parts(tmp_path / "split", [{"train": one}, {"test": one}], num_shards=1, monkeypatch=monkeypatch,
+                    also=captions, **kw)
+  assert [n for n in os.listdir(tmp_path / "split") if "captions" in n] == []
