@@ -3,7 +3,7 @@
 Same sections and keys as configs/imagenet.py (the trainer treats them alike). Sized to train in under 8 minutes on
 two CPU cores: width 128 with 3 spatial / 1 depth layers is 0.8M parameters and runs ~7 steps/s at batch 32
 (float32, idle 2-core CPU, the depth transformer on each batch's masked positions only, ten steps per compiled
-call; ~8 steps/s on a CPU with AMX-BF16, `model.matmul_dtype` 'auto'), so 1440 steps; with `pip install` on a
+call; ~10 steps/s on a CPU with AMX-BF16, `model.matmul_dtype` 'auto'), so 1800 steps; with `pip install` on a
 fresh machine the whole demo stays under 15 minutes.
 
 Usage: --config=configs/demo.py (or configs/demo.py:smoke for the install check)
@@ -41,8 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # bfloat16 activations are slower than float32 on CPU (the casts around every op)
   c.model.param_dtype = "float32"
   c.model.remat = False
-  # bfloat16 operands for the linear layers' matmuls (float32 accumulation and activations) on a CPU with AMX-BF16,
-  # where they are 3.5-4x faster: the step ~1.2x faster (docs/speed.md); float32 elsewhere.
+  # bfloat16 operands for the linear layers' matmuls and their gradients (float32 accumulation and activations) on a
+  # CPU with AMX-BF16, where they are 3.5-4x faster: the step ~1.5x faster (docs/speed.md); float32 elsewhere.
   c.model.matmul_dtype = "auto"
 
   # Must match configs/rqvae_mnist.py (codes 8x8x4, K 64, n_z 32); the trainer checks against metadata.json.
@@ -59,9 +59,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32
   # 600 before ten steps per call made a step ~1.25x faster, 750 before bfloat16 matmul operands (matmul_dtype 'auto')
-  # made it ~1.18x faster on an AMX CPU, 900 before the smaller model above (~1.5x faster a step): the budget limits the
-  # demo more than the sampler (README), so the faster step buys steps in about the same time.
-  c.train.num_steps = 1440
+  # made it ~1.18x faster on an AMX CPU, 900 before the smaller model above (~1.5x faster a step), 1440 before the
+  # weights' gradients too took bfloat16 operands (~1.3x faster a step): the budget limits the demo more than the
+  # sampler (README), so the faster step buys steps in about the same time.
+  c.train.num_steps = 1800
   c.train.grad_accum_steps = 1
   # The whole batch is one mask group: the depth transformer, head and softmax see 66% of the positions instead of
   # all of them (each mask still drawn as eq. 10; stage2/masking.py), a step 1.27x faster (docs/speed.md).
@@ -73,8 +74,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.cond_drop_rate = 0.1
   c.train.label_smoothing = 0.0
   c.train.log_every = 50
-  c.train.eval_every = 1440  # once, at the end
-  c.train.ckpt_every = 480
+  c.train.eval_every = 1800  # once, at the end
+  c.train.ckpt_every = 600
   c.train.keep_checkpoints = 2
   c.train.ema_decay = 0.0
   c.train.nonfinite = "stop"
@@ -89,11 +90,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Paper's Table 3 phases with fewer draft steps: 64 positions in 16 draft steps keeps CPU sampling quick. Chosen by
   # Fréchet distance in the digit judge's features (`evaluate ablation`, README "Sample quality on the demo"), on the
-  # 480-step model and re-checked on the 750-, 900- and 1440-step (3 / 1 layers) ones: revise guidance 1.8 has the
-  # lowest FD of 0 / 0.5 / 1 / 1.8 / 3, temperature 0.8 the lower FD than 1.0 (at 1.8 on the 750-step model: 171 vs
-  # 188 at 500 samples, recall 0.099 vs 0.142), guidance in the draft too ties or helps a little after the revisions
-  # (230.9 vs 231.4 at 480 steps, 164 vs 171 at 750, 127 vs 132 at 1440, at the cost of a second pass in every draft
-  # step), T_draft 4 to 64 end within noise of each other.
+  # 480-step model and re-checked on the 750-, 900-, 1440- and 1800-step (3 / 1 layers) ones: revise guidance 1.8 has
+  # the lowest FD of 0 / 0.5 / 1 / 1.8 / 3 (on the 1800-step model scale 1 is ~3 FD worse over three seeds at 500
+  # samples, with higher precision and recall), temperature 0.8 the lower FD than 1.0 (at 1.8 on the 750-step model:
+  # 171 vs 188 at 500 samples, recall 0.099 vs 0.142), guidance in the draft too ties or helps a little after the
+  # revisions (230.9 vs 231.4 at 480 steps, 164 vs 171 at 750, 127 vs 132 at 1440; 102 vs 99 at 1800, at the cost of
+  # a second pass in every draft step), T_draft 4 to 64 end within noise of each other.
   c.sample = ml_collections.ConfigDict()
   c.sample.T_draft = 16
   c.sample.T_revise = 2

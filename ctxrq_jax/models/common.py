@@ -68,10 +68,11 @@ def rounded_dot_general(dtype: Optional[Any]) -> Callable[..., jax.Array]:
   `lax.dot_general` itself when `dtype` is None; else one whose operands are rounded to `dtype` and whose products
   accumulate and come out in float32 (what a TPU does with float32 operands at its default precision).
 
-  Gradients: the activations' gradient (the lhs) is computed the same way (the incoming gradient and the weights
-  rounded to `dtype`); the weights' gradient (the rhs: a contraction over the batch and length axes) at the
-  operands' own precision, which is also more accurate. Operands without batch dimensions only (as these layers
-  have); `precision` and `preferred_element_type` are ignored (float32 result).
+  Gradients: both the same way, as a TPU computes them: the activations' gradient (the lhs) from the incoming
+  gradient and the weights rounded to `dtype`, the weights' gradient (the rhs: a contraction over the batch and
+  length axes) from the activations and the incoming gradient rounded to `dtype`, float32 accumulation and results.
+  Operands without batch dimensions only (as these layers have); `precision` and `preferred_element_type` are
+  ignored (float32 result).
   """
   if dtype is None:
     return jax.lax.dot_general
@@ -105,13 +106,39 @@ def _rounded_dot_bwd(dims: Any, dtype: Any, res: Any, g: jax.Array) -> tuple[jax
   # stand for lhs's axes lc[rc.index(j)].
   rhs_free = tuple(i for i in range(rhs.ndim) if i not in rc)
   g_rhs_axes = tuple(range(lhs.ndim - len(lc), g.ndim))
-  d_lhs = jax.lax.dot_general(g.astype(dtype), rhs.astype(dtype), ((g_rhs_axes, rhs_free), ((), ())),
+  g_low = g.astype(dtype)
+  d_lhs = jax.lax.dot_general(g_low, rhs.astype(dtype), ((g_rhs_axes, rhs_free), ((), ())),
                               preferred_element_type=jnp.float32)
-  order = [i for i in range(lhs.ndim) if i not in lc] + [lc[rc.index(j)] for j in sorted(rc)]
+  lc_by_rhs = [lc[rc.index(j)] for j in sorted(rc)]
+  order = [i for i in range(lhs.ndim) if i not in lc] + lc_by_rhs
   d_lhs = jnp.transpose(d_lhs, [order.index(i) for i in range(lhs.ndim)])
-  _, rhs_vjp = jax.vjp(lambda r: jax.lax.dot_general(lhs, r, dims, preferred_element_type=jnp.float32), rhs)
-  (d_rhs,) = rhs_vjp(g.astype(jnp.float32))
+  # d rhs: lhs's contracted axes (in rhs's order) by g's rhs-free axes, summed over lhs's free axes, as one
+  # [Kc, M] x [M, Nf] product of rounded operands. XLA:CPU takes its fast bfloat16 path only for a product whose lhs
+  # contracts its minor axis (it multiplies any other in float32, here 2.3x slower), so the narrower operand is
+  # first copied transposed by `_transposed`, which XLA does not fold into the product (docs/speed.md).
+  lhs_free = [i for i in range(lhs.ndim) if i not in lc]
+  m = math.prod(lhs.shape[i] for i in lhs_free)
+  kc = math.prod(lhs.shape[i] for i in lc_by_rhs)
+  nf = math.prod(rhs.shape[i] for i in rhs_free)
+  a = jnp.transpose(lhs.astype(dtype), lhs_free + lc_by_rhs).reshape(m, kc)
+  b = g_low.reshape(m, nf)
+  if kc <= nf:
+    d_rhs = jax.lax.dot_general(_transposed(a), b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  else:
+    d_rhs = _transposed(jax.lax.dot_general(_transposed(b), a, (((1,), (0,)), ((), ())),
+                                            preferred_element_type=jnp.float32))
+  rhs_order = sorted(rc) + list(rhs_free)
+  d_rhs = d_rhs.reshape([rhs.shape[i] for i in rhs_order])
+  d_rhs = jnp.transpose(d_rhs, [rhs_order.index(i) for i in range(rhs.ndim)])
   return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype)
+
+
+def _transposed(x: jax.Array) -> jax.Array:
+  """[M, K] -> [K, M], written as a transpose of [M / f, f, K] so that XLA's simplifier, which folds a plain
+  transpose into the product's dimension numbers, leaves a copy in the row-major layout the fast path takes."""
+  m, k = x.shape
+  f = math.gcd(m, 16)
+  return jnp.transpose(x.reshape(m // f, f, k), (2, 0, 1)).reshape(k, m)
 
 
 _rounded_dot.defvjp(_rounded_dot_fwd, _rounded_dot_bwd)

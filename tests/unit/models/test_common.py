@@ -31,24 +31,32 @@ def test_count_params_arrays_shapes_and_boxed_leaves():
     ("btw,wihd->btihd", (2, 3, 8), (8, 3, 2, 4)),  # the fused QKV projection
     ("bthd,hdw->btw", (2, 3, 2, 4), (2, 4, 8)),  # the attention output projection
     ("bwt,nw->btn", (2, 8, 3), (5, 8)),  # contracted axes not last / first: the gradient's axes are put back
+    ("tw,wn->tn", (5, 8), (8, 6)),  # 2-D, an odd length: the weights' gradient without the [M / f, f, K] split
+    ("btw,wn->btn", (4, 36, 40), (40, 9)),  # the weights' gradient through the transposed incoming gradient
 ])
-def test_rounded_dot_general_is_the_product_of_rounded_operands_and_its_gradients(spec, lhs_shape, rhs_shape):
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_rounded_dot_general_is_the_product_of_rounded_operands_and_its_gradients(spec, lhs_shape, rhs_shape, jit):
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
   x, w = jax.random.normal(k1, lhs_shape), jax.random.normal(k2, rhs_shape)
   bf = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
   dot = common.rounded_dot_general(jnp.bfloat16)
-  out = jnp.einsum(spec, x, w, _dot_general=dot)
+  product = lambda a, b: jnp.einsum(spec, a, b, _dot_general=dot)  # noqa: E731
+  maybe_jit = jax.jit if jit else (lambda f: f)
+  out = maybe_jit(product)(x, w)
   exact = jnp.einsum(spec, bf(x), bf(w), precision="highest")
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(out, exact, rtol=1e-5, atol=1e-5)  # float32 accumulation of the rounded operands
   assert not np.allclose(out, jnp.einsum(spec, x, w, precision="highest"), rtol=1e-5, atol=1e-5)
-  # Gradients: the activations' from the rounded incoming gradient and weights, the weights' at full precision.
+  # Gradients: both from rounded operands (the incoming gradient and the weights; the activations and the incoming
+  # gradient), accumulated in float32. Compiled, the weights' gradient runs through the transposed copy.
   g = jax.random.normal(k3, out.shape)
-  dx, dw = jax.vjp(lambda a, b: jnp.einsum(spec, a, b, _dot_general=dot), x, w)[1](g)
+  dx, dw = maybe_jit(lambda a, b, c: jax.vjp(product, a, b)[1](c))(x, w, g)
   want_dx = jax.vjp(lambda a: jnp.einsum(spec, a, bf(w), precision="highest"), x)[1](bf(g))[0]
-  want_dw = jax.vjp(lambda b: jnp.einsum(spec, x, b, precision="highest"), w)[1](g)[0]
+  want_dw = jax.vjp(lambda b: jnp.einsum(spec, bf(x), b, precision="highest"), w)[1](bf(g))[0]
   np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(dw, jax.vjp(lambda b: jnp.einsum(spec, x, b, precision="highest"), w)[1](g)[0],
+                         rtol=1e-5, atol=1e-5)
   assert common.rounded_dot_general(None) is jax.lax.dot_general
 
 
