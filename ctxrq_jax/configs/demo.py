@@ -93,9 +93,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 480-step model and re-checked on the 750-, 900-, 1440- and 1800-step (3 / 1 layers) ones: revise guidance 1.8 has
   # the lowest FD of 0 / 0.5 / 1 / 1.8 / 3 (on the 1800-step model scale 1 is ~3 FD worse over three seeds at 500
   # samples, with higher precision and recall), temperature 0.8 the lower FD than 1.0 (at 1.8 on the 750-step model:
-  # 171 vs 188 at 500 samples, recall 0.099 vs 0.142), guidance in the draft too ties or helps a little after the
-  # revisions (230.9 vs 231.4 at 480 steps, 164 vs 171 at 750, 127 vs 132 at 1440; 102 vs 99 at 1800, at the cost of
-  # a second pass in every draft step), T_draft 4 to 64 end within noise of each other.
+  # 171 vs 188 at 500 samples, recall 0.099 vs 0.142), guidance in the draft too ties, helps a little or (at 1800)
+  # hurts a little after the revisions, within noise (230.9 vs 231.4 at 480 steps, 164 vs 171 at 750, 127 vs 132 at
+  # 1440, 102 vs 99 at 1800; it costs a second pass in every draft step), T_draft 4 to 64 end within noise of each
+  # other.
   c.sample = ml_collections.ConfigDict()
   c.sample.T_draft = 16
   c.sample.T_revise = 2

@@ -129,6 +129,8 @@ def _rounded_dot_bwd(dims: Any, dtype: Any, res: Any, g: jax.Array) -> tuple[jax
                                             preferred_element_type=jnp.float32))
   rhs_order = sorted(rc) + list(rhs_free)
   d_rhs = d_rhs.reshape([rhs.shape[i] for i in rhs_order])
+  if rhs_order != sorted(rhs_order):  # e.g. an [out, in] kernel: XLA would fold this transpose into the product,
+    d_rhs = jax.lax.optimization_barrier(d_rhs)  # making it one that XLA:CPU refuses (BF16 x BF16 = F32)
   d_rhs = jnp.transpose(d_rhs, [rhs_order.index(i) for i in range(rhs.ndim)])
   return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype)
 

@@ -31,8 +31,10 @@ def test_count_params_arrays_shapes_and_boxed_leaves():
     ("btw,wihd->btihd", (2, 3, 8), (8, 3, 2, 4)),  # the fused QKV projection
     ("bthd,hdw->btw", (2, 3, 2, 4), (2, 4, 8)),  # the attention output projection
     ("bwt,nw->btn", (2, 8, 3), (5, 8)),  # contracted axes not last / first: the gradient's axes are put back
-    ("tw,wn->tn", (5, 8), (8, 6)),  # 2-D, an odd length: the weights' gradient without the [M / f, f, K] split
+    ("tw,wn->tn", (5, 8), (8, 6)),  # 2-D, an odd length: f = 1 in `_transposed`
     ("btw,wn->btn", (4, 36, 40), (40, 9)),  # the weights' gradient through the transposed incoming gradient
+    ("bwt,nw->btn", (2, 8, 3), (9, 8)),  # an [out, in] kernel, K <= N: the gradient's axes put back after the product
+    ("tw,nw->tn", (64, 32), (64, 32)),
 ])
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_rounded_dot_general_is_the_product_of_rounded_operands_and_its_gradients(spec, lhs_shape, rhs_shape, jit):
