@@ -109,18 +109,18 @@ def _rounded_dot_bwd(dims: Any, dtype: Any, res: Any, g: jax.Array) -> tuple[jax
   g_low = g.astype(dtype)
   d_lhs = jax.lax.dot_general(g_low, rhs.astype(dtype), ((g_rhs_axes, rhs_free), ((), ())),
                               preferred_element_type=jnp.float32)
+  lhs_free = [i for i in range(lhs.ndim) if i not in lc]
   lc_by_rhs = [lc[rc.index(j)] for j in sorted(rc)]
-  order = [i for i in range(lhs.ndim) if i not in lc] + lc_by_rhs
+  order = lhs_free + lc_by_rhs
   d_lhs = jnp.transpose(d_lhs, [order.index(i) for i in range(lhs.ndim)])
   # d rhs: lhs's contracted axes (in rhs's order) by g's rhs-free axes, summed over lhs's free axes, as one
   # [Kc, M] x [M, Nf] product of rounded operands. XLA:CPU takes its fast bfloat16 path only for a product whose lhs
   # contracts its minor axis (it multiplies any other in float32, here 2.3x slower), so the narrower operand is
   # first copied transposed by `_transposed`, which XLA does not fold into the product (docs/speed.md).
-  lhs_free = [i for i in range(lhs.ndim) if i not in lc]
   m = math.prod(lhs.shape[i] for i in lhs_free)
   kc = math.prod(lhs.shape[i] for i in lc_by_rhs)
   nf = math.prod(rhs.shape[i] for i in rhs_free)
-  a = jnp.transpose(lhs.astype(dtype), lhs_free + lc_by_rhs).reshape(m, kc)
+  a = jnp.transpose(lhs.astype(dtype), order).reshape(m, kc)
   b = g_low.reshape(m, nf)
   if kc <= nf:
     d_rhs = jax.lax.dot_general(_transposed(a), b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
