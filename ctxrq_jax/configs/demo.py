@@ -1,9 +1,9 @@
 """Demo stage 2 on the embedded MNIST digits: a small Contextual RQ-Transformer on 8x8x4 codes of the MNIST RQ-VAE.
 
 Same sections and keys as configs/imagenet.py (the trainer treats them alike). Sized to train in under 8 minutes on
-two CPU cores: width 128 with 3 spatial / 1 depth layers is 0.8M parameters and runs ~7 steps/s at batch 32
+two CPU cores: width 128 with 2 spatial / 1 depth layers is 0.6M parameters and runs ~8 steps/s at batch 32
 (float32, idle 2-core CPU, the depth transformer on each batch's masked positions only, ten steps per compiled
-call; ~10 steps/s on a CPU with AMX-BF16, `model.matmul_dtype` 'auto'), so 1800 steps; with `pip install` on a
+call; ~12 steps/s on a CPU with AMX-BF16, `model.matmul_dtype` 'auto'), so 2200 steps; with `pip install` on a
 fresh machine the whole demo stays under 15 minutes.
 
 Usage: --config=configs/demo.py (or configs/demo.py:smoke for the install check)
@@ -30,8 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   # Fewer layers, more steps in the same time: at a fixed ~170 s of training on the demo's codes (README, "Stage-2
   # size at a fixed time"), held-out NLL 1.694 for 4 spatial / 2 depth layers at 900 steps, 1.668 for 4 / 1 at 1170,
-  # 1.634 for 3 / 1 at 1360 (1.643 for width 96 with 4 / 1 at 1580, 1.746 for width 192 at 600).
-  c.model.spatial_layers = 3
+  # 1.634 for 3 / 1 at 1360 (1.643 for width 96 with 4 / 1 at 1580, 1.746 for width 192 at 600); with the faster
+  # step of bfloat16 weight gradients, 1.600 / 1.616 (two seeds) for 3 / 1 at 1800 and 1.583 / 1.583 for 2 / 1 at 2210.
+  c.model.spatial_layers = 2
   c.model.depth_layers = 1
   c.model.mlp_ratio = 4
   c.model.dropout = 0.0  # too few steps to overfit
@@ -60,9 +61,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.batch_size = 32
   # 600 before ten steps per call made a step ~1.25x faster, 750 before bfloat16 matmul operands (matmul_dtype 'auto')
   # made it ~1.18x faster on an AMX CPU, 900 before the smaller model above (~1.5x faster a step), 1440 before the
-  # weights' gradients too took bfloat16 operands (~1.3x faster a step): the budget limits the demo more than the
-  # sampler (README), so the faster step buys steps in about the same time.
-  c.train.num_steps = 1800
+  # weights' gradients too took bfloat16 operands (~1.3x faster a step), 1800 before 2 spatial layers instead of 3
+  # (~1.22x faster a step): the budget limits the demo more than the sampler (README), so the faster step buys steps
+  # in about the same time.
+  c.train.num_steps = 2200
   c.train.grad_accum_steps = 1
   # The whole batch is one mask group: the depth transformer, head and softmax see 66% of the positions instead of
   # all of them (each mask still drawn as eq. 10; stage2/masking.py), a step 1.27x faster (docs/speed.md).
@@ -74,8 +76,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.cond_drop_rate = 0.1
   c.train.label_smoothing = 0.0
   c.train.log_every = 50
-  c.train.eval_every = 1800  # once, at the end
-  c.train.ckpt_every = 600
+  c.train.eval_every = 2200  # once, at the end
+  c.train.ckpt_every = 550
   c.train.keep_checkpoints = 2
   c.train.ema_decay = 0.0
   c.train.nonfinite = "stop"
@@ -90,13 +92,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Paper's Table 3 phases with fewer draft steps: 64 positions in 16 draft steps keeps CPU sampling quick. Chosen by
   # Fréchet distance in the digit judge's features (`evaluate ablation`, README "Sample quality on the demo"), on the
-  # 480-step model and re-checked on the 750-, 900-, 1440- and 1800-step (3 / 1 layers) ones: revise guidance 1.8 has
-  # the lowest FD of 0 / 0.5 / 1 / 1.8 / 3 (on the 1800-step model scale 1 is ~3 FD worse over three seeds at 500
-  # samples, with higher precision and recall), temperature 0.8 the lower FD than 1.0 (at 1.8 on the 750-step model:
-  # 171 vs 188 at 500 samples, recall 0.099 vs 0.142), guidance in the draft too ties, helps a little or (at 1800)
-  # hurts a little after the revisions, within noise (230.9 vs 231.4 at 480 steps, 164 vs 171 at 750, 127 vs 132 at
-  # 1440, 102 vs 99 at 1800; it costs a second pass in every draft step), T_draft 4 to 64 end within noise of each
-  # other.
+  # 480-step model and re-checked on the 750-, 900-, 1440-, 1800-step (3 / 1 layers) and 2200-step (2 / 1) ones:
+  # revise guidance 1.8 has the lowest FD of 0 / 0.5 / 1 / 1.8 / 3 (on the 1800- and 2200-step models scale 1 is ~3
+  # FD worse over three seeds at 500 samples, with higher recall), temperature 0.8 the lower FD than 1.0 (at 1.8 on
+  # the 750-step model: 171 vs 188 at 500 samples, recall 0.099 vs 0.142), guidance in the draft too ties, helps a
+  # little or hurts a little after the revisions, within noise (230.9 vs 231.4 at 480 steps, 164 vs 171 at 750, 127
+  # vs 132 at 1440, 102 vs 99 at 1800, 105 vs 107 at 2200; it costs a second pass in every draft step), T_draft 4 to
+  # 64 end within noise of each other.
   c.sample = ml_collections.ConfigDict()
   c.sample.T_draft = 16
   c.sample.T_revise = 2
