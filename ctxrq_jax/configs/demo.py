@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.remat = False
   # bfloat16 operands for the linear layers' matmuls and their gradients (float32 accumulation and activations) on a
-  # CPU with AMX-BF16, where they are 3.5-4x faster: the step ~1.5x faster (docs/speed.md); float32 elsewhere.
+  # CPU with AMX-BF16, where they are 3.5-4x faster: the step ~1.7x faster (docs/speed.md); float32 elsewhere.
   c.model.matmul_dtype = "auto"
 
   # Must match configs/rqvae_mnist.py (codes 8x8x4, K 64, n_z 32); the trainer checks against metadata.json.
