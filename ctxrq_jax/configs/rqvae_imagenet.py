@@ -57,12 +57,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.quant_chunk_size = 2048  # vectors per nearest-code chunk: bounds the [chunk, K] distance matrix
 
   c.quantizer = ml_collections.ConfigDict()
-  # [ref] yaml arch.hparams.decay. The reference applies it once per depth (0.99**D per step, counts per depth);
-  # here once per step on the D depths pooled (README, deviations): a slower EMA, and codes used 1 to ~D times a
-  # step are kept where the reference would restart them.
-  c.quantizer.ema_decay = 0.99
+  c.quantizer.ema_decay = 0.99  # [ref] yaml arch.hparams.decay
   c.quantizer.eps = 1e-5  # Laplace smoothing of EMA counts [ref] VQEmbedding eps
   c.quantizer.restart_unused = True  # codes with EMA count < 1 restart at random batch vectors [ref] yaml
+  # [ref] RQBottleneck.quantize: the shared codebook is updated (and restarted) after each depth inside the forward
+  # pass, so the decay acts D times per step on per-depth counts. 'per_step' pools the D depths into one update.
+  c.quantizer.codebook_update = "per_depth"
   c.quantizer.commitment_weight = 0.25  # [ref] yaml latent_loss_weight
   # [ref] VQEmbedding registers cluster_size_ema = torch.zeros(n_embed): the first restart re-seeds nearly every code.
   c.quantizer.init_cluster_size = 0.0

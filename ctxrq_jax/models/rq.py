@@ -6,11 +6,13 @@ approximates z ever more finely; D = 1 is plain VQ.
 
 The codebook is not a gradient-trained parameter: it follows exponential moving averages (EMA) of the vectors
 assigned to each code, with Laplace smoothing of the counts and restarts of dead codes, kept in a `CodebookState`
-and updated by `ema_update` / `restart_dead_codes` outside the gradient.
+and updated by `ema_update` / `restart_dead_codes` outside the gradient: once per step on all depths' assignments, or
+after each depth during the quantization itself as the PyTorch reference does (`rq_quantize_updating`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import chex
@@ -207,11 +209,11 @@ def ema_update(
   c <- decay c + (1 - decay) count(k);  s <- decay s + (1 - decay) sum of vectors assigned to k;
   codebook <- s / (Laplace-smoothed c).
 
-  Pass the residuals of ALL depths (`residuals(z, partial_sums)`) with their codes, flattened: we pool the D depths'
-  assignments into ONE update per training step. The PyTorch reference instead updates the shared codebook once per
-  depth inside its forward pass (D decays per step, each on one depth's residuals). Pooling keeps the forward pass
-  free of state and gives one consistent codebook per step; per-step counts are ~D times larger and the decay is
-  applied once rather than D times.
+  Given the residuals of ALL depths (`residuals(z, partial_sums)`) with their codes, flattened, it pools the D depths'
+  assignments into ONE update per training step (`quantizer.codebook_update='per_step'`): the forward pass stays
+  free of state, per-step counts are ~D times larger and the decay is applied once rather than D times. The PyTorch
+  reference instead updates the shared codebook once per depth inside its forward pass (`rq_quantize_updating`,
+  'per_depth', which calls this on one depth's pairs at a time).
 
   Args:
     state: current `CodebookState`.
@@ -287,6 +289,68 @@ def restart_dead_codes(state: CodebookState, vectors: jax.Array, rng: jax.Array,
       cluster_size_ema=cluster_size_ema,
       embed_ema=embed_ema,
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class EmaSettings:
+  """How the codebook follows the data: EMA `decay` in [0, 1), Laplace `eps`, and whether dead codes `restart`."""
+
+  decay: float
+  eps: float
+  restart: bool
+
+
+def rq_quantize_updating(
+    z: jax.Array, state: CodebookState, depth: int, decay: float, eps: float, restart_rng: jax.Array | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[jax.Array, jax.Array, CodebookState]:
+  """Residual quantization that updates the EMA codebook after each depth: the PyTorch reference's training forward.
+
+  Depth d = 1..D: k_d = nearest code of r_{d-1} in the current codebook; the EMA statistics take the pairs
+  (r_{d-1}, k_d) (`ema_update`, then `restart_dead_codes` on r_{d-1} when `restart_rng` is given); the quantized
+  vector e(k_d) is looked up BEFORE this depth's update, as the reference embeds before it renormalizes, and
+  r_d = r_{d-1} - e(k_d). So depth d's codes are found with the codebook that depths 1..d-1 of this batch moved, the
+  decay acts D times per call and the counts are per depth. `ema_update` with `residuals` is the pooled alternative
+  (one update per step, the codebook fixed during the forward pass).
+
+  Nothing here is differentiable (the codebook is not a gradient-trained parameter): the outputs are constants to the
+  caller's gradient, which reaches z through `straight_through` and `commitment_loss`.
+
+  Args:
+    z: [..., n_z] vectors.
+    state: the `CodebookState` before this batch.
+    depth: D.
+    decay: EMA decay in [0, 1).
+    eps: Laplace smoothing constant.
+    restart_rng: PRNG key for the dead-code restarts (depth d uses `fold_in(restart_rng, d)`); None: no restarts.
+    chunk_size: see `nearest_code`.
+
+  Returns:
+    codes: int32 [..., D].
+    partial_sums: [..., D, n_z] float32, the sums of the embeddings each depth looked up.
+    state: the `CodebookState` after the D updates.
+  """
+  if depth < 1:
+    raise ValueError(f"RQ depth must be >= 1, got {depth}")
+  _, n_z = _check_state(state)
+  _check_codebook(state.codebook, z.shape[-1])
+  residual = jax.lax.stop_gradient(z.astype(jnp.float32))
+  flat_shape = (-1, n_z)
+  partial = jnp.zeros_like(residual)
+  codes, sums = [], []
+  for d in range(depth):  # static, D <= 8
+    k = nearest_code(residual, state.codebook, chunk_size)
+    e = jnp.take(state.codebook, k, axis=0)
+    vectors = residual.reshape(flat_shape)
+    state = ema_update(state, vectors, k.reshape(-1), decay, eps)
+    if restart_rng is not None:
+      state = restart_dead_codes(state, vectors, jax.random.fold_in(restart_rng, d), eps)
+    residual = residual - e
+    partial = partial + e
+    codes.append(k)
+    sums.append(partial)
+  state = jax.tree.map(jax.lax.stop_gradient, state)
+  return jnp.stack(codes, axis=-1), jax.lax.stop_gradient(jnp.stack(sums, axis=-2)), state
 
 
 def codebook_stats(codes: jax.Array, codebook_size: int, prefix: str = "") -> dict[str, jax.Array]:

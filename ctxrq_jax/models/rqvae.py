@@ -326,8 +326,13 @@ class RQVAE(nn.Module):
     self._check_images(x)
     return self.quant_conv(self.encoder(x.astype(self.dtype), train))
 
-  def quantize(self, z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  def quantize(self, z: jax.Array, codebook_update: rq.EmaSettings | None = None,
+               restart_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Residual-quantizes z [B, h, w, n_z] with the `quantizer` codebook.
+
+    `codebook_update`: None keeps the codebook fixed. Given, the codebook is updated after each depth as the PyTorch
+    reference's training forward does (`rq.rq_quantize_updating`): the `quantizer` collection must then be mutable,
+    and `restart_rng` is the key of the dead-code restarts (required when `codebook_update.restart`).
 
     Returns:
       z_q_st: [B, h, w, n_z] straight-through quantized latents (value = last partial sum, gradient to z).
@@ -338,7 +343,19 @@ class RQVAE(nn.Module):
     if z.ndim != 4 or z.shape[-1] != self.embed_dim:
       raise ValueError(f"quantize expects latents [B, h, w, {self.embed_dim}], got shape {tuple(z.shape)}")
     z32 = z.astype(jnp.float32)
-    codes, partial_sums = rq.rq_quantize(z32, self.codebook.value, self.code_depth, self.quant_chunk_size)
+    if codebook_update is None:
+      codes, partial_sums = rq.rq_quantize(z32, self.codebook.value, self.code_depth, self.quant_chunk_size)
+    else:
+      state = rq.CodebookState(codebook=self.codebook.value, cluster_size_ema=self.cluster_size_ema.value,
+                               embed_ema=self.embed_ema.value)
+      if codebook_update.restart and restart_rng is None:
+        raise ValueError("codebook_update with restarts needs restart_rng")
+      codes, partial_sums, state = rq.rq_quantize_updating(
+          z32, state, self.code_depth, codebook_update.decay, codebook_update.eps,
+          restart_rng if codebook_update.restart else None, self.quant_chunk_size)
+      self.codebook.value = state.codebook
+      self.cluster_size_ema.value = state.cluster_size_ema
+      self.embed_ema.value = state.embed_ema
     loss = rq.commitment_loss(z32, partial_sums)
     z_q = rq.straight_through(z32, partial_sums[..., -1, :])
     return z_q, codes, loss, partial_sums
@@ -360,9 +377,11 @@ class RQVAE(nn.Module):
       raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
     return self.decode(rq.embed_codes(codes, self.codebook.value))
 
-  def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-    """Full pass. The codebook is NOT updated here: the trainer applies `rq.ema_update` to the returned
-    `residuals`/`codes` (pure, outside the gradient).
+  def __call__(self, x: jax.Array, train: bool = False, codebook_update: rq.EmaSettings | None = None,
+               restart_rng: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Full pass. Without `codebook_update` the codebook is NOT updated here: the trainer applies `rq.ema_update` to
+    the returned `residuals`/`codes` (pure, outside the gradient). With it, the codebook is updated depth by depth
+    during the pass (see `quantize`, which takes `restart_rng`; `apply(..., mutable=['quantizer'])`).
 
     Returns a dict:
       recon [B, R, R, C_out] float32; codes int32 [B, h, w, D]; z [B, h, w, n_z] float32 (pre-quantization);
@@ -370,7 +389,7 @@ class RQVAE(nn.Module):
       commitment_loss scalar (unweighted); mse scalar (mean squared reconstruction error).
     """
     z = self.encode(x, train)
-    z_q, codes, loss, partial_sums = self.quantize(z)
+    z_q, codes, loss, partial_sums = self.quantize(z, codebook_update, restart_rng)
     recon = self.decode(z_q, train)
     return {
         "recon": recon,

@@ -7,7 +7,8 @@ optionally the PatchGAN loss with the VQGAN adaptive weight, as the reference RQ
   L_D = disc_weight * hinge(D(x), D(recon))
 where g_weight = ||grad_last (recon + perceptual_weight * LPIPS)|| / (||grad_last (-D(recon))|| + 1e-4), clipped,
 both gradients w.r.t. the decoder's last convolution, read from the step's own backward (`loss_and_grads`).
-The codebook follows EMA updates (`rq.ema_update`, `rq.restart_dead_codes`) outside the gradient. The run goes
+The codebook follows EMA updates (`rq.ema_update`, `rq.restart_dead_codes`) outside the gradient: once per step on
+the pooled depths, or after each depth inside the forward pass (`quantizer.codebook_update`). The run goes
 through the shared loop (ctxrq_jax/core/loop.py): checkpoints with the data-iterator position, automatic resume
 from `workdir`, SIGTERM/SIGINT save and exit cleanly. At the end the model is exported as a stage-1 artifact in `workdir/rqvae`
 (ctxrq_jax/models/artifact.py) for encoding and stage 2 (a re-run that trains no step keeps the one it exported).
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_DIR = "rqvae"
 REFERENCE_CONFIG = "rqvae_imagenet"  # ctxrq_jax/configs/rqvae_imagenet.py: every stage-1 config has exactly its keys
+# quantizer.codebook_update: 'per_step' pools the D depths' assignments into one EMA update after the pass (the codebook
+# is fixed during it); 'per_depth' updates the shared codebook after each depth inside the pass, as the PyTorch
+# reference does (`rq.rq_quantize_updating`).
+CODEBOOK_UPDATES = ("per_step", "per_depth")
 
 
 @flax.struct.dataclass
@@ -91,6 +96,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   req(t.nonfinite in ("stop", "skip"), f"train.nonfinite must be 'stop' or 'skip', got {t.nonfinite!r}")
   req(int(config.data.eval_examples) >= 1, f"data.eval_examples must be >= 1, got {config.data.eval_examples}")
   req(0.0 <= float(config.quantizer.ema_decay) < 1.0, "quantizer.ema_decay must be in [0, 1)")
+  req(config.quantizer.codebook_update in CODEBOOK_UPDATES,
+      f"quantizer.codebook_update must be one of {list(CODEBOOK_UPDATES)}, got {config.quantizer.codebook_update!r}")
   optim.validate(o)
   req(float(config.quantizer.init_cluster_size) >= 0,
       f"quantizer.init_cluster_size must be >= 0, got {config.quantizer.init_cluster_size}")
@@ -123,6 +130,10 @@ class Stage1Trainer:
     self.config = config
     self.model = rqvae.RQVAE.from_config(config.model)
     self.use_gan = bool(config.loss.gan)
+    q = config.quantizer
+    # None: 'per_step' (one pooled update after the pass); settings: 'per_depth' (updated inside the pass).
+    self.codebook_update = (rq.EmaSettings(decay=float(q.ema_decay), eps=float(q.eps), restart=bool(q.restart_unused))
+                            if q.codebook_update == "per_depth" else None)
     self.disc = patchgan.PatchGANDiscriminator(
         ndf=int(config.loss.disc_ndf), n_layers=int(config.loss.disc_layers), norm=str(config.loss.disc_norm),
         norm_groups=int(config.loss.disc_norm_groups)) if self.use_gan else None
@@ -179,18 +190,21 @@ class Stage1Trainer:
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
     drop_key, restart_key = jax.random.split(key)
 
-    loss, aux, grads = self.loss_and_grads(state, x, lpips_variables, drop_key)
+    loss, aux, grads = self.loss_and_grads(state, x, lpips_variables, drop_key, restart_key)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
     out = aux["out"]
-    n_z = self.model.embed_dim
-    vectors = out["residuals"].reshape(-1, n_z)
-    codes_flat = out["codes"].reshape(-1)
-    quantizer = rq.ema_update(state.quantizer, vectors, codes_flat, float(cfg.quantizer.ema_decay),
-                              float(cfg.quantizer.eps))
-    if cfg.quantizer.restart_unused:
-      quantizer = rq.restart_dead_codes(quantizer, vectors, restart_key, float(cfg.quantizer.eps))
+    if self.codebook_update is None:  # 'per_step': all depths' assignments pooled into one update
+      n_z = self.model.embed_dim
+      vectors = out["residuals"].reshape(-1, n_z)
+      codes_flat = out["codes"].reshape(-1)
+      quantizer = rq.ema_update(state.quantizer, vectors, codes_flat, float(cfg.quantizer.ema_decay),
+                                float(cfg.quantizer.eps))
+      if cfg.quantizer.restart_unused:
+        quantizer = rq.restart_dead_codes(quantizer, vectors, restart_key, float(cfg.quantizer.eps))
+    else:
+      quantizer = out["quantizer"]
 
     metrics = {
         "loss": loss, **aux["terms"], "commitment_loss": out["commitment_loss"],
@@ -215,20 +229,28 @@ class Stage1Trainer:
     return new_state, metrics
 
   def loss_and_grads(self, state: Stage1State, x: jax.Array, lpips_variables: Any,
-                     drop_key: jax.Array) -> tuple[jax.Array, dict[str, Any], Any]:
+                     drop_key: jax.Array, restart_key: jax.Array) -> tuple[jax.Array, dict[str, Any], Any]:
     """The generator's loss L_G on images x [B, R, R, C], its terms, and its gradient w.r.t. `state.params`.
 
     One forward of the RQ-VAE and one backward: the loss terms are differentiated w.r.t. the reconstruction first
     (LPIPS and the discriminator once each), and the adaptive weight's two last-layer gradients are read from the
     RQ-VAE's backward with those cotangents (under jit, XLA keeps only the last convolution's part of them), as the
-    reference takes them from its autograd graph: the decoder is not run again for them.
-    Returns (loss, {'out': the RQ-VAE's outputs, 'terms', 'gan_weight', 'g_loss'}, grads).
+    reference takes them from its autograd graph: the decoder is not run again for them. `restart_key` is the key of
+    the dead-code restarts when the codebook is updated inside the pass (`quantizer.codebook_update='per_depth'`).
+    Returns (loss, {'out': the RQ-VAE's outputs (with 'quantizer', the updated `CodebookState`, in that mode),
+    'terms', 'gan_weight', 'g_loss'}, grads).
     """
     cfg = self.config
     commitment_weight = float(cfg.quantizer.commitment_weight)
 
     def forward(params):
-      out = self.model.apply(self._variables(params, state.quantizer), x, train=True, rngs={"dropout": drop_key})
+      variables = self._variables(params, state.quantizer)
+      if self.codebook_update is None:
+        out = self.model.apply(variables, x, train=True, rngs={"dropout": drop_key})
+      else:  # the codebook moves depth by depth inside the pass; its new state rides along in `out`
+        out, updated = self.model.apply(variables, x, train=True, codebook_update=self.codebook_update,
+                                        restart_rng=restart_key, rngs={"dropout": drop_key}, mutable=["quantizer"])
+        out = {**out, "quantizer": rqvae.codebook_state(updated)}
       return (out["recon"], out["commitment_loss"]), out
 
     (recon, commitment), model_vjp, out = jax.vjp(forward, state.params, has_aux=True)

@@ -190,3 +190,63 @@ def test_codebook_stats_known_values():
   assert stats["eval/perplexity_d2"] == pytest.approx(1.0, rel=1e-6)
   assert stats["eval/usage_d3"] == pytest.approx(2 / 8)
   assert stats["eval/perplexity_d3"] == pytest.approx(4 / 3 ** 0.75, rel=1e-6)
+
+
+def _reference_order(z, codebook, counts, sums, depth, decay, eps):
+  """The PyTorch reference's training quantizer in float64 numpy, one depth at a time: find the codes, add the
+  depth's (residual, code) pairs to the EMA statistics, look the embeddings up, then renormalize the codebook."""
+  k = codebook.shape[0]
+  r, codes, partial = z.astype(np.float64), [], np.zeros_like(z, np.float64)
+  for _ in range(depth):
+    nearest = ((r[:, None, :] - codebook[None]) ** 2).sum(-1).argmin(-1)
+    onehot = np.eye(k)[nearest]
+    counts = decay * counts + (1 - decay) * onehot.sum(0)
+    sums = decay * sums + (1 - decay) * onehot.T @ r
+    e = codebook[nearest]
+    n = counts.sum()
+    codebook = sums / (n * (counts + eps) / (n + k * eps))[:, None]
+    r, partial = r - e, partial + e
+    codes.append(nearest)
+  return np.stack(codes, -1), partial, codebook, counts, sums
+
+
+def test_updating_quantizer_follows_the_reference_order_depth_by_depth():
+  # decay 0.5 moves the codebook enough within one call that depths 2-3 pick other codes than a fixed codebook would.
+  k, n_z, depth, decay, eps = 8, 3, 3, 0.5, 1e-3
+  rng = np.random.default_rng(7)
+  z = rng.normal(size=(40, n_z))
+  codebook, counts = rng.normal(size=(k, n_z)), rng.uniform(0.5, 2.0, size=k)
+  sums = codebook * counts[:, None]
+  state = rq.CodebookState(codebook=jnp.asarray(codebook, jnp.float32),
+                           cluster_size_ema=jnp.asarray(counts, jnp.float32), embed_ema=jnp.asarray(sums, jnp.float32))
+  codes, partial, new = jax.jit(rq.rq_quantize_updating, static_argnums=(2, 3, 4))(
+      jnp.asarray(z, jnp.float32), state, depth, decay, eps)
+  want_codes, want_partial, want_codebook, want_counts, want_sums = _reference_order(
+      z, codebook, counts, sums, depth, decay, eps)
+  np.testing.assert_array_equal(np.asarray(codes), want_codes)
+  np.testing.assert_allclose(np.asarray(partial[:, -1]), want_partial, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(new.cluster_size_ema), want_counts, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(new.embed_ema), want_sums, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(new.codebook), want_codebook, rtol=1e-4, atol=1e-5)
+  fixed_codes, _ = rq.rq_quantize(jnp.asarray(z, jnp.float32), state.codebook, depth)
+  np.testing.assert_array_equal(np.asarray(fixed_codes[:, 0]), want_codes[:, 0])  # depth 1: the same codebook
+  assert np.any(np.asarray(fixed_codes) != want_codes)  # later depths saw the moved codebook
+
+
+def test_updating_quantizer_at_depth_one_is_the_pooled_update_with_restarts():
+  # With one depth the two orders coincide: the codes of the fixed codebook, one `ema_update`, one restart.
+  k, n_z, decay, eps = 16, 4, 0.9, 1e-5
+  rng = np.random.default_rng(8)
+  z = jnp.asarray(rng.normal(size=(2, 5, n_z)).astype(np.float32))
+  state = rq.CodebookState.create(jnp.asarray(rng.normal(size=(k, n_z)).astype(np.float32)), cluster_size=0.0)
+  key = jax.random.key(3)
+  codes, partial, new = rq.rq_quantize_updating(z, state, 1, decay, eps, key)
+  want_codes, want_partial = rq.rq_quantize(z, state.codebook, 1)
+  flat = z.reshape(-1, n_z)
+  want = rq.restart_dead_codes(rq.ema_update(state, flat, want_codes.reshape(-1), decay, eps), flat,
+                               jax.random.fold_in(key, 0), eps)
+  np.testing.assert_array_equal(np.asarray(codes), np.asarray(want_codes))
+  np.testing.assert_array_equal(np.asarray(partial), np.asarray(want_partial))
+  for got, expected in zip(jax.tree.leaves(new), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-6, atol=1e-7)
+  assert float(jnp.min(new.cluster_size_ema)) >= 1.0  # every zero count restarted

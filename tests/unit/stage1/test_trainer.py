@@ -15,6 +15,7 @@ from ctxrq_jax.core import config as configlib
 from ctxrq_jax.core import optim
 from ctxrq_jax.core import sharding
 from ctxrq_jax.models import artifact
+from ctxrq_jax.models import rq
 from ctxrq_jax.models import rqvae
 from ctxrq_jax.stage1 import losses
 from ctxrq_jax.stage1 import trainer as train_rqvae
@@ -96,7 +97,8 @@ def test_resume_is_bit_exact(mock_run, tmp_path):
 @pytest.mark.slow
 def test_all_stage1_loss_terms_present_and_finite():
   """The reference's recipe on the tiny config: recon + commitment + LPIPS + adaptive-weighted GAN, D hinge loss;
-  the codebook EMA starting from the reference's zero counts; the discriminator starts at disc_start, then learns;
+  the codebook EMA starting from the reference's zero counts and updated after each depth as the reference's is
+  (restarts included); the discriminator starts at disc_start, then learns;
   with train.nonfinite='skip' a non-finite step changes nothing but the step count."""
   config = tiny_config(nonfinite="skip")
   with config.unlocked():
@@ -106,6 +108,7 @@ def test_all_stage1_loss_terms_present_and_finite():
     config.loss.disc_ndf = 8
     config.loss.disc_layers = 1
     config.quantizer.init_cluster_size = 0.0
+    config.quantizer.codebook_update = "per_depth"
   train_rqvae.validate_config(config)
   trainer = train_rqvae.Stage1Trainer(config)
   assert trainer.lpips_variables is not None
@@ -120,7 +123,17 @@ def test_all_stage1_loss_terms_present_and_finite():
   lp = jax.device_put(trainer.lpips_variables, rep)
   disc_before = helpers.leaves(state.disc_params)  # state is donated to the step
   disc_opt_before = helpers.leaves(state.disc_opt_state)
+  # The codebook the per-depth order leaves: `rq.rq_quantize_updating` on the step's encoder latents (dropout 0) with
+  # the step's restart key.
+  z = jax.jit(lambda s: trainer.model.apply(rqvae.with_codebook_state({"params": s.params}, s.quantizer),
+                                            batch["image"], train=True, method="encode"))(state)
+  restart_key = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.key), 0))[1]
+  q = config.quantizer
+  _, _, want = rq.rq_quantize_updating(z, state.quantizer, trainer.model.code_depth, float(q.ema_decay), float(q.eps),
+                                       restart_key)
   state, metrics = step(state, batch, lp)  # step 0 < disc_start: the discriminator and its optimizer stay put
+  for got, expected in zip(jax.tree.leaves(state.quantizer), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)
   assert float(metrics["d_loss"]) == 0.0 and float(metrics["gan_weight"]) == 0.0
   helpers.assert_trees_equal(disc_before, helpers.leaves(state.disc_params))
   helpers.assert_trees_equal(disc_opt_before, helpers.leaves(state.disc_opt_state))
@@ -165,7 +178,7 @@ def test_gan_loss_gradient_is_the_plain_gradient_with_the_adaptive_weight_held()
   trainer = train_rqvae.Stage1Trainer(config)
   state = jax.jit(trainer.init)(jax.random.key(0))
   x, lp, drop_key = _random_batch()["image"], trainer.lpips_variables, jax.random.key(5)
-  loss, aux, grads = jax.jit(trainer.loss_and_grads)(state, x, lp, drop_key)
+  loss, aux, grads = jax.jit(trainer.loss_and_grads)(state, x, lp, drop_key, jax.random.key(6))
 
   @jax.jit
   def plain(params):
@@ -187,6 +200,14 @@ def test_gan_loss_gradient_is_the_plain_gradient_with_the_adaptive_weight_held()
   scale = max(np.abs(g).max() for g in helpers.leaves(want_grads))  # (biases before a GroupNorm: ~0 +- rounding)
   for got, want in zip(helpers.leaves(grads), helpers.leaves(want_grads)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_codebook_update_is_a_config_key(tmp_path):
+  config = tiny_config()
+  config.quantizer.codebook_update = "per_batch"
+  with pytest.raises(configlib.ConfigError, match="quantizer.codebook_update must be one of"):
+    train_rqvae.train_and_evaluate(config, str(tmp_path / "wd"))
+  assert not os.path.exists(tmp_path / "wd")
 
 
 def test_perceptual_loss_config_errors(tmp_path):
