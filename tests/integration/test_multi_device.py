@@ -3,7 +3,8 @@ under fsdp=8 and data=2 x fsdp=2 x tensor=2 (every mesh axis; the batch split ov
 single-device step, fsdp=8 leaves at most 2% of the parameters replicated, two steps in one call (batches stacked,
 split over the mesh) equal two single-device steps, the sampler with its batch sharded equals the unsharded sampler,
 and a sample set drawn with the configs' batch 100 (rounded up to 104 on 8 devices) equals the one of batch 2 on one
-device."""
+device; the stage-1 codebook updated depth by depth on latents split over 8 devices equals the single-device
+update."""
 
 import os
 import subprocess
@@ -144,6 +145,21 @@ _MULTI_DEVICE = textwrap.dedent("""
     assert len(msgs) == 1, msgs  # once, though both calls rounded it
     assert "batch_size 100 is not a multiple of the 8 local devices: each call draws 104 rows" in msgs[0], msgs
     print("ok sample set batch 100 on 8 devices")
+
+    # Stage 1's codebook updated depth by depth (`quantizer.codebook_update='per_depth'`, inside the training forward
+    # pass) on latents whose batch is split over the 8 devices: the EMA's segment sums over a sharded batch, and zero
+    # initial counts so that every code restarts, drawing its vector from the sharded batch. Equals one device.
+    from ctxrq_jax.models import rq
+    devices8 = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    z = jnp.asarray(rng.normal(size=(8, 4, 4, 16)).astype(np.float32))
+    q0 = rq.CodebookState.create(codebook, cluster_size=0.0)
+    update = jax.jit(rq.rq_quantize_updating, static_argnums=(2, 3, 4))
+    one = update(z, q0, 4, 0.99, 1e-5, jax.random.key(4))
+    z8 = jax.device_put(z, jax.sharding.NamedSharding(devices8, jax.sharding.PartitionSpec("data")))
+    eight = update(z8, q0, 4, 0.99, 1e-5, jax.random.key(4))
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    print("ok stage 1 per_depth")
     print("ALL OK")
 """)
 
@@ -158,3 +174,4 @@ def test_multi_device_step_matches_single_device():
   assert proc.returncode == 0 and "ALL OK" in proc.stdout, (proc.stdout[-3000:], proc.stderr[-5000:])
   assert proc.stdout.count("ok (") == 2 and "ok two steps per call" in proc.stdout
   assert "ok sample set batch 100 on 8 devices" in proc.stdout
+  assert "ok stage 1 per_depth" in proc.stdout
