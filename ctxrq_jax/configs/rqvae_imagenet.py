@@ -5,7 +5,7 @@ Architecture, quantizer, losses and schedule follow the released PyTorch RQ-VAE:
 `rqvae/losses/vqgan/`, `rqvae/optimizer/scheduler.py`, and the defaults in `rqvae/utils/config.py` (104,402,051
 parameters counting its padded codebook once). Values taken from there are marked [ref]. Deliberate differences:
   - the discriminator uses GroupNorm, not BatchNorm (models/patchgan.py: no running statistics to sync);
-  - the shared codebook gets one pooled EMA update per step, not one per depth inside the forward pass (models/rq.py);
+  - dead codes restart from vectors of the whole (global) batch, where the reference broadcasts rank 0's;
   - the reference's warmup/cosine pair is expressed as linear warmup then a constant rate: its cosine runs from
     init_lr to min_lr = init_lr, i.e. stays constant;
   - the reference trains 10 epochs; we count steps (100,000 at batch 128 = 10.0 epochs of the 1,281,167 images).

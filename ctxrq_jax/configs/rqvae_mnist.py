@@ -55,7 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.quantizer.ema_decay = 0.99
   c.quantizer.eps = 1e-5
   c.quantizer.restart_unused = True
-  c.quantizer.codebook_update = "per_step"  # 'per_depth': the reference's order (README, "Stage-1 recipe on the demo")
+  # 'per_depth': the reference's order (README, "The codebook's update order on the demo").
+  c.quantizer.codebook_update = "per_step"
   c.quantizer.commitment_weight = 0.25
   # 1 (not the reference's 0): the random initial codebook is kept until codes die. Measured on this demo (README,
   # "Stage-1 recipe on the demo"): see there before changing it.

@@ -244,14 +244,15 @@ def ema_update(
 
 
 def _candidate_vectors(vectors: jax.Array, k: int, rng: jax.Array) -> jax.Array:
-  """k random distinct rows of `vectors` [M, n_z]; when M < k, of its tiling with small noise."""
+  """k random distinct rows of `vectors` [M, n_z]; when M < k, of its tiling with small noise (uniform in
+  [0, 0.01 / sqrt(n_z)) per coordinate, as the reference's `_tile_with_noise`)."""
   m, n_z = vectors.shape
   noise_rng, perm_rng = jax.random.split(rng)
   if m < k:
     repeats = -(-k // m)
     vectors = jnp.tile(vectors, (repeats, 1))
     # Noise keeps the copies of one vector apart, so restarted codes do not stay identical.
-    vectors = vectors + (0.01 / math.sqrt(n_z)) * jax.random.normal(noise_rng, vectors.shape, vectors.dtype)
+    vectors = vectors + (0.01 / math.sqrt(n_z)) * jax.random.uniform(noise_rng, vectors.shape, vectors.dtype)
   idx = jax.random.permutation(perm_rng, vectors.shape[0])[:k]
   return jnp.take(vectors, idx, axis=0)
 

@@ -192,16 +192,22 @@ def test_codebook_stats_known_values():
   assert stats["eval/perplexity_d3"] == pytest.approx(4 / 3 ** 0.75, rel=1e-6)
 
 
-def _reference_order(z, codebook, counts, sums, depth, decay, eps):
+def _reference_order(z, codebook, counts, sums, depth, decay, eps, restart_key=None):
   """The PyTorch reference's training quantizer in float64 numpy, one depth at a time: find the codes, add the
-  depth's (residual, code) pairs to the EMA statistics, look the embeddings up, then renormalize the codebook."""
+  depth's (residual, code) pairs to the EMA statistics, restart the codes whose count fell below 1 at this depth's
+  residuals (drawn by `rq._candidate_vectors` with the key of the depth), look the embeddings up, then renormalize."""
   k = codebook.shape[0]
   r, codes, partial = z.astype(np.float64), [], np.zeros_like(z, np.float64)
-  for _ in range(depth):
+  for d in range(depth):
     nearest = ((r[:, None, :] - codebook[None]) ** 2).sum(-1).argmin(-1)
     onehot = np.eye(k)[nearest]
     counts = decay * counts + (1 - decay) * onehot.sum(0)
     sums = decay * sums + (1 - decay) * onehot.T @ r
+    if restart_key is not None:
+      drawn = np.asarray(rq._candidate_vectors(jnp.asarray(r, jnp.float32), k, jax.random.fold_in(restart_key, d)))
+      dead = counts < 1.0
+      sums = np.where(dead[:, None], drawn, sums)
+      counts = np.where(dead, 1.0, counts)
     e = codebook[nearest]
     n = counts.sum()
     codebook = sums / (n * (counts + eps) / (n + k * eps))[:, None]
@@ -210,8 +216,10 @@ def _reference_order(z, codebook, counts, sums, depth, decay, eps):
   return np.stack(codes, -1), partial, codebook, counts, sums
 
 
-def test_updating_quantizer_follows_the_reference_order_depth_by_depth():
-  # decay 0.5 moves the codebook enough within one call that depths 2-3 pick other codes than a fixed codebook would.
+@pytest.mark.parametrize("restart", [False, True])
+def test_updating_quantizer_follows_the_reference_order_depth_by_depth(restart):
+  # decay 0.5 moves the codebook enough within one call that depths 2-3 pick other codes than a fixed codebook would;
+  # it also halves the counts of the codes a depth leaves unused, so each depth restarts some.
   k, n_z, depth, decay, eps = 8, 3, 3, 0.5, 1e-3
   rng = np.random.default_rng(7)
   z = rng.normal(size=(40, n_z))
@@ -219,15 +227,18 @@ def test_updating_quantizer_follows_the_reference_order_depth_by_depth():
   sums = codebook * counts[:, None]
   state = rq.CodebookState(codebook=jnp.asarray(codebook, jnp.float32),
                            cluster_size_ema=jnp.asarray(counts, jnp.float32), embed_ema=jnp.asarray(sums, jnp.float32))
+  key = jax.random.key(9) if restart else None
   codes, partial, new = jax.jit(rq.rq_quantize_updating, static_argnums=(2, 3, 4))(
-      jnp.asarray(z, jnp.float32), state, depth, decay, eps)
+      jnp.asarray(z, jnp.float32), state, depth, decay, eps, key)
   want_codes, want_partial, want_codebook, want_counts, want_sums = _reference_order(
-      z, codebook, counts, sums, depth, decay, eps)
+      z, codebook, counts, sums, depth, decay, eps, key)
   np.testing.assert_array_equal(np.asarray(codes), want_codes)
   np.testing.assert_allclose(np.asarray(partial[:, -1]), want_partial, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(new.cluster_size_ema), want_counts, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(new.embed_ema), want_sums, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(new.codebook), want_codebook, rtol=1e-4, atol=1e-5)
+  if restart:  # the last depth restarted some codes (count exactly 1)
+    assert np.any(np.asarray(new.cluster_size_ema) == 1.0)
   fixed_codes, _ = rq.rq_quantize(jnp.asarray(z, jnp.float32), state.codebook, depth)
   np.testing.assert_array_equal(np.asarray(fixed_codes[:, 0]), want_codes[:, 0])  # depth 1: the same codebook
   assert np.any(np.asarray(fixed_codes) != want_codes)  # later depths saw the moved codebook
