@@ -150,12 +150,11 @@ _MULTI_DEVICE = textwrap.dedent("""
     # pass) on latents whose batch is split over the 8 devices: the EMA's segment sums over a sharded batch, and zero
     # initial counts so that every code restarts, drawing its vector from the sharded batch. Equals one device.
     from ctxrq_jax.models import rq
-    devices8 = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     z = jnp.asarray(rng.normal(size=(8, 4, 4, 16)).astype(np.float32))
     q0 = rq.CodebookState.create(codebook, cluster_size=0.0)
     update = jax.jit(rq.rq_quantize_updating, static_argnums=(2, 3, 4))
     one = update(z, q0, 4, 0.99, 1e-5, jax.random.key(4))
-    z8 = jax.device_put(z, jax.sharding.NamedSharding(devices8, jax.sharding.PartitionSpec("data")))
+    z8 = jax.device_put(z, sharding.batch_sharding(mesh8))  # the sampler check's data=8 mesh
     eight = update(z8, q0, 4, 0.99, 1e-5, jax.random.key(4))
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
