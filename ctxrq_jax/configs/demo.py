@@ -1,10 +1,11 @@
 """Demo stage 2 on the embedded MNIST digits: a small Contextual RQ-Transformer on 8x8x4 codes of the MNIST RQ-VAE.
 
-Same sections and keys as configs/imagenet.py (the trainer treats them alike). Sized to train in under 8 minutes on
-two CPU cores: width 128 with 2 spatial / 1 depth layers is 0.6M parameters and runs ~8 steps/s at batch 32
-(float32, idle 2-core CPU, the depth transformer on each batch's masked positions only, ten steps per compiled
-call; ~12 steps/s on a CPU with AMX-BF16, `model.matmul_dtype` 'auto'), so 2200 steps; with `pip install` on a
-fresh machine the whole demo stays under 15 minutes.
+Same sections and keys as configs/imagenet.py (the trainer treats them alike). Sized on an AVX-512 Xeon's two cores:
+width 128 with 2 spatial / 1 depth layers is 0.6M parameters and runs ~12 steps/s at batch 32 with AMX-BF16
+(`model.matmul_dtype` 'auto'; ~8 steps/s in float32; the depth transformer on each batch's masked positions only, ten
+steps per compiled call), so 2200 steps take ~3 minutes and the whole demo with `pip install` stays under 15 minutes.
+An AVX2-only CPU (an AMD EPYC) runs ~3.7 steps/s: stage 2 takes ~10 minutes and the demo ~15 without the install
+(README, "Measured results").
 
 Usage: --config=configs/demo.py (or configs/demo.py:smoke for the install check)
 """
