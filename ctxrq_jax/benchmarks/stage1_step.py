@@ -5,7 +5,8 @@ update when the GAN term is on) is compiled for the config's recipe and for the 
 a time: reconstruction + commitment only, then + LPIPS, then + the adaptive-weighted GAN term (the variants the
 config enables). Each row gives XLA's FLOP count of the compiled step and its time on random images (fastest of
 `repeats` steps after a warm-up, the state donated as in training), so the cost of a term is the difference
-between two rows of one run. Weights are random; LPIPS uses the shipped VGG16 weights.
+between two rows of one run. Weights are random; LPIPS uses the shipped VGG16 weights. The step is compiled as the
+trainer compiles it (`Stage1Trainer.jit_train_step`: on a CPU, the config's `train.cpu_ynn_fusions`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _compile(config: Any, batch: int) -> tuple[Any, Any, Any]:
   res, channels = int(config.model.resolution), int(config.model.in_channels)
   abstract_state = jax.eval_shape(trainer.init, jax.random.key(0))
   images = jax.ShapeDtypeStruct((batch, res, res, channels), jnp.float32)
-  step = jax.jit(trainer.train_step, donate_argnums=(0,))
+  step = trainer.jit_train_step()
   compiled = step.lower(abstract_state, {'image': images}, trainer.lpips_variables).compile()
   return compiled, trainer, images
 

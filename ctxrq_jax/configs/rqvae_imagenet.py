@@ -100,6 +100,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.image_every = 5_000
   c.train.nonfinite = "stop"  # 'stop' | 'skip': what to do with a non-finite loss or gradient (as stage 2)
+  # XLA:CPU's YNNPACK library fusions for the training step (core/xla_options.py): 'default' keeps XLA's list; the
+  # MNIST demo's config turns them off ('') for its small maps (docs/speed.md). Only CPU compiles read it.
+  c.train.cpu_ynn_fusions = "default"
 
   c.mesh = common.mesh()  # stage 1 is data parallel: parameters replicated, batch over ('data', 'fsdp')
 

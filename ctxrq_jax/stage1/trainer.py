@@ -35,6 +35,7 @@ from ctxrq_jax.core import optim
 from ctxrq_jax.core import paths
 from ctxrq_jax.core import reporting
 from ctxrq_jax.core import sharding
+from ctxrq_jax.core import xla_options
 from ctxrq_jax.data import images as image_data
 from ctxrq_jax.models import artifact
 from ctxrq_jax.models import common
@@ -94,6 +95,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ("log_every", "image_every", "ckpt_every", "keep_checkpoints"):
     req(int(t[key]) >= 1, f"train.{key} must be >= 1, got {t[key]}")
   req(t.nonfinite in ("stop", "skip"), f"train.nonfinite must be 'stop' or 'skip', got {t.nonfinite!r}")
+  xla_options.check_ynn_fusions(t.cpu_ynn_fusions, "train.cpu_ynn_fusions")
   req(int(config.data.eval_examples) >= 1, f"data.eval_examples must be >= 1, got {config.data.eval_examples}")
   req(0.0 <= float(config.quantizer.ema_decay) < 1.0, "quantizer.ema_decay must be in [0, 1)")
   req(config.quantizer.codebook_update in CODEBOOK_UPDATES,
@@ -176,6 +178,12 @@ class Stage1Trainer:
     if self.use_perceptual:
       pcpt = jnp.mean(self.lpips.apply(lpips_variables, x, recon))
     return rec + float(cfg.loss.perceptual_weight) * pcpt, {"recon_loss": rec, "perceptual_loss": pcpt}
+
+  def jit_train_step(self, **jit_kwargs: Any) -> Any:
+    """`train_step` jitted as training runs it: the state donated, and on a CPU compiled with the YNNPACK fusions
+    of `train.cpu_ynn_fusions` (core/xla_options.py); `jit_kwargs` go to `jax.jit` (e.g. out_shardings)."""
+    return jax.jit(self.train_step, donate_argnums=(0,),
+                   compiler_options=xla_options.cpu_compiler_options(self.config.train.cpu_ynn_fusions), **jit_kwargs)
 
   def train_step(self, state: Stage1State, batch: dict[str, jax.Array],
                  lpips_variables: Any = None) -> tuple[Stage1State, dict[str, jax.Array]]:
@@ -355,7 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = restored
     log.info("Resumed stage 1 from step %d", step)
 
-  jitted_step = jax.jit(trainer.train_step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+  jitted_step = trainer.jit_train_step(out_shardings=(replicated, replicated))
   train_step = jitted_step
   if trainer.use_perceptual:
     lpips_variables = jax.device_put(trainer.lpips_variables, replicated)

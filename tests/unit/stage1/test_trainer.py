@@ -210,6 +210,34 @@ def test_codebook_update_is_a_config_key(tmp_path):
   assert not os.path.exists(tmp_path / "wd")
 
 
+def test_the_step_compiles_with_the_configs_ynnpack_fusions():
+  # train.cpu_ynn_fusions reaches the compiled training step (a CPU here): '' leaves no YNNPACK fusion in its
+  # program. That the check can fail: with XLA's own list, a convolution of the same kind goes to YNNPACK.
+  config = tiny_config()
+  config.train.cpu_ynn_fusions = ""
+  trainer = train_rqvae.Stage1Trainer(config)
+  state = jax.eval_shape(trainer.init, jax.random.key(0))
+  res, channels = config.model.resolution, config.model.in_channels
+  images = jax.ShapeDtypeStruct((2, res, res, channels), jnp.float32)
+  assert "ynn_fusion" not in trainer.jit_train_step().lower(state, {"image": images}, None).compile().as_text()
+
+  def conv_loss(w, x):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum(y ** 2)
+
+  shapes = (jax.ShapeDtypeStruct((3, 3, 8, 8), jnp.float32), jax.ShapeDtypeStruct((4, 16, 16, 8), jnp.float32))
+  assert "ynn_fusion" in jax.jit(conv_loss).lower(*shapes).compile().as_text()
+
+
+@pytest.mark.parametrize("value", ["dot", "LIBRARY_FUSION_TYPE_DOT,conv"])
+def test_unknown_ynnpack_fusion_type_is_a_config_error(tmp_path, value):
+  config = tiny_config()
+  config.train.cpu_ynn_fusions = value
+  with pytest.raises(configlib.ConfigError, match="train.cpu_ynn_fusions has unknown YNNPACK fusion types"):
+    train_rqvae.train_and_evaluate(config, str(tmp_path / "wd"))
+  assert not os.path.exists(tmp_path / "wd")
+
+
 def test_perceptual_loss_config_errors(tmp_path):
   config = tiny_config()
   with config.unlocked():
