@@ -17,8 +17,6 @@ YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 # The values jaxlib 0.10's XLA accepts in the comma-separated list (`LibraryFusionType` in xla.proto).
 YNN_FUSION_TYPES = ("LIBRARY_FUSION_TYPE_DOT", "LIBRARY_FUSION_TYPE_ELTWISE", "LIBRARY_FUSION_TYPE_REDUCE",
                     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION")
-
-
 # The config value that leaves XLA's own default list in place.
 DEFAULT = "default"
 
