@@ -93,7 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.nonfinite = "stop"
   # XLA:CPU's YNNPACK library fusions for the training step ('' none, 'default' XLA's list; core/xla_options.py): its
   # convolutions' gradients are several times slower than XLA's own on these small maps, so none (the demo's step
-  # 1.8x faster on an AVX2 CPU, 1.15x on an AVX-512 one; docs/speed.md). Only CPU compiles read it.
+  # 1.5-1.85x faster on an AVX2 CPU, 1.15x on an AVX-512 one; docs/speed.md). Only CPU compiles read it.
   c.train.cpu_ynn_fusions = ""
 
   c.mesh = common.mesh()
