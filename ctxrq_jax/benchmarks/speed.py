@@ -744,7 +744,7 @@ def param_table() -> str:
                  f"{100 * (n / target - 1):>+5.2f}%")
   c = configlib.load_config_file('rqvae_imagenet')
   model = rqvae.RQVAE.from_config(c.model)
-  v = jax.eval_shape(lambda: rqvae.init_variables(model, jax.random.key(0)))
+  v = rqvae.abstract_variables(model)
   n = common.count_params(v['params']) + model.codebook_size * model.embed_dim + model.embed_dim  # + the padding row
   lines.append(f"{'rq-vae 8x8x4':>14}  {'':>5}  {'':>5}  {'':>7}  {n:>15,}  {'104.4':>6}M  "
                f"{100 * (n / 104_402_051 - 1):>+5.2f}%")

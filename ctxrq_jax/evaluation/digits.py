@@ -20,7 +20,7 @@ distance, precision and recall of its samples beside held-out digits and their r
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import chex
 import jax

@@ -25,7 +25,7 @@ from ctxrq_jax.core import grids
 from ctxrq_jax.core import paths
 from ctxrq_jax.models.rqvae import RQVAE
 from ctxrq_jax.models import variables_files
-from ctxrq_jax.models.rqvae import init_variables
+from ctxrq_jax.models.rqvae import abstract_variables
 
 ARTIFACT_FORMAT = "ctxrq_jax.rqvae/1"
 _CONFIG_FILE = "model_config.json"
@@ -59,7 +59,7 @@ def save_artifact(
     if c not in variables:
       raise ValueError(f"save_artifact: variables have no {c!r} collection (have {sorted(variables)})")
   state = {"params": variables["params"], "quantizer": variables["quantizer"]}
-  expected = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+  expected = abstract_variables(model)
   _check_tree_matches(state, expected, f"save_artifact({directory})")
   variables_files.save(directory, state, meta_file=_CONFIG_FILE, meta={"format": ARTIFACT_FORMAT, "model": cfg},
                        what="stage-1 artifact", overwrite=overwrite)
@@ -98,7 +98,7 @@ def load_artifact(directory: str | os.PathLike) -> tuple[RQVAE, dict[str, Any]]:
     model = RQVAE.from_config(meta["model"]).clone(precision="highest")
   except configlib.ConfigError as e:
     raise ValueError(f"stage-1 artifact config {cfg_path} is invalid: {e}") from e
-  abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+  abstract = abstract_variables(model)
   variables = variables_files.restore(directory, abstract, what="stage-1 artifact",
                                       label="stage-1 artifact checkpoint")
   _check_tree_matches(variables, abstract, f"load_artifact({directory})")

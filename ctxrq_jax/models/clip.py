@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ctxrq_jax.models import common
+
 LN_EPSILON = 1e-5
 QUICK_GELU_ALPHA = 1.702
 DEFAULT_PRECISION = lax.Precision.HIGHEST
@@ -225,6 +227,7 @@ def init_params(config: CLIPConfig, key: jax.Array) -> dict[str, Any]:
   return model.init(key, images, tokens)
 
 
+@common.memoised_shapes
 def abstract_params(config: CLIPConfig) -> dict[str, Any]:
   """ShapeDtypeStructs of `init_params(config, ...)`, without computing anything."""
   return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))

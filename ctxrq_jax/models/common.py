@@ -1,5 +1,5 @@
-"""Small helpers every model shares: dtype names from configs, parameter counts, matmuls with operands rounded to a
-lower precision."""
+"""Small helpers every model shares: dtype names from configs, parameter counts, variable shapes traced once per model,
+matmuls with operands rounded to a lower precision."""
 
 from __future__ import annotations
 
@@ -30,6 +30,20 @@ def parse_dtype(name: Any, key: str = "dtype") -> Any:
 def count_params(tree: Any) -> int:
   """Number of scalars in a pytree of arrays / ShapeDtypeStructs (logically boxed leaves are unboxed)."""
   return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.meta.unbox(tree))))
+
+
+def memoised_shapes(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """Decorator for `fn(*hashable args) -> pytree of jax.ShapeDtypeStruct` (a `jax.eval_shape` of a model's init):
+  traced once per distinct arguments in a process (tracing a large model's init takes seconds; converters, artifact
+  loaders and parameter tables ask again and again), each call returning its own copy of the tree's containers."""
+  cached = functools.lru_cache(maxsize=32)(fn)
+
+  @functools.wraps(fn)
+  def wrapper(*args: Any, **kwargs: Any) -> Any:
+    return jax.tree_util.tree_map(lambda leaf: leaf, cached(*args, **kwargs))
+
+  wrapper.cache_info = cached.cache_info  # type: ignore[attr-defined]
+  return wrapper
 
 
 @functools.lru_cache(maxsize=1)

@@ -37,6 +37,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from ctxrq_jax.models import common
+
 NUM_CLASSES = 1008
 POOL_FEATURES = 2048
 SPATIAL_CHANNELS = 192  # Mixed_6d.branch1x1
@@ -258,5 +260,11 @@ class FIDInceptionV3(nn.Module):
 
 
 def init_variables(model: FIDInceptionV3, rng: jax.Array, image_size: int = MIN_SIZE) -> dict[str, Any]:
-  """Random {'params', 'batch_stats'} (the shapes do not depend on `image_size`; use it under `jax.eval_shape`)."""
+  """Random {'params', 'batch_stats'} (the shapes do not depend on `image_size`; `abstract_variables` for shapes)."""
   return dict(model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32)))
+
+
+@common.memoised_shapes
+def abstract_variables(model: FIDInceptionV3) -> dict[str, Any]:
+  """`init_variables(model, ...)` as ShapeDtypeStructs: nothing allocated, traced once per model in a process."""
+  return jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))

@@ -30,7 +30,6 @@ from typing import Any, Mapping
 
 from flax import traverse_util
 import flax.core
-import jax
 import numpy as np
 
 from ctxrq_jax.core import paths
@@ -204,8 +203,7 @@ def load_torch_state_dict(path: str | os.PathLike, *, check_hash: bool = True) -
 
 
 def _abstract_variables() -> dict[str, Any]:
-  model = inception.FIDInceptionV3()
-  return jax.eval_shape(lambda: inception.init_variables(model, jax.random.key(0)))
+  return inception.abstract_variables(inception.FIDInceptionV3())
 
 
 def _check_tree(tree: Any, expected: Any, where: str) -> None:

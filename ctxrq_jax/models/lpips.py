@@ -28,6 +28,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from ctxrq_jax.models import common
+
 # torchvision vgg16().features: (convolutions per block, output channels); a 2x2 stride-2 max pool precedes blocks 2-5.
 VGG_BLOCKS = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
 NUM_CONVS = sum(n for n, _ in VGG_BLOCKS)  # 13
@@ -167,6 +169,7 @@ def lpips_distance(variables: Any, x: jax.Array, y: jax.Array, precision: str = 
   return LPIPS(precision=precision).apply(variables, x, y)
 
 
+@common.memoised_shapes
 def abstract_variables() -> Any:
   """The variable tree (ShapeDtypeStructs) the module expects; input size does not change it."""
   x = jax.ShapeDtypeStruct((1, MIN_SIZE, MIN_SIZE, 3), jnp.float32)

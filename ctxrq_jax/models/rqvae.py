@@ -422,3 +422,9 @@ def init_variables(model: RQVAE, rng: jax.Array, batch_size: int = 1) -> dict[st
   x = jnp.zeros((batch_size, model.resolution, model.resolution, model.in_channels), jnp.float32)
   variables = model.init({"params": rng}, x)
   return {"params": variables["params"], "quantizer": variables["quantizer"]}
+
+
+@common.memoised_shapes
+def abstract_variables(model: RQVAE) -> dict[str, Any]:
+  """`init_variables(model, ...)` as ShapeDtypeStructs: nothing allocated, traced once per model in a process."""
+  return jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))

@@ -231,7 +231,7 @@ def _quantizer_entry(name: str, leaf: jax.ShapeDtypeStruct, depth: int) -> _Entr
 def _plan(model_cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> list[_Entry]:
   """Every target variable of the model `model_cfg` builds, with its checkpoint keys (shapes only, no arrays)."""
   model = rqvae.RQVAE.from_config(model_cfg)
-  abstract = jax.eval_shape(lambda: rqvae.init_variables(model, jax.random.key(0)))
+  abstract = rqvae.abstract_variables(model)
   entries = []
   for collection in ("params", "quantizer"):
     flat = traverse_util.flatten_dict(flax.core.unfreeze(abstract[collection]))

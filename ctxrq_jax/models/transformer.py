@@ -571,6 +571,7 @@ def from_run_config(config: Mapping[str, Any]) -> ContextualRQTransformer:
                            num_positions=h * w, embed_dim=int(config["data"]["embed_dim"]))
 
 
+@common.memoised_shapes
 def abstract_variables(model: ContextualRQTransformer, batch_size: int = 1) -> Any:
   """Shapes (and logical axis names) of the model's variables, without allocating them: `jax.eval_shape` of init."""
   codes = jax.ShapeDtypeStruct((batch_size, model.num_positions, model.code_depth), jnp.int32)

@@ -53,9 +53,9 @@ from ctxrq_jax.stage2 import trainer as stage2_trainer
 
 STAGE1_CONFIG = "rqvae_mnist"  # ctxrq_jax/configs/rqvae_mnist.py
 STAGE2_CONFIG = "demo"  # ctxrq_jax/configs/demo.py
-# Digits the smoke run encodes per split: the whole held-out split (500, which the sample evaluation scores against
-# in order) and the first 500 of the 4,500 training digits (8 smoke steps of batch 32 read 256 of them). Encoding
-# all of them was 4/5 of the smoke run's encode time.
+# Digits the smoke run (class and text demo) encodes per split: the whole held-out split (500, which the sample
+# evaluation scores against in order) and the first 500 of the 4,500 training digits (8 smoke steps of batch 32 read
+# 256 of them). Encoding all of them was 4/5 of the smoke run's encode time.
 SMOKE_MAX_EXAMPLES = 500
 STAGE1, CODES, STAGE2, SAMPLES = "stage1", "codes", "stage2", "samples"
 SETTINGS_FILE = "demo.json"  # in the workdir: --smoke or not, and the class demo's --max_examples
@@ -399,6 +399,8 @@ def run_text(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collect
 
   t0 = time.time()
   splits = {split: digit_images(d, split) for split in (d.train_split, d.eval_split)}
+  if smoke:  # as the class demo's smoke run: the first SMOKE_MAX_EXAMPLES digits of each split
+    splits = {split: tuple(a[:SMOKE_MAX_EXAMPLES] for a in arrays) for split, arrays in splits.items()}
   thresholds = digit_captions.fit_thresholds(splits[d.train_split][1])
   texts = {split: digit_captions.captions(labels, digit_captions.attribute_bins(pre, thresholds))
            for split, (_, pre, labels) in splits.items()}

@@ -108,6 +108,8 @@ def test_text_demo_beside_the_class_demo_and_a_rerun_that_keeps_the_samples(smok
   assert [l.split(":")[0] for l in lines] == ["stage 1 (RQ-VAE)", "encode train", "encode test",
                                               "stage 2 (Contextual RQ-Transformer)", "sample"], out.stderr
   assert "steps/s" not in lines[0], lines[0]
+  splits = json.loads((work / "w" / "text_codes" / "metadata.json").read_text())["splits"]
+  assert {k: v["num_examples"] for k, v in splits.items()} == {"train": 500, "test": 500}  # as the class smoke run's
   settings = json.loads((work / "w" / "text_samples" / "samples.json").read_text())
   with np.load(work / "w" / "text_samples" / "samples.npz") as f:
     assert settings["prompts"] == f["prompts"].tolist() and settings["num_samples"] == len(f["arr_0"])

@@ -1,4 +1,5 @@
-"""Helpers every model shares (ctxrq_jax/models/common.py): dtype names, parameter counts, rounded matmuls."""
+"""Helpers every model shares (ctxrq_jax/models/common.py): dtype names, parameter counts, memoised variable
+shapes, rounded matmuls."""
 
 import flax.linen as nn
 import jax
@@ -24,6 +25,31 @@ def test_count_params_arrays_shapes_and_boxed_leaves():
           "d": nn.LogicallyPartitioned(jnp.zeros((2, 2)), names=("embed", "mlp"))}
   assert common.count_params(tree) == 12 + 5 + 4
   assert common.count_params({}) == 0
+
+
+def test_memoised_shapes_trace_once_per_arguments_and_hand_out_copies():
+  traced = []
+
+  @common.memoised_shapes
+  def shapes(n, width=2):
+    traced.append((n, width))
+    return jax.eval_shape(lambda: {"w": jnp.zeros((n, width)), "boxed": nn.LogicallyPartitioned(
+        jnp.zeros((width,)), names=("mlp",))})
+
+  first = shapes(3)
+  first["w"] = None  # a caller's edit stays its own
+  again = shapes(3)
+  assert traced == [(3, 2)] and again["w"].shape == (3, 2) and again["boxed"].names == ("mlp",)
+  assert shapes(4)["w"].shape == (4, 2) and shapes(4, width=5)["w"].shape == (4, 5)
+  assert traced == [(3, 2), (4, 2), (4, 5)]
+
+
+def test_model_shapes_equal_a_fresh_eval_shape_of_init():
+  from ctxrq_jax.models import rqvae  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  model = rqvae.RQVAE.from_config(helpers.tiny_stage1_config().model)
+  fresh = jax.eval_shape(lambda: rqvae.init_variables(model, jax.random.key(0)))
+  assert rqvae.abstract_variables(model) == fresh == rqvae.abstract_variables(model)
 
 
 @pytest.mark.parametrize("spec,lhs_shape,rhs_shape", [

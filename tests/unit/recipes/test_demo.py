@@ -91,7 +91,7 @@ def test_one_workdir_holds_one_kind_of_demo_run(tmp_path):
   record = demo._check_settings(workdir, smoke=False, max_examples=None, text=False)
   assert not (tmp_path / demo.SETTINGS_FILE).exists()  # recorded only once the run's other checks have passed
   demo._check_settings(workdir, smoke=True, max_examples=500, text=False)()
-  demo._check_settings(workdir, smoke=True, text=True)()  # the text demo shares stage 1; it encodes every digit
+  demo._check_settings(workdir, smoke=True, text=True)()  # the text demo shares stage 1 (its smoke: as many digits)
   demo._check_settings(workdir, smoke=True, max_examples=500, text=False)()
   del record
   with pytest.raises(ValueError, match="holds a --smoke demo run .*; run the full demo in another --workdir"):
