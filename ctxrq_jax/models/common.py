@@ -42,7 +42,6 @@ def memoised_shapes(fn: Callable[..., Any]) -> Callable[..., Any]:
   def wrapper(*args: Any, **kwargs: Any) -> Any:
     return jax.tree_util.tree_map(lambda leaf: leaf, cached(*args, **kwargs))
 
-  wrapper.cache_info = cached.cache_info  # type: ignore[attr-defined]
   return wrapper
 
 

@@ -362,9 +362,12 @@ def default_text_configs(smoke: bool = False) -> tuple[ml_collections.ConfigDict
   return configlib.load_config_file(STAGE1_CONFIG, arg), configlib.load_config_file(STAGE2_TEXT_CONFIG, arg)
 
 
-def digit_images(data_cfg: ml_collections.ConfigDict, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(raw uint8 [M, 28, 28, 1], preprocessed float [M, S, S, C] as stage 1 sees them, labels [M]) of a split."""
+def digit_images(data_cfg: ml_collections.ConfigDict, split: str,
+                 limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(raw uint8 [M, 28, 28, 1], preprocessed float [M, S, S, C] as stage 1 sees them, labels [M]) of a split's first
+  `limit` digits (all when None)."""
   raw, labels = mnist.load(split)
+  raw, labels = raw[:limit], labels[:limit]
   pre = np.stack([image_data.preprocess_image(a, image_size=int(data_cfg.image_size), channels=int(data_cfg.channels),
                                               resize=str(data_cfg.resize)) for a in raw])
   return raw, pre, labels
@@ -398,9 +401,8 @@ def run_text(stage1_config: ml_collections.ConfigDict, stage2_config: ml_collect
     return rq_results
 
   t0 = time.time()
-  splits = {split: digit_images(d, split) for split in (d.train_split, d.eval_split)}
-  if smoke:  # as the class demo's smoke run: the first SMOKE_MAX_EXAMPLES digits of each split
-    splits = {split: tuple(a[:SMOKE_MAX_EXAMPLES] for a in arrays) for split, arrays in splits.items()}
+  limit = SMOKE_MAX_EXAMPLES if smoke else None  # as the class demo's smoke run
+  splits = {split: digit_images(d, split, limit) for split in (d.train_split, d.eval_split)}
   thresholds = digit_captions.fit_thresholds(splits[d.train_split][1])
   texts = {split: digit_captions.captions(labels, digit_captions.attribute_bins(pre, thresholds))
            for split, (_, pre, labels) in splits.items()}
