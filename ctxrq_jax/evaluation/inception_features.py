@@ -129,6 +129,20 @@ def check_images(images: Any) -> np.ndarray:
 # Feature extraction.
 
 
+@functools.partial(jax.jit, static_argnames=("image_size", "resize", "spatial"))
+def _features(variables: Mapping[str, Any], images: jax.Array, *, image_size: int, resize: str,
+              spatial: bool) -> dict[str, jax.Array]:
+  """`InceptionFeatureExtractor`'s program for uint8 images [B, H, W, 3]: one jit for every extractor of a process,
+  so a second one (another command in a notebook, another file) reuses what the first compiled."""
+  out = inception.FIDInceptionV3().apply(variables, preprocess(images, image_size=image_size, resize=resize),
+                                         spatial=spatial)
+  result = {"pool": out["pool"], "logits": out["logits_unbiased"]}
+  if spatial:
+    s = out["spatial"][..., :SFID_CHANNELS]
+    result["spatial"] = s.reshape(s.shape[0], -1)
+  return result
+
+
 class InceptionFeatureExtractor:
   """uint8 images -> {'pool', 'logits', 'spatial'} numpy float32, `batch_size` images per jitted call, split over
   this host's devices.
@@ -157,24 +171,13 @@ class InceptionFeatureExtractor:
     self.variables = jax.device_put({"params": variables["params"], "batch_stats": variables["batch_stats"]},
                                     jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     self.batch_size, self.image_size, self.resize, self.spatial = int(batch_size), int(image_size), resize, spatial
-    model = inception.FIDInceptionV3()
-
-    def features(v, images):
-      x = preprocess(images, image_size=self.image_size, resize=self.resize)
-      out = model.apply(v, x, spatial=self.spatial)
-      result = {"pool": out["pool"], "logits": out["logits_unbiased"]}
-      if self.spatial:
-        s = out["spatial"][..., :SFID_CHANNELS]
-        result["spatial"] = s.reshape(s.shape[0], -1)
-      return result
-
-    self._fn = jax.jit(features)
 
   def _run(self, chunk: np.ndarray) -> dict[str, np.ndarray]:
     pad = self.batch_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-    out = self._fn(self.variables, jax.device_put(chunk, self._batch_sharding))
+    out = _features(self.variables, jax.device_put(chunk, self._batch_sharding), image_size=self.image_size,
+                    resize=self.resize, spatial=self.spatial)
     return {k: np.asarray(v)[:self.batch_size - pad] for k, v in out.items()}
 
   def iter_batches(self, batches: Iterable[Any]) -> Iterator[dict[str, np.ndarray]]:

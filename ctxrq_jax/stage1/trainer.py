@@ -11,11 +11,15 @@ The codebook follows EMA updates (`rq.ema_update`, `rq.restart_dead_codes`) outs
 the pooled depths, or after each depth inside the forward pass (`quantizer.codebook_update`). The run goes
 through the shared loop (ctxrq_jax/core/loop.py): checkpoints with the data-iterator position, automatic resume
 from `workdir`, SIGTERM/SIGINT save and exit cleanly. At the end the model is exported as a stage-1 artifact in `workdir/rqvae`
-(ctxrq_jax/models/artifact.py) for encoding and stage 2 (a re-run that trains no step keeps the one it exported).
+(ctxrq_jax/models/artifact.py) for encoding and stage 2, and evaluated on held-out images (WORKDIR/eval.json); a
+re-run that trains no step keeps the artifact it exported and returns that evaluation, made again only when what it
+depends on changed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from typing import Any
 
@@ -50,6 +54,7 @@ from ctxrq_jax.stage1 import reconstruction
 log = logging.getLogger(__name__)
 
 ARTIFACT_DIR = "rqvae"
+EVAL_FILE = "eval.json"  # in the workdir: the final held-out evaluation and the key of what it was computed from
 REFERENCE_CONFIG = "rqvae_imagenet"  # ctxrq_jax/configs/rqvae_imagenet.py: every stage-1 config has exactly its keys
 # quantizer.codebook_update: 'per_step' pools the D depths' assignments into one EMA update after the pass (the codebook
 # is fixed during it); 'per_depth' updates the shared codebook after each depth inside the pass, as the PyTorch
@@ -350,17 +355,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       config.data, split=config.data.train_split, batch_size=host_batch, seed=int(config.seed), train=True,
       shard_index=jax.process_index(), shard_count=jax.process_count())
 
-  state = jax.jit(trainer.init, out_shardings=replicated)(jax.random.key(int(config.seed)))
-  log.info("RQ-VAE parameters: %s (+ codebook %d x %d)", f"{common.count_params(state.params):,}",
+  # A resumed run restores into the state's shapes (nothing initialised: the init program is only compiled for a
+  # new run, where it is as costly to compile as the training step).
+  seed_key = jax.random.key(int(config.seed))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          jax.eval_shape(trainer.init, seed_key))
+  log.info("RQ-VAE parameters: %s (+ codebook %d x %d)", f"{common.count_params(abstract.params):,}",
                trainer.model.codebook_size, trainer.model.embed_dim)
   ckpt = checkpoint.Checkpointer(paths.path(workdir) / "checkpoints",
                                  max_to_keep=int(config.train.keep_checkpoints),
                                  save_interval_steps=int(config.train.ckpt_every))
-  configlib.check_resumable(ckpt, state, workdir)  # before config.json is overwritten
+  configlib.check_resumable(ckpt, abstract, workdir)  # before config.json is overwritten
   configlib.save_snapshot(config, workdir, write=host.is_chief(), resumed_step=ckpt.latest_step(), name="stage 1")
-  restored, step = ckpt.restore(state, data_iterator=train_iter)
-  if restored is not None:
-    state = restored
+  state, step = ckpt.restore(abstract, data_iterator=train_iter)
+  if state is None:
+    state = jax.jit(trainer.init, out_shardings=replicated)(seed_key)
+  else:
     log.info("Resumed stage 1 from step %d", step)
 
   jitted_step = trainer.jit_train_step(out_shardings=(replicated, replicated))
@@ -369,13 +379,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     lpips_variables = jax.device_put(trainer.lpips_variables, replicated)
     train_step = lambda s, b: jitted_step(s, b, lpips_variables)  # noqa: E731
   recon_fn = jax.jit(trainer.reconstruct)
-  eval_batch = jax.tree.map(np.asarray, next(iter(image_data.make_image_iterator(
-      config.data, split=config.data.eval_split, batch_size=min(64, int(config.data.eval_examples)), seed=0,
-      train=False))))
+  shown: list[np.ndarray] = []  # the first 16 held-out images, read when reconstructions are first written
   writer = reporting.metric_writer(workdir)
 
   def write_reconstructions(step: int, state: Stage1State) -> dict[str, float]:
-    x = eval_batch["image"][:16]
+    if not shown:
+      shown.append(np.asarray(next(iter(image_data.make_image_iterator(
+          config.data, split=config.data.eval_split, batch_size=min(64, int(config.data.eval_examples)), seed=0,
+          train=False)))["image"][:16]))
+    x = shown[0]
     recon, _ = recon_fn(state.params, state.quantizer, x)
     both = np.concatenate([np.asarray(x), np.asarray(recon)], axis=0)
     if host.is_chief():
@@ -401,12 +413,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   trained = step is None or step < num_steps
   if trained or not _artifact_holds(paths.path(workdir) / ARTIFACT_DIR, variables):
     artifact.save_artifact(paths.path(workdir) / ARTIFACT_DIR, config.model, variables, overwrite=True)
-  # LPIPS is reported when the run has its weights at hand (the perceptual loss is on); `evaluate rqvae` always can.
-  # At float32 matmul precision, as `evaluate rqvae` reads the artifact (models/artifact.load_artifact).
-  results = reconstruction.evaluate_rqvae(trainer.model.clone(precision="highest"), variables, config.data,
-                                          split=config.data.eval_split,
-                                          num_examples=int(config.data.eval_examples),
-                                          lpips_variables=trainer.lpips_variables)
-  writer.write_scalars(num_steps, {f"eval/{k}": v for k, v in results.items() if np.ndim(v) == 0})
+  # A run that trained no step returns the evaluation it wrote of these variables (WORKDIR/eval.json), when the
+  # settings it was computed with are the same; every process reads the same file, so all agree.
+  key = _evaluation_key(config, variables, lpips_on=trainer.lpips_variables is not None)
+  results = None if trained else _stored_evaluation(workdir, key)
+  if results is None:
+    # LPIPS is reported when the run has its weights at hand (the perceptual loss is on); `evaluate rqvae` always
+    # can. At float32 matmul precision, as `evaluate rqvae` reads the artifact (models/artifact.load_artifact).
+    results = reconstruction.evaluate_rqvae(trainer.model.clone(precision="highest"), variables, config.data,
+                                            split=config.data.eval_split,
+                                            num_examples=int(config.data.eval_examples),
+                                            lpips_variables=trainer.lpips_variables)
+    writer.write_scalars(num_steps, {f"eval/{k}": v for k, v in results.items() if np.ndim(v) == 0})
+    if host.is_chief():
+      paths.write_json(paths.path(workdir) / EVAL_FILE, {"key": key, "step": num_steps, "results": results},
+                       indent=2, sort_keys=True)
   writer.flush()
   return results
+
+
+def _evaluation_key(config: ml_collections.ConfigDict, variables: Any, *, lpips_on: bool) -> str:
+  """sha256 of what the final evaluation depends on: the RQ-VAE's variables, its model and data config, and LPIPS
+  (on or off, and its weights file)."""
+  digest = hashlib.sha256(json.dumps(
+      {"model": config.model.to_dict(), "data": config.data.to_dict(), "lpips": lpips_on,
+       "lpips_weights": config.loss.perceptual_weights_path if lpips_on else None},
+      sort_keys=True, default=str).encode())
+  for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
+    value = np.ascontiguousarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)} {value.dtype} {value.shape}".encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()
+
+
+def _stored_evaluation(workdir: str, key: str) -> dict[str, Any] | None:
+  """The results in WORKDIR/eval.json when they were computed under `key`, else None (none, unreadable, stale)."""
+  try:
+    saved = paths.read_json(paths.path(workdir) / EVAL_FILE)
+  except (FileNotFoundError, ValueError):
+    return None
+  if not isinstance(saved, dict) or saved.get("key") != key or not isinstance(saved.get("results"), dict):
+    return None
+  log.info("stage 1 trained no step: its evaluation of these variables from %s", paths.path(workdir) / EVAL_FILE)
+  return saved["results"]

@@ -222,12 +222,14 @@ def abstract_train_state(model, tx, config, mesh, rules) -> tuple[TrainState, An
   return _abstract_state(_init_fn(model, tx, int(config.seed), float(config.train.ema_decay) > 0), mesh, rules)
 
 
-def _create_state(init: Callable[[], TrainState], init_unboxed: Callable[[], TrainState], mesh,
-                  rules) -> tuple[TrainState, Any]:
-  """`init` (boxed) gives the shardings, `init_unboxed` (the same state, unboxed) is jitted into them."""
+def _create_state(init: Callable[[], TrainState], init_unboxed: Callable[[], TrainState], mesh, rules,
+                  shardings: Any = None) -> tuple[TrainState, Any]:
+  """`init` (boxed) gives the shardings (unless given: `_abstract_state`'s), `init_unboxed` (the same state, unboxed)
+  is jitted into them."""
   # No mesh context here: out_shardings place the outputs, and flax's init-time constraints on reshaped kernels
   # (DenseGeneral) would be applied to the wrong rank.
-  shardings = sharding.logical_to_shardings(jax.eval_shape(init), mesh, rules)
+  if shardings is None:
+    shardings = sharding.logical_to_shardings(jax.eval_shape(init), mesh, rules)
   state = jax.jit(init_unboxed, out_shardings=shardings)()
   return state, shardings
 
@@ -531,7 +533,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ---- state: restored into its shardings, or initialised sharded
   state, restored_step = ckpt.restore(abstract, data_iterator=train_iter)
   if state is None:
-    state, state_shardings = _create_state(programs.init, programs.init_unboxed, mesh, rules)
+    state, state_shardings = _create_state(programs.init, programs.init_unboxed, mesh, rules, state_shardings)
     log.info("Initialised a new stage-2 model in %s", workdir)
   else:
     log.info("Resumed stage 2 from step %d in %s", restored_step, workdir)

@@ -319,7 +319,7 @@ def test_rounded_matmuls_keep_the_parameters_and_stay_close_to_float32(tiny):
   out = jax.jit(rounded.apply)(tiny.params, *inputs)
   assert out.dtype == jnp.float32 and not np.array_equal(out, ref)
   np.testing.assert_allclose(out, ref, atol=0.05 * float(np.abs(ref).max()))
-  grads = jax.grad(lambda p: rounded.apply(p, *inputs).sum())(tiny.params)
+  grads = jax.jit(jax.grad(lambda p: rounded.apply(p, *inputs).sum()))(tiny.params)  # one program, not op by op
   assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
   # A run's config.json saved before the key existed reads as 'compute'.
   model_cfg = load_config("imagenet", "tiny").model.to_dict()

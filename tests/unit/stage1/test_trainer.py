@@ -1,6 +1,7 @@
 """Stage-1 trainer (ctxrq_jax/stage1/trainer.py) end to end on tiny configs: artifact and images, EMA codebook,
 bit-exact resume, the GAN step, and config validation before anything is built."""
 
+import json
 import os
 
 import jax
@@ -92,6 +93,30 @@ def test_resume_is_bit_exact(mock_run, tmp_path):
   with pytest.raises(configlib.ConfigError, match=r"another state than this config makes \(.*quantizer\.\S+: saved "):
     _on_mock_tfds(tfds_dir, train_rqvae.train_and_evaluate, bigger, split)
   assert (tmp_path / "split" / "config.json").read_text() == saved
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("stage1_mock_run")
+def test_a_finished_run_run_again_returns_its_stored_evaluation(mock_run, tmp_path, monkeypatch):
+  # A copy of the finished run, run again: no step, no evaluation; the results it wrote (eval.json).
+  # Evaluated again once what the evaluation depends on differs (here the number of held-out examples).
+  import shutil  # pylint: disable=g-import-not-at-top
+  config, tfds_dir, full_dir, full = mock_run
+  workdir = tmp_path / "again"
+  shutil.copytree(full_dir, workdir)
+  saved = json.loads((workdir / train_rqvae.EVAL_FILE).read_text())
+  assert saved["results"] == full and saved["step"] == 2
+  evaluate = train_rqvae.reconstruction.evaluate_rqvae
+  calls = []
+  monkeypatch.setattr(train_rqvae.reconstruction, "evaluate_rqvae", lambda *a, **k: calls.append(1) or evaluate(
+      *a, **k))
+  assert _on_mock_tfds(tfds_dir, train_rqvae.train_and_evaluate, config, str(workdir)) == full
+  assert not calls
+  fewer = _mock_tfds_config()
+  fewer.data.eval_examples = 4
+  assert _on_mock_tfds(tfds_dir, train_rqvae.train_and_evaluate, fewer, str(workdir))["num_examples"] == 4
+  assert len(calls) == 1
+  assert json.loads((workdir / train_rqvae.EVAL_FILE).read_text())["results"]["num_examples"] == 4
 
 
 @pytest.mark.slow
