@@ -10,10 +10,10 @@ both gradients w.r.t. the decoder's last convolution, read from the step's own b
 The codebook follows EMA updates (`rq.ema_update`, `rq.restart_dead_codes`) outside the gradient: once per step on
 the pooled depths, or after each depth inside the forward pass (`quantizer.codebook_update`). The run goes
 through the shared loop (ctxrq_jax/core/loop.py): checkpoints with the data-iterator position, automatic resume
-from `workdir`, SIGTERM/SIGINT save and exit cleanly. At the end the model is exported as a stage-1 artifact in `workdir/rqvae`
-(ctxrq_jax/models/artifact.py) for encoding and stage 2, and evaluated on held-out images (WORKDIR/eval.json); a
-re-run that trains no step keeps the artifact it exported and returns that evaluation, made again only when what it
-depends on changed.
+from `workdir`, SIGTERM/SIGINT save and exit cleanly. At the end the model is exported as a stage-1 artifact in
+`workdir/rqvae` (ctxrq_jax/models/artifact.py) for encoding and stage 2, and evaluated on held-out images
+(`workdir/eval.json`); a re-run that trains no step keeps the artifact it exported and returns that evaluation, made
+again only when what it depends on changed.
 """
 
 from __future__ import annotations
