@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_DIR = "rqvae"
 EVAL_FILE = "eval.json"  # in the workdir: the final held-out evaluation and the key of what it was computed from
+# Part of that key: raise it when `reconstruction.evaluate_rqvae` changes what it reports, so that a finished run of an
+# earlier release is evaluated again instead of returning results of another form.
+_EVALUATION_FORMAT = 1
 REFERENCE_CONFIG = "rqvae_imagenet"  # ctxrq_jax/configs/rqvae_imagenet.py: every stage-1 config has exactly its keys
 # quantizer.codebook_update: 'per_step' pools the D depths' assignments into one EMA update after the pass (the codebook
 # is fixed during it); 'per_depth' updates the shared codebook after each depth inside the pass, as the PyTorch
@@ -354,6 +357,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_iter = image_data.make_image_iterator(
       config.data, split=config.data.train_split, batch_size=host_batch, seed=int(config.seed), train=True,
       shard_index=jax.process_index(), shard_count=jax.process_count())
+  # The first 16 held-out images, shown with their reconstructions: read before anything is traced, so an eval split
+  # that cannot be read stops the run at once.
+  shown = np.asarray(next(iter(image_data.make_image_iterator(
+      config.data, split=config.data.eval_split, batch_size=min(64, int(config.data.eval_examples)), seed=0,
+      train=False)))["image"][:16])
 
   # A resumed run restores into the state's shapes (nothing initialised: the init program is only compiled for a
   # new run, where it is as costly to compile as the training step).
@@ -379,15 +387,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     lpips_variables = jax.device_put(trainer.lpips_variables, replicated)
     train_step = lambda s, b: jitted_step(s, b, lpips_variables)  # noqa: E731
   recon_fn = jax.jit(trainer.reconstruct)
-  shown: list[np.ndarray] = []  # the first 16 held-out images, read when reconstructions are first written
   writer = reporting.metric_writer(workdir)
 
   def write_reconstructions(step: int, state: Stage1State) -> dict[str, float]:
-    if not shown:
-      shown.append(np.asarray(next(iter(image_data.make_image_iterator(
-          config.data, split=config.data.eval_split, batch_size=min(64, int(config.data.eval_examples)), seed=0,
-          train=False)))["image"][:16]))
-    x = shown[0]
+    x = shown
     recon, _ = recon_fn(state.params, state.quantizer, x)
     both = np.concatenate([np.asarray(x), np.asarray(recon)], axis=0)
     if host.is_chief():
@@ -433,10 +436,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def _evaluation_key(config: ml_collections.ConfigDict, variables: Any, *, lpips_on: bool) -> str:
-  """sha256 of what the final evaluation depends on: the RQ-VAE's variables, its model and data config, and LPIPS
-  (on or off, and its weights file)."""
+  """sha256 of what the final evaluation depends on: the RQ-VAE's variables, its model and data config, LPIPS (on or
+  off, and its weights file) and `_EVALUATION_FORMAT`."""
   digest = hashlib.sha256(json.dumps(
-      {"model": config.model.to_dict(), "data": config.data.to_dict(), "lpips": lpips_on,
+      {"format": _EVALUATION_FORMAT, "model": config.model.to_dict(), "data": config.data.to_dict(), "lpips": lpips_on,
        "lpips_weights": config.loss.perceptual_weights_path if lpips_on else None},
       sort_keys=True, default=str).encode())
   for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
@@ -450,7 +453,7 @@ def _stored_evaluation(workdir: str, key: str) -> dict[str, Any] | None:
   """The results in WORKDIR/eval.json when they were computed under `key`, else None (none, unreadable, stale)."""
   try:
     saved = paths.read_json(paths.path(workdir) / EVAL_FILE)
-  except (FileNotFoundError, ValueError):
+  except (OSError, ValueError):  # none, unreadable or not JSON: evaluate again
     return None
   if not isinstance(saved, dict) or saved.get("key") != key or not isinstance(saved.get("results"), dict):
     return None

@@ -119,6 +119,16 @@ def test_a_finished_run_run_again_returns_its_stored_evaluation(mock_run, tmp_pa
   assert json.loads((workdir / train_rqvae.EVAL_FILE).read_text())["results"]["num_examples"] == 4
 
 
+def test_a_missing_eval_split_fails_before_the_first_step(tmp_path):
+  # The held-out images of the reconstruction grids are read before anything is traced: a split that cannot be read
+  # stops the run at once (nothing trained, no checkpoint), not at its first image step.
+  config = tiny_config()
+  config.data.eval_split = "nope"
+  with pytest.raises(ValueError, match="unknown split 'nope' of the embedded MNIST set"):
+    train_rqvae.train_and_evaluate(config, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd" / "checkpoints").exists() or not os.listdir(tmp_path / "wd" / "checkpoints")
+
+
 @pytest.mark.slow
 def test_all_stage1_loss_terms_present_and_finite():
   """The reference's recipe on the tiny config: recon + commitment + LPIPS + adaptive-weighted GAN, D hinge loss;
